@@ -1,0 +1,5 @@
+import sys
+
+from vtensor.cli import main
+
+sys.exit(main())

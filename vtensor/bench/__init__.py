@@ -1,0 +1,1 @@
+"""Benchmark scripts (``vtensor bench ...``): each prints a table and can write JSON."""
