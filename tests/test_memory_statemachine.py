@@ -47,12 +47,16 @@ class PoolMachine(RuleBasedStateMachine):
         self.model: dict[int, dict[int, int]] = {}  # id(vt) -> {chunk index: cid}
         self.live: dict[int, VirtualTensor] = {}
         self.stamps: dict[int, int] = {}  # cid -> stamp written through some mapping
+        self.order: dict[int, int] = {}  # id(vt) -> creation index
+        self.keep_alive: list[VirtualTensor] = []
 
     # ------------------------------------------------------------------ rules
     @rule(target=tensors, n=st.integers(1, MAX_CHUNKS))
     def create(self, n: int) -> VirtualTensor:
         vt = VirtualTensor(self.pool, n * CHUNK)
         self.live[id(vt)], self.model[id(vt)] = vt, {}
+        self.order[id(vt)] = len(self.order)
+        self.keep_alive.append(vt)  # so that id() values are never reused
         return vt
 
     @rule(vt=tensors, start=st.integers(-1, MAX_CHUNKS), length=st.integers(1, 4))
@@ -109,7 +113,10 @@ class PoolMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.live)
     @rule(data=st.data())
     def stamp(self, data: st.DataObject) -> None:
-        vt = data.draw(st.sampled_from(sorted(self.live.values(), key=id)))
+        # Sorted by creation order, not id(): draws must replay deterministically.
+        vt = data.draw(
+            st.sampled_from([self.live[k] for k in sorted(self.live, key=self.order.get)])
+        )
         if not self.model[id(vt)]:
             return
         i = data.draw(st.sampled_from(sorted(self.model[id(vt)])))
