@@ -7,9 +7,15 @@ and no chunk is left in use or referenced — no leaked chunks, no mappings left
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in the interpreter (set before any kernel is defined).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from vtensor.memory import ChunkPool, NoCudaDriverError, PhysicalBackend, open_backend
 

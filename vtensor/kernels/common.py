@@ -1,0 +1,64 @@
+"""Checks shared by the kernel wrappers."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+KV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def use_triton(*tensors: torch.Tensor, impl: str) -> bool:
+    """Whether to run the Triton kernel (else the fp32 torch reference).
+
+    ``impl="auto"`` picks Triton on CUDA tensors, and on CPU tensors only
+    under ``TRITON_INTERPRET=1`` (the interpreter, used by the CPU tests).
+    """
+    if impl not in ("auto", "triton", "torch"):
+        raise ValueError(f"impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+    if impl != "auto":
+        return impl == "triton"
+    return all(t.is_cuda for t in tensors) or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int]:
+    """A layer's K/V views: ``[rows, kv_heads, head_dim]``, unit last stride."""
+    if k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"K/V caches must both be [rows, kv_heads, head_dim], got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in KV_DTYPES:
+        raise TypeError(f"K/V cache dtypes must match and be one of {KV_DTYPES}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("K/V caches need a unit stride in head_dim")
+    if k_cache.device != v_cache.device:
+        raise ValueError("K/V caches must be on one device")
+    head_dim = k_cache.shape[2]
+    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
+        raise ValueError(f"head_dim must be a power of two in [16, 256], got {head_dim}")
+    return k_cache.shape[1], head_dim
+
+
+def check_index(t: torch.Tensor, name: str, n: int, device: torch.device) -> None:
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{name} must be 1-D of length {n}, got {tuple(t.shape)}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def dot_in_f32() -> bool:
+    """Upcast dot operands to fp32 in the Triton interpreter only.
+
+    The CPU interpreter (Triton 3.9) computes ``tl.dot`` of bf16 operands
+    wrongly (values ~1e10 for a 16x16 product of N(0,1) inputs), while fp32
+    dots are right. Compiled GPU kernels keep bf16/fp16 tensor-core dots.
+    """
+    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -1,0 +1,245 @@
+"""Decode attention: one query token per request, split-K (flash-decoding).
+
+Stage 1 splits each request's context into ``num_splits`` ranges; a program
+handles one (request, KV head, split) and *all* query heads of that KV group,
+so each K/V row is read from HBM once (GQA/MQA). It writes a partial output
+and a log-sum-exp per query head. Stage 2 merges the splits.
+
+The split count comes from batch × KV heads × context so that the GPU has
+enough programs at batch 1 with long contexts and does not over-split at
+large batches (``choose_num_splits``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import check_index, check_kv_cache, dot_in_f32, next_pow2, use_triton
+from .reference import decode_ref
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q,
+    K,
+    V,
+    RowStart,
+    Lens,
+    MidO,
+    MidLse,
+    qk_scale,
+    split_len,
+    stride_qb,
+    stride_qh,
+    stride_kr,
+    stride_kh,
+    stride_vr,
+    stride_vh,
+    stride_mb,
+    stride_mh,
+    stride_ms,
+    stride_lb,
+    stride_lh,
+    G: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    s = tl.program_id(2)
+    length = tl.load(Lens + b)
+    row0 = tl.load(RowStart + b).to(tl.int64)
+    start = s * split_len
+    end = tl.minimum(start + split_len, length)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, D)
+    heads = kvh * G + offs_g
+    gmask = offs_g < G
+    q = tl.load(
+        Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=gmask[:, None],
+        other=0.0,
+    )
+    if DOT_F32:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    k_base = K + kvh * stride_kh + offs_d[None, :]
+    v_base = V + kvh * stride_vh + offs_d[None, :]
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < end
+        rows = row0 + offs_n
+        k = tl.load(k_base + rows[:, None] * stride_kr, mask=nmask[:, None], other=0.0)
+        if DOT_F32:  # interpreter only: its bf16 dot is wrong (see common.dot_in_f32)
+            k = k.to(tl.float32)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale  # base-2 logits
+        qk = tl.where(nmask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + rows[:, None] * stride_vr, mask=nmask[:, None], other=0.0)
+        if DOT_F32:
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    empty = l_i == 0.0  # this split lies past the request's end
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(
+        MidO + b * stride_mb + heads[:, None] * stride_mh + s * stride_ms + offs_d[None, :],
+        out,
+        mask=gmask[:, None],
+    )
+    tl.store(MidLse + b * stride_lb + heads * stride_lh + s, lse, mask=gmask)
+
+
+@triton.jit
+def _decode_merge_kernel(
+    MidO,
+    MidLse,
+    Out,
+    num_splits,
+    stride_mb,
+    stride_mh,
+    stride_ms,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, D)
+    smask = offs_s < num_splits
+    lse = tl.load(MidLse + b * stride_lb + h * stride_lh + offs_s, mask=smask, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, 0))
+    o = tl.load(
+        MidO + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
+        mask=smask[:, None],
+        other=0.0,
+    )
+    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
+
+
+def choose_num_splits(
+    batch: int,
+    kv_heads: int,
+    max_len: int,
+    num_sms: int,
+    min_tokens_per_split: int = 256,
+    max_splits: int = 64,
+) -> int:
+    """Splits per request: enough programs for ~4 waves, each split ≥ ``min_tokens``."""
+    want = math.ceil(4 * num_sms / max(1, batch * kv_heads))
+    by_len = max(1, math.ceil(max_len / min_tokens_per_split))
+    return max(1, min(want, by_len, max_splits))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few splits, to exercise the merge
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    row_starts: torch.Tensor,
+    lengths: torch.Tensor,
+    max_len: int,
+    sm_scale: float | None = None,
+    num_splits: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Attention of ``q [B, Hq, D]`` over each request's cached rows.
+
+    Request ``b`` reads rows ``row_starts[b] .. row_starts[b] + lengths[b] - 1``
+    of the layer views ``k_cache``/``v_cache`` (``[rows, Hkv, D]``, any row and
+    head strides). ``max_len`` (host int) bounds ``lengths`` and sizes the split.
+    Lengths must be ≥ 1. Returns ``[B, Hq, D]`` in ``q``'s dtype.
+    """
+    kv_heads, dim = check_kv_cache(k_cache, v_cache)
+    if q.dim() != 3 or q.shape[2] != dim or q.shape[1] % kv_heads:
+        raise ValueError(
+            f"q must be [B, Hq, {dim}] with Hq a multiple of {kv_heads}, got {tuple(q.shape)}"
+        )
+    if q.dtype != k_cache.dtype or q.stride(-1) != 1:
+        raise ValueError("q must match the cache dtype and have a unit last stride")
+    batch, q_heads = q.shape[:2]
+    check_index(row_starts, "row_starts", batch, q.device)
+    check_index(lengths, "lengths", batch, q.device)
+    if max_len < 1:
+        raise ValueError(f"max_len must be ≥ 1, got {max_len}")
+    sm_scale = sm_scale if sm_scale is not None else dim**-0.5
+    if not use_triton(q, k_cache, impl=impl):
+        return decode_ref(q, k_cache, v_cache, row_starts, lengths, sm_scale).to(q.dtype)
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, kv_heads, max_len, _num_sms(q.device))
+    split_len = triton.cdiv(triton.cdiv(max_len, num_splits), 64) * 64
+    num_splits = triton.cdiv(max_len, split_len)
+    mid_o = torch.empty((batch, q_heads, num_splits, dim), dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty((batch, q_heads, num_splits), dtype=torch.float32, device=q.device)
+    group = q_heads // kv_heads
+    block_n = 64 if dim <= 128 else 32
+    _decode_split_kernel[(batch, kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        row_starts,
+        lengths,
+        mid_o,
+        mid_lse,
+        sm_scale * _LOG2E,
+        split_len,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        mid_o.stride(0),
+        mid_o.stride(1),
+        mid_o.stride(2),
+        mid_lse.stride(0),
+        mid_lse.stride(1),
+        G=group,
+        BLOCK_G=max(16, next_pow2(group)),
+        D=dim,
+        BLOCK_N=block_n,
+        DOT_F32=dot_in_f32(),
+        num_warps=4,
+        num_stages=3,
+    )
+    out = torch.empty_like(q)
+    _decode_merge_kernel[(batch, q_heads)](
+        mid_o,
+        mid_lse,
+        out,
+        num_splits,
+        mid_o.stride(0),
+        mid_o.stride(1),
+        mid_o.stride(2),
+        mid_lse.stride(0),
+        mid_lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        D=dim,
+        BLOCK_S=next_pow2(num_splits),
+    )
+    return out

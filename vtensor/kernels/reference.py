@@ -1,0 +1,68 @@
+"""fp32 torch references for every kernel: the tests' ground truth and the CPU path."""
+
+from __future__ import annotations
+
+import torch
+
+
+def store_kv_ref(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rows: torch.Tensor,
+) -> None:
+    k_cache[rows.long()] = k.to(k_cache.dtype)
+    v_cache[rows.long()] = v.to(v_cache.dtype)
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """q ``[n, Hq, D]``, k/v ``[L, Hkv, D]`` -> ``[n, Hq, D]`` in fp32."""
+    group = q.shape[1] // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("nhd,lhd->hnl", q.float(), k) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.einsum("hnl,lhd->nhd", scores.softmax(dim=-1), v)
+
+
+def decode_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    row_starts: torch.Tensor,
+    lengths: torch.Tensor,
+    sm_scale: float,
+) -> torch.Tensor:
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for b in range(q.shape[0]):
+        r, n = int(row_starts[b]), int(lengths[b])
+        out[b] = _attend(q[b : b + 1], k_cache[r : r + n], v_cache[r : r + n], sm_scale, None)[0]
+    return out
+
+
+def extend_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    row_starts: torch.Tensor,
+    prefix_lens: torch.Tensor,
+    sm_scale: float,
+) -> torch.Tensor:
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for b in range(row_starts.shape[0]):
+        q0, q1 = int(qo_indptr[b]), int(qo_indptr[b + 1])
+        r, p, n = int(row_starts[b]), int(prefix_lens[b]), q1 - q0
+        if n == 0:
+            continue
+        qpos = p + torch.arange(n, device=q.device)
+        kpos = torch.arange(p + n, device=q.device)
+        mask = kpos[None, :] <= qpos[:, None]
+        out[q0:q1] = _attend(
+            q[q0:q1], k_cache[r : r + p + n], v_cache[r : r + p + n], sm_scale, mask
+        )
+    return out
