@@ -32,7 +32,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="8192^3 bf16 matmuls in the CUDA overlap test",
     )
     mem.add_argument("--json", default=None, help="write the figures to this path")
+
+    ker = bench_sub.add_parser("kernels", help="attention kernels vs SGLang and FA2 (GPU)")
+    ker.add_argument("--batches", type=_int_list, default=[1, 8, 32, 128])
+    ker.add_argument("--ctxs", type=_int_list, default=[1024, 4096, 16384, 32768])
+    ker.add_argument("--prefixes", type=_int_list, default=[0, 1024, 4096, 16384])
+    ker.add_argument("--news", type=_int_list, default=[128, 512, 2048])
+    ker.add_argument("--extend-batch", type=_positive, default=4)
+    ker.add_argument(
+        "--budget-gib",
+        type=float,
+        default=64.0,
+        help="GPU memory for the KV arena; larger grid points are skipped",
+    )
+    ker.add_argument("--json", default=None, help="write the figures to this path")
     return parser
+
+
+def _int_list(text: str) -> list[int]:
+    return [_positive(t) for t in text.split(",")]
 
 
 def _positive(text: str) -> int:
@@ -53,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except NoCudaDriverError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    if args.command == "bench" and args.bench == "kernels":
+        from vtensor.bench.kernels import main as bench_kernels
+
+        return bench_kernels(args)
     raise AssertionError("unreachable: argparse validates commands")
 
 

@@ -62,3 +62,14 @@ def dot_in_f32() -> bool:
     dots are right. Compiled GPU kernels keep bf16/fp16 tensor-core dots.
     """
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_out(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
+    """The caller's output buffer (same shape/dtype/device as ``q``), or a new one."""
+    if out is None:
+        return torch.empty_like(q)
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} on {q.device}")
+    if out.stride(-1) != 1:
+        raise ValueError("out needs a unit last stride")
+    return out

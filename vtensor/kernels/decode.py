@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_index, check_kv_cache, dot_in_f32, next_pow2, use_triton
+from .common import check_index, check_kv_cache, check_out, dot_in_f32, next_pow2, use_triton
 from .reference import decode_ref
 
 _LOG2E = 1.4426950408889634
@@ -166,6 +166,7 @@ def decode_attention(
     sm_scale: float | None = None,
     num_splits: int | None = None,
     impl: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``q [B, Hq, D]`` over each request's cached rows.
 
@@ -226,7 +227,7 @@ def decode_attention(
         num_warps=4,
         num_stages=3,
     )
-    out = torch.empty_like(q)
+    out = check_out(out, q)
     _decode_merge_kernel[(batch, q_heads)](
         mid_o,
         mid_lse,

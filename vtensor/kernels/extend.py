@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_index, check_kv_cache, dot_in_f32, use_triton
+from .common import check_index, check_kv_cache, check_out, dot_in_f32, use_triton
 from .reference import extend_ref
 
 _LOG2E = 1.4426950408889634
@@ -181,6 +181,7 @@ def extend_attention(
     max_new: int,
     sm_scale: float | None = None,
     impl: str = "auto",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prefix-prefill attention for packed new queries ``q [T, Hq, D]``.
 
@@ -204,7 +205,7 @@ def extend_attention(
     if not use_triton(q, k_cache, impl=impl):
         ref = extend_ref(q, k_cache, v_cache, qo_indptr, row_starts, prefix_lens, sm_scale)
         return ref.to(q.dtype)
-    out = torch.empty_like(q)
+    out = check_out(out, q)
     if batch == 0 or max_new <= 0:
         return out
     block_m, block_n, warps, stages = _config(dim, q.is_cuda)
