@@ -106,7 +106,6 @@ def _sglang_decode(
             q, k_pool, v_pool, o, indptr, indices, logits, lse, nsplit, splits, cfg.head_dim**-0.5
         )
     )
-    del k_pool, v_pool
     return ms
 
 
