@@ -13,6 +13,7 @@ large batches (``choose_num_splits``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -136,6 +137,19 @@ def _decode_merge_kernel(
     tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
 
 
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the split kernel (defaults tuned on the H100)."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        if self.block_n < 16 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
+
+
 def choose_num_splits(
     batch: int,
     kv_heads: int,
@@ -165,6 +179,7 @@ def decode_attention(
     max_len: int,
     sm_scale: float | None = None,
     num_splits: int | None = None,
+    config: DecodeConfig | None = None,
     impl: str = "auto",
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -190,14 +205,14 @@ def decode_attention(
     sm_scale = sm_scale if sm_scale is not None else dim**-0.5
     if not use_triton(q, k_cache, impl=impl):
         return decode_ref(q, k_cache, v_cache, row_starts, lengths, sm_scale).to(q.dtype)
+    cfg = config or DecodeConfig(block_n=64 if dim <= 128 else 32)
     if num_splits is None:
         num_splits = choose_num_splits(batch, kv_heads, max_len, _num_sms(q.device))
-    split_len = triton.cdiv(triton.cdiv(max_len, num_splits), 64) * 64
+    split_len = triton.cdiv(triton.cdiv(max_len, num_splits), cfg.block_n) * cfg.block_n
     num_splits = triton.cdiv(max_len, split_len)
     mid_o = torch.empty((batch, q_heads, num_splits, dim), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((batch, q_heads, num_splits), dtype=torch.float32, device=q.device)
     group = q_heads // kv_heads
-    block_n = 64 if dim <= 128 else 32
     _decode_split_kernel[(batch, kv_heads, num_splits)](
         q,
         k_cache,
@@ -222,10 +237,10 @@ def decode_attention(
         G=group,
         BLOCK_G=max(16, next_pow2(group)),
         D=dim,
-        BLOCK_N=block_n,
+        BLOCK_N=cfg.block_n,
         DOT_F32=dot_in_f32(),
-        num_warps=4,
-        num_stages=3,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     out = check_out(out, q)
     _decode_merge_kernel[(batch, q_heads)](
