@@ -1,3 +1,4 @@
+# ruff: noqa: B023 - every lambda here is called before its loop variables change
 """Decode tuning sweep (GPU): launch configs and split counts, timed through CUDA
 graphs (no CPU launch overhead) and plainly, against SGLang's decode kernel.
 
