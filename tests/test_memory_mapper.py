@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -22,6 +23,17 @@ from vtensor.memory import (
     VirtualTensor,
     Warm,
 )
+
+
+@dataclass(frozen=True)
+class _Gated(EnsureMapped):
+    """An op that holds the worker until ``gate`` opens (at most 5 s)."""
+
+    gate: threading.Event = field(default_factory=threading.Event)
+
+    def apply(self) -> int:
+        self.gate.wait(5)
+        return super().apply()
 
 
 def _mapper_threads() -> list[threading.Thread]:
@@ -120,13 +132,7 @@ def test_wait_time_is_accounted(pool: ChunkPool) -> None:
     cs = pool.chunk_size
     with AsyncMapper(pool.backend) as mapper, VirtualTensor(pool, 32 * cs) as vt:
         gate = threading.Event()
-
-        class Blocker(EnsureMapped):
-            def apply(self) -> int:
-                gate.wait(5)
-                return super().apply()
-
-        ticket = mapper.submit([Blocker(vt, 0, cs)])
+        ticket = mapper.submit([_Gated(vt, 0, cs, gate)])
         threading.Timer(0.05, gate.set).start()
         ticket.wait(timeout=5)
         assert mapper.stats().wait_s >= 0.03
@@ -136,13 +142,7 @@ def test_wait_timeout(pool: ChunkPool) -> None:
     cs = pool.chunk_size
     with AsyncMapper(pool.backend) as mapper, VirtualTensor(pool, 4 * cs) as vt:
         gate = threading.Event()
-
-        class Blocker(EnsureMapped):
-            def apply(self) -> int:
-                gate.wait(5)
-                return super().apply()
-
-        ticket = mapper.submit([Blocker(vt, 0, cs)])
+        ticket = mapper.submit([_Gated(vt, 0, cs, gate)])
         with pytest.raises(TimeoutError):
             ticket.wait(timeout=0.01)
         gate.set()
