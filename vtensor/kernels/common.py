@@ -7,6 +7,8 @@ import os
 import torch
 
 KV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Kernels run softmax in base 2 (exp2 is one instruction): logits are pre-scaled by log2(e).
+LOG2E = 1.4426950408889634
 
 
 def use_triton(*tensors: torch.Tensor, impl: str) -> bool:
@@ -73,3 +75,51 @@ def check_out(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
     if out.stride(-1) != 1:
         raise ValueError("out needs a unit last stride")
     return out
+
+
+def check_query(q: torch.Tensor, kv_heads: int, dim: int, dtype: torch.dtype, rows: str) -> None:
+    """``q [rows, Hq, dim]`` with ``Hq`` a multiple of ``kv_heads``, the cache dtype."""
+    if q.dim() != 3 or q.shape[2] != dim or q.shape[1] % kv_heads:
+        raise ValueError(
+            f"q must be [{rows}, Hq, {dim}] with Hq a multiple of {kv_heads}, got {tuple(q.shape)}"
+        )
+    if q.dtype != dtype or q.stride(-1) != 1:
+        raise ValueError("q must match the cache dtype and have a unit last stride")
+
+
+def check_decode_args(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    row_starts: torch.Tensor,
+    lengths: torch.Tensor,
+) -> tuple[int, int]:
+    """Validate a decode call (Triton or FA2); returns ``(kv_heads, head_dim)``."""
+    kv_heads, dim = check_kv_cache(k_cache, v_cache)
+    check_query(q, kv_heads, dim, k_cache.dtype, "B")
+    check_index(row_starts, "row_starts", q.shape[0], q.device)
+    check_index(lengths, "lengths", q.shape[0], q.device)
+    return kv_heads, dim
+
+
+def check_extend_args(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    qo_indptr: torch.Tensor,
+    row_starts: torch.Tensor,
+    prefix_lens: torch.Tensor,
+) -> tuple[int, int]:
+    """Validate an extend call (Triton or FA2); returns ``(kv_heads, head_dim)``."""
+    kv_heads, dim = check_kv_cache(k_cache, v_cache)
+    check_query(q, kv_heads, dim, k_cache.dtype, "T")
+    batch = row_starts.shape[0]
+    check_index(qo_indptr, "qo_indptr", batch + 1, q.device)
+    check_index(row_starts, "row_starts", batch, q.device)
+    check_index(prefix_lens, "prefix_lens", batch, q.device)
+    return kv_heads, dim
+
+
+def resolve_scale(sm_scale: float | None, dim: int) -> float:
+    """The softmax scale: the caller's, else ``1/sqrt(head_dim)``."""
+    return sm_scale if sm_scale is not None else dim**-0.5

@@ -19,10 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_index, check_kv_cache, check_out, dot_in_f32, next_pow2, use_triton
+from .common import (
+    LOG2E,
+    check_decode_args,
+    check_out,
+    dot_in_f32,
+    next_pow2,
+    resolve_scale,
+    use_triton,
+)
 from .reference import decode_ref
-
-_LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -190,19 +196,11 @@ def decode_attention(
     head strides). ``max_len`` (host int) bounds ``lengths`` and sizes the split.
     Lengths must be ≥ 1. Returns ``[B, Hq, D]`` in ``q``'s dtype.
     """
-    kv_heads, dim = check_kv_cache(k_cache, v_cache)
-    if q.dim() != 3 or q.shape[2] != dim or q.shape[1] % kv_heads:
-        raise ValueError(
-            f"q must be [B, Hq, {dim}] with Hq a multiple of {kv_heads}, got {tuple(q.shape)}"
-        )
-    if q.dtype != k_cache.dtype or q.stride(-1) != 1:
-        raise ValueError("q must match the cache dtype and have a unit last stride")
+    kv_heads, dim = check_decode_args(q, k_cache, v_cache, row_starts, lengths)
     batch, q_heads = q.shape[:2]
-    check_index(row_starts, "row_starts", batch, q.device)
-    check_index(lengths, "lengths", batch, q.device)
     if max_len < 1:
         raise ValueError(f"max_len must be ≥ 1, got {max_len}")
-    sm_scale = sm_scale if sm_scale is not None else dim**-0.5
+    sm_scale = resolve_scale(sm_scale, dim)
     if not use_triton(q, k_cache, impl=impl):
         return decode_ref(q, k_cache, v_cache, row_starts, lengths, sm_scale).to(q.dtype)
     cfg = config or DecodeConfig(block_n=64 if dim <= 128 else 32)
@@ -221,7 +219,7 @@ def decode_attention(
         lengths,
         mid_o,
         mid_lse,
-        sm_scale * _LOG2E,
+        sm_scale * LOG2E,
         split_len,
         q.stride(0),
         q.stride(1),

@@ -14,10 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_index, check_kv_cache, check_out, dot_in_f32, use_triton
+from .common import LOG2E, check_extend_args, check_out, dot_in_f32, resolve_scale, use_triton
 from .reference import extend_ref
-
-_LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -190,18 +188,9 @@ def extend_attention(
     its cached prefix. The new tokens' K/V must already be in the cache.
     ``max_new`` (host int) bounds the new tokens per request.
     """
-    kv_heads, dim = check_kv_cache(k_cache, v_cache)
-    if q.dim() != 3 or q.shape[2] != dim or q.shape[1] % kv_heads:
-        raise ValueError(
-            f"q must be [T, Hq, {dim}] with Hq a multiple of {kv_heads}, got {tuple(q.shape)}"
-        )
-    if q.dtype != k_cache.dtype or q.stride(-1) != 1:
-        raise ValueError("q must match the cache dtype and have a unit last stride")
+    kv_heads, dim = check_extend_args(q, k_cache, v_cache, qo_indptr, row_starts, prefix_lens)
     batch = row_starts.shape[0]
-    check_index(qo_indptr, "qo_indptr", batch + 1, q.device)
-    check_index(row_starts, "row_starts", batch, q.device)
-    check_index(prefix_lens, "prefix_lens", batch, q.device)
-    sm_scale = sm_scale if sm_scale is not None else dim**-0.5
+    sm_scale = resolve_scale(sm_scale, dim)
     if not use_triton(q, k_cache, impl=impl):
         ref = extend_ref(q, k_cache, v_cache, qo_indptr, row_starts, prefix_lens, sm_scale)
         return ref.to(q.dtype)
@@ -218,7 +207,7 @@ def extend_attention(
         qo_indptr,
         row_starts,
         prefix_lens,
-        sm_scale * _LOG2E,
+        sm_scale * LOG2E,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),

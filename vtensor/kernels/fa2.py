@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import check_index, check_kv_cache
+from .common import check_decode_args, check_extend_args, resolve_scale
 
 
 def _fa2(
@@ -61,12 +61,9 @@ def fa2_extend(
     sm_scale: float | None = None,
 ) -> torch.Tensor:
     """Same contract as :func:`vtensor.kernels.extend_attention`."""
-    _, dim = check_kv_cache(k_cache, v_cache)
-    batch = row_starts.shape[0]
-    check_index(qo_indptr, "qo_indptr", batch + 1, q.device)
-    check_index(prefix_lens, "prefix_lens", batch, q.device)
+    _, dim = check_extend_args(q, k_cache, v_cache, qo_indptr, row_starts, prefix_lens)
     seq_lens = prefix_lens + (qo_indptr[1:] - qo_indptr[:-1])
-    scale = sm_scale if sm_scale is not None else dim**-0.5
+    scale = resolve_scale(sm_scale, dim)
     return _fa2(
         q, k_cache, v_cache, qo_indptr, row_starts, seq_lens, max_new, max_total, True, scale
     )
@@ -82,9 +79,7 @@ def fa2_decode(
     sm_scale: float | None = None,
 ) -> torch.Tensor:
     """Same contract as :func:`vtensor.kernels.decode_attention`."""
-    _, dim = check_kv_cache(k_cache, v_cache)
-    batch = q.shape[0]
-    check_index(lengths, "lengths", batch, q.device)
-    cu_q = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
-    scale = sm_scale if sm_scale is not None else dim**-0.5
+    _, dim = check_decode_args(q, k_cache, v_cache, row_starts, lengths)
+    cu_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+    scale = resolve_scale(sm_scale, dim)
     return _fa2(q, k_cache, v_cache, cu_q, row_starts, lengths, 1, max_len, False, scale)
