@@ -12,6 +12,7 @@ large batches (``choose_num_splits``).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -170,6 +171,7 @@ def choose_num_splits(
     return max(1, min(want, by_len, max_splits))
 
 
+@functools.cache  # queried on every decode call; the answer never changes
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

@@ -85,7 +85,7 @@ class KVLayout:
     # ------------------------------------------------------------------ sizes
     @property
     def itemsize(self) -> int:
-        return torch.empty(0, dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def bytes_per_token(self) -> int:

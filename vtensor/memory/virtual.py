@@ -165,7 +165,7 @@ class VirtualTensor:
         """
         shape = tuple(int(s) for s in shape)
         strides = tuple(int(s) for s in strides) if strides is not None else _contiguous(shape)
-        itemsize = torch.empty(0, dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if len(strides) != len(shape) or any(s < 0 for s in (*shape, *strides)):
             raise ValueError(f"bad shape {shape} / strides {strides}")
         if offset < 0 or offset % itemsize:
