@@ -163,6 +163,19 @@ def _sglang_extend(
     )
 
 
+PEERS = ("vtensor", "fa2", "sglang")
+
+
+def _add_rates(r: dict, work: str, unit: str, per_ms: float) -> None:
+    """``r[peer_unit] = r[work] / r[peer_ms] / per_ms`` for each measured peer, and
+    our speedup over SGLang when it ran."""
+    for peer in PEERS:
+        if f"{peer}_ms" in r:
+            r[f"{peer}_{unit}"] = r[work] / r[f"{peer}_ms"] / per_ms
+    if "sglang_ms" in r:
+        r["speedup_vs_sglang"] = r["sglang_ms"] / r["vtensor_ms"]
+
+
 def run_decode(
     arena: Arena, sgl: Any, batches: list[int], ctxs: list[int], read_gbs: float
 ) -> list[dict]:
@@ -175,12 +188,8 @@ def run_decode(
             **decode_point(arena, cfg, batch, ctx, sgl),
         }
         if "vtensor_ms" in r:
-            for peer in ("vtensor", "fa2", "sglang"):
-                if f"{peer}_ms" in r:
-                    r[f"{peer}_gbs"] = r["bytes"] / r[f"{peer}_ms"] / 1e6
+            _add_rates(r, "bytes", "gbs", 1e6)
             r["vtensor_pct_of_read_ceiling"] = 100 * r["vtensor_gbs"] / read_gbs
-            if "sglang_ms" in r:
-                r["speedup_vs_sglang"] = r["sglang_ms"] / r["vtensor_ms"]
         rows.append(r)
         print(
             f"  decode {cfg.name} b={batch} ctx={ctx}: "
@@ -204,11 +213,7 @@ def run_extend(
             **extend_point(arena, cfg, batch, prefix, new, sgl),
         }
         if "vtensor_ms" in r:
-            for peer in ("vtensor", "fa2", "sglang"):
-                if f"{peer}_ms" in r:
-                    r[f"{peer}_tflops"] = r["flops"] / r[f"{peer}_ms"] / 1e9
-            if "sglang_ms" in r:
-                r["speedup_vs_sglang"] = r["sglang_ms"] / r["vtensor_ms"]
+            _add_rates(r, "flops", "tflops", 1e9)
             r["speedup_vs_fa2"] = r["fa2_ms"] / r["vtensor_ms"]
         rows.append(r)
         print(f"  extend p={prefix} n={new}: {r.get('vtensor_tflops', 0):.0f} TFLOP/s", flush=True)
