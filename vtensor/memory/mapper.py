@@ -60,8 +60,7 @@ class Map(MapperOp):
     nbytes: int
 
     def apply(self) -> int:
-        self.vt.map(self.offset, self.nbytes)
-        return -(-self.nbytes // self.vt.chunk_size)
+        return self.vt.map(self.offset, self.nbytes)
 
 
 @dataclass(frozen=True)
@@ -84,8 +83,7 @@ class Unmap(MapperOp):
     nbytes: int
 
     def apply(self) -> int:
-        self.vt.unmap(self.offset, self.nbytes)
-        return -(-self.nbytes // self.vt.chunk_size)
+        return self.vt.unmap(self.offset, self.nbytes)
 
 
 @dataclass(frozen=True)

@@ -73,14 +73,18 @@ class VirtualTensor:
             return [c for c in found if c is not None]
 
     # ---------------------------------------------------------------- mapping
-    def map(self, offset: int, nbytes: int) -> None:
-        """Back ``[offset, offset+nbytes)`` (rounded up to chunks) with fresh chunks."""
+    def map(self, offset: int, nbytes: int) -> int:
+        """Back ``[offset, offset+nbytes)`` (rounded up to chunks) with fresh chunks.
+
+        Returns the number of chunks mapped.
+        """
         first, last = self._span(offset, nbytes, aligned=True)
         with self._lock:
             self._check_open()
             self._require_unmapped(first, last)
             chunks = self.pool.acquire(last - first)
             self._install(first, chunks)
+            return last - first
 
     def map_chunks(self, offset: int, chunks: Sequence[PhysicalChunk]) -> None:
         """Map existing in-use ``chunks`` at ``offset``, sharing them (zero copy)."""
@@ -117,8 +121,11 @@ class VirtualTensor:
                 raise
             return len(holes)
 
-    def unmap(self, offset: int, nbytes: int) -> None:
-        """Unmap ``[offset, offset+nbytes)``, dropping one reference per chunk."""
+    def unmap(self, offset: int, nbytes: int) -> int:
+        """Unmap ``[offset, offset+nbytes)``, dropping one reference per chunk.
+
+        Returns the number of chunks unmapped.
+        """
         first, last = self._span(offset, nbytes, aligned=True)
         with self._lock:
             self._check_open()
@@ -128,6 +135,7 @@ class VirtualTensor:
                     f"cannot unmap [{offset}, {offset + nbytes}): chunk(s) {missing[:8]} not mapped"
                 )
             self._uninstall(first, last)
+            return last - first
 
     def close(self) -> None:
         """Unmap everything, return the chunks to the pool, free the reservation."""
