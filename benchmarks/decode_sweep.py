@@ -17,7 +17,7 @@ import triton
 from vtensor.bench.baselines import load_sglang
 from vtensor.bench.kernels import Arena, HeadConfig, _sglang_decode
 from vtensor.kernels import decode_attention
-from vtensor.kernels.decode import DecodeConfig, _num_sms, choose_num_splits
+from vtensor.kernels.decode import DecodeConfig, choose_num_splits, num_sms
 
 POINTS = [(1, 32768), (8, 4096), (32, 4096), (128, 4096), (32, 8192)]
 
@@ -50,7 +50,7 @@ def main() -> None:
         starts = torch.arange(batch, device="cuda", dtype=torch.int32) * ctx
         lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
         gb = 2 * batch * ctx * 8 * 128 * 2 / 1e9
-        auto = choose_num_splits(batch, 8, ctx, _num_sms(q.device))
+        auto = choose_num_splits(batch, 8, ctx, num_sms(q.device))
         row = {"batch": batch, "ctx": ctx, "auto_splits": auto}
         row["default_plain_gbs"] = (
             gb

@@ -17,7 +17,7 @@ import torch
 import triton
 
 from vtensor.kernels import decode_attention, extend_attention, fa2_decode, fa2_extend
-from vtensor.kernels.decode import choose_num_splits
+from vtensor.kernels.decode import choose_num_splits, num_sms
 from vtensor.kvcache import KVLayout
 
 from .baselines import load_sglang
@@ -93,9 +93,7 @@ def _sglang_decode(
     k_pool, v_pool = k[rows].contiguous(), v[rows].contiguous()
     indptr = torch.arange(batch + 1, device="cuda", dtype=torch.int32) * ctx
     indices = torch.arange(batch * ctx, device="cuda", dtype=torch.int64)
-    splits = choose_num_splits(
-        batch, cfg.kv_heads, ctx, torch.cuda.get_device_properties(0).multi_processor_count
-    )
+    splits = choose_num_splits(batch, cfg.kv_heads, ctx, num_sms(q.device))
     o = torch.empty_like(q)
     logits = torch.empty(batch, cfg.q_heads, splits, cfg.head_dim, device="cuda")
     lse = torch.empty(batch, cfg.q_heads, splits, device="cuda")

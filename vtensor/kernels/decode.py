@@ -172,7 +172,7 @@ def choose_num_splits(
 
 
 @functools.cache  # queried on every decode call; the answer never changes
-def _num_sms(device: torch.device) -> int:
+def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the interpreter: a few splits, to exercise the merge
@@ -207,7 +207,7 @@ def decode_attention(
         return decode_ref(q, k_cache, v_cache, row_starts, lengths, sm_scale).to(q.dtype)
     cfg = config or DecodeConfig(block_n=64 if dim <= 128 else 32)
     if num_splits is None:
-        num_splits = choose_num_splits(batch, kv_heads, max_len, _num_sms(q.device))
+        num_splits = choose_num_splits(batch, kv_heads, max_len, num_sms(q.device))
     split_len = triton.cdiv(triton.cdiv(max_len, num_splits), cfg.block_n) * cfg.block_n
     num_splits = triton.cdiv(max_len, split_len)
     mid_o = torch.empty((batch, q_heads, num_splits, dim), dtype=torch.float32, device=q.device)
