@@ -1,0 +1,1 @@
+"""vtensor.engine: scheduler, sampler, model runner and the ``LLM`` API."""

@@ -1,0 +1,64 @@
+"""EngineConfig: what the user asks for. Derived values live in ``EngineRuntime``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vtensor.models.config import SHAPES
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class DeviceUnavailableError(RuntimeError):
+    """A device was asked for that this machine does not have."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings, validated on construction.
+
+    ``model`` is a HF checkpoint directory; ``shape`` instead builds random
+    weights of a known model's shape (benchmarks); neither gives the embedded
+    tiny random model. ``device=None`` picks CUDA when present.
+    ``kv_cache_bytes=None`` sizes the KV pool from free memory (GPU) or 256 MiB (CPU).
+    """
+
+    model: str | None = None
+    shape: str | None = None
+    device: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    kv_cache_bytes: int | None = None
+    gpu_memory_utilization: float = 0.90
+    chunk_size: int | None = None  # host backend only; CUDA uses the driver granularity
+    lookahead_tokens: int = 8
+    keep_idle_chunks: int | None = None  # deferred reclamation limit (None: no limit)
+    enforce_eager: bool = False
+    attention_impl: str = "auto"  # auto: Triton on CUDA, fp32 torch reference on the CPU
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.model is not None and self.shape is not None:
+            raise ValueError("give either model (a checkpoint) or shape (random weights), not both")
+        if self.shape is not None and self.shape not in SHAPES:
+            raise ValueError(f"unknown shape {self.shape!r}; known: {sorted(SHAPES)}")
+        if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.attention_impl not in ("auto", "triton", "torch"):
+            raise ValueError(f"attention_impl must be auto/triton/torch, got {self.attention_impl}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes <= 0:
+            raise ValueError("kv_cache_bytes must be positive")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.chunk_size is not None and (self.chunk_size <= 0 or self.chunk_size % 4096):
+            raise ValueError("chunk_size must be a positive multiple of 4096")
+        if self.lookahead_tokens < 0:
+            raise ValueError("lookahead_tokens must be >= 0")

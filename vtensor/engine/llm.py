@@ -1,0 +1,138 @@
+"""``LLM``: offline batched generation, vLLM's API.
+
+from vtensor import LLM, SamplingParams
+llm = LLM()                                   # embedded tiny random model
+outs = llm.generate(["Hello"], SamplingParams(max_tokens=8))
+print(outs[0].outputs[0].text)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import replace
+from typing import Any
+
+from tqdm import tqdm
+
+from .config import EngineConfig
+from .llm_engine import LLMEngine
+from .outputs import CompletionOutput, RequestOutput
+from .params import SamplingParams
+
+Prompt = str | Seq[int]
+
+
+class LLM:
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        """``kwargs`` are :class:`EngineConfig` fields (device, dtype, max_model_len, ...)."""
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the prompts' order.
+
+        Every prompt is validated before any is queued, so a bad one raises
+        ``ValueError`` and nothing runs.
+        """
+        plist = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(plist))
+        encoded = [self.engine.encode(p) for p in plist]
+        groups: list[list[int]] = []
+        try:
+            for ids, p in zip(encoded, params):
+                groups.append([self.engine.add_request(ids, _nth(p, i)) for i in range(p.n)])
+        except ValueError:
+            for rid in (r for g in groups for r in g):
+                self.engine.abort(rid)
+                self.engine.pop(rid)
+            raise
+        self._run(sum(len(g) for g in groups), use_tqdm)
+        return [
+            self._output(i, p, ids, g) for i, (p, ids, g) in enumerate(zip(plist, encoded, groups))
+        ]
+
+    def chat(
+        self,
+        messages: Seq[dict[str, Any]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so it has no chat template")
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.generate([prompt], sampling_params, use_tqdm)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self, total: int, use_tqdm: bool) -> None:
+        with tqdm(total=total, desc="generating", unit="req", disable=not use_tqdm) as bar:
+            while self.engine.has_unfinished():
+                done = sum(1 for o in self.engine.step() if o.finished)
+                bar.update(done)
+
+    def _output(self, index: int, prompt: Prompt, ids: list[int], rids: list[int]) -> RequestOutput:
+        completions = []
+        preemptions = 0
+        for j, rid in enumerate(rids):
+            text = self.engine.text_of(rid)
+            seq = self.engine.pop(rid)
+            preemptions += seq.num_preemptions
+            logprobs = seq.logprobs if seq.params.logprobs is not None else None
+            completions.append(
+                CompletionOutput(
+                    j, text, seq.output_ids, seq.finish_reason, seq.stop_reason, logprobs
+                )
+            )
+        return RequestOutput(
+            str(index),
+            prompt if isinstance(prompt, str) else None,
+            ids,
+            completions,
+            finished=True,
+            num_preemptions=preemptions,
+        )
+
+
+def _as_prompt_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    plist = list(prompts)
+    if plist and all(isinstance(t, int) for t in plist):
+        return [plist]  # a single token-id prompt
+    return plist
+
+
+def _as_params_list(
+    params: SamplingParams | Seq[SamplingParams] | None, n: int
+) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    plist = list(params)
+    if len(plist) != n:
+        raise ValueError(f"{len(plist)} sampling params for {n} prompts")
+    return plist
+
+
+def _nth(params: SamplingParams, i: int) -> SamplingParams:
+    """The i-th of ``n`` samples: its own seed (if seeded), so the samples differ."""
+    if params.n == 1:
+        return params
+    seed = None if params.seed is None else params.seed + i
+    return replace(params, n=1, seed=seed)

@@ -1,0 +1,103 @@
+"""ModelRunner: turn a scheduled batch into tensors, run the model, return logits.
+
+Decode-only batches replay a CUDA graph of their batch-size bucket when
+graphs are on; everything else runs eagerly through the same model code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from vtensor.kvcache.layout import KVLayout
+from vtensor.models.attention import AttentionBackend, AttentionMetadata
+from vtensor.models.llama import LlamaForCausalLM
+
+from .cuda_graphs import DecodeGraphs
+from .scheduler import ScheduledChunk
+
+
+@dataclass(frozen=True)
+class BatchRows:
+    """Host-side description of a batch: per request, its slot and chunk."""
+
+    slots: list[int]
+    starts: list[int]
+    lengths: list[int]  # new tokens per request
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        attn: AttentionBackend,
+        layout: KVLayout,
+        device: torch.device,
+        graphs: DecodeGraphs | None,
+    ) -> None:
+        self.model = model
+        self.attn = attn
+        self.layout = layout
+        self.device = device
+        self.graphs = graphs
+
+    @torch.inference_mode()
+    def execute(self, chunks: Sequence[ScheduledChunk], slots: Sequence[int]) -> torch.Tensor:
+        """Logits ``[S, vocab]`` for the chunks that sample, in batch order."""
+        ids = [t for c in chunks for t in c.seq.token_ids[c.start : c.end]]
+        rows = BatchRows(list(slots), [c.start for c in chunks], [c.num_tokens for c in chunks])
+        is_decode = all(n == 1 for n in rows.lengths)
+        if is_decode and self.graphs is not None and self.graphs.fits(len(chunks)):
+            logits = self.graphs.run(ids, rows.starts, self._row_starts(rows))
+            return logits[[i for i, c in enumerate(chunks) if c.samples]]
+        input_ids, positions, meta = self.prepare(ids, rows, is_decode)
+        hidden = self.model(input_ids, positions, self.attn, meta)
+        last = torch.tensor(
+            [sum(rows.lengths[: i + 1]) - 1 for i, c in enumerate(chunks) if c.samples],
+            dtype=torch.long,
+        ).to(self.device, non_blocking=True)
+        return self.model.logits(hidden[last])
+
+    def prepare(
+        self, ids: list[int], rows: BatchRows, is_decode: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        row_starts = self._row_starts(rows)
+        positions: list[int] = []
+        store: list[int] = []
+        for r0, s, n in zip(row_starts, rows.starts, rows.lengths):
+            positions.extend(range(s, s + n))
+            store.extend(range(r0 + s, r0 + s + n))
+        indptr = [0]
+        for n in rows.lengths:
+            indptr.append(indptr[-1] + n)
+        ints = _to_device(
+            [store, row_starts, rows.starts, [s + n for s, n in zip(rows.starts, rows.lengths)],
+             indptr], torch.int32, self.device,
+        )  # fmt: skip
+        longs = _to_device([ids, positions], torch.long, self.device)
+        meta = AttentionMetadata(
+            store_rows=ints[0],
+            row_starts=ints[1],
+            prefix_lens=ints[2],
+            seq_lens=ints[3],
+            qo_indptr=ints[4],
+            max_new=max(rows.lengths),
+            max_len=max(s + n for s, n in zip(rows.starts, rows.lengths)),
+            is_decode=is_decode,
+        )
+        return longs[0], longs[1], meta
+
+    def _row_starts(self, rows: BatchRows) -> list[int]:
+        return [self.layout.row_start(s) for s in rows.slots]
+
+
+def _to_device(
+    lists: list[list[int]], dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
+    """One host tensor, one copy: small per-step index lists cost one transfer, not five."""
+    flat = torch.tensor([x for lst in lists for x in lst], dtype=dtype)
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    return list(flat.split([len(lst) for lst in lists]))

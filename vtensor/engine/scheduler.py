@@ -1,0 +1,170 @@
+"""Continuous batching with chunked prefill, FCFS, and preemption by recompute.
+
+Torch-free: it moves :class:`Sequence` objects between the waiting queue and
+the running list, and keeps :class:`KVCacheManager` in step with them.
+
+One step, under a token budget:
+
+1. Running requests, oldest first, get their next chunk (1 token when
+   decoding). If the KV cache cannot grow, the newest running request is
+   preempted — its slot idles and it goes back to the front of the queue to be
+   recomputed — until the growth fits. Nothing is dropped.
+2. Waiting requests are admitted in arrival order while the budget, a free
+   slot and free chunks allow (strict FCFS: the queue head blocks the rest).
+3. Chunks the *next* step will need are mapped ahead when free chunks allow,
+   so that the mapper works while the GPU computes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from vtensor.kvcache.manager import KVCacheManager, KVCommand
+
+from .sequence import Sequence, Status
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    lookahead_tokens: int = 8  # decode steps mapped ahead (vAttention maps ~10 ahead)
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.lookahead_tokens < 0:
+            raise ValueError("lookahead_tokens must be >= 0")
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    seq: Sequence
+    start: int  # first token position computed this step
+    num_tokens: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the end of the sequence (so a token is sampled)."""
+        return self.end == self.seq.num_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    preempted: list[Sequence] = field(default_factory=list)
+    kv_commands: list[KVCommand] = field(default_factory=list)  # needed by this step
+    ahead_commands: list[KVCommand] = field(default_factory=list)  # for later steps
+
+    @property
+    def is_decode(self) -> bool:
+        return bool(self.chunks) and all(c.num_tokens == 1 for c in self.chunks)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: oldest first
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        if seq.status is not Status.WAITING:
+            raise ValueError(f"request {seq.rid} is {seq.status.value}, not waiting")
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[Sequence] = []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if not self._grow_or_preempt(seq, seq.num_computed + n, preempted):
+                break  # seq preempted itself: nothing newer is left running
+            chunks.append(ScheduledChunk(seq, seq.num_computed, n))
+            budget -= n
+        if not preempted:
+            budget = self._admit(chunks, budget)
+        kv_commands = self.kv.drain()
+        self._map_ahead(chunks)
+        return SchedulerOutput(chunks, preempted, kv_commands, self.kv.drain())
+
+    def update(self, chunk: ScheduledChunk, token: int | None) -> None:
+        """Record a computed chunk and, if it sampled, the new token."""
+        seq = chunk.seq
+        seq.num_computed = chunk.end
+        if token is not None:
+            seq.token_ids.append(token)
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """Finish (or abort) ``seq`` wherever it is; its slot idles with its chunks."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+            self.kv.release(seq.rid)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, reason, stop_reason
+
+    # ---------------------------------------------------------------- private
+    def _grow_or_preempt(self, seq: Sequence, tokens: int, preempted: list[Sequence]) -> bool:
+        """Grow ``seq``'s KV to ``tokens``, preempting newest requests as needed.
+
+        Returns False when ``seq`` itself had to be preempted.
+        """
+        while not self.kv.grow(seq.rid, tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.release(seq.rid)
+        seq.status, seq.num_computed = Status.WAITING, 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _admit(self, chunks: list[ScheduledChunk], budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            # Admit only if the whole prompt fits, keeping a chunk per running request
+            # so decodes can grow without immediately preempting the newcomer.
+            if not self.kv.can_admit(seq.num_tokens + 1, reserve_chunks=len(self.running)):
+                break
+            if self.kv.admit(seq.rid, seq.num_computed + n) is None:
+                break
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            chunks.append(ScheduledChunk(seq, seq.num_computed, n))
+            budget -= n
+        return budget
+
+    def _map_ahead(self, chunks: list[ScheduledChunk]) -> None:
+        """Opportunistically map what the next steps will write (never steals or preempts)."""
+        ahead = self.config.lookahead_tokens
+        for c in chunks:
+            remaining = c.seq.num_tokens - c.end
+            target = c.end + (min(remaining, c.num_tokens) if remaining else ahead)
+            self.kv.grow(c.seq.rid, min(target, c.seq.max_len), steal=False)

@@ -1,0 +1,71 @@
+"""Sequence: one request's tokens and progress through the engine (torch-free).
+
+``token_ids`` is the prompt followed by the generated tokens. The KV of the
+first ``num_computed`` of them is in the cache. A step computes a chunk
+``[num_computed, num_computed + n)``; when the chunk reaches the end of
+``token_ids``, the step samples one more token. Prefill, chunked prefill,
+decode and recompute after preemption are all this one rule.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+from .params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    rid: int
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    max_len: int  # the request's total-length cap: prompt + max_tokens, within context
+    arrival: float = 0.0
+    token_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    status: Status = Status.WAITING
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    num_preemptions: int = 0
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    first_token_time: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise ValueError("a prompt needs at least one token")
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_ids)
+
+    @classmethod
+    def new(
+        cls, rid: int, prompt: Seq[int], params: SamplingParams, max_len: int, arrival: float
+    ) -> Sequence:
+        return cls(rid, tuple(prompt), params, max_len, arrival)
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt :]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

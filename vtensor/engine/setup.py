@@ -1,0 +1,135 @@
+"""Turn an EngineConfig into a loaded model, a tokenizer and a KV arena."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vtensor.kvcache.arena import KVArena
+from vtensor.kvcache.layout import KVLayout
+from vtensor.kvcache.manager import KVGeometry
+from vtensor.memory import ChunkPool, open_backend
+from vtensor.models.config import ModelConfig, shape_config
+from vtensor.models.embedded import EMBEDDED_NAME, embedded_config, embedded_tokenizer
+from vtensor.models.llama import LlamaForCausalLM
+from vtensor.models.loader import build_model, init_random, load_checkpoint
+from vtensor.models.tokenizer import Tokenizer
+
+from .config import DeviceUnavailableError, EngineConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_KV_BYTES = 256 << 20
+CPU_CHUNK = 64 << 10  # small host chunks: tiny models still span several per request
+
+
+@dataclass(frozen=True)
+class EngineRuntime:
+    """Values derived from the config and the machine (never written back into it)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    model_name: str
+    random_weights: bool
+    max_model_len: int
+    attention_impl: str
+    use_cuda_graphs: bool
+
+
+def resolve_device(requested: str | None) -> torch.device:
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailableError(
+            f"device {requested!r} was asked for, but torch sees no GPU on this machine "
+            f"(torch {torch.__version__}); use --device cpu"
+        )
+    return device
+
+
+def model_config(config: EngineConfig) -> tuple[ModelConfig, str]:
+    if config.model is not None:
+        return ModelConfig.from_dir(config.model), config.model
+    if config.shape is not None:
+        return shape_config(config.shape), f"random-{config.shape}"
+    return embedded_config(), EMBEDDED_NAME
+
+
+def runtime_for(config: EngineConfig, cfg: ModelConfig, name: str) -> EngineRuntime:
+    device = resolve_device(config.device)
+    if config.dtype != "auto":
+        dtype = _DTYPES[config.dtype]
+    elif device.type == "cpu":
+        dtype = torch.float32
+    else:
+        dtype = cfg.dtype if cfg.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    limit = cfg.max_position_embeddings
+    if cfg.sliding_window is not None:
+        limit = min(limit, cfg.sliding_window)  # full attention equals sliding up to the window
+    max_len = config.max_model_len or limit
+    if max_len > limit:
+        raise ValueError(f"max_model_len {max_len} exceeds the model's limit of {limit}")
+    impl = config.attention_impl
+    if impl == "auto":
+        impl = "triton" if device.type == "cuda" else "torch"
+    graphs = device.type == "cuda" and not config.enforce_eager
+    return EngineRuntime(device, dtype, name, config.model is None, max_len, impl, graphs)
+
+
+def load_model(config: EngineConfig, cfg: ModelConfig, rt: EngineRuntime) -> LlamaForCausalLM:
+    model = build_model(cfg, rt.device, rt.dtype, rt.max_model_len)
+    if config.model is not None:
+        load_checkpoint(model, config.model)
+    else:
+        init_random(model, seed=config.seed)
+    return model
+
+
+def load_tokenizer(config: EngineConfig, cfg: ModelConfig) -> Tokenizer | None:
+    if config.model is not None:
+        try:
+            return Tokenizer.from_dir(config.model, eos_token_ids=cfg.eos_token_ids)
+        except FileNotFoundError:
+            return None  # token-id prompts still work
+    return None if config.shape is not None else embedded_tokenizer()
+
+
+def kv_budget(config: EngineConfig, rt: EngineRuntime, cfg: ModelConfig) -> int:
+    """Bytes for the KV pool: the user's figure, else what the device can spare."""
+    if config.kv_cache_bytes is not None:
+        return config.kv_cache_bytes
+    if rt.device.type == "cpu":
+        return CPU_KV_BYTES
+    free, total = torch.cuda.mem_get_info(rt.device)
+    # Room for activations of the largest step (a few [tokens, intermediate] buffers)
+    # and the logits of a full decode batch, plus CUDA graph pools.
+    itemsize = rt.dtype.itemsize
+    activations = 8 * config.max_num_batched_tokens * cfg.intermediate_size * itemsize
+    logits = 3 * config.max_num_seqs * cfg.vocab_size * 4
+    spare = free - (1 - config.gpu_memory_utilization) * total - activations - logits - (1 << 30)
+    if spare <= 0:
+        raise MemoryError(
+            f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free after weights)"
+        )
+    return int(spare)
+
+
+def build_arena(
+    config: EngineConfig, rt: EngineRuntime, cfg: ModelConfig
+) -> tuple[KVArena, ChunkPool]:
+    """The arena has one slot per schedulable request, plus a scratch slot for graph padding."""
+    if rt.device.type == "cuda":
+        backend = open_backend("cuda", device=rt.device.index or 0)
+    else:
+        backend = open_backend("host", chunk_size=config.chunk_size or CPU_CHUNK)
+    bytes_per_token = 2 * cfg.num_layers * cfg.kv_size * rt.dtype.itemsize
+    max_tokens = KVGeometry.aligned_max_tokens(
+        rt.max_model_len, bytes_per_token, backend.chunk_size
+    )
+    layout = KVLayout(
+        config.max_num_seqs + 1, max_tokens, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+        rt.dtype,
+    )  # fmt: skip
+    pool = ChunkPool(backend, kv_budget(config, rt, cfg))
+    return KVArena(layout, pool, rt.device), pool

@@ -1,0 +1,114 @@
+"""KVArena: the KV cache of every request slot in one virtual tensor.
+
+The arena reserves ``num_slots × slot_bytes`` of address space once; slot
+``s`` starts at byte ``s × slot_bytes``, i.e. at row ``s × max_tokens`` of
+every layer view, and those addresses never move (CUDA graphs rely on it).
+``KVCacheManager`` decides what to map; the arena applies its commands on the
+:class:`AsyncMapper` and, before a forward step, waits only for the chunks
+that step will touch — normally long done, because they were mapped ahead.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from vtensor.memory import AsyncMapper, ChunkPool, EnsureMapped, MapperOp, Unmap, VirtualTensor
+from vtensor.memory.mapper import MapTicket
+
+from .layout import KVLayout
+from .manager import KVCommand, KVGeometry, MapCommand
+
+
+@dataclass(frozen=True)
+class ArenaStats:
+    mapped_bytes: int
+    waits: int  # times a step had to block on the mapper
+    wait_s: float  # total time blocked
+    mapper_busy_s: float
+    chunks_mapped: int  # over the arena's life (mapper ops)
+
+
+class KVArena:
+    def __init__(self, layout: KVLayout, pool: ChunkPool, device: torch.device) -> None:
+        self.layout = layout
+        self.pool = pool
+        chunk = pool.chunk_size
+        if layout.slot_stride * layout.itemsize % chunk:
+            raise ValueError("layout.max_tokens must make each slot a whole number of chunks")
+        self.geometry = KVGeometry(
+            num_slots=layout.num_slots,
+            max_tokens=layout.max_tokens,
+            bytes_per_token=layout.bytes_per_token,
+            chunk_size=chunk,
+            capacity_chunks=pool.stats().capacity_chunks,
+        )
+        self.vt = VirtualTensor(pool, layout.total_bytes)
+        self.mapper = AsyncMapper(pool.backend)
+        self.tensor = self.vt.view(layout.dtype, layout.shape, layout.strides)
+        if self.tensor.device.type != device.type:
+            raise ValueError(f"arena memory is on {self.tensor.device}, not {device}")
+        self.views = [
+            (layout.k_view(self.tensor, i), layout.v_view(self.tensor, i))
+            for i in range(layout.num_layers)
+        ]
+        # Submitted, maybe unfinished tickets, oldest first, with the (slot, first chunk)
+        # of each range they map: a step needing chunks [0, n) of a slot waits for them.
+        self._inflight: deque[tuple[MapTicket, list[tuple[int, int]]]] = deque()
+        self._waits = 0
+        self._wait_s = 0.0
+
+    def apply(self, commands: Sequence[KVCommand]) -> None:
+        """Queue the manager's commands on the mapper (in order); returns at once."""
+        if not commands:
+            return
+        ops: list[MapperOp] = []
+        maps: list[tuple[int, int]] = []
+        slot_bytes = self.geometry.slot_bytes
+        chunk = self.geometry.chunk_size
+        for c in commands:
+            offset, nbytes = c.slot * slot_bytes + c.first * chunk, c.count * chunk
+            if isinstance(c, MapCommand):
+                ops.append(EnsureMapped(self.vt, offset, nbytes))
+                maps.append((c.slot, c.first))
+            else:
+                ops.append(Unmap(self.vt, offset, nbytes))
+        self._inflight.append((self.mapper.submit(ops), maps))
+
+    def wait_ready(self, needs: Iterable[tuple[int, int]]) -> None:
+        """Block until each ``(slot, chunks)`` prefix is mapped; count the time blocked."""
+        while self._inflight and self._inflight[0][0].done:
+            self._inflight.popleft()[0].wait()  # re-raises a mapper error, if any
+        if not self._inflight:
+            return
+        need = dict(needs)
+        last = -1
+        for i, (_, maps) in enumerate(self._inflight):
+            if any(first < need.get(slot, 0) for slot, first in maps):
+                last = i
+        if last < 0:
+            return
+        t0 = time.perf_counter()
+        for _ in range(last + 1):
+            self._inflight.popleft()[0].wait()
+        self._waits += 1
+        self._wait_s += time.perf_counter() - t0
+
+    def drain(self) -> None:
+        """Wait for every submitted command (shutdown, tests)."""
+        while self._inflight:
+            self._inflight.popleft()[0].wait()
+
+    def stats(self) -> ArenaStats:
+        m = self.mapper.stats()
+        return ArenaStats(self.vt.mapped_bytes, self._waits, self._wait_s, m.busy_s, m.chunks)
+
+    def close(self) -> None:
+        """Finish pending commands, unmap everything and free the reservation."""
+        self.drain()
+        self.mapper.close()
+        self.vt.close()

@@ -1,0 +1,214 @@
+"""KV cache bookkeeping: request slots and how many chunks each has mapped.
+
+Torch-free on purpose: it decides, in plain integers, which chunk ranges to
+map or unmap, and emits them as commands; ``KVArena`` carries them out on the
+virtual tensor through the asynchronous mapper. The scheduler asks it whether
+a request fits and tells it when requests grow or finish.
+
+Each slot owns a fixed, chunk-aligned byte range of the arena, and its
+mapped chunks always form a prefix of that range (KV grows from token 0).
+
+Invariants (checked by ``check``):
+
+* ``sum(mapped) == committed <= capacity_chunks`` — the pool can never run
+  dry under a command, because unmaps are emitted before the maps that reuse
+  their chunks, and the mapper applies commands in order;
+* a slot is either owned by exactly one request or idle; an idle slot may keep
+  chunks mapped (deferred reclamation), at most ``keep_idle_chunks`` in all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """Runtime-derived sizes of the arena (plain integers)."""
+
+    num_slots: int
+    max_tokens: int  # per slot; slot_bytes is a whole number of chunks
+    bytes_per_token: int
+    chunk_size: int
+    capacity_chunks: int
+
+    def __post_init__(self) -> None:
+        if min(self.num_slots, self.max_tokens, self.bytes_per_token, self.chunk_size) <= 0:
+            raise ValueError(f"KV geometry sizes must be positive: {self}")
+        if self.slot_bytes % self.chunk_size:
+            raise ValueError("a slot must span a whole number of chunks")
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.max_tokens * self.bytes_per_token
+
+    @property
+    def chunks_per_slot(self) -> int:
+        return self.slot_bytes // self.chunk_size
+
+    def chunks_for(self, tokens: int) -> int:
+        return math.ceil(min(tokens, self.max_tokens) * self.bytes_per_token / self.chunk_size)
+
+    @staticmethod
+    def aligned_max_tokens(max_tokens: int, bytes_per_token: int, chunk_size: int) -> int:
+        """The smallest length ≥ ``max_tokens`` whose slot is a whole number of chunks."""
+        step = chunk_size // math.gcd(chunk_size, bytes_per_token)
+        return math.ceil(max_tokens / step) * step
+
+
+@dataclass(frozen=True)
+class MapCommand:
+    """Map fresh chunks at chunk indices ``[first, first+count)`` of ``slot``."""
+
+    slot: int
+    first: int
+    count: int
+
+
+@dataclass(frozen=True)
+class UnmapCommand:
+    slot: int
+    first: int
+    count: int
+
+
+KVCommand = MapCommand | UnmapCommand
+
+
+@dataclass(frozen=True)
+class KVUsage:
+    running_slots: int
+    idle_slots_with_chunks: int
+    committed_chunks: int
+    idle_chunks: int  # kept on purpose by deferred reclamation
+    capacity_chunks: int
+
+
+class KVCacheManager:
+    def __init__(self, geometry: KVGeometry, keep_idle_chunks: int | None = None) -> None:
+        self.geometry = geometry
+        self.keep_idle_chunks = (
+            geometry.capacity_chunks if keep_idle_chunks is None else keep_idle_chunks
+        )
+        self._mapped = [0] * geometry.num_slots
+        self._owner: dict[int, int] = {}  # request id -> slot
+        self._idle: set[int] = set(range(geometry.num_slots))
+        self._committed = 0
+        self._commands: list[KVCommand] = []
+
+    # ------------------------------------------------------------------ query
+    @property
+    def free_chunks(self) -> int:
+        return self.geometry.capacity_chunks - self._committed
+
+    @property
+    def idle_chunks(self) -> int:
+        return sum(self._mapped[s] for s in self._idle)
+
+    def slot_of(self, rid: int) -> int:
+        return self._owner[rid]
+
+    def mapped_chunks(self, rid: int) -> int:
+        return self._mapped[self._owner[rid]]
+
+    def has_free_slot(self) -> bool:
+        return bool(self._idle)
+
+    def can_admit(self, tokens: int, reserve_chunks: int = 0) -> bool:
+        """Whether a new request of ``tokens`` would fit now, keeping ``reserve_chunks`` spare."""
+        if not self._idle:
+            return False
+        slot = self._best_slot(self.geometry.chunks_for(tokens))
+        extra = self.geometry.chunks_for(tokens) - self._mapped[slot]
+        spare = self.free_chunks + self.idle_chunks - self._mapped[slot]
+        return extra <= spare - reserve_chunks
+
+    def usage(self) -> KVUsage:
+        idle = [s for s in self._idle if self._mapped[s]]
+        return KVUsage(
+            len(self._owner), len(idle), self._committed, self.idle_chunks,
+            self.geometry.capacity_chunks,
+        )  # fmt: skip
+
+    # ---------------------------------------------------------------- updates
+    def admit(self, rid: int, tokens: int) -> int | None:
+        """Give request ``rid`` a slot mapped for ``tokens``; None if it does not fit."""
+        if rid in self._owner:
+            raise ValueError(f"request {rid} already holds slot {self._owner[rid]}")
+        if not self._idle:
+            return None
+        slot = self._best_slot(self.geometry.chunks_for(tokens))
+        self._idle.discard(slot)
+        self._owner[rid] = slot
+        if not self.grow(rid, tokens):
+            del self._owner[rid]
+            self._idle.add(slot)
+            return None
+        return slot
+
+    def grow(self, rid: int, tokens: int, steal: bool = True) -> bool:
+        """Ensure ``rid``'s slot maps its first ``tokens`` tokens.
+
+        Takes free chunks, then (if ``steal``) unmaps idle slots' chunks. On
+        False nothing changed: the caller preempts someone and retries.
+        """
+        slot = self._owner[rid]
+        need = self.geometry.chunks_for(tokens) - self._mapped[slot]
+        if need <= 0:
+            return True
+        if need > self.free_chunks and (not steal or not self._reclaim(need - self.free_chunks)):
+            return False
+        self._commands.append(MapCommand(slot, self._mapped[slot], need))
+        self._mapped[slot] += need
+        self._committed += need
+        return True
+
+    def release(self, rid: int) -> None:
+        """The request is done (or preempted): its slot idles, keeping its chunks."""
+        slot = self._owner.pop(rid)
+        self._idle.add(slot)
+        excess = self.idle_chunks - self.keep_idle_chunks
+        if excess > 0:
+            self._unmap_tail(slot, min(excess, self._mapped[slot]))
+
+    def reclaim_all(self) -> None:
+        """Unmap every idle slot's chunks (shutdown, or a caller that needs the pool)."""
+        self._reclaim(self.idle_chunks)
+
+    def drain(self) -> list[KVCommand]:
+        """The commands emitted since the last drain, in the order they must run."""
+        commands, self._commands = self._commands, []
+        return commands
+
+    def check(self) -> None:
+        assert sum(self._mapped) == self._committed <= self.geometry.capacity_chunks
+        assert self._idle.isdisjoint(self._owner.values())
+        assert len(self._idle) + len(self._owner) == self.geometry.num_slots
+        assert all(0 <= m <= self.geometry.chunks_per_slot for m in self._mapped)
+
+    # ---------------------------------------------------------------- private
+    def _best_slot(self, chunks: int) -> int:
+        """Best fit among idle slots: the smallest that covers ``chunks``, else the largest."""
+        covering = [s for s in self._idle if self._mapped[s] >= chunks]
+        if covering:
+            return min(covering, key=lambda s: (self._mapped[s], s))
+        return max(self._idle, key=lambda s: (self._mapped[s], -s))
+
+    def _reclaim(self, chunks: int) -> bool:
+        """Unmap ``chunks`` from idle slots (largest first); False if they hold fewer."""
+        if chunks > self.idle_chunks:
+            return False
+        for slot in sorted(self._idle, key=lambda s: -self._mapped[s]):
+            if chunks <= 0:
+                break
+            take = min(chunks, self._mapped[slot])
+            if take:
+                self._unmap_tail(slot, take)
+                chunks -= take
+        return True
+
+    def _unmap_tail(self, slot: int, count: int) -> None:
+        self._mapped[slot] -= count
+        self._committed -= count
+        self._commands.append(UnmapCommand(slot, self._mapped[slot], count))

@@ -1,0 +1,1 @@
+"""vtensor.models: the Llama family in plain torch, its loader and tokenizer."""

@@ -1,0 +1,79 @@
+"""Rotary position embeddings, with Llama 3 and linear frequency scaling.
+
+The rotation matches HF's ``rotate_half`` convention (the two halves of each
+head are the pairs), so checkpoints load without permuting q/k weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import RopeConfig
+
+
+def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """``[head_dim/2]`` fp32 inverse frequencies after the configured scaling."""
+    inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if rope.kind == "linear":
+        return inv / rope.factor
+    if rope.kind == "llama3":
+        return _llama3(inv, rope)
+    return inv
+
+
+def _llama3(inv: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+    """Llama 3.1: keep high frequencies, divide low ones by ``factor``, blend between."""
+    low_wavelen = rope.original_max_position / rope.low_freq_factor
+    high_wavelen = rope.original_max_position / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / rope.factor, inv)
+    smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
+    blended = (1 - smooth) * scaled / rope.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies rope to packed ``q [T, Hq, D]`` and ``k [T, Hkv, D]`` at ``positions [T]``.
+
+    The cos/sin table covers ``max_positions`` and is built once, so a CUDA
+    graph can gather from it by position.
+    """
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int) -> None:
+        super().__init__()
+        self.rope, self.head_dim, self.max_positions = rope, head_dim, max_positions
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.reset_tables()
+
+    def reset_tables(self) -> None:
+        """(Re)build the fp32 tables on the module's device (after ``to_empty``)."""
+        device = self.cos.device
+        if device.type == "meta":
+            return
+        inv = inverse_frequencies(self.rope, self.head_dim).to(device)
+        pos = torch.arange(self.max_positions, dtype=torch.float32, device=device)
+        freqs = torch.outer(pos, inv)
+        self.cos, self.sin = freqs.cos(), freqs.sin()
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # HF computes (x * cos + rotate_half(x) * sin) in the activation dtype with
+    # cos/sin cast to it; doing the same keeps bf16 results bit-comparable.
+    cos, sin = torch.cat((cos, cos), -1).to(x.dtype), torch.cat((sin, sin), -1).to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
