@@ -186,10 +186,11 @@ class LLMEngine:
     def _sample_and_update(self, out: SchedulerOutput, logits: torch.Tensor) -> list[StepOutput]:
         sampling = [c for c in out.chunks if c.samples]
         rows = [
-            SamplerRow(c.seq.params, c.seq.prompt_ids, c.seq.output_ids,
-                       self._generators.get(c.seq.rid))
+            SamplerRow(
+                c.seq.params, c.seq.prompt_ids, c.seq.output_ids, self._generators.get(c.seq.rid)
+            )
             for c in sampling
-        ]  # fmt: skip
+        ]
         sampled = self.sampler(logits, rows) if sampling else None
         results: list[StepOutput] = []
         k = 0

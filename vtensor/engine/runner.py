@@ -73,9 +73,16 @@ class ModelRunner:
         for n in rows.lengths:
             indptr.append(indptr[-1] + n)
         ints = _to_device(
-            [store, row_starts, rows.starts, [s + n for s, n in zip(rows.starts, rows.lengths)],
-             indptr], torch.int32, self.device,
-        )  # fmt: skip
+            [
+                store,
+                row_starts,
+                rows.starts,
+                [s + n for s, n in zip(rows.starts, rows.lengths)],
+                indptr,
+            ],
+            torch.int32,
+            self.device,
+        )
         longs = _to_device([ids, positions], torch.long, self.device)
         meta = AttentionMetadata(
             store_rows=ints[0],

@@ -128,8 +128,12 @@ def build_arena(
         rt.max_model_len, bytes_per_token, backend.chunk_size
     )
     layout = KVLayout(
-        config.max_num_seqs + 1, max_tokens, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+        config.max_num_seqs + 1,
+        max_tokens,
+        cfg.num_layers,
+        cfg.num_kv_heads,
+        cfg.head_dim,
         rt.dtype,
-    )  # fmt: skip
+    )
     pool = ChunkPool(backend, kv_budget(config, rt, cfg))
     return KVArena(layout, pool, rt.device), pool

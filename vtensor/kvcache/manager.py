@@ -127,9 +127,12 @@ class KVCacheManager:
     def usage(self) -> KVUsage:
         idle = [s for s in self._idle if self._mapped[s]]
         return KVUsage(
-            len(self._owner), len(idle), self._committed, self.idle_chunks,
+            len(self._owner),
+            len(idle),
+            self._committed,
+            self.idle_chunks,
             self.geometry.capacity_chunks,
-        )  # fmt: skip
+        )
 
     # ---------------------------------------------------------------- updates
     def admit(self, rid: int, tokens: int) -> int | None:

@@ -83,10 +83,23 @@ class VirtualKVAttention(AttentionBackend):
         store_kv(k_cache, v_cache, k, v, meta.store_rows, impl=self.impl)
         if meta.is_decode:
             return decode_attention(
-                q, k_cache, v_cache, meta.row_starts, meta.seq_lens, meta.max_len,
-                sm_scale=self.sm_scale, impl=self.impl,
-            )  # fmt: skip
+                q,
+                k_cache,
+                v_cache,
+                meta.row_starts,
+                meta.seq_lens,
+                meta.max_len,
+                sm_scale=self.sm_scale,
+                impl=self.impl,
+            )
         return extend_attention(
-            q, k_cache, v_cache, meta.qo_indptr, meta.row_starts, meta.prefix_lens,
-            meta.max_new, sm_scale=self.sm_scale, impl=self.impl,
-        )  # fmt: skip
+            q,
+            k_cache,
+            v_cache,
+            meta.qo_indptr,
+            meta.row_starts,
+            meta.prefix_lens,
+            meta.max_new,
+            sm_scale=self.sm_scale,
+            impl=self.impl,
+        )

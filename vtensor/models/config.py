@@ -170,7 +170,7 @@ SHAPES: dict[str, ModelConfig] = {
         rope=RopeConfig(theta=500000.0),
         eos_token_ids=(128001,),
         bos_token_id=128000,
-    ),  # fmt: skip
+    ),
     "qwen2.5-7b": ModelConfig(
         "Qwen2ForCausalLM",
         152064,
@@ -185,7 +185,7 @@ SHAPES: dict[str, ModelConfig] = {
         attention_bias=True,
         rope=RopeConfig(theta=1e6),
         eos_token_ids=(151643,),
-    ),  # fmt: skip
+    ),
     "llama2-7b": ModelConfig(
         "LlamaForCausalLM",
         32000,
@@ -197,7 +197,7 @@ SHAPES: dict[str, ModelConfig] = {
         11008,
         eos_token_ids=(2,),
         bos_token_id=1,
-    ),  # fmt: skip
+    ),
 }
 
 
