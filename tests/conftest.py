@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -68,3 +69,33 @@ def make_pool(backend: PhysicalBackend) -> Iterator[Callable[[int], ChunkPool]]:
 @pytest.fixture
 def pool(make_pool: Callable[[int], ChunkPool]) -> ChunkPool:
     return make_pool(64)
+
+
+def assert_engine_balanced(engine: Any) -> None:
+    """The engine's books match its pool: every chunk in use is a slot's (or the scratch one)."""
+    engine.arena.drain()
+    s = engine.pool.stats()
+    usage = engine.kv.usage()
+    assert s.balanced, f"pool accounting does not balance: {s}"
+    assert s.in_use == usage.committed_chunks + 1, f"pool {s} vs manager {usage}"
+    assert engine.arena.vt.mapped_chunks == s.in_use
+
+
+@pytest.fixture
+def make_llm() -> Iterator[Callable[..., Any]]:
+    """Factory of ``LLM`` objects; at teardown each must balance, then close with no leak."""
+    from vtensor import LLM
+
+    made: list[Any] = []
+
+    def make(model: str | None = None, **kwargs: Any) -> Any:
+        llm = LLM(model, **kwargs)
+        made.append(llm)
+        return llm
+
+    yield make
+    for llm in made:
+        assert_engine_balanced(llm.engine)
+        pool = llm.engine.pool
+        llm.close()  # unmaps everything; ChunkPool.close raises if a chunk is still held
+        assert pool.closed

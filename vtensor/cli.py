@@ -6,10 +6,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from vtensor import cli_generate
+from vtensor.engine.config import DeviceUnavailableError
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtensor", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    cli_generate.add_parser(sub)
     bench = sub.add_parser("bench", help="run a benchmark (prints a table, writes JSON)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
 
@@ -46,7 +50,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="GPU memory for the KV arena; larger grid points are skipped",
     )
     ker.add_argument("--json", default=None, help="write the figures to this path")
+
+    off = bench_sub.add_parser("offline", help="engine throughput, decode vs floor, vs HF")
+    cli_generate.add_engine_args(off)
+    off.add_argument("--num-prompts", type=_positive, default=1000)
+    off.add_argument("--input-len", type=_positive, default=1024)
+    off.add_argument("--output-len", type=_positive, default=128)
+    off.add_argument(
+        "--workload",
+        action="append",
+        type=_int_pair,
+        default=None,
+        help="extra IN,OUT length pair (repeatable); runs after --input-len/--output-len",
+    )
+    off.add_argument("--decode-batches", type=_int_list, default=[1, 16, 64, 256])
+    off.add_argument("--decode-ctx", type=_positive, default=1024)
+    off.add_argument("--decode-steps", type=_positive, default=32)
+    off.add_argument("--no-hf-peer", dest="hf_peer", action="store_false")
+    off.add_argument("--json", default=None, help="write the figures to this path")
     return parser
+
+
+def _int_pair(text: str) -> tuple[int, int]:
+    values = _int_list(text)
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected IN,OUT, got {text}")
+    return values[0], values[1]
 
 
 def _int_list(text: str) -> list[int]:
@@ -62,6 +91,24 @@ def _positive(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (ValueError, FileNotFoundError, MemoryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except DeviceUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "generate":
+        return cli_generate.main(args)
+    if args.command == "bench" and args.bench == "offline":
+        from vtensor.bench.offline import main as bench_offline
+
+        args.workloads = [(args.input_len, args.output_len), *(args.workload or [])]
+        return bench_offline(args)
     if args.command == "bench" and args.bench == "memory":
         from vtensor.bench.memory import main as bench_memory
         from vtensor.memory import NoCudaDriverError

@@ -33,7 +33,7 @@ class EngineConfig:
     kv_cache_bytes: int | None = None
     gpu_memory_utilization: float = 0.90
     chunk_size: int | None = None  # host backend only; CUDA uses the driver granularity
-    lookahead_tokens: int = 8
+    lookahead_tokens: int = 4
     keep_idle_chunks: int | None = None  # deferred reclamation limit (None: no limit)
     enforce_eager: bool = False
     attention_impl: str = "auto"  # auto: Triton on CUDA, fp32 torch reference on the CPU

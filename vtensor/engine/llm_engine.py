@@ -41,6 +41,7 @@ class EngineStats:
     live_kv_bytes: int  # KV of running requests' computed tokens
     mapped_kv_bytes: int  # chunks committed to running slots
     idle_kv_bytes: int  # chunks kept by idle slots (deferred reclamation)
+    surplus_kv_bytes: int  # running slots' chunks inherited beyond their needs (ditto)
     chunk_size: int
     pool_in_use_chunks: int
     pool_free_chunks: int
@@ -48,7 +49,8 @@ class EngineStats:
 
     @property
     def waste_bytes(self) -> int:
-        return self.mapped_kv_bytes - self.live_kv_bytes
+        """Mapped to running slots but holding no KV, excluding the surplus kept on purpose."""
+        return self.mapped_kv_bytes - self.surplus_kv_bytes - self.live_kv_bytes
 
 
 class LLMEngine:
@@ -241,6 +243,7 @@ class LLMEngine:
             live_kv_bytes=live,
             mapped_kv_bytes=(usage.committed_chunks - usage.idle_chunks) * geo.chunk_size,
             idle_kv_bytes=usage.idle_chunks * geo.chunk_size,
+            surplus_kv_bytes=usage.surplus_chunks * geo.chunk_size,
             chunk_size=geo.chunk_size,
             pool_in_use_chunks=pool.in_use,
             pool_free_chunks=pool.free,

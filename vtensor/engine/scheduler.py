@@ -29,7 +29,7 @@ from .sequence import Sequence, Status
 class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
-    lookahead_tokens: int = 8  # decode steps mapped ahead (vAttention maps ~10 ahead)
+    lookahead_tokens: int = 4  # decode steps mapped ahead (vAttention maps ~10 ahead)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -43,15 +43,17 @@ class ScheduledChunk:
     seq: Sequence
     start: int  # first token position computed this step
     num_tokens: int
+    samples: bool  # the chunk reaches the end of the sequence, so a token is sampled
+
+    @classmethod
+    def next_of(cls, seq: Sequence, num_tokens: int) -> ScheduledChunk:
+        """The next ``num_tokens`` of ``seq`` to compute (fixed at scheduling time)."""
+        start = seq.num_computed
+        return cls(seq, start, num_tokens, start + num_tokens == seq.num_tokens)
 
     @property
     def end(self) -> int:
         return self.start + self.num_tokens
-
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the end of the sequence (so a token is sampled)."""
-        return self.end == self.seq.num_tokens
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self._grow_or_preempt(seq, seq.num_computed + n, preempted):
                 break  # seq preempted itself: nothing newer is left running
-            chunks.append(ScheduledChunk(seq, seq.num_computed, n))
+            chunks.append(ScheduledChunk.next_of(seq, n))
             budget -= n
         if not preempted:
             budget = self._admit(chunks, budget)
@@ -157,7 +159,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            chunks.append(ScheduledChunk(seq, seq.num_computed, n))
+            chunks.append(ScheduledChunk.next_of(seq, n))
             budget -= n
         return budget
 

@@ -14,7 +14,10 @@ Invariants (checked by ``check``):
   dry under a command, because unmaps are emitted before the maps that reuse
   their chunks, and the mapper applies commands in order;
 * a slot is either owned by exactly one request or idle; an idle slot may keep
-  chunks mapped (deferred reclamation), at most ``keep_idle_chunks`` in all.
+  chunks mapped (deferred reclamation), at most ``keep_idle_chunks`` in all;
+* a running slot reused from a longer request may map more than its request
+  has asked for (``surplus``); like idle chunks, surplus is taken back first
+  when another request needs chunks.
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ class KVUsage:
     idle_slots_with_chunks: int
     committed_chunks: int
     idle_chunks: int  # kept on purpose by deferred reclamation
+    surplus_chunks: int  # running slots' chunks beyond what their requests asked for
     capacity_chunks: int
 
 
@@ -92,6 +96,7 @@ class KVCacheManager:
             geometry.capacity_chunks if keep_idle_chunks is None else keep_idle_chunks
         )
         self._mapped = [0] * geometry.num_slots
+        self._asked = [0] * geometry.num_slots  # chunks the owner has asked for so far
         self._owner: dict[int, int] = {}  # request id -> slot
         self._idle: set[int] = set(range(geometry.num_slots))
         self._committed = 0
@@ -105,6 +110,14 @@ class KVCacheManager:
     @property
     def idle_chunks(self) -> int:
         return sum(self._mapped[s] for s in self._idle)
+
+    @property
+    def surplus_chunks(self) -> int:
+        return sum(self._mapped[s] - self._asked[s] for s in self._owner.values())
+
+    @property
+    def reclaimable_chunks(self) -> int:
+        return self.idle_chunks + self.surplus_chunks
 
     def slot_of(self, rid: int) -> int:
         return self._owner[rid]
@@ -121,7 +134,7 @@ class KVCacheManager:
             return False
         slot = self._best_slot(self.geometry.chunks_for(tokens))
         extra = self.geometry.chunks_for(tokens) - self._mapped[slot]
-        spare = self.free_chunks + self.idle_chunks - self._mapped[slot]
+        spare = self.free_chunks + self.reclaimable_chunks - self._mapped[slot]
         return extra <= spare - reserve_chunks
 
     def usage(self) -> KVUsage:
@@ -131,6 +144,7 @@ class KVCacheManager:
             len(idle),
             self._committed,
             self.idle_chunks,
+            self.surplus_chunks,
             self.geometry.capacity_chunks,
         )
 
@@ -153,23 +167,31 @@ class KVCacheManager:
     def grow(self, rid: int, tokens: int, steal: bool = True) -> bool:
         """Ensure ``rid``'s slot maps its first ``tokens`` tokens.
 
-        Takes free chunks, then (if ``steal``) unmaps idle slots' chunks. On
-        False nothing changed: the caller preempts someone and retries.
+        Takes free chunks, then (if ``steal``) unmaps idle slots' chunks and
+        other requests' surplus. On False nothing changed: the caller preempts
+        someone and retries.
         """
         slot = self._owner[rid]
-        need = self.geometry.chunks_for(tokens) - self._mapped[slot]
+        want = self.geometry.chunks_for(tokens)
+        need = want - self._mapped[slot]
         if need <= 0:
+            self._asked[slot] = max(self._asked[slot], want)
             return True
+        asked = self._asked[slot]
+        self._asked[slot] = self._mapped[slot]  # its own chunks are not surplus to steal
         if need > self.free_chunks and (not steal or not self._reclaim(need - self.free_chunks)):
+            self._asked[slot] = asked
             return False
         self._commands.append(MapCommand(slot, self._mapped[slot], need))
         self._mapped[slot] += need
+        self._asked[slot] = want
         self._committed += need
         return True
 
     def release(self, rid: int) -> None:
         """The request is done (or preempted): its slot idles, keeping its chunks."""
         slot = self._owner.pop(rid)
+        self._asked[slot] = 0
         self._idle.add(slot)
         excess = self.idle_chunks - self.keep_idle_chunks
         if excess > 0:
@@ -189,6 +211,8 @@ class KVCacheManager:
         assert self._idle.isdisjoint(self._owner.values())
         assert len(self._idle) + len(self._owner) == self.geometry.num_slots
         assert all(0 <= m <= self.geometry.chunks_per_slot for m in self._mapped)
+        assert all(self._asked[s] == 0 for s in self._idle)
+        assert all(self._asked[s] <= self._mapped[s] for s in self._owner.values())
 
     # ---------------------------------------------------------------- private
     def _best_slot(self, chunks: int) -> int:
@@ -199,14 +223,16 @@ class KVCacheManager:
         return max(self._idle, key=lambda s: (self._mapped[s], -s))
 
     def _reclaim(self, chunks: int) -> bool:
-        """Unmap ``chunks`` from idle slots (largest first); False if they hold fewer."""
-        if chunks > self.idle_chunks:
+        """Unmap ``chunks`` from idle slots (largest first), then from running slots'
+        surplus; False (and nothing done) if they hold fewer."""
+        if chunks > self.reclaimable_chunks:
             return False
-        for slot in sorted(self._idle, key=lambda s: -self._mapped[s]):
+        running = list(self._owner.values())
+        for slot in [*sorted(self._idle, key=lambda s: -self._mapped[s]), *running]:
             if chunks <= 0:
                 break
-            take = min(chunks, self._mapped[slot])
-            if take:
+            take = min(chunks, self._mapped[slot] - self._asked[slot])
+            if take > 0:
                 self._unmap_tail(slot, take)
                 chunks -= take
         return True

@@ -1,0 +1,147 @@
+"""The engine end to end on the embedded model (CPU): stops, sampling, bad input, CLI."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.checkpoints import make_checkpoint
+from vtensor import SamplingParams
+from vtensor.cli import main as cli_main
+from vtensor.engine.config import DeviceUnavailableError, EngineConfig
+from vtensor.engine.llm_engine import LLMEngine
+
+
+def greedy(llm, prompt, n: int = 12, **kw):
+    return llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0, **kw))[0].outputs[0]
+
+
+def test_stop_token_ids_eos_and_max_tokens(make_llm) -> None:
+    llm = make_llm()
+    prompt = [random.randrange(4, 400) for _ in range(random.randint(3, 30))]
+    full = greedy(llm, prompt)
+    assert len(full.token_ids) == 12 and full.finish_reason == "length"
+    stop_at = full.token_ids[4]
+    first = full.token_ids.index(stop_at)
+    cut = greedy(llm, prompt, stop_token_ids=[stop_at])
+    assert cut.token_ids == full.token_ids[: first + 1]
+    assert (cut.finish_reason, cut.stop_reason) == ("stop", stop_at)
+    llm.engine.eos_token_ids = (stop_at,)
+    eos = greedy(llm, prompt)
+    assert eos.token_ids == full.token_ids[: first + 1] and eos.stop_reason is None
+    assert greedy(llm, prompt, ignore_eos=True).token_ids == full.token_ids
+
+
+def test_stop_strings_cut_the_text(make_llm) -> None:
+    llm = make_llm()
+    full = greedy(llm, "Hello world", n=16)
+    text = full.text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    if not stop.strip():
+        stop = text[-3:]
+    out = greedy(llm, "Hello world", n=16, stop=[stop])
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[: text.index(stop)]
+    kept = greedy(llm, "Hello world", n=16, stop=[stop], include_stop_str_in_output=True)
+    assert kept.text == text[: text.index(stop) + len(stop)]
+
+
+def test_context_limit_finishes_with_length(make_llm) -> None:
+    llm = make_llm(max_model_len=40)
+    out = greedy(llm, list(range(5, 35)), n=100)
+    assert len(out.token_ids) == 10 and out.finish_reason == "length"
+
+
+def test_seeds_reproduce_and_n_samples_differ(make_llm) -> None:
+    llm = make_llm()
+    params = SamplingParams(max_tokens=16, temperature=1.0, seed=random.randrange(1000), n=3)
+    a = llm.generate(["Once upon a time"], params)[0]
+    b = llm.generate(["Once upon a time", "Hello"], params)[0]
+    assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+    assert len({tuple(c.token_ids) for c in a.outputs}) > 1
+    unseeded = SamplingParams(max_tokens=16, temperature=1.0, top_k=50, top_p=0.9, min_p=0.01)
+    outs = llm.generate(["x"] * 4, unseeded)
+    assert all(len(o.outputs[0].token_ids) == 16 for o in outs)
+
+
+def test_bad_input_raises_and_queues_nothing(make_llm, tmp_path: Path) -> None:
+    llm = make_llm(max_model_len=64)
+    cases = [
+        (list(range(64)), "no room to generate"),
+        ([], "empty"),
+        ([10**6], "token ids must be in"),
+    ]
+    for prompt, message in cases:
+        with pytest.raises(ValueError, match=message):
+            llm.generate(["fine prompt", prompt], SamplingParams(max_tokens=4))
+        assert not llm.engine.has_unfinished() and not llm.engine.seqs
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"max_tokens": 0}, {"stop": [""]}):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    with pytest.raises(ValueError, match="not both"):
+        EngineConfig(model="x", shape="llama3-8b")
+    make_checkpoint(tmp_path, "llama")
+    (tmp_path / "tokenizer.json").unlink()
+    no_tok = make_llm(str(tmp_path))
+    with pytest.raises(ValueError, match="no tokenizer"):
+        no_tok.generate("text")
+    assert len(greedy(no_tok, [5, 6, 7], n=3).token_ids) == 3  # token ids still work
+
+
+def test_request_larger_than_the_pool_is_refused(make_llm) -> None:
+    llm = make_llm(chunk_size=4096, kv_cache_bytes=4 * 4096)  # 1 KiB/token: 4 tokens/chunk
+    with pytest.raises(ValueError, match="KV chunks but the pool holds 3"):
+        llm.generate([list(range(5, 20))], SamplingParams(max_tokens=8))
+    assert len(greedy(llm, [5, 6], n=4).token_ids) == 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the no-GPU error path")
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(capsys) -> None:
+    with pytest.raises(DeviceUnavailableError, match="no GPU"):
+        LLMEngine(EngineConfig(device="cuda"))
+    assert cli_main(["generate", "--device", "cuda"]) == 2
+    assert "no GPU" in capsys.readouterr().err
+
+
+def test_abort_returns_the_slot_and_chat_renders_the_template(make_llm) -> None:
+    llm = make_llm()
+    engine = llm.engine
+    rid = engine.add_request("Hello", SamplingParams(max_tokens=50))
+    engine.step()
+    engine.abort(rid)
+    assert engine.seqs[rid].finish_reason == "abort" and not engine.has_unfinished()
+    assert engine.kv.usage().running_slots == 0
+    engine.pop(rid)
+    out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=3))[0]
+    assert out.prompt.startswith("<|im_start|>user\nhi<|im_end|>")
+    assert len(out.outputs[0].token_ids) == 3
+
+
+def test_triton_kernels_in_the_interpreter_agree_with_the_reference(make_llm) -> None:
+    prompts = [[random.randrange(4, 400) for _ in range(n)] for n in (5, 17)]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    ref = make_llm(attention_impl="torch").generate(prompts, params)
+    tri = make_llm(attention_impl="triton").generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in ref] == [o.outputs[0].token_ids for o in tri]
+
+
+def test_cli_generate_runs_the_embedded_default(capsys) -> None:
+    assert cli_main(["generate", "--prompt", "Hello", "--max-tokens", "5", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "random weights" in captured.err and "Completion:" in captured.out
+    assert "(5 tokens, finish: length)" in captured.out
+
+
+def test_cli_bench_offline_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "offline.json"
+    argv = ["bench", "offline", "--num-prompts", "6", "--input-len", "20", "--output-len", "5",
+            "--decode-batches", "1,2", "--decode-ctx", "16", "--decode-steps", "2",
+            "--device", "cpu", "--no-hf-peer", "--json", str(out)]  # fmt: skip
+    assert cli_main(argv) == 0
+    import json
+
+    data = json.loads(out.read_text())
+    assert data["throughput"][0]["num_prompts"] == 6 and len(data["decode"]) == 2

@@ -1,0 +1,77 @@
+"""The HF ``transformers`` peer: ``generate`` with a static cache and sdpa."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from vtensor.engine.setup import EngineRuntime
+from vtensor.models.config import ModelConfig
+
+
+def hf_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Any:
+    """A random-weight HF model of ``cfg``'s shape (values do not matter for timing)."""
+    import transformers
+
+    common = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        attn_implementation="sdpa",
+    )
+    if cfg.architecture == "Qwen2ForCausalLM":
+        hf_cfg = transformers.Qwen2Config(**common)
+    else:
+        hf_cfg = transformers.LlamaConfig(head_dim=cfg.head_dim, **common)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+@torch.inference_mode()
+def hf_decode_step_s(
+    cfg: ModelConfig, rt: EngineRuntime, batch: int, ctx: int, steps: int
+) -> float:
+    """Seconds per decode step: (generate 1+steps tokens − generate 1) / steps."""
+    model = hf_model(cfg, rt.device, rt.dtype)
+    ids = torch.randint(0, cfg.vocab_size, (batch, ctx), device=rt.device)
+    _generate(model, ids, 2)  # warm-up
+    prefill = min(_generate(model, ids, 1) for _ in range(2))
+    total = _generate(model, ids, 1 + steps)
+    del model
+    if rt.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return (total - prefill) / steps
+
+
+def _generate(model: Any, ids: torch.Tensor, new: int) -> float:
+    """Wall seconds of one ``generate`` of exactly ``new`` tokens."""
+    cuda = ids.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new,
+        min_new_tokens=new,
+        do_sample=False,
+        cache_implementation="static",
+        pad_token_id=0,
+    )
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0

@@ -1,0 +1,71 @@
+"""``vtensor generate``: print completions for prompts (the README's main command)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+DEFAULT_PROMPTS = ["Hello, my name is", "The capital of France is"]
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Engine options shared by ``generate`` and ``bench offline``."""
+    p.add_argument("--model", default=None, help="HF checkpoint directory (default: embedded)")
+    p.add_argument("--shape", default=None, help="random weights of a known shape, e.g. llama3-8b")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda when a GPU is present, else cpu")  # fmt: skip
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--kv-cache-gib", type=float, default=None, help="KV pool size")
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+
+
+def engine_kwargs(args: Any) -> dict[str, Any]:
+    kv = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
+    return dict(
+        model=args.model, shape=args.shape, device=args.device, dtype=args.dtype,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=kv,
+        enforce_eager=args.enforce_eager,
+    )  # fmt: skip
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("generate", help="generate completions for prompts")
+    add_engine_args(p)
+    p.add_argument("--prompt", action="append", default=None,
+                   help="a prompt (repeat for a batch); default: two sample prompts")  # fmt: skip
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def main(args: Any) -> int:
+    from vtensor import LLM, SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed,
+    )  # fmt: skip
+    llm = LLM(**engine_kwargs(args))
+    rt = llm.engine.runtime
+    note = " (random weights: the text is gibberish)" if rt.random_weights else ""
+    print(f"model: {rt.model_name}{note}; device {rt.device}, {rt.dtype}", file=sys.stderr)
+    prompts = args.prompt or DEFAULT_PROMPTS
+    if args.chat:
+        prompts = [
+            llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in prompts
+        ]
+    with llm:
+        outputs = llm.generate(prompts, params, use_tqdm=len(prompts) > 1)
+        for out in outputs:
+            c = out.outputs[0]
+            print(f"\nPrompt: {out.prompt!r}\nCompletion: {c.text!r}")
+            print(f"  ({len(c.token_ids)} tokens, finish: {c.finish_reason})")
+    return 0
