@@ -18,7 +18,9 @@ from vtensor import SamplingParams
 MAX_NEW = 12
 
 
-def check_against_hf(llm: Any, hf: Any, prompts: list[list[int]], max_new: int = MAX_NEW) -> None:
+def check_against_hf(
+    llm: Any, hf: Any, prompts: list[list[int]], max_new: int = MAX_NEW, atol: float = 2e-4
+) -> None:
     params = SamplingParams(max_tokens=max_new, temperature=0, ignore_eos=True, logprobs=0)
     outs = llm.generate(prompts, params)
     for prompt, out in zip(prompts, outs):
@@ -27,10 +29,11 @@ def check_against_hf(llm: Any, hf: Any, prompts: list[list[int]], max_new: int =
         assert ours.token_ids == ref, f"prompt {prompt}"
         assert ours.finish_reason == "length"
         with torch.no_grad():  # logits: our raw log-probs of each token against HF's
-            logits = hf(torch.tensor([prompt + ref])).logits[0, len(prompt) - 1 : -1]
+            ids = torch.tensor([prompt + ref], device=hf.device)
+            logits = hf(ids).logits[0, len(prompt) - 1 : -1].cpu()
         hf_logp = logits.float().log_softmax(-1).gather(1, torch.tensor(ref)[:, None])[:, 0]
         our_logp = torch.tensor([lp[t] for lp, t in zip(ours.logprobs, ref)])
-        torch.testing.assert_close(our_logp, hf_logp, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(our_logp, hf_logp, atol=atol, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -13,6 +13,7 @@ Parts (each a table, all in one JSON):
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import asdict
 from typing import Any
@@ -22,6 +23,8 @@ import torch
 from vtensor.engine.config import EngineConfig
 from vtensor.engine.llm_engine import LLMEngine
 from vtensor.engine.params import SamplingParams
+from vtensor.engine.setup import EngineRuntime
+from vtensor.models.config import ModelConfig
 
 from .datasets import random_dataset
 from .hf_peer import hf_decode_step_s
@@ -111,90 +114,74 @@ def decode_steps(engine: LLMEngine, batch: int, ctx: int, steps: int) -> dict[st
 def main(args: Any) -> int:
     cfg = engine_config(args)
     print(f"vtensor bench offline: {cfg.model or cfg.shape or 'embedded tiny model'}", flush=True)
-    engine = LLMEngine(cfg)
-    print(
-        f"  device={engine.runtime.device} dtype={engine.runtime.dtype} "
-        f"graphs={engine.runtime.use_cuda_graphs} kv pool="
-        f"{engine.pool.capacity_bytes / 2**30:.1f} GiB",
-        flush=True,
-    )
-    result: dict[str, Any] = {"config": {k: str(v) for k, v in asdict(cfg).items()}}
-    result["throughput"] = []
-    for inp, outp in args.workloads:
-        print(f"throughput: {args.num_prompts} prompts, input {inp}, output {outp}", flush=True)
-        result["throughput"].append(throughput(engine, args, inp, outp))
-    print(
-        format_table(
-            [
-                "in",
-                "out",
-                "req/s",
-                "out tok/s",
-                "total tok/s",
-                "wait % of step",
-                "waste/req (chunks) mean/max",
-                "preempt",
-            ],
-            [
-                (
-                    t["input_len"],
-                    t["output_len"],
-                    t["requests_per_s"],
-                    t["output_tokens_per_s"],
-                    t["total_tokens_per_s"],
-                    t["mapper_wait_pct_of_step"],
-                    f"{t['waste_chunks_per_running_mean']:.2f}/{t['waste_chunks_per_running_max']:.2f}",
-                    t["preemptions"],
-                )
-                for t in result["throughput"]
-            ],
-        )
-    )
-    result["decode"] = [
-        decode_steps(engine, b, args.decode_ctx, args.decode_steps) for b in args.decode_batches
-    ]
-    engine.close()
-    bandwidth = _read_bandwidth(engine.runtime.device)
-    result["read_bandwidth_gbs"] = bandwidth
+    result, model_cfg, rt = run_engine(cfg, args)
+    gc.collect()  # the engine is closed: free its weights and graphs for the HF peer
+    if rt.device.type == "cuda":
+        torch.cuda.empty_cache()
+    result["read_bandwidth_gbs"] = _read_bandwidth(rt.device)
     if args.hf_peer:
         for d in result["decode"]:
-            d["hf_step_ms"] = (
-                hf_decode_step_s(
-                    engine.model_config, engine.runtime, d["batch"], d["ctx"], args.decode_steps
-                )
-                * 1e3
-            )
-    rows = []
-    for d in result["decode"]:
-        floor = (
-            (d["weight_bytes"] + d["kv_bytes_read"]) / (bandwidth * 1e9) * 1e3
-            if bandwidth
-            else None
-        )
-        d["floor_ms"] = floor
-        d["x_floor"] = d["step_ms"] / floor if floor else None
-        d["x_hf"] = d["hf_step_ms"] / d["step_ms"] if "hf_step_ms" in d else None
-        rows.append(
-            (
-                d["batch"],
-                d["ctx"],
-                d["step_ms"],
-                floor or "-",
-                d["x_floor"] or "-",
-                d.get("hf_step_ms", "-"),
-                d["x_hf"] or "-",
-            )
-        )
-    print(
-        format_table(
-            ["batch", "ctx", "step ms", "floor ms", "x floor", "HF ms", "speed-up vs HF"], rows
-        )
-    )
+            print(f"HF peer: batch {d['batch']}", flush=True)
+            step_s = hf_decode_step_s(model_cfg, rt, d["batch"], d["ctx"], args.decode_steps)
+            d["hf_step_ms"] = step_s * 1e3
+    print_decode(result)
     result["env"] = environment()
     if args.json:
         write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
+
+
+def run_engine(cfg: EngineConfig, args: Any) -> tuple[dict[str, Any], ModelConfig, EngineRuntime]:
+    """Throughput workloads, then decode steps per batch size, on one engine."""
+    with LLMEngine(cfg) as engine:
+        rt = engine.runtime
+        print(
+            f"  device={rt.device} dtype={rt.dtype} graphs={rt.use_cuda_graphs} "
+            f"kv pool={engine.pool.capacity_bytes / 2**30:.1f} GiB",
+            flush=True,
+        )
+        result: dict[str, Any] = {"config": {k: str(v) for k, v in asdict(cfg).items()}}
+        result["throughput"] = []
+        for inp, outp in args.workloads:
+            print(f"throughput: {args.num_prompts} prompts, in {inp}, out {outp}", flush=True)
+            result["throughput"].append(throughput(engine, args, inp, outp))
+        print_throughput(result["throughput"])
+        result["decode"] = []
+        for b in args.decode_batches:
+            print(f"decode: batch {b}, context {args.decode_ctx}", flush=True)
+            result["decode"].append(decode_steps(engine, b, args.decode_ctx, args.decode_steps))
+        return result, engine.model_config, rt
+
+
+def print_throughput(rows: list[dict[str, Any]]) -> None:
+    headers = ["in", "out", "req/s", "out tok/s", "total tok/s", "wait % of step",
+               "waste/req chunks (mean/max)", "preemptions"]  # fmt: skip
+    table = [
+        (t["input_len"], t["output_len"], t["requests_per_s"], t["output_tokens_per_s"],
+         t["total_tokens_per_s"], t["mapper_wait_pct_of_step"],
+         f"{t['waste_chunks_per_running_mean']:.2f}/{t['waste_chunks_per_running_max']:.2f}",
+         t["preemptions"])
+        for t in rows
+    ]  # fmt: skip
+    print(format_table(headers, table))
+
+
+def print_decode(result: dict[str, Any]) -> None:
+    """Add the floor and ratios to each decode row, and print them."""
+    bandwidth = result["read_bandwidth_gbs"]
+    table = []
+    for d in result["decode"]:
+        moved = d["weight_bytes"] + d["kv_bytes_read"]
+        d["floor_ms"] = moved / (bandwidth * 1e9) * 1e3 if bandwidth else None
+        d["x_floor"] = d["step_ms"] / d["floor_ms"] if d["floor_ms"] else None
+        d["x_hf"] = d["hf_step_ms"] / d["step_ms"] if "hf_step_ms" in d else None
+        table.append(
+            (d["batch"], d["ctx"], d["step_ms"], d["floor_ms"] or "-", d["x_floor"] or "-",
+             d.get("hf_step_ms", "-"), d["x_hf"] or "-")
+        )  # fmt: skip
+    print(f"decode step vs floor (weights + KV read at {bandwidth or 0:.0f} GB/s) and vs HF:")
+    print(format_table(["batch", "ctx", "step ms", "floor ms", "x floor", "HF ms", "x HF"], table))
 
 
 def _read_bandwidth(device: torch.device) -> float | None:
