@@ -64,13 +64,16 @@ class LLMEngine:
         geo = self.arena.geometry
         if geo.capacity_chunks < 2:
             raise ValueError(f"KV budget of {self.pool.capacity_bytes} bytes is under 2 chunks")
-        # The last slot is the runner's scratch slot; its first chunk is mapped for good.
-        self.scratch_slot = geo.num_slots - 1
-        self.arena.mapper.run([])  # start-up check that the mapper thread is alive
-        self.arena.vt.map(self.scratch_slot * geo.slot_bytes, geo.chunk_size)
+        # Slot 0 is the runner's scratch slot (graph padding), mapped for good. It must be
+        # slot 0: every layer view's base pointer lies in its first token, and Triton
+        # rejects a kernel argument whose base address is not mapped.
+        self.scratch_slot = 0
+        scratch_chunks = geo.chunks_for(1)
+        self.arena.vt.map(0, scratch_chunks * geo.chunk_size)
         self.kv = KVCacheManager(
-            replace(geo, num_slots=geo.num_slots - 1, capacity_chunks=geo.capacity_chunks - 1),
+            replace(geo, capacity_chunks=geo.capacity_chunks - scratch_chunks),
             keep_idle_chunks=config.keep_idle_chunks,
+            reserved_slots=1,
         )
         self.scheduler = Scheduler(
             SchedulerConfig(

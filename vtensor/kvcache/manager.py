@@ -90,15 +90,25 @@ class KVUsage:
 
 
 class KVCacheManager:
-    def __init__(self, geometry: KVGeometry, keep_idle_chunks: int | None = None) -> None:
+    def __init__(
+        self,
+        geometry: KVGeometry,
+        keep_idle_chunks: int | None = None,
+        reserved_slots: int = 0,
+    ) -> None:
+        """Slots ``[0, reserved_slots)`` belong to the caller and are never handed out;
+        their chunks are not counted in ``geometry.capacity_chunks``."""
+        if not 0 <= reserved_slots < geometry.num_slots:
+            raise ValueError(f"reserved_slots must be in [0, {geometry.num_slots})")
         self.geometry = geometry
+        self.reserved_slots = reserved_slots
         self.keep_idle_chunks = (
             geometry.capacity_chunks if keep_idle_chunks is None else keep_idle_chunks
         )
         self._mapped = [0] * geometry.num_slots
         self._asked = [0] * geometry.num_slots  # chunks the owner has asked for so far
         self._owner: dict[int, int] = {}  # request id -> slot
-        self._idle: set[int] = set(range(geometry.num_slots))
+        self._idle: set[int] = set(range(reserved_slots, geometry.num_slots))
         self._committed = 0
         self._commands: list[KVCommand] = []
 
@@ -209,7 +219,7 @@ class KVCacheManager:
     def check(self) -> None:
         assert sum(self._mapped) == self._committed <= self.geometry.capacity_chunks
         assert self._idle.isdisjoint(self._owner.values())
-        assert len(self._idle) + len(self._owner) == self.geometry.num_slots
+        assert len(self._idle) + len(self._owner) == self.geometry.num_slots - self.reserved_slots
         assert all(0 <= m <= self.geometry.chunks_per_slot for m in self._mapped)
         assert all(self._asked[s] == 0 for s in self._idle)
         assert all(self._asked[s] <= self._mapped[s] for s in self._owner.values())
