@@ -33,15 +33,15 @@ BASE: dict[str, Any] = dict(
 def hf_config(arch: str, **overrides: Any) -> Any:
     import transformers
 
-    kw = {**BASE, **overrides}
+    kw = {**BASE, "head_dim": 16, **overrides}
     if arch == "llama":
-        return transformers.LlamaConfig(head_dim=16, **kw)
+        return transformers.LlamaConfig(**kw)
     if arch == "mistral":
-        return transformers.MistralConfig(head_dim=16, sliding_window=None, **kw)
+        return transformers.MistralConfig(sliding_window=None, **kw)
     if arch == "qwen2":
         return transformers.Qwen2Config(**kw)
     if arch == "qwen3":
-        return transformers.Qwen3Config(head_dim=16, **kw)
+        return transformers.Qwen3Config(**kw)
     raise ValueError(arch)
 
 

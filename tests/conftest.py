@@ -90,6 +90,7 @@ def make_llm() -> Iterator[Callable[..., Any]]:
     made: list[Any] = []
 
     def make(model: str | None = None, **kwargs: Any) -> Any:
+        kwargs.setdefault("device", "cpu")  # CPU tests stay on the CPU on a GPU machine too
         llm = LLM(model, **kwargs)
         made.append(llm)
         return llm

@@ -24,9 +24,9 @@ pytestmark = [
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_matches_hf_on_gpu(arch: str, tmp_path: Path, make_llm) -> None:
     hf = make_checkpoint(tmp_path, arch).cuda()
-    llm = make_llm(str(tmp_path), dtype="float32", max_num_batched_tokens=24)
+    llm = make_llm(str(tmp_path), device="cuda", dtype="float32", max_num_batched_tokens=24)
     assert llm.engine.runtime.attention_impl == "triton" and llm.engine.runtime.use_cuda_graphs
-    check_against_hf(llm, hf, random_prompts(6, 512), atol=3e-3)
+    check_against_hf(llm, hf, random_prompts(6, 512), atol=1e-3)
 
 
 def test_preemption_on_gpu_matches_hf(tmp_path: Path, make_llm) -> None:
@@ -34,9 +34,11 @@ def test_preemption_on_gpu_matches_hf(tmp_path: Path, make_llm) -> None:
     over = dict(num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
                 hidden_size=256, head_dim=32, max_position_embeddings=1024)  # fmt: skip
     hf = make_checkpoint(tmp_path, "llama", **over).cuda()
-    llm = make_llm(str(tmp_path), dtype="float32", kv_cache_bytes=6 * (2 << 20), max_num_seqs=4)
+    llm = make_llm(
+        str(tmp_path), device="cuda", dtype="float32", kv_cache_bytes=6 * (2 << 20), max_num_seqs=4
+    )
     prompts = random_prompts(4, 512, lo=100, hi=120)
-    check_against_hf(llm, hf, prompts, max_new=160, atol=3e-3)
+    check_against_hf(llm, hf, prompts, max_new=160, atol=1e-3)
     assert llm.engine.stats().preemptions > 0
 
 
@@ -46,8 +48,10 @@ def test_cuda_graphs_stay_valid_as_the_arena_grows(tmp_path: Path, make_llm) -> 
     over = dict(num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
                 hidden_size=256, head_dim=32, max_position_embeddings=1024)  # fmt: skip
     make_checkpoint(tmp_path, "llama", **over)
-    graphed = make_llm(str(tmp_path), dtype="float32", max_num_seqs=8)
-    eager = make_llm(str(tmp_path), dtype="float32", max_num_seqs=8, enforce_eager=True)
+    graphed = make_llm(str(tmp_path), device="cuda", dtype="float32", max_num_seqs=8)
+    eager = make_llm(
+        str(tmp_path), device="cuda", dtype="float32", max_num_seqs=8, enforce_eager=True
+    )
     mapped_at_capture = graphed.engine.arena.vt.mapped_chunks
     assert mapped_at_capture == 1 and graphed.engine.runner.graphs is not None
     prompts = random_prompts(5, 512, lo=50, hi=200)
@@ -67,7 +71,7 @@ def test_cuda_graphs_stay_valid_as_the_arena_grows(tmp_path: Path, make_llm) -> 
 def test_bf16_engine_tracks_hf_bf16(tmp_path: Path, make_llm) -> None:
     """bf16 rounding differs between kernels, so compare the first steps' log-probs."""
     hf = make_checkpoint(tmp_path, "qwen2", dtype=torch.bfloat16).cuda()
-    llm = make_llm(str(tmp_path))
+    llm = make_llm(str(tmp_path), device="cuda")
     assert llm.engine.runtime.dtype == torch.bfloat16
     prompts = random_prompts(4, 512)
     outs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0, logprobs=5))

@@ -48,9 +48,10 @@ def hf_decode_step_s(
     """Seconds per decode step: (generate 1+steps tokens − generate 1) / steps."""
     model = hf_model(cfg, rt.device, rt.dtype)
     ids = torch.randint(0, cfg.vocab_size, (batch, ctx), device=rt.device)
-    _generate(model, ids, 2)  # warm-up
+    _generate(model, ids, 1)  # warm-up, both shapes
+    _generate(model, ids, 1 + steps)
     prefill = min(_generate(model, ids, 1) for _ in range(2))
-    total = _generate(model, ids, 1 + steps)
+    total = min(_generate(model, ids, 1 + steps) for _ in range(2))
     del model
     if rt.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -70,6 +71,7 @@ def _generate(model: Any, ids: torch.Tensor, new: int) -> float:
         min_new_tokens=new,
         do_sample=False,
         cache_implementation="static",
+        disable_compile=True,  # eager: compiling an 8B model per shape costs minutes
         pad_token_id=0,
     )
     if cuda:

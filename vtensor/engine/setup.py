@@ -73,7 +73,8 @@ def runtime_for(config: EngineConfig, cfg: ModelConfig, name: str) -> EngineRunt
     impl = config.attention_impl
     if impl == "auto":
         impl = "triton" if device.type == "cuda" else "torch"
-    graphs = device.type == "cuda" and not config.enforce_eager
+    # Graphs need capturable kernels: the torch reference syncs on host ints.
+    graphs = device.type == "cuda" and not config.enforce_eager and impl == "triton"
     return EngineRuntime(device, dtype, name, config.model is None, max_len, impl, graphs)
 
 

@@ -66,6 +66,12 @@ def dot_in_f32() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision: exact IEEE for fp32 caches (a user who picks fp32 wants fp32,
+    and the HF-exact tests rely on it); Triton ignores it for bf16/fp16 operands."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def check_out(out: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
     """The caller's output buffer (same shape/dtype/device as ``q``), or a new one."""
     if out is None:

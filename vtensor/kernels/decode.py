@@ -25,6 +25,7 @@ from .common import (
     check_decode_args,
     check_out,
     dot_in_f32,
+    dot_precision,
     next_pow2,
     resolve_scale,
     use_triton,
@@ -59,6 +60,7 @@ def _decode_split_kernel(
     D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -90,7 +92,7 @@ def _decode_split_kernel(
         k = tl.load(k_base + rows[:, None] * stride_kr, mask=nmask[:, None], other=0.0)
         if DOT_F32:  # interpreter only: its bf16 dot is wrong (see common.dot_in_f32)
             k = k.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale  # base-2 logits
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # base-2 logits
         qk = tl.where(nmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -99,7 +101,7 @@ def _decode_split_kernel(
         v = tl.load(v_base + rows[:, None] * stride_vr, mask=nmask[:, None], other=0.0)
         if DOT_F32:
             v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     empty = l_i == 0.0  # this split lies past the request's end
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -239,6 +241,7 @@ def decode_attention(
         D=dim,
         BLOCK_N=cfg.block_n,
         DOT_F32=dot_in_f32(),
+        PRECISION=dot_precision(q.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

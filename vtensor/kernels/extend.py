@@ -14,7 +14,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LOG2E, check_extend_args, check_out, dot_in_f32, resolve_scale, use_triton
+from .common import (
+    LOG2E,
+    check_extend_args,
+    check_out,
+    dot_in_f32,
+    dot_precision,
+    resolve_scale,
+    use_triton,
+)
 from .reference import extend_ref
 
 
@@ -36,6 +44,7 @@ def _attend_block(
     CAUSAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     for n0 in range(lo, hi, BLOCK_N):
         kpos = n0 + offs_n
@@ -43,7 +52,7 @@ def _attend_block(
         k = tl.load(k_ptrs + kpos[:, None] * stride_kr, mask=valid[:, None], other=0.0)
         if DOT_F32:  # interpreter only: its bf16 dot is wrong (see common.dot_in_f32)
             k = k.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if CAUSAL:  # noqa: SIM108 - a constexpr branch, resolved at compile time
             valid = valid[None, :] & (kpos[None, :] <= qpos[:, None])
         else:
@@ -57,7 +66,7 @@ def _attend_block(
         v = tl.load(v_ptrs + kpos[:, None] * stride_vr, mask=(kpos < hi)[:, None], other=0.0)
         if DOT_F32:
             v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -85,6 +94,7 @@ def _extend_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     mblk = tl.program_id(0)
     b = tl.program_id(1)
@@ -131,6 +141,7 @@ def _extend_kernel(
         False,
         BLOCK_N,
         DOT_F32,
+        PRECISION,
     )
     acc, m_i, l_i = _attend_block(
         acc,
@@ -149,6 +160,7 @@ def _extend_kernel(
         True,
         BLOCK_N,
         DOT_F32,
+        PRECISION,
     )
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(
@@ -221,6 +233,7 @@ def extend_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         DOT_F32=dot_in_f32(),
+        PRECISION=dot_precision(q.dtype),
         num_warps=warps,
         num_stages=stages,
     )

@@ -1,0 +1,67 @@
+"""Elementwise pieces of a decoder layer, fused on the GPU by ``torch.compile``.
+
+A decode step of an 8B model is bound by reading the weights (~5 ms on an
+H100); unfused, RMSNorm, rotary and SiLU·up add ~40 tiny kernels per layer,
+which cost milliseconds even inside a CUDA graph. Compiled, each function is
+one or two Triton kernels. On the CPU they run as written (the same math), so
+the HF-exactness tests check the very code the GPU compiles.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+import torch.nn.functional as F
+
+Fn = TypeVar("Fn", bound=Callable[..., Any])
+
+
+def gpu_compiled(fn: Fn) -> Fn:
+    """Run ``fn`` compiled (dynamic shapes) on CUDA tensors, eagerly elsewhere."""
+    compiled: list[Callable[..., Any]] = []
+
+    @functools.wraps(fn)
+    def wrapper(x: torch.Tensor, *args: Any) -> Any:
+        if not x.is_cuda:
+            return fn(x, *args)
+        if not compiled:
+            compiled.append(torch.compile(fn, dynamic=True, fullgraph=True))
+        return compiled[0](x, *args)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@gpu_compiled
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # fp32 statistics, then the weight in the activation dtype: HF's order.
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+@gpu_compiled
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x + residual), x + residual)``: the residual add fused into the norm."""
+    h = x + residual
+    return rms_norm.__wrapped__(h, weight, eps), h  # type: ignore[attr-defined]
+
+
+@gpu_compiled
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's ``x * cos + rotate_half(x) * sin`` with cos/sin cast to the activation dtype."""
+    cos, sin = torch.cat((cos, cos), -1).to(x.dtype), torch.cat((sin, sin), -1).to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@gpu_compiled
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
