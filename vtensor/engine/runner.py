@@ -51,6 +51,8 @@ class ModelRunner:
         is_decode = all(n == 1 for n in rows.lengths)
         if is_decode and self.graphs is not None and self.graphs.fits(len(chunks)):
             logits = self.graphs.run(ids, rows.starts, self._row_starts(rows))
+            if all(c.samples for c in chunks):  # always, in practice: a 1-token chunk ends a seq
+                return logits
             return logits[[i for i, c in enumerate(chunks) if c.samples]]
         input_ids, positions, meta = self.prepare(ids, rows, is_decode)
         hidden = self.model(input_ids, positions, self.attn, meta)

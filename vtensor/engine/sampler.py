@@ -33,6 +33,11 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplerRow]) -> SampleResult:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
+        if all(r.params.greedy and r.params.logprobs is None and not r.params.has_penalties
+               for r in rows):  # fmt: skip
+            # The common serving case: one argmax, one transfer. (bf16 -> fp32 is exact and
+            # monotonic, so the argmax needs no conversion.)
+            return SampleResult(logits.argmax(dim=-1).tolist(), [None] * len(rows))
         logits = logits.float()
         raw = logits
         if any(r.params.has_penalties for r in rows):
