@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Any
 
@@ -52,10 +53,22 @@ def hf_decode_step_s(
     _generate(model, ids, 1 + steps)
     prefill = min(_generate(model, ids, 1) for _ in range(2))
     total = min(_generate(model, ids, 1 + steps) for _ in range(2))
-    del model
-    if rt.device.type == "cuda":
-        torch.cuda.empty_cache()
     return (total - prefill) / steps
+
+
+def hf_decode_step_or_none(
+    cfg: ModelConfig, rt: EngineRuntime, batch: int, ctx: int, steps: int
+) -> float | None:
+    """As above, but None when HF runs out of memory (it prefills the whole batch at once)."""
+    try:
+        return hf_decode_step_s(cfg, rt, batch, ctx, steps)
+    except torch.OutOfMemoryError as exc:
+        print(f"  HF peer out of memory at batch {batch}: {str(exc).splitlines()[0]}")
+        return None
+    finally:
+        gc.collect()  # the model and its static cache
+        if rt.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _generate(model: Any, ids: torch.Tensor, new: int) -> float:

@@ -27,7 +27,7 @@ from vtensor.engine.setup import EngineRuntime
 from vtensor.models.config import ModelConfig
 
 from .datasets import random_dataset
-from .hf_peer import hf_decode_step_s
+from .hf_peer import hf_decode_step_or_none
 from .report import environment, format_table, write_json
 
 
@@ -72,6 +72,8 @@ def throughput(engine: LLMEngine, args: Any, input_len: int, output_len: int) ->
         "preemptions": s1.preemptions - s0.preemptions,
         "mapper_wait_s": s1.mapper_wait_s - s0.mapper_wait_s,
         "mapper_wait_pct_of_step": 100 * (s1.mapper_wait_s - s0.mapper_wait_s) / step_s,
+        "mapper_waits": s1.mapper_waits - s0.mapper_waits,
+        "step_s": step_s,
         "waste_chunks_per_running_mean": sum(per_req) / max(1, len(per_req)),
         "waste_chunks_per_running_max": max(per_req, default=0.0),
         "kept_kv_bytes_max": max((i for _, _, i in trace), default=0),  # idle + surplus
@@ -122,8 +124,8 @@ def main(args: Any) -> int:
     if args.hf_peer:
         for d in result["decode"]:
             print(f"HF peer: batch {d['batch']}", flush=True)
-            step_s = hf_decode_step_s(model_cfg, rt, d["batch"], d["ctx"], args.decode_steps)
-            d["hf_step_ms"] = step_s * 1e3
+            step_s = hf_decode_step_or_none(model_cfg, rt, d["batch"], d["ctx"], args.decode_steps)
+            d["hf_step_ms"] = None if step_s is None else step_s * 1e3
     print_decode(result)
     result["env"] = environment()
     if args.json:
@@ -159,7 +161,7 @@ def print_throughput(rows: list[dict[str, Any]]) -> None:
                "waste/req chunks (mean/max)", "preemptions"]  # fmt: skip
     table = [
         (t["input_len"], t["output_len"], t["requests_per_s"], t["output_tokens_per_s"],
-         t["total_tokens_per_s"], t["mapper_wait_pct_of_step"],
+         t["total_tokens_per_s"], f"{t['mapper_wait_pct_of_step']:.3f}",
          f"{t['waste_chunks_per_running_mean']:.2f}/{t['waste_chunks_per_running_max']:.2f}",
          t["preemptions"])
         for t in rows
@@ -175,10 +177,10 @@ def print_decode(result: dict[str, Any]) -> None:
         moved = d["weight_bytes"] + d["kv_bytes_read"]
         d["floor_ms"] = moved / (bandwidth * 1e9) * 1e3 if bandwidth else None
         d["x_floor"] = d["step_ms"] / d["floor_ms"] if d["floor_ms"] else None
-        d["x_hf"] = d["hf_step_ms"] / d["step_ms"] if "hf_step_ms" in d else None
+        d["x_hf"] = d["hf_step_ms"] / d["step_ms"] if d.get("hf_step_ms") else None
         table.append(
             (d["batch"], d["ctx"], d["step_ms"], d["floor_ms"] or "-", d["x_floor"] or "-",
-             d.get("hf_step_ms", "-"), d["x_hf"] or "-")
+             d.get("hf_step_ms") or "-", d["x_hf"] or "-")
         )  # fmt: skip
     print(f"decode step vs floor (weights + KV read at {bandwidth or 0:.0f} GB/s) and vs HF:")
     print(format_table(["batch", "ctx", "step ms", "floor ms", "x floor", "HF ms", "x HF"], table))

@@ -38,6 +38,7 @@ class EngineStats:
     steps: int
     step_s: float  # total wall time in step()
     mapper_wait_s: float  # time steps blocked on KV mapping
+    mapper_waits: int  # steps that blocked at all
     live_kv_bytes: int  # KV of running requests' computed tokens
     mapped_kv_bytes: int  # chunks committed to running slots
     idle_kv_bytes: int  # chunks kept by idle slots (deferred reclamation)
@@ -243,6 +244,7 @@ class LLMEngine:
             steps=self._steps,
             step_s=self._step_s,
             mapper_wait_s=arena.wait_s,
+            mapper_waits=arena.waits,
             live_kv_bytes=live,
             mapped_kv_bytes=(usage.committed_chunks - usage.idle_chunks) * geo.chunk_size,
             idle_kv_bytes=usage.idle_chunks * geo.chunk_size,
