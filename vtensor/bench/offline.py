@@ -73,6 +73,8 @@ def throughput(engine: LLMEngine, args: Any, input_len: int, output_len: int) ->
         "mapper_wait_s": s1.mapper_wait_s - s0.mapper_wait_s,
         "mapper_wait_pct_of_step": 100 * (s1.mapper_wait_s - s0.mapper_wait_s) / step_s,
         "mapper_waits": s1.mapper_waits - s0.mapper_waits,
+        "kv_sync_s": s1.kv_sync_s - s0.kv_sync_s,
+        "kv_sync_pct_of_step": 100 * (s1.kv_sync_s - s0.kv_sync_s) / step_s,
         "step_s": step_s,
         "waste_chunks_per_running_mean": sum(per_req) / max(1, len(per_req)),
         "waste_chunks_per_running_max": max(per_req, default=0.0),
@@ -157,11 +159,12 @@ def run_engine(cfg: EngineConfig, args: Any) -> tuple[dict[str, Any], ModelConfi
 
 
 def print_throughput(rows: list[dict[str, Any]]) -> None:
-    headers = ["in", "out", "req/s", "out tok/s", "total tok/s", "wait % of step",
+    headers = ["in", "out", "req/s", "out tok/s", "total tok/s", "wait %", "kv sync %",
                "waste/req chunks (mean/max)", "preemptions"]  # fmt: skip
     table = [
         (t["input_len"], t["output_len"], t["requests_per_s"], t["output_tokens_per_s"],
          t["total_tokens_per_s"], f"{t['mapper_wait_pct_of_step']:.3f}",
+         f"{t['kv_sync_pct_of_step']:.3f}",
          f"{t['waste_chunks_per_running_mean']:.2f}/{t['waste_chunks_per_running_max']:.2f}",
          t["preemptions"])
         for t in rows

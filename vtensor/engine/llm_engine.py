@@ -39,6 +39,7 @@ class EngineStats:
     step_s: float  # total wall time in step()
     mapper_wait_s: float  # time steps blocked on KV mapping
     mapper_waits: int  # steps that blocked at all
+    kv_sync_s: float  # queue-to-ready time of each step's mapping (upper bound on its cost)
     live_kv_bytes: int  # KV of running requests' computed tokens
     mapped_kv_bytes: int  # chunks committed to running slots
     idle_kv_bytes: int  # chunks kept by idle slots (deferred reclamation)
@@ -99,7 +100,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._generators: dict[int, torch.Generator] = {}
         self._detoks: dict[int, IncrementalDetokenizer] = {}
-        self._steps, self._step_s = 0, 0.0
+        self._steps, self._step_s, self._kv_sync_s = 0, 0.0, 0.0
         self._closed = False
 
     # --------------------------------------------------------------- requests
@@ -177,12 +178,17 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.chunks:
             return []
+        # The KV sync window: from queueing the maps to the step's chunks being ready.
+        # Timed as a whole (not just the blocking wait) because the mapper thread can also
+        # delay this thread through the GIL; this is the mapping cost the step really pays.
+        t_kv = time.perf_counter()
         self.arena.apply(out.kv_commands)
         self.arena.apply(out.ahead_commands)
         slots = [self.kv.slot_of(c.seq.rid) for c in out.chunks]
         self.arena.wait_ready(
             (s, self.kv.geometry.chunks_for(c.end)) for s, c in zip(slots, out.chunks)
         )
+        self._kv_sync_s += time.perf_counter() - t_kv
         logits = self.runner.execute(out.chunks, slots)
         results = self._sample_and_update(out, logits)
         self._steps += 1
@@ -245,6 +251,7 @@ class LLMEngine:
             step_s=self._step_s,
             mapper_wait_s=arena.wait_s,
             mapper_waits=arena.waits,
+            kv_sync_s=self._kv_sync_s,
             live_kv_bytes=live,
             mapped_kv_bytes=(usage.committed_chunks - usage.idle_chunks) * geo.chunk_size,
             idle_kv_bytes=usage.idle_chunks * geo.chunk_size,
