@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ker.add_argument("--json", default=None, help="write the figures to this path")
 
+    _add_offline_parser(bench_sub)
+    return parser
+
+
+def _add_offline_parser(bench_sub: argparse._SubParsersAction) -> None:
     off = bench_sub.add_parser("offline", help="engine throughput, decode vs floor, vs HF")
     cli_generate.add_engine_args(off)
     off.add_argument("--num-prompts", type=_positive, default=1000)
@@ -68,7 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--decode-steps", type=_positive, default=32)
     off.add_argument("--no-hf-peer", dest="hf_peer", action="store_false")
     off.add_argument("--json", default=None, help="write the figures to this path")
-    return parser
 
 
 def _int_pair(text: str) -> tuple[int, int]:
