@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from vtensor import cli_generate
 from vtensor.engine.config import DeviceUnavailableError
+from vtensor.memory import NoCudaDriverError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,10 +98,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except (ValueError, FileNotFoundError, MemoryError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except DeviceUnavailableError as exc:
+    # Bad input and missing devices are the user's to fix: one line, exit 2, no traceback.
+    except (
+        ValueError,
+        FileNotFoundError,
+        MemoryError,
+        DeviceUnavailableError,
+        NoCudaDriverError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -115,13 +120,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return bench_offline(args)
     if args.command == "bench" and args.bench == "memory":
         from vtensor.bench.memory import main as bench_memory
-        from vtensor.memory import NoCudaDriverError
 
-        try:
-            return bench_memory(args)
-        except NoCudaDriverError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        return bench_memory(args)
     if args.command == "bench" and args.bench == "kernels":
         from vtensor.bench.kernels import main as bench_kernels
 

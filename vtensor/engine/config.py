@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vtensor.models.config import DTYPES as MODEL_DTYPES
 from vtensor.models.config import SHAPES
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", *MODEL_DTYPES)
 
 
 class DeviceUnavailableError(RuntimeError):

@@ -64,13 +64,15 @@ class LLMEngine:
         self.model = load_model(config, self.model_config, rt)
         self.arena, self.pool = build_arena(config, rt, self.model_config)
         geo = self.arena.geometry
-        if geo.capacity_chunks < 2:
-            raise ValueError(f"KV budget of {self.pool.capacity_bytes} bytes is under 2 chunks")
+        scratch_chunks = geo.chunks_for(1)
+        if geo.capacity_chunks <= scratch_chunks:
+            raise ValueError(
+                f"KV budget of {self.pool.capacity_bytes} bytes leaves no chunk for requests"
+            )
         # Slot 0 is the runner's scratch slot (graph padding), mapped for good. It must be
         # slot 0: every layer view's base pointer lies in its first token, and Triton
         # rejects a kernel argument whose base address is not mapped.
         self.scratch_slot = 0
-        scratch_chunks = geo.chunks_for(1)
         self.arena.vt.map(0, scratch_chunks * geo.chunk_size)
         self.kv = KVCacheManager(
             replace(geo, capacity_chunks=geo.capacity_chunks - scratch_chunks),

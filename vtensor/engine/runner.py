@@ -6,6 +6,7 @@ graphs are on; everything else runs eagerly through the same model code.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -56,9 +57,9 @@ class ModelRunner:
             return logits[[i for i, c in enumerate(chunks) if c.samples]]
         input_ids, positions, meta = self.prepare(ids, rows, is_decode)
         hidden = self.model(input_ids, positions, self.attn, meta)
+        ends = itertools.accumulate(rows.lengths)  # each chunk's last row is its end - 1
         last = torch.tensor(
-            [sum(rows.lengths[: i + 1]) - 1 for i, c in enumerate(chunks) if c.samples],
-            dtype=torch.long,
+            [end - 1 for end, c in zip(ends, chunks) if c.samples], dtype=torch.long
         ).to(self.device, non_blocking=True)
         return self.model.logits(hidden[last])
 

@@ -10,7 +10,7 @@ from vtensor.kvcache.arena import KVArena
 from vtensor.kvcache.layout import KVLayout
 from vtensor.kvcache.manager import KVGeometry
 from vtensor.memory import ChunkPool, open_backend
-from vtensor.models.config import ModelConfig, shape_config
+from vtensor.models.config import DTYPES, ModelConfig, shape_config
 from vtensor.models.embedded import EMBEDDED_NAME, embedded_config, embedded_tokenizer
 from vtensor.models.llama import LlamaForCausalLM
 from vtensor.models.loader import build_model, init_random, load_checkpoint
@@ -18,7 +18,6 @@ from vtensor.models.tokenizer import Tokenizer
 
 from .config import DeviceUnavailableError, EngineConfig
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_BYTES = 256 << 20
 CPU_CHUNK = 64 << 10  # small host chunks: tiny models still span several per request
 
@@ -59,7 +58,7 @@ def model_config(config: EngineConfig) -> tuple[ModelConfig, str]:
 def runtime_for(config: EngineConfig, cfg: ModelConfig, name: str) -> EngineRuntime:
     device = resolve_device(config.device)
     if config.dtype != "auto":
-        dtype = _DTYPES[config.dtype]
+        dtype = DTYPES[config.dtype]
     elif device.type == "cpu":
         dtype = torch.float32
     else:

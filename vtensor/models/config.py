@@ -21,7 +21,7 @@ ARCHITECTURES: dict[str, tuple[bool, bool]] = {
     "Qwen3ForCausalLM": (False, True),
 }
 ROPE_TYPES = ("default", "linear", "llama3")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
         dtype_name = cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"
-        if dtype_name not in _DTYPES:
+        if dtype_name not in DTYPES:
             raise ValueError(f"unsupported checkpoint dtype {dtype_name!r}")
         return cls(
             architecture=arch,
@@ -121,7 +121,7 @@ class ModelConfig:
             qk_norm=qk_norm,
             rope=_rope_from_hf(cfg),
             sliding_window=window,
-            dtype=_DTYPES[dtype_name],
+            dtype=DTYPES[dtype_name],
             eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
             bos_token_id=cfg.get("bos_token_id"),
         )

@@ -34,13 +34,15 @@ def gpu_compiled(fn: Fn) -> Fn:
     return wrapper  # type: ignore[return-value]
 
 
-@gpu_compiled
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # fp32 statistics, then the weight in the activation dtype: HF's order.
     dtype = x.dtype
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(dtype)
+
+
+rms_norm = gpu_compiled(_rms_norm)
 
 
 @gpu_compiled
@@ -49,7 +51,7 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(x + residual), x + residual)``: the residual add fused into the norm."""
     h = x + residual
-    return rms_norm.__wrapped__(h, weight, eps), h  # type: ignore[attr-defined]
+    return _rms_norm(h, weight, eps), h
 
 
 @gpu_compiled
