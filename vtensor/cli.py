@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from vtensor import cli_generate
+from vtensor import cli_generate, cli_serve
 from vtensor.engine.config import DeviceUnavailableError
 from vtensor.memory import NoCudaDriverError
 
@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtensor", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     cli_generate.add_parser(sub)
+    cli_serve.add_parser(sub)
     bench = sub.add_parser("bench", help="run a benchmark (prints a table, writes JSON)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
 
@@ -113,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "generate":
         return cli_generate.main(args)
+    if args.command == "serve":
+        return cli_serve.main(args)
     if args.command == "bench" and args.bench == "offline":
         from vtensor.bench.offline import main as bench_offline
 

@@ -102,6 +102,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._generators: dict[int, torch.Generator] = {}
         self._detoks: dict[int, IncrementalDetokenizer] = {}
+        self._streamed: dict[int, int] = {}  # characters of text handed out in StepOutputs
         self._steps, self._step_s, self._kv_sync_s = 0, 0.0, 0.0
         self._closed = False
 
@@ -172,6 +173,7 @@ class LLMEngine:
         """Hand a finished request's sequence to the caller and drop the engine's records."""
         seq = self.seqs.pop(rid)
         self._detoks.pop(rid, None)
+        self._streamed.pop(rid, None)
         return seq
 
     # ------------------------------------------------------------------- step
@@ -227,15 +229,29 @@ class LLMEngine:
         if logprob is not None:
             seq.logprobs.append(logprob)
         detok = self._detoks.get(seq.rid)
-        before = len(detok.text) if detok is not None else 0
         delta = detok.push([token]) if detok is not None else ""
         decision = check_stop(seq, self.eos_token_ids, detok, delta)
         if decision is not None:
-            if detok is not None:  # a stop string may have cut the text: stream what is left
-                delta = detok.text[before:]
+            if detok is not None and not isinstance(decision.stop_reason, str):
+                detok.flush()  # no stop string cut the text: it ends with the last token
             self.scheduler.finish(seq, decision.reason, decision.stop_reason)
             self._forget(seq.rid)
-        return StepOutput(seq.rid, [token], delta, seq.finished, seq.finish_reason)
+        text = self._stream_delta(seq, detok)
+        return StepOutput(
+            seq.rid, [token], text, seq.finished, seq.finish_reason, seq.stop_reason, logprob
+        )
+
+    def _stream_delta(self, seq: Sequence, detok: IncrementalDetokenizer | None) -> str:
+        """New text safe to hand out. While running, the last ``len(longest stop) - 1``
+        characters are held back: they may be the start of a stop string, which is cut
+        from the output when it completes, and streamed text cannot be taken back."""
+        if detok is None:
+            return ""
+        sent = self._streamed.get(seq.rid, 0)
+        hold = 0 if seq.finished or not seq.params.stop else max(map(len, seq.params.stop)) - 1
+        upto = max(sent, len(detok.text) - hold)
+        self._streamed[seq.rid] = upto
+        return detok.text[sent:upto]
 
     def _forget(self, rid: int) -> None:
         self._generators.pop(rid, None)

@@ -35,3 +35,5 @@ class StepOutput:
     new_text: str  # empty unless the request detokenizes incrementally
     finished: bool
     finish_reason: str | None
+    stop_reason: int | str | None = None
+    logprobs: dict[int, float] | None = None  # the sampled token's and the top-k, when asked

@@ -110,6 +110,16 @@ class IncrementalDetokenizer:
         self.text += delta
         return delta
 
+    def flush(self) -> str:
+        """At the end of the sequence: the held-back tail, incomplete characters and all
+        (as U+FFFD), so that ``text`` equals decoding the whole output at once."""
+        before = self._tok.decode(self._ids[self._prefix : self._read])
+        after = self._tok.decode(self._ids[self._prefix :])
+        delta = after[len(before) :] if len(after) > len(before) else ""
+        self._prefix = self._read = len(self._ids)
+        self.text += delta
+        return delta
+
 
 def _raise(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)

@@ -1,0 +1,63 @@
+"""``vtensor serve``: the OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from vtensor.cli_generate import add_engine_args, engine_kwargs
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve the OpenAI API over HTTP")
+    add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to bind (default loopback; 0.0.0.0 exposes it)")  # fmt: skip
+    p.add_argument("--port", type=int, default=8000)
+    key_help = "require 'Authorization: Bearer KEY' on /v1 (default: $VTENSOR_API_KEY)"
+    p.add_argument("--api-key", default=os.environ.get("VTENSOR_API_KEY"), help=key_help)
+    p.add_argument("--served-model-name", default=None, help="the model id clients send")
+    p.add_argument("--max-waiting", type=int, default=1024,
+                   help="queued requests beyond the running batch before 503")  # fmt: skip
+    p.add_argument("--max-body-mib", type=float, default=16.0, help="request body size limit")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish on SIGINT/SIGTERM")  # fmt: skip
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from vtensor.engine.config import EngineConfig
+    from vtensor.engine.llm_engine import LLMEngine
+    from vtensor.server.app import ServerConfig, build_app
+
+    config = ServerConfig(
+        host=args.host, port=args.port, api_key=args.api_key,
+        served_model_name=args.served_model_name, max_waiting=args.max_waiting,
+        max_body_bytes=int(args.max_body_mib * 2**20), shutdown_timeout_s=args.shutdown_timeout,
+    )  # fmt: skip
+    engine = LLMEngine(EngineConfig(**engine_kwargs(args)))
+    rt = engine.runtime
+    note = " (random weights: the text is gibberish)" if rt.random_weights else ""
+    print(f"model: {rt.model_name}{note}; device {rt.device}, {rt.dtype}; "
+          f"max_model_len {rt.max_model_len}", file=sys.stderr)  # fmt: skip
+    if engine.tokenizer is None:
+        print("this model has no tokenizer: send prompts as token ids", file=sys.stderr)
+    app = build_app(config, engine)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=config.shutdown_timeout_s,
+        )
+    )
+    # uvicorn handles SIGINT/SIGTERM: it stops accepting, lets in-flight requests finish
+    # for up to shutdown_timeout, cancels the rest (which aborts them), then the app's
+    # lifespan stops the engine thread and unmaps every chunk.
+    server.run()
+    return 0

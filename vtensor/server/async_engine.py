@@ -1,0 +1,280 @@
+"""AsyncEngine: the engine in its own thread, fed and drained through queues.
+
+The HTTP side lives on an asyncio loop; the engine is synchronous and owns the
+GPU. One thread runs the engine: between steps it takes new submissions,
+aborts and calls from a thread-safe inbox; after each step it hands every
+request's outputs to that request's ``asyncio.Queue`` in one
+``call_soon_threadsafe`` (one wake-up of the loop per step, not per token).
+
+Invariants:
+- only the engine thread touches the ``LLMEngine`` (CUDA state, scheduler);
+- every submitted request ends with exactly one item whose ``finished`` is
+  true (stop, length, or abort), unless the client aborted it first;
+- a finished request is popped from the engine at once, so it holds no KV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from vtensor.engine.llm_engine import LLMEngine
+from vtensor.engine.outputs import StepOutput
+from vtensor.engine.params import SamplingParams
+
+from .metrics import ServerMetrics
+
+log = logging.getLogger("vtensor.server")
+T = TypeVar("T")
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its limit: the caller should answer 503."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped (shut down, or a step raised)."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One choice's progress, as the handlers see it."""
+
+    index: int  # the choice index within its HTTP request
+    out: StepOutput
+
+
+@dataclass
+class Submission:
+    """An HTTP request's engine requests; their items arrive on ``queue``."""
+
+    rids: list[int]
+    prompt_lens: list[int]
+    queue: asyncio.Queue[Item | BaseException]
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Track:
+    """Per engine request: where its items go, and its timing for the metrics."""
+
+    queue: asyncio.Queue[Item | BaseException]
+    index: int
+    arrival: float
+    first: float | None = None
+    tokens: int = 0
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_waiting: int, metrics: ServerMetrics) -> None:
+        if max_waiting < 1:
+            raise ValueError("max_waiting must be >= 1")
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.metrics = metrics
+        self._inbox: collections.deque[Callable[[], None]] = collections.deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._tracks: dict[int, _Track] = {}
+        self._pending = 0  # submissions in the inbox, not yet added to the engine
+        self._waiting = 0  # the scheduler's waiting queue, published after each step
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- control
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="vtensor-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Abort what is left (each gets a finished ``abort`` item), then close the engine."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+
+    @property
+    def num_waiting(self) -> int:
+        return self._waiting + self._pending
+
+    # ------------------------------------------------------------ the HTTP side
+    async def submit(
+        self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]
+    ) -> Submission:
+        """Add one engine request per (prompt, params), all or none.
+
+        Raises ``QueueFullError`` over the queue limit, ``EngineDeadError`` when
+        the engine is gone, and ``ValueError`` for what the engine refuses.
+        """
+        if not self.alive:
+            raise EngineDeadError("the engine is not running")
+        if self.num_waiting + len(prompts) > self.max_waiting:
+            raise QueueFullError(
+                f"{self.num_waiting} requests are waiting (limit {self.max_waiting}); retry later"
+            )
+        queue: asyncio.Queue[Item | BaseException] = asyncio.Queue()
+        now = time.perf_counter()
+
+        def add() -> Submission:
+            rids: list[int] = []
+            try:
+                for ids, p in zip(prompts, params):
+                    rids.append(self.engine.add_request(ids, p, stream_text=True))
+            except BaseException:
+                for rid in rids:
+                    self._abort_now(rid)
+                raise
+            for i, rid in enumerate(rids):
+                self._tracks[rid] = _Track(queue, i, now)
+            return Submission(rids, [len(p) for p in prompts], queue, now)
+
+        self._pending += len(prompts)
+        try:
+            return await self.call(add)
+        finally:
+            self._pending -= len(prompts)
+
+    def abort(self, submission: Submission) -> None:
+        """Abort a submission's unfinished requests (the client went away)."""
+        rids = list(submission.rids)
+
+        def drop() -> None:
+            for rid in rids:
+                self._abort_now(rid)
+
+        self._post(drop)
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the engine thread between steps and return its result."""
+        if not self.alive:
+            raise EngineDeadError("the engine is not running")
+        assert self._loop is not None
+        future: asyncio.Future[T] = self._loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn()
+            except BaseException as exc:
+                self._loop_call(_settle, future, None, exc)
+            else:
+                self._loop_call(_settle, future, result, None)
+
+        self._post(run)
+        return await future
+
+    def call_blocking(self, fn: Callable[[], T], timeout: float = 60.0) -> T:
+        """``call`` from a thread other than the event loop's (tests, embedding code)."""
+        assert self._loop is not None, "start() the engine first"
+        return asyncio.run_coroutine_threadsafe(self.call(fn), self._loop).result(timeout)
+
+    # ---------------------------------------------------------- the engine side
+    def _post(self, fn: Callable[[], None]) -> None:
+        self._inbox.append(fn)
+        self._wake.set()
+
+    def _loop_call(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        if not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox()
+                if self.engine.has_unfinished():
+                    self._deliver(self.engine.step())
+                    self._waiting = len(self.engine.scheduler.waiting)
+                else:
+                    self._waiting = 0
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+        except BaseException as exc:  # a failed step: fail every request, stop serving
+            log.exception("engine step failed; the server stops serving")
+            self._error = exc
+        finally:
+            self._shutdown()
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            self._inbox.popleft()()
+
+    def _deliver(self, outs: list[StepOutput]) -> None:
+        now = time.perf_counter()
+        batches: dict[int, list[Item]] = {}
+        queues: dict[int, asyncio.Queue[Item | BaseException]] = {}
+        for out in outs:
+            track = self._tracks.get(out.rid)
+            if track is None:  # aborted by its client during this step
+                continue
+            if track.first is None:
+                track.first = now
+                self.metrics.observe_first_token(now - track.arrival)
+            track.tokens += len(out.new_token_ids)
+            key = id(track.queue)
+            batches.setdefault(key, []).append(Item(track.index, out))
+            queues[key] = track.queue
+            if out.finished:
+                self._finish(out.rid, track, now, out.finish_reason or "abort")
+        self.metrics.add_tokens(sum(len(o.new_token_ids) for o in outs), now)
+        for key, items in batches.items():
+            self._loop_call(_put_all, queues[key], items)
+
+    def _finish(self, rid: int, track: _Track, now: float, reason: str) -> None:
+        seq = self.engine.pop(rid)
+        del self._tracks[rid]
+        self.metrics.observe_finished(
+            reason, now - track.arrival, track.first, now, track.tokens, seq.num_prompt
+        )
+
+    def _abort_now(self, rid: int) -> None:
+        self._tracks.pop(rid, None)
+        if rid in self.engine.seqs:
+            self.engine.abort(rid)
+            self.engine.pop(rid)
+            self.metrics.observe_aborted()
+
+    def _shutdown(self) -> None:
+        """Runs on the engine thread: end every open request, then release the engine."""
+        self._drain_inbox_safely()
+        error = self._error
+        for rid, track in list(self._tracks.items()):
+            if error is not None:
+                self._loop_call(_put_all, track.queue, [EngineDeadError(str(error))])
+            else:
+                out = StepOutput(rid, [], "", True, "abort")
+                self._loop_call(_put_all, track.queue, [Item(track.index, out)])
+            self._abort_now(rid)
+        self.engine.close()
+
+    def _drain_inbox_safely(self) -> None:
+        # Calls posted after the loop ended still resolve (their futures must not hang).
+        try:
+            self._drain_inbox()
+        except BaseException:
+            log.exception("engine call failed during shutdown")
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+def _put_all(queue: asyncio.Queue[Item | BaseException], items: list[Any]) -> None:
+    for item in items:
+        queue.put_nowait(item)

@@ -1,0 +1,145 @@
+"""``/v1/chat/completions``: messages through the model's chat template."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from .async_engine import AsyncEngine, Item, Submission
+from .errors import APIError
+from .protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    TokenLogprob,
+    TopLogprob,
+    new_id,
+)
+from .serving_common import (
+    SSE_DONE,
+    ChoiceState,
+    Disconnected,
+    ServedModel,
+    items,
+    sampling_params,
+    sse,
+    sse_error,
+    submit,
+    token_text,
+    usage,
+)
+
+
+def render_chat(req_messages: list[dict[str, str]], model: ServedModel, gen: bool) -> list[int]:
+    tokenizer = model.need_tokenizer()
+    try:
+        text = tokenizer.apply_chat_template(req_messages, add_generation_prompt=gen)
+    except ValueError as exc:  # no template, or the template refused the messages
+        raise APIError(400, str(exc), "messages") from exc
+    except Exception as exc:  # a jinja2 error inside the template
+        raise APIError(400, f"the chat template failed: {exc}", "messages") from exc
+    # The template writes the special tokens (BOS included) itself.
+    return model.encode(text, add_special_tokens=False)
+
+
+async def create_chat_completion(
+    req: ChatCompletionRequest, model: ServedModel, engine: AsyncEngine, disconnected: Disconnected
+) -> ChatCompletionResponse | AsyncIterator[str]:
+    model.check_name(req.model)
+    ids = render_chat(req.template_messages(), model, req.add_generation_prompt)
+    model.check_length(ids, req.max_new_tokens)
+    params = sampling_params(req, req.max_new_tokens, req.num_logprobs)
+    sub = await submit(engine, [ids] * req.n, params)
+    if req.stream:
+        return _stream(req, model, engine, sub, len(ids))
+    states = [ChoiceState() for _ in sub.rids]
+    async with aclosing(items(engine, sub, disconnected)) as stream:
+        async for item in stream:
+            states[item.index].add(item)
+    if any(s.finish_reason is None for s in states):
+        raise APIError(503, "the request was cut off before it finished")
+    choices = [
+        ChatChoice(
+            index=i,
+            message=ChatResponseMessage(content="".join(s.text)),
+            logprobs=_logprobs(model, s.token_ids, s.logprobs) if req.logprobs else None,
+            finish_reason=s.finish_reason,  # type: ignore[arg-type]
+            stop_reason=s.stop_reason,
+            token_ids=s.token_ids if req.return_token_ids else None,
+        )
+        for i, s in enumerate(states)
+    ]
+    return ChatCompletionResponse(
+        id=new_id("chatcmpl"), model=model.name, choices=choices,
+        usage=usage(len(ids), sum(len(s.token_ids) for s in states)),
+        prompt_token_ids=ids if req.return_token_ids else None,
+    )  # fmt: skip
+
+
+def _logprobs(
+    model: ServedModel, tokens: list[int], entries: list[dict[int, float]]
+) -> ChatLogprobs:
+    content = []
+    for token, entry in zip(tokens, entries):
+        tops = [_top(model, t, lp) for t, lp in entry.items()]
+        top = _top(model, token, entry[token])
+        content.append(TokenLogprob(**top.model_dump(), top_logprobs=tops))
+    return ChatLogprobs(content=content)
+
+
+def _top(model: ServedModel, token: int, logprob: float) -> TopLogprob:
+    text = token_text(model, token)
+    return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+
+
+async def _stream(
+    req: ChatCompletionRequest,
+    model: ServedModel,
+    engine: AsyncEngine,
+    sub: Submission,
+    prompt_tokens: int,
+) -> AsyncIterator[str]:
+    rid, created = new_id("chatcmpl"), int(time.time())
+
+    def chunk(choices: list[ChatStreamChoice], **extra: object) -> str:
+        return sse(ChatCompletionChunk(
+            id=rid, created=created, model=model.name, choices=choices, **extra
+        ))  # fmt: skip
+
+    # OpenAI's first chunk per choice names the role and carries no text.
+    for i in range(req.n):
+        yield chunk([ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+    completion = 0
+    try:
+        async with aclosing(items(engine, sub)) as stream:
+            async for item in stream:
+                completion += len(item.out.new_token_ids)
+                yield chunk([_stream_choice(req, model, item)])
+    except APIError as exc:
+        yield sse_error(exc)
+        yield SSE_DONE
+        return
+    if req.include_usage:
+        yield chunk([], usage=usage(prompt_tokens, completion))
+    yield SSE_DONE
+
+
+def _stream_choice(req: ChatCompletionRequest, model: ServedModel, item: Item) -> ChatStreamChoice:
+    out = item.out
+    logprobs = None
+    if req.logprobs and out.logprobs is not None:
+        logprobs = _logprobs(model, out.new_token_ids, [out.logprobs])
+    return ChatStreamChoice(
+        index=item.index,
+        delta=ChatDelta(
+            content=out.new_text, token_ids=out.new_token_ids if req.return_token_ids else None
+        ),
+        logprobs=logprobs,
+        finish_reason=out.finish_reason if out.finished else None,  # type: ignore[arg-type]
+    )

@@ -1,0 +1,168 @@
+"""What the completion and chat handlers share: the served model, prompt
+checks, ``SamplingParams``, collecting a submission, and SSE framing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+
+from pydantic import BaseModel
+
+from vtensor.engine.params import SamplingParams
+from vtensor.models.tokenizer import Tokenizer
+
+from .async_engine import AsyncEngine, EngineDeadError, Item, QueueFullError, Submission
+from .errors import APIError, error_body
+from .protocol import SamplingFields, Usage
+
+Disconnected = Callable[[], Awaitable[bool]]
+POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the handlers need to know about the model (runtime-derived, read-only)."""
+
+    name: str
+    max_model_len: int
+    vocab_size: int
+    tokenizer: Tokenizer | None
+    created: int
+
+    def check_name(self, requested: str | None) -> None:
+        if requested is not None and requested != self.name:
+            raise APIError(404, f"model {requested!r} does not exist; this server serves "
+                                f"{self.name!r}", "model")  # fmt: skip
+
+    def need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: send prompts as token ids")
+        return self.tokenizer
+
+    def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.need_tokenizer().encode(prompt, add_special_tokens=add_special_tokens)
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise APIError(400, "the prompt is empty", "prompt")
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
+        return ids
+
+    def check_length(self, ids: list[int], max_tokens: int | None) -> None:
+        limit, n = self.max_model_len, len(ids)
+        if n >= limit or (max_tokens is not None and n + max_tokens > limit):
+            want = f" plus max_tokens={max_tokens}" if max_tokens is not None else ""
+            raise APIError(
+                400,
+                f"this model's maximum context length is {limit} tokens; the prompt has {n} "
+                f"tokens{want}",
+                "max_tokens" if n < limit else "prompt",
+            )
+
+
+def sampling_params(
+    req: SamplingFields, max_tokens: int | None, logprobs: int | None
+) -> list[SamplingParams]:
+    """The request's ``n`` samples: sample ``i`` of a seeded request uses seed + i."""
+    try:
+        base = SamplingParams(
+            n=1, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+            top_k=req.top_k, min_p=req.min_p, seed=req.seed, stop=tuple(req.stop_list),
+            stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos,
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty, logprobs=logprobs,
+            skip_special_tokens=req.skip_special_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise APIError(422, str(exc)) from exc
+    if req.n == 1 or req.seed is None:
+        return [base] * req.n
+    return [replace(base, seed=req.seed + i) for i in range(req.n)]
+
+
+async def submit(
+    engine: AsyncEngine, prompts: list[list[int]], params: list[SamplingParams]
+) -> Submission:
+    try:
+        return await engine.submit(prompts, params)
+    except QueueFullError as exc:
+        raise APIError(503, str(exc)) from exc
+    except EngineDeadError as exc:
+        raise APIError(503, str(exc)) from exc
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from exc
+
+
+@dataclass
+class ChoiceState:
+    """One choice's output, accumulated from its items."""
+
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def add(self, item: Item) -> None:
+        out = item.out
+        self.text.append(out.new_text)
+        self.token_ids += out.new_token_ids
+        if out.logprobs is not None:
+            self.logprobs.append(out.logprobs)
+        if out.finished:
+            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+
+
+async def items(
+    engine: AsyncEngine, sub: Submission, disconnected: Disconnected | None = None
+) -> AsyncIterator[Item]:
+    """Every item of a submission until all its choices finish. Aborts the rest if the
+    consumer stops early (a client disconnect cancels the stream) or the client leaves."""
+    open_choices = len(sub.rids)
+    try:
+        while open_choices:
+            try:
+                got = await asyncio.wait_for(sub.queue.get(), POLL_S)
+            except TimeoutError:
+                if disconnected is not None and await disconnected():
+                    return
+                continue
+            if isinstance(got, BaseException):
+                raise APIError(503, f"the engine stopped: {got}")
+            open_choices -= got.out.finished
+            yield got
+    finally:
+        if open_choices:
+            engine.abort(sub)
+
+
+def usage(prompt: int, completion_tokens: int) -> Usage:
+    """Prompt tokens count once per prompt, whatever ``n`` is (OpenAI's convention)."""
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion_tokens,
+        total_tokens=prompt + completion_tokens,
+    )  # fmt: skip
+
+
+def sse(payload: BaseModel | dict) -> str:
+    body = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    return f"data: {body}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_error(exc: APIError) -> str:
+    return sse(error_body(exc.status, exc.message, exc.param))
+
+
+def token_text(model: ServedModel, token: int) -> str:
+    """A token's text for logprobs; ``token_id:N`` when there is no tokenizer (vLLM's form)."""
+    if model.tokenizer is None:
+        return f"token_id:{token}"
+    return model.tokenizer.decode([token], skip_special_tokens=False)

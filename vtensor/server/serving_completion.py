@@ -1,0 +1,135 @@
+"""``/v1/completions``: prompts (text or token ids, one or a batch) in, text out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from .async_engine import AsyncEngine, Item, Submission
+from .errors import APIError
+from .protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    new_id,
+)
+from .serving_common import (
+    SSE_DONE,
+    ChoiceState,
+    Disconnected,
+    ServedModel,
+    items,
+    sampling_params,
+    sse,
+    sse_error,
+    submit,
+    token_text,
+    usage,
+)
+
+
+async def create_completion(
+    req: CompletionRequest, model: ServedModel, engine: AsyncEngine, disconnected: Disconnected
+) -> CompletionResponse | AsyncIterator[str]:
+    """Validate, submit, and answer: a response, or the SSE lines of a stream."""
+    model.check_name(req.model)
+    prompts = [model.encode(p) for p in req.prompts()]
+    for ids in prompts:
+        model.check_length(ids, req.max_tokens)
+    params = sampling_params(req, req.max_tokens, req.logprobs)
+    # Choice index p * n + j is sample j of prompt p, as OpenAI numbers them.
+    sub = await submit(engine, [ids for ids in prompts for _ in params], params * len(prompts))
+    prompt_tokens = sum(map(len, prompts))
+    if req.stream:
+        return _stream(req, model, engine, sub, prompts, prompt_tokens)
+    states = [ChoiceState() for _ in sub.rids]
+    async with aclosing(items(engine, sub, disconnected)) as stream:
+        async for item in stream:
+            states[item.index].add(item)
+    if any(s.finish_reason is None for s in states):
+        raise APIError(503, "the request was cut off before it finished")
+    choices = [_choice(req, model, i, s, prompts[i // req.n]) for i, s in enumerate(states)]
+    completion = sum(len(s.token_ids) for s in states)
+    return CompletionResponse(
+        id=new_id("cmpl"), model=model.name, choices=choices,
+        usage=usage(prompt_tokens, completion),
+    )  # fmt: skip
+
+
+def _choice(
+    req: CompletionRequest, model: ServedModel, index: int, s: ChoiceState, prompt: list[int]
+) -> CompletionChoice:
+    return CompletionChoice(
+        index=index,
+        text="".join(s.text),
+        logprobs=_logprobs(model, s.token_ids, s.logprobs, 0) if req.logprobs is not None else None,
+        finish_reason=s.finish_reason,  # type: ignore[arg-type]
+        stop_reason=s.stop_reason,
+        token_ids=s.token_ids if req.return_token_ids else None,
+        prompt_token_ids=prompt if req.return_token_ids else None,
+    )
+
+
+def _logprobs(
+    model: ServedModel, tokens: list[int], entries: list[dict[int, float]], offset: int
+) -> CompletionLogprobs:
+    """OpenAI's legacy logprobs: the sampled token's, and the top-k (plus it) per position."""
+    out = CompletionLogprobs()
+    for token, entry in zip(tokens, entries):
+        text = token_text(model, token)
+        out.tokens.append(text)
+        out.token_logprobs.append(entry[token])
+        out.top_logprobs.append({token_text(model, t): lp for t, lp in entry.items()})
+        out.text_offset.append(offset)
+        offset += len(text)
+    return out
+
+
+async def _stream(
+    req: CompletionRequest,
+    model: ServedModel,
+    engine: AsyncEngine,
+    sub: Submission,
+    prompts: list[list[int]],
+    prompt_tokens: int,
+) -> AsyncIterator[str]:
+    rid, created = new_id("cmpl"), None
+    completion, offsets = 0, [0] * (len(prompts) * req.n)
+    try:
+        async with aclosing(items(engine, sub)) as stream:
+            async for item in stream:
+                completion += len(item.out.new_token_ids)
+                chunk = _chunk(req, model, item, offsets, prompts[item.index // req.n])
+                created = created or chunk.created
+                yield sse(chunk.model_copy(update={"id": rid, "created": created}))
+    except APIError as exc:
+        yield sse_error(exc)
+        yield SSE_DONE
+        return
+    if req.include_usage:
+        final = CompletionResponse(
+            id=rid, model=model.name, choices=[], usage=usage(prompt_tokens, completion)
+        )
+        yield sse(final)
+    yield SSE_DONE
+
+
+def _chunk(
+    req: CompletionRequest, model: ServedModel, item: Item, offsets: list[int], prompt: list[int]
+) -> CompletionResponse:
+    out, i = item.out, item.index
+    logprobs = None
+    if req.logprobs is not None and out.logprobs is not None:
+        logprobs = _logprobs(model, out.new_token_ids, [out.logprobs], offsets[i])
+        offsets[i] += sum(map(len, logprobs.tokens))
+    choice = CompletionChoice(
+        index=i,
+        text=out.new_text,
+        logprobs=logprobs,
+        finish_reason=out.finish_reason if out.finished else None,  # type: ignore[arg-type]
+        stop_reason=out.stop_reason if out.finished else None,
+        token_ids=out.new_token_ids if req.return_token_ids else None,
+        prompt_token_ids=prompt if req.return_token_ids and out.finished else None,
+    )
+    return CompletionResponse(id="", model=model.name, choices=[choice])
