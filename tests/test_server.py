@@ -93,7 +93,8 @@ def test_streaming_completion_equals_non_streaming(client: openai.OpenAI) -> Non
                                             stream_options={"include_usage": True}))  # fmt: skip
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == full.choices[0].text
-    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices]
+    finals = [f for f in finals if f is not None]
     assert finals == [full.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens

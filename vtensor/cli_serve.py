@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+from types import FrameType
 from typing import Any
 
+import uvicorn
+
 from vtensor.cli_generate import add_engine_args, engine_kwargs
+from vtensor.server.async_engine import AsyncEngine
 
 
 def add_parser(sub: Any) -> None:
@@ -28,8 +33,6 @@ def add_parser(sub: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from vtensor.engine.config import EngineConfig
     from vtensor.engine.llm_engine import LLMEngine
     from vtensor.server.app import ServerConfig, build_app
@@ -47,17 +50,48 @@ def main(args: argparse.Namespace) -> int:
     if engine.tokenizer is None:
         print("this model has no tokenizer: send prompts as token ids", file=sys.stderr)
     app = build_app(config, engine)
-    server = uvicorn.Server(
+    server = _Server(
+        app.state.engine,
+        config.shutdown_timeout_s,
         uvicorn.Config(
             app,
             host=config.host,
             port=config.port,
             log_level=args.log_level,
-            timeout_graceful_shutdown=config.shutdown_timeout_s,
-        )
+            # A backstop: the engine ends the streams itself at shutdown_timeout.
+            timeout_graceful_shutdown=config.shutdown_timeout_s + 5,
+        ),
     )
     # uvicorn handles SIGINT/SIGTERM: it stops accepting, lets in-flight requests finish
     # for up to shutdown_timeout, cancels the rest (which aborts them), then the app's
-    # lifespan stops the engine thread and unmaps every chunk.
-    server.run()
+    # lifespan stops the engine thread and unmaps every chunk. Afterwards it re-raises the
+    # signal for the previous handler; ours turns that into a normal exit, status 0.
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        server.run()
+    except (KeyboardInterrupt, _Stopped):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print("vtensor serve: shut down cleanly", file=sys.stderr)
     return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling the engine when a graceful shutdown begins."""
+
+    def __init__(self, engine: AsyncEngine, drain_s: float, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.engine, self.drain_s = engine, drain_s
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.engine.drain(self.drain_s)
+        super().handle_exit(sig, frame)
+
+
+class _Stopped(Exception):
+    """SIGTERM, re-raised by uvicorn after its graceful shutdown."""
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stopped

@@ -74,9 +74,17 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+# One server-sent event: ``data`` is a JSON chunk of the response, or "[DONE]" at the end.
+SSE_EVENT = {
+    "type": "object",
+    "properties": {"data": {"type": "string"}},
+    "required": ["data"],
+}
+
+
 def _stream_doc(model: type) -> dict[int | str, dict[str, Any]]:
     return {
-        200: {"model": model, "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        200: {"model": model, "content": {"text/event-stream": {"schema": SSE_EVENT}}},
         **ERRORS,
     }
 

@@ -85,6 +85,7 @@ class AsyncEngine:
         self._pending = 0  # submissions in the inbox, not yet added to the engine
         self._waiting = 0  # the scheduler's waiting queue, published after each step
         self._error: BaseException | None = None
+        self._drain_deadline: float | None = None  # set when a graceful shutdown begins
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -100,6 +101,17 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+
+    def drain(self, timeout_s: float) -> None:
+        """A graceful shutdown began: refuse new requests, give running ones ``timeout_s``,
+        then abort the rest so their streams end properly (finish_reason "abort").
+        Safe to call from any thread (uvicorn calls it from its signal handler)."""
+        self._drain_deadline = time.monotonic() + timeout_s
+        self._wake.set()
+
+    @property
+    def draining(self) -> bool:
+        return self._drain_deadline is not None
 
     @property
     def alive(self) -> bool:
@@ -118,8 +130,8 @@ class AsyncEngine:
         Raises ``QueueFullError`` over the queue limit, ``EngineDeadError`` when
         the engine is gone, and ``ValueError`` for what the engine refuses.
         """
-        if not self.alive:
-            raise EngineDeadError("the engine is not running")
+        if not self.alive or self.draining:
+            raise EngineDeadError("the engine is not running (or is shutting down)")
         if self.num_waiting + len(prompts) > self.max_waiting:
             raise QueueFullError(
                 f"{self.num_waiting} requests are waiting (limit {self.max_waiting}); retry later"
@@ -193,6 +205,8 @@ class AsyncEngine:
         try:
             while not self._stop.is_set():
                 self._drain_inbox()
+                if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
+                    self._abort_all()
                 if self.engine.has_unfinished():
                     self._deliver(self.engine.step())
                     self._waiting = len(self.engine.scheduler.waiting)
@@ -248,6 +262,11 @@ class AsyncEngine:
     def _shutdown(self) -> None:
         """Runs on the engine thread: end every open request, then release the engine."""
         self._drain_inbox_safely()
+        self._abort_all()
+        self.engine.close()
+
+    def _abort_all(self) -> None:
+        """End every open request: an ``abort`` item (or the step's error) for each."""
         error = self._error
         for rid, track in list(self._tracks.items()):
             if error is not None:
@@ -256,7 +275,6 @@ class AsyncEngine:
                 out = StepOutput(rid, [], "", True, "abort")
                 self._loop_call(_put_all, track.queue, [Item(track.index, out)])
             self._abort_now(rid)
-        self.engine.close()
 
     def _drain_inbox_safely(self) -> None:
         # Calls posted after the loop ended still resolve (their futures must not hang).

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -19,7 +19,8 @@ MAX_STOP = 16  # stop strings per request
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: JSON false is not token id 0, and "3" is not max_tokens 3.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class _Response(BaseModel):
@@ -74,7 +75,8 @@ class SamplingFields(_Request):
 
 
 # A prompt: text, token ids, or a batch of either.
-PromptInput = str | list[int] | list[str] | list[list[int]]
+Text = Annotated[str, Field(min_length=1)]
+PromptInput = Text | list[int] | list[Text] | list[list[int]]
 
 
 class CompletionRequest(SamplingFields):
