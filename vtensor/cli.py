@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from vtensor import cli_generate, cli_serve
+from vtensor.bench import serve as bench_serve
 from vtensor.engine.config import DeviceUnavailableError
 from vtensor.memory import NoCudaDriverError
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     ker.add_argument("--json", default=None, help="write the figures to this path")
 
     _add_offline_parser(bench_sub)
+    bench_serve.add_parser(bench_sub)
     return parser
 
 
@@ -121,6 +123,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         args.workloads = [(args.input_len, args.output_len), *(args.workload or [])]
         return bench_offline(args)
+    if args.command == "bench" and args.bench == "serve":
+        return bench_serve.main(args)
     if args.command == "bench" and args.bench == "memory":
         from vtensor.bench.memory import main as bench_memory
 

@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 def environment() -> dict[str, Any]:
     """Facts that make a result reproducible: device, versions, date."""
+    import torch  # here, so that the HTTP benchmark client starts without loading torch
+
     env: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "python": platform.python_version(),

@@ -1,0 +1,105 @@
+"""``vtensor bench serve``: workloads, arrivals and metrics, then real runs on loopback."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import statistics
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vtensor.bench.serve import RunArgs, arrival_times
+from vtensor.bench.serve_client import RequestResult
+from vtensor.bench.serve_metrics import SLO, percentile, summarize
+from vtensor.bench.serve_workloads import WorkloadArgs, build_workload
+from vtensor.cli import main as cli
+
+from .server_harness import Served, serve
+
+
+def test_percentile_matches_numpy() -> None:
+    np = pytest.importorskip("numpy", reason="numpy is the reference")
+    values = [random.random() for _ in range(random.randint(1, 50))]
+    for q in (0, 50, 90, 99, 100):
+        assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+
+
+def test_arrivals_gamma_mean_and_burstiness() -> None:
+    rate = random.uniform(2, 20)
+    times = arrival_times(20000, RunArgs(rate, 1.0, None, random.randrange(1000)))
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert statistics.fmean(gaps) == pytest.approx(1 / rate, rel=0.05)
+    assert statistics.stdev(gaps) == pytest.approx(1 / rate, rel=0.1)  # exponential: sd = mean
+    bursty = arrival_times(20000, RunArgs(rate, 0.25, None, 1))
+    bgaps = [b - a for a, b in itertools.pairwise(bursty)]
+    assert statistics.fmean(bgaps) == pytest.approx(1 / rate, rel=0.1)
+    assert statistics.stdev(bgaps) > 1.5 * statistics.stdev(gaps)  # burstier, same rate
+    assert arrival_times(5, RunArgs(float("inf"), 1.0, None, 0)) == [0.0] * 5
+
+
+def test_workload_shapes() -> None:
+    seed = random.randrange(1000)
+    share = build_workload(WorkloadArgs("sharegpt-like", 4000, 32000, seed=seed))
+    prompts = [len(c.turns[0]) for c in share]
+    outs = [c.output_lens[0] for c in share]
+    assert min(prompts) >= 4 and max(prompts) <= 1024 and min(outs) >= 4
+    assert all(p + o <= 2048 for p, o in zip(prompts, outs))
+    assert 170 < statistics.fmean(prompts) < 240 and 150 < statistics.fmean(outs) < 230
+    assert statistics.median(prompts) < statistics.fmean(prompts)  # long-tailed
+    sp = build_workload(WorkloadArgs("shared-prefix", 0, 32000, num_groups=3,
+                                     prompts_per_group=4, system_len=50, seed=seed))  # fmt: skip
+    prefixes = {tuple(c.turns[0][:50]) for c in sp}
+    assert len(sp) == 12 and len(prefixes) == 3
+    mt = build_workload(WorkloadArgs("multiturn", 0, 32000, num_clients=5, num_rounds=3,
+                                     question_len=7, answer_len=2, seed=seed))  # fmt: skip
+    assert [len(c.turns) for c in mt] == [3] * 5 and mt[0].output_lens == [2, 2, 2]
+
+
+def test_summary_definitions() -> None:
+    r = RequestResult(0, 0, 0.0, ok=True, prompt_len=10, output_len=5, ttft=0.1,
+                      latency=0.5, itl=[0.1] * 4)  # fmt: skip
+    bad = RequestResult(1, 0, 0.0, error="HTTP 503")
+    s = summarize([r, bad], 2.0, SLO(ttft_ms=200))
+    assert s["completed"] == 1 and s["failed"] == 1 and s["errors"] == ["HTTP 503"]
+    assert s["mean_tpot_ms"] == pytest.approx(100.0)  # (500 - 100) / (5 - 1)
+    assert s["total_token_throughput"] == pytest.approx(7.5) and s["goodput"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Served]:
+    with serve(max_model_len=512) as s:
+        yield s
+
+
+def test_random_sweep_against_server(server: Served, tmp_path: Path) -> None:
+    n, out_len = random.randint(6, 12), random.randint(4, 10)
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    rc = cli(["bench", "serve", "--base-url", server.url, "--num-prompts", str(n),
+              "--input-len", "40", "--output-len", str(out_len), "--vocab-size", "400",
+              "--request-rate", "50,inf", "--json", str(out), "--plot", str(png)])  # fmt: skip
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert [r["request_rate"] for r in result["runs"]] == [50.0, "inf"]
+    for run in result["runs"]:
+        assert run["completed"] == n and run["failed"] == 0
+        assert run["total_output_tokens"] == n * out_len  # ignore_eos: exact lengths
+        assert run["total_input_tokens"] == n * 40
+        assert 0 < run["median_ttft_ms"] <= run["median_e2el_ms"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    server.idle_and_balanced()
+
+
+def test_multiturn_prompts_grow_by_answer_and_question(server: Served, tmp_path: Path) -> None:
+    out = tmp_path / "m.json"
+    rc = cli(["bench", "serve", "--base-url", server.url, "--dataset", "multiturn",
+              "--num-clients", "4", "--num-rounds", "3", "--question-len", "20",
+              "--answer-len", "5", "--vocab-size", "400", "--request-rate", "100",
+              "--max-concurrency", "2", "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    [run] = json.loads(out.read_text())["runs"]
+    assert [r["mean_prompt_len"] for r in run["per_round"]] == [20, 45, 70]
+    assert all(r["requests"] == 4 for r in run["per_round"])
+    server.idle_and_balanced()
