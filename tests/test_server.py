@@ -10,12 +10,15 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-import openai
 import pytest
 
 from vtensor import SamplingParams
 
 from .server_harness import Served, serve
+
+openai = pytest.importorskip(
+    "openai", reason="the openai client is not installed (pip install -e .[test])"
+)
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import openai
 import pytest
 import requests
 
 from .server_harness import Served, serve
+
+openai = pytest.importorskip(
+    "openai", reason="the openai client is not installed (pip install -e .[test])"
+)
 
 
 @pytest.fixture(scope="module")

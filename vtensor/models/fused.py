@@ -28,10 +28,21 @@ def gpu_compiled(fn: Fn) -> Fn:
         if not x.is_cuda:
             return fn(x, *args)
         if not compiled:
+            _allow_models_per_process()
             compiled.append(torch.compile(fn, dynamic=True, fullgraph=True))
         return compiled[0](x, *args)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _allow_models_per_process(limit: int = 64) -> None:
+    """Dynamo keeps one compiled variant per (dtype, eps, ...) of each function's code, up
+    to a process-wide limit (8), and with ``fullgraph`` one more is an error. One model
+    needs one or two; a process that builds many models (a test suite, several engines)
+    needs more. Raised once, on the first compile, and never lowered."""
+    config = torch._dynamo.config
+    if getattr(config, "recompile_limit", limit) < limit:
+        config.recompile_limit = limit
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
