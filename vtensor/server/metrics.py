@@ -104,6 +104,13 @@ class ServerMetrics:
             ("kv_chunks_in_use", "Physical KV chunks taken from the pool", in_use),
             ("kv_chunks_free", "Physical KV chunks still available", capacity - in_use),
             ("kv_chunks_capacity", "Physical KV chunks the pool can hold", capacity),
+            # Deferred reclamation keeps finished requests' chunks mapped (counted in use);
+            # they are handed to new requests on demand, so they are not lost capacity.
+            (
+                "kv_chunks_idle",
+                "In-use chunks held by idle slots, reclaimable on demand",
+                stats.idle_kv_bytes // stats.chunk_size,
+            ),
             ("kv_chunk_bytes", "Bytes per KV chunk", stats.chunk_size),
             ("kv_mapped_bytes", "KV bytes mapped to running requests", stats.mapped_kv_bytes),
             ("kv_live_bytes", "KV bytes holding running requests' tokens", stats.live_kv_bytes),

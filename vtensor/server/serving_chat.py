@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Any
 
 from .async_engine import AsyncEngine, Item, Submission
 from .errors import APIError
 from .protocol import (
     ChatChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
@@ -24,11 +23,11 @@ from .protocol import (
 from .serving_common import (
     SSE_DONE,
     ChoiceState,
+    ChunkWriter,
     Disconnected,
     ServedModel,
-    items,
+    batches,
     sampling_params,
-    sse,
     sse_error,
     submit,
     token_text,
@@ -59,9 +58,10 @@ async def create_chat_completion(
     if req.stream:
         return _stream(req, model, engine, sub, len(ids))
     states = [ChoiceState() for _ in sub.rids]
-    async with aclosing(items(engine, sub, disconnected)) as stream:
-        async for item in stream:
-            states[item.index].add(item)
+    async with aclosing(batches(engine, sub, disconnected)) as stream:
+        async for batch in stream:
+            for item in batch:
+                states[item.index].add(item)
     if any(s.finish_reason is None for s in states):
         raise APIError(503, "the request was cut off before it finished")
     choices = [
@@ -105,41 +105,39 @@ async def _stream(
     sub: Submission,
     prompt_tokens: int,
 ) -> AsyncIterator[str]:
-    rid, created = new_id("chatcmpl"), int(time.time())
-
-    def chunk(choices: list[ChatStreamChoice], **extra: object) -> str:
-        return sse(ChatCompletionChunk(
-            id=rid, created=created, model=model.name, choices=choices, **extra
-        ))  # fmt: skip
-
+    writer = ChunkWriter(new_id("chatcmpl"), "chat.completion.chunk", model.name)
     # OpenAI's first chunk per choice names the role and carries no text.
     for i in range(req.n):
-        yield chunk([ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+        first = ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+        yield writer.event([first.model_dump()])
     completion = 0
     try:
-        async with aclosing(items(engine, sub)) as stream:
-            async for item in stream:
-                completion += len(item.out.new_token_ids)
-                yield chunk([_stream_choice(req, model, item)])
+        async with aclosing(batches(engine, sub)) as stream:
+            async for batch in stream:
+                events = []
+                for item in batch:
+                    completion += len(item.out.new_token_ids)
+                    events.append(writer.event([_stream_choice(req, model, item)]))
+                yield "".join(events)
     except APIError as exc:
         yield sse_error(exc)
         yield SSE_DONE
         return
     if req.include_usage:
-        yield chunk([], usage=usage(prompt_tokens, completion))
+        yield writer.event([], usage(prompt_tokens, completion))
     yield SSE_DONE
 
 
-def _stream_choice(req: ChatCompletionRequest, model: ServedModel, item: Item) -> ChatStreamChoice:
+def _stream_choice(req: ChatCompletionRequest, model: ServedModel, item: Item) -> dict[str, Any]:
+    """One ``ChatStreamChoice``, as a plain dict (see ``ChunkWriter``)."""
     out = item.out
     logprobs = None
     if req.logprobs and out.logprobs is not None:
-        logprobs = _logprobs(model, out.new_token_ids, [out.logprobs])
-    return ChatStreamChoice(
-        index=item.index,
-        delta=ChatDelta(
-            content=out.new_text, token_ids=out.new_token_ids if req.return_token_ids else None
-        ),
-        logprobs=logprobs,
-        finish_reason=out.finish_reason if out.finished else None,  # type: ignore[arg-type]
-    )
+        logprobs = _logprobs(model, out.new_token_ids, [out.logprobs]).model_dump()
+    token_ids = out.new_token_ids if req.return_token_ids else None
+    return {
+        "index": item.index,
+        "delta": {"role": None, "content": out.new_text, "token_ids": token_ids},
+        "logprobs": logprobs,
+        "finish_reason": out.finish_reason if out.finished else None,
+    }

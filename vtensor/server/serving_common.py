@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -118,27 +120,45 @@ class ChoiceState:
             self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
 
 
-async def items(
+async def batches(
     engine: AsyncEngine, sub: Submission, disconnected: Disconnected | None = None
-) -> AsyncIterator[Item]:
-    """Every item of a submission until all its choices finish. Aborts the rest if the
-    consumer stops early (a client disconnect cancels the stream) or the client leaves."""
+) -> AsyncIterator[list[Item]]:
+    """A submission's items, in batches of all that have arrived, until every choice has
+    finished. Aborts the rest if the consumer stops early (a client disconnect cancels
+    a stream) or, given ``disconnected``, the client has left.
+
+    Batching matters under load: one engine step delivers a token to every running
+    request, and each wake-up and socket write here holds the GIL the engine needs."""
     open_choices = len(sub.rids)
     try:
         while open_choices:
-            try:
-                got = await asyncio.wait_for(sub.queue.get(), POLL_S)
-            except TimeoutError:
-                if disconnected is not None and await disconnected():
-                    return
-                continue
-            if isinstance(got, BaseException):
-                raise APIError(503, f"the engine stopped: {got}")
-            open_choices -= got.out.finished
-            yield got
+            got = await _next(sub.queue, disconnected)
+            if got is None:
+                return  # the client left
+            batch = [got]
+            while not sub.queue.empty():
+                batch.append(sub.queue.get_nowait())
+            for item in batch:
+                if isinstance(item, BaseException):
+                    raise APIError(503, f"the engine stopped: {item}")
+                open_choices -= item.out.finished
+            yield batch  # type: ignore[misc]
     finally:
         if open_choices:
             engine.abort(sub)
+
+
+async def _next(
+    queue: asyncio.Queue[Item | BaseException], disconnected: Disconnected | None
+) -> Item | BaseException | None:
+    if disconnected is None:  # a stream: the server cancels it when the client leaves
+        return await queue.get()
+    while True:
+        try:
+            return await asyncio.wait_for(queue.get(), POLL_S)
+        except TimeoutError:
+            if await disconnected():
+                return None
 
 
 def usage(prompt: int, completion_tokens: int) -> Usage:
@@ -152,6 +172,23 @@ def usage(prompt: int, completion_tokens: int) -> Usage:
 def sse(payload: BaseModel | dict) -> str:
     body = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
     return f"data: {body}\n\n"
+
+
+class ChunkWriter:
+    """SSE events of one stream, written as JSON directly: the per-token hot path.
+
+    The fields match the pydantic chunk models in ``protocol`` (which document the
+    schema and which the tests validate streamed events against)."""
+
+    def __init__(self, rid: str, kind: str, model: str) -> None:
+        self._head = (
+            f'data: {{"id":{json.dumps(rid)},"object":"{kind}","created":{int(time.time())},'
+            f'"model":{json.dumps(model)},"choices":'
+        )
+
+    def event(self, choices: list[dict[str, Any]], usage: Usage | None = None) -> str:
+        tail = usage.model_dump_json() if usage is not None else "null"
+        return f'{self._head}{json.dumps(choices)},"usage":{tail}}}\n\n'
 
 
 SSE_DONE = "data: [DONE]\n\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Any
 
 from .async_engine import AsyncEngine, Item, Submission
 from .errors import APIError
@@ -17,11 +18,11 @@ from .protocol import (
 from .serving_common import (
     SSE_DONE,
     ChoiceState,
+    ChunkWriter,
     Disconnected,
     ServedModel,
-    items,
+    batches,
     sampling_params,
-    sse,
     sse_error,
     submit,
     token_text,
@@ -44,9 +45,10 @@ async def create_completion(
     if req.stream:
         return _stream(req, model, engine, sub, prompts, prompt_tokens)
     states = [ChoiceState() for _ in sub.rids]
-    async with aclosing(items(engine, sub, disconnected)) as stream:
-        async for item in stream:
-            states[item.index].add(item)
+    async with aclosing(batches(engine, sub, disconnected)) as stream:
+        async for batch in stream:
+            for item in batch:
+                states[item.index].add(item)
     if any(s.finish_reason is None for s in states):
         raise APIError(503, "the request was cut off before it finished")
     choices = [_choice(req, model, i, s, prompts[i // req.n]) for i, s in enumerate(states)]
@@ -94,42 +96,42 @@ async def _stream(
     prompts: list[list[int]],
     prompt_tokens: int,
 ) -> AsyncIterator[str]:
-    rid, created = new_id("cmpl"), None
+    writer = ChunkWriter(new_id("cmpl"), "text_completion", model.name)
     completion, offsets = 0, [0] * (len(prompts) * req.n)
     try:
-        async with aclosing(items(engine, sub)) as stream:
-            async for item in stream:
-                completion += len(item.out.new_token_ids)
-                chunk = _chunk(req, model, item, offsets, prompts[item.index // req.n])
-                created = created or chunk.created
-                yield sse(chunk.model_copy(update={"id": rid, "created": created}))
+        async with aclosing(batches(engine, sub)) as stream:
+            async for batch in stream:
+                events = []
+                for item in batch:
+                    completion += len(item.out.new_token_ids)
+                    prompt = prompts[item.index // req.n]
+                    events.append(writer.event([_chunk(req, model, item, offsets, prompt)]))
+                yield "".join(events)  # one write for everything that arrived
     except APIError as exc:
         yield sse_error(exc)
         yield SSE_DONE
         return
     if req.include_usage:
-        final = CompletionResponse(
-            id=rid, model=model.name, choices=[], usage=usage(prompt_tokens, completion)
-        )
-        yield sse(final)
+        yield writer.event([], usage(prompt_tokens, completion))
     yield SSE_DONE
 
 
 def _chunk(
     req: CompletionRequest, model: ServedModel, item: Item, offsets: list[int], prompt: list[int]
-) -> CompletionResponse:
+) -> dict[str, Any]:
+    """One ``CompletionChoice`` of a stream, as a plain dict (see ``ChunkWriter``)."""
     out, i = item.out, item.index
     logprobs = None
     if req.logprobs is not None and out.logprobs is not None:
-        logprobs = _logprobs(model, out.new_token_ids, [out.logprobs], offsets[i])
-        offsets[i] += sum(map(len, logprobs.tokens))
-    choice = CompletionChoice(
-        index=i,
-        text=out.new_text,
-        logprobs=logprobs,
-        finish_reason=out.finish_reason if out.finished else None,  # type: ignore[arg-type]
-        stop_reason=out.stop_reason if out.finished else None,
-        token_ids=out.new_token_ids if req.return_token_ids else None,
-        prompt_token_ids=prompt if req.return_token_ids and out.finished else None,
-    )
-    return CompletionResponse(id="", model=model.name, choices=[choice])
+        lp = _logprobs(model, out.new_token_ids, [out.logprobs], offsets[i])
+        offsets[i] += sum(map(len, lp.tokens))
+        logprobs = lp.model_dump()
+    return {
+        "index": i,
+        "text": out.new_text,
+        "logprobs": logprobs,
+        "finish_reason": out.finish_reason if out.finished else None,
+        "stop_reason": out.stop_reason if out.finished else None,
+        "token_ids": out.new_token_ids if req.return_token_ids else None,
+        "prompt_token_ids": prompt if req.return_token_ids and out.finished else None,
+    }
