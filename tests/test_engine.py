@@ -62,7 +62,10 @@ def test_seeds_reproduce_and_n_samples_differ(make_llm) -> None:
     b = llm.generate(["Once upon a time", "Hello"], params)[0]
     assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
     assert len({tuple(c.token_ids) for c in a.outputs}) > 1
-    unseeded = SamplingParams(max_tokens=16, temperature=1.0, top_k=50, top_p=0.9, min_p=0.01)
+    # ignore_eos: random weights sample EOS now and then, which would end a row early.
+    unseeded = SamplingParams(
+        max_tokens=16, temperature=1.0, top_k=50, top_p=0.9, min_p=0.01, ignore_eos=True
+    )
     outs = llm.generate(["x"] * 4, unseeded)
     assert all(len(o.outputs[0].token_ids) == 16 for o in outs)
 

@@ -116,3 +116,37 @@ def test_random_workload_finishes_every_request_and_returns_every_chunk() -> Non
     s.kv.reclaim_all()
     assert s.kv.usage().committed_chunks == 0
     s.kv.check()
+
+
+def test_next_admissions_are_mapped_a_step_early() -> None:
+    """A prompt that waits for budget gets its slot mapped during the step before its
+    admission, so the admitting step's own commands map nothing for it."""
+    from vtensor.kvcache.manager import MapCommand
+
+    rng = random.Random()
+    first, second = rng.randint(20, 40), rng.randint(9, 40)
+    s = make(budget=first)  # the first prompt takes the whole budget of step 1
+    s.add(seq(0, first, 4))
+    s.add(seq(1, second, 4))
+    out1 = s.schedule()
+    assert [c.seq.rid for c in out1.chunks] == [0]
+    premapped = [c for c in out1.ahead_commands if isinstance(c, MapCommand)]
+    # The next step's budget bounds what the second request can compute, and so the premap.
+    assert sum(c.count for c in premapped) == -(-min(second, first) // TPC)
+    for c in out1.chunks:
+        s.update(c, rng.randrange(100) if c.samples else None)
+    out2 = s.schedule()
+    assert [c.seq.rid for c in out2.chunks] == [0, 1]
+    slot = s.kv.slot_of(1)
+    assert not [c for c in out2.kv_commands if isinstance(c, MapCommand) and c.slot == slot]
+    assert s.kv.mapped_chunks(1) >= -(-out2.chunks[1].end // TPC)
+    s.kv.check()
+
+
+def test_premap_uses_only_free_chunks_beyond_the_reserve() -> None:
+    s = make(capacity=6)
+    s.kv.premap([5 * TPC], reserve_chunks=2)  # needs 5, only 4 spare: nothing mapped
+    assert s.kv.usage().committed_chunks == 0 and not s.kv.drain()
+    s.kv.premap([3 * TPC, 3 * TPC], reserve_chunks=0)  # two slots of 3 chunks each
+    assert s.kv.usage().committed_chunks == 6 and s.kv.usage().idle_chunks == 6
+    s.kv.check()

@@ -6,13 +6,17 @@ import argparse
 import os
 import signal
 import sys
+import time
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
 from vtensor.cli_generate import add_engine_args, engine_kwargs
-from vtensor.server.async_engine import AsyncEngine
+
+if TYPE_CHECKING:  # the engine (and torch) load only when `serve` runs
+    from vtensor.engine.llm_engine import LLMEngine
+    from vtensor.server.async_engine import AsyncEngine
 
 
 def add_parser(sub: Any) -> None:
@@ -49,6 +53,7 @@ def main(args: argparse.Namespace) -> int:
           f"max_model_len {rt.max_model_len}", file=sys.stderr)  # fmt: skip
     if engine.tokenizer is None:
         print("this model has no tokenizer: send prompts as token ids", file=sys.stderr)
+    _warm_up(engine)
     app = build_app(config, engine)
     server = _Server(
         app.state.engine,
@@ -75,6 +80,21 @@ def main(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
     print("vtensor serve: shut down cleanly", file=sys.stderr)
     return 0
+
+
+def _warm_up(engine: LLMEngine) -> None:
+    """One short request before the port opens: the first prefill compiles the fused
+    kernels (seconds on a GPU), which would otherwise land on the first user's TTFT."""
+    from vtensor.engine.params import SamplingParams
+
+    t0 = time.perf_counter()
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    rid = engine.add_request([t % vocab for t in range(1, 33)], params)
+    while engine.has_unfinished():
+        engine.step()
+    engine.pop(rid)
+    print(f"warmed up in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
 
 class _Server(uvicorn.Server):

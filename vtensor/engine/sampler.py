@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .host_sync import to_host_list
 from .params import SamplingParams
 
 
@@ -37,7 +38,7 @@ class Sampler:
                for r in rows):  # fmt: skip
             # The common serving case: one argmax, one transfer. (bf16 -> fp32 is exact and
             # monotonic, so the argmax needs no conversion.)
-            return SampleResult(logits.argmax(dim=-1).tolist(), [None] * len(rows))
+            return SampleResult(to_host_list(logits.argmax(dim=-1)), [None] * len(rows))
         logits = logits.float()
         raw = logits
         if any(r.params.has_penalties for r in rows):
@@ -49,7 +50,7 @@ class Sampler:
             tokens[greedy] = logits[greedy].argmax(dim=-1)
         if sampled:
             tokens[sampled] = self._sample(logits[sampled], [rows[i] for i in sampled])
-        token_list = tokens.tolist()
+        token_list = to_host_list(tokens)
         return SampleResult(token_list, _logprobs(raw, token_list, rows))
 
     def _sample(self, logits: torch.Tensor, rows: Sequence[SamplerRow]) -> torch.Tensor:

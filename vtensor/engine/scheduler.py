@@ -17,6 +17,7 @@ One step, under a token budget:
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -106,6 +107,7 @@ class Scheduler:
             budget = self._admit(chunks, budget)
         kv_commands = self.kv.drain()
         self._map_ahead(chunks)
+        self._premap_waiting()
         return SchedulerOutput(chunks, preempted, kv_commands, self.kv.drain())
 
     def update(self, chunk: ScheduledChunk, token: int | None) -> None:
@@ -162,6 +164,21 @@ class Scheduler:
             chunks.append(ScheduledChunk.next_of(seq, n))
             budget -= n
         return budget
+
+    def _premap_waiting(self) -> None:
+        """Map, during this step, the slots that the next step's admissions will take:
+        a prompt's chunks are otherwise mapped in the very step that needs them."""
+        budget = self.config.max_num_batched_tokens
+        seats = self.config.max_num_seqs - len(self.running)
+        wanted: list[int] = []
+        for seq in itertools.islice(self.waiting, max(0, seats)):
+            if budget <= 0:
+                break
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            wanted.append(seq.num_computed + n)
+            budget -= n
+        if wanted:
+            self.kv.premap(wanted, reserve_chunks=len(self.running))
 
     def _map_ahead(self, chunks: list[ScheduledChunk]) -> None:
         """Opportunistically map what the next steps will write (never steals or preempts)."""

@@ -23,6 +23,7 @@ Invariants (checked by ``check``):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -198,6 +199,31 @@ class KVCacheManager:
         self._committed += need
         return True
 
+    def premap(self, token_counts: Sequence[int], reserve_chunks: int = 0) -> None:
+        """Map idle slots ahead for requests expected next (the head of the waiting
+        queue, ``token_counts`` each), so their admission finds the chunks mapped and the
+        step that admits them does not wait on the mapper. Only free chunks are used
+        (keeping ``reserve_chunks`` spare, nothing stolen), within ``keep_idle_chunks``.
+        The slots stay idle: these chunks are reclaimable like any idle slot's."""
+        taken: set[int] = set()
+        for tokens in token_counts:
+            want = self.geometry.chunks_for(tokens)
+            candidates = self._idle - taken
+            if not candidates:
+                return
+            slot = self._best_slot(want, candidates)  # the slot admit() will pick
+            taken.add(slot)
+            need = want - self._mapped[slot]
+            if need <= 0:
+                continue
+            if need > self.free_chunks - reserve_chunks:
+                return
+            if self.idle_chunks + need > self.keep_idle_chunks:
+                return
+            self._commands.append(MapCommand(slot, self._mapped[slot], need))
+            self._mapped[slot] += need
+            self._committed += need
+
     def release(self, rid: int) -> None:
         """The request is done (or preempted): its slot idles, keeping its chunks."""
         slot = self._owner.pop(rid)
@@ -225,12 +251,13 @@ class KVCacheManager:
         assert all(self._asked[s] <= self._mapped[s] for s in self._owner.values())
 
     # ---------------------------------------------------------------- private
-    def _best_slot(self, chunks: int) -> int:
+    def _best_slot(self, chunks: int, among: set[int] | None = None) -> int:
         """Best fit among idle slots: the smallest that covers ``chunks``, else the largest."""
-        covering = [s for s in self._idle if self._mapped[s] >= chunks]
+        idle = self._idle if among is None else among
+        covering = [s for s in idle if self._mapped[s] >= chunks]
         if covering:
             return min(covering, key=lambda s: (self._mapped[s], s))
-        return max(self._idle, key=lambda s: (self._mapped[s], -s))
+        return max(idle, key=lambda s: (self._mapped[s], -s))
 
     def _reclaim(self, chunks: int) -> bool:
         """Unmap ``chunks`` from idle slots (largest first), then from running slots'
