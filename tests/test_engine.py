@@ -151,3 +151,28 @@ def test_cli_bench_offline_writes_json(tmp_path: Path) -> None:
 
     data = json.loads(out.read_text())
     assert data["throughput"][0]["num_prompts"] == 6 and len(data["decode"]) == 2
+
+
+def test_mixed_steps_send_decodes_to_the_decode_kernel(make_llm) -> None:
+    """The runner puts a mixed batch's decode rows first and marks them; the output must
+    not change (greedy, against the same prompts run one at a time)."""
+    llm = make_llm(max_num_batched_tokens=24)
+    seen: list[int] = []
+    forward = llm.engine.runner.attn.forward
+
+    def spy(layer, q, k, v, meta):  # type: ignore[no-untyped-def]
+        if layer == 0 and not meta.is_decode:
+            seen.append(meta.num_decode)
+        return forward(layer, q, k, v, meta)
+
+    llm.engine.runner.attn.forward = spy
+    vocab = llm.engine.model_config.vocab_size
+    prompts = [
+        [random.randrange(2, vocab) for _ in range(random.randint(30, 60))] for _ in range(3)
+    ]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    together = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert any(n > 0 for n in seen), f"no mixed step was split: {seen}"
+    llm.engine.runner.attn.forward = forward
+    alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+    assert together == alone

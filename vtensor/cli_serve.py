@@ -10,11 +10,11 @@ import time
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-import uvicorn
-
 from vtensor.cli_generate import add_engine_args, engine_kwargs
 
-if TYPE_CHECKING:  # the engine (and torch) load only when `serve` runs
+if TYPE_CHECKING:  # the engine and uvicorn load only when `serve` runs
+    import uvicorn
+
     from vtensor.engine.llm_engine import LLMEngine
     from vtensor.server.async_engine import AsyncEngine
 
@@ -37,6 +37,8 @@ def add_parser(sub: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
     from vtensor.engine.config import EngineConfig
     from vtensor.engine.llm_engine import LLMEngine
     from vtensor.server.app import ServerConfig, build_app
@@ -55,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
         print("this model has no tokenizer: send prompts as token ids", file=sys.stderr)
     _warm_up(engine)
     app = build_app(config, engine)
-    server = _Server(
+    server = _server(
         app.state.engine,
         config.shutdown_timeout_s,
         uvicorn.Config(
@@ -97,16 +99,16 @@ def _warm_up(engine: LLMEngine) -> None:
     print(f"warmed up in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
 
-class _Server(uvicorn.Server):
+def _server(engine: AsyncEngine, drain_s: float, config: uvicorn.Config) -> uvicorn.Server:
     """uvicorn's server, telling the engine when a graceful shutdown begins."""
+    import uvicorn
 
-    def __init__(self, engine: AsyncEngine, drain_s: float, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.engine, self.drain_s = engine, drain_s
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            engine.drain(drain_s)
+            super().handle_exit(sig, frame)
 
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.engine.drain(self.drain_s)
-        super().handle_exit(sig, frame)
+    return Server(config)
 
 
 class _Stopped(Exception):

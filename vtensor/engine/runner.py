@@ -47,21 +47,28 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, chunks: Sequence[ScheduledChunk], slots: Sequence[int]) -> torch.Tensor:
         """Logits ``[S, vocab]`` for the chunks that sample, in batch order."""
-        ids = [t for c in chunks for t in c.seq.token_ids[c.start : c.end]]
-        rows = BatchRows(list(slots), [c.start for c in chunks], [c.num_tokens for c in chunks])
-        is_decode = all(n == 1 for n in rows.lengths)
+        is_decode = all(c.num_tokens == 1 for c in chunks)
         if is_decode and self.graphs is not None and self.graphs.fits(len(chunks)):
+            ids = [c.seq.token_ids[c.start] for c in chunks]
+            rows = BatchRows(list(slots), [c.start for c in chunks], [1] * len(chunks))
             logits = self.graphs.run(ids, rows.starts, self._row_starts(rows))
             if all(c.samples for c in chunks):  # always, in practice: a 1-token chunk ends a seq
                 return logits
             return logits[[i for i, c in enumerate(chunks) if c.samples]]
+        # Decode requests first (a stable sort), so attention can send them to the
+        # decode kernel; the logits still come back in the batch's order.
+        order = sorted(range(len(chunks)), key=lambda i: chunks[i].num_tokens != 1)
+        chunks = [chunks[i] for i in order]
+        ids = [t for c in chunks for t in c.seq.token_ids[c.start : c.end]]
+        rows = BatchRows(
+            [slots[i] for i in order], [c.start for c in chunks], [c.num_tokens for c in chunks]
+        )
         input_ids, positions, meta = self.prepare(ids, rows, is_decode)
         hidden = self.model(input_ids, positions, self.attn, meta)
-        ends = itertools.accumulate(rows.lengths)  # each chunk's last row is its end - 1
-        last = torch.tensor(
-            [end - 1 for end, c in zip(ends, chunks) if c.samples], dtype=torch.long
-        ).to(self.device, non_blocking=True)
-        return self.model.logits(hidden[last])
+        ends = list(itertools.accumulate(rows.lengths))  # a chunk's last row is its end - 1
+        last_of = {i: ends[k] - 1 for k, i in enumerate(order) if chunks[k].samples}
+        last = torch.tensor([last_of[i] for i in sorted(last_of)], dtype=torch.long)
+        return self.model.logits(hidden[last.to(self.device, non_blocking=True)])
 
     def prepare(
         self, ids: list[int], rows: BatchRows, is_decode: bool
@@ -72,17 +79,18 @@ class ModelRunner:
         for r0, s, n in zip(row_starts, rows.starts, rows.lengths):
             positions.extend(range(s, s + n))
             store.extend(range(r0 + s, r0 + s + n))
-        indptr = [0]
-        for n in rows.lengths:
-            indptr.append(indptr[-1] + n)
+        indptr = [0, *itertools.accumulate(rows.lengths)]
+        seq_lens = [s + n for s, n in zip(rows.starts, rows.lengths)]
+        # Leading one-token requests (the runner puts decodes first) take the decode kernel.
+        nd = (
+            0
+            if is_decode
+            else next((i for i, n in enumerate(rows.lengths) if n != 1), len(rows.lengths))
+        )
+        if nd == len(rows.lengths):  # all one-token chunks, but graphs were not used
+            nd = 0
         ints = _to_device(
-            [
-                store,
-                row_starts,
-                rows.starts,
-                [s + n for s, n in zip(rows.starts, rows.lengths)],
-                indptr,
-            ],
+            [store, row_starts, rows.starts, seq_lens, indptr, [p - nd for p in indptr[nd:]]],
             torch.int32,
             self.device,
         )
@@ -93,9 +101,12 @@ class ModelRunner:
             prefix_lens=ints[2],
             seq_lens=ints[3],
             qo_indptr=ints[4],
-            max_new=max(rows.lengths),
-            max_len=max(s + n for s, n in zip(rows.starts, rows.lengths)),
+            max_new=max(rows.lengths[nd:]),
+            max_len=max(seq_lens),
             is_decode=is_decode,
+            num_decode=nd,
+            decode_max_len=max(seq_lens[:nd], default=0),
+            extend_qo_indptr=ints[5] if nd else None,
         )
         return longs[0], longs[1], meta
 

@@ -33,6 +33,12 @@ class AttentionMetadata:
     max_new: int  # host bound on new tokens per request
     max_len: int  # host bound on seq_lens
     is_decode: bool  # every request has exactly one new token
+    # A mixed batch puts its decode requests (one new token each) first: rows
+    # ``[0, num_decode)`` go to the split-K decode kernel, the rest to the extend
+    # kernel with ``extend_qo_indptr`` (``qo_indptr[num_decode:] - num_decode``).
+    num_decode: int = 0
+    decode_max_len: int = 0  # host bound on the decode requests' seq_lens
+    extend_qo_indptr: torch.Tensor | None = None
 
 
 class AttentionBackend(ABC):
@@ -82,24 +88,54 @@ class VirtualKVAttention(AttentionBackend):
         k_cache, v_cache = self.kv_views[layer]
         store_kv(k_cache, v_cache, k, v, meta.store_rows, impl=self.impl)
         if meta.is_decode:
-            return decode_attention(
-                q,
-                k_cache,
-                v_cache,
-                meta.row_starts,
-                meta.seq_lens,
-                meta.max_len,
-                sm_scale=self.sm_scale,
-                impl=self.impl,
-            )
-        return extend_attention(
-            q,
-            k_cache,
-            v_cache,
-            meta.qo_indptr,
-            meta.row_starts,
-            meta.prefix_lens,
-            meta.max_new,
-            sm_scale=self.sm_scale,
-            impl=self.impl,
+            return self._decode(q, k_cache, v_cache, meta.row_starts, meta.seq_lens, meta.max_len)
+        nd = meta.num_decode
+        if nd == 0:
+            return self._extend(q, k_cache, v_cache, meta.qo_indptr, meta.row_starts, meta)
+        # Mixed: the extend kernel would give each decode row a whole query block and no
+        # split over its context; the decode kernel reads each context at full bandwidth.
+        assert meta.extend_qo_indptr is not None, "a mixed batch needs extend_qo_indptr"
+        out = torch.empty_like(q)
+        dec = self._decode(
+            q[:nd], k_cache, v_cache, meta.row_starts[:nd], meta.seq_lens[:nd],
+            meta.decode_max_len, out[:nd],
+        )  # fmt: skip
+        if dec.data_ptr() != out.data_ptr():  # the torch reference returns a new tensor
+            out[:nd].copy_(dec)
+        ext = self._extend(
+            q[nd:], k_cache, v_cache, meta.extend_qo_indptr, meta.row_starts[nd:], meta, out[nd:]
         )
+        if ext.data_ptr() != out[nd:].data_ptr():
+            out[nd:].copy_(ext)
+        return out
+
+    def _decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        row_starts: torch.Tensor,
+        seq_lens: torch.Tensor,
+        max_len: int,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return decode_attention(
+            q, k_cache, v_cache, row_starts, seq_lens, max_len,
+            sm_scale=self.sm_scale, impl=self.impl, out=out,
+        )  # fmt: skip
+
+    def _extend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        qo_indptr: torch.Tensor,
+        row_starts: torch.Tensor,
+        meta: AttentionMetadata,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        nd = meta.num_decode
+        return extend_attention(
+            q, k_cache, v_cache, qo_indptr, row_starts, meta.prefix_lens[nd:], meta.max_new,
+            sm_scale=self.sm_scale, impl=self.impl, out=out,
+        )  # fmt: skip

@@ -242,8 +242,8 @@ class AsyncEngine:
             if out.finished:
                 self._finish(out.rid, track, now, out.finish_reason or "abort")
         self.metrics.add_tokens(sum(len(o.new_token_ids) for o in outs), now)
-        for key, items in batches.items():
-            self._loop_call(_put_all, queues[key], items)
+        if batches:  # one wake-up of the event loop per step, however many requests
+            self._loop_call(_dispatch, [(queues[k], items) for k, items in batches.items()])
 
     def _finish(self, rid: int, track: _Track, now: float, reason: str) -> None:
         seq = self.engine.pop(rid)
@@ -291,6 +291,11 @@ def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None)
         future.set_exception(exc)
     else:
         future.set_result(result)
+
+
+def _dispatch(deliveries: list[tuple[asyncio.Queue[Item | BaseException], list[Item]]]) -> None:
+    for queue, items in deliveries:
+        _put_all(queue, items)
 
 
 def _put_all(queue: asyncio.Queue[Item | BaseException], items: list[Any]) -> None:

@@ -1,0 +1,78 @@
+"""The engine alone under timed arrivals (no HTTP): separates engine limits from the
+server's. Prints what `vtensor bench serve` prints, for the random workload.
+
+python3 benchmarks/arrivals_engine.py --shape llama3-8b --rate 16 --num-prompts 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from vtensor.bench.datasets import random_dataset
+from vtensor.bench.serve import RunArgs, arrival_times
+from vtensor.engine.config import EngineConfig
+from vtensor.engine.llm_engine import LLMEngine
+from vtensor.engine.params import SamplingParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--rate", type=float, default=16.0)
+    ap.add_argument("--num-prompts", type=int, default=300)
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=128)
+    args = ap.parse_args()
+    cfg = EngineConfig(shape=args.shape, max_model_len=4096)
+    with LLMEngine(cfg) as engine:
+        vocab = engine.model_config.vocab_size
+        reqs = random_dataset(args.num_prompts, args.input_len, args.output_len, vocab)
+        starts = arrival_times(len(reqs), RunArgs(args.rate, 1.0, None, 0))
+        warm = engine.add_request(reqs[0].prompt_ids[:32], SamplingParams(max_tokens=4))
+        while engine.has_unfinished():
+            engine.step()
+        engine.pop(warm)
+        t0, nxt = time.perf_counter(), 0
+        sent: dict[int, float] = {}
+        first: dict[int, float] = {}
+        done: dict[int, float] = {}
+        mixed = pure = 0
+        mixed_s = pure_s = 0.0
+        while len(done) < len(reqs):
+            now = time.perf_counter() - t0
+            while nxt < len(reqs) and starts[nxt] <= now:
+                p = SamplingParams(max_tokens=reqs[nxt].output_len, ignore_eos=True, temperature=0)
+                sent[engine.add_request(reqs[nxt].prompt_ids, p)] = time.perf_counter()
+                nxt += 1
+            if not engine.has_unfinished():
+                time.sleep(0.001)
+                continue
+            decode_only = all(s.num_computed == s.num_tokens - 1 for s in engine.scheduler.running)
+            decode_only = decode_only and not engine.scheduler.waiting
+            ts = time.perf_counter()
+            outs = engine.step()
+            dt = time.perf_counter() - ts
+            if decode_only:
+                pure, pure_s = pure + 1, pure_s + dt
+            else:
+                mixed, mixed_s = mixed + 1, mixed_s + dt
+            for o in outs:
+                first.setdefault(o.rid, time.perf_counter())
+                if o.finished:
+                    done[o.rid] = time.perf_counter()
+                    engine.pop(o.rid)
+        dur = time.perf_counter() - t0
+    ttft = [1e3 * (first[r] - sent[r]) for r in sent]
+    tpot = [1e3 * (done[r] - first[r]) / (args.output_len - 1) for r in sent]
+    fm, md = statistics.fmean, statistics.median
+    print(f"rate {args.rate}: {len(reqs) / dur:.2f} req/s over {dur:.1f}s; "
+          f"TTFT mean {fm(ttft):.0f} ms median {md(ttft):.0f}; "
+          f"TPOT mean {fm(tpot):.1f} ms median {md(tpot):.1f}")  # fmt: skip
+    print(f"steps: {pure} decode-only (graphs) at {1e3 * pure_s / max(pure, 1):.1f} ms, "
+          f"{mixed} with prefill at {1e3 * mixed_s / max(mixed, 1):.1f} ms")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

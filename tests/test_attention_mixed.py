@@ -1,0 +1,53 @@
+"""Mixed batches: decode rows through the decode kernel, the rest through extend,
+must equal one extend over the whole batch (fp32 torch references on the CPU,
+the Triton kernels on a GPU)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from vtensor.models.attention import AttentionMetadata, VirtualKVAttention
+
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_batch_split_equals_one_extend(device: str) -> None:
+    hq, hkv, d, rows_per_slot = 4, 2, 32, 256
+    n_dec, n_ext = random.randint(1, 5), random.randint(1, 3)
+    prefix = [random.randint(1, 200) for _ in range(n_dec + n_ext)]
+    new = [1] * n_dec + [random.randint(2, 40) for _ in range(n_ext)]
+    slots = random.sample(range(8), n_dec + n_ext)
+    dtype = torch.float32
+    k_cache = torch.randn(8 * rows_per_slot, hkv, d, device=device, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    total = sum(new)
+    q, k, v = (torch.randn(total, h, d, device=device, dtype=dtype) for h in (hq, hkv, hkv))
+    row_starts = [s * rows_per_slot for s in slots]
+    store = [r + p + i for r, p, n in zip(row_starts, prefix, new) for i in range(n)]
+    indptr = [0]
+    for n in new:
+        indptr.append(indptr[-1] + n)
+
+    def ints(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.int32, device=device)
+
+    seq_lens = [p + n for p, n in zip(prefix, new)]
+    base = dict(
+        store_rows=ints(store), row_starts=ints(row_starts), prefix_lens=ints(prefix),
+        seq_lens=ints(seq_lens), qo_indptr=ints(indptr), max_new=max(new),
+        max_len=max(seq_lens), is_decode=False,
+    )  # fmt: skip
+    attn = VirtualKVAttention([(k_cache, v_cache)])
+    whole = attn.forward(0, q, k, v, AttentionMetadata(**base))
+    split = AttentionMetadata(
+        **{**base, "max_new": max(new[n_dec:])},
+        num_decode=n_dec,
+        decode_max_len=max(seq_lens[:n_dec]),
+        extend_qo_indptr=ints([p - n_dec for p in indptr[n_dec:]]),
+    )
+    mixed = attn.forward(0, q, k, v, split)
+    torch.testing.assert_close(mixed, whole, rtol=2e-4, atol=2e-4)
