@@ -51,3 +51,15 @@ def test_mixed_batch_split_equals_one_extend(device: str) -> None:
     )
     mixed = attn.forward(0, q, k, v, split)
     torch.testing.assert_close(mixed, whole, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_precompile_decode_runs_every_variant_on_triton(device: str) -> None:
+    from vtensor.kernels.common import use_triton
+    from vtensor.kernels.decode import PRECOMPILE_SPLITS, precompile_decode
+
+    k = torch.randn(64, 2, 32, device=device, dtype=torch.bfloat16)
+    ran = precompile_decode(4, k, torch.randn_like(k), row=random.randrange(64))
+    # Triton on a GPU, or its interpreter on the CPU (as the tests run it); else nothing.
+    assert ran == (len(PRECOMPILE_SPLITS) if use_triton(k[:1], k, impl="auto") else 0)
+    assert precompile_decode(4, k, torch.randn_like(k), impl="torch") == 0

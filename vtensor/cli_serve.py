@@ -85,17 +85,23 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _warm_up(engine: LLMEngine) -> None:
-    """One short request before the port opens: the first prefill compiles the fused
-    kernels (seconds on a GPU), which would otherwise land on the first user's TTFT."""
+    """Two short requests before the port opens, the second joining while the first
+    decodes: the first prefill, decode and mixed step compile the fused and Triton
+    kernels (seconds on a GPU), which would otherwise land on the first users' TTFT."""
     from vtensor.engine.params import SamplingParams
 
     t0 = time.perf_counter()
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    rid = engine.add_request([t % vocab for t in range(1, 33)], params)
-    while engine.has_unfinished():
+    rids = [engine.add_request([t % vocab for t in range(1, 33)], params)]
+    engine.step()  # prefill
+    rids.append(engine.add_request([t % vocab for t in range(2, 66)], params))
+    while engine.has_unfinished():  # a mixed step, then decodes
         engine.step()
-    engine.pop(rid)
+    for rid in rids:
+        engine.pop(rid)
+    scratch_row = engine.arena.layout.row_start(engine.scratch_slot)
+    engine.runner.attn.precompile(engine.model_config.num_heads, scratch_row)
     print(f"warmed up in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
 

@@ -44,6 +44,7 @@ def _per_round(axes: Any, rows: list[dict[str, Any]]) -> None:
     for ax, (key, name) in zip(axes, [("ttft", "TTFT"), ("e2el", "latency")]):
         for stat, style in (("mean", "o-"), ("median", "s--"), ("p90", "^:")):
             ax.plot(rounds, [r[f"{stat}_{key}_ms"] for r in rows], style, label=stat)
+        ax.set_xticks(rounds)
         ax.set_xlabel("round")
         ax.set_ylabel(f"{name} (ms)")
         ax.set_title(f"{name} per round")

@@ -262,3 +262,27 @@ def decode_attention(
         BLOCK_S=next_pow2(num_splits),
     )
     return out
+
+
+# Split counts whose kernel variants differ: the merge kernel's BLOCK_S is the next power
+# of two, and Triton specializes integer arguments (the split count and the strides it
+# sets) on being 1 or a multiple of 16. One of each class covers every variant.
+PRECOMPILE_SPLITS = (1, 2, 3, 5, 9, 16, 17, 32, 33, 48, 64)
+
+
+def precompile_decode(
+    q_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, row: int = 0, impl: str = "auto"
+) -> int:
+    """Compile the decode kernels' variants now, rather than mid-serving: a new batch
+    shape can pick a split count whose variant is not compiled yet, and the compile
+    (about a second) then stalls a step. Reads one cache row, ``row``, which must be
+    mapped. Returns the number of variants run (0 where Triton is not used)."""
+    dim = k_cache.shape[-1]
+    q = torch.zeros(1, q_heads, dim, dtype=k_cache.dtype, device=k_cache.device)
+    if not use_triton(q, k_cache, impl=impl):
+        return 0
+    rows = torch.tensor([row], dtype=torch.int32, device=q.device)
+    lens = torch.ones(1, dtype=torch.int32, device=q.device)
+    for splits in PRECOMPILE_SPLITS:
+        decode_attention(q, k_cache, v_cache, rows, lens, splits * 64, num_splits=splits, impl=impl)
+    return len(PRECOMPILE_SPLITS)

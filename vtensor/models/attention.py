@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from vtensor.kernels import decode_attention, extend_attention, store_kv
+from vtensor.kernels.decode import precompile_decode
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,11 @@ class AttentionBackend(ABC):
         v: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor: ...
+
+    def precompile(self, q_heads: int, row: int) -> int:
+        """Compile kernel variants ahead of serving (reading only cache row ``row``);
+        returns how many ran. Backends with nothing to compile keep this default."""
+        return 0
 
 
 class VirtualKVAttention(AttentionBackend):
@@ -108,6 +114,10 @@ class VirtualKVAttention(AttentionBackend):
         if ext.data_ptr() != out[nd:].data_ptr():
             out[nd:].copy_(ext)
         return out
+
+    def precompile(self, q_heads: int, row: int) -> int:
+        k_cache, v_cache = self.kv_views[0]  # every layer's view has the same strides
+        return precompile_decode(q_heads, k_cache, v_cache, row, impl=self.impl)
 
     def _decode(
         self,
