@@ -174,3 +174,35 @@ def test_models_health_tokenize_roundtrip(client: openai.OpenAI, server: Served)
                         "add_special_tokens": False}).json()["tokens"]  # fmt: skip
     back = requests.post(server.url + "/detokenize", json={"tokens": ids}).json()["prompt"]
     assert back == text
+
+
+def test_metrics_count_what_was_served(client: openai.OpenAI, server: Served) -> None:
+    import re
+
+    import requests
+
+    def scrape() -> dict[str, float]:
+        text = requests.get(server.url + "/metrics", timeout=30).text
+        for line in text.splitlines():  # the exposition format: HELP, TYPE, then samples
+            assert line.startswith("# ") or re.fullmatch(r"vtensor_\S+ [-+0-9.e]+", line), line
+        return {k: float(v) for k, v in re.findall(r"^(vtensor_\S+) (\S+)$", text, re.M)}
+
+    before = scrape()
+    n, max_tokens = random.randint(2, 4), random.randint(3, 8)
+    client.completions.create(model=None, prompt=[_words(3)] * n, max_tokens=max_tokens,
+                              extra_body={"ignore_eos": True})  # fmt: skip
+    server.idle_and_balanced()
+    after = scrape()
+    ttft, tpot = "vtensor_time_to_first_token_seconds", "vtensor_time_per_output_token_seconds"
+    assert after[f"{ttft}_count"] - before[f"{ttft}_count"] == n
+    assert after[f"{tpot}_count"] - before[f"{tpot}_count"] == n
+    assert after[f'{ttft}_bucket{{le="+Inf"}}'] == after[f"{ttft}_count"]
+    made = after["vtensor_generation_tokens_total"] - before["vtensor_generation_tokens_total"]
+    assert made == n * max_tokens
+    done = 'vtensor_requests_finished_total{reason="length"}'
+    assert after[done] - before[done] == n
+    assert (
+        after["vtensor_kv_chunks_free"] + after["vtensor_kv_chunks_in_use"]
+        == after["vtensor_kv_chunks_capacity"]
+    )
+    assert after["vtensor_requests_running"] == 0 and after["vtensor_kv_live_bytes"] == 0

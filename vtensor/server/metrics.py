@@ -128,6 +128,11 @@ class ServerMetrics:
             lines += _scalar(f"vtensor_{name}", help_text, "gauge", value)
         for name, help_text, value in counters:
             lines += _scalar(f"vtensor_{name}", help_text, "counter", value)
+        return "\n".join(lines + self._own_lines()) + "\n"
+
+    def _own_lines(self) -> list[str]:
+        """What the server observed itself: tokens, finished requests, latency histograms."""
+        lines: list[str] = []
         with self._lock:
             lines += _scalar(
                 "vtensor_prompt_tokens_total", "Prompt tokens of finished requests",
@@ -148,7 +153,7 @@ class ServerMetrics:
                 "vtensor_time_per_output_token_seconds", "Time per output token after the first"
             )
             lines += self.e2e.render("vtensor_e2e_request_latency_seconds", "Request latency")
-        return "\n".join(lines) + "\n"
+        return lines
 
 
 def _scalar(name: str, help_text: str, kind: str, value: float) -> list[str]:

@@ -21,14 +21,12 @@ from .protocol import (
     new_id,
 )
 from .serving_common import (
-    SSE_DONE,
-    ChoiceState,
     ChunkWriter,
     Disconnected,
     ServedModel,
-    batches,
+    collect,
     sampling_params,
-    sse_error,
+    stream_events,
     submit,
     token_text,
     usage,
@@ -57,13 +55,7 @@ async def create_chat_completion(
     sub = await submit(engine, [ids] * req.n, params)
     if req.stream:
         return _stream(req, model, engine, sub, len(ids))
-    states = [ChoiceState() for _ in sub.rids]
-    async with aclosing(batches(engine, sub, disconnected)) as stream:
-        async for batch in stream:
-            for item in batch:
-                states[item.index].add(item)
-    if any(s.finish_reason is None for s in states):
-        raise APIError(503, "the request was cut off before it finished")
+    states = await collect(engine, sub, disconnected)
     choices = [
         ChatChoice(
             index=i,
@@ -110,22 +102,13 @@ async def _stream(
     for i in range(req.n):
         first = ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))
         yield writer.event([first.model_dump()])
-    completion = 0
-    try:
-        async with aclosing(batches(engine, sub)) as stream:
-            async for batch in stream:
-                events = []
-                for item in batch:
-                    completion += len(item.out.new_token_ids)
-                    events.append(writer.event([_stream_choice(req, model, item)]))
-                yield "".join(events)
-    except APIError as exc:
-        yield sse_error(exc)
-        yield SSE_DONE
-        return
-    if req.include_usage:
-        yield writer.event([], usage(prompt_tokens, completion))
-    yield SSE_DONE
+    events = stream_events(
+        engine, sub, writer, lambda item: _stream_choice(req, model, item), prompt_tokens,
+        req.include_usage,
+    )  # fmt: skip
+    async with aclosing(events) as stream:  # closing this stream closes (aborts) that one
+        async for event in stream:
+            yield event
 
 
 def _stream_choice(req: ChatCompletionRequest, model: ServedModel, item: Item) -> dict[str, Any]:

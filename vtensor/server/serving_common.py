@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -146,6 +147,48 @@ async def batches(
     finally:
         if open_choices:
             engine.abort(sub)
+
+
+async def collect(
+    engine: AsyncEngine, sub: Submission, disconnected: Disconnected
+) -> list[ChoiceState]:
+    """A non-streaming request's choices, each finished (or a 503 if cut off)."""
+    states = [ChoiceState() for _ in sub.rids]
+    async with aclosing(batches(engine, sub, disconnected)) as stream:
+        async for batch in stream:
+            for item in batch:
+                states[item.index].add(item)
+    if any(s.finish_reason is None for s in states):
+        raise APIError(503, "the request was cut off before it finished")
+    return states
+
+
+async def stream_events(
+    engine: AsyncEngine,
+    sub: Submission,
+    writer: ChunkWriter,
+    choice_of: Callable[[Item], dict[str, Any]],
+    prompt_tokens: int,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """A streaming request's SSE: one write per wake-up with an event per item, the
+    usage event when asked, then ``[DONE]``; an engine failure becomes an error event."""
+    completion = 0
+    try:
+        async with aclosing(batches(engine, sub)) as stream:
+            async for batch in stream:
+                events = []
+                for item in batch:
+                    completion += len(item.out.new_token_ids)
+                    events.append(writer.event([choice_of(item)]))
+                yield "".join(events)
+    except APIError as exc:
+        yield sse_error(exc)
+        yield SSE_DONE
+        return
+    if include_usage:
+        yield writer.event([], usage(prompt_tokens, completion))
+    yield SSE_DONE
 
 
 async def _next(

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 from .async_engine import AsyncEngine, Item, Submission
-from .errors import APIError
 from .protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -16,14 +14,13 @@ from .protocol import (
     new_id,
 )
 from .serving_common import (
-    SSE_DONE,
     ChoiceState,
     ChunkWriter,
     Disconnected,
     ServedModel,
-    batches,
+    collect,
     sampling_params,
-    sse_error,
+    stream_events,
     submit,
     token_text,
     usage,
@@ -44,13 +41,7 @@ async def create_completion(
     prompt_tokens = sum(map(len, prompts))
     if req.stream:
         return _stream(req, model, engine, sub, prompts, prompt_tokens)
-    states = [ChoiceState() for _ in sub.rids]
-    async with aclosing(batches(engine, sub, disconnected)) as stream:
-        async for batch in stream:
-            for item in batch:
-                states[item.index].add(item)
-    if any(s.finish_reason is None for s in states):
-        raise APIError(503, "the request was cut off before it finished")
+    states = await collect(engine, sub, disconnected)
     choices = [_choice(req, model, i, s, prompts[i // req.n]) for i, s in enumerate(states)]
     completion = sum(len(s.token_ids) for s in states)
     return CompletionResponse(
@@ -88,7 +79,7 @@ def _logprobs(
     return out
 
 
-async def _stream(
+def _stream(
     req: CompletionRequest,
     model: ServedModel,
     engine: AsyncEngine,
@@ -97,23 +88,12 @@ async def _stream(
     prompt_tokens: int,
 ) -> AsyncIterator[str]:
     writer = ChunkWriter(new_id("cmpl"), "text_completion", model.name)
-    completion, offsets = 0, [0] * (len(prompts) * req.n)
-    try:
-        async with aclosing(batches(engine, sub)) as stream:
-            async for batch in stream:
-                events = []
-                for item in batch:
-                    completion += len(item.out.new_token_ids)
-                    prompt = prompts[item.index // req.n]
-                    events.append(writer.event([_chunk(req, model, item, offsets, prompt)]))
-                yield "".join(events)  # one write for everything that arrived
-    except APIError as exc:
-        yield sse_error(exc)
-        yield SSE_DONE
-        return
-    if req.include_usage:
-        yield writer.event([], usage(prompt_tokens, completion))
-    yield SSE_DONE
+    offsets = [0] * (len(prompts) * req.n)  # text offsets of each choice, for logprobs
+
+    def choice_of(item: Item) -> dict[str, Any]:
+        return _chunk(req, model, item, offsets, prompts[item.index // req.n])
+
+    return stream_events(engine, sub, writer, choice_of, prompt_tokens, req.include_usage)
 
 
 def _chunk(
