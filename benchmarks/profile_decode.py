@@ -16,6 +16,16 @@ from vtensor.engine.llm_engine import LLMEngine
 from vtensor.engine.params import SamplingParams
 
 
+def start_decoding(engine: LLMEngine, batch: int, ctx: int, steps: int) -> None:
+    """``batch`` requests of ``ctx`` tokens, stepped until all of them decode."""
+    params = SamplingParams(max_tokens=10 * steps, ignore_eos=True, temperature=0)
+    vocab = engine.model_config.vocab_size
+    for i in range(batch):
+        engine.add_request([(i + j) % vocab for j in range(ctx)], params)
+    while engine.stats().waiting or any(s.num_output < 2 for s in engine.scheduler.running):
+        engine.step()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama3-8b")
@@ -27,12 +37,7 @@ def main() -> None:
     cfg = EngineConfig(shape=args.shape, max_num_seqs=args.batch, max_model_len=4096,
                        enforce_eager=args.enforce_eager)  # fmt: skip
     with LLMEngine(cfg) as engine:
-        params = SamplingParams(max_tokens=10 * args.steps, ignore_eos=True, temperature=0)
-        vocab = engine.model_config.vocab_size
-        for i in range(args.batch):
-            engine.add_request([(i + j) % vocab for j in range(args.ctx)], params)
-        while engine.stats().waiting or any(s.num_output < 2 for s in engine.scheduler.running):
-            engine.step()
+        start_decoding(engine, args.batch, args.ctx, args.steps)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(args.steps):

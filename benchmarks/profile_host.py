@@ -11,10 +11,10 @@ import pstats
 import time
 
 import torch
+from profile_decode import start_decoding  # the script beside this one
 
 from vtensor.engine.config import EngineConfig
 from vtensor.engine.llm_engine import LLMEngine
-from vtensor.engine.params import SamplingParams
 
 
 def main() -> None:
@@ -26,12 +26,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = EngineConfig(shape=args.shape, max_num_seqs=args.batch, max_model_len=4096)
     with LLMEngine(cfg) as engine:
-        params = SamplingParams(max_tokens=10 * args.steps, ignore_eos=True, temperature=0)
-        vocab = engine.model_config.vocab_size
-        for i in range(args.batch):
-            engine.add_request([(i + j) % vocab for j in range(args.ctx)], params)
-        while engine.stats().waiting or any(s.num_output < 2 for s in engine.scheduler.running):
-            engine.step()
+        start_decoding(engine, args.batch, args.ctx, args.steps)
         for _ in range(5):
             engine.step()
         torch.cuda.synchronize()
