@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP server (``vtensor serve``): the top layer.
 
-``protocol`` holds the pydantic request/response models, ``async_engine`` runs
-the engine in its own thread behind asyncio queues, ``openai_api`` turns
-requests into engine submissions and back, and ``app`` wires the routes,
-authentication, limits and errors into a FastAPI application.
+- ``protocol``: the pydantic request/response models (the OpenAPI schema);
+- ``async_engine``: the engine in its own thread, behind asyncio queues;
+- ``serving_completion`` / ``serving_chat`` (with ``serving_common``): a request
+  into engine submissions, and their outputs back into responses or SSE;
+- ``metrics``: the Prometheus exposition; ``errors``: OpenAI-style errors;
+- ``app``: routes, the API key, the body limit and the lifespan, in FastAPI.
 """

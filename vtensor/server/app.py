@@ -92,7 +92,7 @@ def _stream_doc(model: type) -> dict[int | str, dict[str, Any]]:
 def build_app(config: ServerConfig, engine: LLMEngine) -> FastAPI:
     """The app; the engine thread starts with the app's lifespan and closes the engine."""
     model = served_model(engine, config.served_model_name)
-    metrics = ServerMetrics(model.name)
+    metrics = ServerMetrics()
     runner = AsyncEngine(engine, config.max_waiting, metrics)
 
     @asynccontextmanager

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from vtensor.engine.llm_engine import LLMEngine
@@ -31,6 +31,7 @@ from vtensor.engine.params import SamplingParams
 from .metrics import ServerMetrics
 
 log = logging.getLogger("vtensor.server")
+CALL_POLL_S = 1.0  # how often a caller waiting on the engine checks that it still runs
 T = TypeVar("T")
 
 
@@ -55,9 +56,7 @@ class Submission:
     """An HTTP request's engine requests; their items arrive on ``queue``."""
 
     rids: list[int]
-    prompt_lens: list[int]
     queue: asyncio.Queue[Item | BaseException]
-    submitted: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -150,7 +149,7 @@ class AsyncEngine:
                 raise
             for i, rid in enumerate(rids):
                 self._tracks[rid] = _Track(queue, i, now)
-            return Submission(rids, [len(p) for p in prompts], queue, now)
+            return Submission(rids, queue)
 
         self._pending += len(prompts)
         try:
@@ -184,7 +183,17 @@ class AsyncEngine:
                 self._loop_call(_settle, future, result, None)
 
         self._post(run)
-        return await future
+        # The engine answers between steps. Bounded, because a call posted just as the
+        # thread ends (shutdown, or a failed step) is never run.
+        while True:
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), CALL_POLL_S)
+            except TimeoutError:
+                if not self._thread_running():
+                    raise EngineDeadError("the engine stopped before answering") from None
+
+    def _thread_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def call_blocking(self, fn: Callable[[], T], timeout: float = 60.0) -> T:
         """``call`` from a thread other than the event loop's (tests, embedding code)."""

@@ -46,8 +46,7 @@ class Histogram:
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str) -> None:
-        self.model_name = model_name
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self.ttft = Histogram(TTFT_BUCKETS)
         self.tpot = Histogram(TPOT_BUCKETS)
