@@ -29,34 +29,11 @@ from vtensor.engine.outputs import StepOutput
 from vtensor.engine.params import SamplingParams
 
 from .metrics import ServerMetrics
+from .submission import EngineDeadError, Item, QueueFullError, Submission
 
 log = logging.getLogger("vtensor.server")
 CALL_POLL_S = 1.0  # how often a caller waiting on the engine checks that it still runs
 T = TypeVar("T")
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at its limit: the caller should answer 503."""
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread stopped (shut down, or a step raised)."""
-
-
-@dataclass(frozen=True)
-class Item:
-    """One choice's progress, as the handlers see it."""
-
-    index: int  # the choice index within its HTTP request
-    out: StepOutput
-
-
-@dataclass
-class Submission:
-    """An HTTP request's engine requests; their items arrive on ``queue``."""
-
-    rids: list[int]
-    queue: asyncio.Queue[Item | BaseException]
 
 
 @dataclass

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from .async_engine import AsyncEngine, Item, Submission
+from .async_engine import AsyncEngine
 from .errors import APIError
 from .protocol import (
     ChatChoice,
@@ -31,6 +31,7 @@ from .serving_common import (
     token_text,
     usage,
 )
+from .submission import Item, Submission
 
 
 def render_chat(req_messages: list[dict[str, str]], model: ServedModel, gen: bool) -> list[int]:

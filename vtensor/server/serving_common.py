@@ -16,9 +16,10 @@ from pydantic import BaseModel
 from vtensor.engine.params import SamplingParams
 from vtensor.models.tokenizer import Tokenizer
 
-from .async_engine import AsyncEngine, EngineDeadError, Item, QueueFullError, Submission
+from .async_engine import AsyncEngine
 from .errors import APIError, error_body
 from .protocol import SamplingFields, Usage
+from .submission import EngineDeadError, Item, QueueFullError, Submission
 
 Disconnected = Callable[[], Awaitable[bool]]
 POLL_S = 0.5  # how often a non-streaming request checks that its client is still there

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .async_engine import AsyncEngine, Item, Submission
+from .async_engine import AsyncEngine
 from .protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -25,6 +25,7 @@ from .serving_common import (
     token_text,
     usage,
 )
+from .submission import Item, Submission
 
 
 async def create_completion(
