@@ -6,7 +6,6 @@ import argparse
 import os
 import signal
 import sys
-import time
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +14,6 @@ from vtensor.cli_generate import add_engine_args, engine_kwargs
 if TYPE_CHECKING:  # the engine and uvicorn load only when `serve` runs
     import uvicorn
 
-    from vtensor.engine.llm_engine import LLMEngine
     from vtensor.server.async_engine import AsyncEngine
 
 
@@ -41,6 +39,7 @@ def main(args: argparse.Namespace) -> int:
 
     from vtensor.engine.config import EngineConfig
     from vtensor.engine.llm_engine import LLMEngine
+    from vtensor.engine.warmup import warm_up
     from vtensor.server.app import ServerConfig, build_app
 
     config = ServerConfig(
@@ -55,7 +54,8 @@ def main(args: argparse.Namespace) -> int:
           f"max_model_len {rt.max_model_len}", file=sys.stderr)  # fmt: skip
     if engine.tokenizer is None:
         print("this model has no tokenizer: send prompts as token ids", file=sys.stderr)
-    _warm_up(engine)
+    # Before the port opens, so that compiling lands on no user's first token.
+    print(f"warmed up in {warm_up(engine):.1f}s", file=sys.stderr)
     app = build_app(config, engine)
     server = _server(
         app.state.engine,
@@ -82,27 +82,6 @@ def main(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
     print("vtensor serve: shut down cleanly", file=sys.stderr)
     return 0
-
-
-def _warm_up(engine: LLMEngine) -> None:
-    """Two short requests before the port opens, the second joining while the first
-    decodes: the first prefill, decode and mixed step compile the fused and Triton
-    kernels (seconds on a GPU), which would otherwise land on the first users' TTFT."""
-    from vtensor.engine.params import SamplingParams
-
-    t0 = time.perf_counter()
-    vocab = engine.model_config.vocab_size
-    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    rids = [engine.add_request([t % vocab for t in range(1, 33)], params)]
-    engine.step()  # prefill
-    rids.append(engine.add_request([t % vocab for t in range(2, 66)], params))
-    while engine.has_unfinished():  # a mixed step, then decodes
-        engine.step()
-    for rid in rids:
-        engine.pop(rid)
-    scratch_row = engine.arena.layout.row_start(engine.scratch_slot)
-    engine.runner.attn.precompile(engine.model_config.num_heads, scratch_row)
-    print(f"warmed up in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
 
 
 def _server(engine: AsyncEngine, drain_s: float, config: uvicorn.Config) -> uvicorn.Server:

@@ -52,13 +52,15 @@ async def run_workload(
 ) -> tuple[list[Any], float]:
     """Every conversation from its arrival time, its turns in order; returns the results
     and the wall time from the first send to the last answer."""
-    import aiohttp
+    import aiohttp  # here, not at the top: `vtensor --help` need not load the client
     from tqdm import tqdm
+
+    from .serve_client import TIMEOUT
 
     limit = asyncio.Semaphore(run.max_concurrency or 10**9)
     total = sum(len(c.turns) for c in convs)
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
-    async with aiohttp.ClientSession(connector=connector, timeout=_timeout()) as session:
+    async with aiohttp.ClientSession(connector=connector, timeout=TIMEOUT) as session:
         bar = tqdm(total=total, desc="requests", unit="req", disable=not progress, file=sys.stderr)
         t0 = time.perf_counter()
         tasks = [
@@ -69,12 +71,6 @@ async def run_workload(
         duration = time.perf_counter() - t0
         bar.close()
     return [r for rs in nested for r in rs], duration
-
-
-def _timeout() -> Any:
-    from .serve_client import TIMEOUT
-
-    return TIMEOUT
 
 
 async def _conversation(

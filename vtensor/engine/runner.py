@@ -81,14 +81,9 @@ class ModelRunner:
             store.extend(range(r0 + s, r0 + s + n))
         indptr = [0, *itertools.accumulate(rows.lengths)]
         seq_lens = [s + n for s, n in zip(rows.starts, rows.lengths)]
-        # Leading one-token requests (the runner puts decodes first) take the decode kernel.
-        nd = (
-            0
-            if is_decode
-            else next((i for i, n in enumerate(rows.lengths) if n != 1), len(rows.lengths))
-        )
-        if nd == len(rows.lengths):  # all one-token chunks, but graphs were not used
-            nd = 0
+        # In a mixed batch the one-token requests lead (execute orders them first) and
+        # take the decode kernel; an all-decode batch is marked by is_decode instead.
+        nd = 0 if is_decode else rows.lengths.count(1)
         ints = _to_device(
             [store, row_starts, rows.starts, seq_lens, indptr, [p - nd for p in indptr[nd:]]],
             torch.int32,

@@ -206,7 +206,8 @@ def decode_attention(
         raise ValueError(f"max_len must be ≥ 1, got {max_len}")
     sm_scale = resolve_scale(sm_scale, dim)
     if not use_triton(q, k_cache, impl=impl):
-        return decode_ref(q, k_cache, v_cache, row_starts, lengths, sm_scale).to(q.dtype)
+        ref = decode_ref(q, k_cache, v_cache, row_starts, lengths, sm_scale)
+        return check_out(out, q).copy_(ref)
     cfg = config or DecodeConfig(block_n=64 if dim <= 128 else 32)
     if num_splits is None:
         num_splits = choose_num_splits(batch, kv_heads, max_len, num_sms(q.device))

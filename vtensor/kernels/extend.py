@@ -205,7 +205,7 @@ def extend_attention(
     sm_scale = resolve_scale(sm_scale, dim)
     if not use_triton(q, k_cache, impl=impl):
         ref = extend_ref(q, k_cache, v_cache, qo_indptr, row_starts, prefix_lens, sm_scale)
-        return ref.to(q.dtype)
+        return check_out(out, q).copy_(ref)
     out = check_out(out, q)
     if batch == 0 or max_new <= 0:
         return out

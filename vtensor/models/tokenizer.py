@@ -101,22 +101,21 @@ class IncrementalDetokenizer:
 
     def push(self, token_ids: Sequence[int]) -> str:
         self._ids.extend(token_ids)
-        before = self._tok.decode(self._ids[self._prefix : self._read])
-        after = self._tok.decode(self._ids[self._prefix :])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""
-        delta = after[len(before) :]
-        self._prefix, self._read = self._read, len(self._ids)
-        self.text += delta
-        return delta
+        return self._advance(final=False)
 
     def flush(self) -> str:
         """At the end of the sequence: the held-back tail, incomplete characters and all
         (as U+FFFD), so that ``text`` equals decoding the whole output at once."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        """The text the unread ids add; before ``final``, none while it ends mid-character."""
         before = self._tok.decode(self._ids[self._prefix : self._read])
         after = self._tok.decode(self._ids[self._prefix :])
-        delta = after[len(before) :] if len(after) > len(before) else ""
-        self._prefix = self._read = len(self._ids)
+        if len(after) <= len(before) or (not final and after.endswith("\ufffd")):
+            return ""
+        delta = after[len(before) :]
+        self._prefix, self._read = self._read, len(self._ids)
         self.text += delta
         return delta
 

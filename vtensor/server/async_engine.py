@@ -91,7 +91,7 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+        return self._thread_running() and not self._stop.is_set()
 
     @property
     def num_waiting(self) -> int:
@@ -212,8 +212,7 @@ class AsyncEngine:
 
     def _deliver(self, outs: list[StepOutput]) -> None:
         now = time.perf_counter()
-        batches: dict[int, list[Item]] = {}
-        queues: dict[int, asyncio.Queue[Item | BaseException]] = {}
+        batches: dict[asyncio.Queue[Item | BaseException], list[Item]] = {}
         for out in outs:
             track = self._tracks.get(out.rid)
             if track is None:  # aborted by its client during this step
@@ -222,14 +221,12 @@ class AsyncEngine:
                 track.first = now
                 self.metrics.observe_first_token(now - track.arrival)
             track.tokens += len(out.new_token_ids)
-            key = id(track.queue)
-            batches.setdefault(key, []).append(Item(track.index, out))
-            queues[key] = track.queue
+            batches.setdefault(track.queue, []).append(Item(track.index, out))
             if out.finished:
                 self._finish(out.rid, track, now, out.finish_reason or "abort")
         self.metrics.add_tokens(sum(len(o.new_token_ids) for o in outs), now)
         if batches:  # one wake-up of the event loop per step, however many requests
-            self._loop_call(_dispatch, [(queues[k], items) for k, items in batches.items()])
+            self._loop_call(_dispatch, list(batches.items()))
 
     def _finish(self, rid: int, track: _Track, now: float, reason: str) -> None:
         seq = self.engine.pop(rid)

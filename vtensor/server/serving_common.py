@@ -11,8 +11,6 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pydantic import BaseModel
-
 from vtensor.engine.params import SamplingParams
 from vtensor.models.tokenizer import Tokenizer
 
@@ -213,16 +211,11 @@ def usage(prompt: int, completion_tokens: int) -> Usage:
     )  # fmt: skip
 
 
-def sse(payload: BaseModel | dict) -> str:
-    body = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
-    return f"data: {body}\n\n"
-
-
 class ChunkWriter:
     """SSE events of one stream, written as JSON directly: the per-token hot path.
 
-    The fields match the pydantic chunk models in ``protocol`` (which document the
-    schema and which the tests validate streamed events against)."""
+    The fields match the pydantic chunk models in ``protocol``, which document the
+    schema; the tests parse streamed events with the official ``openai`` client."""
 
     def __init__(self, rid: str, kind: str, model: str) -> None:
         self._head = (
@@ -239,7 +232,7 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 def sse_error(exc: APIError) -> str:
-    return sse(error_body(exc.status, exc.message, exc.param))
+    return f"data: {json.dumps(error_body(exc.status, exc.message, exc.param))}\n\n"
 
 
 def token_text(model: ServedModel, token: int) -> str:
