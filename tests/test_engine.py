@@ -29,7 +29,7 @@ def test_stop_token_ids_eos_and_max_tokens(make_llm) -> None:
     cut = greedy(llm, prompt, stop_token_ids=[stop_at])
     assert cut.token_ids == full.token_ids[: first + 1]
     assert (cut.finish_reason, cut.stop_reason) == ("stop", stop_at)
-    llm.engine.eos_token_ids = (stop_at,)
+    llm.engine.outputs.eos_token_ids = (stop_at,)
     eos = greedy(llm, prompt)
     assert eos.token_ids == full.token_ids[: first + 1] and eos.stop_reason is None
     assert greedy(llm, prompt, ignore_eos=True).token_ids == full.token_ids

@@ -12,7 +12,7 @@ import sys
 
 from vtensor.engine.params import SamplingParams
 from vtensor.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from vtensor.engine.sequence import Sequence, Status
+from vtensor.engine.sequence import PLACEHOLDER, Sequence, Status
 from vtensor.kvcache.manager import KVCacheManager, KVGeometry
 
 TPC = 8  # tokens per chunk below
@@ -116,6 +116,54 @@ def test_random_workload_finishes_every_request_and_returns_every_chunk() -> Non
     s.kv.reclaim_all()
     assert s.kv.usage().committed_chunks == 0
     s.kv.check()
+
+
+def test_async_workload_reads_tokens_a_step_late_and_returns_every_chunk() -> None:
+    """The engine's async loop with a fake model: each step is launched with placeholder
+    tokens and read one step later; requests stop at random (EOS-like) or on length,
+    and some are aborted with a token in flight."""
+    rng = random.Random()
+    s = make(capacity=rng.randint(40, 80), slots=rng.randint(2, 8), budget=rng.randint(8, 64))
+    seqs = [seq(i, rng.randint(1, 120), rng.randint(1, 60)) for i in range(60)]
+    stops = {q.rid: rng.randint(1, 80) for q in seqs}  # an "EOS" at this output length
+    pending, inflight = list(seqs), []
+    for _ in range(20_000):
+        if pending and rng.random() < 0.3:
+            s.add(pending.pop(0))
+        out = s.schedule()
+        for c in out.chunks:
+            s.update(c, PLACEHOLDER if c.samples else None)
+        read_late(s, inflight, stops, rng)
+        inflight = [c for c in out.chunks if c.samples]
+        s.kv.check()
+        if not pending and not s.has_unfinished() and not inflight:
+            break
+    assert all(q.status is Status.FINISHED for q in seqs)
+    assert all(PLACEHOLDER not in q.token_ids for q in seqs)
+    for q in seqs:
+        if q.finish_reason != "abort":
+            want = min(q.params.max_tokens or 0, stops[q.rid])
+            assert q.num_output == want, (q.rid, q.num_output, want, q.finish_reason)
+    s.kv.reclaim_all()
+    assert s.kv.usage().committed_chunks == 0
+
+
+def read_late(s: Scheduler, chunks: list, stops: dict[int, int], rng: random.Random) -> None:
+    """Read a launched step: resolve its placeholders, then stop or abort (LLMEngine._read)."""
+    for c in chunks:
+        q = c.seq
+        if q.finished:
+            continue
+        q.resolve(c.end, rng.randrange(100))
+        n_out = c.end + 1 - q.num_prompt
+        if n_out >= min(q.params.max_tokens or 0, stops[q.rid]):
+            reason = "stop" if n_out >= stops[q.rid] else "length"
+        elif rng.random() < 0.01:
+            reason = "abort"
+        else:
+            continue
+        q.truncate(c.end + 1)  # drops the placeholder launched after this token, if any
+        s.finish(q, reason)
 
 
 def test_next_admissions_are_mapped_a_step_early() -> None:

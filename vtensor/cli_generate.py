@@ -21,6 +21,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--kv-cache-gib", type=float, default=None, help="KV pool size")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--async-scheduling", dest="async_scheduling", default=None,
+                   action=argparse.BooleanOptionalAction,
+                   help="launch each step before reading the last one's tokens "
+                        "(default: on for CUDA, off on the CPU)")  # fmt: skip
 
 
 def engine_kwargs(args: Any) -> dict[str, Any]:
@@ -29,7 +33,7 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
         model=args.model, shape=args.shape, device=args.device, dtype=args.dtype,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=kv,
-        enforce_eager=args.enforce_eager,
+        enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
     )  # fmt: skip
 
 

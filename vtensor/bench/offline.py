@@ -6,7 +6,8 @@ Parts (each a table, all in one JSON):
 * ``throughput``: vLLM's "random" workload through ``LLMEngine``; tokens/s,
   mapper wait as a share of step time, and mapped-vs-live KV per step.
 * ``decode``: the step time of a full decode batch at each ``--decode-batches``
-  size, against ``(weight bytes + KV bytes read) / measured read bandwidth``.
+  size, against ``(weight bytes + KV bytes read) / measured read bandwidth``;
+  measured with async scheduling and synchronously, on the same engine.
 * ``hf``: ``transformers`` ``generate`` (static cache, sdpa) on the same shape
   and batches: its decode step time, and ours as a speed-up over it.
 """
@@ -154,7 +155,13 @@ def run_engine(cfg: EngineConfig, args: Any) -> tuple[dict[str, Any], ModelConfi
         result["decode"] = []
         for b in args.decode_batches:
             print(f"decode: batch {b}, context {args.decode_ctx}", flush=True)
-            result["decode"].append(decode_steps(engine, b, args.decode_ctx, args.decode_steps))
+            engine.set_async_scheduling(False)
+            sync = decode_steps(engine, b, args.decode_ctx, args.decode_steps)
+            engine.set_async_scheduling(True)
+            row = decode_steps(engine, b, args.decode_ctx, args.decode_steps)
+            row["sync_step_ms"] = sync["step_ms"]
+            result["decode"].append(row)
+        engine.set_async_scheduling(rt.async_scheduling)
         return result, engine.model_config, rt
 
 
@@ -181,12 +188,18 @@ def print_decode(result: dict[str, Any]) -> None:
         d["floor_ms"] = moved / (bandwidth * 1e9) * 1e3 if bandwidth else None
         d["x_floor"] = d["step_ms"] / d["floor_ms"] if d["floor_ms"] else None
         d["x_hf"] = d["hf_step_ms"] / d["step_ms"] if d.get("hf_step_ms") else None
+        d["x_sync"] = d["sync_step_ms"] / d["step_ms"]
         table.append(
             (d["batch"], d["ctx"], d["step_ms"], d["floor_ms"] or "-", d["x_floor"] or "-",
-             d.get("hf_step_ms") or "-", d["x_hf"] or "-")
+             d["sync_step_ms"], d["x_sync"], d.get("hf_step_ms") or "-", d["x_hf"] or "-")
         )  # fmt: skip
-    print(f"decode step vs floor (weights + KV read at {bandwidth or 0:.0f} GB/s) and vs HF:")
-    print(format_table(["batch", "ctx", "step ms", "floor ms", "x floor", "HF ms", "x HF"], table))
+    print(
+        f"decode step (async scheduling) vs floor (weights + KV read at {bandwidth or 0:.0f} "
+        "GB/s), vs synchronous steps and vs HF:"
+    )
+    headers = ["batch", "ctx", "step ms", "floor ms", "x floor", "sync ms", "x sync", "HF ms",
+               "x HF"]  # fmt: skip
+    print(format_table(headers, table))
 
 
 def _read_bandwidth(device: torch.device) -> float | None:

@@ -22,6 +22,7 @@ class EngineConfig:
     weights of a known model's shape (benchmarks); neither gives the embedded
     tiny random model. ``device=None`` picks CUDA when present.
     ``kv_cache_bytes=None`` sizes the KV pool from free memory (GPU) or 256 MiB (CPU).
+    ``async_scheduling=None`` turns it on for CUDA only.
     """
 
     model: str | None = None
@@ -37,6 +38,9 @@ class EngineConfig:
     lookahead_tokens: int = 4
     keep_idle_chunks: int | None = None  # deferred reclamation limit (None: no limit)
     enforce_eager: bool = False
+    # Launch each step before reading the previous one's tokens (None: on for CUDA,
+    # where it hides the host's per-step work behind the GPU's; off on the CPU).
+    async_scheduling: bool | None = None
     attention_impl: str = "auto"  # auto: Triton on CUDA, fp32 torch reference on the CPU
     seed: int = 0
 

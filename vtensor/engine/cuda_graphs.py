@@ -14,11 +14,21 @@ sizes the splits for the longest context; short contexts skip empty splits.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from vtensor.models.attention import AttentionBackend, AttentionMetadata
 from vtensor.models.llama import LlamaForCausalLM
+
+
+@dataclass(frozen=True)
+class TokenFeed:
+    """Input ids that are still on the device: ``ids[dst[i]] = tokens[src[i]]``."""
+
+    tokens: torch.Tensor  # the previous step's sampled tokens
+    dst: list[int]  # positions in this step's input ids
+    src: list[int]  # rows of ``tokens``
 
 
 def buckets(max_bs: int) -> list[int]:
@@ -66,18 +76,37 @@ class DecodeGraphs:
         torch.cuda.synchronize()
 
     def run(
-        self, ids: Sequence[int], positions: Sequence[int], row_starts: Sequence[int]
+        self,
+        ids: Sequence[int],
+        positions: Sequence[int],
+        row_starts: Sequence[int],
+        feed: TokenFeed | None = None,
     ) -> torch.Tensor:
-        """Logits ``[bs, vocab]`` of one decode step (one token per request)."""
+        """Logits ``[bs, vocab]`` of one decode step (one token per request).
+
+        The returned tensor is the graph's static output: the next replay
+        overwrites it (stream-ordered, so work queued before that replay reads it).
+        """
         bs = len(ids)
         bucket = next(b for b in self.buckets if b >= bs)
-        host = torch.tensor([list(ids), list(positions), list(row_starts)], dtype=torch.long)
-        host = host.pin_memory().to(self.ids.device, non_blocking=True)
-        self.ids[:bs].copy_(host[0])
-        self.positions[:bs].copy_(host[1])
-        self.row_starts[:bs].copy_(host[2])
-        self.store_rows[:bs].copy_(host[2] + host[1])
-        self.seq_lens[:bs].copy_(host[1] + 1)
+        n = len(feed.dst) if feed else 0
+        flat = [
+            *ids,
+            *positions,
+            *row_starts,
+            *(feed.dst if feed else ()),
+            *(feed.src if feed else ()),
+        ]
+        host = torch.tensor(flat, dtype=torch.long).pin_memory()
+        host = host.to(self.ids.device, non_blocking=True)
+        ids_d, pos_d, rows_d, dst, src = host.split([bs, bs, bs, n, n])
+        self.ids[:bs].copy_(ids_d)
+        if feed:
+            self.ids.index_copy_(0, dst, feed.tokens.index_select(0, src))
+        self.positions[:bs].copy_(pos_d)
+        self.row_starts[:bs].copy_(rows_d)
+        self.store_rows[:bs].copy_(rows_d + pos_d)
+        self.seq_lens[:bs].copy_(pos_d + 1)
         self._reset_padding(bs, bucket)
         self.graphs[bucket].replay()
         return self.logits[bucket][:bs]

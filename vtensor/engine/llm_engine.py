@@ -3,6 +3,13 @@
 A step: schedule → queue the KV mapping it needs (and mapping ahead for the
 next steps) → wait only for the chunks this step touches → forward → sample
 → check stop conditions → release finished requests' slots.
+
+With async scheduling (the default on CUDA) a step is *launched*, not
+awaited: its sampled tokens stay on the device and feed the next step, which
+is scheduled and launched before the host reads them. The host's bookkeeping
+of step N (stop checks, detokenizing, outputs) then runs while the GPU
+computes step N+1, instead of leaving the GPU idle. The price: a request that
+stops (EOS, stop string) computes one more token, which is dropped.
 """
 
 from __future__ import annotations
@@ -14,45 +21,35 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from vtensor.kvcache.manager import KVCacheManager
+from vtensor.kvcache.manager import KVCacheManager, UnmapCommand
 from vtensor.models.attention import VirtualKVAttention
-from vtensor.models.tokenizer import IncrementalDetokenizer
 
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
+from .output_processor import OutputProcessor
 from .outputs import StepOutput
 from .params import SamplingParams
-from .runner import ModelRunner
-from .sampler import Sampler, SamplerRow
-from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from .sequence import Sequence
+from .runner import DeviceTokens, ModelRunner
+from .sampler import PendingSample, Sampler, SamplerRow
+from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
+from .sequence import PLACEHOLDER, Sequence
 from .setup import build_arena, load_model, load_tokenizer, model_config, runtime_for
-from .stop import check_stop
+from .stats import EngineStats
 
 
 @dataclass(frozen=True)
-class EngineStats:
-    running: int
-    waiting: int
-    preemptions: int
-    steps: int
-    step_s: float  # total wall time in step()
-    mapper_wait_s: float  # time steps blocked on KV mapping
-    mapper_waits: int  # steps that blocked at all
-    kv_sync_s: float  # queue-to-ready time of each step's mapping (upper bound on its cost)
-    live_kv_bytes: int  # KV of running requests' computed tokens
-    mapped_kv_bytes: int  # chunks committed to running slots
-    idle_kv_bytes: int  # chunks kept by idle slots (deferred reclamation)
-    surplus_kv_bytes: int  # running slots' chunks inherited beyond their needs (ditto)
-    chunk_size: int
-    pool_in_use_chunks: int
-    pool_free_chunks: int
-    pool_capacity_chunks: int
+class LaunchedStep:
+    """A step queued on the device whose sampled tokens the host has not read."""
+
+    sampling: list[ScheduledChunk]  # the chunks that sample, in the draw's row order
+    draw: PendingSample | None
+    needs_host_tokens: bool  # a row has penalties: the next draw needs these tokens
 
     @property
-    def waste_bytes(self) -> int:
-        """Mapped to running slots but holding no KV, excluding the surplus kept on purpose."""
-        return self.mapped_kv_bytes - self.surplus_kv_bytes - self.live_kv_bytes
+    def device_tokens(self) -> DeviceTokens | None:
+        if self.draw is None:
+            return None
+        return DeviceTokens(self.draw.tokens, {c.seq.rid: k for k, c in enumerate(self.sampling)})
 
 
 class LLMEngine:
@@ -95,15 +92,14 @@ class LLMEngine:
             graphs.capture()
         self.runner = ModelRunner(self.model, attn, self.arena.layout, rt.device, graphs)
         self.sampler = Sampler()
-        self.eos_token_ids = tuple(
-            self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
-        )
+        eos = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
+        self.outputs = OutputProcessor(self.tokenizer, tuple(eos))
         self.seqs: dict[int, Sequence] = {}
         self._ids = itertools.count()
         self._generators: dict[int, torch.Generator] = {}
-        self._detoks: dict[int, IncrementalDetokenizer] = {}
-        self._streamed: dict[int, int] = {}  # characters of text handed out in StepOutputs
-        self._steps, self._step_s, self._kv_sync_s = 0, 0.0, 0.0
+        self._inflight: LaunchedStep | None = None  # async scheduling: the step not yet read
+        self._last_launch_done: torch.cuda.Event | None = None  # guards unmapping (_sync_kv)
+        self._steps, self._step_s, self._kv_sync_s, self._fences = 0, 0.0, 0.0, 0
         self._closed = False
 
     # --------------------------------------------------------------- requests
@@ -130,8 +126,7 @@ class LLMEngine:
         if params.seed is not None:
             gen = torch.Generator(device=self.runtime.device)
             self._generators[rid] = gen.manual_seed(params.seed)
-        if self.tokenizer is not None and (params.stop or stream_text):
-            self._detoks[rid] = IncrementalDetokenizer(self.tokenizer, ids[-4:])
+        self.outputs.add(rid, ids, params, stream_text)
         self.seqs[rid] = seq
         self.scheduler.add(seq)
         return rid
@@ -153,39 +148,73 @@ class LLMEngine:
     def abort(self, rid: int) -> None:
         seq = self.seqs.get(rid)
         if seq is not None and not seq.finished:
-            self.scheduler.finish(seq, "abort")
-            self._forget(rid)
+            self._finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Whether a request is waiting, running, or has a token still to be read."""
+        if self.scheduler.has_unfinished():
+            return True
+        return self._inflight is not None and not all(
+            c.seq.finished for c in self._inflight.sampling
+        )
 
     def text_of(self, rid: int) -> str:
         """The request's output text (stop strings already cut)."""
-        seq = self.seqs[rid]
-        if rid in self._detoks:
-            return self._detoks[rid].text
-        if self.tokenizer is None:
-            return ""
-        skip = seq.params.skip_special_tokens
-        return self.tokenizer.decode(seq.output_ids, skip_special_tokens=skip)
+        return self.outputs.text_of(self.seqs[rid])
 
     def pop(self, rid: int) -> Sequence:
         """Hand a finished request's sequence to the caller and drop the engine's records."""
         seq = self.seqs.pop(rid)
-        self._detoks.pop(rid, None)
-        self._streamed.pop(rid, None)
+        self.outputs.forget(rid)
         return seq
+
+    def set_async_scheduling(self, on: bool) -> None:
+        """Switch between async and synchronous steps, between runs (benchmarks compare)."""
+        if self.has_unfinished():
+            raise RuntimeError("async scheduling can only be switched with no request unfinished")
+        self._read(self._take_inflight())  # only finished requests' tokens: all dropped
+        self.runtime = replace(self.runtime, async_scheduling=on)
 
     # ------------------------------------------------------------------- step
     def step(self) -> list[StepOutput]:
+        """Run one step and return the tokens read in it.
+
+        Synchronous: this step's tokens. Async scheduling: this step is launched and
+        the *previous* step's tokens are read while it runs; a call with nothing
+        left to schedule just reads the last one.
+        """
         t0 = time.perf_counter()
+        results: list[StepOutput] = []
+        if self._inflight is not None and self._inflight.needs_host_tokens:
+            results = self._read(self._take_inflight())  # penalties count every real token
         out = self.scheduler.schedule()
         if not out.chunks:
-            return []
-        # The KV sync window: from queueing the maps to the step's chunks being ready.
-        # Timed as a whole (not just the blocking wait) because the mapper thread can also
-        # delay this thread through the GIL; this is the mapping cost the step really pays.
+            return results + self._read(self._take_inflight())
+        slots = self._sync_kv(out)
+        launched = self._launch(out, slots)
+        results += self._read(self._take_inflight())  # overlaps this step's GPU work
+        if self.runtime.async_scheduling:
+            self._inflight = launched
+        else:
+            results += self._read(launched)
+        self._steps += 1
+        self._step_s += time.perf_counter() - t0
+        return results
+
+    def _sync_kv(self, out: SchedulerOutput) -> list[int]:
+        """Queue the step's KV mapping and wait for the chunks it touches; its slots.
+
+        The whole window is timed (the mapper thread can also delay this one through
+        the GIL). Unmapping first waits for the last launched step: it may still write
+        into a slot whose request finished or was aborted since, now being reclaimed.
+        """
         t_kv = time.perf_counter()
+        commands = [*out.kv_commands, *out.ahead_commands]
+        done = self._last_launch_done
+        unmaps = any(isinstance(c, UnmapCommand) for c in commands)
+        if unmaps and done is not None and not done.query():
+            self._fences += 1
+            done.synchronize()
         self.arena.apply(out.kv_commands)
         self.arena.apply(out.ahead_commands)
         slots = [self.kv.slot_of(c.seq.rid) for c in out.chunks]
@@ -193,68 +222,59 @@ class LLMEngine:
             (s, self.kv.geometry.chunks_for(c.end)) for s, c in zip(slots, out.chunks)
         )
         self._kv_sync_s += time.perf_counter() - t_kv
-        logits = self.runner.execute(out.chunks, slots)
-        results = self._sample_and_update(out, logits)
-        self._steps += 1
-        self._step_s += time.perf_counter() - t0
-        return results
+        return slots
 
-    def _sample_and_update(self, out: SchedulerOutput, logits: torch.Tensor) -> list[StepOutput]:
+    def _launch(self, out: SchedulerOutput, slots: list[int]) -> LaunchedStep:
+        """Queue the forward and the draw; the chunks count as computed from here on."""
+        pending = self._inflight.device_tokens if self._inflight is not None else None
+        logits = self.runner.execute(out.chunks, slots, pending)
         sampling = [c for c in out.chunks if c.samples]
         rows = [
             SamplerRow(
-                c.seq.params, c.seq.prompt_ids, c.seq.output_ids, self._generators.get(c.seq.rid)
+                c.seq.params,
+                c.seq.prompt_ids,
+                c.seq.output_ids if c.seq.params.has_penalties else (),
+                self._generators.get(c.seq.rid),
             )
             for c in sampling
         ]
-        sampled = self.sampler(logits, rows) if sampling else None
-        results: list[StepOutput] = []
-        k = 0
+        draw = self.sampler.draw(logits, rows) if sampling else None
         for c in out.chunks:
-            if not c.samples:
-                self.scheduler.update(c, None)
+            self.scheduler.update(c, PLACEHOLDER if c.samples else None)
+        needs_host = any(c.seq.params.has_penalties for c in sampling)
+        if self.runtime.device.type == "cuda":
+            self._last_launch_done = torch.cuda.Event()
+            self._last_launch_done.record()
+        return LaunchedStep(sampling, draw, needs_host)
+
+    def _take_inflight(self) -> LaunchedStep | None:
+        step, self._inflight = self._inflight, None
+        return step
+
+    def _read(self, step: LaunchedStep | None) -> list[StepOutput]:
+        """Read a launched step's tokens: resolve placeholders, check stops, make outputs.
+        A request finished or aborted since the launch drops its token."""
+        if step is None or step.draw is None:
+            return []
+        sampled = step.draw.result()
+        results: list[StepOutput] = []
+        for c, token, logprob in zip(step.sampling, sampled.tokens, sampled.logprobs):
+            seq = c.seq
+            if seq.finished:
                 continue
-            assert sampled is not None
-            token, logprob = sampled.tokens[k], sampled.logprobs[k]
-            k += 1
-            self.scheduler.update(c, token)
-            results.append(self._after_token(c.seq, token, logprob))
+            seq.resolve(c.end, token)
+            decision = self.outputs.on_token(seq, c.end, logprob)
+            if decision is not None:
+                seq.truncate(c.end + 1)  # a placeholder launched after this token goes
+                self._finish(seq, decision.reason, decision.stop_reason)
+            results.append(self.outputs.output(seq, token, logprob))
         return results
 
-    def _after_token(
-        self, seq: Sequence, token: int, logprob: dict[int, float] | None
-    ) -> StepOutput:
-        if seq.first_token_time is None:
-            seq.first_token_time = time.perf_counter()
-        if logprob is not None:
-            seq.logprobs.append(logprob)
-        detok = self._detoks.get(seq.rid)
-        delta = detok.push([token]) if detok is not None else ""
-        decision = check_stop(seq, self.eos_token_ids, detok, delta)
-        if decision is not None:
-            if detok is not None and not isinstance(decision.stop_reason, str):
-                detok.flush()  # no stop string cut the text: it ends with the last token
-            self.scheduler.finish(seq, decision.reason, decision.stop_reason)
-            self._forget(seq.rid)
-        text = self._stream_delta(seq, detok)
-        return StepOutput(
-            seq.rid, [token], text, seq.finished, seq.finish_reason, seq.stop_reason, logprob
-        )
-
-    def _stream_delta(self, seq: Sequence, detok: IncrementalDetokenizer | None) -> str:
-        """New text safe to hand out. While running, the last ``len(longest stop) - 1``
-        characters are held back: they may be the start of a stop string, which is cut
-        from the output when it completes, and streamed text cannot be taken back."""
-        if detok is None:
-            return ""
-        sent = self._streamed.get(seq.rid, 0)
-        hold = 0 if seq.finished or not seq.params.stop else max(map(len, seq.params.stop)) - 1
-        upto = max(sent, len(detok.text) - hold)
-        self._streamed[seq.rid] = upto
-        return detok.text[sent:upto]
-
-    def _forget(self, rid: int) -> None:
-        self._generators.pop(rid, None)
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        if seq.awaits_token:  # aborted with a token in flight: it will be dropped
+            seq.truncate(seq.num_tokens - 1)
+        self.scheduler.finish(seq, reason, stop_reason)
+        self._generators.pop(seq.rid, None)
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> EngineStats:
@@ -270,6 +290,7 @@ class LLMEngine:
             mapper_wait_s=arena.wait_s,
             mapper_waits=arena.waits,
             kv_sync_s=self._kv_sync_s,
+            unmap_fences=self._fences,
             live_kv_bytes=live,
             mapped_kv_bytes=(usage.committed_chunks - usage.idle_chunks) * geo.chunk_size,
             idle_kv_bytes=usage.idle_chunks * geo.chunk_size,
@@ -287,6 +308,9 @@ class LLMEngine:
         self._closed = True
         for rid in [r for r, s in self.seqs.items() if not s.finished]:
             self.abort(rid)
+        self._read(self._take_inflight())
+        if self.runtime.device.type == "cuda":
+            torch.cuda.synchronize(self.runtime.device)  # no kernel may touch chunks we unmap
         self.runner.graphs = None
         self.arena.close()
         backend = self.pool.backend

@@ -16,8 +16,19 @@ from vtensor.kvcache.layout import KVLayout
 from vtensor.models.attention import AttentionBackend, AttentionMetadata
 from vtensor.models.llama import LlamaForCausalLM
 
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import DecodeGraphs, TokenFeed
+from .host_sync import to_device
 from .scheduler import ScheduledChunk
+from .sequence import PLACEHOLDER
+
+
+@dataclass(frozen=True)
+class DeviceTokens:
+    """The previous step's sampled tokens, still on the device (async scheduling):
+    request ``rid``'s token is ``tokens[rows[rid]]``."""
+
+    tokens: torch.Tensor
+    rows: dict[int, int]
 
 
 @dataclass(frozen=True)
@@ -45,13 +56,22 @@ class ModelRunner:
         self.graphs = graphs
 
     @torch.inference_mode()
-    def execute(self, chunks: Sequence[ScheduledChunk], slots: Sequence[int]) -> torch.Tensor:
-        """Logits ``[S, vocab]`` for the chunks that sample, in batch order."""
+    def execute(
+        self,
+        chunks: Sequence[ScheduledChunk],
+        slots: Sequence[int],
+        pending: DeviceTokens | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[S, vocab]`` for the chunks that sample, in batch order.
+
+        A chunk whose last token is a placeholder takes it from ``pending``.
+        """
         is_decode = all(c.num_tokens == 1 for c in chunks)
         if is_decode and self.graphs is not None and self.graphs.fits(len(chunks)):
             ids = [c.seq.token_ids[c.start] for c in chunks]
             rows = BatchRows(list(slots), [c.start for c in chunks], [1] * len(chunks))
-            logits = self.graphs.run(ids, rows.starts, self._row_starts(rows))
+            feed = _feed(chunks, range(len(chunks)), pending)
+            logits = self.graphs.run(ids, rows.starts, self._row_starts(rows), feed)
             if all(c.samples for c in chunks):  # always, in practice: a 1-token chunk ends a seq
                 return logits
             return logits[[i for i, c in enumerate(chunks) if c.samples]]
@@ -63,15 +83,16 @@ class ModelRunner:
         rows = BatchRows(
             [slots[i] for i in order], [c.start for c in chunks], [c.num_tokens for c in chunks]
         )
-        input_ids, positions, meta = self.prepare(ids, rows, is_decode)
-        hidden = self.model(input_ids, positions, self.attn, meta)
         ends = list(itertools.accumulate(rows.lengths))  # a chunk's last row is its end - 1
+        feed = _feed(chunks, [e - 1 for e in ends], pending)
+        input_ids, positions, meta = self.prepare(ids, rows, is_decode, feed)
+        hidden = self.model(input_ids, positions, self.attn, meta)
         last_of = {i: ends[k] - 1 for k, i in enumerate(order) if chunks[k].samples}
-        last = torch.tensor([last_of[i] for i in sorted(last_of)], dtype=torch.long)
-        return self.model.logits(hidden[last.to(self.device, non_blocking=True)])
+        last = to_device([last_of[i] for i in sorted(last_of)], torch.long, self.device)
+        return self.model.logits(hidden[last])
 
     def prepare(
-        self, ids: list[int], rows: BatchRows, is_decode: bool
+        self, ids: list[int], rows: BatchRows, is_decode: bool, feed: TokenFeed | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         row_starts = self._row_starts(rows)
         positions: list[int] = []
@@ -84,12 +105,15 @@ class ModelRunner:
         # In a mixed batch the one-token requests lead (execute orders them first) and
         # take the decode kernel; an all-decode batch is marked by is_decode instead.
         nd = 0 if is_decode else rows.lengths.count(1)
-        ints = _to_device(
+        ints = _to_device_all(
             [store, row_starts, rows.starts, seq_lens, indptr, [p - nd for p in indptr[nd:]]],
             torch.int32,
             self.device,
         )
-        longs = _to_device([ids, positions], torch.long, self.device)
+        dst, src = (feed.dst, feed.src) if feed else ([], [])
+        longs = _to_device_all([ids, positions, dst, src], torch.long, self.device)
+        if feed:
+            longs[0].index_copy_(0, longs[2], feed.tokens.index_select(0, longs[3]))
         meta = AttentionMetadata(
             store_rows=ints[0],
             row_starts=ints[1],
@@ -109,11 +133,24 @@ class ModelRunner:
         return [self.layout.row_start(s) for s in rows.slots]
 
 
-def _to_device(
+def _feed(
+    chunks: Sequence[ScheduledChunk], last_rows: Sequence[int], pending: DeviceTokens | None
+) -> TokenFeed | None:
+    """Where placeholders stand in the batch's input ids, and which pending rows fill them.
+    Only a chunk's last token can be a placeholder (``Sequence``'s invariant)."""
+    dst, src = [], []
+    for c, row in zip(chunks, last_rows):
+        if c.seq.token_ids[c.end - 1] == PLACEHOLDER:
+            if pending is None or c.seq.rid not in pending.rows:
+                raise RuntimeError(f"request {c.seq.rid} awaits a token no pending step has")
+            dst.append(row)
+            src.append(pending.rows[c.seq.rid])
+    return TokenFeed(pending.tokens, dst, src) if dst and pending is not None else None
+
+
+def _to_device_all(
     lists: list[list[int]], dtype: torch.dtype, device: torch.device
 ) -> list[torch.Tensor]:
     """One host tensor, one copy: small per-step index lists cost one transfer, not five."""
-    flat = torch.tensor([x for lst in lists for x in lst], dtype=dtype)
-    if device.type == "cuda":
-        flat = flat.pin_memory().to(device, non_blocking=True)
+    flat = to_device([x for lst in lists for x in lst], dtype, device)
     return list(flat.split([len(lst) for lst in lists]))

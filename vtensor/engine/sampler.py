@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .host_sync import to_host_list
+from .host_sync import HostCopy, to_device
 from .params import SamplingParams
 
 
@@ -30,37 +30,69 @@ class SampleResult:
     logprobs: list[dict[int, float] | None]  # per row: sampled + top-k, when asked
 
 
+class PendingSample:
+    """One step's draw, queued on the device and on its way to the host.
+
+    ``tokens`` stays on the device: async scheduling feeds it straight into the
+    next step's input ids while :meth:`result` is not yet ready.
+    """
+
+    def __init__(self, tokens: torch.Tensor, logprobs: _DeviceLogprobs | None) -> None:
+        self.tokens = tokens
+        self._logprobs = logprobs
+        tensors = [tokens] if logprobs is None else [tokens, *logprobs.tensors]
+        self._copy = HostCopy.start(tensors)
+
+    def result(self) -> SampleResult:
+        """Wait for the draw (the GIL is released while waiting) and read it."""
+        lists = self._copy.lists()
+        tokens = lists[0]
+        if self._logprobs is None:
+            return SampleResult(tokens, [None] * len(tokens))
+        return SampleResult(tokens, self._logprobs.read(tokens, *lists[1:]))
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplerRow]) -> SampleResult:
+        """Draw and wait: tokens and logprobs as host lists."""
+        return self.draw(logits, rows).result()
+
+    def draw(self, logits: torch.Tensor, rows: Sequence[SamplerRow]) -> PendingSample:
+        """Queue the draw on the device; nothing here waits for the GPU.
+
+        Invariant relied on: rows with penalties carry their real output tokens (no
+        placeholder of a token still being sampled); the engine ensures it.
+        """
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
         if all(r.params.greedy and r.params.logprobs is None and not r.params.has_penalties
                for r in rows):  # fmt: skip
             # The common serving case: one argmax, one transfer. (bf16 -> fp32 is exact and
             # monotonic, so the argmax needs no conversion.)
-            return SampleResult(to_host_list(logits.argmax(dim=-1)), [None] * len(rows))
+            return PendingSample(logits.argmax(dim=-1), None)
         logits = logits.float()
         raw = logits
         if any(r.params.has_penalties for r in rows):
             logits = apply_penalties(logits.clone(), rows)
-        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
-        sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
-        if greedy:
-            tokens[greedy] = logits[greedy].argmax(dim=-1)
-        if sampled:
-            tokens[sampled] = self._sample(logits[sampled], [rows[i] for i in sampled])
-        token_list = to_host_list(tokens)
-        return SampleResult(token_list, _logprobs(raw, token_list, rows))
+        if not greedy:
+            tokens = self._sample(logits, rows)
+        elif len(greedy) == len(rows):
+            tokens = logits.argmax(dim=-1)
+        else:  # device-side indices throughout: see host_sync.to_device
+            sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+            g, s = _index(greedy, logits.device), _index(sampled, logits.device)
+            tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+            tokens[g] = logits[g].argmax(dim=-1)
+            tokens[s] = self._sample(logits[s], [rows[i] for i in sampled])
+        return PendingSample(tokens, _DeviceLogprobs.of(raw, tokens, rows))
 
     def _sample(self, logits: torch.Tensor, rows: Sequence[SamplerRow]) -> torch.Tensor:
-        temps = torch.tensor([r.params.temperature for r in rows], device=logits.device)
+        temps = _floats([r.params.temperature for r in rows], logits.device)
         probs = filter_probs(logits / temps[:, None], rows).softmax(dim=-1)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p.
-        noise = torch.empty_like(probs)
-        unseeded = [i for i, r in enumerate(rows) if r.generator is None]
-        if unseeded:
-            noise[unseeded] = torch.empty_like(probs[unseeded]).exponential_()
+        # Exponential race: argmax(p / E) with E ~ Exp(1) is a draw from p. Unseeded rows
+        # draw together; seeded ones each from their request's generator.
+        noise = torch.empty_like(probs).exponential_()
         for i, r in enumerate(rows):
             if r.generator is not None:
                 noise[i] = torch.empty_like(probs[i]).exponential_(generator=r.generator)
@@ -75,14 +107,16 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplerRow]) -> torch.T
         p = r.params
         if not p.has_penalties:
             continue
+        if r.output_ids and min(r.output_ids) < 0:
+            raise RuntimeError("penalties need the real output tokens, not a placeholder")
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor([*r.prompt_ids, *r.output_ids], device=logits.device).unique()
+            seen = _index([*r.prompt_ids, *r.output_ids], logits.device).unique()
             vals = logits[i, seen]
             logits[i, seen] = torch.where(
                 vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
             )
         if r.output_ids and (p.presence_penalty or p.frequency_penalty):
-            out = torch.tensor(list(r.output_ids), device=logits.device)
+            out = _index(list(r.output_ids), logits.device)
             counts = torch.zeros(vocab, device=logits.device).scatter_add_(
                 0, out, torch.ones_like(out, dtype=torch.float)
             )
@@ -98,38 +132,68 @@ def filter_probs(logits: torch.Tensor, rows: Sequence[SamplerRow]) -> torch.Tens
     vocab = logits.shape[1]
     if any(0 < k < vocab for k in top_k) or any(p < 1 for p in top_p):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=logits.device)
+        ks = _index([k if 0 < k < vocab else vocab for k in top_k], logits.device)
         ranks = torch.arange(vocab, device=logits.device)
         drop = ranks[None, :] >= ks[:, None]
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-        ps = torch.tensor(top_p, device=logits.device)
+        ps = _floats(top_p, logits.device)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
         drop |= (probs.cumsum(dim=-1) - probs) >= ps[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
     if any(m > 0 for m in min_p):
         probs = logits.softmax(dim=-1)
-        floor = torch.tensor(min_p, device=logits.device)[:, None] * probs.amax(-1, keepdim=True)
+        floor = _floats(min_p, logits.device)[:, None] * probs.amax(-1, keepdim=True)
         logits = logits.masked_fill(probs < floor, float("-inf"))
     return logits
 
 
-def _logprobs(
-    raw: torch.Tensor, tokens: list[int], rows: Sequence[SamplerRow]
-) -> list[dict[int, float] | None]:
-    """The model's log-probabilities (before penalties and temperature), as vLLM reports."""
-    asked = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-    result: list[dict[int, float] | None] = [None] * len(rows)
-    if not asked:
+@dataclass(frozen=True)
+class _DeviceLogprobs:
+    """The model's log-probabilities (before penalties and temperature), as vLLM
+    reports them, for the rows that asked: computed on the device, read later."""
+
+    asked: list[int]  # rows that asked for logprobs
+    wants: list[int]  # top-k size per asked row
+    picked: torch.Tensor  # [A] the sampled token's logprob
+    top_v: torch.Tensor  # [A, k]
+    top_i: torch.Tensor  # [A, k]
+
+    @classmethod
+    def of(
+        cls, raw: torch.Tensor, tokens: torch.Tensor, rows: Sequence[SamplerRow]
+    ) -> _DeviceLogprobs | None:
+        asked = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        if not asked:
+            return None
+        rows_d = _index(asked, raw.device)
+        logp = raw[rows_d].log_softmax(dim=-1)
+        wants = [rows[i].params.logprobs or 0 for i in asked]
+        top_v, top_i = logp.topk(max(wants), dim=-1)
+        picked = logp.gather(1, tokens[rows_d][:, None])[:, 0]
+        return cls(asked, wants, picked, top_v, top_i)
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.picked, self.top_v, self.top_i]
+
+    def read(
+        self, tokens: list[int], picked: list[float], top_v: list[list[float]],
+        top_i: list[list[int]],
+    ) -> list[dict[int, float] | None]:  # fmt: skip
+        """Per row: {sampled token: logprob, then the top-k}, or None if not asked."""
+        result: list[dict[int, float] | None] = [None] * len(tokens)
+        for j, i in enumerate(self.asked):
+            entry = {tokens[i]: picked[j]}
+            for tid, v in zip(top_i[j][: self.wants[j]], top_v[j][: self.wants[j]]):
+                entry.setdefault(tid, v)
+            result[i] = entry
         return result
-    logp = raw[asked].log_softmax(dim=-1)
-    k = max(rows[i].params.logprobs or 0 for i in asked)
-    top_v, top_i = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
-    picked = logp.gather(1, torch.tensor([tokens[i] for i in asked], device=raw.device)[:, None])
-    for j, i in enumerate(asked):
-        want = rows[i].params.logprobs or 0
-        entry = {tokens[i]: float(picked[j, 0])}
-        for tid, v in zip(top_i[j, :want].tolist(), top_v[j, :want].tolist()):
-            entry.setdefault(tid, v)
-        result[i] = entry
-    return result
+
+
+def _index(values: list[int], device: torch.device) -> torch.Tensor:
+    return to_device(values, torch.long, device)
+
+
+def _floats(values: list[float], device: torch.device) -> torch.Tensor:
+    return to_device(values, torch.float32, device)

@@ -98,6 +98,8 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
+            if seq.num_tokens >= seq.max_len:
+                continue  # its last token is awaited (async scheduling): it ends on length
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self._grow_or_preempt(seq, seq.num_computed + n, preempted):
                 break  # seq preempted itself: nothing newer is left running
@@ -111,7 +113,8 @@ class Scheduler:
         return SchedulerOutput(chunks, preempted, kv_commands, self.kv.drain())
 
     def update(self, chunk: ScheduledChunk, token: int | None) -> None:
-        """Record a computed chunk and, if it sampled, the new token."""
+        """Record a computed (or launched) chunk and, if it sampled, the new token
+        (a ``PLACEHOLDER`` while the token is still on the device)."""
         seq = chunk.seq
         seq.num_computed = chunk.end
         if token is not None:

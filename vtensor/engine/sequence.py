@@ -5,6 +5,12 @@ first ``num_computed`` of them is in the cache. A step computes a chunk
 ``[num_computed, num_computed + n)``; when the chunk reaches the end of
 ``token_ids``, the step samples one more token. Prefill, chunked prefill,
 decode and recompute after preemption are all this one rule.
+
+With async scheduling a sampled token is known on the device a step before
+the host reads it: ``token_ids`` then ends in :data:`PLACEHOLDER`, which
+counts as a token (the next step computes it, fed from the device) and is
+replaced by the real id when the host reads the step. Invariant: only the
+last token can be a placeholder.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 from .params import SamplingParams
+
+PLACEHOLDER = -1  # a sampled token the host has not read yet (never a real id)
 
 
 class Status(enum.Enum):
@@ -69,3 +77,18 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def awaits_token(self) -> bool:
+        """Whether the last token is a placeholder still being read from the device."""
+        return self.token_ids[-1] == PLACEHOLDER
+
+    def resolve(self, index: int, token: int) -> None:
+        """Put the real ``token`` where the placeholder at ``index`` stands."""
+        if self.token_ids[index] != PLACEHOLDER:
+            raise RuntimeError(f"request {self.rid}: token {index} is not awaited")
+        self.token_ids[index] = token
+
+    def truncate(self, num_tokens: int) -> None:
+        """Drop tokens past ``num_tokens``: placeholders computed after a finish."""
+        del self.token_ids[num_tokens:]

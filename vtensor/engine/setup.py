@@ -33,6 +33,7 @@ class EngineRuntime:
     max_model_len: int
     attention_impl: str
     use_cuda_graphs: bool
+    async_scheduling: bool
 
 
 def resolve_device(requested: str | None) -> torch.device:
@@ -74,7 +75,10 @@ def runtime_for(config: EngineConfig, cfg: ModelConfig, name: str) -> EngineRunt
         impl = "triton" if device.type == "cuda" else "torch"
     # Graphs need capturable kernels: the torch reference syncs on host ints.
     graphs = device.type == "cuda" and not config.enforce_eager and impl == "triton"
-    return EngineRuntime(device, dtype, name, config.model is None, max_len, impl, graphs)
+    overlap = config.async_scheduling
+    if overlap is None:
+        overlap = device.type == "cuda"
+    return EngineRuntime(device, dtype, name, config.model is None, max_len, impl, graphs, overlap)
 
 
 def load_model(config: EngineConfig, cfg: ModelConfig, rt: EngineRuntime) -> LlamaForCausalLM:

@@ -17,16 +17,19 @@ class StopDecision:
 
 def check_stop(
     seq: Sequence,
+    index: int,
     eos_token_ids: tuple[int, ...],
     detok: IncrementalDetokenizer | None,
     new_text: str,
 ) -> StopDecision | None:
-    """vLLM's order: EOS, stop token ids, stop strings, then length limits.
+    """Whether the token at ``index`` of ``seq.token_ids`` ends the request.
 
-    A matched stop string is cut from ``detok.text`` (kept when
-    ``include_stop_str_in_output``).
+    vLLM's order: EOS, stop token ids, stop strings, then length limits. The
+    index matters under async scheduling, where a placeholder for the next
+    token may already follow it. A matched stop string is cut from
+    ``detok.text`` (kept when ``include_stop_str_in_output``).
     """
-    token = seq.token_ids[-1]
+    token = seq.token_ids[index]
     p = seq.params
     if not p.ignore_eos and token in eos_token_ids:
         return StopDecision("stop", None)
@@ -39,9 +42,9 @@ def check_stop(
             cut = at + len(stop) if p.include_stop_str_in_output else at
             detok.text = detok.text[:cut]
             return StopDecision("stop", stop)
-    if p.max_tokens is not None and seq.num_output >= p.max_tokens:
+    if p.max_tokens is not None and index + 1 - seq.num_prompt >= p.max_tokens:
         return StopDecision("length")
-    if seq.num_tokens >= seq.max_len:
+    if index + 1 >= seq.max_len:
         return StopDecision("length")
     return None
 
