@@ -6,6 +6,8 @@ Skipped with a reason on machines without a GPU; run on the H100.
 
 from __future__ import annotations
 
+import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -82,3 +84,28 @@ def test_bf16_engine_tracks_hf_bf16(tmp_path: Path, make_llm) -> None:
         for token, value in lp.items():
             assert abs(value - float(ref[token])) < 0.1
         assert out.outputs[0].token_ids[0] in ref.topk(3).indices.tolist()
+
+
+def test_async_steps_equal_sync_steps_while_slots_are_reclaimed(tmp_path: Path, make_llm) -> None:
+    """Async scheduling on CUDA graphs against synchronous steps. Stop tokens end the
+    requests at different steps, and ``keep_idle_chunks=0`` unmaps a finished slot at
+    once: unmapping must wait for the step still on the GPU, which may write that slot."""
+    over = dict(num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                hidden_size=256, head_dim=32, max_position_embeddings=1024)  # fmt: skip
+    make_checkpoint(tmp_path, "llama", **over)
+    kw = dict(device="cuda", dtype="float32", max_num_seqs=8, keep_idle_chunks=0)
+    overlap = make_llm(str(tmp_path), async_scheduling=True, **kw)
+    sync = make_llm(str(tmp_path), async_scheduling=False, **kw)
+    prompts = random_prompts(12, 512, lo=20, hi=300)
+    base = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
+    full = sync.generate(prompts, base)
+    params = [
+        replace(base, stop_token_ids=[o.outputs[0].token_ids[random.randint(1, 250)]]) for o in full
+    ]
+    a, b = overlap.generate(prompts, params), sync.generate(prompts, params)
+    for x, y in zip(a, b):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        assert x.outputs[0].finish_reason == y.outputs[0].finish_reason == "stop"
+    stats = overlap.engine.stats()
+    print(f"async: {stats.steps} steps, {stats.unmap_fences} waited for the GPU to unmap")
+    assert overlap.engine.runner.graphs is not None
