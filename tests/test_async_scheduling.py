@@ -11,6 +11,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
+
 from tests.checkpoints import make_checkpoint, random_prompts
 from tests.test_models_hf import check_against_hf
 from vtensor import SamplingParams
@@ -86,3 +88,24 @@ def test_abort_with_a_token_in_flight_drops_it(make_llm) -> None:
     assert engine.kv.usage().running_slots == 0
     engine.pop(keep)
     engine.pop(gone)
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+def test_released_chunks_are_unmapped_once_the_engine_is_idle(make_llm, overlap: bool) -> None:
+    """With no deferred reclamation a finished request's chunks are unmapped at once;
+    the last ones must be too, though no later step's schedule applies them."""
+    llm = make_llm(keep_idle_chunks=0, async_scheduling=overlap)
+    prompts = random_prompts(random.randint(2, 5), 400, lo=10, hi=80)
+    lengths = [random.randint(1, 20) for _ in prompts]
+    llm.generate(prompts, [SamplingParams(max_tokens=n, temperature=0) for n in lengths])
+    engine = llm.engine
+    engine.arena.drain()
+    scratch = engine.kv.geometry.chunks_for(1)
+    assert engine.kv.usage().committed_chunks == 0
+    assert engine.pool.stats().in_use == engine.arena.vt.mapped_chunks == scratch
+    rid = engine.add_request(prompts[0], SamplingParams(max_tokens=50))
+    engine.step()
+    engine.abort(rid)  # the last request aborted: its chunks go back as well
+    engine.arena.drain()
+    assert engine.pool.stats().in_use == scratch
+    engine.pop(rid)

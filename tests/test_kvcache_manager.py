@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import threading
+import time
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from vtensor.kvcache.manager import (
     MapCommand,
     UnmapCommand,
 )
-from vtensor.memory import ChunkPool
+from vtensor.memory import ChunkPool, MapperOp
 
 CHUNK = 4096
 
@@ -130,4 +132,38 @@ def test_random_operations_keep_invariants_and_real_pool_in_step(make_pool) -> N
     arena.apply(kv.drain())
     arena.drain()
     assert arena.vt.mapped_chunks == 0 and pool.stats().in_use == 0
+    arena.close()
+
+
+class _Gate(MapperOp):
+    """A mapper op that holds the mapper thread until the test opens the gate."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        self.gate = gate
+
+    def apply(self) -> int:
+        self.gate.wait(10)
+        return 0
+
+
+def test_a_step_waits_only_for_the_chunks_it_touches(make_pool) -> None:
+    """Mapping queued for slot 2 (ahead of need) must not hold up a step on slot 1."""
+    pool: ChunkPool = make_pool(24)
+    tokens_per_chunk = pool.chunk_size // 512
+    layout = KVLayout(4, 4 * tokens_per_chunk, 2, 2, 32, torch.float32)
+    arena = KVArena(layout, pool, pool.backend.device)
+    arena.apply([MapCommand(1, 0, 1)])
+    arena.drain()  # slot 1's first chunk is mapped
+    gate = threading.Event()
+    arena.mapper.submit([_Gate(gate)])
+    arena.apply([MapCommand(2, 0, 2)])  # queued behind the gate
+    t0 = time.perf_counter()
+    arena.wait_ready([(1, 1)])
+    assert time.perf_counter() - t0 < 1.0 and arena.stats().waits == 0
+    threading.Timer(0.2, gate.set).start()
+    arena.wait_ready([(2, 2)])  # this one must wait, and it is counted
+    stats = arena.stats()
+    assert stats.waits == 1 and stats.wait_s >= 0.1
+    assert arena.vt.mapped_chunks == 3
+    arena.apply([UnmapCommand(1, 0, 1), UnmapCommand(2, 0, 2)])
     arena.close()

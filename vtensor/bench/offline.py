@@ -98,6 +98,8 @@ def decode_steps(engine: LLMEngine, batch: int, ctx: int, steps: int) -> dict[st
     s0, t0 = engine.stats(), time.perf_counter()
     for _ in range(steps):
         engine.step()
+    if engine.runtime.device.type == "cuda":
+        torch.cuda.synchronize()  # async scheduling leaves the last step running: count it
     dt = (time.perf_counter() - t0) / steps
     s1 = engine.stats()
     for r in rids:

@@ -17,39 +17,25 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
-from vtensor.kvcache.manager import KVCacheManager, UnmapCommand
+from vtensor.kvcache.manager import KVCacheManager, KVCommand, UnmapCommand
 from vtensor.models.attention import VirtualKVAttention
 
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
+from .launched import LaunchedStep
 from .output_processor import OutputProcessor
 from .outputs import StepOutput
 from .params import SamplingParams
-from .runner import DeviceTokens, ModelRunner
-from .sampler import PendingSample, Sampler, SamplerRow
-from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
+from .runner import ModelRunner
+from .sampler import Sampler, SamplerRow
+from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import PLACEHOLDER, Sequence
 from .setup import build_arena, load_model, load_tokenizer, model_config, runtime_for
-from .stats import EngineStats
-
-
-@dataclass(frozen=True)
-class LaunchedStep:
-    """A step queued on the device whose sampled tokens the host has not read."""
-
-    sampling: list[ScheduledChunk]  # the chunks that sample, in the draw's row order
-    draw: PendingSample | None
-    needs_host_tokens: bool  # a row has penalties: the next draw needs these tokens
-
-    @property
-    def device_tokens(self) -> DeviceTokens | None:
-        if self.draw is None:
-            return None
-        return DeviceTokens(self.draw.tokens, {c.seq.rid: k for k, c in enumerate(self.sampling)})
+from .stats import EngineStats, StepCounters, collect_stats
 
 
 class LLMEngine:
@@ -99,7 +85,7 @@ class LLMEngine:
         self._generators: dict[int, torch.Generator] = {}
         self._inflight: LaunchedStep | None = None  # async scheduling: the step not yet read
         self._last_launch_done: torch.cuda.Event | None = None  # guards unmapping (_sync_kv)
-        self._steps, self._step_s, self._kv_sync_s, self._fences = 0, 0.0, 0.0, 0
+        self.counters = StepCounters()
         self._closed = False
 
     # --------------------------------------------------------------- requests
@@ -149,6 +135,7 @@ class LLMEngine:
         seq = self.seqs.get(rid)
         if seq is not None and not seq.finished:
             self._finish(seq, "abort")
+            self._settle_if_idle()
 
     def has_unfinished(self) -> bool:
         """Whether a request is waiting, running, or has a token still to be read."""
@@ -188,8 +175,11 @@ class LLMEngine:
         if self._inflight is not None and self._inflight.needs_host_tokens:
             results = self._read(self._take_inflight())  # penalties count every real token
         out = self.scheduler.schedule()
-        if not out.chunks:
-            return results + self._read(self._take_inflight())
+        if not out.chunks:  # its commands still count: releases since the last schedule
+            self._apply_kv([*out.kv_commands, *out.ahead_commands])
+            results += self._read(self._take_inflight())
+            self._settle_if_idle()
+            return results
         slots = self._sync_kv(out)
         launched = self._launch(out, slots)
         results += self._read(self._take_inflight())  # overlaps this step's GPU work
@@ -197,8 +187,9 @@ class LLMEngine:
             self._inflight = launched
         else:
             results += self._read(launched)
-        self._steps += 1
-        self._step_s += time.perf_counter() - t0
+        self._settle_if_idle()
+        self.counters.steps += 1
+        self.counters.step_s += time.perf_counter() - t0
         return results
 
     def _sync_kv(self, out: SchedulerOutput) -> list[int]:
@@ -209,20 +200,31 @@ class LLMEngine:
         into a slot whose request finished or was aborted since, now being reclaimed.
         """
         t_kv = time.perf_counter()
-        commands = [*out.kv_commands, *out.ahead_commands]
-        done = self._last_launch_done
-        unmaps = any(isinstance(c, UnmapCommand) for c in commands)
-        if unmaps and done is not None and not done.query():
-            self._fences += 1
-            done.synchronize()
-        self.arena.apply(out.kv_commands)
-        self.arena.apply(out.ahead_commands)
+        self._apply_kv(out.kv_commands)
+        self._apply_kv(out.ahead_commands)
         slots = [self.kv.slot_of(c.seq.rid) for c in out.chunks]
         self.arena.wait_ready(
             (s, self.kv.geometry.chunks_for(c.end)) for s, c in zip(slots, out.chunks)
         )
-        self._kv_sync_s += time.perf_counter() - t_kv
+        self.counters.kv_sync_s += time.perf_counter() - t_kv
         return slots
+
+    def _apply_kv(self, commands: list[KVCommand]) -> None:
+        """Queue KV commands on the mapper; unmapping first lets the last launched step
+        finish, since it may still write a slot its request has left since."""
+        done = self._last_launch_done
+        unmaps = any(isinstance(c, UnmapCommand) for c in commands)
+        if unmaps and done is not None and not done.query():
+            self.counters.unmap_fences += 1
+            done.synchronize()
+        self.arena.apply(commands)
+
+    def _settle_if_idle(self) -> None:
+        """Releases emit KV commands outside ``schedule()``; while requests remain, the
+        next schedule applies them. With none left, apply them now, so the pool and
+        the manager's books agree whenever the engine is idle."""
+        if not self.has_unfinished():
+            self._apply_kv(self.kv.drain())
 
     def _launch(self, out: SchedulerOutput, slots: list[int]) -> LaunchedStep:
         """Queue the forward and the draw; the chunks count as computed from here on."""
@@ -278,28 +280,7 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> EngineStats:
-        geo, usage = self.kv.geometry, self.kv.usage()
-        live = sum(s.num_computed for s in self.scheduler.running) * geo.bytes_per_token
-        arena, pool = self.arena.stats(), self.pool.stats()
-        return EngineStats(
-            running=len(self.scheduler.running),
-            waiting=len(self.scheduler.waiting),
-            preemptions=self.scheduler.num_preemptions,
-            steps=self._steps,
-            step_s=self._step_s,
-            mapper_wait_s=arena.wait_s,
-            mapper_waits=arena.waits,
-            kv_sync_s=self._kv_sync_s,
-            unmap_fences=self._fences,
-            live_kv_bytes=live,
-            mapped_kv_bytes=(usage.committed_chunks - usage.idle_chunks) * geo.chunk_size,
-            idle_kv_bytes=usage.idle_chunks * geo.chunk_size,
-            surplus_kv_bytes=usage.surplus_chunks * geo.chunk_size,
-            chunk_size=geo.chunk_size,
-            pool_in_use_chunks=pool.in_use,
-            pool_free_chunks=pool.free,
-            pool_capacity_chunks=pool.capacity_chunks,
-        )
+        return collect_stats(self.counters, self.scheduler, self.kv, self.arena, self.pool)
 
     def close(self) -> None:
         """Abort what is left, unmap every chunk and release the pool (idempotent)."""

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vtensor.kvcache.arena import KVArena
+from vtensor.kvcache.manager import KVCacheManager
+from vtensor.memory import ChunkPool
+
+from .scheduler import Scheduler
+
 
 @dataclass(frozen=True)
 class EngineStats:
@@ -29,3 +35,44 @@ class EngineStats:
     def waste_bytes(self) -> int:
         """Mapped to running slots but holding no KV, excluding the surplus kept on purpose."""
         return self.mapped_kv_bytes - self.surplus_kv_bytes - self.live_kv_bytes
+
+
+@dataclass
+class StepCounters:
+    """Running totals the engine keeps as it steps."""
+
+    steps: int = 0
+    step_s: float = 0.0
+    kv_sync_s: float = 0.0
+    unmap_fences: int = 0
+
+
+def collect_stats(
+    counters: StepCounters,
+    scheduler: Scheduler,
+    kv: KVCacheManager,
+    arena: KVArena,
+    pool: ChunkPool,
+) -> EngineStats:
+    geo, usage = kv.geometry, kv.usage()
+    live = sum(s.num_computed for s in scheduler.running) * geo.bytes_per_token
+    arena_stats, pool_stats = arena.stats(), pool.stats()
+    return EngineStats(
+        running=len(scheduler.running),
+        waiting=len(scheduler.waiting),
+        preemptions=scheduler.num_preemptions,
+        steps=counters.steps,
+        step_s=counters.step_s,
+        mapper_wait_s=arena_stats.wait_s,
+        mapper_waits=arena_stats.waits,
+        kv_sync_s=counters.kv_sync_s,
+        unmap_fences=counters.unmap_fences,
+        live_kv_bytes=live,
+        mapped_kv_bytes=(usage.committed_chunks - usage.idle_chunks) * geo.chunk_size,
+        idle_kv_bytes=usage.idle_chunks * geo.chunk_size,
+        surplus_kv_bytes=usage.surplus_chunks * geo.chunk_size,
+        chunk_size=geo.chunk_size,
+        pool_in_use_chunks=pool_stats.in_use,
+        pool_free_chunks=pool_stats.free,
+        pool_capacity_chunks=pool_stats.capacity_chunks,
+    )

@@ -81,8 +81,8 @@ class KVArena:
 
     def wait_ready(self, needs: Iterable[tuple[int, int]]) -> None:
         """Block until each ``(slot, chunks)`` prefix is mapped; count the time blocked."""
-        while self._inflight and self._inflight[0][0].done:
-            self._inflight.popleft()[0].wait()  # re-raises a mapper error, if any
+        while self._inflight and self._inflight[0][0].done():
+            self._inflight.popleft()[0].wait()  # done: only re-raises a mapper error, if any
         if not self._inflight:
             return
         need = dict(needs)
