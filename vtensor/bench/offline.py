@@ -106,7 +106,9 @@ def decode_steps(engine: LLMEngine, batch: int, ctx: int, steps: int) -> dict[st
         engine.abort(r)
         engine.pop(r)
     cfg = engine.model_config
-    weight_bytes = cfg.num_params() * engine.runtime.dtype.itemsize
+    # Bytes a step must move: the weights it reads (not an untied embedding table, of
+    # which it gathers one row per request) and each request's KV at its mean context.
+    weight_bytes = cfg.decode_read_params() * engine.runtime.dtype.itemsize
     kv_bytes = batch * (ctx + steps // 2) * engine.kv.geometry.bytes_per_token
     return {
         "batch": batch,

@@ -93,6 +93,12 @@ class ModelConfig:
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.vocab_size * h + layers * per_layer + h + head
 
+    def decode_read_params(self) -> int:
+        """Parameters a decode step reads in full: all but an untied embedding table,
+        of which it gathers only one row per request."""
+        table = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        return self.num_params() - table
+
     # ----------------------------------------------------------- constructors
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> ModelConfig:
