@@ -14,7 +14,7 @@ from torch import nn
 from .attention import AttentionBackend, AttentionMetadata
 from .config import ModelConfig
 from .fused import add_rms_norm, rms_norm, silu_mul
-from .rope import RotaryEmbedding
+from .rope import RopeAngles, RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
@@ -53,19 +53,21 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
+        rope: RopeAngles,
         attn: AttentionBackend,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(-1, self.num_heads, self.head_dim)
-        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
-        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        split = self.q_size + self.kv_size
+        v = qkv[:, split:].unflatten(-1, (hkv, d))  # strided views: the kernels take strides
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
-        o = attn.forward(self.layer, q.contiguous(), k.contiguous(), v.contiguous(), meta)
+            q = rope.apply(self.q_norm(qkv[:, : self.q_size].unflatten(-1, (hq, d))))
+            k = rope.apply(self.k_norm(qkv[:, self.q_size : split].unflatten(-1, (hkv, d))))
+        else:  # q and k heads rotated together: one kernel per layer, not two
+            qk = rope.apply(qkv[:, :split].unflatten(-1, (hq + hkv, d)))
+            q, k = qk[:, :hq], qk[:, hq:]
+        o = attn.forward(self.layer, q, k, v, meta)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
@@ -90,14 +92,20 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         h: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
+        residual: torch.Tensor | None,
+        rope: RopeAngles,
         attn: AttentionBackend,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        a = self.self_attn(self.input_layernorm(h), positions, rotary, attn, meta)
-        x, h = self.post_attention_layernorm.add_forward(a, h)
-        return h + self.mlp(x)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mlp output, residual)``; their sum is the layer's output. Leaving the add to
+        the next layer's fused add+norm saves a kernel per layer (vLLM's pattern)."""
+        if residual is None:
+            residual, x = h, self.input_layernorm(h)
+        else:
+            x, residual = self.input_layernorm.add_forward(h, residual)
+        a = self.self_attn(x, rope, attn, meta)
+        x, residual = self.post_attention_layernorm.add_forward(a, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -132,9 +140,13 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         h = self.model.embed_tokens(input_ids)
+        rope = self.model.rotary.angles(positions)
+        residual: torch.Tensor | None = None
         for layer in self.model.layers:
-            h = layer(h, positions, self.model.rotary, attn, meta)
-        return self.model.norm(h)
+            h, residual = layer(h, residual, rope, attn, meta)
+        if residual is None:  # no layers
+            return self.model.norm(h)
+        return self.model.norm.add_forward(h, residual)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

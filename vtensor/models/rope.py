@@ -7,6 +7,7 @@ head are the pairs), so checkpoints load without permuting q/k weights.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -40,7 +41,7 @@ def _llama3(inv: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies rope to packed ``q [T, Hq, D]`` and ``k [T, Hkv, D]`` at ``positions [T]``.
+    """Rope tables; :meth:`angles` gathers them at a step's ``positions [T]``.
 
     The cos/sin table covers ``max_positions`` and is built once, so a CUDA
     graph can gather from it by position.
@@ -63,9 +64,15 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(pos, inv)
         self.cos, self.sin = freqs.cos(), freqs.sin()
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return rotate(q, cos, sin), rotate(k, cos, sin)
+    def angles(self, positions: torch.Tensor) -> RopeAngles:
+        """cos/sin at ``positions``, gathered once per forward and shared by all layers."""
+        return RopeAngles(self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+
+
+class RopeAngles(NamedTuple):
+    cos: torch.Tensor  # [T, 1, head_dim/2], fp32
+    sin: torch.Tensor
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x [T, heads, head_dim]``; q and k heads can go in one call (one kernel)."""
+        return rotate(x, self.cos, self.sin)
