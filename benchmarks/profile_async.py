@@ -43,14 +43,22 @@ def gpu_kernel_ms(engine: LLMEngine, steps: int) -> float:
     return total_us / steps / 1e3
 
 
-def replay_ms(engine: LLMEngine, batch: int, ctx: int, steps: int) -> float:
+def replay_ms(engine: LLMEngine, steps: int) -> float:
+    """Graph replays alone over the running requests' own slots and positions.
+
+    (Results before 2026-11-21's last run replayed every row on one slot: its KV
+    stayed in L2, so that figure understated the GPU's real cost of a step.)
+    """
     graphs = engine.runner.graphs
     assert graphs is not None
-    ids, pos, rs = [0] * batch, [ctx] * batch, [engine.arena.layout.row_start(1)] * batch
+    running = engine.scheduler.running
+    rows = [engine.arena.layout.row_start(engine.kv.slot_of(s.rid)) for s in running]
+    pos = [s.num_computed - 1 for s in running]  # rewrites each request's last KV row
+    ids = [0] * len(running)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        graphs.run(ids, pos, rs)
+        graphs.run(ids, pos, rows)
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps * 1e3
 
@@ -100,7 +108,9 @@ def main() -> None:
         print(f"async=True, gc off: step {step:.2f} ms")
         undo()
         print(f"GPU kernel time per step (async): {gpu_kernel_ms(engine, 10):.2f} ms")
-        print(f"graph replay alone: {replay_ms(engine, args.batch, args.ctx, args.steps):.2f} ms")
+        engine.step()  # read the last step, so every running request's KV is in place
+        torch.cuda.synchronize()
+        print(f"graph replay alone: {replay_ms(engine, args.steps):.2f} ms")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def run_step(s: Scheduler, rng: random.Random) -> SchedulerOutput:
 
 
 def test_scheduler_imports_no_torch() -> None:
-    code = "import sys, vtensor.engine.scheduler; assert 'torch' not in sys.modules"
+    modules = "vtensor.engine.scheduler, vtensor.engine.output_processor, vtensor.kvcache.manager"
+    code = f"import sys, {modules}; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
