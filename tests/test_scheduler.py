@@ -163,7 +163,7 @@ def read_late(s: Scheduler, chunks: list, stops: dict[int, int], rng: random.Ran
             reason = "abort"
         else:
             continue
-        q.truncate(c.end + 1)  # drops the placeholder launched after this token, if any
+        q.drop_placeholder()  # the token launched after this one, if any
         s.finish(q, reason)
 
 

@@ -21,6 +21,8 @@ import torch
 from vtensor.models.attention import AttentionBackend, AttentionMetadata
 from vtensor.models.llama import LlamaForCausalLM
 
+from .host_sync import to_device
+
 
 @dataclass(frozen=True)
 class TokenFeed:
@@ -97,8 +99,7 @@ class DecodeGraphs:
             *(feed.dst if feed else ()),
             *(feed.src if feed else ()),
         ]
-        host = torch.tensor(flat, dtype=torch.long).pin_memory()
-        host = host.to(self.ids.device, non_blocking=True)
+        host = to_device(flat, torch.long, self.ids.device)
         ids_d, pos_d, rows_d, dst, src = host.split([bs, bs, bs, n, n])
         self.ids[:bs].copy_(ids_d)
         if feed:

@@ -47,17 +47,10 @@ class HostCopy:
         done.record()
         return cls(hosts, done)
 
-    def ready(self) -> bool:
-        return self._done is None or self._done.query()
-
-    def wait(self) -> None:
-        """Block until the copies (and everything queued before them) are done."""
-        if self._done is not None:
-            self._done.synchronize()  # releases the GIL while it waits
-
     def lists(self) -> list[list[Any]]:
         """The tensors as (nested) Python lists, waiting for them if need be."""
-        self.wait()
+        if self._done is not None:
+            self._done.synchronize()  # releases the GIL while it waits
         return [h.tolist() for h in self._hosts]
 
 
@@ -72,8 +65,3 @@ def to_device(values: Sequence[Any], dtype: torch.dtype, device: torch.device) -
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)
-
-
-def to_host_list(t: torch.Tensor) -> list[Any]:
-    """``t.tolist()``; on CUDA the GPU is awaited with the GIL released."""
-    return HostCopy.start([t]).lists()[0]

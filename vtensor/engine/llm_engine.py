@@ -176,7 +176,7 @@ class LLMEngine:
             results = self._read(self._take_inflight())  # penalties count every real token
         out = self.scheduler.schedule()
         if not out.chunks:  # its commands still count: releases since the last schedule
-            self._apply_kv([*out.kv_commands, *out.ahead_commands])
+            self._sync_kv(out)
             results += self._read(self._take_inflight())
             self._settle_if_idle()
             return results
@@ -267,14 +267,14 @@ class LLMEngine:
             seq.resolve(c.end, token)
             decision = self.outputs.on_token(seq, c.end, logprob)
             if decision is not None:
-                seq.truncate(c.end + 1)  # a placeholder launched after this token goes
                 self._finish(seq, decision.reason, decision.stop_reason)
             results.append(self.outputs.output(seq, token, logprob))
         return results
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
-        if seq.awaits_token:  # aborted with a token in flight: it will be dropped
-            seq.truncate(seq.num_tokens - 1)
+        # A token launched after the one that stopped it (or in flight at an abort)
+        # is dropped; its row of the step in flight is skipped when read.
+        seq.drop_placeholder()
         self.scheduler.finish(seq, reason, stop_reason)
         self._generators.pop(seq.rid, None)
 

@@ -89,6 +89,7 @@ class Sequence:
             raise RuntimeError(f"request {self.rid}: token {index} is not awaited")
         self.token_ids[index] = token
 
-    def truncate(self, num_tokens: int) -> None:
-        """Drop tokens past ``num_tokens``: placeholders computed after a finish."""
-        del self.token_ids[num_tokens:]
+    def drop_placeholder(self) -> None:
+        """Forget the awaited token, if any: the request ended before it was read."""
+        if self.awaits_token:
+            self.token_ids.pop()
