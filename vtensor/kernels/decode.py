@@ -62,7 +62,9 @@ def _decode_split_kernel(
     DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    # 64-bit offsets: cache rows (row0 + position) times the row stride pass 2^31
+    # elements on long contexts; b is widened so every per-request offset is too.
+    b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
     length = tl.load(Lens + b)
@@ -130,7 +132,7 @@ def _decode_merge_kernel(
     D: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # batch × Hq × splits × D can pass 2^31 elements
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, D)

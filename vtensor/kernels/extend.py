@@ -49,7 +49,10 @@ def _attend_block(
     for n0 in range(lo, hi, BLOCK_N):
         kpos = n0 + offs_n
         valid = kpos < hi
-        k = tl.load(k_ptrs + kpos[:, None] * stride_kr, mask=valid[:, None], other=0.0)
+        # 64-bit: position × token stride passes 2^31 elements on long contexts (a
+        # Llama-3-8B row is 65,536 elements apart, so past 32,767 tokens).
+        krow = kpos.to(tl.int64)[:, None]
+        k = tl.load(k_ptrs + krow * stride_kr, mask=valid[:, None], other=0.0)
         if DOT_F32:  # interpreter only: its bf16 dot is wrong (see common.dot_in_f32)
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -63,7 +66,7 @@ def _attend_block(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(qk - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs + kpos[:, None] * stride_vr, mask=(kpos < hi)[:, None], other=0.0)
+        v = tl.load(v_ptrs + krow * stride_vr, mask=(kpos < hi)[:, None], other=0.0)
         if DOT_F32:
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)

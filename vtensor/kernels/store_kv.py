@@ -29,7 +29,9 @@ def _store_kv_kernel(
     D: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
-    t = tl.program_id(0)
+    # 64-bit offsets: row × cache row stride passes 2^31 elements on long contexts, and
+    # t × input stride would on very large steps.
+    t = tl.program_id(0).to(tl.int64)
     row = tl.load(Rows + t).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, D)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+MAX_ROWS = 2**31 - 1  # slots x max_tokens: cache rows are addressed with int32
+
 
 @dataclass(frozen=True)
 class KVLayout:
@@ -37,6 +39,14 @@ class KVLayout:
                 raise ValueError(f"KVLayout.{name} must be positive, got {getattr(self, name)}")
         if not self.dtype.is_floating_point:
             raise ValueError(f"KV dtype must be floating point, got {self.dtype}")
+        # Row indices (slot * max_tokens + position) travel as int32 in the step metadata
+        # and in FA2's cu_seqlens; element offsets inside the kernels are 64-bit.
+        if self.num_slots * self.max_tokens > MAX_ROWS:
+            raise ValueError(
+                f"{self.num_slots} slots x {self.max_tokens} tokens = "
+                f"{self.num_slots * self.max_tokens} cache rows; row indices are int32, so at "
+                f"most {MAX_ROWS}: lower max_num_seqs or max_model_len"
+            )
 
     # ---------------------------------------------------------------- strides
     @property

@@ -206,6 +206,13 @@ SHAPES: dict[str, ModelConfig] = {
     ),
 }
 
+# Llama-3.1-8B: the Llama-3-8B shape with a 128k context (rope scaled the "llama3" way).
+SHAPES["llama3.1-8b"] = replace(
+    SHAPES["llama3-8b"],
+    max_position_embeddings=131072,
+    rope=RopeConfig(theta=500000.0, kind="llama3", factor=8.0, original_max_position=8192),
+)
+
 
 def shape_config(name: str) -> ModelConfig:
     if name not in SHAPES:
