@@ -76,6 +76,7 @@ def test_bad_input_raises_and_queues_nothing(make_llm, tmp_path: Path) -> None:
         (list(range(64)), "no room to generate"),
         ([], "empty"),
         ([10**6], "token ids must be in"),
+        (5, "not a mix"),  # a stray id beside text prompts
     ]
     for prompt, message in cases:
         with pytest.raises(ValueError, match=message):

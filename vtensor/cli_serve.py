@@ -66,7 +66,8 @@ def main(args: argparse.Namespace) -> int:
             port=config.port,
             log_level=args.log_level,
             # A backstop: the engine ends the streams itself at shutdown_timeout.
-            timeout_graceful_shutdown=config.shutdown_timeout_s + 5,
+            # uvicorn annotates this int but only hands it to asyncio.wait_for (a float).
+            timeout_graceful_shutdown=config.shutdown_timeout_s + 5,  # type: ignore[arg-type]
         ),
     )
     # uvicorn handles SIGINT/SIGTERM: it stops accepting, lets in-flight requests finish

@@ -16,7 +16,9 @@ def hf_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Any:
     """A random-weight HF model of ``cfg``'s shape (values do not matter for timing)."""
     import transformers
 
-    common = dict(
+    # Keyword arguments for either config class; Any because a dict's value type is
+    # one for all keys, and each constructor parameter has its own.
+    common: dict[str, Any] = dict(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -28,6 +30,7 @@ def hf_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Any:
         tie_word_embeddings=cfg.tie_word_embeddings,
         attn_implementation="sdpa",
     )
+    hf_cfg: transformers.PretrainedConfig
     if cfg.architecture == "Qwen2ForCausalLM":
         hf_cfg = transformers.Qwen2Config(**common)
     else:

@@ -71,7 +71,7 @@ def decode_point(arena: Arena, cfg: HeadConfig, batch: int, ctx: int, sgl: Any) 
     starts = torch.arange(batch, device="cuda", dtype=torch.int32) * ctx
     lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
     kv_bytes = 2 * batch * ctx * cfg.kv_heads * cfg.head_dim * 2
-    res = {"bytes": kv_bytes}
+    res: dict[str, float] = {"bytes": kv_bytes}
     res["vtensor_ms"] = _bench(lambda: decode_attention(q, k, v, starts, lens, ctx))
     res["fa2_ms"] = _bench(lambda: fa2_decode(q, k, v, starts, lens, ctx))
     if sgl is not None:

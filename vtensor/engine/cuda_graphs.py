@@ -51,13 +51,12 @@ class DecodeGraphs:
         self.model, self.attn = model, attn
         self.max_bs, self.max_len, self.scratch_row = max_bs, max_len, scratch_row
         self.buckets = buckets(max_bs)
-        z = dict(device=device)
-        self.ids = torch.zeros(max_bs, dtype=torch.long, **z)
-        self.positions = torch.zeros(max_bs, dtype=torch.long, **z)
-        self.store_rows = torch.full((max_bs,), scratch_row, dtype=torch.int32, **z)
-        self.row_starts = torch.full((max_bs,), scratch_row, dtype=torch.int32, **z)
-        self.seq_lens = torch.ones(max_bs, dtype=torch.int32, **z)
-        self.indptr = torch.arange(max_bs + 1, dtype=torch.int32, **z)
+        self.ids = torch.zeros(max_bs, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_bs, dtype=torch.long, device=device)
+        self.store_rows = torch.full((max_bs,), scratch_row, dtype=torch.int32, device=device)
+        self.row_starts = torch.full((max_bs,), scratch_row, dtype=torch.int32, device=device)
+        self.seq_lens = torch.ones(max_bs, dtype=torch.int32, device=device)
+        self.indptr = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
 

@@ -111,10 +111,13 @@ class LLM:
 def _as_prompt_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str):
         return [prompts]
-    plist = list(prompts)
-    if plist and all(isinstance(t, int) for t in plist):
-        return [plist]  # a single token-id prompt
-    return plist
+    items = list(prompts)
+    ids = [t for t in items if isinstance(t, int)]
+    if items and len(ids) == len(items):
+        return [ids]  # a single token-id prompt
+    if ids:  # a stray id among prompts: which prompt it belongs to cannot be known
+        raise ValueError("prompts must be one list of token ids or a list of prompts, not a mix")
+    return [p for p in items if not isinstance(p, int)]  # all of them (ids is empty)
 
 
 def _as_params_list(

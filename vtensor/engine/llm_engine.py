@@ -28,7 +28,7 @@ from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
 from .launched import LaunchedStep
 from .output_processor import OutputProcessor
-from .outputs import StepOutput
+from .outputs import FinishReason, StepOutput
 from .params import SamplingParams
 from .runner import ModelRunner
 from .sampler import Sampler, SamplerRow
@@ -271,7 +271,9 @@ class LLMEngine:
             results.append(self.outputs.output(seq, token, logprob))
         return results
 
-    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+    def _finish(
+        self, seq: Sequence, reason: FinishReason, stop_reason: int | str | None = None
+    ) -> None:
         # A token launched after the one that stopped it (or in flight at an abort)
         # is dropped; its row of the step in flight is skipped when read.
         seq.drop_placeholder()

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+# Why a request ended: a stop condition, its length limit, or an abort.
+FinishReason = Literal["stop", "length", "abort"]
 
 
 @dataclass(frozen=True)
@@ -10,7 +14,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    finish_reason: FinishReason | None  # None while running
     stop_reason: int | str | None = None  # the stop token id or string that matched
     logprobs: list[dict[int, float]] | None = None
 
@@ -34,6 +38,6 @@ class StepOutput:
     new_token_ids: list[int]
     new_text: str  # empty unless the request detokenizes incrementally
     finished: bool
-    finish_reason: str | None
+    finish_reason: FinishReason | None
     stop_reason: int | str | None = None
     logprobs: dict[int, float] | None = None  # the sampled token's and the top-k, when asked

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from vtensor.kvcache.manager import KVCacheManager, KVCommand
 
+from .outputs import FinishReason
 from .sequence import Sequence, Status
 
 
@@ -120,7 +121,9 @@ class Scheduler:
         if token is not None:
             seq.token_ids.append(token)
 
-    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+    def finish(
+        self, seq: Sequence, reason: FinishReason, stop_reason: int | str | None = None
+    ) -> None:
         """Finish (or abort) ``seq`` wherever it is; its slot idles with its chunks."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)

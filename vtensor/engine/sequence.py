@@ -19,6 +19,7 @@ import enum
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
+from .outputs import FinishReason
 from .params import SamplingParams
 
 PLACEHOLDER = -1  # a sampled token the host has not read yet (never a real id)
@@ -40,7 +41,7 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     status: Status = Status.WAITING
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     logprobs: list[dict[int, float]] = field(default_factory=list)

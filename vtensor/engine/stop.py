@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 from vtensor.models.tokenizer import IncrementalDetokenizer
 
+from .outputs import FinishReason
 from .sequence import Sequence
 
 
 @dataclass(frozen=True)
 class StopDecision:
-    reason: str  # "stop" | "length"
+    reason: FinishReason  # "stop" or "length"
     stop_reason: int | str | None = None
 
 

@@ -51,6 +51,14 @@ def _os_error(call: str) -> VTensorMemoryError:
     return VTensorMemoryError(f"{call} failed: {errno.errorcode.get(code, code)}")
 
 
+def _offset(chunk: PhysicalChunk) -> int:
+    """A host chunk's handle: its offset in the memfd."""
+    # Checked, not int()-converted: a CUDA chunk's handle converts to int too.
+    if not isinstance(chunk.handle, int):
+        raise TypeError(f"{chunk!r} is not a host chunk")
+    return chunk.handle
+
+
 def _mmap(va: int, nbytes: int, prot: int, flags: int, fd: int, offset: int) -> int:
     addr = _libc.mmap(va or None, nbytes, prot, flags, fd, offset)
     if addr is None or addr == _MAP_FAILED:
@@ -95,7 +103,7 @@ class HostBackend(PhysicalBackend):
             return PhysicalChunk(cid=self._next_cid, handle=offset)
 
     def release_chunk(self, chunk: PhysicalChunk) -> None:
-        offset = int(chunk.handle)  # type: ignore[call-overload]
+        offset = _offset(chunk)
         # Punch a hole so the pages really go back to the OS, as cuMemRelease does.
         if _libc.fallocate(self._fd, _FALLOC_PUNCH_HOLE, offset, self._chunk_size) != 0:
             raise _os_error("fallocate(PUNCH_HOLE)")
@@ -111,7 +119,7 @@ class HostBackend(PhysicalBackend):
             raise _os_error("munmap")
 
     def map(self, va: int, chunk: PhysicalChunk) -> None:
-        offset = int(chunk.handle)  # type: ignore[call-overload]
+        offset = _offset(chunk)
         _mmap(va, self._chunk_size, _PROT_NONE, _MAP_SHARED | _MAP_FIXED, self._fd, offset)
 
     def set_access(self, va: int, nbytes: int) -> None:

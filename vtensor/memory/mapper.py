@@ -221,7 +221,8 @@ class AsyncMapper:
 
     def _execute(self, ticket: MapTicket, bind_error: BaseException | None) -> None:
         t0 = time.perf_counter()
-        chunks, done, error = 0, 0, None
+        chunks, done = 0, 0
+        error: Exception | None = None
         if bind_error is not None:
             error = MapperError(f"mapper thread could not bind to the device: {bind_error}")
         else:

@@ -11,28 +11,30 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 import torch
 import torch.nn.functional as F
 
-Fn = TypeVar("Fn", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
+TensorFn = Callable[Concatenate[torch.Tensor, P], R]
 
 
-def gpu_compiled(fn: Fn) -> Fn:
+def gpu_compiled(fn: TensorFn[P, R]) -> TensorFn[P, R]:
     """Run ``fn`` compiled (dynamic shapes) on CUDA tensors, eagerly elsewhere."""
-    compiled: list[Callable[..., Any]] = []
+    compiled: list[TensorFn[P, R]] = []
 
     @functools.wraps(fn)
-    def wrapper(x: torch.Tensor, *args: Any) -> Any:
+    def wrapper(x: torch.Tensor, /, *args: P.args, **kwargs: P.kwargs) -> R:
         if not x.is_cuda:
-            return fn(x, *args)
+            return fn(x, *args, **kwargs)
         if not compiled:
             _allow_models_per_process()
             compiled.append(torch.compile(fn, dynamic=True, fullgraph=True))
-        return compiled[0](x, *args)
+        return compiled[0](x, *args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def _allow_models_per_process(limit: int = 64) -> None:

@@ -47,6 +47,10 @@ class RotaryEmbedding(nn.Module):
     graph can gather from it by position.
     """
 
+    # Buffers (register_buffer), which mypy cannot see through nn.Module's __getattr__.
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int) -> None:
         super().__init__()
         self.rope, self.head_dim, self.max_positions = rope, head_dim, max_positions

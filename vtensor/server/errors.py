@@ -9,6 +9,7 @@ Status codes:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,7 +45,10 @@ def error_body(status: int, message: str, param: str | None = None) -> dict[str,
 
 
 def error_response(
-    status: int, message: str, param: str | None = None, headers: dict[str, str] | None = None
+    status: int,
+    message: str,
+    param: str | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     headers = dict(headers or {})
     if status == 401:

@@ -97,9 +97,11 @@ class CompletionRequest(SamplingFields):
         p = self.prompt
         if isinstance(p, str):
             return [p]
-        if all(isinstance(t, int) for t in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+        ids = [t for t in p if isinstance(t, int)]
+        if len(ids) == len(p):
+            return [ids]
+        # The rest: validation admits no list that mixes ids with prompts.
+        return [t for t in p if not isinstance(t, int)]
 
 
 class TextPart(_Request):

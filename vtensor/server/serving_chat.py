@@ -62,7 +62,7 @@ async def create_chat_completion(
             index=i,
             message=ChatResponseMessage(content="".join(s.text)),
             logprobs=_logprobs(model, s.token_ids, s.logprobs) if req.logprobs else None,
-            finish_reason=s.finish_reason,  # type: ignore[arg-type]
+            finish_reason=s.finish_reason,
             stop_reason=s.stop_reason,
             token_ids=s.token_ids if req.return_token_ids else None,
         )

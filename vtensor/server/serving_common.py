@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from vtensor.engine.outputs import FinishReason
 from vtensor.engine.params import SamplingParams
 from vtensor.models.tokenizer import Tokenizer
 
@@ -107,7 +108,7 @@ class ChoiceState:
     text: list[str] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
 
     def add(self, item: Item) -> None:
@@ -122,7 +123,7 @@ class ChoiceState:
 
 async def batches(
     engine: AsyncEngine, sub: Submission, disconnected: Disconnected | None = None
-) -> AsyncIterator[list[Item]]:
+) -> AsyncGenerator[list[Item], None]:
     """A submission's items, in batches of all that have arrived, until every choice has
     finished. Aborts the rest if the consumer stops early (a client disconnect cancels
     a stream) or, given ``disconnected``, the client has left.
@@ -135,14 +136,16 @@ async def batches(
             got = await _next(sub.queue, disconnected)
             if got is None:
                 return  # the client left
-            batch = [got]
+            arrived = [got]
             while not sub.queue.empty():
-                batch.append(sub.queue.get_nowait())
-            for item in batch:
+                arrived.append(sub.queue.get_nowait())
+            batch: list[Item] = []
+            for item in arrived:
                 if isinstance(item, BaseException):
                     raise APIError(503, f"the engine stopped: {item}")
                 open_choices -= item.out.finished
-            yield batch  # type: ignore[misc]
+                batch.append(item)
+            yield batch
     finally:
         if open_choices:
             engine.abort(sub)
@@ -169,7 +172,7 @@ async def stream_events(
     choice_of: Callable[[Item], dict[str, Any]],
     prompt_tokens: int,
     include_usage: bool,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     """A streaming request's SSE: one write per wake-up with an event per item, the
     usage event when asked, then ``[DONE]``; an engine failure becomes an error event."""
     completion = 0

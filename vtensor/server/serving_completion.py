@@ -58,7 +58,7 @@ def _choice(
         index=index,
         text="".join(s.text),
         logprobs=_logprobs(model, s.token_ids, s.logprobs, 0) if req.logprobs is not None else None,
-        finish_reason=s.finish_reason,  # type: ignore[arg-type]
+        finish_reason=s.finish_reason,
         stop_reason=s.stop_reason,
         token_ids=s.token_ids if req.return_token_ids else None,
         prompt_token_ids=prompt if req.return_token_ids else None,
