@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from vtensor import cli_generate, cli_serve
 from vtensor.bench import serve as bench_serve
@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mem.add_argument("--json", default=None, help="write the figures to this path")
 
+    _add_kernels_parser(bench_sub)
+    _add_offline_parser(bench_sub)
+    bench_serve.add_parser(bench_sub)
+    return parser
+
+
+def _add_kernels_parser(bench_sub: argparse._SubParsersAction) -> None:
     ker = bench_sub.add_parser("kernels", help="attention kernels vs SGLang and FA2 (GPU)")
     ker.add_argument("--batches", type=_int_list, default=[1, 8, 32, 128])
     ker.add_argument("--ctxs", type=_int_list, default=[1024, 4096, 16384, 32768])
@@ -50,13 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget-gib",
         type=float,
         default=64.0,
-        help="GPU memory for the KV arena; larger grid points are skipped",
+        help="GPU memory for each KV arena (dense, then vmm); larger grid points are skipped",
+    )
+    ker.add_argument(
+        "--arenas",
+        type=_names("dense", "vmm"),
+        default=["dense", "vmm"],
+        help="KV memory to run on: dense (torch.empty, max_len = ctx), vmm (a VMM KVArena "
+        "as the engine's, max_len = max_model_len), or dense,vmm (default)",
+    )
+    ker.add_argument(
+        "--max-model-len",
+        type=_positive,
+        default=8192,
+        help="the max_model_len of the vmm arena's engine (default: Llama-3-8B's 8192); "
+        "contexts beyond it use their own length",
     )
     ker.add_argument("--json", default=None, help="write the figures to this path")
-
-    _add_offline_parser(bench_sub)
-    bench_serve.add_parser(bench_sub)
-    return parser
 
 
 def _add_offline_parser(bench_sub: argparse._SubParsersAction) -> None:
@@ -77,6 +94,18 @@ def _add_offline_parser(bench_sub: argparse._SubParsersAction) -> None:
     off.add_argument("--decode-steps", type=_positive, default=32)
     off.add_argument("--no-hf-peer", dest="hf_peer", action="store_false")
     off.add_argument("--json", default=None, help="write the figures to this path")
+
+
+def _names(*allowed: str) -> Callable[[str], list[str]]:
+    """A comma-separated list of ``allowed`` names (argparse type)."""
+
+    def parse(text: str) -> list[str]:
+        names = [t.strip() for t in text.split(",") if t.strip()]
+        if not names or any(n not in allowed for n in names):
+            raise argparse.ArgumentTypeError(f"expected some of {','.join(allowed)}, got {text}")
+        return names
+
+    return parse
 
 
 def _int_pair(text: str) -> tuple[int, int]:
