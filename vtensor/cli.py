@@ -92,7 +92,25 @@ def _add_offline_parser(bench_sub: argparse._SubParsersAction) -> None:
     off.add_argument("--decode-batches", type=_int_list, default=[1, 16, 64, 256])
     off.add_argument("--decode-ctx", type=_positive, default=1024)
     off.add_argument("--decode-steps", type=_positive, default=32)
-    off.add_argument("--no-hf-peer", dest="hf_peer", action="store_false")
+    off.add_argument(
+        "--skip-throughput",
+        action="store_true",
+        help="only the decode table (and the HF peer): no throughput workloads",
+    )
+    off.add_argument(
+        "--hf-peer",
+        type=_names("eager", "compiled"),
+        default=["eager", "compiled"],
+        help="HF generate paths to time: eager, compiled, or eager,compiled (default)",
+    )
+    off.add_argument("--no-hf-peer", dest="hf_peer", action="store_const", const=[])
+    off.add_argument(
+        "--hf-compile-timeout",
+        type=float,
+        default=300.0,
+        help="seconds for each batch's compiled HF run (compile, warm-up and timing); "
+        "past it the run is recorded as a timeout",
+    )
     off.add_argument("--json", default=None, help="write the figures to this path")
 
 

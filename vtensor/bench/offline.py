@@ -1,15 +1,18 @@
 """``vtensor bench offline``: throughput, decode step time against the physical
-floor, KV memory waste and mapper waiting, with HF ``transformers`` as the peer.
+floor, KV memory and mapper waiting, with HF ``transformers`` as the peer.
 
 Parts (each a table, all in one JSON):
 
-* ``throughput``: vLLM's "random" workload through ``LLMEngine``; tokens/s,
-  mapper wait as a share of step time, and mapped-vs-live KV per step.
-* ``decode``: the step time of a full decode batch at each ``--decode-batches``
-  size, against ``(weight bytes + KV bytes read) / measured read bandwidth``;
-  measured with async scheduling and synchronously, on the same engine.
-* ``hf``: ``transformers`` ``generate`` (static cache, sdpa) on the same shape
-  and batches: its decode step time, and ours as a speed-up over it.
+* ``throughput``: vLLM's "random" workload through ``LLMEngine``; output and total
+  tokens/s, mapper wait as a share of step time, and KV memory per step (waste and
+  mapped-but-empty bytes per running request, bytes the pool holds).
+* ``decode``: the step time of a constant decode batch at each ``--decode-batches``
+  size, against ``(weight bytes + KV bytes really read) / measured read bandwidth``;
+  measured with async scheduling and synchronously, on the same engine
+  (``decode_table.py`` asserts the batch and counts the bytes).
+* ``hf``: ``transformers`` ``generate`` (static cache, sdpa) on the same shape and
+  batches, eager and compiled (``hf_peer.py``): its decode step time, and ours as a
+  speed-up over each.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from vtensor.engine.setup import EngineRuntime
 from vtensor.models.config import ModelConfig
 
 from .datasets import random_dataset
-from .hf_peer import hf_decode_step_or_none
+from .decode_table import add_floor, print_decode, run_decode_table
+from .hf_peer import hf_compiled, hf_eager_step_or_none
+from .kv_usage import KVSample, MiB, kv_sample, summarize
 from .report import environment, format_table, write_json
 
 
@@ -43,14 +48,12 @@ def throughput(engine: LLMEngine, args: Any, input_len: int, output_len: int) ->
     for r in data:
         engine.add_request(r.prompt_ids, SamplingParams(max_tokens=r.output_len, ignore_eos=True))
     s0 = engine.stats()
-    trace: list[tuple[int, int, int]] = []  # (running, waste bytes, kept-on-purpose bytes)
+    trace: list[KVSample] = []
     t0 = time.perf_counter()
     done, last_print = 0, t0
     while engine.has_unfinished():
         done += sum(o.finished for o in engine.step())
-        st = engine.stats()
-        if st.running:
-            trace.append((st.running, st.waste_bytes, st.idle_kv_bytes + st.surplus_kv_bytes))
+        trace.append(kv_sample(engine.stats()))
         if time.perf_counter() - last_print > 5:
             last_print = time.perf_counter()
             print(f"  ... {done}/{len(data)} requests done", flush=True)
@@ -58,8 +61,6 @@ def throughput(engine: LLMEngine, args: Any, input_len: int, output_len: int) ->
     s1 = engine.stats()
     out_tokens = sum(r.output_len for r in data)
     in_tokens = sum(len(r.prompt_ids) for r in data)
-    chunk = s1.chunk_size
-    per_req = [w / chunk / n for n, w, _ in trace]
     step_s = s1.step_s - s0.step_s
     return {
         "input_len": input_len,
@@ -77,46 +78,8 @@ def throughput(engine: LLMEngine, args: Any, input_len: int, output_len: int) ->
         "kv_sync_s": s1.kv_sync_s - s0.kv_sync_s,
         "kv_sync_pct_of_step": 100 * (s1.kv_sync_s - s0.kv_sync_s) / step_s,
         "step_s": step_s,
-        "waste_chunks_per_running_mean": sum(per_req) / max(1, len(per_req)),
-        "waste_chunks_per_running_max": max(per_req, default=0.0),
-        "kept_kv_bytes_max": max((i for _, _, i in trace), default=0),  # idle + surplus
-        "chunk_size": chunk,
-    }
-
-
-def decode_steps(engine: LLMEngine, batch: int, ctx: int, steps: int) -> dict[str, Any]:
-    """Mean time of ``steps`` decode steps with ``batch`` requests at context ~``ctx``."""
-    vocab = engine.model_config.vocab_size
-    params = SamplingParams(max_tokens=steps + 8, ignore_eos=True, temperature=0)
-    rids = [
-        engine.add_request([(i * 7 + j) % vocab for j in range(ctx)], params) for i in range(batch)
-    ]
-    while any(engine.seqs[r].num_output < 2 for r in rids):  # prefill everyone, one decode
-        engine.step()
-    if engine.runtime.device.type == "cuda":
-        torch.cuda.synchronize()
-    s0, t0 = engine.stats(), time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    if engine.runtime.device.type == "cuda":
-        torch.cuda.synchronize()  # async scheduling leaves the last step running: count it
-    dt = (time.perf_counter() - t0) / steps
-    s1 = engine.stats()
-    for r in rids:
-        engine.abort(r)
-        engine.pop(r)
-    cfg = engine.model_config
-    # Bytes a step must move: the weights it reads (not an untied embedding table, of
-    # which it gathers one row per request) and each request's KV at its mean context.
-    weight_bytes = cfg.decode_read_params() * engine.runtime.dtype.itemsize
-    kv_bytes = batch * (ctx + steps // 2) * engine.kv.geometry.bytes_per_token
-    return {
-        "batch": batch,
-        "ctx": ctx,
-        "step_ms": dt * 1e3,
-        "weight_bytes": weight_bytes,
-        "kv_bytes_read": kv_bytes,
-        "mapper_wait_ms": (s1.mapper_wait_s - s0.mapper_wait_s) * 1e3,
+        **summarize(trace, s1.chunk_size),
+        "chunk_size": s1.chunk_size,
     }
 
 
@@ -128,12 +91,9 @@ def main(args: Any) -> int:
     if rt.device.type == "cuda":
         torch.cuda.empty_cache()
     result["read_bandwidth_gbs"] = _read_bandwidth(rt.device)
-    if args.hf_peer:
-        for d in result["decode"]:
-            print(f"HF peer: batch {d['batch']}", flush=True)
-            step_s = hf_decode_step_or_none(model_cfg, rt, d["batch"], d["ctx"], args.decode_steps)
-            d["hf_step_ms"] = None if step_s is None else step_s * 1e3
-    print_decode(result)
+    run_hf(result["decode"], model_cfg, rt, args)
+    result["decode_goal"] = add_floor(result["decode"], result["read_bandwidth_gbs"])
+    print_decode(result["decode"], result["decode_goal"], result["read_bandwidth_gbs"])
     result["env"] = environment()
     if args.json:
         write_json(args.json, result)
@@ -152,58 +112,54 @@ def run_engine(cfg: EngineConfig, args: Any) -> tuple[dict[str, Any], ModelConfi
         )
         result: dict[str, Any] = {"config": {k: str(v) for k, v in asdict(cfg).items()}}
         result["throughput"] = []
-        for inp, outp in args.workloads:
+        for inp, outp in [] if args.skip_throughput else args.workloads:
             print(f"throughput: {args.num_prompts} prompts, in {inp}, out {outp}", flush=True)
             result["throughput"].append(throughput(engine, args, inp, outp))
-        print_throughput(result["throughput"])
-        result["decode"] = []
-        for b in args.decode_batches:
-            print(f"decode: batch {b}, context {args.decode_ctx}", flush=True)
-            engine.set_async_scheduling(False)
-            sync = decode_steps(engine, b, args.decode_ctx, args.decode_steps)
-            engine.set_async_scheduling(True)
-            row = decode_steps(engine, b, args.decode_ctx, args.decode_steps)
-            row["sync_step_ms"] = sync["step_ms"]
-            result["decode"].append(row)
+        if result["throughput"]:
+            print_throughput(result["throughput"])
+        result["decode"] = run_decode_table(
+            engine, args.decode_batches, args.decode_ctx, args.decode_steps
+        )
         engine.set_async_scheduling(rt.async_scheduling)
         return result, engine.model_config, rt
 
 
+def run_hf(rows: list[dict], cfg: ModelConfig, rt: EngineRuntime, args: Any) -> None:
+    """HF's decode step at each batch: eager here, compiled in a time-bounded child."""
+    for d in rows:
+        b, ctx, steps = d["batch"], d["ctx"], args.decode_steps
+        if "eager" in args.hf_peer:
+            print(f"HF eager: batch {b}", flush=True)
+            step_s = hf_eager_step_or_none(cfg, rt, b, ctx, steps)
+            d["hf_eager_step_ms"] = None if step_s is None else step_s * 1e3
+        if "compiled" in args.hf_peer:
+            print(f"HF compiled: batch {b} (at most {args.hf_compile_timeout:.0f} s)", flush=True)
+            rec = hf_compiled(cfg, rt, b, ctx, steps, args.hf_compile_timeout)
+            d["hf_compiled"] = rec
+            ok = rec["status"] == "ok"
+            d["hf_compiled_step_ms"] = rec["step_s"] * 1e3 if ok else None
+
+
 def print_throughput(rows: list[dict[str, Any]]) -> None:
-    headers = ["in", "out", "req/s", "out tok/s", "total tok/s", "wait %", "kv sync %",
-               "waste/req chunks (mean/max)", "preemptions"]  # fmt: skip
+    headers = ["in", "out", "req/s", "output tok/s", "total tok/s", "wait %", "kv sync %",
+               "waste/req chunks (mean/max)", "mapped-empty/req MiB (mean/max)",
+               "held MiB (max)", "preemptions"]  # fmt: skip
     table = [
         (t["input_len"], t["output_len"], t["requests_per_s"], t["output_tokens_per_s"],
          t["total_tokens_per_s"], f"{t['mapper_wait_pct_of_step']:.3f}",
          f"{t['kv_sync_pct_of_step']:.3f}",
          f"{t['waste_chunks_per_running_mean']:.2f}/{t['waste_chunks_per_running_max']:.2f}",
-         t["preemptions"])
+         f"{t['empty_bytes_per_running_mean'] / MiB:.2f}/"
+         f"{t['empty_bytes_per_running_max'] / MiB:.2f}",
+         t["held_bytes_max"] / MiB, t["preemptions"])
         for t in rows
     ]  # fmt: skip
     print(format_table(headers, table))
-
-
-def print_decode(result: dict[str, Any]) -> None:
-    """Add the floor and ratios to each decode row, and print them."""
-    bandwidth = result["read_bandwidth_gbs"]
-    table = []
-    for d in result["decode"]:
-        moved = d["weight_bytes"] + d["kv_bytes_read"]
-        d["floor_ms"] = moved / (bandwidth * 1e9) * 1e3 if bandwidth else None
-        d["x_floor"] = d["step_ms"] / d["floor_ms"] if d["floor_ms"] else None
-        d["x_hf"] = d["hf_step_ms"] / d["step_ms"] if d.get("hf_step_ms") else None
-        d["x_sync"] = d["sync_step_ms"] / d["step_ms"]
-        table.append(
-            (d["batch"], d["ctx"], d["step_ms"], d["floor_ms"] or "-", d["x_floor"] or "-",
-             d["sync_step_ms"], d["x_sync"], d.get("hf_step_ms") or "-", d["x_hf"] or "-")
-        )  # fmt: skip
     print(
-        f"decode step (async scheduling) vs floor (weights + KV read at {bandwidth or 0:.0f} "
-        "GB/s), vs synchronous steps and vs HF:"
+        "  waste: mapped to running requests and empty, surplus of reused slots excluded; "
+        "mapped-empty: the same with it;\n  held: every chunk the pool holds (running, "
+        "idle slots, scratch, free list)"
     )
-    headers = ["batch", "ctx", "step ms", "floor ms", "x floor", "sync ms", "x sync", "HF ms",
-               "x HF"]  # fmt: skip
-    print(format_table(headers, table))
 
 
 def _read_bandwidth(device: torch.device) -> float | None:
