@@ -27,7 +27,7 @@ pytestmark = [
 def test_greedy_matches_hf_on_gpu(arch: str, tmp_path: Path, make_llm) -> None:
     hf = make_checkpoint(tmp_path, arch).cuda()
     llm = make_llm(str(tmp_path), device="cuda", dtype="float32", max_num_batched_tokens=24)
-    assert llm.engine.runtime.attention_impl == "triton" and llm.engine.runtime.use_cuda_graphs
+    assert llm.engine.runtime.attention_backend == "triton" and llm.engine.runtime.use_cuda_graphs
     check_against_hf(llm, hf, random_prompts(6, 512), atol=1e-3)
 
 

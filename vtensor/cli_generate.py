@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from vtensor.engine.config import ATTENTION_BACKENDS
+
 DEFAULT_PROMPTS = ["Hello, my name is", "The capital of France is"]
 
 
@@ -21,6 +23,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--kv-cache-gib", type=float, default=None, help="KV pool size")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--attention-backend", choices=["auto", *ATTENTION_BACKENDS], default=None,
+                   help="triton: our kernels; fa2: torch's FlashAttention-2 (CUDA, "
+                        "bf16/fp16); torch: the fp32 reference (default, auto: triton "
+                        "on CUDA, torch on the CPU)")  # fmt: skip
     p.add_argument("--async-scheduling", dest="async_scheduling", default=None,
                    action=argparse.BooleanOptionalAction,
                    help="launch each step before reading the last one's tokens "
@@ -34,6 +40,7 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=kv,
         enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
+        attention_backend=args.attention_backend,
     )  # fmt: skip
 
 
@@ -60,7 +67,8 @@ def main(args: Any) -> int:
     llm = LLM(**engine_kwargs(args))
     rt = llm.engine.runtime
     note = " (random weights: the text is gibberish)" if rt.random_weights else ""
-    print(f"model: {rt.model_name}{note}; device {rt.device}, {rt.dtype}", file=sys.stderr)
+    print(f"model: {rt.model_name}{note}; device {rt.device}, {rt.dtype}, "
+          f"attention {rt.attention_backend}", file=sys.stderr)  # fmt: skip
     prompts = args.prompt or DEFAULT_PROMPTS
     if args.chat:
         prompts = [

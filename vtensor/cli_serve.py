@@ -51,7 +51,8 @@ def main(args: argparse.Namespace) -> int:
     rt = engine.runtime
     note = " (random weights: the text is gibberish)" if rt.random_weights else ""
     print(f"model: {rt.model_name}{note}; device {rt.device}, {rt.dtype}; "
-          f"max_model_len {rt.max_model_len}", file=sys.stderr)  # fmt: skip
+          f"max_model_len {rt.max_model_len}; attention {rt.attention_backend}",
+          file=sys.stderr)  # fmt: skip
     if engine.tokenizer is None:
         print("this model has no tokenizer: send prompts as token ids", file=sys.stderr)
     # Before the port opens, so that compiling lands on no user's first token.

@@ -106,11 +106,13 @@ def run_engine(cfg: EngineConfig, args: Any) -> tuple[dict[str, Any], ModelConfi
     with LLMEngine(cfg) as engine:
         rt = engine.runtime
         print(
-            f"  device={rt.device} dtype={rt.dtype} graphs={rt.use_cuda_graphs} "
+            f"  device={rt.device} dtype={rt.dtype} attention={rt.attention_backend} "
+            f"graphs={rt.use_cuda_graphs} "
             f"kv pool={engine.pool.capacity_bytes / 2**30:.1f} GiB",
             flush=True,
         )
         result: dict[str, Any] = {"config": {k: str(v) for k, v in asdict(cfg).items()}}
+        result["attention_backend"] = rt.attention_backend  # resolved (the config may say None)
         result["throughput"] = []
         for inp, outp in [] if args.skip_throughput else args.workloads:
             print(f"throughput: {args.num_prompts} prompts, in {inp}, out {outp}", flush=True)

@@ -8,6 +8,9 @@ from vtensor.models.config import DTYPES as MODEL_DTYPES
 from vtensor.models.config import SHAPES
 
 DTYPES = ("auto", *MODEL_DTYPES)
+# The names of ``vtensor.models.attention_backends.ATTENTION_BACKENDS`` (kept here so that
+# the CLI parses them without importing Triton; a test checks they agree).
+ATTENTION_BACKENDS = ("triton", "fa2", "torch")
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -23,6 +26,10 @@ class EngineConfig:
     tiny random model. ``device=None`` picks CUDA when present.
     ``kv_cache_bytes=None`` sizes the KV pool from free memory (GPU) or 256 MiB (CPU).
     ``async_scheduling=None`` turns it on for CUDA only.
+    ``attention_backend`` is one of ``ATTENTION_BACKENDS``; ``None`` or ``"auto"``
+    picks ``triton`` on CUDA and ``torch`` (the fp32 reference) on the CPU. Whether
+    the backend can run on the device, dtype and head size is checked when the
+    engine resolves it (``setup.runtime_for``), before the model loads.
     """
 
     model: str | None = None
@@ -41,7 +48,7 @@ class EngineConfig:
     # Launch each step before reading the previous one's tokens (None: on for CUDA,
     # where it hides the host's per-step work behind the GPU's; off on the CPU).
     async_scheduling: bool | None = None
-    attention_impl: str = "auto"  # auto: Triton on CUDA, fp32 torch reference on the CPU
+    attention_backend: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -53,8 +60,11 @@ class EngineConfig:
             raise ValueError(f"device must be cpu or cuda[:N], got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.attention_impl not in ("auto", "triton", "torch"):
-            raise ValueError(f"attention_impl must be auto/triton/torch, got {self.attention_impl}")
+        if self.attention_backend not in (None, "auto", *ATTENTION_BACKENDS):
+            raise ValueError(
+                f"unknown attention backend {self.attention_backend!r}; "
+                f"known: {', '.join(ATTENTION_BACKENDS)} (or auto)"
+            )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be >= 2")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:

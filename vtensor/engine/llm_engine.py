@@ -22,7 +22,6 @@ from dataclasses import replace
 import torch
 
 from vtensor.kvcache.manager import KVCacheManager, KVCommand, UnmapCommand
-from vtensor.models.attention import VirtualKVAttention
 
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
@@ -34,7 +33,14 @@ from .runner import ModelRunner
 from .sampler import Sampler, SamplerRow
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import PLACEHOLDER, Sequence
-from .setup import build_arena, load_model, load_tokenizer, model_config, runtime_for
+from .setup import (
+    build_arena,
+    build_attention,
+    load_model,
+    load_tokenizer,
+    model_config,
+    runtime_for,
+)
 from .stats import EngineStats, StepCounters, collect_stats
 
 
@@ -68,7 +74,7 @@ class LLMEngine:
             ),
             self.kv,
         )
-        attn = VirtualKVAttention(self.arena.views, impl=rt.attention_impl)
+        attn = build_attention(rt, self.arena)
         graphs = None
         if rt.use_cuda_graphs:
             scratch_row = self.arena.layout.row_start(self.scratch_slot)

@@ -10,6 +10,8 @@ from vtensor.kvcache.arena import KVArena
 from vtensor.kvcache.layout import KVLayout
 from vtensor.kvcache.manager import KVGeometry
 from vtensor.memory import ChunkPool, open_backend
+from vtensor.models.attention import AttentionBackend
+from vtensor.models.attention_backends import ATTENTION_BACKENDS, select_backend
 from vtensor.models.config import DTYPES, ModelConfig, shape_config
 from vtensor.models.embedded import EMBEDDED_NAME, embedded_config, embedded_tokenizer
 from vtensor.models.llama import LlamaForCausalLM
@@ -31,7 +33,7 @@ class EngineRuntime:
     model_name: str
     random_weights: bool
     max_model_len: int
-    attention_impl: str
+    attention_backend: str  # resolved: a key of ATTENTION_BACKENDS
     use_cuda_graphs: bool
     async_scheduling: bool
 
@@ -70,15 +72,20 @@ def runtime_for(config: EngineConfig, cfg: ModelConfig, name: str) -> EngineRunt
     max_len = config.max_model_len or limit
     if max_len > limit:
         raise ValueError(f"max_model_len {max_len} exceeds the model's limit of {limit}")
-    impl = config.attention_impl
-    if impl == "auto":
-        impl = "triton" if device.type == "cuda" else "torch"
-    # Graphs need capturable kernels: the torch reference syncs on host ints.
-    graphs = device.type == "cuda" and not config.enforce_eager and impl == "triton"
+    attn = select_backend(config.attention_backend, device, dtype, cfg.head_dim)
+    # Graphs only for a capturable backend (the torch reference syncs on host ints).
+    graphs = device.type == "cuda" and not config.enforce_eager and attn.supports_cuda_graphs
     overlap = config.async_scheduling
     if overlap is None:
         overlap = device.type == "cuda"
-    return EngineRuntime(device, dtype, name, config.model is None, max_len, impl, graphs, overlap)
+    return EngineRuntime(
+        device, dtype, name, config.model is None, max_len, attn.name, graphs, overlap
+    )
+
+
+def build_attention(rt: EngineRuntime, arena: KVArena) -> AttentionBackend:
+    """The runtime's attention backend over the arena's layer views."""
+    return ATTENTION_BACKENDS[rt.attention_backend](arena.views)
 
 
 def load_model(config: EngineConfig, cfg: ModelConfig, rt: EngineRuntime) -> LlamaForCausalLM:

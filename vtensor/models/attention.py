@@ -2,7 +2,9 @@
 
 The model computes q/k/v and hands them, with the step's
 :class:`AttentionMetadata`, to an :class:`AttentionBackend`. The metadata is
-passed explicitly on every call; no backend keeps per-step state.
+passed explicitly on every call; no backend keeps per-step state. The
+backends themselves (Triton, FlashAttention-2, the fp32 torch reference) are
+in ``attention_backends.py``.
 """
 
 from __future__ import annotations
@@ -10,11 +12,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from vtensor.kernels import decode_attention, extend_attention, store_kv
-from vtensor.kernels.decode import precompile_decode
+from vtensor.kernels import store_kv
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,8 @@ class AttentionMetadata:
     max_len: int  # host bound on seq_lens
     is_decode: bool  # every request has exactly one new token
     # A mixed batch puts its decode requests (one new token each) first: rows
-    # ``[0, num_decode)`` go to the split-K decode kernel, the rest to the extend
-    # kernel with ``extend_qo_indptr`` (``qo_indptr[num_decode:] - num_decode``).
+    # ``[0, num_decode)`` go to the backend's decode path, the rest to its extend
+    # path with ``extend_qo_indptr`` (``qo_indptr[num_decode:] - num_decode``).
     num_decode: int = 0
     decode_max_len: int = 0  # host bound on the decode requests' seq_lens
     extend_qo_indptr: torch.Tensor | None = None
@@ -47,41 +49,38 @@ class AttentionBackend(ABC):
     ``meta.store_rows`` and returns causal attention of ``q`` over each request's
     ``seq_lens[b]`` cached tokens, shaped like ``q`` (``[T, Hq, D]``).
 
-    Implementations must not allocate per-step state that outlives the call,
-    and must be capturable in a CUDA graph for decode steps (static shapes for
-    a given batch size; device tensors only, ``max_len`` fixed by the caller).
+    ``forward`` is shared: it stores K/V with our ``store_kv`` kernel (``store_impl``
+    picks Triton or its torch reference) and sends an all-decode batch to
+    ``decode``, a batch without one-token requests to ``extend``, and a mixed
+    batch's leading ``num_decode`` rows to ``decode`` and the rest to ``extend``.
+    A subclass implements those two on the strided layer views ``kv_views[layer]``
+    (``[rows, kv_heads, head_dim]``, row ``row_starts[b] + i`` is token ``i`` of
+    request ``b``).
+
+    Implementations must not allocate per-step state that outlives the call.
+    With ``supports_cuda_graphs`` they must be capturable in a CUDA graph for
+    decode steps: static shapes for a given batch size, device tensors only, no
+    host sync, and ``max_len`` fixed by the caller (to ``max_model_len``).
+    ``validate`` rejects, before any model is built, a device, dtype or head
+    size the backend cannot run, with an error naming the backend.
     """
 
-    @abstractmethod
-    def forward(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor: ...
-
-    def precompile(self, q_heads: int, row: int) -> int:
-        """Compile kernel variants ahead of serving (reading only cache row ``row``);
-        returns how many ran. Backends with nothing to compile keep this default."""
-        return 0
-
-
-class VirtualKVAttention(AttentionBackend):
-    """Our Triton kernels (or their fp32 torch references) on strided layer views."""
+    name: ClassVar[str]
+    store_impl: ClassVar[str] = "triton"
+    supports_cuda_graphs: ClassVar[bool] = True
 
     def __init__(
         self,
         kv_views: Sequence[tuple[torch.Tensor, torch.Tensor]],
-        impl: str = "auto",
         sm_scale: float | None = None,
     ) -> None:
-        if impl not in ("auto", "triton", "torch"):
-            raise ValueError(f"attention impl must be auto/triton/torch, got {impl!r}")
         self.kv_views = list(kv_views)
-        self.impl = impl
         self.sm_scale = sm_scale
+
+    @classmethod
+    def validate(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> None:
+        """Raise ``ValueError`` if this backend cannot run here. Default: runs anywhere."""
+        return None
 
     def forward(
         self,
@@ -92,30 +91,31 @@ class VirtualKVAttention(AttentionBackend):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         k_cache, v_cache = self.kv_views[layer]
-        store_kv(k_cache, v_cache, k, v, meta.store_rows, impl=self.impl)
+        store_kv(k_cache, v_cache, k, v, meta.store_rows, impl=self.store_impl)
         if meta.is_decode:
-            return self._decode(q, k_cache, v_cache, meta.row_starts, meta.seq_lens, meta.max_len)
+            return self.decode(q, k_cache, v_cache, meta.row_starts, meta.seq_lens, meta.max_len)
         nd = meta.num_decode
         if nd == 0:
-            return self._extend(q, k_cache, v_cache, meta.qo_indptr, meta.row_starts, meta)
-        # Mixed: the extend kernel would give each decode row a whole query block and no
-        # split over its context; the decode kernel reads each context at full bandwidth.
+            return self.extend(
+                q, k_cache, v_cache, meta.qo_indptr, meta.row_starts, meta.prefix_lens,
+                meta.max_new, meta.max_len,
+            )  # fmt: skip
+        # Mixed: an extend kernel would give each decode row a whole query block and no
+        # split over its context; a decode kernel reads each context at full bandwidth.
         assert meta.extend_qo_indptr is not None, "a mixed batch needs extend_qo_indptr"
-        out = torch.empty_like(q)  # both kernels write their rows of it in place
-        self._decode(
+        out = torch.empty_like(q)  # both paths write their rows of it
+        self.decode(
             q[:nd], k_cache, v_cache, meta.row_starts[:nd], meta.seq_lens[:nd],
             meta.decode_max_len, out[:nd],
         )  # fmt: skip
-        self._extend(
-            q[nd:], k_cache, v_cache, meta.extend_qo_indptr, meta.row_starts[nd:], meta, out[nd:]
-        )
+        self.extend(
+            q[nd:], k_cache, v_cache, meta.extend_qo_indptr, meta.row_starts[nd:],
+            meta.prefix_lens[nd:], meta.max_new, meta.max_len, out[nd:],
+        )  # fmt: skip
         return out
 
-    def precompile(self, q_heads: int, row: int) -> int:
-        k_cache, v_cache = self.kv_views[0]  # every layer's view has the same strides
-        return precompile_decode(q_heads, k_cache, v_cache, row, impl=self.impl)
-
-    def _decode(
+    @abstractmethod
+    def decode(
         self,
         q: torch.Tensor,
         k_cache: torch.Tensor,
@@ -125,23 +125,28 @@ class VirtualKVAttention(AttentionBackend):
         max_len: int,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return decode_attention(
-            q, k_cache, v_cache, row_starts, seq_lens, max_len,
-            sm_scale=self.sm_scale, impl=self.impl, out=out,
-        )  # fmt: skip
+        """One query per request (``q [B, Hq, D]``) over rows ``row_starts[b] +
+        [0, seq_lens[b])``; ``max_len`` bounds ``seq_lens``. Writes ``out`` if given."""
 
-    def _extend(
+    @abstractmethod
+    def extend(
         self,
         q: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         qo_indptr: torch.Tensor,
         row_starts: torch.Tensor,
-        meta: AttentionMetadata,
+        prefix_lens: torch.Tensor,
+        max_new: int,
+        max_len: int,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        nd = meta.num_decode
-        return extend_attention(
-            q, k_cache, v_cache, qo_indptr, row_starts, meta.prefix_lens[nd:], meta.max_new,
-            sm_scale=self.sm_scale, impl=self.impl, out=out,
-        )  # fmt: skip
+        """Packed new queries (``q [T, Hq, D]``, request ``b`` owns rows
+        ``qo_indptr[b]:qo_indptr[b+1]``), whose K/V are already stored after a
+        ``prefix_lens[b]`` prefix; query ``i`` sees keys ``[0, prefix + i]``.
+        ``max_new`` and ``max_len`` bound new and total tokens per request."""
+
+    def precompile(self, q_heads: int, row: int) -> int:
+        """Compile kernel variants ahead of serving (reading only cache row ``row``);
+        returns how many ran. Backends with nothing to compile keep this default."""
+        return 0
