@@ -30,7 +30,7 @@ def _engine(make_llm: Callable[..., Any], **kwargs: Any) -> Any:
     # A small token budget makes admission take several steps, as at batch 256 on the
     # H100: the first requests decode while the last ones still prefill.
     kwargs.setdefault("max_num_batched_tokens", 24)
-    kwargs.setdefault("attention_impl", "torch")  # the Triton interpreter is slow here
+    kwargs.setdefault("attention_backend", "torch")  # the Triton interpreter is slow here
     return make_llm(**kwargs).engine
 
 
