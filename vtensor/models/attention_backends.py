@@ -82,11 +82,13 @@ class FlashAttention2(AttentionBackend):
     ``seqused_k = seq_lens`` (``vtensor.kernels.fa2``). CUDA (sm80+), bf16/fp16,
     head_dim up to 256 (a power of two, as for every vtensor kernel wrapper).
 
-    Capturable for decode: the op reads lengths and starts from device tensors,
-    makes no host sync, allocates through the caching allocator, and with no
-    dropout draws no random state; its split-KV heuristic and block ranges use
-    the host ``max_k``, which the decode graphs fix to ``max_model_len`` (an upper
-    bound of every later length, so replays stay exact)."""
+    Capturable for decode, going by torch's ``flash_api.cpp`` (and checked by
+    ``tests/test_attention_backends_gpu.py``; set ``supports_cuda_graphs = False``
+    to run it eagerly if a torch breaks that): the op reads lengths and starts
+    from device tensors, makes no host sync, allocates through the caching
+    allocator, and with no dropout draws no random state; its split-KV count and
+    block ranges use the host ``max_k``, which the decode graphs fix to
+    ``max_model_len`` (an upper bound of every later length, so replays stay exact)."""
 
     name = "fa2"
 
