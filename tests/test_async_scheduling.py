@@ -16,7 +16,7 @@ import pytest
 from tests.checkpoints import make_checkpoint, random_prompts
 from tests.test_models_hf import check_against_hf
 from vtensor import SamplingParams
-from vtensor.engine.sequence import PLACEHOLDER
+from vtensor.engine.request import PLACEHOLDER
 
 
 def mixed_params(llm, prompt: str) -> list[SamplingParams]:
@@ -76,15 +76,15 @@ def test_abort_with_a_token_in_flight_drops_it(make_llm) -> None:
     keep, gone = (engine.add_request(random_prompts(1, 400)[0], params) for _ in range(2))
     for _ in range(random.randint(2, 6)):
         engine.step()
-    assert engine.seqs[gone].awaits_token  # launched, not read
+    assert engine.requests[gone].awaits_token  # launched, not read
     engine.abort(gone)
-    seq = engine.seqs[gone]
-    assert seq.finish_reason == "abort" and PLACEHOLDER not in seq.token_ids
+    req = engine.requests[gone]
+    assert req.finish_reason == "abort" and PLACEHOLDER not in req.token_ids
     outs = []
     while engine.has_unfinished():
         outs += engine.step()
     assert all(o.rid == keep for o in outs)  # the aborted request's token was dropped
-    assert engine.seqs[keep].num_output == 20
+    assert engine.requests[keep].num_output == 20
     assert engine.kv.usage().running_slots == 0
     engine.pop(keep)
     engine.pop(gone)

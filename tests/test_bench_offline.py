@@ -44,7 +44,7 @@ def test_decode_window_holds_the_batch_and_counts_the_kv_read(make_llm) -> None:
     assert start > ctx
     rows = batch * (start + 1) + batch * (steps - 1) / 2  # c + 1 + k rows at step k
     assert row["kv_bytes_read"] == pytest.approx(rows * kv_bytes_per_token(engine))
-    assert not engine.has_unfinished() and not engine.seqs  # aborted and popped
+    assert not engine.has_unfinished() and not engine.requests  # aborted and popped
 
 
 def test_decode_window_fails_when_the_batch_changes(make_llm, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -81,7 +81,7 @@ def test_bad_input_raises_and_queues_nothing(make_llm, tmp_path: Path) -> None:
     for prompt, message in cases:
         with pytest.raises(ValueError, match=message):
             llm.generate(["fine prompt", prompt], SamplingParams(max_tokens=4))
-        assert not llm.engine.has_unfinished() and not llm.engine.seqs
+        assert not llm.engine.has_unfinished() and not llm.engine.requests
     for bad in ({"temperature": -1}, {"top_p": 0}, {"max_tokens": 0}, {"stop": [""]}):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
@@ -116,7 +116,7 @@ def test_abort_returns_the_slot_and_chat_renders_the_template(make_llm) -> None:
     rid = engine.add_request("Hello", SamplingParams(max_tokens=50))
     engine.step()
     engine.abort(rid)
-    assert engine.seqs[rid].finish_reason == "abort" and not engine.has_unfinished()
+    assert engine.requests[rid].finish_reason == "abort" and not engine.has_unfinished()
     assert engine.kv.usage().running_slots == 0
     engine.pop(rid)
     out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=3))[0]

@@ -25,4 +25,4 @@ class LaunchedStep:
     def device_tokens(self) -> DeviceTokens | None:
         if self.draw is None:
             return None
-        return DeviceTokens(self.draw.tokens, {c.seq.rid: k for k, c in enumerate(self.sampling)})
+        return DeviceTokens(self.draw.tokens, {c.req.rid: k for k, c in enumerate(self.sampling)})

@@ -90,12 +90,12 @@ class LLM:
         preemptions = 0
         for j, rid in enumerate(rids):
             text = self.engine.text_of(rid)
-            seq = self.engine.pop(rid)
-            preemptions += seq.num_preemptions
-            logprobs = seq.logprobs if seq.params.logprobs is not None else None
+            req = self.engine.pop(rid)
+            preemptions += req.num_preemptions
+            logprobs = req.logprobs if req.params.logprobs is not None else None
             completions.append(
                 CompletionOutput(
-                    j, text, seq.output_ids, seq.finish_reason, seq.stop_reason, logprobs
+                    j, text, req.output_ids, req.finish_reason, req.stop_reason, logprobs
                 )
             )
         return RequestOutput(

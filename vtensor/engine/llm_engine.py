@@ -29,10 +29,10 @@ from .launched import LaunchedStep
 from .output_processor import OutputProcessor
 from .outputs import FinishReason, StepOutput
 from .params import SamplingParams
+from .request import PLACEHOLDER, Request
 from .runner import ModelRunner
 from .sampler import Sampler, SamplerRow
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from .sequence import PLACEHOLDER, Sequence
 from .setup import (
     build_arena,
     build_attention,
@@ -86,7 +86,7 @@ class LLMEngine:
         self.sampler = Sampler()
         eos = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
         self.outputs = OutputProcessor(self.tokenizer, tuple(eos))
-        self.seqs: dict[int, Sequence] = {}
+        self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self._generators: dict[int, torch.Generator] = {}
         self._inflight: LaunchedStep | None = None  # async scheduling: the step not yet read
@@ -114,13 +114,13 @@ class LLMEngine:
                 f"lower max_tokens or raise the KV budget"
             )
         rid = next(self._ids)
-        seq = Sequence.new(rid, ids, params, max_len, time.perf_counter())
+        req = Request.new(rid, ids, params, max_len, time.perf_counter())
         if params.seed is not None:
             gen = torch.Generator(device=self.runtime.device)
             self._generators[rid] = gen.manual_seed(params.seed)
         self.outputs.add(rid, ids, params, stream_text)
-        self.seqs[rid] = seq
-        self.scheduler.add(seq)
+        self.requests[rid] = req
+        self.scheduler.add(req)
         return rid
 
     def encode(self, prompt: str | Seq[int]) -> list[int]:
@@ -138,9 +138,9 @@ class LLMEngine:
         return ids
 
     def abort(self, rid: int) -> None:
-        seq = self.seqs.get(rid)
-        if seq is not None and not seq.finished:
-            self._finish(seq, "abort")
+        req = self.requests.get(rid)
+        if req is not None and not req.finished:
+            self._finish(req, "abort")
             self._settle_if_idle()
 
     def has_unfinished(self) -> bool:
@@ -148,18 +148,18 @@ class LLMEngine:
         if self.scheduler.has_unfinished():
             return True
         return self._inflight is not None and not all(
-            c.seq.finished for c in self._inflight.sampling
+            c.req.finished for c in self._inflight.sampling
         )
 
     def text_of(self, rid: int) -> str:
         """The request's output text (stop strings already cut)."""
-        return self.outputs.text_of(self.seqs[rid])
+        return self.outputs.text_of(self.requests[rid])
 
-    def pop(self, rid: int) -> Sequence:
-        """Hand a finished request's sequence to the caller and drop the engine's records."""
-        seq = self.seqs.pop(rid)
+    def pop(self, rid: int) -> Request:
+        """Hand a finished request to the caller and drop the engine's records."""
+        req = self.requests.pop(rid)
         self.outputs.forget(rid)
-        return seq
+        return req
 
     def set_async_scheduling(self, on: bool) -> None:
         """Switch between async and synchronous steps, between runs (benchmarks compare)."""
@@ -208,7 +208,7 @@ class LLMEngine:
         t_kv = time.perf_counter()
         self._apply_kv(out.kv_commands)
         self._apply_kv(out.ahead_commands)
-        slots = [self.kv.slot_of(c.seq.rid) for c in out.chunks]
+        slots = [self.kv.slot_of(c.req.rid) for c in out.chunks]
         self.arena.wait_ready(
             (s, self.kv.geometry.chunks_for(c.end)) for s, c in zip(slots, out.chunks)
         )
@@ -239,17 +239,17 @@ class LLMEngine:
         sampling = [c for c in out.chunks if c.samples]
         rows = [
             SamplerRow(
-                c.seq.params,
-                c.seq.prompt_ids,
-                c.seq.output_ids if c.seq.params.has_penalties else (),
-                self._generators.get(c.seq.rid),
+                c.req.params,
+                c.req.prompt_ids,
+                c.req.output_ids if c.req.params.has_penalties else (),
+                self._generators.get(c.req.rid),
             )
             for c in sampling
         ]
         draw = self.sampler.draw(logits, rows) if sampling else None
         for c in out.chunks:
             self.scheduler.update(c, PLACEHOLDER if c.samples else None)
-        needs_host = any(c.seq.params.has_penalties for c in sampling)
+        needs_host = any(c.req.params.has_penalties for c in sampling)
         if self.runtime.device.type == "cuda":
             self._last_launch_done = torch.cuda.Event()
             self._last_launch_done.record()
@@ -267,24 +267,24 @@ class LLMEngine:
         sampled = step.draw.result()
         results: list[StepOutput] = []
         for c, token, logprob in zip(step.sampling, sampled.tokens, sampled.logprobs):
-            seq = c.seq
-            if seq.finished:
+            req = c.req
+            if req.finished:
                 continue
-            seq.resolve(c.end, token)
-            decision = self.outputs.on_token(seq, c.end, logprob)
+            req.resolve(c.end, token)
+            decision = self.outputs.on_token(req, c.end, logprob)
             if decision is not None:
-                self._finish(seq, decision.reason, decision.stop_reason)
-            results.append(self.outputs.output(seq, token, logprob))
+                self._finish(req, decision.reason, decision.stop_reason)
+            results.append(self.outputs.output(req, token, logprob))
         return results
 
     def _finish(
-        self, seq: Sequence, reason: FinishReason, stop_reason: int | str | None = None
+        self, req: Request, reason: FinishReason, stop_reason: int | str | None = None
     ) -> None:
         # A token launched after the one that stopped it (or in flight at an abort)
         # is dropped; its row of the step in flight is skipped when read.
-        seq.drop_placeholder()
-        self.scheduler.finish(seq, reason, stop_reason)
-        self._generators.pop(seq.rid, None)
+        req.drop_placeholder()
+        self.scheduler.finish(req, reason, stop_reason)
+        self._generators.pop(req.rid, None)
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> EngineStats:
@@ -295,7 +295,7 @@ class LLMEngine:
         if self._closed:
             return
         self._closed = True
-        for rid in [r for r, s in self.seqs.items() if not s.finished]:
+        for rid in [r for r, s in self.requests.items() if not s.finished]:
             self.abort(rid)
         self._read(self._take_inflight())
         if self.runtime.device.type == "cuda":

@@ -18,8 +18,8 @@ from vtensor.models.llama import LlamaForCausalLM
 
 from .cuda_graphs import DecodeGraphs, TokenFeed
 from .host_sync import to_device
+from .request import PLACEHOLDER
 from .scheduler import ScheduledChunk
-from .sequence import PLACEHOLDER
 
 
 @dataclass(frozen=True)
@@ -68,18 +68,18 @@ class ModelRunner:
         """
         is_decode = all(c.num_tokens == 1 for c in chunks)
         if is_decode and self.graphs is not None and self.graphs.fits(len(chunks)):
-            ids = [c.seq.token_ids[c.start] for c in chunks]
+            ids = [c.req.token_ids[c.start] for c in chunks]
             rows = BatchRows(list(slots), [c.start for c in chunks], [1] * len(chunks))
             feed = _feed(chunks, range(len(chunks)), pending)
             logits = self.graphs.run(ids, rows.starts, self._row_starts(rows), feed)
-            if all(c.samples for c in chunks):  # always, in practice: a 1-token chunk ends a seq
+            if all(c.samples for c in chunks):  # always, in practice
                 return logits
             return logits[[i for i, c in enumerate(chunks) if c.samples]]
         # Decode requests first (a stable sort), so attention can send them to the
         # decode kernel; the logits still come back in the batch's order.
         order = sorted(range(len(chunks)), key=lambda i: chunks[i].num_tokens != 1)
         chunks = [chunks[i] for i in order]
-        ids = [t for c in chunks for t in c.seq.token_ids[c.start : c.end]]
+        ids = [t for c in chunks for t in c.req.token_ids[c.start : c.end]]
         rows = BatchRows(
             [slots[i] for i in order], [c.start for c in chunks], [c.num_tokens for c in chunks]
         )
@@ -137,14 +137,14 @@ def _feed(
     chunks: Sequence[ScheduledChunk], last_rows: Sequence[int], pending: DeviceTokens | None
 ) -> TokenFeed | None:
     """Where placeholders stand in the batch's input ids, and which pending rows fill them.
-    Only a chunk's last token can be a placeholder (``Sequence``'s invariant)."""
+    Only a chunk's last token can be a placeholder (``Request``'s invariant)."""
     dst, src = [], []
     for c, row in zip(chunks, last_rows):
-        if c.seq.token_ids[c.end - 1] == PLACEHOLDER:
-            if pending is None or c.seq.rid not in pending.rows:
-                raise RuntimeError(f"request {c.seq.rid} awaits a token no pending step has")
+        if c.req.token_ids[c.end - 1] == PLACEHOLDER:
+            if pending is None or c.req.rid not in pending.rows:
+                raise RuntimeError(f"request {c.req.rid} awaits a token no pending step has")
             dst.append(row)
-            src.append(pending.rows[c.seq.rid])
+            src.append(pending.rows[c.req.rid])
     return TokenFeed(pending.tokens, dst, src) if dst and pending is not None else None
 
 

@@ -229,15 +229,15 @@ class AsyncEngine:
             self._loop_call(_dispatch, list(batches.items()))
 
     def _finish(self, rid: int, track: _Track, now: float, reason: str) -> None:
-        seq = self.engine.pop(rid)
+        req = self.engine.pop(rid)
         del self._tracks[rid]
         self.metrics.observe_finished(
-            reason, now - track.arrival, track.first, now, track.tokens, seq.num_prompt
+            reason, now - track.arrival, track.first, now, track.tokens, req.num_prompt
         )
 
     def _abort_now(self, rid: int) -> None:
         self._tracks.pop(rid, None)
-        if rid in self.engine.seqs:
+        if rid in self.engine.requests:
             self.engine.abort(rid)
             self.engine.pop(rid)
             self.metrics.observe_aborted()

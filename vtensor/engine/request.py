@@ -1,4 +1,4 @@
-"""Sequence: one request's tokens and progress through the engine (torch-free).
+"""Request: one request's tokens and progress through the engine (torch-free).
 
 ``token_ids`` is the prompt followed by the generated tokens. The KV of the
 first ``num_computed`` of them is in the cache. A step computes a chunk
@@ -25,14 +25,14 @@ from .params import SamplingParams
 PLACEHOLDER = -1  # a sampled token the host has not read yet (never a real id)
 
 
-class Status(enum.Enum):
+class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
 
 
 @dataclass
-class Sequence:
+class Request:
     rid: int
     prompt_ids: tuple[int, ...]
     params: SamplingParams
@@ -40,7 +40,7 @@ class Sequence:
     arrival: float = 0.0
     token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
-    status: Status = Status.WAITING
+    status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
@@ -56,7 +56,7 @@ class Sequence:
     @classmethod
     def new(
         cls, rid: int, prompt: Seq[int], params: SamplingParams, max_len: int, arrival: float
-    ) -> Sequence:
+    ) -> Request:
         return cls(rid, tuple(prompt), params, max_len, arrival)
 
     @property
@@ -77,7 +77,7 @@ class Sequence:
 
     @property
     def finished(self) -> bool:
-        return self.status is Status.FINISHED
+        return self.status is RequestStatus.FINISHED
 
     @property
     def awaits_token(self) -> bool:
