@@ -1,7 +1,8 @@
 """Scheduler + KV manager on the CPU, with no model: tokens are drawn at random.
 
 These tests import no torch on purpose: the scheduler and the KV bookkeeping
-must be testable (and usable) without it.
+must be testable (and usable) without it. The scheduler only plans; like
+``LLMEngine``, the helpers below apply its plans to the requests.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import subprocess
 import sys
 
 from vtensor.engine.params import SamplingParams
-from vtensor.engine.request import PLACEHOLDER, Request, RequestStatus
+from vtensor.engine.request import Request, RequestStatus
 from vtensor.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from vtensor.kvcache.manager import KVCacheManager, KVGeometry
 
@@ -28,13 +29,31 @@ def request(rid: int, prompt_len: int, max_tokens: int) -> Request:
     return Request.new(rid, [1] * prompt_len, params, prompt_len + max_tokens, 0.0)
 
 
-def run_step(s: Scheduler, rng: random.Random) -> SchedulerOutput:
-    """One step with a fake model; finishes requests at max_tokens."""
+def launch(s: Scheduler) -> SchedulerOutput:
+    """Schedule and apply the plan to the requests, as ``LLMEngine._launch`` does."""
     out = s.schedule()
+    for q in out.preempted:
+        q.preempt()
+    for q in out.admitted:
+        q.admit()
     for c in out.chunks:
-        s.update(c, rng.randrange(100) if c.samples else None)
-        if c.samples and c.req.num_output >= (c.req.params.max_tokens or 0):
-            s.finish(c.req, "length")
+        c.req.advance(c.end, c.samples)
+    return out
+
+
+def finish(s: Scheduler, q: Request, reason: str) -> None:
+    s.remove(q)
+    q.finish(reason)
+
+
+def run_step(s: Scheduler, rng: random.Random) -> SchedulerOutput:
+    """One synchronous step with a fake model; finishes requests at max_tokens."""
+    out = launch(s)
+    for c in out.chunks:
+        if c.samples:
+            c.req.append_output(c.end, rng.randrange(100), None, 0.0)
+            if c.req.num_output >= (c.req.params.max_tokens or 0):
+                finish(s, c.req, "length")
     s.kv.check()
     return out
 
@@ -120,8 +139,8 @@ def test_random_workload_finishes_every_request_and_returns_every_chunk() -> Non
 
 
 def test_async_workload_reads_tokens_a_step_late_and_returns_every_chunk() -> None:
-    """The engine's async loop with a fake model: each step is launched with placeholder
-    tokens and read one step later; requests stop at random (EOS-like) or on length,
+    """The engine's async loop with a fake model: each step is launched before the
+    previous one's tokens are read; requests stop at random (EOS-like) or on length,
     and some are aborted with a token in flight."""
     rng = random.Random()
     s = make(capacity=rng.randint(40, 80), slots=rng.randint(2, 8), budget=rng.randint(8, 64))
@@ -131,16 +150,14 @@ def test_async_workload_reads_tokens_a_step_late_and_returns_every_chunk() -> No
     for _ in range(20_000):
         if pending and rng.random() < 0.3:
             s.add(pending.pop(0))
-        out = s.schedule()
-        for c in out.chunks:
-            s.update(c, PLACEHOLDER if c.samples else None)
+        out = launch(s)
         read_late(s, inflight, stops, rng)
         inflight = [c for c in out.chunks if c.samples]
         s.kv.check()
         if not pending and not s.has_unfinished() and not inflight:
             break
     assert all(q.status is RequestStatus.FINISHED for q in reqs)
-    assert all(PLACEHOLDER not in q.token_ids for q in reqs)
+    assert all(q.num_output_placeholders == 0 for q in reqs)
     for q in reqs:
         if q.finish_reason != "abort":
             want = min(q.params.max_tokens or 0, stops[q.rid])
@@ -150,21 +167,20 @@ def test_async_workload_reads_tokens_a_step_late_and_returns_every_chunk() -> No
 
 
 def read_late(s: Scheduler, chunks: list, stops: dict[int, int], rng: random.Random) -> None:
-    """Read a launched step: resolve its placeholders, then stop or abort (LLMEngine._read)."""
+    """Read a launched step's tokens, then stop or abort (LLMEngine._apply_outputs)."""
     for c in chunks:
         q = c.req
         if q.finished:
-            continue
-        q.resolve(c.end, rng.randrange(100))
-        n_out = c.end + 1 - q.num_prompt
+            continue  # stopped or aborted after this launch: the token is dropped
+        q.append_output(c.end, rng.randrange(100), None, 0.0)
+        n_out = q.num_output
         if n_out >= min(q.params.max_tokens or 0, stops[q.rid]):
             reason = "stop" if n_out >= stops[q.rid] else "length"
         elif rng.random() < 0.01:
             reason = "abort"
         else:
             continue
-        q.drop_placeholder()  # the token launched after this one, if any
-        s.finish(q, reason)
+        finish(s, q, reason)  # drops the token launched after this one, if any
 
 
 def test_next_admissions_are_mapped_a_step_early() -> None:
@@ -177,13 +193,14 @@ def test_next_admissions_are_mapped_a_step_early() -> None:
     s = make(budget=first)  # the first prompt takes the whole budget of step 1
     s.add(request(0, first, 4))
     s.add(request(1, second, 4))
-    out1 = s.schedule()
+    out1 = launch(s)
     assert [c.req.rid for c in out1.chunks] == [0]
     premapped = [c for c in out1.ahead_commands if isinstance(c, MapCommand)]
     # The next step's budget bounds what the second request can compute, and so the premap.
     assert sum(c.count for c in premapped) == -(-min(second, first) // TPC)
     for c in out1.chunks:
-        s.update(c, rng.randrange(100) if c.samples else None)
+        if c.samples:
+            c.req.append_output(c.end, rng.randrange(100), None, 0.0)
     out2 = s.schedule()
     assert [c.req.rid for c in out2.chunks] == [0, 1]
     slot = s.kv.slot_of(1)

@@ -1,15 +1,24 @@
 """LLMEngine: requests in, one scheduled, batched forward step at a time.
 
-A step: schedule → queue the KV mapping it needs (and mapping ahead for the
-next steps) → wait only for the chunks this step touches → forward → sample
-→ check stop conditions → release finished requests' slots.
+``step()`` is a straight line:
 
-With async scheduling (the default on CUDA) a step is *launched*, not
-awaited: its sampled tokens stay on the device and feed the next step, which
-is scheduled and launched before the host reads them. The host's bookkeeping
-of step N (stop checks, detokenizing, outputs) then runs while the GPU
-computes step N+1, instead of leaving the GPU idle. The price: a request that
-stops (EOS, stop string) computes one more token, which is dropped.
+1. ``Scheduler.schedule`` plans the step: chunks, admissions, preemptions, and
+   the KV commands (the only place the KV manager's commands are drained).
+2. ``_launch`` applies the plan to the requests (this module is the only one
+   that calls a ``Request``'s transitions) and to the arena (``_apply_kv``, the
+   only place KV commands reach it), then queues the forward pass and the draw
+   without waiting. The draw's tokens go into the device token table.
+3. ``_read`` waits for a launched step's tokens: the previous step's under
+   async scheduling, this step's otherwise.
+4. ``_apply_outputs`` appends them to their requests, checks stops, and makes
+   the step's outputs.
+
+With async scheduling (the default on CUDA) the step launched in one call is
+read in the next: step N+1 is launched before the host reads step N, its
+inputs taken from the token table on the device. The host's bookkeeping of
+step N (stop checks, detokenizing, outputs, the next schedule) then runs while
+the GPU computes step N+1. The price: a request that stops (EOS, stop string)
+computes one more token, which is dropped.
 """
 
 from __future__ import annotations
@@ -17,22 +26,21 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence as Seq
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
-from vtensor.kvcache.manager import KVCacheManager, KVCommand, UnmapCommand
+from vtensor.kvcache.manager import KVCacheManager, UnmapCommand
 
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
-from .launched import LaunchedStep
 from .output_processor import OutputProcessor
 from .outputs import FinishReason, StepOutput
 from .params import SamplingParams
-from .request import PLACEHOLDER, Request
+from .request import Request
 from .runner import ModelRunner
-from .sampler import Sampler, SamplerRow
-from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from .sampler import PendingSample, Sampler, SamplerRow
+from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
 from .setup import (
     build_arena,
     build_attention,
@@ -42,6 +50,25 @@ from .setup import (
     runtime_for,
 )
 from .stats import EngineStats, StepCounters, collect_stats
+from .token_table import TokenTable
+
+
+@dataclass(frozen=True)
+class LaunchedStep:
+    """A step queued on the device whose sampled tokens the host has not read."""
+
+    sampling: list[ScheduledChunk]  # the chunks that sample, in the draw's row order
+    draw: PendingSample | None
+    needs_host_tokens: bool  # a row has penalties: its next draw needs these tokens
+
+
+@dataclass(frozen=True)
+class ReadToken:
+    """One sampled token as the host reads it."""
+
+    chunk: ScheduledChunk
+    token: int
+    logprob: dict[int, float] | None
 
 
 class LLMEngine:
@@ -75,14 +102,15 @@ class LLMEngine:
             self.kv,
         )
         attn = build_attention(rt, self.arena)
+        tokens = TokenTable(self.arena.layout.num_slots, rt.device)
         graphs = None
         if rt.use_cuda_graphs:
-            scratch_row = self.arena.layout.row_start(self.scratch_slot)
+            scratch = (self.scratch_slot, self.arena.layout.row_start(self.scratch_slot))
             graphs = DecodeGraphs(
-                self.model, attn, config.max_num_seqs, rt.max_model_len, scratch_row, rt.device
+                self.model, attn, config.max_num_seqs, rt.max_model_len, scratch, tokens.tokens
             )
             graphs.capture()
-        self.runner = ModelRunner(self.model, attn, self.arena.layout, rt.device, graphs)
+        self.runner = ModelRunner(self.model, attn, self.arena.layout, tokens, graphs)
         self.sampler = Sampler()
         eos = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
         self.outputs = OutputProcessor(self.tokenizer, tuple(eos))
@@ -90,7 +118,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._generators: dict[int, torch.Generator] = {}
         self._inflight: LaunchedStep | None = None  # async scheduling: the step not yet read
-        self._last_launch_done: torch.cuda.Event | None = None  # guards unmapping (_sync_kv)
+        self._last_launch_done: torch.cuda.Event | None = None  # the unmap fence (_apply_kv)
         self.counters = StepCounters()
         self._closed = False
 
@@ -144,12 +172,10 @@ class LLMEngine:
             self._settle_if_idle()
 
     def has_unfinished(self) -> bool:
-        """Whether a request is waiting, running, or has a token still to be read."""
-        if self.scheduler.has_unfinished():
-            return True
-        return self._inflight is not None and not all(
-            c.req.finished for c in self._inflight.sampling
-        )
+        """Whether a request is waiting or running. Every request with a token in flight
+        is one of these; the in-flight step's other tokens are finished requests',
+        which are dropped unread."""
+        return self.scheduler.has_unfinished()
 
     def text_of(self, rid: int) -> str:
         """The request's output text (stop strings already cut)."""
@@ -165,49 +191,82 @@ class LLMEngine:
         """Switch between async and synchronous steps, between runs (benchmarks compare)."""
         if self.has_unfinished():
             raise RuntimeError("async scheduling can only be switched with no request unfinished")
-        self._read(self._take_inflight())  # only finished requests' tokens: all dropped
+        self._inflight = None  # only finished requests' tokens, dropped unread
         self.runtime = replace(self.runtime, async_scheduling=on)
 
     # ------------------------------------------------------------------- step
     def step(self) -> list[StepOutput]:
-        """Run one step and return the tokens read in it.
+        """Launch this step, read the previous one, apply the outputs read.
 
-        Synchronous: this step's tokens. Async scheduling: this step is launched and
-        the *previous* step's tokens are read while it runs; a call with nothing
-        left to schedule just reads the last one.
+        Async scheduling: the step launched here is read by the next call. It is read
+        here instead when synchronous, or when its draw had penalties: the next draw
+        needs every real token, so it must not be scheduled before they are read.
         """
         t0 = time.perf_counter()
-        results: list[StepOutput] = []
-        if self._inflight is not None and self._inflight.needs_host_tokens:
-            results = self._read(self._take_inflight())  # penalties count every real token
-        out = self.scheduler.schedule()
-        if not out.chunks:  # its commands still count: releases since the last schedule
-            self._sync_kv(out)
-            results += self._read(self._take_inflight())
-            self._settle_if_idle()
-            return results
-        slots = self._sync_kv(out)
-        launched = self._launch(out, slots)
-        results += self._read(self._take_inflight())  # overlaps this step's GPU work
-        if self.runtime.async_scheduling:
-            self._inflight = launched
-        else:
-            results += self._read(launched)
+        launched = self._launch(self.scheduler.schedule())
+        read_now = launched is not None and (
+            launched.needs_host_tokens or not self.runtime.async_scheduling
+        )
+        previous, self._inflight = self._inflight, None if read_now else launched
+        tokens = self._read(previous)  # waits while `launched` runs on the GPU
+        if read_now:
+            tokens += self._read(launched)
+        outputs = self._apply_outputs(tokens)
         self._settle_if_idle()
-        self.counters.steps += 1
-        self.counters.step_s += time.perf_counter() - t0
-        return results
+        if launched is not None:
+            self.counters.steps += 1
+            self.counters.step_s += time.perf_counter() - t0
+        return outputs
 
-    def _sync_kv(self, out: SchedulerOutput) -> list[int]:
-        """Queue the step's KV mapping and wait for the chunks it touches; its slots.
+    def _launch(self, out: SchedulerOutput) -> LaunchedStep | None:
+        """Apply the plan to its requests and the arena, then queue the forward pass and
+        the draw without waiting; the sampled tokens go into the token table."""
+        for req in out.preempted:
+            req.preempt()
+        for req in out.admitted:
+            req.admit()
+        slots = self._apply_kv(out)
+        if not out.chunks:
+            return None
+        forward = self.runner.execute(out.chunks, slots)
+        sampling = [c for c in out.chunks if c.samples]
+        draw = None
+        if sampling:
+            draw = self.sampler.draw(forward.logits, [self._sampler_row(c.req) for c in sampling])
+            self.runner.tokens.write(forward.sample_slots, draw.tokens)
+        for c in out.chunks:
+            c.req.advance(c.end, c.samples)  # computed (and sampled) from here on
+        if self.runtime.device.type == "cuda":
+            self._last_launch_done = torch.cuda.Event()
+            self._last_launch_done.record()
+        needs_host = any(c.req.params.has_penalties for c in sampling)
+        return LaunchedStep(sampling, draw, needs_host)
 
-        The whole window is timed (the mapper thread can also delay this one through
-        the GIL). Unmapping first waits for the last launched step: it may still write
-        into a slot whose request finished or was aborted since, now being reclaimed.
+    def _sampler_row(self, req: Request) -> SamplerRow:
+        penalized = req.params.has_penalties
+        if penalized and req.num_output_placeholders:
+            # step() reads a penalized step at once, so its requests have no unread token.
+            raise RuntimeError(f"request {req.rid}: penalties need every token; one is unread")
+        outputs = req.output_ids if penalized else ()
+        return SamplerRow(req.params, req.prompt_ids, outputs, self._generators.get(req.rid))
+
+    def _apply_kv(self, out: SchedulerOutput) -> list[int]:
+        """The one place KV commands reach the arena: queue the plan's commands on the
+        mapper and wait for the chunks this step touches; returns the chunks' slots.
+
+        Unmapping first waits for the last launched step (counted as ``unmap_fences``):
+        it may still write a slot whose request finished or was aborted since. Maps need
+        no wait. The whole window is timed (the mapper thread can also delay this one
+        through the GIL).
         """
         t_kv = time.perf_counter()
-        self._apply_kv(out.kv_commands)
-        self._apply_kv(out.ahead_commands)
+        for commands in (out.kv_commands, out.ahead_commands):
+            done = self._last_launch_done
+            unmaps = any(isinstance(c, UnmapCommand) for c in commands)
+            if unmaps and done is not None and not done.query():
+                self.counters.unmap_fences += 1
+                done.synchronize()
+            self.arena.apply(commands)
         slots = [self.kv.slot_of(c.req.rid) for c in out.chunks]
         self.arena.wait_ready(
             (s, self.kv.geometry.chunks_for(c.end)) for s, c in zip(slots, out.chunks)
@@ -215,75 +274,45 @@ class LLMEngine:
         self.counters.kv_sync_s += time.perf_counter() - t_kv
         return slots
 
-    def _apply_kv(self, commands: list[KVCommand]) -> None:
-        """Queue KV commands on the mapper; unmapping first lets the last launched step
-        finish, since it may still write a slot its request has left since."""
-        done = self._last_launch_done
-        unmaps = any(isinstance(c, UnmapCommand) for c in commands)
-        if unmaps and done is not None and not done.query():
-            self.counters.unmap_fences += 1
-            done.synchronize()
-        self.arena.apply(commands)
-
     def _settle_if_idle(self) -> None:
-        """Releases emit KV commands outside ``schedule()``; while requests remain, the
-        next schedule applies them. With none left, apply them now, so the pool and
-        the manager's books agree whenever the engine is idle."""
+        """Releases emit KV commands outside a step; while requests remain, the next
+        schedule carries them. With none left, schedule now (an empty plan with those
+        commands), so the pool and the books agree whenever the engine is idle."""
         if not self.has_unfinished():
-            self._apply_kv(self.kv.drain())
+            self._apply_kv(self.scheduler.schedule())
 
-    def _launch(self, out: SchedulerOutput, slots: list[int]) -> LaunchedStep:
-        """Queue the forward and the draw; the chunks count as computed from here on."""
-        pending = self._inflight.device_tokens if self._inflight is not None else None
-        logits = self.runner.execute(out.chunks, slots, pending)
-        sampling = [c for c in out.chunks if c.samples]
-        rows = [
-            SamplerRow(
-                c.req.params,
-                c.req.prompt_ids,
-                c.req.output_ids if c.req.params.has_penalties else (),
-                self._generators.get(c.req.rid),
-            )
-            for c in sampling
-        ]
-        draw = self.sampler.draw(logits, rows) if sampling else None
-        for c in out.chunks:
-            self.scheduler.update(c, PLACEHOLDER if c.samples else None)
-        needs_host = any(c.req.params.has_penalties for c in sampling)
-        if self.runtime.device.type == "cuda":
-            self._last_launch_done = torch.cuda.Event()
-            self._last_launch_done.record()
-        return LaunchedStep(sampling, draw, needs_host)
-
-    def _take_inflight(self) -> LaunchedStep | None:
-        step, self._inflight = self._inflight, None
-        return step
-
-    def _read(self, step: LaunchedStep | None) -> list[StepOutput]:
-        """Read a launched step's tokens: resolve placeholders, check stops, make outputs.
-        A request finished or aborted since the launch drops its token."""
+    def _read(self, step: LaunchedStep | None) -> list[ReadToken]:
+        """Wait for a launched step's tokens (the GIL is released while waiting)."""
         if step is None or step.draw is None:
             return []
         sampled = step.draw.result()
-        results: list[StepOutput] = []
-        for c, token, logprob in zip(step.sampling, sampled.tokens, sampled.logprobs):
-            req = c.req
+        return [
+            ReadToken(c, token, logprob)
+            for c, token, logprob in zip(step.sampling, sampled.tokens, sampled.logprobs)
+        ]
+
+    def _apply_outputs(self, tokens: list[ReadToken]) -> list[StepOutput]:
+        """Append each token to its request, check stops, make the outputs. A request
+        that finished after its token was launched (stopped a step earlier, or was
+        aborted) drops it: the extra token of async scheduling."""
+        now = time.perf_counter()
+        outputs: list[StepOutput] = []
+        for t in tokens:
+            req = t.chunk.req
             if req.finished:
                 continue
-            req.resolve(c.end, token)
-            decision = self.outputs.on_token(req, c.end, logprob)
+            req.append_output(t.chunk.end, t.token, t.logprob, now)
+            decision = self.outputs.on_token(req)
             if decision is not None:
                 self._finish(req, decision.reason, decision.stop_reason)
-            results.append(self.outputs.output(req, token, logprob))
-        return results
+            outputs.append(self.outputs.output(req, t.token, t.logprob))
+        return outputs
 
     def _finish(
         self, req: Request, reason: FinishReason, stop_reason: int | str | None = None
     ) -> None:
-        # A token launched after the one that stopped it (or in flight at an abort)
-        # is dropped; its row of the step in flight is skipped when read.
-        req.drop_placeholder()
-        self.scheduler.finish(req, reason, stop_reason)
+        self.scheduler.remove(req)  # before finish(): it looks up the request's queue
+        req.finish(reason, stop_reason)
         self._generators.pop(req.rid, None)
 
     # ------------------------------------------------------------------ stats
@@ -297,7 +326,7 @@ class LLMEngine:
         self._closed = True
         for rid in [r for r, s in self.requests.items() if not s.finished]:
             self.abort(rid)
-        self._read(self._take_inflight())
+        self._inflight = None  # only aborted requests' tokens, dropped unread
         if self.runtime.device.type == "cuda":
             torch.cuda.synchronize(self.runtime.device)  # no kernel may touch chunks we unmap
         self.runner.graphs = None

@@ -2,11 +2,11 @@
 
 It owns each request's incremental detokenizer and how much of its text has
 been handed out, so the engine's step loop only moves tokens (torch-free).
+It reads requests and never writes them: the engine applies its decisions.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence as Seq
 
 from vtensor.models.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -33,17 +33,11 @@ class OutputProcessor:
         self._detoks.pop(rid, None)
         self._streamed.pop(rid, None)
 
-    def on_token(
-        self, req: Request, index: int, logprob: dict[int, float] | None
-    ) -> StopDecision | None:
-        """Take in the real token at ``req.token_ids[index]``; whether it ends ``req``."""
-        if req.first_token_time is None:
-            req.first_token_time = time.perf_counter()
-        if logprob is not None:
-            req.logprobs.append(logprob)
+    def on_token(self, req: Request) -> StopDecision | None:
+        """Take in the token just read, ``req.token_ids[-1]``; whether it ends ``req``."""
         detok = self._detoks.get(req.rid)
-        delta = detok.push([req.token_ids[index]]) if detok is not None else ""
-        decision = check_stop(req, index, self.eos_token_ids, detok, delta)
+        delta = detok.push([req.token_ids[-1]]) if detok is not None else ""
+        decision = check_stop(req, self.eos_token_ids, detok, delta)
         if decision is not None and detok is not None and not isinstance(decision.stop_reason, str):
             detok.flush()  # no stop string cut the text: it ends with the last token
         return decision

@@ -1,28 +1,31 @@
 """Request: one request's tokens and progress through the engine (torch-free).
 
-``token_ids`` is the prompt followed by the generated tokens. The KV of the
-first ``num_computed`` of them is in the cache. A step computes a chunk
-``[num_computed, num_computed + n)``; when the chunk reaches the end of
-``token_ids``, the step samples one more token. Prefill, chunked prefill,
-decode and recompute after preemption are all this one rule.
+``token_ids`` is the prompt followed by the generated tokens the host has
+read. The KV of the first ``num_computed`` tokens is in the cache. A step
+computes a chunk ``[num_computed, num_computed + n)``; when the chunk reaches
+the end (``num_tokens``), the step samples one more token. Prefill, chunked
+prefill, decode and recompute after preemption are all this one rule.
 
-With async scheduling a sampled token is known on the device a step before
-the host reads it: ``token_ids`` then ends in :data:`PLACEHOLDER`, which
-counts as a token (the next step computes it, fed from the device) and is
-replaced by the real id when the host reads the step. Invariant: only the
-last token can be a placeholder.
+With async scheduling a sampled token exists on the device a step before the
+host reads it. It is counted, not stored: ``num_output_placeholders`` (vLLM's
+name) says how many sampled tokens follow ``token_ids`` that the host has not
+read yet. ``num_tokens`` includes them, so the scheduler plans the next step
+over them; the runner takes such a token from the device token table
+(``engine/token_table.py``) by the request's slot.
+
+Who writes a Request: only its methods below, and only ``LLMEngine`` calls
+them (``engine/llm_engine.py``). The scheduler plans over requests and the
+output processor decides stops, but both only read them.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence as Seq
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .outputs import FinishReason
 from .params import SamplingParams
-
-PLACEHOLDER = -1  # a sampled token the host has not read yet (never a real id)
 
 
 class RequestStatus(enum.Enum):
@@ -31,14 +34,15 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler's queues remove requests by identity
 class Request:
     rid: int
     prompt_ids: tuple[int, ...]
     params: SamplingParams
-    max_len: int  # the request's total-length cap: prompt + max_tokens, within context
+    max_len: int  # prompt + max_tokens (the request contract keeps it within the context)
     arrival: float = 0.0
     token_ids: list[int] = field(default_factory=list)
+    num_output_placeholders: int = 0  # sampled on the device, not read by the host yet
     num_computed: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
@@ -55,7 +59,7 @@ class Request:
 
     @classmethod
     def new(
-        cls, rid: int, prompt: Seq[int], params: SamplingParams, max_len: int, arrival: float
+        cls, rid: int, prompt: Sequence[int], params: SamplingParams, max_len: int, arrival: float
     ) -> Request:
         return cls(rid, tuple(prompt), params, max_len, arrival)
 
@@ -65,10 +69,12 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Every token of the request, read or still on the device."""
+        return len(self.token_ids) + self.num_output_placeholders
 
     @property
     def output_ids(self) -> list[int]:
+        """The generated tokens the host has read."""
         return self.token_ids[self.num_prompt :]
 
     @property
@@ -79,18 +85,53 @@ class Request:
     def finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
-    @property
-    def awaits_token(self) -> bool:
-        """Whether the last token is a placeholder still being read from the device."""
-        return self.token_ids[-1] == PLACEHOLDER
+    # ------------------------------------------------------------ transitions
+    # Called by LLMEngine only; each checks the state it expects.
 
-    def resolve(self, index: int, token: int) -> None:
-        """Put the real ``token`` where the placeholder at ``index`` stands."""
-        if self.token_ids[index] != PLACEHOLDER:
-            raise RuntimeError(f"request {self.rid}: token {index} is not awaited")
-        self.token_ids[index] = token
+    def admit(self) -> None:
+        """The scheduler gave the request a slot."""
+        self._expect(RequestStatus.WAITING)
+        self.status = RequestStatus.RUNNING
 
-    def drop_placeholder(self) -> None:
-        """Forget the awaited token, if any: the request ended before it was read."""
-        if self.awaits_token:
-            self.token_ids.pop()
+    def preempt(self) -> None:
+        """The scheduler took the slot back: the KV is recomputed from token 0 later.
+        A token still on the device stays counted; it is read like any other."""
+        self._expect(RequestStatus.RUNNING)
+        self.status, self.num_computed = RequestStatus.WAITING, 0
+        self.num_preemptions += 1
+
+    def advance(self, end: int, sampled: bool) -> None:
+        """A step computing up to token ``end`` was launched; it may sample one more."""
+        self._expect(RequestStatus.RUNNING)
+        self.num_computed = end
+        self.num_output_placeholders += sampled
+
+    def append_output(
+        self, index: int, token: int, logprob: dict[int, float] | None, now: float
+    ) -> None:
+        """The host read the sampled token at ``index`` (the first one not read yet)."""
+        if self.num_output_placeholders < 1 or index != len(self.token_ids):
+            raise RuntimeError(
+                f"request {self.rid}: token {index} read, but {len(self.token_ids)} are read "
+                f"and {self.num_output_placeholders} awaited"
+            )
+        self.token_ids.append(token)
+        self.num_output_placeholders -= 1
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        if self.first_token_time is None:
+            self.first_token_time = now
+
+    def finish(self, reason: FinishReason, stop_reason: int | str | None = None) -> None:
+        """Stop, length or abort. Tokens still on the device are dropped: a request
+        that stops at step N was already launched in step N+1 (async scheduling)."""
+        self.status, self.finish_reason, self.stop_reason = (
+            RequestStatus.FINISHED,
+            reason,
+            stop_reason,
+        )
+        self.num_output_placeholders = 0
+
+    def _expect(self, status: RequestStatus) -> None:
+        if self.status is not status:
+            raise RuntimeError(f"request {self.rid} is {self.status.value}, not {status.value}")

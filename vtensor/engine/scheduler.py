@@ -1,7 +1,11 @@
 """Continuous batching with chunked prefill, FCFS, and preemption by recompute.
 
 Torch-free: it moves :class:`Request` objects between the waiting queue and
-the running list, and keeps :class:`KVCacheManager` in step with them.
+the running list, and keeps :class:`KVCacheManager` in step with them. It
+plans and never writes a request: its output names the chunks, admissions and
+preemptions, and ``LLMEngine`` applies them to the requests (``engine/request.py``).
+It is also the one place that drains the KV manager's commands, so every
+mapping change reaches the engine through a :class:`SchedulerOutput`.
 
 One step, under a token budget:
 
@@ -23,7 +27,6 @@ from dataclasses import dataclass, field
 
 from vtensor.kvcache.manager import KVCacheManager, KVCommand
 
-from .outputs import FinishReason
 from .request import Request, RequestStatus
 
 
@@ -48,9 +51,8 @@ class ScheduledChunk:
     samples: bool  # the chunk reaches the end of the request, so a token is sampled
 
     @classmethod
-    def next_of(cls, req: Request, num_tokens: int) -> ScheduledChunk:
-        """The next ``num_tokens`` of ``req`` to compute (fixed at scheduling time)."""
-        start = req.num_computed
+    def next_of(cls, req: Request, start: int, num_tokens: int) -> ScheduledChunk:
+        """``num_tokens`` of ``req`` from ``start`` (fixed at scheduling time)."""
         return cls(req, start, num_tokens, start + num_tokens == req.num_tokens)
 
     @property
@@ -60,8 +62,12 @@ class ScheduledChunk:
 
 @dataclass(frozen=True)
 class SchedulerOutput:
+    """One step's plan. The engine applies it: requests first (preempted, then
+    admitted, then each chunk's progress), then the KV commands, in this order."""
+
     chunks: list[ScheduledChunk]
     preempted: list[Request] = field(default_factory=list)
+    admitted: list[Request] = field(default_factory=list)
     kv_commands: list[KVCommand] = field(default_factory=list)  # needed by this step
     ahead_commands: list[KVCommand] = field(default_factory=list)  # for later steps
 
@@ -91,46 +97,37 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
+        """Plan the next step. With nothing to run the plan is empty, but it still
+        carries the commands of the slots released since the last schedule."""
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Request] = []
         for req in list(self.running):
             if budget == 0:
                 break
-            if req.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
+            if req in preempted:  # preempted earlier in this loop (as someone's victim)
                 continue
             if req.num_tokens >= req.max_len:
                 continue  # its last token is awaited (async scheduling): it ends on length
             n = min(req.num_tokens - req.num_computed, budget)
             if not self._grow_or_preempt(req, req.num_computed + n, preempted):
                 break  # req preempted itself: nothing newer is left running
-            chunks.append(ScheduledChunk.next_of(req, n))
+            chunks.append(ScheduledChunk.next_of(req, req.num_computed, n))
             budget -= n
-        if not preempted:
-            budget = self._admit(chunks, budget)
+        admitted = [] if preempted else self._admit(chunks, budget)
         kv_commands = self.kv.drain()
         self._map_ahead(chunks)
         self._premap_waiting()
-        return SchedulerOutput(chunks, preempted, kv_commands, self.kv.drain())
+        return SchedulerOutput(chunks, preempted, admitted, kv_commands, self.kv.drain())
 
-    def update(self, chunk: ScheduledChunk, token: int | None) -> None:
-        """Record a computed (or launched) chunk and, if it sampled, the new token
-        (a ``PLACEHOLDER`` while the token is still on the device)."""
-        req = chunk.req
-        req.num_computed = chunk.end
-        if token is not None:
-            req.token_ids.append(token)
-
-    def finish(
-        self, req: Request, reason: FinishReason, stop_reason: int | str | None = None
-    ) -> None:
-        """Finish (or abort) ``req`` wherever it is; its slot idles with its chunks."""
+    def remove(self, req: Request) -> None:
+        """Take a finishing (or aborted) request out of the queues; its slot idles with
+        its chunks. The unmaps that may cause go out with the next schedule."""
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
             self.kv.release(req.rid)
         elif req.status is RequestStatus.WAITING:
             self.waiting.remove(req)
-        req.status, req.finish_reason, req.stop_reason = RequestStatus.FINISHED, reason, stop_reason
 
     # ---------------------------------------------------------------- private
     def _grow_or_preempt(self, req: Request, tokens: int, preempted: list[Request]) -> bool:
@@ -149,27 +146,27 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.kv.release(req.rid)
-        req.status, req.num_computed = RequestStatus.WAITING, 0
-        req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def _admit(self, chunks: list[ScheduledChunk], budget: int) -> int:
+    def _admit(self, chunks: list[ScheduledChunk], budget: int) -> list[Request]:
+        """Admit waiting requests FCFS within ``budget``; each computes from token 0."""
+        admitted: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            n = min(req.num_tokens - req.num_computed, budget)
+            n = min(req.num_tokens, budget)
             # Admit only if the whole prompt fits, keeping a chunk per running request
             # so decodes can grow without immediately preempting the newcomer.
             if not self.kv.can_admit(req.num_tokens + 1, reserve_chunks=len(self.running)):
                 break
-            if self.kv.admit(req.rid, req.num_computed + n) is None:
+            if self.kv.admit(req.rid, n) is None:
                 break
             self.waiting.popleft()
-            req.status = RequestStatus.RUNNING
             self.running.append(req)
-            chunks.append(ScheduledChunk.next_of(req, n))
+            admitted.append(req)
+            chunks.append(ScheduledChunk.next_of(req, 0, n))
             budget -= n
-        return budget
+        return admitted
 
     def _premap_waiting(self) -> None:
         """Map, during this step, the slots that the next step's admissions will take:
@@ -180,8 +177,8 @@ class Scheduler:
         for req in itertools.islice(self.waiting, max(0, seats)):
             if budget <= 0:
                 break
-            n = min(req.num_tokens - req.num_computed, budget)
-            wanted.append(req.num_computed + n)
+            n = min(req.num_tokens, budget)  # a waiting request computes from token 0
+            wanted.append(n)
             budget -= n
         if wanted:
             self.kv.premap(wanted, reserve_chunks=len(self.running))
