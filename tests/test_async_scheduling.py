@@ -74,7 +74,7 @@ def test_async_greedy_matches_hf_through_chunked_prefill_and_preemption(
 def test_abort_with_a_token_in_flight_drops_it(make_llm) -> None:
     engine = make_llm(async_scheduling=True).engine
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
-    keep, gone = (engine.add_request(random_prompts(1, 400)[0], params) for _ in range(2))
+    [keep], [gone] = engine.add_requests(random_prompts(2, 400), params)
     for _ in range(random.randint(2, 6)):
         engine.step()
     assert engine.requests[gone].num_output_placeholders == 1  # launched, not read
@@ -104,7 +104,7 @@ def test_released_chunks_are_unmapped_once_the_engine_is_idle(make_llm, overlap:
     scratch = engine.kv.geometry.chunks_for(1)
     assert engine.kv.usage().committed_chunks == 0
     assert engine.pool.stats().in_use == engine.arena.vt.mapped_chunks == scratch
-    rid = engine.add_request(prompts[0], SamplingParams(max_tokens=50))
+    [rid] = engine.add_request(prompts[0], SamplingParams(max_tokens=50))
     engine.step()
     engine.abort(rid)  # the last request aborted: its chunks go back as well
     engine.arena.drain()

@@ -83,7 +83,7 @@ def test_decode_window_refuses_a_window_past_max_model_len(make_llm) -> None:  #
 
 def test_decode_window_needs_an_idle_engine(make_llm) -> None:  # type: ignore[no-untyped-def]
     engine = _engine(make_llm)
-    rid = engine.add_request([1, 2, 3], SamplingParams(max_tokens=2))
+    [rid] = engine.add_request([1, 2, 3], SamplingParams(max_tokens=2))
     with pytest.raises(RuntimeError, match="idle engine"):
         decode_steps(engine, 1, 8, 2)
     engine.abort(rid)

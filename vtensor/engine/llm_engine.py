@@ -34,6 +34,7 @@ from vtensor.kvcache.manager import KVCacheManager, UnmapCommand
 
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
+from .input_processor import InputProcessor, ProcessedPrompt, Prompt, RequestError
 from .output_processor import OutputProcessor
 from .outputs import FinishReason, StepOutput
 from .params import SamplingParams
@@ -101,6 +102,9 @@ class LLMEngine:
             ),
             self.kv,
         )
+        self.inputs = InputProcessor(
+            self.tokenizer, self.model_config.vocab_size, rt.max_model_len, self.kv.geometry
+        )
         attn = build_attention(rt, self.arena)
         tokens = TokenTable(self.arena.layout.num_slots, rt.device)
         graphs = None
@@ -123,47 +127,40 @@ class LLMEngine:
         self._closed = False
 
     # --------------------------------------------------------------- requests
+    def add_requests(
+        self,
+        prompts: Seq[Prompt],
+        params: SamplingParams | Seq[SamplingParams],
+        stream_text: bool = False,
+    ) -> list[list[int]]:
+        """Queue each prompt's ``n`` samples; per prompt, its samples' request ids.
+
+        Every prompt is checked against the request contract (``engine/input_processor``)
+        first: a bad one raises :class:`RequestError` (a ``ValueError``) and nothing is
+        queued. ``params`` is one for all prompts, or one per prompt.
+        """
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != len(prompts):
+            raise RequestError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+        processed = [self.inputs.process(p, sp) for p, sp in zip(prompts, plist)]
+        return [[self._queue(pp, sample, stream_text) for sample in pp.samples] for pp in processed]
+
     def add_request(
-        self, prompt: str | Seq[int], params: SamplingParams, stream_text: bool = False
-    ) -> int:
-        """Queue a request; returns its id. Bad input raises ``ValueError``, queueing nothing."""
-        ids = self.encode(prompt)
-        limit = self.runtime.max_model_len
-        if len(ids) >= limit:
-            raise ValueError(
-                f"prompt of {len(ids)} tokens leaves no room to generate within "
-                f"max_model_len={limit}"
-            )
-        max_len = limit if params.max_tokens is None else min(limit, len(ids) + params.max_tokens)
-        need, have = self.kv.geometry.chunks_for(max_len), self.kv.geometry.capacity_chunks
-        if need > have:
-            raise ValueError(
-                f"request needs up to {need} KV chunks but the pool holds {have}; "
-                f"lower max_tokens or raise the KV budget"
-            )
+        self, prompt: Prompt, params: SamplingParams, stream_text: bool = False
+    ) -> list[int]:
+        """Queue one prompt's ``params.n`` samples; their request ids (see add_requests)."""
+        return self.add_requests([prompt], [params], stream_text)[0]
+
+    def _queue(self, pp: ProcessedPrompt, params: SamplingParams, stream_text: bool) -> int:
         rid = next(self._ids)
-        req = Request.new(rid, ids, params, max_len, time.perf_counter())
+        req = Request.new(rid, pp.prompt_ids, params, pp.max_len, time.perf_counter())
         if params.seed is not None:
             gen = torch.Generator(device=self.runtime.device)
             self._generators[rid] = gen.manual_seed(params.seed)
-        self.outputs.add(rid, ids, params, stream_text)
+        self.outputs.add(rid, pp.prompt_ids, params, stream_text)
         self.requests[rid] = req
         self.scheduler.add(req)
         return rid
-
-    def encode(self, prompt: str | Seq[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass prompts as token-id lists")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = [int(t) for t in prompt]
-        vocab = self.model_config.vocab_size
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        return ids
 
     def abort(self, rid: int) -> None:
         req = self.requests.get(rid)
