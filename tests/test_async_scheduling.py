@@ -41,7 +41,7 @@ def mixed_params(llm, prompt: str) -> list[SamplingParams]:
 
 def test_async_outputs_equal_sync_outputs(make_llm) -> None:
     sync = make_llm(max_num_batched_tokens=24, async_scheduling=False)
-    overlap = make_llm(max_num_batched_tokens=24, async_scheduling=True)
+    overlap = make_llm(max_num_batched_tokens=24, async_scheduling=True, debug_check_every=1)
     assert overlap.engine.runtime.async_scheduling and not sync.engine.runtime.async_scheduling
     prompt = random.choice(["Hello world", "Once upon a time", "The quick brown fox"])
     params = mixed_params(sync, prompt)
@@ -66,6 +66,7 @@ def test_async_greedy_matches_hf_through_chunked_prefill_and_preemption(
         max_num_seqs=4,
         max_num_batched_tokens=16,
         async_scheduling=True,
+        debug_check_every=1,
     )
     check_against_hf(llm, hf, random_prompts(4, 512, lo=30, hi=40), max_new=30)
     assert llm.engine.stats().preemptions > 0
@@ -154,7 +155,7 @@ def test_decode_graph_inputs_come_from_the_token_table(make_llm, overlap: bool) 
     the device read it from the token table inside the (stand-in) graph; the outputs
     equal the eager engine's, with stops, logprobs and padded buckets."""
     eager = make_llm(max_num_seqs=6, async_scheduling=overlap)
-    graphed = make_llm(max_num_seqs=6, async_scheduling=overlap)
+    graphed = make_llm(max_num_seqs=6, async_scheduling=overlap, debug_check_every=1)
     replays = _graphs_on_cpu(graphed.engine)
     prompts = random_prompts(5, 400, lo=3, hi=40)
     base = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)

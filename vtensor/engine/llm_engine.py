@@ -30,28 +30,29 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from vtensor.kvcache.manager import KVCacheManager, UnmapCommand
+from vtensor.kvcache.manager import UnmapCommand
 
 from .config import EngineConfig
-from .cuda_graphs import DecodeGraphs
 from .input_processor import InputProcessor, ProcessedPrompt, Prompt, RequestError
+from .integrity import check_integrity
 from .output_processor import OutputProcessor
 from .outputs import FinishReason, StepOutput
 from .params import SamplingParams
 from .request import Request
-from .runner import ModelRunner
 from .sampler import PendingSample, Sampler, SamplerRow
 from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
 from .setup import (
+    SCRATCH_SLOT,
     build_arena,
     build_attention,
+    build_runner,
     load_model,
     load_tokenizer,
+    map_scratch_slot,
     model_config,
     runtime_for,
 )
 from .stats import EngineStats, StepCounters, collect_stats
-from .token_table import TokenTable
 
 
 @dataclass(frozen=True)
@@ -80,22 +81,8 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config, self.model_config)
         self.model = load_model(config, self.model_config, rt)
         self.arena, self.pool = build_arena(config, rt, self.model_config)
-        geo = self.arena.geometry
-        scratch_chunks = geo.chunks_for(1)
-        if geo.capacity_chunks <= scratch_chunks:
-            raise ValueError(
-                f"KV budget of {self.pool.capacity_bytes} bytes leaves no chunk for requests"
-            )
-        # Slot 0 is the runner's scratch slot (graph padding), mapped for good. It must be
-        # slot 0: every layer view's base pointer lies in its first token, and Triton
-        # rejects a kernel argument whose base address is not mapped.
-        self.scratch_slot = 0
-        self.arena.vt.map(0, scratch_chunks * geo.chunk_size)
-        self.kv = KVCacheManager(
-            replace(geo, capacity_chunks=geo.capacity_chunks - scratch_chunks),
-            keep_idle_chunks=config.keep_idle_chunks,
-            reserved_slots=1,
-        )
+        self.scratch_slot = SCRATCH_SLOT
+        self.kv = map_scratch_slot(self.arena, config.keep_idle_chunks)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 config.max_num_seqs, config.max_num_batched_tokens, config.lookahead_tokens
@@ -106,15 +93,7 @@ class LLMEngine:
             self.tokenizer, self.model_config.vocab_size, rt.max_model_len, self.kv.geometry
         )
         attn = build_attention(rt, self.arena)
-        tokens = TokenTable(self.arena.layout.num_slots, rt.device)
-        graphs = None
-        if rt.use_cuda_graphs:
-            scratch = (self.scratch_slot, self.arena.layout.row_start(self.scratch_slot))
-            graphs = DecodeGraphs(
-                self.model, attn, config.max_num_seqs, rt.max_model_len, scratch, tokens.tokens
-            )
-            graphs.capture()
-        self.runner = ModelRunner(self.model, attn, self.arena.layout, tokens, graphs)
+        self.runner = build_runner(config, rt, self.model, attn, self.arena.layout)
         self.sampler = Sampler()
         eos = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
         self.outputs = OutputProcessor(self.tokenizer, tuple(eos))
@@ -213,6 +192,9 @@ class LLMEngine:
         if launched is not None:
             self.counters.steps += 1
             self.counters.step_s += time.perf_counter() - t0
+            every = self.config.debug_check_every
+            if every and self.counters.steps % every == 0:
+                self.check_integrity()
         return outputs
 
     def _launch(self, out: SchedulerOutput) -> LaunchedStep | None:
@@ -313,6 +295,11 @@ class LLMEngine:
         self._generators.pop(req.rid, None)
 
     # ------------------------------------------------------------------ stats
+    def check_integrity(self) -> None:
+        """Check the pool, slot and request invariants (``engine/integrity.py``); raise
+        ``IntegrityError`` naming every one broken. Waits for the mapper thread."""
+        check_integrity(self, self._inflight)
+
     def stats(self) -> EngineStats:
         return collect_stats(self.counters, self.scheduler, self.kv, self.arena, self.pool)
 
