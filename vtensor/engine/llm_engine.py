@@ -1,24 +1,17 @@
 """LLMEngine: requests in, one scheduled, batched forward step at a time.
 
-``step()`` is a straight line:
-
-1. ``Scheduler.schedule`` plans the step: chunks, admissions, preemptions, and
-   the KV commands (the only place the KV manager's commands are drained).
-2. ``_launch`` applies the plan to the requests (this module is the only one
-   that calls a ``Request``'s transitions) and to the arena (``_apply_kv``, the
-   only place KV commands reach it), then queues the forward pass and the draw
-   without waiting. The draw's tokens go into the device token table.
-3. ``_read`` waits for a launched step's tokens: the previous step's under
-   async scheduling, this step's otherwise.
-4. ``_apply_outputs`` appends them to their requests, checks stops, and makes
-   the step's outputs.
+``step()`` is a straight line: ``_launch(Scheduler.schedule())`` applies the
+plan to the requests (this module alone calls a ``Request``'s transitions) and
+to the arena (``_apply_kv``, the one place KV commands reach it), then queues
+the forward pass and the draw, whose tokens go into the device token table;
+``_read`` waits for a launched step's tokens; ``_apply_outputs`` appends them,
+checks stops and makes the outputs.
 
 With async scheduling (the default on CUDA) the step launched in one call is
-read in the next: step N+1 is launched before the host reads step N, its
-inputs taken from the token table on the device. The host's bookkeeping of
-step N (stop checks, detokenizing, outputs, the next schedule) then runs while
-the GPU computes step N+1. The price: a request that stops (EOS, stop string)
-computes one more token, which is dropped.
+read in the next, so step N+1 is launched, its inputs gathered from the token
+table, before the host reads step N: the host's bookkeeping of step N then runs
+while the GPU computes step N+1. The price: a request that stops (EOS, stop
+string) computes one more token, which is dropped.
 """
 
 from __future__ import annotations
@@ -83,12 +76,10 @@ class LLMEngine:
         self.arena, self.pool = build_arena(config, rt, self.model_config)
         self.scratch_slot = SCRATCH_SLOT
         self.kv = map_scratch_slot(self.arena, config.keep_idle_chunks)
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                config.max_num_seqs, config.max_num_batched_tokens, config.lookahead_tokens
-            ),
-            self.kv,
+        sched = SchedulerConfig(
+            config.max_num_seqs, config.max_num_batched_tokens, config.lookahead_tokens
         )
+        self.scheduler = Scheduler(sched, self.kv)
         self.inputs = InputProcessor(
             self.tokenizer, self.model_config.vocab_size, rt.max_model_len, self.kv.geometry
         )
@@ -148,9 +139,8 @@ class LLMEngine:
             self._settle_if_idle()
 
     def has_unfinished(self) -> bool:
-        """Whether a request is waiting or running. Every request with a token in flight
-        is one of these; the in-flight step's other tokens are finished requests',
-        which are dropped unread."""
+        """Whether a request is waiting or running (any other token in flight is a
+        finished request's, dropped unread)."""
         return self.scheduler.has_unfinished()
 
     def text_of(self, rid: int) -> str:
@@ -211,7 +201,9 @@ class LLMEngine:
         sampling = [c for c in out.chunks if c.samples]
         draw = None
         if sampling:
-            draw = self.sampler.draw(forward.logits, [self._sampler_row(c.req) for c in sampling])
+            # A penalized row needs every token read: step() reads a penalized step at once.
+            rows = [SamplerRow.of(c.req, self._generators.get(c.req.rid)) for c in sampling]
+            draw = self.sampler.draw(forward.logits, rows)
             self.runner.tokens.write(forward.sample_slots, draw.tokens)
         for c in out.chunks:
             c.req.advance(c.end, c.samples)  # computed (and sampled) from here on
@@ -220,14 +212,6 @@ class LLMEngine:
             self._last_launch_done.record()
         needs_host = any(c.req.params.has_penalties for c in sampling)
         return LaunchedStep(sampling, draw, needs_host)
-
-    def _sampler_row(self, req: Request) -> SamplerRow:
-        penalized = req.params.has_penalties
-        if penalized and req.num_output_placeholders:
-            # step() reads a penalized step at once, so its requests have no unread token.
-            raise RuntimeError(f"request {req.rid}: penalties need every token; one is unread")
-        outputs = req.output_ids if penalized else ()
-        return SamplerRow(req.params, req.prompt_ids, outputs, self._generators.get(req.rid))
 
     def _apply_kv(self, out: SchedulerOutput) -> list[int]:
         """The one place KV commands reach the arena: queue the plan's commands on the

@@ -14,14 +14,23 @@ import torch
 
 from .host_sync import HostCopy, to_device
 from .params import SamplingParams
+from .request import Request
 
 
 @dataclass(frozen=True)
 class SamplerRow:
     params: SamplingParams
     prompt_ids: Sequence[int]
-    output_ids: Sequence[int]
+    output_ids: Sequence[int]  # only for penalties (else empty)
     generator: torch.Generator | None  # set for seeded requests
+
+    @classmethod
+    def of(cls, req: Request, generator: torch.Generator | None) -> SamplerRow:
+        penalized = req.params.has_penalties
+        if penalized and req.num_output_placeholders:
+            raise RuntimeError(f"request {req.rid}: penalties need every token; one is unread")
+        outputs = req.output_ids if penalized else ()
+        return cls(req.params, req.prompt_ids, outputs, generator)
 
 
 @dataclass(frozen=True)
