@@ -30,7 +30,7 @@ def main() -> None:
         vocab = engine.model_config.vocab_size
         reqs = random_dataset(args.num_prompts, args.input_len, args.output_len, vocab)
         starts = arrival_times(len(reqs), RunArgs(args.rate, 1.0, None, 0))
-        warm = engine.add_request(reqs[0].prompt_ids[:32], SamplingParams(max_tokens=4))
+        [warm] = engine.add_request(reqs[0].prompt_ids[:32], SamplingParams(max_tokens=4))
         while engine.has_unfinished():
             engine.step()
         engine.pop(warm)
@@ -44,7 +44,8 @@ def main() -> None:
             now = time.perf_counter() - t0
             while nxt < len(reqs) and starts[nxt] <= now:
                 p = SamplingParams(max_tokens=reqs[nxt].output_len, ignore_eos=True, temperature=0)
-                sent[engine.add_request(reqs[nxt].prompt_ids, p)] = time.perf_counter()
+                [rid] = engine.add_request(reqs[nxt].prompt_ids, p)
+                sent[rid] = time.perf_counter()
                 nxt += 1
             if not engine.has_unfinished():
                 time.sleep(0.001)

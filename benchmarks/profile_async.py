@@ -52,13 +52,15 @@ def replay_ms(engine: LLMEngine, steps: int) -> float:
     graphs = engine.runner.graphs
     assert graphs is not None
     running = engine.scheduler.running
-    rows = [engine.arena.layout.row_start(engine.kv.slot_of(s.rid)) for s in running]
-    pos = [s.num_computed - 1 for s in running]  # rewrites each request's last KV row
+    slots = [engine.kv.slot_of(r.rid) for r in running]
+    rows = [engine.arena.layout.row_start(s) for s in slots]
+    pos = [r.num_computed - 1 for r in running]  # rewrites each request's last KV row
     ids = [0] * len(running)
+    from_table = [True] * len(running)  # as under async scheduling: ids from the table
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
-        graphs.run(ids, pos, rows)
+        graphs.run(ids, from_table, slots, pos, rows)
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps * 1e3
 

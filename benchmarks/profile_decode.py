@@ -22,7 +22,7 @@ def start_decoding(engine: LLMEngine, batch: int, ctx: int, steps: int) -> None:
     vocab = engine.model_config.vocab_size
     for i in range(batch):
         engine.add_request([(i + j) % vocab for j in range(ctx)], params)
-    while engine.stats().waiting or any(s.num_output < 2 for s in engine.scheduler.running):
+    while engine.stats().waiting or any(r.num_output < 2 for r in engine.scheduler.running):
         engine.step()
 
 
@@ -50,7 +50,7 @@ def main() -> None:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(args.steps):
-                graphs.run(ids, pos, rs)
+                graphs.run(ids, [False] * bs, [1] * bs, pos, rs)
             torch.cuda.synchronize()
             print(f"graph replay alone: {(time.perf_counter() - t0) / args.steps * 1e3:.2f} ms")
         print(f"engine step: {step_ms:.2f} ms at batch {args.batch}, ctx ~{args.ctx}")

@@ -2,9 +2,10 @@
 
 One process imports one vtensor, so an A/B comparison runs this script once per
 checkout (``PYTHONPATH=path/to/checkout``), alternating A B A B on one machine.
-It uses only what every version has: ``EngineConfig(shape=...)``,
-``add_request``, ``step``, ``abort``, ``pop``. Each timed step must deliver one
-token to every request of the batch (asserted), so the batch really is B.
+It uses only what every version has: ``EngineConfig(shape=...)``, ``add_request``
+(an id, or a list of one per sample), ``step``, ``abort``, ``pop``. Each timed step
+must deliver one token to every request of the batch (asserted), so the batch
+really is B.
 
     python3 benchmarks/step_time_ab.py --label after --batches 1,64,256 --json out.json
 """
@@ -28,13 +29,20 @@ def _sync(engine: LLMEngine) -> None:
         torch.cuda.synchronize()  # async scheduling leaves the last step running
 
 
+def _add(engine: LLMEngine, prompt: list[int], params: SamplingParams) -> int:
+    """One request's id: ``add_request`` returns it, or (since the engine owns the request
+    contract and expands ``n``) a list with one id per sample."""
+    got: object = engine.add_request(prompt, params)
+    rid = got[0] if isinstance(got, list) else got
+    assert isinstance(rid, int)
+    return rid
+
+
 def measure(engine: LLMEngine, batch: int, ctx: int, steps: int) -> float:
     """Mean seconds per decode step with ``batch`` requests at context ~``ctx``."""
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=2 * steps + 64, ignore_eos=True, temperature=0)
-    rids = [
-        engine.add_request([(i * 7 + j) % vocab for j in range(ctx)], params) for i in range(batch)
-    ]
+    rids = [_add(engine, [(i * 7 + j) % vocab for j in range(ctx)], params) for i in range(batch)]
     got = dict.fromkeys(rids, 0)
     while min(got.values()) < 2:  # prefill everyone, then one decode each
         for o in engine.step():

@@ -72,8 +72,10 @@ def pool(make_pool: Callable[[int], ChunkPool]) -> ChunkPool:
 
 
 def assert_engine_balanced(engine: Any) -> None:
-    """The engine's books match its pool: every chunk in use is a slot's (or the scratch one)."""
-    engine.arena.drain()
+    """The engine's invariants hold (``check_integrity``), and with nothing left to apply
+    the books match the pool: every chunk in use is a slot's (or the scratch one)."""
+    engine.check_integrity()
+    assert not engine.kv.undrained(), "KV commands left unapplied"
     s = engine.pool.stats()
     usage = engine.kv.usage()
     assert s.balanced, f"pool accounting does not balance: {s}"
@@ -84,7 +86,8 @@ def assert_engine_balanced(engine: Any) -> None:
 
 @pytest.fixture
 def make_llm() -> Iterator[Callable[..., Any]]:
-    """Factory of ``LLM`` objects; at teardown each must balance, then close with no leak."""
+    """Factory of ``LLM`` objects; at teardown each must pass ``check_integrity`` and
+    balance, then close with no leak."""
     from vtensor import LLM
 
     made: list[Any] = []

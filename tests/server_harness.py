@@ -33,7 +33,8 @@ class Served:
             assert time.monotonic() < deadline, "requests still running after the test"
             time.sleep(0.05)
         self.runner.call_blocking(lambda: assert_engine_balanced(self.engine))
-        assert not self.engine.seqs, f"finished requests were not popped: {list(self.engine.seqs)}"
+        left = list(self.engine.requests)
+        assert not left, f"finished requests were not popped: {left}"
 
 
 @contextmanager

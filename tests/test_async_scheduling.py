@@ -1,22 +1,24 @@
 """Async scheduling on the CPU: the same outputs as the synchronous engine, HF-exact
 greedy through chunked prefill and preemption, and aborts with a token in flight.
 
-On the CPU nothing overlaps, but every step still runs the async path: tokens
-are fed from the previous step's device tensor before the host reads them,
-stops are found a step late, and the extra token is dropped.
+On the CPU nothing overlaps, but every step still runs the async path: input
+ids are gathered from the token table before the host reads them, stops are
+found a step late, and the extra token is dropped.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.checkpoints import make_checkpoint, random_prompts
 from tests.test_models_hf import check_against_hf
 from vtensor import SamplingParams
-from vtensor.engine.sequence import PLACEHOLDER
+from vtensor.engine.cuda_graphs import DecodeGraphs
 
 
 def mixed_params(llm, prompt: str) -> list[SamplingParams]:
@@ -39,7 +41,7 @@ def mixed_params(llm, prompt: str) -> list[SamplingParams]:
 
 def test_async_outputs_equal_sync_outputs(make_llm) -> None:
     sync = make_llm(max_num_batched_tokens=24, async_scheduling=False)
-    overlap = make_llm(max_num_batched_tokens=24, async_scheduling=True)
+    overlap = make_llm(max_num_batched_tokens=24, async_scheduling=True, debug_check_every=1)
     assert overlap.engine.runtime.async_scheduling and not sync.engine.runtime.async_scheduling
     prompt = random.choice(["Hello world", "Once upon a time", "The quick brown fox"])
     params = mixed_params(sync, prompt)
@@ -51,7 +53,6 @@ def test_async_outputs_equal_sync_outputs(make_llm) -> None:
             assert (cx.token_ids, cx.text) == (cy.token_ids, cy.text)
             assert (cx.finish_reason, cx.stop_reason) == (cy.finish_reason, cy.stop_reason)
             assert cx.logprobs == cy.logprobs
-            assert PLACEHOLDER not in cy.token_ids
 
 
 def test_async_greedy_matches_hf_through_chunked_prefill_and_preemption(
@@ -65,6 +66,7 @@ def test_async_greedy_matches_hf_through_chunked_prefill_and_preemption(
         max_num_seqs=4,
         max_num_batched_tokens=16,
         async_scheduling=True,
+        debug_check_every=1,
     )
     check_against_hf(llm, hf, random_prompts(4, 512, lo=30, hi=40), max_new=30)
     assert llm.engine.stats().preemptions > 0
@@ -73,18 +75,18 @@ def test_async_greedy_matches_hf_through_chunked_prefill_and_preemption(
 def test_abort_with_a_token_in_flight_drops_it(make_llm) -> None:
     engine = make_llm(async_scheduling=True).engine
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
-    keep, gone = (engine.add_request(random_prompts(1, 400)[0], params) for _ in range(2))
+    [keep], [gone] = engine.add_requests(random_prompts(2, 400), params)
     for _ in range(random.randint(2, 6)):
         engine.step()
-    assert engine.seqs[gone].awaits_token  # launched, not read
+    assert engine.requests[gone].num_output_placeholders == 1  # launched, not read
     engine.abort(gone)
-    seq = engine.seqs[gone]
-    assert seq.finish_reason == "abort" and PLACEHOLDER not in seq.token_ids
+    req = engine.requests[gone]
+    assert req.finish_reason == "abort" and req.num_output_placeholders == 0
     outs = []
     while engine.has_unfinished():
         outs += engine.step()
     assert all(o.rid == keep for o in outs)  # the aborted request's token was dropped
-    assert engine.seqs[keep].num_output == 20
+    assert engine.requests[keep].num_output == 20
     assert engine.kv.usage().running_slots == 0
     engine.pop(keep)
     engine.pop(gone)
@@ -103,9 +105,72 @@ def test_released_chunks_are_unmapped_once_the_engine_is_idle(make_llm, overlap:
     scratch = engine.kv.geometry.chunks_for(1)
     assert engine.kv.usage().committed_chunks == 0
     assert engine.pool.stats().in_use == engine.arena.vt.mapped_chunks == scratch
-    rid = engine.add_request(prompts[0], SamplingParams(max_tokens=50))
+    [rid] = engine.add_request(prompts[0], SamplingParams(max_tokens=50))
     engine.step()
     engine.abort(rid)  # the last request aborted: its chunks go back as well
     engine.arena.drain()
     assert engine.pool.stats().in_use == scratch
     engine.pop(rid)
+
+
+class _EagerReplay:
+    """Stands in for a captured CUDA graph on the CPU: a replay runs the graph's own
+    forward over its static buffers, so the input preparation (the token table gather
+    included) is the code a real replay runs."""
+
+    def __init__(self, graphs: DecodeGraphs, bs: int) -> None:
+        self.graphs, self.bs = graphs, bs
+        self.calls = 0
+        self.table_rows = 0  # rows whose input id came from the token table
+
+    def replay(self) -> None:
+        g = self.graphs
+        self.calls += 1
+        self.table_rows += int(g.from_table[: self.bs].sum())
+        with torch.inference_mode():
+            g.logits[self.bs].copy_(g._forward(self.bs))
+
+
+def _graphs_on_cpu(engine) -> list[_EagerReplay]:
+    layout = engine.arena.layout
+    graphs = DecodeGraphs(
+        engine.model,
+        engine.runner.attn,
+        engine.config.max_num_seqs,
+        engine.runtime.max_model_len,
+        (engine.scratch_slot, layout.row_start(engine.scratch_slot)),
+        engine.runner.tokens.tokens,
+    )
+    with torch.inference_mode():
+        for bs in graphs.buckets:
+            graphs.logits[bs] = graphs._forward(bs)
+            graphs.graphs[bs] = _EagerReplay(graphs, bs)  # type: ignore[assignment]
+    engine.runner.graphs = graphs
+    return list(graphs.graphs.values())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+def test_decode_graph_inputs_come_from_the_token_table(make_llm, overlap: bool) -> None:
+    """The decode graphs' input preparation on the CPU: rows whose token is still on
+    the device read it from the token table inside the (stand-in) graph; the outputs
+    equal the eager engine's, with stops, logprobs and padded buckets."""
+    eager = make_llm(max_num_seqs=6, async_scheduling=overlap)
+    graphed = make_llm(max_num_seqs=6, async_scheduling=overlap, debug_check_every=1)
+    replays = _graphs_on_cpu(graphed.engine)
+    prompts = random_prompts(5, 400, lo=3, hi=40)
+    base = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
+    full = eager.generate(prompts, base)
+    params = [
+        replace(base, stop_token_ids=[o.outputs[0].token_ids[random.randint(2, 11)]])
+        for o in full[:3]
+    ] + [base, replace(base, max_tokens=3)]
+    a, b = eager.generate(prompts, params), graphed.generate(prompts, params)
+    for x, y in zip(a, b, strict=True):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        assert x.outputs[0].finish_reason == y.outputs[0].finish_reason
+    assert sum(r.calls for r in replays) > 10, "the decode steps did not replay graphs"
+    table_rows = sum(r.table_rows for r in replays)
+    if overlap:
+        assert table_rows > 0, "no decode row read its token from the table"
+    else:
+        assert table_rows == 0  # synchronous: the host knows every input token

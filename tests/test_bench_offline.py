@@ -44,7 +44,7 @@ def test_decode_window_holds_the_batch_and_counts_the_kv_read(make_llm) -> None:
     assert start > ctx
     rows = batch * (start + 1) + batch * (steps - 1) / 2  # c + 1 + k rows at step k
     assert row["kv_bytes_read"] == pytest.approx(rows * kv_bytes_per_token(engine))
-    assert not engine.has_unfinished() and not engine.seqs  # aborted and popped
+    assert not engine.has_unfinished() and not engine.requests  # aborted and popped
 
 
 def test_decode_window_fails_when_the_batch_changes(make_llm, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -83,7 +83,7 @@ def test_decode_window_refuses_a_window_past_max_model_len(make_llm) -> None:  #
 
 def test_decode_window_needs_an_idle_engine(make_llm) -> None:  # type: ignore[no-untyped-def]
     engine = _engine(make_llm)
-    rid = engine.add_request([1, 2, 3], SamplingParams(max_tokens=2))
+    [rid] = engine.add_request([1, 2, 3], SamplingParams(max_tokens=2))
     with pytest.raises(RuntimeError, match="idle engine"):
         decode_steps(engine, 1, 8, 2)
     engine.abort(rid)

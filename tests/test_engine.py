@@ -12,6 +12,7 @@ from tests.checkpoints import make_checkpoint
 from vtensor import SamplingParams
 from vtensor.cli import main as cli_main
 from vtensor.engine.config import DeviceUnavailableError, EngineConfig
+from vtensor.engine.input_processor import RequestError
 from vtensor.engine.llm_engine import LLMEngine
 
 
@@ -49,10 +50,18 @@ def test_stop_strings_cut_the_text(make_llm) -> None:
     assert kept.text == text[: text.index(stop) + len(stop)]
 
 
-def test_context_limit_finishes_with_length(make_llm) -> None:
+def test_prompt_plus_max_tokens_over_the_context_is_refused(make_llm) -> None:
+    """The request contract's length rule (the HTTP side: test_server_robust): refuse,
+    never trim; max_tokens=None fills the context."""
     llm = make_llm(max_model_len=40)
-    out = greedy(llm, list(range(5, 35)), n=100)
-    assert len(out.token_ids) == 10 and out.finish_reason == "length"
+    prompt = list(range(5, 35))  # 30 tokens: room for 10
+    with pytest.raises(RequestError, match="max_tokens=11 exceeds max_model_len=40") as err:
+        llm.generate([[5, 6], prompt], SamplingParams(max_tokens=11))
+    assert err.value.param == "max_tokens" and not llm.engine.requests  # nothing queued
+    exact = greedy(llm, prompt, n=10, ignore_eos=True)
+    assert len(exact.token_ids) == 10 and exact.finish_reason == "length"
+    fill = SamplingParams(max_tokens=None, temperature=0, ignore_eos=True)
+    assert llm.generate([prompt], fill)[0].outputs[0].token_ids == exact.token_ids
 
 
 def test_seeds_reproduce_and_n_samples_differ(make_llm) -> None:
@@ -81,7 +90,7 @@ def test_bad_input_raises_and_queues_nothing(make_llm, tmp_path: Path) -> None:
     for prompt, message in cases:
         with pytest.raises(ValueError, match=message):
             llm.generate(["fine prompt", prompt], SamplingParams(max_tokens=4))
-        assert not llm.engine.has_unfinished() and not llm.engine.seqs
+        assert not llm.engine.has_unfinished() and not llm.engine.requests
     for bad in ({"temperature": -1}, {"top_p": 0}, {"max_tokens": 0}, {"stop": [""]}):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
@@ -113,10 +122,10 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error(capsys) -> None:
 def test_abort_returns_the_slot_and_chat_renders_the_template(make_llm) -> None:
     llm = make_llm()
     engine = llm.engine
-    rid = engine.add_request("Hello", SamplingParams(max_tokens=50))
+    [rid] = engine.add_request("Hello", SamplingParams(max_tokens=50))
     engine.step()
     engine.abort(rid)
-    assert engine.seqs[rid].finish_reason == "abort" and not engine.has_unfinished()
+    assert engine.requests[rid].finish_reason == "abort" and not engine.has_unfinished()
     assert engine.kv.usage().running_slots == 0
     engine.pop(rid)
     out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=3))[0]

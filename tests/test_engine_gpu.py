@@ -94,7 +94,8 @@ def test_async_steps_equal_sync_steps_while_slots_are_reclaimed(tmp_path: Path, 
                 hidden_size=256, head_dim=32, max_position_embeddings=1024)  # fmt: skip
     make_checkpoint(tmp_path, "llama", **over)
     kw = dict(device="cuda", dtype="float32", max_num_seqs=8, keep_idle_chunks=0)
-    overlap = make_llm(str(tmp_path), async_scheduling=True, **kw)
+    # Integrity checked every 5 steps: on CUDA, with graphs reading the token table.
+    overlap = make_llm(str(tmp_path), async_scheduling=True, debug_check_every=5, **kw)
     sync = make_llm(str(tmp_path), async_scheduling=False, **kw)
     prompts = random_prompts(12, 512, lo=20, hi=300)
     base = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)

@@ -1,7 +1,8 @@
 """Scheduler + KV manager on the CPU, with no model: tokens are drawn at random.
 
 These tests import no torch on purpose: the scheduler and the KV bookkeeping
-must be testable (and usable) without it.
+must be testable (and usable) without it. The scheduler only plans; like
+``LLMEngine``, the helpers below apply its plans to the requests.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import subprocess
 import sys
 
 from vtensor.engine.params import SamplingParams
+from vtensor.engine.request import Request, RequestStatus
 from vtensor.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from vtensor.engine.sequence import PLACEHOLDER, Sequence, Status
 from vtensor.kvcache.manager import KVCacheManager, KVGeometry
 
 TPC = 8  # tokens per chunk below
@@ -23,31 +24,53 @@ def make(capacity: int = 64, slots: int = 8, budget: int = 64, lookahead: int = 
     return Scheduler(SchedulerConfig(slots, budget, lookahead), KVCacheManager(geo))
 
 
-def seq(rid: int, prompt_len: int, max_tokens: int) -> Sequence:
+def request(rid: int, prompt_len: int, max_tokens: int) -> Request:
     params = SamplingParams(max_tokens=max_tokens, temperature=0)
-    return Sequence.new(rid, [1] * prompt_len, params, prompt_len + max_tokens, 0.0)
+    return Request.new(rid, [1] * prompt_len, params, prompt_len + max_tokens, 0.0)
+
+
+def launch(s: Scheduler) -> SchedulerOutput:
+    """Schedule and apply the plan to the requests, as ``LLMEngine._launch`` does."""
+    out = s.schedule()
+    for q in out.preempted:
+        q.preempt()
+    for q in out.admitted:
+        q.admit()
+    for c in out.chunks:
+        c.req.advance(c.end, c.samples)
+    return out
+
+
+def finish(s: Scheduler, q: Request, reason: str) -> None:
+    s.remove(q)
+    q.finish(reason)
 
 
 def run_step(s: Scheduler, rng: random.Random) -> SchedulerOutput:
-    """One step with a fake model; finishes requests at max_tokens."""
-    out = s.schedule()
+    """One synchronous step with a fake model; finishes requests at max_tokens."""
+    out = launch(s)
     for c in out.chunks:
-        s.update(c, rng.randrange(100) if c.samples else None)
-        if c.samples and c.seq.num_output >= (c.seq.params.max_tokens or 0):
-            s.finish(c.seq, "length")
+        if c.samples:
+            c.req.append_output(c.end, rng.randrange(100), None, 0.0)
+            if c.req.num_output >= (c.req.params.max_tokens or 0):
+                finish(s, c.req, "length")
     s.kv.check()
     return out
 
 
 def test_scheduler_imports_no_torch() -> None:
-    modules = "vtensor.engine.scheduler, vtensor.engine.output_processor, vtensor.kvcache.manager"
+    modules = ", ".join(
+        f"vtensor.{m}"
+        for m in ("engine.scheduler", "engine.request", "engine.params", "engine.stop",
+                  "engine.output_processor", "engine.input_processor", "kvcache.manager")
+    )  # fmt: skip
     code = f"import sys, {modules}; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_chunked_prefill_splits_a_prompt_and_samples_once() -> None:
     s, rng = make(budget=32), random.Random()
-    s.add(seq(0, 100, 2))
+    s.add(request(0, 100, 2))
     sizes, samples = [], []
     for _ in range(4):
         out = run_step(s, rng)
@@ -58,30 +81,30 @@ def test_chunked_prefill_splits_a_prompt_and_samples_once() -> None:
 
 def test_mixed_batch_holds_decodes_and_a_prefill_chunk() -> None:
     s, rng = make(budget=16), random.Random()
-    s.add(seq(0, 5, 10))
+    s.add(request(0, 5, 10))
     run_step(s, rng)  # prefill of request 0
-    s.add(seq(1, 40, 4))
+    s.add(request(1, 40, 4))
     out = run_step(s, rng)
-    kinds = [(c.seq.rid, c.num_tokens) for c in out.chunks]
+    kinds = [(c.req.rid, c.num_tokens) for c in out.chunks]
     assert kinds == [(0, 1), (1, 15)]  # request 0 decodes, request 1 prefills within budget
     assert not out.is_decode and out.num_tokens == 16
 
 
 def test_admission_waits_for_free_chunks() -> None:
     s, rng = make(capacity=6), random.Random()  # 48 tokens of KV
-    s.add(seq(0, 30, 4))  # 4 chunks (+1 reserve) fit
-    s.add(seq(1, 30, 4))  # would need 4 more: must wait
+    s.add(request(0, 30, 4))  # 4 chunks (+1 reserve) fit
+    s.add(request(1, 30, 4))  # would need 4 more: must wait
     out = run_step(s, rng)
-    assert [c.seq.rid for c in out.chunks] == [0] and s.waiting[0].rid == 1
+    assert [c.req.rid for c in out.chunks] == [0] and s.waiting[0].rid == 1
     while s.running:
         run_step(s, rng)
     out = run_step(s, rng)
-    assert [c.seq.rid for c in out.chunks] == [1]
+    assert [c.req.rid for c in out.chunks] == [1]
 
 
 def test_exhausted_pool_preempts_the_newest_and_recomputes_it() -> None:
     s, rng = make(capacity=8, budget=64), random.Random()
-    a, b = seq(0, 20, 40), seq(1, 20, 40)  # each grows from 3 to 8 chunks: both cannot
+    a, b = request(0, 20, 40), request(1, 20, 40)  # each grows from 3 to 8 chunks: both cannot
     s.add(a)
     s.add(b)
     preempted = []
@@ -90,7 +113,7 @@ def test_exhausted_pool_preempts_the_newest_and_recomputes_it() -> None:
             break
         out = run_step(s, rng)
         preempted += [p.rid for p in out.preempted]
-        if b.num_preemptions == 1 and b.status is Status.WAITING:
+        if b.num_preemptions == 1 and b.status is RequestStatus.WAITING:
             kept = b.output_ids
             assert b.num_computed == 0 and kept  # output so far is kept, KV recomputed
     assert preempted and set(preempted) == {1}  # the newest, never the oldest
@@ -102,16 +125,16 @@ def test_random_workload_finishes_every_request_and_returns_every_chunk() -> Non
     rng = random.Random()
     s = make(capacity=rng.randint(40, 80), slots=rng.randint(2, 8), budget=rng.randint(8, 64))
     s.config = SchedulerConfig(s.config.max_num_seqs, s.config.max_num_batched_tokens, 4)
-    seqs = [seq(i, rng.randint(1, 120), rng.randint(1, 60)) for i in range(60)]
-    pending = list(seqs)
+    reqs = [request(i, rng.randint(1, 120), rng.randint(1, 60)) for i in range(60)]
+    pending = list(reqs)
     for _ in range(20_000):
         if pending and rng.random() < 0.3:
             s.add(pending.pop(0))
         if not pending and not s.has_unfinished():
             break
         run_step(s, rng)
-    assert all(q.status is Status.FINISHED for q in seqs)
-    assert all(q.num_output == q.params.max_tokens for q in seqs)
+    assert all(q.status is RequestStatus.FINISHED for q in reqs)
+    assert all(q.num_output == q.params.max_tokens for q in reqs)
     usage = s.kv.usage()
     assert usage.running_slots == 0 and usage.committed_chunks == usage.idle_chunks
     s.kv.reclaim_all()
@@ -120,28 +143,26 @@ def test_random_workload_finishes_every_request_and_returns_every_chunk() -> Non
 
 
 def test_async_workload_reads_tokens_a_step_late_and_returns_every_chunk() -> None:
-    """The engine's async loop with a fake model: each step is launched with placeholder
-    tokens and read one step later; requests stop at random (EOS-like) or on length,
+    """The engine's async loop with a fake model: each step is launched before the
+    previous one's tokens are read; requests stop at random (EOS-like) or on length,
     and some are aborted with a token in flight."""
     rng = random.Random()
     s = make(capacity=rng.randint(40, 80), slots=rng.randint(2, 8), budget=rng.randint(8, 64))
-    seqs = [seq(i, rng.randint(1, 120), rng.randint(1, 60)) for i in range(60)]
-    stops = {q.rid: rng.randint(1, 80) for q in seqs}  # an "EOS" at this output length
-    pending, inflight = list(seqs), []
+    reqs = [request(i, rng.randint(1, 120), rng.randint(1, 60)) for i in range(60)]
+    stops = {q.rid: rng.randint(1, 80) for q in reqs}  # an "EOS" at this output length
+    pending, inflight = list(reqs), []
     for _ in range(20_000):
         if pending and rng.random() < 0.3:
             s.add(pending.pop(0))
-        out = s.schedule()
-        for c in out.chunks:
-            s.update(c, PLACEHOLDER if c.samples else None)
+        out = launch(s)
         read_late(s, inflight, stops, rng)
         inflight = [c for c in out.chunks if c.samples]
         s.kv.check()
         if not pending and not s.has_unfinished() and not inflight:
             break
-    assert all(q.status is Status.FINISHED for q in seqs)
-    assert all(PLACEHOLDER not in q.token_ids for q in seqs)
-    for q in seqs:
+    assert all(q.status is RequestStatus.FINISHED for q in reqs)
+    assert all(q.num_output_placeholders == 0 for q in reqs)
+    for q in reqs:
         if q.finish_reason != "abort":
             want = min(q.params.max_tokens or 0, stops[q.rid])
             assert q.num_output == want, (q.rid, q.num_output, want, q.finish_reason)
@@ -150,21 +171,20 @@ def test_async_workload_reads_tokens_a_step_late_and_returns_every_chunk() -> No
 
 
 def read_late(s: Scheduler, chunks: list, stops: dict[int, int], rng: random.Random) -> None:
-    """Read a launched step: resolve its placeholders, then stop or abort (LLMEngine._read)."""
+    """Read a launched step's tokens, then stop or abort (LLMEngine._apply_outputs)."""
     for c in chunks:
-        q = c.seq
+        q = c.req
         if q.finished:
-            continue
-        q.resolve(c.end, rng.randrange(100))
-        n_out = c.end + 1 - q.num_prompt
+            continue  # stopped or aborted after this launch: the token is dropped
+        q.append_output(c.end, rng.randrange(100), None, 0.0)
+        n_out = q.num_output
         if n_out >= min(q.params.max_tokens or 0, stops[q.rid]):
             reason = "stop" if n_out >= stops[q.rid] else "length"
         elif rng.random() < 0.01:
             reason = "abort"
         else:
             continue
-        q.drop_placeholder()  # the token launched after this one, if any
-        s.finish(q, reason)
+        finish(s, q, reason)  # drops the token launched after this one, if any
 
 
 def test_next_admissions_are_mapped_a_step_early() -> None:
@@ -175,17 +195,18 @@ def test_next_admissions_are_mapped_a_step_early() -> None:
     rng = random.Random()
     first, second = rng.randint(20, 40), rng.randint(9, 40)
     s = make(budget=first)  # the first prompt takes the whole budget of step 1
-    s.add(seq(0, first, 4))
-    s.add(seq(1, second, 4))
-    out1 = s.schedule()
-    assert [c.seq.rid for c in out1.chunks] == [0]
+    s.add(request(0, first, 4))
+    s.add(request(1, second, 4))
+    out1 = launch(s)
+    assert [c.req.rid for c in out1.chunks] == [0]
     premapped = [c for c in out1.ahead_commands if isinstance(c, MapCommand)]
     # The next step's budget bounds what the second request can compute, and so the premap.
     assert sum(c.count for c in premapped) == -(-min(second, first) // TPC)
     for c in out1.chunks:
-        s.update(c, rng.randrange(100) if c.samples else None)
+        if c.samples:
+            c.req.append_output(c.end, rng.randrange(100), None, 0.0)
     out2 = s.schedule()
-    assert [c.seq.rid for c in out2.chunks] == [0, 1]
+    assert [c.req.rid for c in out2.chunks] == [0, 1]
     slot = s.kv.slot_of(1)
     assert not [c for c in out2.kv_commands if isinstance(c, MapCommand) and c.slot == slot]
     assert s.kv.mapped_chunks(1) >= -(-out2.chunks[1].end // TPC)

@@ -87,6 +87,27 @@ def test_prompt_over_context_is_400(server: Served) -> None:
     limit = server.engine.runtime.max_model_len
     r = _post(server, "/v1/completions", {"prompt": [5] * limit, "max_tokens": 1})
     assert r.status_code == 400 and str(limit) in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "prompt"
+
+
+def test_prompt_plus_max_tokens_over_context_is_400(server: Served) -> None:
+    """The engine's length rule, through HTTP (LLM.generate: test_engine): refuse, never
+    trim; a request that exactly fills the context runs in full."""
+    limit = server.engine.runtime.max_model_len
+    prompt = [5] * (limit - 4)
+    for path, body in (
+        ("/v1/completions", {"prompt": prompt}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * limit}]}),
+    ):
+        r = _post(server, path, {**body, "max_tokens": limit})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] in ("max_tokens", "prompt") and str(limit) in err["message"]
+    r = _post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    ok = _post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 4, "ignore_eos": True})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+    server.idle_and_balanced()
 
 
 def test_body_limit_and_unknown_route(server: Served) -> None:

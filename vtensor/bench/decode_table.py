@@ -76,9 +76,8 @@ def decode_steps(engine: LLMEngine, batch: int, ctx: int, steps: int) -> dict[st
     # Room to the end of the context: admission and warm-up take a number of steps that
     # grows with the batch (about 34 at batch 256), and no request may end in the window.
     params = SamplingParams(max_tokens=limit - ctx, ignore_eos=True, temperature=0)
-    rids = [
-        engine.add_request([(i * 7 + j) % vocab for j in range(ctx)], params) for i in range(batch)
-    ]
+    prompts = [[(i * 7 + j) % vocab for j in range(ctx)] for i in range(batch)]
+    rids = [rid for group in engine.add_requests(prompts, params) for rid in group]
     try:
         warmup = _fill_batch(engine, set(rids), ctx)
         s0 = engine.stats()

@@ -50,6 +50,9 @@ class EngineConfig:
     async_scheduling: bool | None = None
     attention_backend: str | None = None
     seed: int = 0
+    # Run LLMEngine.check_integrity every N steps (0: never). A debugging aid: each check
+    # waits for the mapper thread and walks every request.
+    debug_check_every: int = 0
 
     def __post_init__(self) -> None:
         if self.model is not None and self.shape is not None:
@@ -77,3 +80,5 @@ class EngineConfig:
             raise ValueError("chunk_size must be a positive multiple of 4096")
         if self.lookahead_tokens < 0:
             raise ValueError("lookahead_tokens must be >= 0")
+        if self.debug_check_every < 0:
+            raise ValueError("debug_check_every must be >= 0")

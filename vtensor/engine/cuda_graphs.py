@@ -7,6 +7,11 @@ request existed reads its KV correctly afterwards.
 
 Padding rows of a bucket write to and read from a scratch slot (one mapped
 chunk no request owns), so they never touch a live request's cache.
+
+Input ids are chosen inside the graph: a row whose token the host has not
+read yet (async scheduling) takes it from the token table by its slot
+(``engine/token_table.py``), the others take the id copied from the host.
+Both sources are static buffers, so the captured gather stays valid.
 The graphs bake ``max_len = max_model_len`` into the split-K decode, which
 sizes the splits for the longest context; short contexts skip empty splits.
 """
@@ -14,7 +19,6 @@ sizes the splits for the longest context; short contexts skip empty splits.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -22,15 +26,6 @@ from vtensor.models.attention import AttentionBackend, AttentionMetadata
 from vtensor.models.llama import LlamaForCausalLM
 
 from .host_sync import to_device
-
-
-@dataclass(frozen=True)
-class TokenFeed:
-    """Input ids that are still on the device: ``ids[dst[i]] = tokens[src[i]]``."""
-
-    tokens: torch.Tensor  # the previous step's sampled tokens
-    dst: list[int]  # positions in this step's input ids
-    src: list[int]  # rows of ``tokens``
 
 
 def buckets(max_bs: int) -> list[int]:
@@ -45,18 +40,25 @@ class DecodeGraphs:
         attn: AttentionBackend,
         max_bs: int,
         max_len: int,
-        scratch_row: int,
-        device: torch.device,
+        scratch: tuple[int, int],
+        token_table: torch.Tensor,
     ) -> None:
+        """``scratch`` is the scratch slot and its first cache row; ``token_table`` the
+        table of last sampled tokens per slot (read in place by every replay)."""
         self.model, self.attn = model, attn
-        self.max_bs, self.max_len, self.scratch_row = max_bs, max_len, scratch_row
+        self.max_bs, self.max_len = max_bs, max_len
+        self.scratch_slot, self.scratch_row = scratch
+        self.token_table = token_table
         self.buckets = buckets(max_bs)
-        self.ids = torch.zeros(max_bs, dtype=torch.long, device=device)
-        self.positions = torch.zeros(max_bs, dtype=torch.long, device=device)
-        self.store_rows = torch.full((max_bs,), scratch_row, dtype=torch.int32, device=device)
-        self.row_starts = torch.full((max_bs,), scratch_row, dtype=torch.int32, device=device)
-        self.seq_lens = torch.ones(max_bs, dtype=torch.int32, device=device)
-        self.indptr = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
+        dev = token_table.device
+        self.ids = torch.zeros(max_bs, dtype=torch.long, device=dev)  # ids the host knows
+        self.from_table = torch.zeros(max_bs, dtype=torch.bool, device=dev)  # else: the table's
+        self.slots = torch.full((max_bs,), self.scratch_slot, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.store_rows = torch.full((max_bs,), self.scratch_row, dtype=torch.int32, device=dev)
+        self.row_starts = torch.full((max_bs,), self.scratch_row, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
+        self.indptr = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
 
@@ -79,30 +81,26 @@ class DecodeGraphs:
     def run(
         self,
         ids: Sequence[int],
+        from_table: Sequence[bool],
+        slots: Sequence[int],
         positions: Sequence[int],
         row_starts: Sequence[int],
-        feed: TokenFeed | None = None,
     ) -> torch.Tensor:
         """Logits ``[bs, vocab]`` of one decode step (one token per request).
 
-        The returned tensor is the graph's static output: the next replay
-        overwrites it (stream-ordered, so work queued before that replay reads it).
+        Row ``i`` reads its input id from the token table at ``slots[i]`` where
+        ``from_table[i]``, else ``ids[i]``. The returned tensor (and ``slots[:bs]``)
+        are static buffers: the next replay overwrites them (stream-ordered, so work
+        queued before that replay reads them intact).
         """
         bs = len(ids)
         bucket = next(b for b in self.buckets if b >= bs)
-        n = len(feed.dst) if feed else 0
-        flat = [
-            *ids,
-            *positions,
-            *row_starts,
-            *(feed.dst if feed else ()),
-            *(feed.src if feed else ()),
-        ]
+        flat = [*ids, *(int(f) for f in from_table), *slots, *positions, *row_starts]
         host = to_device(flat, torch.long, self.ids.device)
-        ids_d, pos_d, rows_d, dst, src = host.split([bs, bs, bs, n, n])
+        ids_d, flags_d, slots_d, pos_d, rows_d = host.split([bs] * 5)
         self.ids[:bs].copy_(ids_d)
-        if feed:
-            self.ids.index_copy_(0, dst, feed.tokens.index_select(0, src))
+        self.from_table[:bs].copy_(flags_d)  # long -> bool: nonzero is True
+        self.slots[:bs].copy_(slots_d)
         self.positions[:bs].copy_(pos_d)
         self.row_starts[:bs].copy_(rows_d)
         self.store_rows[:bs].copy_(rows_d + pos_d)
@@ -114,6 +112,8 @@ class DecodeGraphs:
     def _reset_padding(self, bs: int, bucket: int) -> None:
         if bucket > bs:
             self.ids[bs:bucket].zero_()
+            self.from_table[bs:bucket].fill_(False)
+            self.slots[bs:bucket].fill_(self.scratch_slot)
             self.positions[bs:bucket].zero_()
             self.store_rows[bs:bucket].fill_(self.scratch_row)
             self.row_starts[bs:bucket].fill_(self.scratch_row)
@@ -130,5 +130,8 @@ class DecodeGraphs:
             max_len=self.max_len,
             is_decode=True,
         )
-        hidden = self.model(self.ids[:bs], self.positions[:bs], self.attn, meta)
+        # Captured: each replay gathers the table as it is when the replay runs.
+        table_ids = self.token_table.index_select(0, self.slots[:bs])
+        ids = torch.where(self.from_table[:bs], table_ids, self.ids[:bs])
+        hidden = self.model(ids, self.positions[:bs], self.attn, meta)
         return self.model.logits(hidden)

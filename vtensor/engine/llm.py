@@ -9,17 +9,15 @@ print(outs[0].outputs[0].text)
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
-from dataclasses import replace
 from typing import Any
 
 from tqdm import tqdm
 
 from .config import EngineConfig
+from .input_processor import Prompt
 from .llm_engine import LLMEngine
 from .outputs import CompletionOutput, RequestOutput
 from .params import SamplingParams
-
-Prompt = str | Seq[int]
 
 
 class LLM:
@@ -39,25 +37,13 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the prompts' order.
 
-        Every prompt is validated before any is queued, so a bad one raises
-        ``ValueError`` and nothing runs.
+        Every prompt is checked against the engine's request contract before any is
+        queued, so a bad one raises ``ValueError`` (``RequestError``) and nothing runs.
         """
         plist = _as_prompt_list(prompts)
-        params = _as_params_list(sampling_params, len(plist))
-        encoded = [self.engine.encode(p) for p in plist]
-        groups: list[list[int]] = []
-        try:
-            for ids, p in zip(encoded, params):
-                groups.append([self.engine.add_request(ids, _nth(p, i)) for i in range(p.n)])
-        except ValueError:
-            for rid in (r for g in groups for r in g):
-                self.engine.abort(rid)
-                self.engine.pop(rid)
-            raise
+        groups = self.engine.add_requests(plist, _as_params(sampling_params))
         self._run(sum(len(g) for g in groups), use_tqdm)
-        return [
-            self._output(i, p, ids, g) for i, (p, ids, g) in enumerate(zip(plist, encoded, groups))
-        ]
+        return [self._output(i, p, g) for i, (p, g) in enumerate(zip(plist, groups))]
 
     def chat(
         self,
@@ -85,23 +71,25 @@ class LLM:
                 done = sum(1 for o in self.engine.step() if o.finished)
                 bar.update(done)
 
-    def _output(self, index: int, prompt: Prompt, ids: list[int], rids: list[int]) -> RequestOutput:
+    def _output(self, index: int, prompt: Prompt, rids: list[int]) -> RequestOutput:
         completions = []
         preemptions = 0
+        prompt_ids: list[int] = []
         for j, rid in enumerate(rids):
             text = self.engine.text_of(rid)
-            seq = self.engine.pop(rid)
-            preemptions += seq.num_preemptions
-            logprobs = seq.logprobs if seq.params.logprobs is not None else None
+            req = self.engine.pop(rid)
+            prompt_ids = list(req.prompt_ids)
+            preemptions += req.num_preemptions
+            logprobs = req.logprobs if req.params.logprobs is not None else None
             completions.append(
                 CompletionOutput(
-                    j, text, seq.output_ids, seq.finish_reason, seq.stop_reason, logprobs
+                    j, text, req.output_ids, req.finish_reason, req.stop_reason, logprobs
                 )
             )
         return RequestOutput(
             str(index),
             prompt if isinstance(prompt, str) else None,
-            ids,
+            prompt_ids,
             completions,
             finished=True,
             num_preemptions=preemptions,
@@ -120,22 +108,9 @@ def _as_prompt_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
     return [p for p in items if not isinstance(p, int)]  # all of them (ids is empty)
 
 
-def _as_params_list(
-    params: SamplingParams | Seq[SamplingParams] | None, n: int
-) -> list[SamplingParams]:
+def _as_params(
+    params: SamplingParams | Seq[SamplingParams] | None,
+) -> SamplingParams | list[SamplingParams]:
     if params is None:
-        return [SamplingParams()] * n
-    if isinstance(params, SamplingParams):
-        return [params] * n
-    plist = list(params)
-    if len(plist) != n:
-        raise ValueError(f"{len(plist)} sampling params for {n} prompts")
-    return plist
-
-
-def _nth(params: SamplingParams, i: int) -> SamplingParams:
-    """The i-th of ``n`` samples: its own seed (if seeded), so the samples differ."""
-    if params.n == 1:
-        return params
-    seed = None if params.seed is None else params.seed + i
-    return replace(params, n=1, seed=seed)
+        return SamplingParams()
+    return params if isinstance(params, SamplingParams) else list(params)

@@ -1,15 +1,17 @@
 """LLMEngine: requests in, one scheduled, batched forward step at a time.
 
-A step: schedule → queue the KV mapping it needs (and mapping ahead for the
-next steps) → wait only for the chunks this step touches → forward → sample
-→ check stop conditions → release finished requests' slots.
+``step()`` is a straight line: ``_launch(Scheduler.schedule())`` applies the
+plan to the requests (this module alone calls a ``Request``'s transitions) and
+to the arena (``_apply_kv``, the one place KV commands reach it), then queues
+the forward pass and the draw, whose tokens go into the device token table;
+``_read`` waits for a launched step's tokens; ``_apply_outputs`` appends them,
+checks stops and makes the outputs.
 
-With async scheduling (the default on CUDA) a step is *launched*, not
-awaited: its sampled tokens stay on the device and feed the next step, which
-is scheduled and launched before the host reads them. The host's bookkeeping
-of step N (stop checks, detokenizing, outputs) then runs while the GPU
-computes step N+1, instead of leaving the GPU idle. The price: a request that
-stops (EOS, stop string) computes one more token, which is dropped.
+With async scheduling (the default on CUDA) the step launched in one call is
+read in the next, so step N+1 is launched, its inputs gathered from the token
+table, before the host reads step N: the host's bookkeeping of step N then runs
+while the GPU computes step N+1. The price: a request that stops (EOS, stop
+string) computes one more token, which is dropped.
 """
 
 from __future__ import annotations
@@ -17,31 +19,51 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence as Seq
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
-from vtensor.kvcache.manager import KVCacheManager, KVCommand, UnmapCommand
+from vtensor.kvcache.manager import UnmapCommand
 
 from .config import EngineConfig
-from .cuda_graphs import DecodeGraphs
-from .launched import LaunchedStep
+from .input_processor import InputProcessor, ProcessedPrompt, Prompt, RequestError
+from .integrity import check_integrity
 from .output_processor import OutputProcessor
 from .outputs import FinishReason, StepOutput
 from .params import SamplingParams
-from .runner import ModelRunner
-from .sampler import Sampler, SamplerRow
-from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from .sequence import PLACEHOLDER, Sequence
+from .request import Request
+from .sampler import PendingSample, Sampler, SamplerRow
+from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
 from .setup import (
+    SCRATCH_SLOT,
     build_arena,
     build_attention,
+    build_runner,
     load_model,
     load_tokenizer,
+    map_scratch_slot,
     model_config,
     runtime_for,
 )
 from .stats import EngineStats, StepCounters, collect_stats
+
+
+@dataclass(frozen=True)
+class LaunchedStep:
+    """A step queued on the device whose sampled tokens the host has not read."""
+
+    sampling: list[ScheduledChunk]  # the chunks that sample, in the draw's row order
+    draw: PendingSample | None
+    needs_host_tokens: bool  # a row has penalties: its next draw needs these tokens
+
+
+@dataclass(frozen=True)
+class ReadToken:
+    """One sampled token as the host reads it."""
+
+    chunk: ScheduledChunk
+    token: int
+    logprob: dict[int, float] | None
 
 
 class LLMEngine:
@@ -52,241 +74,216 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config, self.model_config)
         self.model = load_model(config, self.model_config, rt)
         self.arena, self.pool = build_arena(config, rt, self.model_config)
-        geo = self.arena.geometry
-        scratch_chunks = geo.chunks_for(1)
-        if geo.capacity_chunks <= scratch_chunks:
-            raise ValueError(
-                f"KV budget of {self.pool.capacity_bytes} bytes leaves no chunk for requests"
-            )
-        # Slot 0 is the runner's scratch slot (graph padding), mapped for good. It must be
-        # slot 0: every layer view's base pointer lies in its first token, and Triton
-        # rejects a kernel argument whose base address is not mapped.
-        self.scratch_slot = 0
-        self.arena.vt.map(0, scratch_chunks * geo.chunk_size)
-        self.kv = KVCacheManager(
-            replace(geo, capacity_chunks=geo.capacity_chunks - scratch_chunks),
-            keep_idle_chunks=config.keep_idle_chunks,
-            reserved_slots=1,
+        self.scratch_slot = SCRATCH_SLOT
+        self.kv = map_scratch_slot(self.arena, config.keep_idle_chunks)
+        sched = SchedulerConfig(
+            config.max_num_seqs, config.max_num_batched_tokens, config.lookahead_tokens
         )
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                config.max_num_seqs, config.max_num_batched_tokens, config.lookahead_tokens
-            ),
-            self.kv,
+        self.scheduler = Scheduler(sched, self.kv)
+        self.inputs = InputProcessor(
+            self.tokenizer, self.model_config.vocab_size, rt.max_model_len, self.kv.geometry
         )
         attn = build_attention(rt, self.arena)
-        graphs = None
-        if rt.use_cuda_graphs:
-            scratch_row = self.arena.layout.row_start(self.scratch_slot)
-            graphs = DecodeGraphs(
-                self.model, attn, config.max_num_seqs, rt.max_model_len, scratch_row, rt.device
-            )
-            graphs.capture()
-        self.runner = ModelRunner(self.model, attn, self.arena.layout, rt.device, graphs)
+        self.runner = build_runner(config, rt, self.model, attn, self.arena.layout)
         self.sampler = Sampler()
         eos = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
         self.outputs = OutputProcessor(self.tokenizer, tuple(eos))
-        self.seqs: dict[int, Sequence] = {}
+        self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self._generators: dict[int, torch.Generator] = {}
         self._inflight: LaunchedStep | None = None  # async scheduling: the step not yet read
-        self._last_launch_done: torch.cuda.Event | None = None  # guards unmapping (_sync_kv)
+        self._last_launch_done: torch.cuda.Event | None = None  # the unmap fence (_apply_kv)
         self.counters = StepCounters()
         self._closed = False
 
     # --------------------------------------------------------------- requests
+    def add_requests(
+        self,
+        prompts: Seq[Prompt],
+        params: SamplingParams | Seq[SamplingParams],
+        stream_text: bool = False,
+    ) -> list[list[int]]:
+        """Queue each prompt's ``n`` samples; per prompt, its samples' request ids.
+
+        Every prompt is checked against the request contract (``engine/input_processor``)
+        first: a bad one raises :class:`RequestError` (a ``ValueError``) and nothing is
+        queued. ``params`` is one for all prompts, or one per prompt.
+        """
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != len(prompts):
+            raise RequestError(f"{len(plist)} sampling params for {len(prompts)} prompts")
+        processed = [self.inputs.process(p, sp) for p, sp in zip(prompts, plist)]
+        return [[self._queue(pp, sample, stream_text) for sample in pp.samples] for pp in processed]
+
     def add_request(
-        self, prompt: str | Seq[int], params: SamplingParams, stream_text: bool = False
-    ) -> int:
-        """Queue a request; returns its id. Bad input raises ``ValueError``, queueing nothing."""
-        ids = self.encode(prompt)
-        limit = self.runtime.max_model_len
-        if len(ids) >= limit:
-            raise ValueError(
-                f"prompt of {len(ids)} tokens leaves no room to generate within "
-                f"max_model_len={limit}"
-            )
-        max_len = limit if params.max_tokens is None else min(limit, len(ids) + params.max_tokens)
-        need, have = self.kv.geometry.chunks_for(max_len), self.kv.geometry.capacity_chunks
-        if need > have:
-            raise ValueError(
-                f"request needs up to {need} KV chunks but the pool holds {have}; "
-                f"lower max_tokens or raise the KV budget"
-            )
+        self, prompt: Prompt, params: SamplingParams, stream_text: bool = False
+    ) -> list[int]:
+        """Queue one prompt's ``params.n`` samples; their request ids (see add_requests)."""
+        return self.add_requests([prompt], [params], stream_text)[0]
+
+    def _queue(self, pp: ProcessedPrompt, params: SamplingParams, stream_text: bool) -> int:
         rid = next(self._ids)
-        seq = Sequence.new(rid, ids, params, max_len, time.perf_counter())
+        req = Request.new(rid, pp.prompt_ids, params, pp.max_len, time.perf_counter())
         if params.seed is not None:
             gen = torch.Generator(device=self.runtime.device)
             self._generators[rid] = gen.manual_seed(params.seed)
-        self.outputs.add(rid, ids, params, stream_text)
-        self.seqs[rid] = seq
-        self.scheduler.add(seq)
+        self.outputs.add(rid, pp.prompt_ids, params, stream_text)
+        self.requests[rid] = req
+        self.scheduler.add(req)
         return rid
 
-    def encode(self, prompt: str | Seq[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer: pass prompts as token-id lists")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            ids = [int(t) for t in prompt]
-        vocab = self.model_config.vocab_size
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        return ids
-
     def abort(self, rid: int) -> None:
-        seq = self.seqs.get(rid)
-        if seq is not None and not seq.finished:
-            self._finish(seq, "abort")
+        req = self.requests.get(rid)
+        if req is not None and not req.finished:
+            self._finish(req, "abort")
             self._settle_if_idle()
 
     def has_unfinished(self) -> bool:
-        """Whether a request is waiting, running, or has a token still to be read."""
-        if self.scheduler.has_unfinished():
-            return True
-        return self._inflight is not None and not all(
-            c.seq.finished for c in self._inflight.sampling
-        )
+        """Whether a request is waiting or running (any other token in flight is a
+        finished request's, dropped unread)."""
+        return self.scheduler.has_unfinished()
 
     def text_of(self, rid: int) -> str:
         """The request's output text (stop strings already cut)."""
-        return self.outputs.text_of(self.seqs[rid])
+        return self.outputs.text_of(self.requests[rid])
 
-    def pop(self, rid: int) -> Sequence:
-        """Hand a finished request's sequence to the caller and drop the engine's records."""
-        seq = self.seqs.pop(rid)
+    def pop(self, rid: int) -> Request:
+        """Hand a finished request to the caller and drop the engine's records."""
+        req = self.requests.pop(rid)
         self.outputs.forget(rid)
-        return seq
+        return req
 
     def set_async_scheduling(self, on: bool) -> None:
         """Switch between async and synchronous steps, between runs (benchmarks compare)."""
         if self.has_unfinished():
             raise RuntimeError("async scheduling can only be switched with no request unfinished")
-        self._read(self._take_inflight())  # only finished requests' tokens: all dropped
+        self._inflight = None  # only finished requests' tokens, dropped unread
         self.runtime = replace(self.runtime, async_scheduling=on)
 
     # ------------------------------------------------------------------- step
     def step(self) -> list[StepOutput]:
-        """Run one step and return the tokens read in it.
+        """Launch this step, read the previous one, apply the outputs read.
 
-        Synchronous: this step's tokens. Async scheduling: this step is launched and
-        the *previous* step's tokens are read while it runs; a call with nothing
-        left to schedule just reads the last one.
+        Async scheduling: the step launched here is read by the next call. It is read
+        here instead when synchronous, or when its draw had penalties: the next draw
+        needs every real token, so it must not be scheduled before they are read.
         """
         t0 = time.perf_counter()
-        results: list[StepOutput] = []
-        if self._inflight is not None and self._inflight.needs_host_tokens:
-            results = self._read(self._take_inflight())  # penalties count every real token
-        out = self.scheduler.schedule()
-        if not out.chunks:  # its commands still count: releases since the last schedule
-            self._sync_kv(out)
-            results += self._read(self._take_inflight())
-            self._settle_if_idle()
-            return results
-        slots = self._sync_kv(out)
-        launched = self._launch(out, slots)
-        results += self._read(self._take_inflight())  # overlaps this step's GPU work
-        if self.runtime.async_scheduling:
-            self._inflight = launched
-        else:
-            results += self._read(launched)
+        launched = self._launch(self.scheduler.schedule())
+        read_now = launched is not None and (
+            launched.needs_host_tokens or not self.runtime.async_scheduling
+        )
+        previous, self._inflight = self._inflight, None if read_now else launched
+        tokens = self._read(previous)  # waits while `launched` runs on the GPU
+        if read_now:
+            tokens += self._read(launched)
+        outputs = self._apply_outputs(tokens)
         self._settle_if_idle()
-        self.counters.steps += 1
-        self.counters.step_s += time.perf_counter() - t0
-        return results
+        if launched is not None:
+            self.counters.steps += 1
+            self.counters.step_s += time.perf_counter() - t0
+            every = self.config.debug_check_every
+            if every and self.counters.steps % every == 0:
+                self.check_integrity()
+        return outputs
 
-    def _sync_kv(self, out: SchedulerOutput) -> list[int]:
-        """Queue the step's KV mapping and wait for the chunks it touches; its slots.
+    def _launch(self, out: SchedulerOutput) -> LaunchedStep | None:
+        """Apply the plan to its requests and the arena, then queue the forward pass and
+        the draw without waiting; the sampled tokens go into the token table."""
+        for req in out.preempted:
+            req.preempt()
+        for req in out.admitted:
+            req.admit()
+        slots = self._apply_kv(out)
+        if not out.chunks:
+            return None
+        forward = self.runner.execute(out.chunks, slots)
+        sampling = [c for c in out.chunks if c.samples]
+        draw = None
+        if sampling:
+            # A penalized row needs every token read: step() reads a penalized step at once.
+            rows = [SamplerRow.of(c.req, self._generators.get(c.req.rid)) for c in sampling]
+            draw = self.sampler.draw(forward.logits, rows)
+            self.runner.tokens.write(forward.sample_slots, draw.tokens)
+        for c in out.chunks:
+            c.req.advance(c.end, c.samples)  # computed (and sampled) from here on
+        if self.runtime.device.type == "cuda":
+            self._last_launch_done = torch.cuda.Event()
+            self._last_launch_done.record()
+        needs_host = any(c.req.params.has_penalties for c in sampling)
+        return LaunchedStep(sampling, draw, needs_host)
 
-        The whole window is timed (the mapper thread can also delay this one through
-        the GIL). Unmapping first waits for the last launched step: it may still write
-        into a slot whose request finished or was aborted since, now being reclaimed.
+    def _apply_kv(self, out: SchedulerOutput) -> list[int]:
+        """The one place KV commands reach the arena: queue the plan's commands on the
+        mapper and wait for the chunks this step touches; returns the chunks' slots.
+
+        Unmapping first waits for the last launched step (counted as ``unmap_fences``):
+        it may still write a slot whose request finished or was aborted since. Maps need
+        no wait. The whole window is timed (the mapper thread can also delay this one
+        through the GIL).
         """
         t_kv = time.perf_counter()
-        self._apply_kv(out.kv_commands)
-        self._apply_kv(out.ahead_commands)
-        slots = [self.kv.slot_of(c.seq.rid) for c in out.chunks]
+        for commands in (out.kv_commands, out.ahead_commands):
+            done = self._last_launch_done
+            unmaps = any(isinstance(c, UnmapCommand) for c in commands)
+            if unmaps and done is not None and not done.query():
+                self.counters.unmap_fences += 1
+                done.synchronize()
+            self.arena.apply(commands)
+        slots = [self.kv.slot_of(c.req.rid) for c in out.chunks]
         self.arena.wait_ready(
             (s, self.kv.geometry.chunks_for(c.end)) for s, c in zip(slots, out.chunks)
         )
         self.counters.kv_sync_s += time.perf_counter() - t_kv
         return slots
 
-    def _apply_kv(self, commands: list[KVCommand]) -> None:
-        """Queue KV commands on the mapper; unmapping first lets the last launched step
-        finish, since it may still write a slot its request has left since."""
-        done = self._last_launch_done
-        unmaps = any(isinstance(c, UnmapCommand) for c in commands)
-        if unmaps and done is not None and not done.query():
-            self.counters.unmap_fences += 1
-            done.synchronize()
-        self.arena.apply(commands)
-
     def _settle_if_idle(self) -> None:
-        """Releases emit KV commands outside ``schedule()``; while requests remain, the
-        next schedule applies them. With none left, apply them now, so the pool and
-        the manager's books agree whenever the engine is idle."""
+        """Releases emit KV commands outside a step; while requests remain, the next
+        schedule carries them. With none left, schedule now (an empty plan with those
+        commands), so the pool and the books agree whenever the engine is idle."""
         if not self.has_unfinished():
-            self._apply_kv(self.kv.drain())
+            self._apply_kv(self.scheduler.schedule())
 
-    def _launch(self, out: SchedulerOutput, slots: list[int]) -> LaunchedStep:
-        """Queue the forward and the draw; the chunks count as computed from here on."""
-        pending = self._inflight.device_tokens if self._inflight is not None else None
-        logits = self.runner.execute(out.chunks, slots, pending)
-        sampling = [c for c in out.chunks if c.samples]
-        rows = [
-            SamplerRow(
-                c.seq.params,
-                c.seq.prompt_ids,
-                c.seq.output_ids if c.seq.params.has_penalties else (),
-                self._generators.get(c.seq.rid),
-            )
-            for c in sampling
-        ]
-        draw = self.sampler.draw(logits, rows) if sampling else None
-        for c in out.chunks:
-            self.scheduler.update(c, PLACEHOLDER if c.samples else None)
-        needs_host = any(c.seq.params.has_penalties for c in sampling)
-        if self.runtime.device.type == "cuda":
-            self._last_launch_done = torch.cuda.Event()
-            self._last_launch_done.record()
-        return LaunchedStep(sampling, draw, needs_host)
-
-    def _take_inflight(self) -> LaunchedStep | None:
-        step, self._inflight = self._inflight, None
-        return step
-
-    def _read(self, step: LaunchedStep | None) -> list[StepOutput]:
-        """Read a launched step's tokens: resolve placeholders, check stops, make outputs.
-        A request finished or aborted since the launch drops its token."""
+    def _read(self, step: LaunchedStep | None) -> list[ReadToken]:
+        """Wait for a launched step's tokens (the GIL is released while waiting)."""
         if step is None or step.draw is None:
             return []
         sampled = step.draw.result()
-        results: list[StepOutput] = []
-        for c, token, logprob in zip(step.sampling, sampled.tokens, sampled.logprobs):
-            seq = c.seq
-            if seq.finished:
+        return [
+            ReadToken(c, token, logprob)
+            for c, token, logprob in zip(step.sampling, sampled.tokens, sampled.logprobs)
+        ]
+
+    def _apply_outputs(self, tokens: list[ReadToken]) -> list[StepOutput]:
+        """Append each token to its request, check stops, make the outputs. A request
+        that finished after its token was launched (stopped a step earlier, or was
+        aborted) drops it: the extra token of async scheduling."""
+        now = time.perf_counter()
+        outputs: list[StepOutput] = []
+        for t in tokens:
+            req = t.chunk.req
+            if req.finished:
                 continue
-            seq.resolve(c.end, token)
-            decision = self.outputs.on_token(seq, c.end, logprob)
+            req.append_output(t.chunk.end, t.token, t.logprob, now)
+            decision = self.outputs.on_token(req)
             if decision is not None:
-                self._finish(seq, decision.reason, decision.stop_reason)
-            results.append(self.outputs.output(seq, token, logprob))
-        return results
+                self._finish(req, decision.reason, decision.stop_reason)
+            outputs.append(self.outputs.output(req, t.token, t.logprob))
+        return outputs
 
     def _finish(
-        self, seq: Sequence, reason: FinishReason, stop_reason: int | str | None = None
+        self, req: Request, reason: FinishReason, stop_reason: int | str | None = None
     ) -> None:
-        # A token launched after the one that stopped it (or in flight at an abort)
-        # is dropped; its row of the step in flight is skipped when read.
-        seq.drop_placeholder()
-        self.scheduler.finish(seq, reason, stop_reason)
-        self._generators.pop(seq.rid, None)
+        self.scheduler.remove(req)  # before finish(): it looks up the request's queue
+        req.finish(reason, stop_reason)
+        self._generators.pop(req.rid, None)
 
     # ------------------------------------------------------------------ stats
+    def check_integrity(self) -> None:
+        """Check the pool, slot and request invariants (``engine/integrity.py``); raise
+        ``IntegrityError`` naming every one broken. Waits for the mapper thread."""
+        check_integrity(self, self._inflight)
+
     def stats(self) -> EngineStats:
         return collect_stats(self.counters, self.scheduler, self.kv, self.arena, self.pool)
 
@@ -295,9 +292,9 @@ class LLMEngine:
         if self._closed:
             return
         self._closed = True
-        for rid in [r for r, s in self.seqs.items() if not s.finished]:
+        for rid in [r for r, s in self.requests.items() if not s.finished]:
             self.abort(rid)
-        self._read(self._take_inflight())
+        self._inflight = None  # only aborted requests' tokens, dropped unread
         if self.runtime.device.type == "cuda":
             torch.cuda.synchronize(self.runtime.device)  # no kernel may touch chunks we unmap
         self.runner.graphs = None

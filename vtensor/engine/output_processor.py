@@ -2,18 +2,18 @@
 
 It owns each request's incremental detokenizer and how much of its text has
 been handed out, so the engine's step loop only moves tokens (torch-free).
+It reads requests and never writes them: the engine applies its decisions.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence as Seq
 
 from vtensor.models.tokenizer import IncrementalDetokenizer, Tokenizer
 
 from .outputs import StepOutput
 from .params import SamplingParams
-from .sequence import Sequence
+from .request import Request
 from .stop import StopDecision, check_stop
 
 
@@ -33,45 +33,39 @@ class OutputProcessor:
         self._detoks.pop(rid, None)
         self._streamed.pop(rid, None)
 
-    def on_token(
-        self, seq: Sequence, index: int, logprob: dict[int, float] | None
-    ) -> StopDecision | None:
-        """Take in the real token at ``seq.token_ids[index]``; whether it ends ``seq``."""
-        if seq.first_token_time is None:
-            seq.first_token_time = time.perf_counter()
-        if logprob is not None:
-            seq.logprobs.append(logprob)
-        detok = self._detoks.get(seq.rid)
-        delta = detok.push([seq.token_ids[index]]) if detok is not None else ""
-        decision = check_stop(seq, index, self.eos_token_ids, detok, delta)
+    def on_token(self, req: Request) -> StopDecision | None:
+        """Take in the token just read, ``req.token_ids[-1]``; whether it ends ``req``."""
+        detok = self._detoks.get(req.rid)
+        delta = detok.push([req.token_ids[-1]]) if detok is not None else ""
+        decision = check_stop(req, self.eos_token_ids, detok, delta)
         if decision is not None and detok is not None and not isinstance(decision.stop_reason, str):
             detok.flush()  # no stop string cut the text: it ends with the last token
         return decision
 
-    def output(self, seq: Sequence, token: int, logprob: dict[int, float] | None) -> StepOutput:
-        """The step's output for ``seq`` (call after :meth:`on_token` and any finish)."""
-        text = self._stream_delta(seq, self._detoks.get(seq.rid))
+    def output(self, req: Request, token: int, logprob: dict[int, float] | None) -> StepOutput:
+        """The step's output for ``req`` (call after :meth:`on_token` and any finish)."""
+        text = self._stream_delta(req, self._detoks.get(req.rid))
         return StepOutput(
-            seq.rid, [token], text, seq.finished, seq.finish_reason, seq.stop_reason, logprob
+            req.rid, [token], text, req.finished, req.finish_reason, req.stop_reason, logprob
         )
 
-    def text_of(self, seq: Sequence) -> str:
+    def text_of(self, req: Request) -> str:
         """The request's output text (stop strings already cut)."""
-        if seq.rid in self._detoks:
-            return self._detoks[seq.rid].text
+        if req.rid in self._detoks:
+            return self._detoks[req.rid].text
         if self.tokenizer is None:
             return ""
-        skip = seq.params.skip_special_tokens
-        return self.tokenizer.decode(seq.output_ids, skip_special_tokens=skip)
+        skip = req.params.skip_special_tokens
+        return self.tokenizer.decode(req.output_ids, skip_special_tokens=skip)
 
-    def _stream_delta(self, seq: Sequence, detok: IncrementalDetokenizer | None) -> str:
+    def _stream_delta(self, req: Request, detok: IncrementalDetokenizer | None) -> str:
         """New text safe to hand out. While running, the last ``len(longest stop) - 1``
         characters are held back: they may be the start of a stop string, which is cut
         from the output when it completes, and streamed text cannot be taken back."""
         if detok is None:
             return ""
-        sent = self._streamed.get(seq.rid, 0)
-        hold = 0 if seq.finished or not seq.params.stop else max(map(len, seq.params.stop)) - 1
+        sent = self._streamed.get(req.rid, 0)
+        hold = 0 if req.finished or not req.params.stop else max(map(len, req.params.stop)) - 1
         upto = max(sent, len(detok.text) - hold)
-        self._streamed[seq.rid] = upto
+        self._streamed[req.rid] = upto
         return detok.text[sent:upto]

@@ -2,6 +2,11 @@
 
 Decode-only batches replay a CUDA graph of their batch-size bucket when
 graphs are on; everything else runs eagerly through the same model code.
+
+A chunk's input ids come from its request's ``token_ids``, except a last
+token the host has not read yet (async scheduling): the step in flight
+sampled it into the token table, and the runner gathers it from there by the
+request's slot (``engine/token_table.py``).
 """
 
 from __future__ import annotations
@@ -16,19 +21,19 @@ from vtensor.kvcache.layout import KVLayout
 from vtensor.models.attention import AttentionBackend, AttentionMetadata
 from vtensor.models.llama import LlamaForCausalLM
 
-from .cuda_graphs import DecodeGraphs, TokenFeed
+from .cuda_graphs import DecodeGraphs
 from .host_sync import to_device
 from .scheduler import ScheduledChunk
-from .sequence import PLACEHOLDER
+from .token_table import TokenTable
 
 
 @dataclass(frozen=True)
-class DeviceTokens:
-    """The previous step's sampled tokens, still on the device (async scheduling):
-    request ``rid``'s token is ``tokens[rows[rid]]``."""
+class ForwardOutput:
+    """The logits of the chunks that sample, in batch order, and their slots (on the
+    device), where the step's sampled tokens go in the token table."""
 
-    tokens: torch.Tensor
-    rows: dict[int, int]
+    logits: torch.Tensor
+    sample_slots: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -40,60 +45,73 @@ class BatchRows:
     lengths: list[int]  # new tokens per request
 
 
+@dataclass(frozen=True)
+class TableReads:
+    """Input ids to take from the token table: ``ids[rows[i]] = table[slots[i]]``."""
+
+    rows: list[int]  # positions in the step's packed input ids
+    slots: list[int]
+
+
 class ModelRunner:
     def __init__(
         self,
         model: LlamaForCausalLM,
         attn: AttentionBackend,
         layout: KVLayout,
-        device: torch.device,
+        tokens: TokenTable,
         graphs: DecodeGraphs | None,
     ) -> None:
         self.model = model
         self.attn = attn
         self.layout = layout
-        self.device = device
+        self.tokens = tokens
+        self.device = tokens.tokens.device
         self.graphs = graphs
 
     @torch.inference_mode()
-    def execute(
-        self,
-        chunks: Sequence[ScheduledChunk],
-        slots: Sequence[int],
-        pending: DeviceTokens | None = None,
-    ) -> torch.Tensor:
-        """Logits ``[S, vocab]`` for the chunks that sample, in batch order.
-
-        A chunk whose last token is a placeholder takes it from ``pending``.
-        """
+    def execute(self, chunks: Sequence[ScheduledChunk], slots: Sequence[int]) -> ForwardOutput:
+        """Run the batch; the logits of the chunks that sample, in batch order."""
         is_decode = all(c.num_tokens == 1 for c in chunks)
         if is_decode and self.graphs is not None and self.graphs.fits(len(chunks)):
-            ids = [c.seq.token_ids[c.start] for c in chunks]
-            rows = BatchRows(list(slots), [c.start for c in chunks], [1] * len(chunks))
-            feed = _feed(chunks, range(len(chunks)), pending)
-            logits = self.graphs.run(ids, rows.starts, self._row_starts(rows), feed)
-            if all(c.samples for c in chunks):  # always, in practice: a 1-token chunk ends a seq
-                return logits
-            return logits[[i for i, c in enumerate(chunks) if c.samples]]
+            return self._replay(chunks, slots)
         # Decode requests first (a stable sort), so attention can send them to the
         # decode kernel; the logits still come back in the batch's order.
         order = sorted(range(len(chunks)), key=lambda i: chunks[i].num_tokens != 1)
-        chunks = [chunks[i] for i in order]
-        ids = [t for c in chunks for t in c.seq.token_ids[c.start : c.end]]
+        batch = [chunks[i] for i in order]
         rows = BatchRows(
-            [slots[i] for i in order], [c.start for c in chunks], [c.num_tokens for c in chunks]
+            [slots[i] for i in order], [c.start for c in batch], [c.num_tokens for c in batch]
         )
-        ends = list(itertools.accumulate(rows.lengths))  # a chunk's last row is its end - 1
-        feed = _feed(chunks, [e - 1 for e in ends], pending)
-        input_ids, positions, meta = self.prepare(ids, rows, is_decode, feed)
-        hidden = self.model(input_ids, positions, self.attn, meta)
-        last_of = {i: ends[k] - 1 for k, i in enumerate(order) if chunks[k].samples}
-        last = to_device([last_of[i] for i in sorted(last_of)], torch.long, self.device)
-        return self.model.logits(hidden[last])
+        ids: list[int] = []
+        read_rows: list[int] = []
+        read_slots: list[int] = []
+        last: dict[int, int] = {}  # batch index -> its last input row, for chunks that sample
+        for i, c, slot in zip(order, batch, rows.slots):
+            chunk_ids, unread = input_ids(c)
+            ids += chunk_ids
+            if unread:
+                read_rows.append(len(ids) - 1)
+                read_slots.append(slot)
+            if c.samples:
+                last[i] = len(ids) - 1
+        sampling = sorted(last)
+        sample_rows = [[last[i] for i in sampling], [slots[i] for i in sampling]]
+        input_ids_d, positions, meta, (last_d, sample_slots) = self._prepare(
+            ids, rows, is_decode, TableReads(read_rows, read_slots), sample_rows
+        )
+        hidden = self.model(input_ids_d, positions, self.attn, meta)
+        return ForwardOutput(self.model.logits(hidden[last_d]), sample_slots)
 
-    def prepare(
-        self, ids: list[int], rows: BatchRows, is_decode: bool, feed: TokenFeed | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    def _prepare(
+        self,
+        ids: list[int],
+        rows: BatchRows,
+        is_decode: bool,
+        reads: TableReads,
+        extra: Sequence[list[int]],
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[torch.Tensor]]:
+        """Input ids (with ``reads`` gathered from the token table), positions and the
+        attention metadata; ``extra`` index lists ride along in the same transfer."""
         row_starts = self._row_starts(rows)
         positions: list[int] = []
         store: list[int] = []
@@ -102,7 +120,7 @@ class ModelRunner:
             store.extend(range(r0 + s, r0 + s + n))
         indptr = [0, *itertools.accumulate(rows.lengths)]
         seq_lens = [s + n for s, n in zip(rows.starts, rows.lengths)]
-        # In a mixed batch the one-token requests lead (execute orders them first) and
+        # In a mixed batch the one-token requests lead (``execute`` orders them first) and
         # take the decode kernel; an all-decode batch is marked by is_decode instead.
         nd = 0 if is_decode else rows.lengths.count(1)
         ints = _to_device_all(
@@ -110,10 +128,11 @@ class ModelRunner:
             torch.int32,
             self.device,
         )
-        dst, src = (feed.dst, feed.src) if feed else ([], [])
-        longs = _to_device_all([ids, positions, dst, src], torch.long, self.device)
-        if feed:
-            longs[0].index_copy_(0, longs[2], feed.tokens.index_select(0, longs[3]))
+        longs = _to_device_all(
+            [ids, positions, reads.rows, reads.slots, *extra], torch.long, self.device
+        )
+        if reads.rows:
+            longs[0].index_copy_(0, longs[2], self.tokens.gather(longs[3]))
         meta = AttentionMetadata(
             store_rows=ints[0],
             row_starts=ints[1],
@@ -127,25 +146,45 @@ class ModelRunner:
             decode_max_len=max(seq_lens[:nd], default=0),
             extend_qo_indptr=ints[5] if nd else None,
         )
-        return longs[0], longs[1], meta
+        return longs[0], longs[1], meta, longs[4:]
+
+    def _replay(self, chunks: Sequence[ScheduledChunk], slots: Sequence[int]) -> ForwardOutput:
+        """A decode batch through its CUDA graph, which gathers table rows itself."""
+        assert self.graphs is not None
+        inputs = [input_ids(c) for c in chunks]
+        row_starts = [self.layout.row_start(s) for s in slots]
+        logits = self.graphs.run(
+            [ids[0] for ids, _ in inputs],
+            [pending for _, pending in inputs],
+            list(slots),
+            [c.start for c in chunks],
+            row_starts,
+        )
+        sample_slots = self.graphs.slots[: len(chunks)]
+        if all(c.samples for c in chunks):  # always, in practice
+            return ForwardOutput(logits, sample_slots)
+        # A budget-limited prefill chunk of one token does not sample.
+        keep = to_device([i for i, c in enumerate(chunks) if c.samples], torch.long, self.device)
+        return ForwardOutput(logits[keep], sample_slots[keep])
 
     def _row_starts(self, rows: BatchRows) -> list[int]:
         return [self.layout.row_start(s) for s in rows.slots]
 
 
-def _feed(
-    chunks: Sequence[ScheduledChunk], last_rows: Sequence[int], pending: DeviceTokens | None
-) -> TokenFeed | None:
-    """Where placeholders stand in the batch's input ids, and which pending rows fill them.
-    Only a chunk's last token can be a placeholder (``Sequence``'s invariant)."""
-    dst, src = [], []
-    for c, row in zip(chunks, last_rows):
-        if c.seq.token_ids[c.end - 1] == PLACEHOLDER:
-            if pending is None or c.seq.rid not in pending.rows:
-                raise RuntimeError(f"request {c.seq.rid} awaits a token no pending step has")
-            dst.append(row)
-            src.append(pending.rows[c.seq.rid])
-    return TokenFeed(pending.tokens, dst, src) if dst and pending is not None else None
+def input_ids(chunk: ScheduledChunk) -> tuple[list[int], bool]:
+    """The chunk's input ids, and whether its last one is still on the device.
+
+    Only a chunk's last token can be unread: a step samples at most one token per
+    request, and the scheduler plans at most one step ahead of the host's reads.
+    Its id here is a stand-in (0) that the token table overwrites on the device.
+    """
+    req = chunk.req
+    known = len(req.token_ids)
+    if chunk.end > known + 1 or chunk.start >= known + 1:
+        raise RuntimeError(f"request {req.rid}: chunk {chunk.start}:{chunk.end} but {known} read")
+    if chunk.end <= known:
+        return req.token_ids[chunk.start : chunk.end], False
+    return [*req.token_ids[chunk.start : known], 0], True
 
 
 def _to_device_all(

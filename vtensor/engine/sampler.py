@@ -14,14 +14,23 @@ import torch
 
 from .host_sync import HostCopy, to_device
 from .params import SamplingParams
+from .request import Request
 
 
 @dataclass(frozen=True)
 class SamplerRow:
     params: SamplingParams
     prompt_ids: Sequence[int]
-    output_ids: Sequence[int]
+    output_ids: Sequence[int]  # only for penalties (else empty)
     generator: torch.Generator | None  # set for seeded requests
+
+    @classmethod
+    def of(cls, req: Request, generator: torch.Generator | None) -> SamplerRow:
+        penalized = req.params.has_penalties
+        if penalized and req.num_output_placeholders:
+            raise RuntimeError(f"request {req.rid}: penalties need every token; one is unread")
+        outputs = req.output_ids if penalized else ()
+        return cls(req.params, req.prompt_ids, outputs, generator)
 
 
 @dataclass(frozen=True)
@@ -33,8 +42,8 @@ class SampleResult:
 class PendingSample:
     """One step's draw, queued on the device and on its way to the host.
 
-    ``tokens`` stays on the device: async scheduling feeds it straight into the
-    next step's input ids while :meth:`result` is not yet ready.
+    ``tokens`` stays on the device: the engine writes it into the token table,
+    from which the next step takes its input ids before :meth:`result` is read.
     """
 
     def __init__(self, tokens: torch.Tensor, logprobs: _DeviceLogprobs | None) -> None:
@@ -60,8 +69,8 @@ class Sampler:
     def draw(self, logits: torch.Tensor, rows: Sequence[SamplerRow]) -> PendingSample:
         """Queue the draw on the device; nothing here waits for the GPU.
 
-        Invariant relied on: rows with penalties carry their real output tokens (no
-        placeholder of a token still being sampled); the engine ensures it.
+        Invariant relied on: rows with penalties carry all their output tokens (none
+        still unread on the device); the engine ensures it.
         """
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
@@ -107,8 +116,6 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplerRow]) -> torch.T
         p = r.params
         if not p.has_penalties:
             continue
-        if r.output_ids and min(r.output_ids) < 0:
-            raise RuntimeError("penalties need the real output tokens, not a placeholder")
         if p.repetition_penalty != 1.0:
             seen = _index([*r.prompt_ids, *r.output_ids], logits.device).unique()
             vals = logits[i, seen]

@@ -1,7 +1,11 @@
 """Continuous batching with chunked prefill, FCFS, and preemption by recompute.
 
-Torch-free: it moves :class:`Sequence` objects between the waiting queue and
-the running list, and keeps :class:`KVCacheManager` in step with them.
+Torch-free: it moves :class:`Request` objects between the waiting queue and
+the running list, and keeps :class:`KVCacheManager` in step with them. It
+plans and never writes a request: its output names the chunks, admissions and
+preemptions, and ``LLMEngine`` applies them to the requests (``engine/request.py``).
+It is also the one place that drains the KV manager's commands, so every
+mapping change reaches the engine through a :class:`SchedulerOutput`.
 
 One step, under a token budget:
 
@@ -23,8 +27,7 @@ from dataclasses import dataclass, field
 
 from vtensor.kvcache.manager import KVCacheManager, KVCommand
 
-from .outputs import FinishReason
-from .sequence import Sequence, Status
+from .request import Request, RequestStatus
 
 
 @dataclass(frozen=True)
@@ -42,16 +45,15 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ScheduledChunk:
-    seq: Sequence
+    req: Request
     start: int  # first token position computed this step
     num_tokens: int
-    samples: bool  # the chunk reaches the end of the sequence, so a token is sampled
+    samples: bool  # the chunk reaches the end of the request, so a token is sampled
 
     @classmethod
-    def next_of(cls, seq: Sequence, num_tokens: int) -> ScheduledChunk:
-        """The next ``num_tokens`` of ``seq`` to compute (fixed at scheduling time)."""
-        start = seq.num_computed
-        return cls(seq, start, num_tokens, start + num_tokens == seq.num_tokens)
+    def next_of(cls, req: Request, start: int, num_tokens: int) -> ScheduledChunk:
+        """``num_tokens`` of ``req`` from ``start`` (fixed at scheduling time)."""
+        return cls(req, start, num_tokens, start + num_tokens == req.num_tokens)
 
     @property
     def end(self) -> int:
@@ -60,8 +62,12 @@ class ScheduledChunk:
 
 @dataclass(frozen=True)
 class SchedulerOutput:
+    """One step's plan. The engine applies it: requests first (preempted, then
+    admitted, then each chunk's progress), then the KV commands, in this order."""
+
     chunks: list[ScheduledChunk]
-    preempted: list[Sequence] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    admitted: list[Request] = field(default_factory=list)
     kv_commands: list[KVCommand] = field(default_factory=list)  # needed by this step
     ahead_commands: list[KVCommand] = field(default_factory=list)  # for later steps
 
@@ -78,98 +84,89 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
         self.config = config
         self.kv = kv
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # admission order: oldest first
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admission order: oldest first
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
-        if seq.status is not Status.WAITING:
-            raise ValueError(f"request {seq.rid} is {seq.status.value}, not waiting")
-        self.waiting.append(seq)
+    def add(self, req: Request) -> None:
+        if req.status is not RequestStatus.WAITING:
+            raise ValueError(f"request {req.rid} is {req.status.value}, not waiting")
+        self.waiting.append(req)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
+        """Plan the next step. With nothing to run the plan is empty, but it still
+        carries the commands of the slots released since the last schedule."""
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
-        preempted: list[Sequence] = []
-        for seq in list(self.running):
+        preempted: list[Request] = []
+        for req in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+            if req in preempted:  # preempted earlier in this loop (as someone's victim)
                 continue
-            if seq.num_tokens >= seq.max_len:
+            if req.num_tokens >= req.max_len:
                 continue  # its last token is awaited (async scheduling): it ends on length
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            if not self._grow_or_preempt(seq, seq.num_computed + n, preempted):
-                break  # seq preempted itself: nothing newer is left running
-            chunks.append(ScheduledChunk.next_of(seq, n))
+            n = min(req.num_tokens - req.num_computed, budget)
+            if not self._grow_or_preempt(req, req.num_computed + n, preempted):
+                break  # req preempted itself: nothing newer is left running
+            chunks.append(ScheduledChunk.next_of(req, req.num_computed, n))
             budget -= n
-        if not preempted:
-            budget = self._admit(chunks, budget)
+        admitted = [] if preempted else self._admit(chunks, budget)
         kv_commands = self.kv.drain()
         self._map_ahead(chunks)
         self._premap_waiting()
-        return SchedulerOutput(chunks, preempted, kv_commands, self.kv.drain())
+        return SchedulerOutput(chunks, preempted, admitted, kv_commands, self.kv.drain())
 
-    def update(self, chunk: ScheduledChunk, token: int | None) -> None:
-        """Record a computed (or launched) chunk and, if it sampled, the new token
-        (a ``PLACEHOLDER`` while the token is still on the device)."""
-        seq = chunk.seq
-        seq.num_computed = chunk.end
-        if token is not None:
-            seq.token_ids.append(token)
-
-    def finish(
-        self, seq: Sequence, reason: FinishReason, stop_reason: int | str | None = None
-    ) -> None:
-        """Finish (or abort) ``seq`` wherever it is; its slot idles with its chunks."""
-        if seq.status is Status.RUNNING:
-            self.running.remove(seq)
-            self.kv.release(seq.rid)
-        elif seq.status is Status.WAITING:
-            self.waiting.remove(seq)
-        seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, reason, stop_reason
+    def remove(self, req: Request) -> None:
+        """Take a finishing (or aborted) request out of the queues; its slot idles with
+        its chunks. The unmaps that may cause go out with the next schedule."""
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+            self.kv.release(req.rid)
+        elif req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
 
     # ---------------------------------------------------------------- private
-    def _grow_or_preempt(self, seq: Sequence, tokens: int, preempted: list[Sequence]) -> bool:
-        """Grow ``seq``'s KV to ``tokens``, preempting newest requests as needed.
+    def _grow_or_preempt(self, req: Request, tokens: int, preempted: list[Request]) -> bool:
+        """Grow ``req``'s KV to ``tokens``, preempting newest requests as needed.
 
-        Returns False when ``seq`` itself had to be preempted.
+        Returns False when ``req`` itself had to be preempted.
         """
-        while not self.kv.grow(seq.rid, tokens):
+        while not self.kv.grow(req.rid, tokens):
             victim = self.running[-1]
             self._preempt(victim)
             preempted.append(victim)
-            if victim is seq:
+            if victim is req:
                 return False
         return True
 
-    def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
-        self.kv.release(seq.rid)
-        seq.status, seq.num_computed = Status.WAITING, 0
-        seq.num_preemptions += 1
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.release(req.rid)
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self.waiting.appendleft(req)
 
-    def _admit(self, chunks: list[ScheduledChunk], budget: int) -> int:
+    def _admit(self, chunks: list[ScheduledChunk], budget: int) -> list[Request]:
+        """Admit waiting requests FCFS within ``budget``; each computes from token 0."""
+        admitted: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            req = self.waiting[0]
+            n = min(req.num_tokens, budget)
             # Admit only if the whole prompt fits, keeping a chunk per running request
             # so decodes can grow without immediately preempting the newcomer.
-            if not self.kv.can_admit(seq.num_tokens + 1, reserve_chunks=len(self.running)):
+            if not self.kv.can_admit(req.num_tokens + 1, reserve_chunks=len(self.running)):
                 break
-            if self.kv.admit(seq.rid, seq.num_computed + n) is None:
+            if self.kv.admit(req.rid, n) is None:
                 break
             self.waiting.popleft()
-            seq.status = Status.RUNNING
-            self.running.append(seq)
-            chunks.append(ScheduledChunk.next_of(seq, n))
+            self.running.append(req)
+            admitted.append(req)
+            chunks.append(ScheduledChunk.next_of(req, 0, n))
             budget -= n
-        return budget
+        return admitted
 
     def _premap_waiting(self) -> None:
         """Map, during this step, the slots that the next step's admissions will take:
@@ -177,11 +174,11 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         seats = self.config.max_num_seqs - len(self.running)
         wanted: list[int] = []
-        for seq in itertools.islice(self.waiting, max(0, seats)):
+        for req in itertools.islice(self.waiting, max(0, seats)):
             if budget <= 0:
                 break
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            wanted.append(seq.num_computed + n)
+            n = min(req.num_tokens, budget)  # a waiting request computes from token 0
+            wanted.append(n)
             budget -= n
         if wanted:
             self.kv.premap(wanted, reserve_chunks=len(self.running))
@@ -190,6 +187,6 @@ class Scheduler:
         """Opportunistically map what the next steps will write (never steals or preempts)."""
         ahead = self.config.lookahead_tokens
         for c in chunks:
-            remaining = c.seq.num_tokens - c.end
+            remaining = c.req.num_tokens - c.end
             target = c.end + (min(remaining, c.num_tokens) if remaining else ahead)
-            self.kv.grow(c.seq.rid, min(target, c.seq.max_len), steal=False)
+            self.kv.grow(c.req.rid, min(target, c.req.max_len), steal=False)

@@ -1,14 +1,14 @@
-"""Turn an EngineConfig into a loaded model, a tokenizer and a KV arena."""
+"""Turn an EngineConfig into a loaded model, a tokenizer, a KV arena and a runner."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from vtensor.kvcache.arena import KVArena
 from vtensor.kvcache.layout import KVLayout
-from vtensor.kvcache.manager import KVGeometry
+from vtensor.kvcache.manager import KVCacheManager, KVGeometry
 from vtensor.memory import ChunkPool, open_backend
 from vtensor.models.attention import AttentionBackend
 from vtensor.models.attention_backends import ATTENTION_BACKENDS, select_backend
@@ -19,9 +19,16 @@ from vtensor.models.loader import build_model, init_random, load_checkpoint
 from vtensor.models.tokenizer import Tokenizer
 
 from .config import DeviceUnavailableError, EngineConfig
+from .cuda_graphs import DecodeGraphs
+from .runner import ModelRunner
+from .token_table import TokenTable
 
 CPU_KV_BYTES = 256 << 20
 CPU_CHUNK = 64 << 10  # small host chunks: tiny models still span several per request
+# The scratch slot takes CUDA graphs' padding rows and is mapped for good. It must be
+# slot 0: every layer view's base pointer lies in its first token, and Triton rejects a
+# kernel argument whose base address is not mapped.
+SCRATCH_SLOT = 0
 
 
 @dataclass(frozen=True)
@@ -148,3 +155,38 @@ def build_arena(
     )
     pool = ChunkPool(backend, kv_budget(config, rt, cfg))
     return KVArena(layout, pool, rt.device), pool
+
+
+def map_scratch_slot(arena: KVArena, keep_idle_chunks: int | None) -> KVCacheManager:
+    """Map the scratch slot's first token; the KV manager gets the rest of the pool."""
+    geo = arena.geometry
+    scratch_chunks = geo.chunks_for(1)
+    if geo.capacity_chunks <= scratch_chunks:
+        raise ValueError(
+            f"KV budget of {arena.pool.capacity_bytes} bytes leaves no chunk for requests"
+        )
+    arena.vt.map(SCRATCH_SLOT * geo.slot_bytes, scratch_chunks * geo.chunk_size)
+    return KVCacheManager(
+        replace(geo, capacity_chunks=geo.capacity_chunks - scratch_chunks),
+        keep_idle_chunks=keep_idle_chunks,
+        reserved_slots=SCRATCH_SLOT + 1,
+    )
+
+
+def build_runner(
+    config: EngineConfig,
+    rt: EngineRuntime,
+    model: LlamaForCausalLM,
+    attn: AttentionBackend,
+    layout: KVLayout,
+) -> ModelRunner:
+    """The runner with its token table, and the decode graphs captured (CUDA)."""
+    tokens = TokenTable(layout.num_slots, rt.device)
+    graphs = None
+    if rt.use_cuda_graphs:
+        scratch = (SCRATCH_SLOT, layout.row_start(SCRATCH_SLOT))
+        graphs = DecodeGraphs(
+            model, attn, config.max_num_seqs, rt.max_model_len, scratch, tokens.tokens
+        )
+        graphs.capture()
+    return ModelRunner(model, attn, layout, tokens, graphs)

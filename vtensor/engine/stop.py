@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from vtensor.models.tokenizer import IncrementalDetokenizer
 
 from .outputs import FinishReason
-from .sequence import Sequence
+from .request import Request
 
 
 @dataclass(frozen=True)
@@ -17,21 +17,19 @@ class StopDecision:
 
 
 def check_stop(
-    seq: Sequence,
-    index: int,
+    req: Request,
     eos_token_ids: tuple[int, ...],
     detok: IncrementalDetokenizer | None,
     new_text: str,
 ) -> StopDecision | None:
-    """Whether the token at ``index`` of ``seq.token_ids`` ends the request.
+    """Whether the last token read, ``req.token_ids[-1]``, ends the request.
 
-    vLLM's order: EOS, stop token ids, stop strings, then length limits. The
-    index matters under async scheduling, where a placeholder for the next
-    token may already follow it. A matched stop string is cut from
-    ``detok.text`` (kept when ``include_stop_str_in_output``).
+    vLLM's order: EOS, stop token ids, stop strings, then length limits. A
+    matched stop string is cut from ``detok.text`` (kept when
+    ``include_stop_str_in_output``). Only reads ``req``.
     """
-    token = seq.token_ids[index]
-    p = seq.params
+    token = req.token_ids[-1]
+    p = req.params
     if not p.ignore_eos and token in eos_token_ids:
         return StopDecision("stop", None)
     if token in p.stop_token_ids:
@@ -43,9 +41,9 @@ def check_stop(
             cut = at + len(stop) if p.include_stop_str_in_output else at
             detok.text = detok.text[:cut]
             return StopDecision("stop", stop)
-    if p.max_tokens is not None and index + 1 - seq.num_prompt >= p.max_tokens:
+    if p.max_tokens is not None and req.num_output >= p.max_tokens:
         return StopDecision("length")
-    if index + 1 >= seq.max_len:
+    if len(req.token_ids) >= req.max_len:
         return StopDecision("length")
     return None
 

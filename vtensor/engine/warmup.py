@@ -16,9 +16,9 @@ def warm_up(engine: LLMEngine) -> float:
     t0 = time.perf_counter()
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    rids = [engine.add_request([t % vocab for t in range(1, 33)], params)]
+    rids = engine.add_request([t % vocab for t in range(1, 33)], params)
     engine.step()  # prefill
-    rids.append(engine.add_request([t % vocab for t in range(2, 66)], params))
+    rids += engine.add_request([t % vocab for t in range(2, 66)], params)
     while engine.has_unfinished():  # a mixed step, then decodes
         engine.step()
     for rid in rids:

@@ -8,7 +8,7 @@ a request fits and tells it when requests grow or finish.
 Each slot owns a fixed, chunk-aligned byte range of the arena, and its
 mapped chunks always form a prefix of that range (KV grows from token 0).
 
-Invariants (checked by ``check``):
+Invariants (listed by ``violations``, asserted by ``check``):
 
 * ``sum(mapped) == committed <= capacity_chunks`` — the pool can never run
   dry under a command, because unmaps are emitted before the maps that reuse
@@ -242,13 +242,37 @@ class KVCacheManager:
         commands, self._commands = self._commands, []
         return commands
 
+    def undrained(self) -> tuple[KVCommand, ...]:
+        """The commands emitted but not drained yet (read-only: integrity checks)."""
+        return tuple(self._commands)
+
+    def owners(self) -> dict[int, int]:
+        """Request id -> slot, for every slot in use (a copy)."""
+        return dict(self._owner)
+
+    def violations(self) -> list[str]:
+        """The broken invariants, described; empty when the books are consistent."""
+        geo, owned = self.geometry, list(self._owner.values())
+        checks = [
+            (sum(self._mapped) == self._committed, "sum(mapped) != committed"),
+            (self._committed <= geo.capacity_chunks, "committed > capacity"),
+            (len(set(owned)) == len(owned), "a slot is owned by two requests"),
+            (self._idle.isdisjoint(owned), "a slot is both idle and owned"),
+            (min([*owned, *self._idle], default=self.reserved_slots) >= self.reserved_slots,
+             "a reserved slot is handed out"),
+            (len(self._idle) + len(owned) == geo.num_slots - self.reserved_slots,
+             "slots lost: idle + owned != all unreserved slots"),
+            (all(0 <= m <= geo.chunks_per_slot for m in self._mapped),
+             "a slot maps fewer than 0 or more than its chunks"),
+            (all(self._asked[s] == 0 for s in self._idle), "an idle slot has asked chunks"),
+            (all(self._asked[s] <= self._mapped[s] for s in owned), "asked > mapped"),
+        ]  # fmt: skip
+        return [f"KV manager: {what}" for ok, what in checks if not ok]
+
     def check(self) -> None:
-        assert sum(self._mapped) == self._committed <= self.geometry.capacity_chunks
-        assert self._idle.isdisjoint(self._owner.values())
-        assert len(self._idle) + len(self._owner) == self.geometry.num_slots - self.reserved_slots
-        assert all(0 <= m <= self.geometry.chunks_per_slot for m in self._mapped)
-        assert all(self._asked[s] == 0 for s in self._idle)
-        assert all(self._asked[s] <= self._mapped[s] for s in self._owner.values())
+        problems = self.violations()
+        if problems:
+            raise AssertionError("; ".join(problems))
 
     # ---------------------------------------------------------------- private
     def _best_slot(self, chunks: int, among: set[int] | None = None) -> int:

@@ -98,17 +98,18 @@ class AsyncEngine:
         return self._waiting + self._pending
 
     # ------------------------------------------------------------ the HTTP side
-    async def submit(
-        self, prompts: Sequence[list[int]], params: Sequence[SamplingParams]
-    ) -> Submission:
-        """Add one engine request per (prompt, params), all or none.
+    async def submit(self, prompts: Sequence[list[int]], params: SamplingParams) -> Submission:
+        """Add each prompt's ``params.n`` samples, all or none; item ``p * n + j`` of the
+        submission is sample ``j`` of prompt ``p``.
 
-        Raises ``QueueFullError`` over the queue limit, ``EngineDeadError`` when
-        the engine is gone, and ``ValueError`` for what the engine refuses.
+        Raises ``QueueFullError`` over the queue limit, ``EngineDeadError`` when the
+        engine is gone, and ``RequestError`` (a ``ValueError``) when the engine's
+        request contract refuses a prompt.
         """
         if not self.alive or self.draining:
             raise EngineDeadError("the engine is not running (or is shutting down)")
-        if self.num_waiting + len(prompts) > self.max_waiting:
+        count = len(prompts) * params.n
+        if self.num_waiting + count > self.max_waiting:
             raise QueueFullError(
                 f"{self.num_waiting} requests are waiting (limit {self.max_waiting}); retry later"
             )
@@ -116,23 +117,17 @@ class AsyncEngine:
         now = time.perf_counter()
 
         def add() -> Submission:
-            rids: list[int] = []
-            try:
-                for ids, p in zip(prompts, params):
-                    rids.append(self.engine.add_request(ids, p, stream_text=True))
-            except BaseException:
-                for rid in rids:
-                    self._abort_now(rid)
-                raise
+            groups = self.engine.add_requests(prompts, params, stream_text=True)  # all or none
+            rids = [rid for group in groups for rid in group]
             for i, rid in enumerate(rids):
                 self._tracks[rid] = _Track(queue, i, now)
             return Submission(rids, queue)
 
-        self._pending += len(prompts)
+        self._pending += count
         try:
             return await self.call(add)
         finally:
-            self._pending -= len(prompts)
+            self._pending -= count
 
     def abort(self, submission: Submission) -> None:
         """Abort a submission's unfinished requests (the client went away)."""
@@ -229,15 +224,15 @@ class AsyncEngine:
             self._loop_call(_dispatch, list(batches.items()))
 
     def _finish(self, rid: int, track: _Track, now: float, reason: str) -> None:
-        seq = self.engine.pop(rid)
+        req = self.engine.pop(rid)
         del self._tracks[rid]
         self.metrics.observe_finished(
-            reason, now - track.arrival, track.first, now, track.tokens, seq.num_prompt
+            reason, now - track.arrival, track.first, now, track.tokens, req.num_prompt
         )
 
     def _abort_now(self, rid: int) -> None:
         self._tracks.pop(rid, None)
-        if rid in self.engine.seqs:
+        if rid in self.engine.requests:
             self.engine.abort(rid)
             self.engine.pop(rid)
             self.metrics.observe_aborted()

@@ -51,9 +51,8 @@ async def create_chat_completion(
 ) -> ChatCompletionResponse | AsyncIterator[str]:
     model.check_name(req.model)
     ids = render_chat(req.template_messages(), model, req.add_generation_prompt)
-    model.check_length(ids, req.max_new_tokens)
     params = sampling_params(req, req.max_new_tokens, req.num_logprobs)
-    sub = await submit(engine, [ids] * req.n, params)
+    sub = await submit(engine, [ids], params)
     if req.stream:
         return _stream(req, model, engine, sub, len(ids))
     states = await collect(engine, sub, disconnected)

@@ -1,5 +1,10 @@
-"""What the completion and chat handlers share: the served model, prompt
-checks, ``SamplingParams``, collecting a submission, and SSE framing."""
+"""What the completion and chat handlers share: the served model, tokenizing,
+``SamplingParams``, submitting and collecting, and SSE framing.
+
+The request contract (prompt ids, length against the context, ``n`` and seeds)
+is the engine's (``vtensor/engine/input_processor.py``): the handlers build the
+prompt ids and one ``SamplingParams``, and the engine's ``RequestError`` becomes
+a 400 naming its parameter."""
 
 from __future__ import annotations
 
@@ -8,9 +13,10 @@ import json
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
+from vtensor.engine.input_processor import RequestError
 from vtensor.engine.outputs import FinishReason
 from vtensor.engine.params import SamplingParams
 from vtensor.models.tokenizer import Tokenizer
@@ -45,35 +51,19 @@ class ServedModel:
         return self.tokenizer
 
     def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        """Token ids (the engine checks them when the request is submitted)."""
         if isinstance(prompt, str):
-            ids = self.need_tokenizer().encode(prompt, add_special_tokens=add_special_tokens)
-        else:
-            ids = list(prompt)
-        if not ids:
-            raise APIError(400, "the prompt is empty", "prompt")
-        if any(not 0 <= t < self.vocab_size for t in ids):
-            raise APIError(400, f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
-        return ids
-
-    def check_length(self, ids: list[int], max_tokens: int | None) -> None:
-        limit, n = self.max_model_len, len(ids)
-        if n >= limit or (max_tokens is not None and n + max_tokens > limit):
-            want = f" plus max_tokens={max_tokens}" if max_tokens is not None else ""
-            raise APIError(
-                400,
-                f"this model's maximum context length is {limit} tokens; the prompt has {n} "
-                f"tokens{want}",
-                "max_tokens" if n < limit else "prompt",
-            )
+            return self.need_tokenizer().encode(prompt, add_special_tokens=add_special_tokens)
+        return list(prompt)
 
 
 def sampling_params(
     req: SamplingFields, max_tokens: int | None, logprobs: int | None
-) -> list[SamplingParams]:
-    """The request's ``n`` samples: sample ``i`` of a seeded request uses seed + i."""
+) -> SamplingParams:
+    """The request's sampling; the engine makes its ``n`` samples (and their seeds)."""
     try:
-        base = SamplingParams(
-            n=1, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+        return SamplingParams(
+            n=req.n, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
             top_k=req.top_k, min_p=req.min_p, seed=req.seed, stop=tuple(req.stop_list),
             stop_token_ids=tuple(req.stop_token_ids), ignore_eos=req.ignore_eos,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
@@ -83,20 +73,20 @@ def sampling_params(
         )  # fmt: skip
     except ValueError as exc:
         raise APIError(422, str(exc)) from exc
-    if req.n == 1 or req.seed is None:
-        return [base] * req.n
-    return [replace(base, seed=req.seed + i) for i in range(req.n)]
 
 
 async def submit(
-    engine: AsyncEngine, prompts: list[list[int]], params: list[SamplingParams]
+    engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams
 ) -> Submission:
+    """Submit each prompt's ``params.n`` samples; the engine's contract errors are 400s."""
     try:
         return await engine.submit(prompts, params)
     except QueueFullError as exc:
         raise APIError(503, str(exc)) from exc
     except EngineDeadError as exc:
         raise APIError(503, str(exc)) from exc
+    except RequestError as exc:
+        raise APIError(400, str(exc), exc.param) from exc
     except ValueError as exc:
         raise APIError(400, str(exc)) from exc
 

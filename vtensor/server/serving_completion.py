@@ -34,11 +34,9 @@ async def create_completion(
     """Validate, submit, and answer: a response, or the SSE lines of a stream."""
     model.check_name(req.model)
     prompts = [model.encode(p) for p in req.prompts()]
-    for ids in prompts:
-        model.check_length(ids, req.max_tokens)
     params = sampling_params(req, req.max_tokens, req.logprobs)
     # Choice index p * n + j is sample j of prompt p, as OpenAI numbers them.
-    sub = await submit(engine, [ids for ids in prompts for _ in params], params * len(prompts))
+    sub = await submit(engine, prompts, params)
     prompt_tokens = sum(map(len, prompts))
     if req.stream:
         return _stream(req, model, engine, sub, prompts, prompt_tokens)

@@ -1,0 +1,122 @@
+"""InputProcessor: the request contract, one for ``LLM.generate`` and the HTTP server.
+
+A prompt (text or token ids) and its ``SamplingParams`` become the requests to
+queue, or a :class:`RequestError` before anything is queued (vLLM's name for
+this step of the v1 engine is the input processor). The rules:
+
+* Text needs a tokenizer. The prompt must be non-empty, with ids in the vocabulary.
+* **Length: refuse, never trim.** ``prompt_len + max_tokens`` must not exceed
+  ``max_model_len``, and the prompt must leave room for one token. A request
+  that does not fit is an error (HTTP 400), as in vLLM's and OpenAI's API:
+  silently generating fewer tokens than asked hides the limit from the caller,
+  and both entry points then agree. ``max_tokens=None`` means "up to the
+  context": ``max_model_len - prompt_len``.
+* The whole request (``prompt_len + max_tokens`` tokens of KV) must fit in the
+  KV pool, or it could never be admitted.
+* ``n`` samples become ``n`` requests with ``n=1``; sample ``i`` of a seeded
+  request uses ``seed + i``, so the samples differ and each is reproducible.
+
+Torch-free, and it holds nothing that changes: safe to call from any thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from vtensor.kvcache.manager import KVGeometry
+from vtensor.models.tokenizer import Tokenizer
+
+from .params import SamplingParams
+
+Prompt = str | Sequence[int]
+
+
+class RequestError(ValueError):
+    """A request that breaks the contract; ``param`` names the field at fault (the
+    server's 400 reports it)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ProcessedPrompt:
+    """One prompt's requests, validated: each sample's params and the shared length cap."""
+
+    prompt_ids: tuple[int, ...]
+    samples: tuple[SamplingParams, ...]  # n of them, each with n=1 and its own seed
+    max_len: int  # prompt_len + max_tokens, within max_model_len
+
+
+class InputProcessor:
+    def __init__(
+        self,
+        tokenizer: Tokenizer | None,
+        vocab_size: int,
+        max_model_len: int,
+        kv_geometry: KVGeometry,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.kv_geometry = kv_geometry  # what the KV manager can ever hand one request
+
+    def process(self, prompt: Prompt, params: SamplingParams) -> ProcessedPrompt:
+        ids = self.encode(prompt)
+        max_len = self.check_length(len(ids), params.max_tokens)
+        return ProcessedPrompt(tuple(ids), samples(params), max_len)
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of ``prompt``, checked against the vocabulary."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError(
+                    "this model has no tokenizer: pass prompts as token-id lists", "prompt"
+                )
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise RequestError("the prompt is empty", "prompt")
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise RequestError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
+        return ids
+
+    def check_length(self, prompt_len: int, max_tokens: int | None) -> int:
+        """The request's total-length cap, ``prompt_len + max_tokens``, if it fits."""
+        limit = self.max_model_len
+        if prompt_len >= limit:
+            raise RequestError(
+                f"the prompt has {prompt_len} tokens, which leaves no room to generate "
+                f"within max_model_len={limit} (this model's maximum context length)",
+                "prompt",
+            )
+        total = limit if max_tokens is None else prompt_len + max_tokens
+        if total > limit:
+            raise RequestError(
+                f"the prompt ({prompt_len} tokens) plus max_tokens={max_tokens} exceeds "
+                f"max_model_len={limit} (this model's maximum context length); ask for at "
+                f"most {limit - prompt_len} tokens",
+                "max_tokens",
+            )
+        geo = self.kv_geometry
+        need, have = geo.chunks_for(total), geo.capacity_chunks
+        if need > have:
+            raise RequestError(
+                f"request needs up to {need} KV chunks but the pool holds {have}; "
+                f"lower max_tokens or raise the KV budget",
+                "max_tokens",
+            )
+        return total
+
+
+def samples(params: SamplingParams) -> tuple[SamplingParams, ...]:
+    """The ``n`` samples of a request: sample ``i`` has its own seed, ``seed + i``."""
+    if params.n == 1:
+        return (params,)
+    return tuple(
+        replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+        for i in range(params.n)
+    )
