@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from vtensor.models.tokenizer import IncrementalDetokenizer
 
+from .params import SamplingParams
 from .sequence import Sequence
 
 
@@ -27,7 +28,7 @@ def check_stop(
     vLLM's order: EOS, stop token ids, stop strings, then length limits. The
     index matters under async scheduling, where a placeholder for the next
     token may already follow it. A matched stop string is cut from
-    ``detok.text`` (kept when ``include_stop_str_in_output``).
+    ``detok.text`` (see :func:`cut_stop_string`).
     """
     token = seq.token_ids[index]
     p = seq.params
@@ -35,18 +36,28 @@ def check_stop(
         return StopDecision("stop", None)
     if token in p.stop_token_ids:
         return StopDecision("stop", token)
-    if p.stop and detok is not None and new_text:
-        hit = _find_stop(detok.text, len(new_text), p.stop)
-        if hit is not None:
-            at, stop = hit
-            cut = at + len(stop) if p.include_stop_str_in_output else at
-            detok.text = detok.text[:cut]
-            return StopDecision("stop", stop)
+    if detok is not None and (hit := cut_stop_string(detok, new_text, p)) is not None:
+        return hit
     if p.max_tokens is not None and index + 1 - seq.num_prompt >= p.max_tokens:
         return StopDecision("length")
     if index + 1 >= seq.max_len:
         return StopDecision("length")
     return None
+
+
+def cut_stop_string(
+    detok: IncrementalDetokenizer, new_text: str, params: SamplingParams
+) -> StopDecision | None:
+    """Whether a stop string ends in ``new_text``, just added to ``detok.text``; if so,
+    the text is cut at the earliest match (kept when ``include_stop_str_in_output``)."""
+    if not params.stop or not new_text:
+        return None
+    hit = _find_stop(detok.text, len(new_text), params.stop)
+    if hit is None:
+        return None
+    at, stop = hit
+    detok.text = detok.text[: at + len(stop) if params.include_stop_str_in_output else at]
+    return StopDecision("stop", stop)
 
 
 def _find_stop(text: str, new_chars: int, stops: tuple[str, ...]) -> tuple[int, str] | None:
