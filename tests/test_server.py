@@ -101,6 +101,9 @@ def test_streaming_completion_equals_non_streaming(client: openai.OpenAI) -> Non
     assert finals == [full.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    # Every chunk, the usage one included, is a whole ``text_completion`` of one stream.
+    assert {(c.object, c.model) for c in chunks} == {("text_completion", full.model)}
+    assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
 
 
 def test_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:
@@ -144,6 +147,8 @@ def test_chat_streaming_and_not(client: openai.OpenAI, server: Served) -> None:
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == full.choices[0].message.content
     assert stream[-1].usage.prompt_tokens == full.usage.prompt_tokens
+    assert {(c.object, c.model) for c in stream} == {("chat.completion.chunk", full.model)}
+    assert len({c.id for c in stream}) == 1 and stream[-2].choices[0].finish_reason is not None
     import requests
 
     tok = requests.post(server.url + "/tokenize", json={"messages": messages}).json()
