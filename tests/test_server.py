@@ -101,6 +101,9 @@ def test_streaming_completion_equals_non_streaming(client: openai.OpenAI) -> Non
     assert finals == [full.choices[0].finish_reason]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    # Every chunk, the usage one included, is a whole ``text_completion`` of one stream.
+    assert {(c.object, c.model) for c in chunks} == {("text_completion", full.model)}
+    assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
 
 
 def test_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:
@@ -111,6 +114,8 @@ def test_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:
 
 
 def test_stop_string_is_cut_in_both_modes(client: openai.OpenAI) -> None:
+    """The random-weight model often emits bytes that are not valid UTF-8 (U+FFFD in the
+    text), so the stop string may be made of them (tests/test_output_processor.py)."""
     prompt = _words(8)
     base = client.completions.create(model=None, prompt=prompt, max_tokens=30, temperature=0,
                                      extra_body={"ignore_eos": True})  # fmt: skip
@@ -119,7 +124,9 @@ def test_stop_string_is_cut_in_both_modes(client: openai.OpenAI) -> None:
         pytest.fail(f"the model produced too little text to cut: {text!r}")
     stop = text[3:6]
     at = text.find(stop)
-    kw: dict[str, Any] = dict(model=None, prompt=prompt, max_tokens=30, temperature=0, stop=[stop])
+    # The cut requests ignore EOS too, so they generate the same tokens as ``base``.
+    kw: dict[str, Any] = dict(model=None, prompt=prompt, max_tokens=30, temperature=0, stop=[stop],
+                              extra_body={"ignore_eos": True})  # fmt: skip
     cut = client.completions.create(**kw)
     streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True))
     assert cut.choices[0].text == text[:at]
@@ -140,6 +147,8 @@ def test_chat_streaming_and_not(client: openai.OpenAI, server: Served) -> None:
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == full.choices[0].message.content
     assert stream[-1].usage.prompt_tokens == full.usage.prompt_tokens
+    assert {(c.object, c.model) for c in stream} == {("chat.completion.chunk", full.model)}
+    assert len({c.id for c in stream}) == 1 and stream[-2].choices[0].finish_reason is not None
     import requests
 
     tok = requests.post(server.url + "/tokenize", json={"messages": messages}).json()

@@ -14,7 +14,7 @@ from vtensor.models.tokenizer import IncrementalDetokenizer, Tokenizer
 from .outputs import StepOutput
 from .params import SamplingParams
 from .request import Request
-from .stop import StopDecision, check_stop
+from .stop import StopDecision, check_stop, cut_stop_string
 
 
 class OutputProcessor:
@@ -39,7 +39,13 @@ class OutputProcessor:
         delta = detok.push([req.token_ids[-1]]) if detok is not None else ""
         decision = check_stop(req, self.eos_token_ids, detok, delta)
         if decision is not None and detok is not None and not isinstance(decision.stop_reason, str):
-            detok.flush()  # no stop string cut the text: it ends with the last token
+            # No stop string cut the text: it ends with this token, so the detokenizer
+            # releases what it held back. It holds all new text while the text ends in
+            # U+FFFD (the next byte may complete a character), so with invalid UTF-8 at
+            # every step a stop string may only show up now. It still ends the text: the
+            # output never contains a stop string, and it precedes any EOS or length stop.
+            tail = detok.flush()
+            decision = cut_stop_string(detok, tail, req.params) or decision
         return decision
 
     def output(self, req: Request, token: int, logprob: dict[int, float] | None) -> StepOutput:

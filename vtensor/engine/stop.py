@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from vtensor.models.tokenizer import IncrementalDetokenizer
 
 from .outputs import FinishReason
+from .params import SamplingParams
 from .request import Request
 
 
@@ -34,18 +35,28 @@ def check_stop(
         return StopDecision("stop", None)
     if token in p.stop_token_ids:
         return StopDecision("stop", token)
-    if p.stop and detok is not None and new_text:
-        hit = _find_stop(detok.text, len(new_text), p.stop)
-        if hit is not None:
-            at, stop = hit
-            cut = at + len(stop) if p.include_stop_str_in_output else at
-            detok.text = detok.text[:cut]
-            return StopDecision("stop", stop)
+    if detok is not None and (hit := cut_stop_string(detok, new_text, p)) is not None:
+        return hit
     if p.max_tokens is not None and req.num_output >= p.max_tokens:
         return StopDecision("length")
     if len(req.token_ids) >= req.max_len:
         return StopDecision("length")
     return None
+
+
+def cut_stop_string(
+    detok: IncrementalDetokenizer, new_text: str, params: SamplingParams
+) -> StopDecision | None:
+    """Whether a stop string ends in ``new_text``, just added to ``detok.text``; if so,
+    the text is cut at the earliest match (kept when ``include_stop_str_in_output``)."""
+    if not params.stop or not new_text:
+        return None
+    hit = _find_stop(detok.text, len(new_text), params.stop)
+    if hit is None:
+        return None
+    at, stop = hit
+    detok.text = detok.text[: at + len(stop) if params.include_stop_str_in_output else at]
+    return StopDecision("stop", stop)
 
 
 def _find_stop(text: str, new_chars: int, stops: tuple[str, ...]) -> tuple[int, str] | None:

@@ -198,6 +198,17 @@ class CompletionResponse(_Response):
     usage: Usage | None = None
 
 
+class CompletionChunk(_Response):
+    """One event of a ``/v1/completions`` stream: OpenAI streams the response's shape."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
 class TopLogprob(_Response):
     token: str
     logprob: float

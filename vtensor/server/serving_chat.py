@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any
 
 from .async_engine import AsyncEngine
 from .errors import APIError
 from .protocol import (
     ChatChoice,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
@@ -97,11 +97,11 @@ async def _stream(
     sub: Submission,
     prompt_tokens: int,
 ) -> AsyncIterator[str]:
-    writer = ChunkWriter(new_id("chatcmpl"), "chat.completion.chunk", model.name)
+    writer = ChunkWriter(ChatCompletionChunk, new_id("chatcmpl"), model.name)
     # OpenAI's first chunk per choice names the role and carries no text.
     for i in range(req.n):
         first = ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))
-        yield writer.event([first.model_dump()])
+        yield writer.event([first])
     events = stream_events(
         engine, sub, writer, lambda item: _stream_choice(req, model, item), prompt_tokens,
         req.include_usage,
@@ -111,16 +111,16 @@ async def _stream(
             yield event
 
 
-def _stream_choice(req: ChatCompletionRequest, model: ServedModel, item: Item) -> dict[str, Any]:
-    """One ``ChatStreamChoice``, as a plain dict (see ``ChunkWriter``)."""
+def _stream_choice(req: ChatCompletionRequest, model: ServedModel, item: Item) -> ChatStreamChoice:
+    """One choice of a stream event: the item's new text (and its finish, if it ended)."""
     out = item.out
     logprobs = None
     if req.logprobs and out.logprobs is not None:
-        logprobs = _logprobs(model, out.new_token_ids, [out.logprobs]).model_dump()
+        logprobs = _logprobs(model, out.new_token_ids, [out.logprobs])
     token_ids = out.new_token_ids if req.return_token_ids else None
-    return {
-        "index": item.index,
-        "delta": {"role": None, "content": out.new_text, "token_ids": token_ids},
-        "logprobs": logprobs,
-        "finish_reason": out.finish_reason if out.finished else None,
-    }
+    return ChatStreamChoice(
+        index=item.index,
+        delta=ChatDelta(content=out.new_text, token_ids=token_ids),
+        logprobs=logprobs,
+        finish_reason=out.finish_reason if out.finished else None,
+    )

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 from .async_engine import AsyncEngine
 from .protocol import (
     CompletionChoice,
+    CompletionChunk,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
@@ -86,31 +86,30 @@ def _stream(
     prompts: list[list[int]],
     prompt_tokens: int,
 ) -> AsyncIterator[str]:
-    writer = ChunkWriter(new_id("cmpl"), "text_completion", model.name)
+    writer = ChunkWriter(CompletionChunk, new_id("cmpl"), model.name)
     offsets = [0] * (len(prompts) * req.n)  # text offsets of each choice, for logprobs
 
-    def choice_of(item: Item) -> dict[str, Any]:
-        return _chunk(req, model, item, offsets, prompts[item.index // req.n])
+    def choice_of(item: Item) -> CompletionChoice:
+        return _stream_choice(req, model, item, offsets, prompts[item.index // req.n])
 
     return stream_events(engine, sub, writer, choice_of, prompt_tokens, req.include_usage)
 
 
-def _chunk(
+def _stream_choice(
     req: CompletionRequest, model: ServedModel, item: Item, offsets: list[int], prompt: list[int]
-) -> dict[str, Any]:
-    """One ``CompletionChoice`` of a stream, as a plain dict (see ``ChunkWriter``)."""
+) -> CompletionChoice:
+    """One choice of a stream event: the item's new text (and its finish, if it ended)."""
     out, i = item.out, item.index
     logprobs = None
     if req.logprobs is not None and out.logprobs is not None:
-        lp = _logprobs(model, out.new_token_ids, [out.logprobs], offsets[i])
-        offsets[i] += sum(map(len, lp.tokens))
-        logprobs = lp.model_dump()
-    return {
-        "index": i,
-        "text": out.new_text,
-        "logprobs": logprobs,
-        "finish_reason": out.finish_reason if out.finished else None,
-        "stop_reason": out.stop_reason if out.finished else None,
-        "token_ids": out.new_token_ids if req.return_token_ids else None,
-        "prompt_token_ids": prompt if req.return_token_ids and out.finished else None,
-    }
+        logprobs = _logprobs(model, out.new_token_ids, [out.logprobs], offsets[i])
+        offsets[i] += sum(map(len, logprobs.tokens))
+    return CompletionChoice(
+        index=i,
+        text=out.new_text,
+        logprobs=logprobs,
+        finish_reason=out.finish_reason if out.finished else None,
+        stop_reason=out.stop_reason if out.finished else None,
+        token_ids=out.new_token_ids if req.return_token_ids else None,
+        prompt_token_ids=prompt if req.return_token_ids and out.finished else None,
+    )
