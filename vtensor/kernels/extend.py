@@ -45,14 +45,23 @@ def _attend_block(
     BLOCK_N: tl.constexpr,
     DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr,
+    WIDE_ROWS: tl.constexpr,
 ):
     for n0 in range(lo, hi, BLOCK_N):
         kpos = n0 + offs_n
         valid = kpos < hi
-        # 64-bit: position × token stride passes 2^31 elements on long contexts (a
-        # Llama-3-8B row is 65,536 elements apart, so past 32,767 tokens).
-        krow = kpos.to(tl.int64)[:, None]
-        k = tl.load(k_ptrs + krow * stride_kr, mask=valid[:, None], other=0.0)
+        # 64-bit offsets: position × token stride passes 2^31 elements on long contexts
+        # (a Llama-3-8B row is 65,536 elements apart, so past 32,767 tokens). The block's
+        # first row is one 64-bit scalar product; rows inside the block stay 32-bit unless
+        # the block itself spans 2^31 elements (WIDE_ROWS, set by the wrapper).
+        if WIDE_ROWS:
+            k_blk = k_ptrs + kpos.to(tl.int64)[:, None] * stride_kr
+            v_blk = v_ptrs + kpos.to(tl.int64)[:, None] * stride_vr
+        else:
+            first = tl.cast(n0, tl.int64)  # n0 is a plain int in the interpreter
+            k_blk = k_ptrs + first * stride_kr + (offs_n * stride_kr)[:, None]
+            v_blk = v_ptrs + first * stride_vr + (offs_n * stride_vr)[:, None]
+        k = tl.load(k_blk, mask=valid[:, None], other=0.0)
         if DOT_F32:  # interpreter only: its bf16 dot is wrong (see common.dot_in_f32)
             k = k.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -66,7 +75,7 @@ def _attend_block(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(qk - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptrs + krow * stride_vr, mask=(kpos < hi)[:, None], other=0.0)
+        v = tl.load(v_blk, mask=(kpos < hi)[:, None], other=0.0)
         if DOT_F32:
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -98,6 +107,7 @@ def _extend_kernel(
     BLOCK_N: tl.constexpr,
     DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr,
+    WIDE_ROWS: tl.constexpr,
 ):
     mblk = tl.program_id(0)
     b = tl.program_id(1)
@@ -145,6 +155,7 @@ def _extend_kernel(
         BLOCK_N,
         DOT_F32,
         PRECISION,
+        WIDE_ROWS,
     )
     acc, m_i, l_i = _attend_block(
         acc,
@@ -164,6 +175,7 @@ def _extend_kernel(
         BLOCK_N,
         DOT_F32,
         PRECISION,
+        WIDE_ROWS,
     )
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(
@@ -237,6 +249,7 @@ def extend_attention(
         BLOCK_N=block_n,
         DOT_F32=dot_in_f32(),
         PRECISION=dot_precision(q.dtype),
+        WIDE_ROWS=block_n * max(k_cache.stride(0), v_cache.stride(0)) >= 2**31,
         num_warps=warps,
         num_stages=stages,
     )
