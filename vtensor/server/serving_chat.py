@@ -21,8 +21,8 @@ from .protocol import (
     new_id,
 )
 from .serving_common import (
-    ChunkWriter,
     Disconnected,
+    EventWriter,
     ServedModel,
     collect,
     sampling_params,
@@ -97,8 +97,8 @@ async def _stream(
     sub: Submission,
     prompt_tokens: int,
 ) -> AsyncIterator[str]:
-    writer = ChunkWriter(new_id("chatcmpl"), "chat.completion.chunk", model.name)
-    # OpenAI's first chunk per choice names the role and carries no text.
+    writer = EventWriter(new_id("chatcmpl"), "chat.completion.chunk", model.name)
+    # OpenAI's first event per choice names the role and carries no text.
     for i in range(req.n):
         first = ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))
         yield writer.event([first.model_dump()])
@@ -112,7 +112,7 @@ async def _stream(
 
 
 def _stream_choice(req: ChatCompletionRequest, model: ServedModel, item: Item) -> dict[str, Any]:
-    """One ``ChatStreamChoice``, as a plain dict (see ``ChunkWriter``)."""
+    """One ``ChatStreamChoice``, as a plain dict (see ``EventWriter``)."""
     out = item.out
     logprobs = None
     if req.logprobs and out.logprobs is not None:

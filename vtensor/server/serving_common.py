@@ -158,7 +158,7 @@ async def collect(
 async def stream_events(
     engine: AsyncEngine,
     sub: Submission,
-    writer: ChunkWriter,
+    writer: EventWriter,
     choice_of: Callable[[Item], dict[str, Any]],
     prompt_tokens: int,
     include_usage: bool,
@@ -204,11 +204,12 @@ def usage(prompt: int, completion_tokens: int) -> Usage:
     )  # fmt: skip
 
 
-class ChunkWriter:
+class EventWriter:
     """SSE events of one stream, written as JSON directly: the per-token hot path.
 
-    The fields match the pydantic chunk models in ``protocol``, which document the
-    schema; the tests parse streamed events with the official ``openai`` client."""
+    The fields match the pydantic stream models in ``protocol`` (``ChatCompletionChunk``
+    keeps OpenAI's name), which document the schema; the tests parse streamed events
+    with the official ``openai`` client."""
 
     def __init__(self, rid: str, kind: str, model: str) -> None:
         self._head = (

@@ -15,8 +15,8 @@ from .protocol import (
 )
 from .serving_common import (
     ChoiceState,
-    ChunkWriter,
     Disconnected,
+    EventWriter,
     ServedModel,
     collect,
     sampling_params,
@@ -86,19 +86,19 @@ def _stream(
     prompts: list[list[int]],
     prompt_tokens: int,
 ) -> AsyncIterator[str]:
-    writer = ChunkWriter(new_id("cmpl"), "text_completion", model.name)
+    writer = EventWriter(new_id("cmpl"), "text_completion", model.name)
     offsets = [0] * (len(prompts) * req.n)  # text offsets of each choice, for logprobs
 
     def choice_of(item: Item) -> dict[str, Any]:
-        return _chunk(req, model, item, offsets, prompts[item.index // req.n])
+        return _stream_choice(req, model, item, offsets, prompts[item.index // req.n])
 
     return stream_events(engine, sub, writer, choice_of, prompt_tokens, req.include_usage)
 
 
-def _chunk(
+def _stream_choice(
     req: CompletionRequest, model: ServedModel, item: Item, offsets: list[int], prompt: list[int]
 ) -> dict[str, Any]:
-    """One ``CompletionChoice`` of a stream, as a plain dict (see ``ChunkWriter``)."""
+    """One ``CompletionChoice`` of a stream, as a plain dict (see ``EventWriter``)."""
     out, i = item.out, item.index
     logprobs = None
     if req.logprobs is not None and out.logprobs is not None:
