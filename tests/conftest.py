@@ -75,7 +75,7 @@ def assert_engine_balanced(engine: Any) -> None:
     """The engine's invariants hold (``check_integrity``), and with nothing left to apply
     the books match the pool: every chunk in use is a slot's (or the scratch one)."""
     engine.check_integrity()
-    assert not engine.kv.undrained(), "KV commands left unapplied"
+    assert not engine.kv.pending_commands(), "KV commands left unapplied"
     s = engine.pool.stats()
     usage = engine.kv.usage()
     assert s.balanced, f"pool accounting does not balance: {s}"

@@ -180,14 +180,14 @@ def test_released_chunks_are_unmapped_once_the_engine_is_idle(make_llm, overlap:
     lengths = [random.randint(1, 20) for _ in prompts]
     llm.generate(prompts, [SamplingParams(max_tokens=n, temperature=0) for n in lengths])
     engine = llm.engine
-    engine.arena.drain()
+    engine.arena.wait_all()
     scratch = engine.kv.geometry.chunks_for(1)
     assert engine.kv.usage().committed_chunks == 0
     assert engine.pool.stats().in_use == engine.arena.vt.mapped_chunks == scratch
     [rid] = engine.add_request(prompts[0], SamplingParams(max_tokens=50))
     engine.step()
     engine.abort(rid)  # the last request aborted: its chunks go back as well
-    engine.arena.drain()
+    engine.arena.wait_all()
     assert engine.pool.stats().in_use == scratch
     engine.pop(rid)
 

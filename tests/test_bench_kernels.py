@@ -33,7 +33,7 @@ def test_sglang_splits_match_its_heuristic_on_equal_lengths() -> None:
 
 
 def test_sglang_splits_even_out_uneven_lengths() -> None:
-    # Longest 4000, shortest 1000: the longest is split in 4 chunks of 1000, so every
+    # Longest 4000, shortest 1000: the longest is cut into 4 splits of 1000 tokens, so every
     # request gets ceil(len / 1000) splits; the GPU-filling count (1 at this batch) is lower.
     lens = [1000, 2500, 4000] * 100
     assert sglang_num_kv_splits(lens, 32, 8, H100_SMS)[:3] == [1, 3, 4]

@@ -39,12 +39,13 @@ def test_aligned_max_tokens_makes_whole_chunks() -> None:
 def test_admit_grow_release_emit_ordered_commands() -> None:
     kv = KVCacheManager(geometry())
     assert kv.admit(7, 10) is not None  # 10 tokens -> 2 chunks
-    assert kv.drain() == [MapCommand(kv.slot_of(7), 0, 2)]
-    assert kv.grow(7, 16) and kv.drain() == []  # still 2 chunks
-    assert kv.grow(7, 17) and kv.drain() == [MapCommand(kv.slot_of(7), 2, 1)]
+    assert kv.take_commands() == [MapCommand(kv.slot_of(7), 0, 2)]
+    assert kv.grow(7, 16) and kv.take_commands() == []  # still 2 chunks
+    assert kv.grow(7, 17) and kv.take_commands() == [MapCommand(kv.slot_of(7), 2, 1)]
     assert kv.mapped_chunks(7) == 3 and kv.free_chunks == 13
     kv.release(7)
-    assert kv.usage().idle_chunks == 3 and kv.drain() == []  # deferred reclamation keeps them
+    # Deferred reclamation keeps them.
+    assert kv.usage().idle_chunks == 3 and kv.take_commands() == []
     kv.check()
 
 
@@ -55,9 +56,9 @@ def test_best_fit_reuses_an_idle_slot_without_mapping() -> None:
     slots = {rid: kv.slot_of(rid) for rid in range(3)}
     for rid in range(3):
         kv.release(rid)
-    kv.drain()
+    kv.take_commands()
     kv.admit(9, 17)  # 3 chunks: the 20-token slot (3 chunks) fits best
-    assert kv.slot_of(9) == slots[2] and kv.drain() == []
+    assert kv.slot_of(9) == slots[2] and kv.take_commands() == []
     kv.check()
 
 
@@ -65,13 +66,14 @@ def test_growth_steals_idle_chunks_unmapping_before_mapping() -> None:
     kv = KVCacheManager(geometry(capacity=8))
     kv.admit(0, 64)  # all 8 chunks
     kv.release(0)
-    kv.drain()
+    kv.take_commands()
     assert kv.admit(1, 8) is not None
     # The new request takes the idle slot itself (best fit: the largest), no command needed,
     # and holds 7 chunks of surplus...
-    assert kv.drain() == [] and kv.usage().surplus_chunks == 7
+    assert kv.take_commands() == [] and kv.usage().surplus_chunks == 7
     assert kv.admit(2, 8) is not None  # ...which the next one takes: unmap first, then map
-    assert kv.drain() == [UnmapCommand(kv.slot_of(1), 7, 1), MapCommand(kv.slot_of(2), 0, 1)]
+    unmap_then_map = [UnmapCommand(kv.slot_of(1), 7, 1), MapCommand(kv.slot_of(2), 0, 1)]
+    assert kv.take_commands() == unmap_then_map
     assert kv.usage().surplus_chunks == 6
     kv.check()
 
@@ -79,21 +81,21 @@ def test_growth_steals_idle_chunks_unmapping_before_mapping() -> None:
 def test_exhausted_pool_refuses_without_changing_state() -> None:
     kv = KVCacheManager(geometry(capacity=4))
     kv.admit(0, 32)  # 4 chunks
-    kv.drain()
+    kv.take_commands()
     before = kv.usage()
     assert not kv.can_admit(8)
     assert kv.admit(1, 8) is None
     assert not kv.grow(0, 40)
-    assert kv.usage() == before and kv.drain() == []
+    assert kv.usage() == before and kv.take_commands() == []
     kv.check()
 
 
 def test_keep_idle_limit_unmaps_the_excess() -> None:
     kv = KVCacheManager(geometry(), keep_idle_chunks=2)
     kv.admit(0, 40)  # 5 chunks
-    kv.drain()
+    kv.take_commands()
     kv.release(0)
-    assert kv.drain() == [UnmapCommand(0, 2, 3)]
+    assert kv.take_commands() == [UnmapCommand(0, 2, 3)]
     assert kv.usage().idle_chunks == 2
     kv.check()
 
@@ -122,15 +124,15 @@ def test_random_operations_keep_invariants_and_real_pool_in_step(make_pool) -> N
             del live[rid]
             kv.release(rid)
         kv.check()
-        arena.apply(kv.drain())
+        arena.apply(kv.take_commands())
         if step % 50 == 0:
-            arena.drain()
+            arena.wait_all()
             assert arena.vt.mapped_chunks == kv.usage().committed_chunks
     for rid in list(live):
         kv.release(rid)
     kv.reclaim_all()
-    arena.apply(kv.drain())
-    arena.drain()
+    arena.apply(kv.take_commands())
+    arena.wait_all()
     assert arena.vt.mapped_chunks == 0 and pool.stats().in_use == 0
     arena.close()
 
@@ -153,7 +155,7 @@ def test_a_step_waits_only_for_the_chunks_it_touches(make_pool) -> None:
     layout = KVLayout(4, 4 * tokens_per_chunk, 2, 2, 32, torch.float32)
     arena = KVArena(layout, pool, pool.backend.device)
     arena.apply([MapCommand(1, 0, 1)])
-    arena.drain()  # slot 1's first chunk is mapped
+    arena.wait_all()  # slot 1's first chunk is mapped
     gate = threading.Event()
     arena.mapper.submit([_Gate(gate)])
     arena.apply([MapCommand(2, 0, 2)])  # queued behind the gate

@@ -114,7 +114,7 @@ def test_concurrent_submitters(make_pool) -> None:  # type: ignore[no-untyped-de
     assert s.pending == 0 and s.batches >= n_threads * (per_thread + 2)
 
 
-def test_close_drains_and_joins(pool: ChunkPool) -> None:
+def test_close_finishes_and_joins(pool: ChunkPool) -> None:
     cs = pool.chunk_size
     vt = VirtualTensor(pool, 32 * cs)
     mapper = AsyncMapper(pool.backend)

@@ -36,8 +36,8 @@ def launch(s: Scheduler) -> SchedulerOutput:
         q.preempt()
     for q in out.admitted:
         q.admit()
-    for c in out.chunks:
-        c.req.advance(c.end, c.samples)
+    for sp in out.spans:
+        sp.req.advance(sp.end, sp.samples)
     return out
 
 
@@ -49,11 +49,11 @@ def finish(s: Scheduler, q: Request, reason: str) -> None:
 def run_step(s: Scheduler, rng: random.Random) -> SchedulerOutput:
     """One synchronous step with a fake model; finishes requests at max_tokens."""
     out = launch(s)
-    for c in out.chunks:
-        if c.samples:
-            c.req.append_output(c.end, rng.randrange(100), None, 0.0)
-            if c.req.num_output >= (c.req.params.max_tokens or 0):
-                finish(s, c.req, "length")
+    for sp in out.spans:
+        if sp.samples:
+            sp.req.append_output(sp.end, rng.randrange(100), None, 0.0)
+            if sp.req.num_output >= (sp.req.params.max_tokens or 0):
+                finish(s, sp.req, "length")
     s.kv.check()
     return out
 
@@ -74,32 +74,32 @@ def test_chunked_prefill_splits_a_prompt_and_samples_once() -> None:
     sizes, samples = [], []
     for _ in range(4):
         out = run_step(s, rng)
-        sizes.append(out.chunks[0].num_tokens)
-        samples.append(out.chunks[0].samples)
+        sizes.append(out.spans[0].num_tokens)
+        samples.append(out.spans[0].samples)
     assert sizes == [32, 32, 32, 4] and samples == [False, False, False, True]
 
 
-def test_mixed_batch_holds_decodes_and_a_prefill_chunk() -> None:
+def test_mixed_batch_holds_decodes_and_a_prefill_span() -> None:
     s, rng = make(budget=16), random.Random()
     s.add(request(0, 5, 10))
     run_step(s, rng)  # prefill of request 0
     s.add(request(1, 40, 4))
     out = run_step(s, rng)
-    kinds = [(c.req.rid, c.num_tokens) for c in out.chunks]
+    kinds = [(sp.req.rid, sp.num_tokens) for sp in out.spans]
     assert kinds == [(0, 1), (1, 15)]  # request 0 decodes, request 1 prefills within budget
     assert not out.is_decode and out.num_tokens == 16
 
 
 def test_admission_waits_for_free_chunks() -> None:
     s, rng = make(capacity=6), random.Random()  # 48 tokens of KV
-    s.add(request(0, 30, 4))  # 4 chunks (+1 reserve) fit
+    s.add(request(0, 30, 4))  # 4 chunks (+1 headroom) fit
     s.add(request(1, 30, 4))  # would need 4 more: must wait
     out = run_step(s, rng)
-    assert [c.req.rid for c in out.chunks] == [0] and s.waiting[0].rid == 1
+    assert [sp.req.rid for sp in out.spans] == [0] and s.waiting[0].rid == 1
     while s.running:
         run_step(s, rng)
     out = run_step(s, rng)
-    assert [c.req.rid for c in out.chunks] == [1]
+    assert [sp.req.rid for sp in out.spans] == [1]
 
 
 def test_exhausted_pool_preempts_the_newest_and_recomputes_it() -> None:
@@ -156,7 +156,7 @@ def test_async_workload_reads_tokens_a_step_late_and_returns_every_chunk() -> No
             s.add(pending.pop(0))
         out = launch(s)
         read_late(s, inflight, stops, rng)
-        inflight = [c for c in out.chunks if c.samples]
+        inflight = [sp for sp in out.spans if sp.samples]
         s.kv.check()
         if not pending and not s.has_unfinished() and not inflight:
             break
@@ -170,13 +170,13 @@ def test_async_workload_reads_tokens_a_step_late_and_returns_every_chunk() -> No
     assert s.kv.usage().committed_chunks == 0
 
 
-def read_late(s: Scheduler, chunks: list, stops: dict[int, int], rng: random.Random) -> None:
+def read_late(s: Scheduler, spans: list, stops: dict[int, int], rng: random.Random) -> None:
     """Read a launched step's tokens, then stop or abort (LLMEngine._apply_outputs)."""
-    for c in chunks:
-        q = c.req
+    for sp in spans:
+        q = sp.req
         if q.finished:
             continue  # stopped or aborted after this launch: the token is dropped
-        q.append_output(c.end, rng.randrange(100), None, 0.0)
+        q.append_output(sp.end, rng.randrange(100), None, 0.0)
         n_out = q.num_output
         if n_out >= min(q.params.max_tokens or 0, stops[q.rid]):
             reason = "stop" if n_out >= stops[q.rid] else "length"
@@ -198,25 +198,25 @@ def test_next_admissions_are_mapped_a_step_early() -> None:
     s.add(request(0, first, 4))
     s.add(request(1, second, 4))
     out1 = launch(s)
-    assert [c.req.rid for c in out1.chunks] == [0]
+    assert [sp.req.rid for sp in out1.spans] == [0]
     premapped = [c for c in out1.ahead_commands if isinstance(c, MapCommand)]
     # The next step's budget bounds what the second request can compute, and so the premap.
     assert sum(c.count for c in premapped) == -(-min(second, first) // TPC)
-    for c in out1.chunks:
-        if c.samples:
-            c.req.append_output(c.end, rng.randrange(100), None, 0.0)
+    for sp in out1.spans:
+        if sp.samples:
+            sp.req.append_output(sp.end, rng.randrange(100), None, 0.0)
     out2 = s.schedule()
-    assert [c.req.rid for c in out2.chunks] == [0, 1]
+    assert [sp.req.rid for sp in out2.spans] == [0, 1]
     slot = s.kv.slot_of(1)
     assert not [c for c in out2.kv_commands if isinstance(c, MapCommand) and c.slot == slot]
-    assert s.kv.mapped_chunks(1) >= -(-out2.chunks[1].end // TPC)
+    assert s.kv.mapped_chunks(1) >= -(-out2.spans[1].end // TPC)
     s.kv.check()
 
 
-def test_premap_uses_only_free_chunks_beyond_the_reserve() -> None:
+def test_premap_uses_only_free_chunks_beyond_the_headroom() -> None:
     s = make(capacity=6)
-    s.kv.premap([5 * TPC], reserve_chunks=2)  # needs 5, only 4 spare: nothing mapped
-    assert s.kv.usage().committed_chunks == 0 and not s.kv.drain()
-    s.kv.premap([3 * TPC, 3 * TPC], reserve_chunks=0)  # two slots of 3 chunks each
+    s.kv.premap([5 * TPC], headroom_chunks=2)  # needs 5, only 4 spare: nothing mapped
+    assert s.kv.usage().committed_chunks == 0 and not s.kv.take_commands()
+    s.kv.premap([3 * TPC, 3 * TPC], headroom_chunks=0)  # two slots of 3 chunks each
     assert s.kv.usage().committed_chunks == 6 and s.kv.usage().idle_chunks == 6
     s.kv.check()

@@ -92,18 +92,18 @@ def test_streaming_completion_equals_non_streaming(client: openai.OpenAI) -> Non
     prompt, max_tokens = _words(6), random.randint(8, 20)
     kw: dict[str, Any] = dict(model=None, prompt=prompt, max_tokens=max_tokens, temperature=0)
     full = client.completions.create(**kw)
-    chunks = list(client.completions.create(**kw, stream=True,
+    events = list(client.completions.create(**kw, stream=True,
                                             stream_options={"include_usage": True}))  # fmt: skip
-    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    text = "".join(ev.choices[0].text for ev in events if ev.choices)
     assert text == full.choices[0].text
-    finals = [c.choices[0].finish_reason for c in chunks if c.choices]
+    finals = [ev.choices[0].finish_reason for ev in events if ev.choices]
     finals = [f for f in finals if f is not None]
     assert finals == [full.choices[0].finish_reason]
-    assert chunks[-1].choices == [] and chunks[-1].usage is not None
-    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert events[-1].choices == [] and events[-1].usage is not None
+    assert events[-1].usage.completion_tokens == full.usage.completion_tokens
     # Every chunk, the usage one included, is a whole ``text_completion`` of one stream.
-    assert {(c.object, c.model) for c in chunks} == {("text_completion", full.model)}
-    assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
+    assert {(c.object, c.model) for c in events} == {("text_completion", full.model)}
+    assert len({c.id for c in events}) == 1 and len({c.created for c in events}) == 1
 
 
 def test_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:

@@ -34,7 +34,7 @@ def server() -> Iterator[Served]:
 
 
 def _post(s: Served, path: str, body: Any, **kw: Any) -> requests.Response:
-    if not isinstance(body, (dict, list)):  # raw bytes, text, or a chunked generator
+    if not isinstance(body, (dict, list)):  # raw bytes, text, or a generator (sent chunked)
         return requests.post(s.url + path, data=body, timeout=30, **kw)
     return requests.post(s.url + path, json=body, timeout=30, **kw)
 
@@ -114,9 +114,10 @@ def test_body_limit_and_unknown_route(server: Served) -> None:
     big = json.dumps({"prompt": "x" * (80 * 1024)})
     headers = {"Content-Type": "application/json"}
     assert _post(server, "/v1/completions", big, headers=headers).status_code == 413
-    # A chunked upload has no Content-Length and is counted as it arrives.
-    chunks = (big[i : i + 4096].encode() for i in range(0, len(big), 4096))
-    assert _post(server, "/v1/completions", chunks, headers=headers).status_code == 413
+    # An upload in HTTP chunked transfer encoding has no Content-Length and is counted
+    # as it arrives.
+    parts = (big[i : i + 4096].encode() for i in range(0, len(big), 4096))
+    assert _post(server, "/v1/completions", parts, headers=headers).status_code == 413
     r = requests.get(server.url + "/v1/nothing-here", timeout=30)
     assert r.status_code == 404 and r.json()["error"]["code"] == 404
     server.idle_and_balanced()

@@ -112,7 +112,7 @@ class VmmArena:
             before = arena.vt.mapped_chunks
             arena.vt.map(0, scratch * chunk)  # the scratch slot: every view's base pointer
             arena.apply([MapCommand(s, 0, per_request) for s in range(1, batch + 1)])
-            arena.drain()
+            arena.wait_all()
             k, v = arena.views[0]
             evidence = check_vmm(arena, k, before, need)
             starts = torch.arange(1, batch + 1, device=k.device, dtype=torch.int32)

@@ -46,14 +46,14 @@ def sglang_num_kv_splits(
     longest, shortest = max(seq_lens), min(seq_lens)
     if longest * 8 < shortest * 10:  # lengths within 25%: no evening out
         shortest = longest
-    even_chunk = _cdiv(longest, min(_cdiv(longest, shortest), max_kv_splits))
+    even_split_len = _cdiv(longest, min(_cdiv(longest, shortest), max_kv_splits))
     cores = int(core_count * max(math.log2(longest / 64.0), 1.0))
     group = num_heads // num_kv_heads
     # Programs per request: one per head (MHA) or per block of up to 16 query heads.
     per_request = num_heads if group == 1 else _cdiv(num_heads, min(16, group))
     fill = min(_cdiv(cores, len(seq_lens) * per_request), max_kv_splits)
-    fill_chunk = _cdiv(longest, fill)
-    return [max(_cdiv(n, even_chunk), _cdiv(n, fill_chunk)) for n in seq_lens]
+    fill_split_len = _cdiv(longest, fill)
+    return [max(_cdiv(n, even_split_len), _cdiv(n, fill_split_len)) for n in seq_lens]
 
 
 def _cdiv(a: int, b: int) -> int:

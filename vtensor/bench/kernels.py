@@ -73,7 +73,7 @@ def extend_point(
         flops = 4 * cfg.q_heads * cfg.head_dim * batch * (new * prefix + new * (new + 1) / 2)
         res: dict[str, Any] = {"flops": flops, **p.evidence}
         args = (q, p.k, p.v, indptr, p.starts, prefixes)
-        # The engine passes the batch's longest new chunk as max_new, on either arena.
+        # The engine passes the batch's longest new span as max_new, on either arena.
         res["vtensor_ms"] = _bench(lambda: extend_attention(*args, new))
         res["fa2_ms"] = _bench(lambda: fa2_extend(*args, new, prefix + new))
         if sgl is not None:

@@ -2,7 +2,7 @@
 
 Works against any OpenAI-compatible server: it needs ``/v1/completions`` with
 streaming. ``stream_options.include_usage`` gives exact token counts where the
-server supports it; otherwise the streamed chunks are counted.
+server supports it; otherwise the streamed events that carry a token are counted.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class RequestResult:
     output_len: int = 0
     ttft: float = 0.0
     latency: float = 0.0
-    itl: list[float] = field(default_factory=list)  # gaps between streamed chunks
+    itl: list[float] = field(default_factory=list)  # gaps between streamed events
     output_ids: list[int] | None = None  # when the server returns them
     output_text: str = ""
 
@@ -99,7 +99,7 @@ async def complete(
 async def _read_stream(resp: aiohttp.ClientResponse, result: RequestResult, sent: float) -> None:
     last = sent
     ids: list[int] = []
-    chunks, got_ids, usage = 0, False, None
+    token_events, got_ids, usage = 0, False, None
     async for raw in resp.content:
         line = raw.decode().strip()
         if not line.startswith("data:"):
@@ -113,15 +113,15 @@ async def _read_stream(resp: aiohttp.ClientResponse, result: RequestResult, sent
             return
         usage = event.get("usage") or usage
         for choice in event.get("choices") or []:
-            # A chunk carries a token unless it is a bare finish: its text may be empty
+            # A choice carries a token unless it is a bare finish: its text may be empty
             # (no tokenizer on the server, or a partial UTF-8 character held back).
             if choice.get("text") or choice.get("token_ids") or not choice.get("finish_reason"):
                 now = time.perf_counter()
-                if chunks == 0:
+                if token_events == 0:
                     result.ttft = now - sent
                 else:
                     result.itl.append(now - last)
-                last, chunks = now, chunks + 1
+                last, token_events = now, token_events + 1
                 result.output_text += choice.get("text") or ""
             if choice.get("token_ids") is not None:
                 got_ids = True
@@ -131,4 +131,4 @@ async def _read_stream(resp: aiohttp.ClientResponse, result: RequestResult, sent
         result.prompt_len = int(usage.get("prompt_tokens") or 0)
         result.output_len = int(usage.get("completion_tokens") or 0)
     else:
-        result.output_len = len(ids) if got_ids else chunks
+        result.output_len = len(ids) if got_ids else token_events

@@ -40,7 +40,7 @@ class IntegrityError(RuntimeError):
 def check_integrity(engine: LLMEngine, inflight: LaunchedStep | None) -> None:
     """Raise :class:`IntegrityError` listing every broken invariant; ``inflight`` is the
     step launched and not read yet (async scheduling)."""
-    engine.arena.drain()  # the pool must reflect every command already queued
+    engine.arena.wait_all()  # the pool must reflect every command already queued
     problems = [
         *pool_problems(engine),
         *slot_problems(engine),
@@ -53,7 +53,8 @@ def check_integrity(engine: LLMEngine, inflight: LaunchedStep | None) -> None:
 def pool_problems(engine: LLMEngine) -> list[str]:
     s = engine.pool.stats()
     # Commands emitted by the KV manager but not yet handed to the arena.
-    pending = sum(c.count if isinstance(c, MapCommand) else -c.count for c in engine.kv.undrained())
+    queued = engine.kv.pending_commands()
+    pending = sum(c.count if isinstance(c, MapCommand) else -c.count for c in queued)
     books = engine.kv.geometry.chunks_for(1) + engine.kv.usage().committed_chunks - pending
     checks = [
         (s.balanced, f"pool does not balance: created {s.created} != free {s.free} + in use "
@@ -84,8 +85,8 @@ def slot_problems(engine: LLMEngine) -> list[str]:
 def request_problems(engine: LLMEngine, inflight: LaunchedStep | None) -> list[str]:
     queued = {id(r) for r in (*engine.scheduler.running, *engine.scheduler.waiting)}
     unread: dict[int, list[int]] = {}  # id(request) -> where its tokens in flight go
-    for c in inflight.sampling if inflight is not None else ():
-        unread.setdefault(id(c.req), []).append(c.end)
+    for sp in inflight.sampling if inflight is not None else ():
+        unread.setdefault(id(sp.req), []).append(sp.end)
     problems = list(_queue_problems(engine))
     for req in engine.requests.values():
         if not req.finished and id(req) not in queued:

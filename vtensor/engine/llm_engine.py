@@ -33,7 +33,7 @@ from .outputs import FinishReason, StepOutput
 from .params import SamplingParams
 from .request import Request
 from .sampler import PendingSample, Sampler, SamplerRow
-from .scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
+from .scheduler import ScheduledSpan, Scheduler, SchedulerConfig, SchedulerOutput
 from .setup import (
     SCRATCH_SLOT,
     build_arena,
@@ -52,7 +52,7 @@ from .stats import EngineStats, StepCounters, collect_stats
 class LaunchedStep:
     """A step queued on the device whose sampled tokens the host has not read."""
 
-    sampling: list[ScheduledChunk]  # the chunks that sample, in the draw's row order
+    sampling: list[ScheduledSpan]  # the spans that sample, in the draw's row order
     draw: PendingSample | None
     needs_host_tokens: bool  # a row has penalties: its next draw needs these tokens
 
@@ -61,7 +61,7 @@ class LaunchedStep:
 class ReadToken:
     """One sampled token as the host reads it."""
 
-    chunk: ScheduledChunk
+    span: ScheduledSpan
     token: int
     logprob: dict[int, float] | None
 
@@ -195,27 +195,27 @@ class LLMEngine:
         for req in out.admitted:
             req.admit()
         slots = self._apply_kv(out)
-        if not out.chunks:
+        if not out.spans:
             return None
-        forward = self.runner.execute(out.chunks, slots)
-        sampling = [c for c in out.chunks if c.samples]
+        forward = self.runner.execute(out.spans, slots)
+        sampling = [sp for sp in out.spans if sp.samples]
         draw = None
         if sampling:
             # A penalized row needs every token read: step() reads a penalized step at once.
-            rows = [SamplerRow.of(c.req, self._generators.get(c.req.rid)) for c in sampling]
+            rows = [SamplerRow.of(sp.req, self._generators.get(sp.req.rid)) for sp in sampling]
             draw = self.sampler.draw(forward.logits, rows)
             self.runner.tokens.write(forward.sample_slots, draw.tokens)
-        for c in out.chunks:
-            c.req.advance(c.end, c.samples)  # computed (and sampled) from here on
+        for sp in out.spans:
+            sp.req.advance(sp.end, sp.samples)  # computed (and sampled) from here on
         if self.runtime.device.type == "cuda":
             self._last_launch_done = torch.cuda.Event()
             self._last_launch_done.record()
-        needs_host = any(c.req.params.has_penalties for c in sampling)
+        needs_host = any(sp.req.params.has_penalties for sp in sampling)
         return LaunchedStep(sampling, draw, needs_host)
 
     def _apply_kv(self, out: SchedulerOutput) -> list[int]:
         """The one place KV commands reach the arena: queue the plan's commands on the
-        mapper and wait for the chunks this step touches; returns the chunks' slots.
+        mapper and wait for the chunks this step touches; returns the spans' slots.
 
         Unmapping first waits for the last launched step (counted as ``unmap_fences``):
         it may still write a slot whose request finished or was aborted since. Maps need
@@ -230,9 +230,9 @@ class LLMEngine:
                 self.counters.unmap_fences += 1
                 done.synchronize()
             self.arena.apply(commands)
-        slots = [self.kv.slot_of(c.req.rid) for c in out.chunks]
+        slots = [self.kv.slot_of(sp.req.rid) for sp in out.spans]
         self.arena.wait_ready(
-            (s, self.kv.geometry.chunks_for(c.end)) for s, c in zip(slots, out.chunks)
+            (s, self.kv.geometry.chunks_for(sp.end)) for s, sp in zip(slots, out.spans)
         )
         self.counters.kv_sync_s += time.perf_counter() - t_kv
         return slots
@@ -250,8 +250,8 @@ class LLMEngine:
             return []
         sampled = step.draw.result()
         return [
-            ReadToken(c, token, logprob)
-            for c, token, logprob in zip(step.sampling, sampled.tokens, sampled.logprobs)
+            ReadToken(sp, token, logprob)
+            for sp, token, logprob in zip(step.sampling, sampled.tokens, sampled.logprobs)
         ]
 
     def _apply_outputs(self, tokens: list[ReadToken]) -> list[StepOutput]:
@@ -261,10 +261,10 @@ class LLMEngine:
         now = time.perf_counter()
         outputs: list[StepOutput] = []
         for t in tokens:
-            req = t.chunk.req
+            req = t.span.req
             if req.finished:
                 continue
-            req.append_output(t.chunk.end, t.token, t.logprob, now)
+            req.append_output(t.span.end, t.token, t.logprob, now)
             decision = self.outputs.on_token(req)
             if decision is not None:
                 self._finish(req, decision.reason, decision.stop_reason)

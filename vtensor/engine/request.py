@@ -2,9 +2,10 @@
 
 ``token_ids`` is the prompt followed by the generated tokens the host has
 read. The KV of the first ``num_computed`` tokens is in the cache. A step
-computes a chunk ``[num_computed, num_computed + n)``; when the chunk reaches
+computes a span ``[num_computed, num_computed + n)``; when the span reaches
 the end (``num_tokens``), the step samples one more token. Prefill, chunked
-prefill, decode and recompute after preemption are all this one rule.
+prefill (a prompt in several spans), decode and recompute after preemption
+are all this one rule.
 
 With async scheduling a sampled token exists on the device a step before the
 host reads it. It is counted, not stored: ``num_output_placeholders`` (vLLM's

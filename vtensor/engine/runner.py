@@ -3,7 +3,7 @@
 Decode-only batches replay a CUDA graph of their batch-size bucket when
 graphs are on; everything else runs eagerly through the same model code.
 
-A chunk's input ids come from its request's ``token_ids``, except a last
+A span's input ids come from its request's ``token_ids``, except a last
 token the host has not read yet (async scheduling): the step in flight
 sampled it into the token table, and the runner gathers it from there by the
 request's slot (``engine/token_table.py``).
@@ -23,13 +23,13 @@ from vtensor.models.llama import LlamaForCausalLM
 
 from .cuda_graphs import DecodeGraphs
 from .host_sync import to_device
-from .scheduler import ScheduledChunk
+from .scheduler import ScheduledSpan
 from .token_table import TokenTable
 
 
 @dataclass(frozen=True)
 class ForwardOutput:
-    """The logits of the chunks that sample, in batch order, and their slots (on the
+    """The logits of the spans that sample, in batch order, and their slots (on the
     device), where the step's sampled tokens go in the token table."""
 
     logits: torch.Tensor
@@ -38,7 +38,7 @@ class ForwardOutput:
 
 @dataclass(frozen=True)
 class BatchRows:
-    """Host-side description of a batch: per request, its slot and chunk."""
+    """Host-side description of a batch: per request, its slot and span."""
 
     slots: list[int]
     starts: list[int]
@@ -70,29 +70,29 @@ class ModelRunner:
         self.graphs = graphs
 
     @torch.inference_mode()
-    def execute(self, chunks: Sequence[ScheduledChunk], slots: Sequence[int]) -> ForwardOutput:
-        """Run the batch; the logits of the chunks that sample, in batch order."""
-        is_decode = all(c.num_tokens == 1 for c in chunks)
-        if is_decode and self.graphs is not None and self.graphs.fits(len(chunks)):
-            return self._replay(chunks, slots)
+    def execute(self, spans: Sequence[ScheduledSpan], slots: Sequence[int]) -> ForwardOutput:
+        """Run the batch; the logits of the spans that sample, in batch order."""
+        is_decode = all(sp.num_tokens == 1 for sp in spans)
+        if is_decode and self.graphs is not None and self.graphs.fits(len(spans)):
+            return self._replay(spans, slots)
         # Decode requests first (a stable sort), so attention can send them to the
         # decode kernel; the logits still come back in the batch's order.
-        order = sorted(range(len(chunks)), key=lambda i: chunks[i].num_tokens != 1)
-        batch = [chunks[i] for i in order]
+        order = sorted(range(len(spans)), key=lambda i: spans[i].num_tokens != 1)
+        batch = [spans[i] for i in order]
         rows = BatchRows(
-            [slots[i] for i in order], [c.start for c in batch], [c.num_tokens for c in batch]
+            [slots[i] for i in order], [sp.start for sp in batch], [sp.num_tokens for sp in batch]
         )
         ids: list[int] = []
         read_rows: list[int] = []
         read_slots: list[int] = []
-        last: dict[int, int] = {}  # batch index -> its last input row, for chunks that sample
-        for i, c, slot in zip(order, batch, rows.slots):
-            chunk_ids, unread = input_ids(c)
-            ids += chunk_ids
+        last: dict[int, int] = {}  # batch index -> its last input row, for spans that sample
+        for i, sp, slot in zip(order, batch, rows.slots):
+            span_ids, unread = input_ids(sp)
+            ids += span_ids
             if unread:
                 read_rows.append(len(ids) - 1)
                 read_slots.append(slot)
-            if c.samples:
+            if sp.samples:
                 last[i] = len(ids) - 1
         sampling = sorted(last)
         sample_rows = [[last[i] for i in sampling], [slots[i] for i in sampling]]
@@ -148,43 +148,43 @@ class ModelRunner:
         )
         return longs[0], longs[1], meta, longs[4:]
 
-    def _replay(self, chunks: Sequence[ScheduledChunk], slots: Sequence[int]) -> ForwardOutput:
+    def _replay(self, spans: Sequence[ScheduledSpan], slots: Sequence[int]) -> ForwardOutput:
         """A decode batch through its CUDA graph, which gathers table rows itself."""
         assert self.graphs is not None
-        inputs = [input_ids(c) for c in chunks]
+        inputs = [input_ids(sp) for sp in spans]
         row_starts = [self.layout.row_start(s) for s in slots]
         logits = self.graphs.run(
             [ids[0] for ids, _ in inputs],
             [pending for _, pending in inputs],
             list(slots),
-            [c.start for c in chunks],
+            [sp.start for sp in spans],
             row_starts,
         )
-        sample_slots = self.graphs.slots[: len(chunks)]
-        if all(c.samples for c in chunks):  # always, in practice
+        sample_slots = self.graphs.slots[: len(spans)]
+        if all(sp.samples for sp in spans):  # always, in practice
             return ForwardOutput(logits, sample_slots)
-        # A budget-limited prefill chunk of one token does not sample.
-        keep = to_device([i for i, c in enumerate(chunks) if c.samples], torch.long, self.device)
+        # A budget-limited prefill span of one token does not sample.
+        keep = to_device([i for i, sp in enumerate(spans) if sp.samples], torch.long, self.device)
         return ForwardOutput(logits[keep], sample_slots[keep])
 
     def _row_starts(self, rows: BatchRows) -> list[int]:
         return [self.layout.row_start(s) for s in rows.slots]
 
 
-def input_ids(chunk: ScheduledChunk) -> tuple[list[int], bool]:
-    """The chunk's input ids, and whether its last one is still on the device.
+def input_ids(span: ScheduledSpan) -> tuple[list[int], bool]:
+    """The span's input ids, and whether its last one is still on the device.
 
-    Only a chunk's last token can be unread: a step samples at most one token per
+    Only a span's last token can be unread: a step samples at most one token per
     request, and the scheduler plans at most one step ahead of the host's reads.
     Its id here is a stand-in (0) that the token table overwrites on the device.
     """
-    req = chunk.req
+    req = span.req
     known = len(req.token_ids)
-    if chunk.end > known + 1 or chunk.start >= known + 1:
-        raise RuntimeError(f"request {req.rid}: chunk {chunk.start}:{chunk.end} but {known} read")
-    if chunk.end <= known:
-        return req.token_ids[chunk.start : chunk.end], False
-    return [*req.token_ids[chunk.start : known], 0], True
+    if span.end > known + 1 or span.start >= known + 1:
+        raise RuntimeError(f"request {req.rid}: span {span.start}:{span.end} but {known} read")
+    if span.end <= known:
+        return req.token_ids[span.start : span.end], False
+    return [*req.token_ids[span.start : known], 0], True
 
 
 def _to_device_all(

@@ -1,15 +1,16 @@
-"""Continuous batching with chunked prefill, FCFS, and preemption by recompute.
+"""Continuous batching with chunked prefill (a prompt is prefilled in spans), FCFS,
+and preemption by recompute.
 
 Torch-free: it moves :class:`Request` objects between the waiting queue and
 the running list, and keeps :class:`KVCacheManager` in step with them. It
-plans and never writes a request: its output names the chunks, admissions and
+plans and never writes a request: its output names the spans, admissions and
 preemptions, and ``LLMEngine`` applies them to the requests (``engine/request.py``).
-It is also the one place that drains the KV manager's commands, so every
+It is also the one place that takes the KV manager's commands, so every
 mapping change reaches the engine through a :class:`SchedulerOutput`.
 
 One step, under a token budget:
 
-1. Running requests, oldest first, get their next chunk (1 token when
+1. Running requests, oldest first, get their next span (1 token when
    decoding). If the KV cache cannot grow, the newest running request is
    preempted — its slot idles and it goes back to the front of the queue to be
    recomputed — until the growth fits. Nothing is dropped.
@@ -44,14 +45,14 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
-class ScheduledChunk:
+class ScheduledSpan:
     req: Request
     start: int  # first token position computed this step
     num_tokens: int
-    samples: bool  # the chunk reaches the end of the request, so a token is sampled
+    samples: bool  # the span reaches the end of the request, so a token is sampled
 
     @classmethod
-    def next_of(cls, req: Request, start: int, num_tokens: int) -> ScheduledChunk:
+    def next_of(cls, req: Request, start: int, num_tokens: int) -> ScheduledSpan:
         """``num_tokens`` of ``req`` from ``start`` (fixed at scheduling time)."""
         return cls(req, start, num_tokens, start + num_tokens == req.num_tokens)
 
@@ -63,9 +64,9 @@ class ScheduledChunk:
 @dataclass(frozen=True)
 class SchedulerOutput:
     """One step's plan. The engine applies it: requests first (preempted, then
-    admitted, then each chunk's progress), then the KV commands, in this order."""
+    admitted, then each span's progress), then the KV commands, in this order."""
 
-    chunks: list[ScheduledChunk]
+    spans: list[ScheduledSpan]
     preempted: list[Request] = field(default_factory=list)
     admitted: list[Request] = field(default_factory=list)
     kv_commands: list[KVCommand] = field(default_factory=list)  # needed by this step
@@ -73,11 +74,11 @@ class SchedulerOutput:
 
     @property
     def is_decode(self) -> bool:
-        return bool(self.chunks) and all(c.num_tokens == 1 for c in self.chunks)
+        return bool(self.spans) and all(sp.num_tokens == 1 for sp in self.spans)
 
     @property
     def num_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
+        return sum(sp.num_tokens for sp in self.spans)
 
 
 class Scheduler:
@@ -100,7 +101,7 @@ class Scheduler:
         """Plan the next step. With nothing to run the plan is empty, but it still
         carries the commands of the slots released since the last schedule."""
         budget = self.config.max_num_batched_tokens
-        chunks: list[ScheduledChunk] = []
+        spans: list[ScheduledSpan] = []
         preempted: list[Request] = []
         for req in list(self.running):
             if budget == 0:
@@ -112,13 +113,13 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed, budget)
             if not self._grow_or_preempt(req, req.num_computed + n, preempted):
                 break  # req preempted itself: nothing newer is left running
-            chunks.append(ScheduledChunk.next_of(req, req.num_computed, n))
+            spans.append(ScheduledSpan.next_of(req, req.num_computed, n))
             budget -= n
-        admitted = [] if preempted else self._admit(chunks, budget)
-        kv_commands = self.kv.drain()
-        self._map_ahead(chunks)
+        admitted = [] if preempted else self._admit(spans, budget)
+        kv_commands = self.kv.take_commands()
+        self._map_ahead(spans)
         self._premap_waiting()
-        return SchedulerOutput(chunks, preempted, admitted, kv_commands, self.kv.drain())
+        return SchedulerOutput(spans, preempted, admitted, kv_commands, self.kv.take_commands())
 
     def remove(self, req: Request) -> None:
         """Take a finishing (or aborted) request out of the queues; its slot idles with
@@ -149,7 +150,7 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def _admit(self, chunks: list[ScheduledChunk], budget: int) -> list[Request]:
+    def _admit(self, spans: list[ScheduledSpan], budget: int) -> list[Request]:
         """Admit waiting requests FCFS within ``budget``; each computes from token 0."""
         admitted: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -157,14 +158,14 @@ class Scheduler:
             n = min(req.num_tokens, budget)
             # Admit only if the whole prompt fits, keeping a chunk per running request
             # so decodes can grow without immediately preempting the newcomer.
-            if not self.kv.can_admit(req.num_tokens + 1, reserve_chunks=len(self.running)):
+            if not self.kv.can_admit(req.num_tokens + 1, headroom_chunks=len(self.running)):
                 break
             if self.kv.admit(req.rid, n) is None:
                 break
             self.waiting.popleft()
             self.running.append(req)
             admitted.append(req)
-            chunks.append(ScheduledChunk.next_of(req, 0, n))
+            spans.append(ScheduledSpan.next_of(req, 0, n))
             budget -= n
         return admitted
 
@@ -181,12 +182,12 @@ class Scheduler:
             wanted.append(n)
             budget -= n
         if wanted:
-            self.kv.premap(wanted, reserve_chunks=len(self.running))
+            self.kv.premap(wanted, headroom_chunks=len(self.running))
 
-    def _map_ahead(self, chunks: list[ScheduledChunk]) -> None:
+    def _map_ahead(self, spans: list[ScheduledSpan]) -> None:
         """Opportunistically map what the next steps will write (never steals or preempts)."""
         ahead = self.config.lookahead_tokens
-        for c in chunks:
-            remaining = c.req.num_tokens - c.end
-            target = c.end + (min(remaining, c.num_tokens) if remaining else ahead)
-            self.kv.grow(c.req.rid, min(target, c.req.max_len), steal=False)
+        for sp in spans:
+            remaining = sp.req.num_tokens - sp.end
+            target = sp.end + (min(remaining, sp.num_tokens) if remaining else ahead)
+            self.kv.grow(sp.req.rid, min(target, sp.req.max_len), steal=False)

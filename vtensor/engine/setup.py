@@ -24,7 +24,7 @@ from .runner import ModelRunner
 from .token_table import TokenTable
 
 CPU_KV_BYTES = 256 << 20
-CPU_CHUNK = 64 << 10  # small host chunks: tiny models still span several per request
+CPU_CHUNK = 64 << 10  # small host chunks: tiny models still take several per request
 # The scratch slot takes CUDA graphs' padding rows and is mapped for good. It must be
 # slot 0: every layer view's base pointer lies in its first token, and Triton rejects a
 # kernel argument whose base address is not mapped.

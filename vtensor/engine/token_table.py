@@ -7,7 +7,7 @@ flight) gathers it from here by the request's slot, so the host never needs
 the token to launch the next step and no stand-in id lives in the request.
 
 Why a slot holds the right token: a request keeps its slot from admission to
-its end (a preempted request recomputes from token 0, so its next chunk that
+its end (a preempted request recomputes from token 0, so its next span that
 samples rewrites its new slot before any step reads it), and every read and
 write is queued on one stream, so a read sees the last write queued before
 it. The table's address never changes, so CUDA graphs capture reads from it.

@@ -98,7 +98,7 @@ class KVArena:
         self._waits += 1
         self._wait_s += time.perf_counter() - t0
 
-    def drain(self) -> None:
+    def wait_all(self) -> None:
         """Wait for every submitted command (shutdown, tests)."""
         while self._inflight:
             self._inflight.popleft()[0].wait()
@@ -109,6 +109,6 @@ class KVArena:
 
     def close(self) -> None:
         """Finish pending commands, unmap everything and free the reservation."""
-        self.drain()
+        self.wait_all()
         self.mapper.close()
         self.vt.close()

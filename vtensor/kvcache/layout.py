@@ -106,7 +106,7 @@ class KVLayout:
         return self.num_slots * self.max_tokens * self.bytes_per_token
 
     def tokens_per_chunk(self, chunk_size: int) -> float:
-        """Tokens one physical chunk holds (fractional when a token spans chunks)."""
+        """Tokens one physical chunk holds (fractional when a token straddles two chunks)."""
         return chunk_size / self.bytes_per_token
 
     def chunks_for_tokens(self, tokens: int, chunk_size: int) -> int:

@@ -41,7 +41,7 @@ class KVGeometry:
         if min(self.num_slots, self.max_tokens, self.bytes_per_token, self.chunk_size) <= 0:
             raise ValueError(f"KV geometry sizes must be positive: {self}")
         if self.slot_bytes % self.chunk_size:
-            raise ValueError("a slot must span a whole number of chunks")
+            raise ValueError("a slot must be a whole number of chunks")
 
     @property
     def slot_bytes(self) -> int:
@@ -139,14 +139,14 @@ class KVCacheManager:
     def has_free_slot(self) -> bool:
         return bool(self._idle)
 
-    def can_admit(self, tokens: int, reserve_chunks: int = 0) -> bool:
-        """Whether a new request of ``tokens`` would fit now, keeping ``reserve_chunks`` spare."""
+    def can_admit(self, tokens: int, headroom_chunks: int = 0) -> bool:
+        """Whether a new request of ``tokens`` fits now, leaving ``headroom_chunks`` free."""
         if not self._idle:
             return False
         slot = self._best_slot(self.geometry.chunks_for(tokens))
         extra = self.geometry.chunks_for(tokens) - self._mapped[slot]
         spare = self.free_chunks + self.reclaimable_chunks - self._mapped[slot]
-        return extra <= spare - reserve_chunks
+        return extra <= spare - headroom_chunks
 
     def usage(self) -> KVUsage:
         idle = [s for s in self._idle if self._mapped[s]]
@@ -199,11 +199,11 @@ class KVCacheManager:
         self._committed += need
         return True
 
-    def premap(self, token_counts: Sequence[int], reserve_chunks: int = 0) -> None:
+    def premap(self, token_counts: Sequence[int], headroom_chunks: int = 0) -> None:
         """Map idle slots ahead for requests expected next (the head of the waiting
         queue, ``token_counts`` each), so their admission finds the chunks mapped and the
         step that admits them does not wait on the mapper. Only free chunks are used
-        (keeping ``reserve_chunks`` spare, nothing stolen), within ``keep_idle_chunks``.
+        (leaving ``headroom_chunks`` free, nothing stolen), within ``keep_idle_chunks``.
         The slots stay idle: these chunks are reclaimable like any idle slot's."""
         taken: set[int] = set()
         for tokens in token_counts:
@@ -216,7 +216,7 @@ class KVCacheManager:
             need = want - self._mapped[slot]
             if need <= 0:
                 continue
-            if need > self.free_chunks - reserve_chunks:
+            if need > self.free_chunks - headroom_chunks:
                 return
             if self.idle_chunks + need > self.keep_idle_chunks:
                 return
@@ -237,13 +237,13 @@ class KVCacheManager:
         """Unmap every idle slot's chunks (shutdown, or a caller that needs the pool)."""
         self._reclaim(self.idle_chunks)
 
-    def drain(self) -> list[KVCommand]:
-        """The commands emitted since the last drain, in the order they must run."""
+    def take_commands(self) -> list[KVCommand]:
+        """Take the commands emitted since the last take, in the order they must run."""
         commands, self._commands = self._commands, []
         return commands
 
-    def undrained(self) -> tuple[KVCommand, ...]:
-        """The commands emitted but not drained yet (read-only: integrity checks)."""
+    def pending_commands(self) -> tuple[KVCommand, ...]:
+        """The commands emitted but not taken yet (read-only: integrity checks)."""
         return tuple(self._commands)
 
     def owners(self) -> dict[int, int]:

@@ -12,7 +12,7 @@ Contract:
   batch run in order. Each op is atomic (see ``VirtualTensor``).
 * A batch stops at its first failing op. The ops before it stay applied; the
   ticket re-raises the error, wrapped with the failing op's index, in ``wait``.
-* ``close`` drains every batch already submitted, then joins the thread: no
+* ``close`` finishes every batch already submitted, then joins the thread: no
   thread is left behind and, once the caller closes its tensors, no chunk.
 """
 

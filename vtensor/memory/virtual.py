@@ -58,13 +58,13 @@ class VirtualTensor:
 
     def is_mapped(self, offset: int, nbytes: int) -> bool:
         """True when every chunk touching ``[offset, offset+nbytes)`` is mapped."""
-        first, last = self._span(offset, nbytes, aligned=False)
+        first, last = self._chunk_range(offset, nbytes, aligned=False)
         with self._lock:
             return all(self._table[i] is not None for i in range(first, last))
 
     def chunks(self, offset: int, nbytes: int) -> list[PhysicalChunk]:
         """The chunks mapped over ``[offset, offset+nbytes)`` (all must be mapped)."""
-        first, last = self._span(offset, nbytes, aligned=True)
+        first, last = self._chunk_range(offset, nbytes, aligned=True)
         with self._lock:
             self._check_open()
             found = self._table[first:last]
@@ -78,7 +78,7 @@ class VirtualTensor:
 
         Returns the number of chunks mapped.
         """
-        first, last = self._span(offset, nbytes, aligned=True)
+        first, last = self._chunk_range(offset, nbytes, aligned=True)
         with self._lock:
             self._check_open()
             self._require_unmapped(first, last)
@@ -88,7 +88,7 @@ class VirtualTensor:
 
     def map_chunks(self, offset: int, chunks: Sequence[PhysicalChunk]) -> None:
         """Map existing in-use ``chunks`` at ``offset``, sharing them (zero copy)."""
-        first, last = self._span(offset, len(chunks) * self.chunk_size, aligned=True)
+        first, last = self._chunk_range(offset, len(chunks) * self.chunk_size, aligned=True)
         with self._lock:
             self._check_open()
             self._require_unmapped(first, last)
@@ -100,7 +100,7 @@ class VirtualTensor:
 
         This is how a tensor grows: its address and existing mappings stay put.
         """
-        first, last = self._span(offset, nbytes, aligned=False)
+        first, last = self._chunk_range(offset, nbytes, aligned=False)
         with self._lock:
             self._check_open()
             holes = [i for i in range(first, last) if self._table[i] is None]
@@ -126,7 +126,7 @@ class VirtualTensor:
 
         Returns the number of chunks unmapped.
         """
-        first, last = self._span(offset, nbytes, aligned=True)
+        first, last = self._chunk_range(offset, nbytes, aligned=True)
         with self._lock:
             self._check_open()
             missing = [i for i in range(first, last) if self._table[i] is None]
@@ -193,7 +193,7 @@ class VirtualTensor:
         return typed.as_strided(shape, strides, offset // itemsize)
 
     # ---------------------------------------------------------------- private
-    def _span(self, offset: int, nbytes: int, aligned: bool) -> tuple[int, int]:
+    def _chunk_range(self, offset: int, nbytes: int, aligned: bool) -> tuple[int, int]:
         """Chunk indices ``[first, last)`` of a byte range, validated."""
         if nbytes <= 0:
             raise OutOfRangeError(f"empty or negative range ({nbytes} bytes)")

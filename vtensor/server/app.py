@@ -74,7 +74,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-# One server-sent event: ``data`` is a JSON chunk of the response, or "[DONE]" at the end.
+# One server-sent event: ``data`` is one JSON piece of the response, or "[DONE]" at the end.
 SSE_EVENT = {
     "type": "object",
     "properties": {"data": {"type": "string"}},
@@ -196,7 +196,7 @@ def _auth(api_key: str | None) -> Any:
 
 class BodyLimit:
     """Refuse bodies over ``limit`` bytes with 413, by Content-Length when sent and by
-    counting otherwise (a chunked upload cannot get around it)."""
+    counting otherwise (an upload in HTTP chunked transfer encoding cannot get around it)."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit

@@ -1,4 +1,4 @@
-"""AsyncEngine: the engine in its own thread, fed and drained through queues.
+"""AsyncEngine: the engine in its own thread, fed and read through queues.
 
 The HTTP side lives on an asyncio loop; the engine is synchronous and owns the
 GPU. One thread runs the engine: between steps it takes new submissions,
@@ -185,7 +185,7 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self._drain_inbox()
+                self._run_inbox()
                 if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
                     self._abort_all()
                 if self.engine.has_unfinished():
@@ -201,7 +201,7 @@ class AsyncEngine:
         finally:
             self._shutdown()
 
-    def _drain_inbox(self) -> None:
+    def _run_inbox(self) -> None:
         while self._inbox:
             self._inbox.popleft()()
 
@@ -239,7 +239,7 @@ class AsyncEngine:
 
     def _shutdown(self) -> None:
         """Runs on the engine thread: end every open request, then release the engine."""
-        self._drain_inbox_safely()
+        self._run_inbox_safely()
         self._abort_all()
         self.engine.close()
 
@@ -254,10 +254,10 @@ class AsyncEngine:
                 self._loop_call(_put_all, track.queue, [Item(track.index, out)])
             self._abort_now(rid)
 
-    def _drain_inbox_safely(self) -> None:
+    def _run_inbox_safely(self) -> None:
         # Calls posted after the loop ended still resolve (their futures must not hang).
         try:
-            self._drain_inbox()
+            self._run_inbox()
         except BaseException:
             log.exception("engine call failed during shutdown")
 

@@ -21,8 +21,8 @@ from .protocol import (
     new_id,
 )
 from .serving_common import (
-    ChunkWriter,
     Disconnected,
+    EventWriter,
     ServedModel,
     collect,
     sampling_params,
@@ -97,8 +97,8 @@ async def _stream(
     sub: Submission,
     prompt_tokens: int,
 ) -> AsyncIterator[str]:
-    writer = ChunkWriter(ChatCompletionChunk, new_id("chatcmpl"), model.name)
-    # OpenAI's first chunk per choice names the role and carries no text.
+    writer = EventWriter(ChatCompletionChunk, new_id("chatcmpl"), model.name)
+    # OpenAI's first event per choice names the role and carries no text.
     for i in range(req.n):
         first = ChatStreamChoice(index=i, delta=ChatDelta(role="assistant", content=""))
         yield writer.event([first])

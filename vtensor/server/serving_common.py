@@ -169,7 +169,7 @@ async def collect(
 async def stream_events(
     engine: AsyncEngine,
     sub: Submission,
-    writer: ChunkWriter,
+    writer: EventWriter,
     choice_of: Callable[[Item], StreamChoice],
     prompt_tokens: int,
     include_usage: bool,
@@ -215,7 +215,7 @@ def usage(prompt: int, completion_tokens: int) -> Usage:
     )  # fmt: skip
 
 
-class ChunkWriter:
+class EventWriter:
     """SSE events of one stream, each the stream's chunk model of ``protocol`` serialized
     by pydantic-core. On this per-token path the chunk is made once per stream and each
     event swaps in its choices (validated when they were built): validating a new chunk

@@ -15,8 +15,8 @@ from .protocol import (
 )
 from .serving_common import (
     ChoiceState,
-    ChunkWriter,
     Disconnected,
+    EventWriter,
     ServedModel,
     collect,
     sampling_params,
@@ -86,7 +86,7 @@ def _stream(
     prompts: list[list[int]],
     prompt_tokens: int,
 ) -> AsyncIterator[str]:
-    writer = ChunkWriter(CompletionChunk, new_id("cmpl"), model.name)
+    writer = EventWriter(CompletionChunk, new_id("cmpl"), model.name)
     offsets = [0] * (len(prompts) * req.n)  # text offsets of each choice, for logprobs
 
     def choice_of(item: Item) -> CompletionChoice:
