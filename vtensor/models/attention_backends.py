@@ -14,6 +14,7 @@ Every backend stores K/V with our ``store_kv`` (Triton, or its reference for
 from __future__ import annotations
 
 import os
+from typing import ClassVar
 
 import torch
 
@@ -23,21 +24,11 @@ from vtensor.kernels.decode import precompile_decode
 from .attention import AttentionBackend
 
 
-class TritonAttention(AttentionBackend):
-    """Our Triton kernels on the strided layer views: split-K decode, extend.
+class _KernelWrapperAttention(AttentionBackend):
+    """Decode and extend through our kernel wrappers (``vtensor.kernels``), which run
+    either the Triton kernel or its fp32 torch reference: ``impl`` picks which."""
 
-    CUDA, or the CPU under ``TRITON_INTERPRET=1`` (Triton's interpreter: slow,
-    for tests; it must be set before vtensor is imported)."""
-
-    name = "triton"
-
-    @classmethod
-    def validate(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> None:
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
-                "attention backend 'triton' on the CPU needs TRITON_INTERPRET=1 (Triton's "
-                "interpreter, slow: for tests); use --attention-backend torch on the CPU"
-            )
+    impl: ClassVar[str]
 
     def decode(
         self,
@@ -51,7 +42,7 @@ class TritonAttention(AttentionBackend):
     ) -> torch.Tensor:
         return decode_attention(
             q, k_cache, v_cache, row_starts, seq_lens, max_len,
-            sm_scale=self.sm_scale, impl="triton", out=out,
+            sm_scale=self.sm_scale, impl=self.impl, out=out,
         )  # fmt: skip
 
     def extend(
@@ -68,8 +59,26 @@ class TritonAttention(AttentionBackend):
     ) -> torch.Tensor:
         return extend_attention(
             q, k_cache, v_cache, qo_indptr, row_starts, prefix_lens, max_new,
-            sm_scale=self.sm_scale, impl="triton", out=out,
+            sm_scale=self.sm_scale, impl=self.impl, out=out,
         )  # fmt: skip
+
+
+class TritonAttention(_KernelWrapperAttention):
+    """Our Triton kernels on the strided layer views: split-K decode, extend.
+
+    CUDA, or the CPU under ``TRITON_INTERPRET=1`` (Triton's interpreter: slow,
+    for tests; it must be set before vtensor is imported)."""
+
+    name = "triton"
+    impl = "triton"
+
+    @classmethod
+    def validate(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> None:
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "attention backend 'triton' on the CPU needs TRITON_INTERPRET=1 (Triton's "
+                "interpreter, slow: for tests); use --attention-backend torch on the CPU"
+            )
 
     def precompile(self, q_heads: int, row: int) -> int:
         k_cache, v_cache = self.kv_views[0]  # every layer's view has the same strides
@@ -150,46 +159,15 @@ class FlashAttention2(AttentionBackend):
         return o if out is None else out.copy_(o)
 
 
-class TorchAttention(AttentionBackend):
+class TorchAttention(_KernelWrapperAttention):
     """The fp32 torch reference (``vtensor.kernels.reference``) for store, decode and
     extend: any device and dtype, slow. It loops over requests with host ints
     (a sync per request), so it never runs in a CUDA graph."""
 
     name = "torch"
+    impl = "torch"
     store_impl = "torch"
     supports_cuda_graphs = False
-
-    def decode(
-        self,
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        row_starts: torch.Tensor,
-        seq_lens: torch.Tensor,
-        max_len: int,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return decode_attention(
-            q, k_cache, v_cache, row_starts, seq_lens, max_len,
-            sm_scale=self.sm_scale, impl="torch", out=out,
-        )  # fmt: skip
-
-    def extend(
-        self,
-        q: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        qo_indptr: torch.Tensor,
-        row_starts: torch.Tensor,
-        prefix_lens: torch.Tensor,
-        max_new: int,
-        max_len: int,
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return extend_attention(
-            q, k_cache, v_cache, qo_indptr, row_starts, prefix_lens, max_new,
-            sm_scale=self.sm_scale, impl="torch", out=out,
-        )  # fmt: skip
 
 
 ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {
