@@ -32,6 +32,7 @@ import pytest
 import torch
 
 from tests.checkpoints import make_checkpoint, random_prompts
+from tests.test_engine import spy_num_decode
 from vtensor import SamplingParams
 from vtensor.engine.warmup import warm_up
 from vtensor.kernels import fa2_decode
@@ -133,20 +134,6 @@ def _walk(a: list[Any], b: list[Any], what: str) -> list[int]:
     return compared
 
 
-def _spy_attention(llm: Any) -> list[int]:
-    """``num_decode`` of each eager non-decode step (graph replays do not call Python)."""
-    seen: list[int] = []
-    forward = llm.engine.runner.attn.forward
-
-    def spy(layer, q, k, v, meta):  # type: ignore[no-untyped-def]
-        if layer == 0 and not meta.is_decode:
-            seen.append(meta.num_decode)
-        return forward(layer, q, k, v, meta)
-
-    llm.engine.runner.attn.forward = spy
-    return seen
-
-
 def _count_replays(llm: Any) -> list[int]:
     graphs = llm.engine.runner.graphs
     count = [0]
@@ -170,7 +157,7 @@ def test_fa2_engine_tracks_the_triton_engine(bf16_checkpoint: str, make_llm) -> 
     assert type(fa2.engine.runner.attn) is FlashAttention2
     assert fa2.engine.runtime.use_cuda_graphs == FlashAttention2.supports_cuda_graphs
     assert (fa2.engine.runner.graphs is not None) == FlashAttention2.supports_cuda_graphs
-    mixed, replays = _spy_attention(fa2), _count_replays(fa2)
+    mixed, replays = spy_num_decode(fa2), _count_replays(fa2)
     prompts = random_prompts(6, 512, lo=20, hi=150)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=5)
     _walk(fa2.generate(prompts, params), tri.generate(prompts, params), "fa2 vs triton")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -154,10 +155,9 @@ def test_cli_bench_offline_writes_json(tmp_path: Path) -> None:
     assert data["attention_backend"] == "torch"
 
 
-def test_mixed_steps_send_decodes_to_the_decode_kernel(make_llm) -> None:
-    """The runner puts a mixed batch's decode rows first and marks them; the output must
-    not change (greedy, against the same prompts run one at a time)."""
-    llm = make_llm(max_num_batched_tokens=24)
+def spy_num_decode(llm: Any) -> list[int]:
+    """``num_decode`` of each eager non-decode step, recorded from now on (graph replays
+    do not call Python). ``del llm.engine.runner.attn.forward`` removes the spy."""
     seen: list[int] = []
     forward = llm.engine.runner.attn.forward
 
@@ -167,6 +167,14 @@ def test_mixed_steps_send_decodes_to_the_decode_kernel(make_llm) -> None:
         return forward(layer, q, k, v, meta)
 
     llm.engine.runner.attn.forward = spy
+    return seen
+
+
+def test_mixed_steps_send_decodes_to_the_decode_kernel(make_llm) -> None:
+    """The runner puts a mixed batch's decode rows first and marks them; the output must
+    not change (greedy, against the same prompts run one at a time)."""
+    llm = make_llm(max_num_batched_tokens=24)
+    seen = spy_num_decode(llm)
     vocab = llm.engine.model_config.vocab_size
     prompts = [
         [random.randrange(2, vocab) for _ in range(random.randint(30, 60))] for _ in range(3)
@@ -174,6 +182,6 @@ def test_mixed_steps_send_decodes_to_the_decode_kernel(make_llm) -> None:
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     together = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert any(n > 0 for n in seen), f"no mixed step was split: {seen}"
-    llm.engine.runner.attn.forward = forward
+    del llm.engine.runner.attn.forward  # the spy shadows the method on the instance
     alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
     assert together == alone
