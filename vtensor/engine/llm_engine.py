@@ -83,7 +83,7 @@ class LLMEngine:
         self.inputs = InputProcessor(
             self.tokenizer, self.model_config.vocab_size, rt.max_model_len, self.kv.geometry
         )
-        attn = build_attention(rt, self.arena)
+        attn = build_attention(rt, self.arena, self.model_config.num_heads, config.max_num_seqs)
         self.runner = build_runner(config, rt, self.model, attn, self.arena.layout)
         self.sampler = Sampler()
         eos = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids

@@ -90,9 +90,14 @@ def runtime_for(config: EngineConfig, cfg: ModelConfig, name: str) -> EngineRunt
     )
 
 
-def build_attention(rt: EngineRuntime, arena: KVArena) -> AttentionBackend:
-    """The runtime's attention backend over the arena's layer views."""
-    return ATTENTION_BACKENDS[rt.attention_backend](arena.views)
+def build_attention(
+    rt: EngineRuntime, arena: KVArena, q_heads: int, max_num_seqs: int
+) -> AttentionBackend:
+    """The runtime's attention backend over the arena's layer views; a step decodes at
+    most ``max_num_seqs`` requests."""
+    return ATTENTION_BACKENDS[rt.attention_backend](
+        arena.views, q_heads=q_heads, max_batch=max_num_seqs
+    )
 
 
 def load_model(config: EngineConfig, cfg: ModelConfig, rt: EngineRuntime) -> LlamaForCausalLM:
