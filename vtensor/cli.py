@@ -48,8 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_kernels_parser(bench_sub: argparse._SubParsersAction) -> None:
     ker = bench_sub.add_parser("kernels", help="attention kernels vs SGLang and FA2 (GPU)")
-    ker.add_argument("--batches", type=_int_list, default=[1, 8, 32, 128])
-    ker.add_argument("--ctxs", type=_int_list, default=[1024, 4096, 16384, 32768])
+    ker.add_argument(
+        "--batches", type=_int_list, default=None, help="decode batches (default 1,8,32,128)"
+    )
+    ker.add_argument(
+        "--ctxs", type=_int_list, default=None, help="decode contexts (default 1024,...,32768)"
+    )
+    ker.add_argument(
+        "--head-configs",
+        type=_names("llama3-8b", "mha"),
+        default=None,
+        help="attention shapes: llama3-8b (32/8 GQA), mha (32/32); default both",
+    )
+    ker.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small grid: llama3-8b, batches 1,8,32, contexts 4096,16384, no extend "
+        "(explicit --batches/--ctxs/--head-configs still win)",
+    )
     ker.add_argument("--prefixes", type=_int_list, default=[0, 1024, 4096, 16384])
     ker.add_argument("--news", type=_int_list, default=[128, 512, 2048])
     ker.add_argument("--extend-batch", type=_positive, default=4)
@@ -73,6 +89,14 @@ def _add_kernels_parser(bench_sub: argparse._SubParsersAction) -> None:
         help="the max_model_len of the vmm arena's engine (default: Llama-3-8B's 8192); "
         "contexts beyond it use their own length",
     )
+    ker.add_argument(
+        "--decode-configs",
+        default="",
+        help='decode launch candidates to sweep under CUDA-graph replay at every point: "all" '
+        "(vtensor/bench/kernel_candidates.py) or comma-separated names such as "
+        "n64-w4-s3-m64 (DecodeConfig.name) or n64-w4-s3-m64+waves8",
+    )
+    ker.add_argument("--skip-extend", action="store_true", help="decode points only")
     ker.add_argument("--json", default=None, help="write the figures to this path")
 
 

@@ -41,7 +41,7 @@ from .common import (
     use_triton,
 )
 from .reference import decode_ref
-from .splitk import DecodeWorkspace, merge_splits, num_sms, scratch, split_range
+from .splitk import MAX_WAVES, DecodeWorkspace, merge_splits, num_sms, scratch, split_range
 
 
 @triton.jit
@@ -157,9 +157,12 @@ def choose_num_splits(
     num_sms: int,
     min_tokens_per_split: int = 256,
     max_splits: int = 64,
+    waves: int = MAX_WAVES,
 ) -> int:
-    """Splits per request: enough programs for ~4 waves, each split ≥ ``min_tokens``."""
-    want = math.ceil(4 * num_sms / max(1, batch * kv_heads))
+    """Splits per request: enough programs for ~``waves`` waves, each split ≥
+    ``min_tokens``. (More than ``MAX_WAVES`` needs a workspace sized for them:
+    ``DecodeWorkspace.for_batch`` covers ``MAX_WAVES``; the kernel bench sweeps it.)"""
+    want = math.ceil(waves * num_sms / max(1, batch * kv_heads))
     by_len = max(1, math.ceil(max_len / min_tokens_per_split))
     return max(1, min(want, by_len, max_splits))
 
