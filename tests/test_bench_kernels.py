@@ -177,6 +177,7 @@ def test_graph_goals_marks_and_summary() -> None:
         _row(1000, 900, 500, 32 * mib),  # below 64 MiB: the ceiling goal does not apply
         _row(2900, 2600, 2000, 1 << 30),  # 1.2 x 2600 > 3000: no kernel can meet it
         _row(2950, 1000, 1000, 1 << 30, err=0.5),  # fast and wrong: never a met goal
+        _row(1300, 1000, 2900, 32 * mib) | {"sglang_own_err": 0.3},  # a wrong SGLang: no peer
     ]
     for r in rows:
         add_graph_rates(r, read)
@@ -186,11 +187,13 @@ def test_graph_goals_marks_and_summary() -> None:
     assert goal_marks(rows[1]) == ["sgl MISS"]
     assert goal_marks(rows[2]) == ["ceil ok", "sgl MISS", "1.2x > ceiling"]
     assert goal_marks(rows[3]) == ["WRONG", "ceil ok", "sgl ok"]
+    assert rows[4]["graph_speedup_vs_sglang_best"] == pytest.approx(1.3)  # vs the right one
+    assert rows[4]["sglang_goal_possible"] and goal_marks(rows[4]) == ["sgl ok"]
     s = graph_summary(rows)
     assert s["graph_points_ge_64MiB"] == 3 and s["graph_ceiling_goal_met"] == "2 of 3"
-    assert s["graph_sglang_goal_met"] == "1 of 4" and s["graph_sglang_goal_impossible"] == 1
+    assert s["graph_sglang_goal_met"] == "2 of 5" and s["graph_sglang_goal_impossible"] == 1
     assert s["graph_goals_met"] is False and s["max_rel_err_vs_fa2"] == 0.5
-    assert s["wrong"] == ["vtensor b=1 ctx=1024 c"]
+    assert s["wrong"] == ["vtensor b=1 ctx=1024 c", "sglang_own b=1 ctx=1024 c"]
     assert s["graph_min_pct_of_read_ceiling_ge_64MiB"] == pytest.approx(80.0)
     assert graph_summary(rows[:1])["graph_goals_met"] is True
     no_sgl = {k: v for k, v in rows[0].items() if not k.startswith(("sglang", "graph_speed"))}
@@ -219,9 +222,12 @@ def _fa2_stand_in(q, k, v, starts, lens, max_len):  # type: ignore[no-untyped-de
     return decode_ref(q, k, v, starts, lens, q.shape[-1] ** -0.5).to(q.dtype)
 
 
-def test_grid_runs_on_both_arenas_with_graph_rotation_and_checks(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+CALL_BYTES = 2 * 2 * 24 * 2 * 16 * 4  # K and V of batch 2, ctx 24, 2 KV heads × 16, fp32
+
+
+def _run_grid(monkeypatch: pytest.MonkeyPatch) -> tuple[dict, list[list[Any]], list[Any]]:
+    """Both arenas, one point (batch 2, ctx 24, R = 3 of 4 layers), a candidate, SGLang
+    on the dense pass; fake timers. Returns (results, each graph's calls, SGLang's calls)."""
     times = iter(range(1, 10_000))
     monkeypatch.setattr(kernels, "_bench", lambda fn: (fn(), float(next(times)))[1])
     monkeypatch.setattr(kernel_timing, "eager_ms", lambda fn: (fn(), float(next(times)))[1])
@@ -236,28 +242,32 @@ def test_grid_runs_on_both_arenas_with_graph_rotation_and_checks(
     monkeypatch.setattr(kernel_timing, "graph_ms", graph_ms)
     monkeypatch.setattr(kernels, "fa2_decode", _fa2_stand_in)  # FA2 needs CUDA
     monkeypatch.setattr(kernels, "fa2_extend", lambda *a: None)
+    monkeypatch.setattr(kernel_timing, "ROTATE_BYTES", 3 * CALL_BYTES)  # R = 3 of 4 layers
     cfg = HeadConfig("tiny4 (4/2)", q_heads=4, kv_heads=2, head_dim=16, layers=4)
-    call_bytes = 2 * 2 * 24 * 2 * 16 * 4  # batch 2, ctx 24, fp32
-    monkeypatch.setattr(kernel_timing, "ROTATE_BYTES", 3 * call_bytes)  # R = 3 of 4 layers
     calls: list[tuple[str, Any]] = []
     sgl = (_fake_sglang(calls), _fake_sglang(calls))
-    grid = KernelGrid(
-        (cfg,), (2,), (24,), tuple(parse_candidates("n32-w4-s2-m64+waves8")), True, 2, (0, 8), (8,)
-    )
+    cands = tuple(parse_candidates("n32-w4-s2-m64+waves8"))
+    grid = KernelGrid((cfg,), (2,), (24,), cands, True, 2, (0, 8), (8,))
     res: dict[str, Any] = {"decode": [], "extend": [], "read_gbs": 1.0, "copy_gbs": 1.0}
     res.update(sglang=True, max_model_len=64)
     kernels.run_arena(DenseArena(1 << 20, torch.device("cpu"), torch.float32), sgl, grid, res)
-    dense_graphs = len(graphs)
+    assert len(graphs) == 6  # fa2, vtensor, 2 candidates, sglang, sglang own
     vmm = VmmArena(1 << 20, torch.device("cpu"), torch.float32, 64, host_chunk=4096)
     kernels.run_arena(vmm, None, grid, res)
+    assert len(graphs) == 10  # no SGLang on the vmm pass
     summaries(res)
     print_tables(res)
+    return res, graphs, calls
+
+
+def test_grid_runs_on_both_arenas_with_graph_rotation_and_checks(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    res, graphs, calls = _run_grid(monkeypatch)
     dense, vmm_row = res["decode"]
     assert dense["max_len"] == 24 and vmm_row["max_len"] == 64
     assert vmm_row["chunks_mapped"] == 1 + 2 * 6  # 4 tokens of 4 layers per chunk
-    assert dense["rotate"] == vmm_row["rotate"] == 3 and dense["bytes"] == call_bytes
-    # fa2, vtensor, 2 candidates, sglang, sglang own on dense; no SGLang on vmm.
-    assert dense_graphs == 6 and len(graphs) == 10
+    assert dense["rotate"] == vmm_row["rotate"] == 3 and dense["bytes"] == CALL_BYTES
     for fns in graphs:  # each graph: one call per rotated layer, each on its own K/V
         # (ours and FA2: partial(kernel, q, k, v, ...); SGLang: partial(call, k_pool, v_pool))
         keys = [f.args[0] if len(f.args) == 2 else f.args[1] for f in fns]
@@ -270,7 +280,7 @@ def test_grid_runs_on_both_arenas_with_graph_rotation_and_checks(
         assert r["candidates"]["n32-w4-s2-m64+waves8"]["splits"] == 1  # min_split 64 ≥ ctx
     assert dense["sglang_err"] < 1e-4 and wrong(dense["sglang_own_err"])
     assert dense["sglang_own_splits"] == max(sglang_num_kv_splits([24] * 2, 4, 2, 4))
-    assert dense["sglang_pool_bytes"] == 3 * call_bytes  # one pool per rotated layer
+    assert dense["sglang_pool_bytes"] == 3 * CALL_BYTES  # one pool per rotated layer
     decodes = [c[1] for c in calls if c[0] == "decode"]
     assert len(decodes) == 2 * (1 + 1 + 3)  # each: checked, eager, 3 in the graph
     assert decodes[-1][1] == decodes[-1][2] == SGLANG_MAX_KV_SPLITS

@@ -29,18 +29,19 @@ NAN = float("nan")
 
 def add_graph_rates(r: dict[str, Any], read_gbs: float) -> None:
     """GB/s of each graph-timed peer and candidate, our % of the read ceiling, our
-    speed-up over each SGLang run and over the faster one, and the best candidate."""
+    speed-up over each SGLang run and over the faster right one, and the best candidate."""
     for peer in GRAPH_PEERS:
         if f"{peer}_graph_ms" in r:
             r[f"{peer}_graph_gbs"] = r["bytes"] / r[f"{peer}_graph_ms"] / 1e6
+    # A wrong SGLang output is no result: the goals compare with the right ones only.
+    peers = [p for p in SGLANGS if f"{p}_graph_ms" in r and not wrong(r.get(f"{p}_err", 0.0))]
     if "vtensor_graph_ms" in r:
         r["vtensor_graph_pct_of_read_ceiling"] = 100 * r["vtensor_graph_gbs"] / read_gbs
-        peers = [p for p in SGLANGS if f"{p}_graph_ms" in r]
-        for peer in peers:
+        for peer in [p for p in SGLANGS if f"{p}_graph_ms" in r]:
             r[f"graph_speedup_vs_{peer}"] = r[f"{peer}_graph_ms"] / r["vtensor_graph_ms"]
         if peers:
             r["graph_speedup_vs_sglang_best"] = min(r[f"graph_speedup_vs_{p}"] for p in peers)
-    sgl = [r[f"{p}_graph_gbs"] for p in SGLANGS if f"{p}_graph_gbs" in r]
+    sgl = [r[f"{p}_graph_gbs"] for p in peers]
     if sgl:  # can any kernel be 1.2x the faster SGLang on this GPU?
         r["sglang_goal_possible"] = GOAL_X_SGLANG * max(sgl) <= read_gbs
     cands: dict[str, dict[str, Any]] = r.get("candidates", {})

@@ -261,7 +261,7 @@ def main(args: Any) -> int:
     sgl = load_sglang()
     res: dict[str, Any] = {"env": environment(), "sglang": sgl is not None, "decode": []}
     res["extend"], res["max_model_len"] = [], args.max_model_len
-    res["candidates"] = [c.name for c in grid.candidates]
+    res["decode_candidates"] = [c.name for c in grid.candidates]
     print("measuring ceilings...", flush=True)
     res["read_gbs"], res["copy_gbs"] = read_bandwidth(), copy_bandwidth()
     budget, device = int(args.budget_gib * GiB), torch.device("cuda")
