@@ -112,14 +112,17 @@ def test_async_steps_equal_sync_steps_while_slots_are_reclaimed(tmp_path: Path, 
     assert overlap.engine.runner.graphs is not None
 
 
-def _compiled_variants() -> int:
-    """Triton variants compiled so far of our kernels (each JIT function's per-device
-    kernel cache: the first item of ``device_caches`` values in Triton 3.x)."""
+def _compiled_variants() -> dict[str, set[str]]:
+    """The Triton variants compiled so far of our kernels, by kernel: the keys of each
+    JIT function's per-device kernel cache (the first item of ``device_caches`` values
+    in Triton 3.x), which spell out the specialization."""
     from vtensor.kernels import decode, extend, splitk, store_kv
 
     kernels = [decode._decode_split_kernel, extend._extend_kernel, splitk._merge_kernel,
                store_kv._store_kv_kernel]  # fmt: skip
-    return sum(len(c[0]) for k in kernels for c in k.device_caches.values())
+    return {
+        k.__name__: {str(key) for c in k.device_caches.values() for key in c[0]} for k in kernels
+    }
 
 
 def test_serving_steps_compile_nothing_after_warm_up(tmp_path: Path, make_llm) -> None:
@@ -146,4 +149,5 @@ def test_serving_steps_compile_nothing_after_warm_up(tmp_path: Path, make_llm) -
             engine.step()
         for rid in rids:
             engine.pop(rid)
-    assert _compiled_variants() == before
+    after = _compiled_variants()
+    assert after == before, {name: after[name] - before[name] for name in after}
