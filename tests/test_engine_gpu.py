@@ -121,7 +121,7 @@ def _compiled_variants() -> dict[str, set[str]]:
     kernels = [decode._decode_split_kernel, extend._extend_kernel, splitk._merge_kernel,
                store_kv._store_kv_kernel]  # fmt: skip
     return {
-        k.__name__: {str(key) for c in k.device_caches.values() for key in c[0]} for k in kernels
+        k.fn.__name__: {str(key) for c in k.device_caches.values() for key in c[0]} for k in kernels
     }
 
 
