@@ -6,6 +6,7 @@ Skipped with a reason on machines without a GPU; run on the H100.
 
 from __future__ import annotations
 
+import importlib
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -112,14 +113,17 @@ def test_async_steps_equal_sync_steps_while_slots_are_reclaimed(tmp_path: Path, 
     assert overlap.engine.runner.graphs is not None
 
 
+# By module path: the package re-exports functions named like some of its modules.
+KERNEL_MODULES = ("decode", "extend", "splitk", "store_kv")
+
+
 def _compiled_variants() -> dict[str, set[str]]:
     """The Triton variants compiled so far of our kernels, by kernel: the keys of each
     JIT function's per-device kernel cache (the first item of ``device_caches`` values
     in Triton 3.x), which spell out the specialization."""
-    from vtensor.kernels import decode, extend, splitk, store_kv
-
-    kernels = [decode._decode_split_kernel, extend._extend_kernel, splitk._merge_kernel,
-               store_kv._store_kv_kernel]  # fmt: skip
+    mod = {n: importlib.import_module(f"vtensor.kernels.{n}") for n in KERNEL_MODULES}
+    kernels = [mod["decode"]._decode_split_kernel, mod["extend"]._extend_kernel,
+               mod["splitk"]._merge_kernel, mod["store_kv"]._store_kv_kernel]  # fmt: skip
     return {
         k.fn.__name__: {str(key) for c in k.device_caches.values() for key in c[0]} for k in kernels
     }
