@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .common import (
+    INDEX_POINTERS,
     LOG2E,
     check_decode_args,
     check_out,
@@ -44,7 +45,7 @@ from .reference import decode_ref
 from .splitk import MAX_WAVES, DecodeWorkspace, merge_splits, num_sms, scratch, split_range
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=INDEX_POINTERS)
 def _decode_split_kernel(
     Q,
     K,

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import INDEX_POINTERS
+
 # Waves of programs that ``decode.choose_num_splits`` aims at; sizes the workspace:
 # batch × splits ≤ max_batch + MAX_WAVES × SMs for every split count it picks.
 MAX_WAVES = 4
@@ -41,7 +43,7 @@ def split_range(length, s, num_splits, min_split, align):
     return start, tl.minimum(start + chunk, length), tl.cdiv(length, chunk)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=INDEX_POINTERS)
 def _merge_kernel(
     MidO,
     MidLse,
