@@ -84,6 +84,10 @@ def throughput(engine: LLMEngine, args: Any, input_len: int, output_len: int) ->
 
 
 def main(args: Any) -> int:
+    from vtensor.cli_generate import engine_kwargs, serve_if_worker
+
+    if serve_if_worker(engine_kwargs(args)):
+        return 0
     cfg = engine_config(args)
     print(f"vtensor bench offline: {cfg.model or cfg.shape or 'embedded tiny model'}", flush=True)
     result, model_cfg, rt = run_engine(cfg, args)
