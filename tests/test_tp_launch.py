@@ -20,8 +20,10 @@ import pytest
 
 from tests.checkpoints import make_checkpoint, random_prompts
 from tests.conftest import assert_engine_balanced
+from tests.server_harness import serve
 from vtensor import LLM, SamplingParams
 from vtensor.cli import main as cli_main
+from vtensor.engine.warmup import warm_up
 
 TIMEOUT_S = 120
 
@@ -87,3 +89,24 @@ def test_torchrun_and_spawn_give_the_single_process_text(
     assert run.returncode == 0, run.stderr[-3000:]
     assert _completions(run.stdout) == want  # rank 0 prints; rank 1 only serves
     assert "tensor-parallel rank 1: serving rank 0" in run.stderr
+
+
+def test_the_server_serves_a_tp2_engine(tmp_path: Path) -> None:
+    """``vtensor serve -tp 2``'s engine behind the real server: warm-up (its kernel
+    precompile goes to the worker too), plain and streamed completions, shutdown."""
+    openai = pytest.importorskip("openai")
+    make_checkpoint(tmp_path, "qwen3", num_key_value_heads=1)
+    prompts = random_prompts(2, 512)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    with LLM(str(tmp_path), device="cpu", max_model_len=256) as ref:
+        want = [o.outputs[0].token_ids for o in ref.generate(prompts, params)]
+    with serve(model=str(tmp_path), tensor_parallel_size=2) as served:
+        served.runner.call_blocking(lambda: warm_up(served.engine))
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
+        extra = {"return_token_ids": True, "ignore_eos": True}
+        kw = dict(model=client.models.list().data[0].id, max_tokens=8, temperature=0)
+        got = client.completions.create(prompt=prompts, extra_body=extra, **kw)
+        assert [c.token_ids for c in got.choices] == want
+        stream = client.completions.create(prompt=prompts[0], stream=True, extra_body=extra, **kw)
+        assert [t for event in stream for t in (event.choices[0].token_ids or [])] == want[0]
+        served.idle_and_balanced()

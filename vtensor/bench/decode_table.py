@@ -57,9 +57,19 @@ class DecodeWindow:
 
 
 def kv_bytes_per_token(engine: LLMEngine) -> int:
-    """K and V of every layer for one token, as the engine's arena stores them."""
-    cfg = engine.model_config
-    return 2 * cfg.num_layers * cfg.kv_size * engine.runtime.dtype.itemsize
+    """K and V of every layer for one token, as this GPU's arena stores them (its KV
+    heads only, under tensor parallelism)."""
+    return engine.arena.layout.bytes_per_token
+
+
+def weight_bytes_read(engine: LLMEngine) -> int:
+    """Weight bytes a decode step reads on this GPU: every parameter of its shard but an
+    untied embedding table, of which it gathers one row per request."""
+    model = engine.model
+    params = sum(p.numel() for p in model.parameters())  # a tied table once
+    if not model.config.tie_word_embeddings:
+        params -= model.model.embed_tokens.weight.numel()
+    return params * engine.runtime.dtype.itemsize
 
 
 def decode_steps(engine: LLMEngine, batch: int, ctx: int, steps: int) -> dict[str, Any]:
@@ -87,14 +97,15 @@ def decode_steps(engine: LLMEngine, batch: int, ctx: int, steps: int) -> dict[st
         for r in rids:
             engine.abort(r)
             engine.pop(r)
-    cfg = engine.model_config
-    # Bytes a step must move: the weights it reads (not an untied embedding table, of
-    # which it gathers one row per request) and the KV the batch really holds.
+    # Bytes a step must move on one GPU: the weights it reads (not an untied embedding
+    # table, of which it gathers one row per request) and the KV the batch really holds;
+    # under tensor parallelism each GPU's shard and KV heads, read in parallel.
     return {
         "batch": batch,
         "ctx": ctx,
+        "tp": engine.group.size,
         "step_ms": window.seconds / steps * 1e3,
-        "weight_bytes": cfg.decode_read_params() * engine.runtime.dtype.itemsize,
+        "weight_bytes": weight_bytes_read(engine),
         "kv_bytes_read": window.kv_rows_per_step * kv_bytes_per_token(engine),
         "ctx_at_window_start_mean": sum(window.start_cached) / batch,
         "running_every_step": batch,  # checked on every timed step
@@ -194,8 +205,8 @@ def add_floor(rows: list[dict], bandwidth: float | None) -> dict[str, Any]:
 def print_decode(rows: list[dict], goal: dict[str, Any], bandwidth: float | None) -> None:
     """The decode table, the HF compiled path's status where it has no time, the goal."""
     print(
-        f"decode step (async scheduling) vs floor (weights + KV really read, at "
-        f"{bandwidth or 0:.0f} GB/s), vs synchronous steps, vs HF eager and HF compiled:"
+        f"decode step (async scheduling) vs floor (weights + KV really read by one GPU, "
+        f"at {bandwidth or 0:.0f} GB/s), vs synchronous steps, vs HF eager and HF compiled:"
     )
     headers = ["batch", "running", "ctx (mean)", "KV MB/step", "step ms", "floor ms",
                "x floor", "sync ms", "x sync", "HF eager ms", "x HF eager",

@@ -47,6 +47,7 @@ from .scheduler import ScheduledSpan, Scheduler, SchedulerConfig, SchedulerOutpu
 from .setup import SCRATCH_SLOT, RankParts, build_rank, load_tokenizer, model_config
 from .stats import EngineStats, StepCounters, collect_stats
 from .tp_driver import TPWorkers
+from .tp_worker import Precompile, precompile
 
 
 @dataclass(frozen=True)
@@ -283,6 +284,14 @@ class LLMEngine:
         self.scheduler.remove(req)  # before finish(): it looks up the request's queue
         req.finish(reason, stop_reason)
         self._generators.pop(req.rid, None)
+
+    def precompile(self) -> int:
+        """Compile the attention kernels' variants on every rank now (serve's warm-up);
+        returns how many this rank ran."""
+        with self._talking_to_workers():
+            if self.workers is not None:
+                self.workers.send(Precompile())
+            return precompile(self._parts)
 
     # ------------------------------------------------------------------ stats
     def check_integrity(self) -> None:

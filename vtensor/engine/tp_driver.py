@@ -43,6 +43,7 @@ from .setup import RankParts, resolve_device
 from .tp_worker import (
     ArenaQuery,
     ArenaReport,
+    Precompile,
     Shutdown,
     arena_report,
     launch_spec,
@@ -63,6 +64,7 @@ class TPWorkers:
         self.monitor: WorkerMonitor | None = None
         self.group = TPGroup()
         self._closed = False
+        self._in_sync = True  # False once a call failed midway: workers may be mid-collective
         atexit.register(self._at_exit)
 
     @classmethod
@@ -100,7 +102,7 @@ class TPWorkers:
             self.group = init_group(spec, store, 0, self.device)
 
     # ------------------------------------------------------------ each step
-    def send(self, msg: StepPlan | ArenaQuery | Shutdown) -> None:
+    def send(self, msg: StepPlan | ArenaQuery | Precompile | Shutdown) -> None:
         """Broadcast a message to every worker (they handle messages in order)."""
         self.group.broadcast_object(msg)
 
@@ -123,10 +125,12 @@ class TPWorkers:
         try:
             yield
         except WorkerDiedError:
+            self._in_sync = False
             raise
-        except Exception as exc:
+        except BaseException as exc:
+            self._in_sync = False
             died = self.monitor.wait_for_death(DEATH_GRACE_S) if self.monitor else None
-            if died is not None:
+            if died is not None and isinstance(exc, Exception):
                 raise died from exc
             raise
         self.check()
@@ -139,15 +143,18 @@ class TPWorkers:
         self._closed = True
         atexit.unregister(self._at_exit)
         dead = self.monitor is not None and self.monitor.error is not None
-        if self.group.size > 1 and not dead:
+        # Workers that may sit in a collective rank 0 left midway would read a Shutdown
+        # as that collective's data: stop them instead (after the grace below).
+        orderly = self.group.size > 1 and not dead and self._in_sync
+        if orderly:
             try:
                 self.send(Shutdown())
             except Exception as exc:  # a worker died just now: stopped below anyway
                 log.warning("could not tell the workers to shut down: %s", exc)
-                dead = True
+                orderly, dead = False, True
         if self.monitor is not None:
             self.monitor.stop()
-        stop_workers(self.local, STOP_GRACE_S)
+        stop_workers(self.local, STOP_GRACE_S if orderly else 1.0)
         self._leave(dead)
 
     def _leave(self, dead: bool) -> None:

@@ -10,6 +10,7 @@ over the gloo control group:
   waits for its GPU: with async scheduling it queues step N+1 while N runs.
 * :class:`ArenaQuery`: report its arena's mapped chunks (``check_integrity``
   compares them with rank 0's: the worker must mirror every command).
+* :class:`Precompile`: compile the decode kernel's variants (serve's warm-up).
 * :class:`Shutdown`: close the arena and the pool, leave the group, exit 0.
 
 A worker started by ``spawn`` exits when its parent does. One that raises
@@ -39,7 +40,7 @@ from vtensor.distributed.procs import WorkerMonitor, post_error, spawn_workers, 
 
 from .config import EngineConfig
 from .executor import StepExecutor, StepPlan
-from .setup import RankParts, build_rank, resolve_device
+from .setup import SCRATCH_SLOT, RankParts, build_rank, resolve_device
 from .stats import StepCounters
 
 
@@ -53,6 +54,11 @@ class ArenaReport:
     rank: int
     mapped: list[int]  # chunk indices mapped in the arena
     pool_in_use: int
+
+
+@dataclass(frozen=True)
+class Precompile:
+    """Compile the attention backend's kernel variants now (``warmup.warm_up``)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,12 @@ def process_rank(config: EngineConfig) -> int:
 def arena_report(group: TPGroup, parts: RankParts) -> ArenaReport:
     parts.arena.wait_all()
     return ArenaReport(group.rank, parts.arena.vt.mapped_indices(), parts.pool.stats().in_use)
+
+
+def precompile(parts: RankParts) -> int:
+    """The decode kernel's variants for this rank's query heads (reads the scratch row)."""
+    row = parts.arena.layout.row_start(SCRATCH_SLOT)
+    return parts.runner.attn.precompile(parts.model.shard.num_heads, row)
 
 
 def worker_main(config: EngineConfig, spec: LaunchSpec, rank: int) -> None:
@@ -125,6 +137,8 @@ def serve(group: TPGroup, parts: RankParts) -> None:
                 executor.mark_launched()
         elif isinstance(msg, ArenaQuery):
             group.gather_objects(arena_report(group, parts))
+        elif isinstance(msg, Precompile):
+            precompile(parts)
         elif isinstance(msg, Shutdown):
             return
         else:

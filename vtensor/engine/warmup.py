@@ -23,6 +23,5 @@ def warm_up(engine: LLMEngine) -> float:
         engine.step()
     for rid in rids:
         engine.pop(rid)
-    scratch_row = engine.arena.layout.row_start(engine.scratch_slot)
-    engine.runner.attn.precompile(engine.model_config.num_heads, scratch_row)
+    engine.precompile()
     return time.perf_counter() - t0
