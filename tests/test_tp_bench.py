@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 
 from vtensor.bench.collectives import bus_seconds, step_collectives
+from vtensor.bench.tp_report import load, render
 from vtensor.cli import main as cli_main
 
 
-def test_offline_bench_counts_one_gpus_bytes(tmp_path: Path) -> None:
+def test_offline_bench_counts_one_gpus_bytes_and_the_report_reads_it(tmp_path: Path) -> None:
     runs = {}
     for tp in (1, 2):
-        out = tmp_path / f"tp{tp}.json"
+        out = tmp_path / f"offline_8b_tp{tp}.json"  # the names tp_report reads
         argv = ["bench", "offline", "--num-prompts", "3", "--input-len", "16", "--output-len",
                 "4", "--decode-batches", "2", "--decode-ctx", "16", "--decode-steps", "3",
                 "--device", "cpu", "--no-hf-peer", "-tp", str(tp), "--json", str(out)]  # fmt: skip
@@ -27,6 +28,12 @@ def test_offline_bench_counts_one_gpus_bytes(tmp_path: Path) -> None:
     assert 0.5 < two["weight_bytes"] / one["weight_bytes"] < 0.52
     assert two["kv_bytes_read"] == pytest.approx(one["kv_bytes_read"] / 2)  # 2 KV heads split
     assert runs[2]["throughput"][0]["num_prompts"] == 3
+    report = render(load(tmp_path))  # no collectives, no 70B run: reported missing
+    assert "missing (stage failed or timed out): collectives, offline_70b_tp2" in report
+    speedup = one["step_ms"] / two["step_ms"]
+    row = next(line for line in report.splitlines() if line.lstrip().startswith("2 "))
+    assert f"{speedup:.2f}" in row.split()  # batch 2: TP1 ms, TP2 ms, speed-up, ...
+    assert "not measured" in report
 
 
 def test_collectives_bench_runs_a_steps_collectives(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]

@@ -94,6 +94,8 @@ def _add_offline_parser(bench_sub: argparse._SubParsersAction) -> None:
     off.add_argument("--decode-batches", type=_int_list, default=[1, 16, 64, 256])
     off.add_argument("--decode-ctx", type=_positive, default=1024)
     off.add_argument("--decode-steps", type=_positive, default=32)
+    off.add_argument("--decode-sync", default=True, action=argparse.BooleanOptionalAction,
+                     help="also time decode batches with synchronous steps")  # fmt: skip
     off.add_argument(
         "--skip-throughput",
         action="store_true",

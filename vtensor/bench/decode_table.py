@@ -168,17 +168,22 @@ def _synchronize(engine: LLMEngine) -> None:
         torch.cuda.synchronize()
 
 
-def run_decode_table(engine: LLMEngine, batches: list[int], ctx: int, steps: int) -> list[dict]:
-    """Each batch synchronously, then with async scheduling, on the same engine."""
+def run_decode_table(
+    engine: LLMEngine, batches: list[int], ctx: int, steps: int, sync: bool = True
+) -> list[dict]:
+    """Each batch synchronously (unless ``sync`` is off), then with async scheduling, on
+    the same engine."""
     rows = []
     for b in batches:
         print(f"decode: batch {b}, context {ctx}", flush=True)
-        engine.set_async_scheduling(False)
-        sync = decode_steps(engine, b, ctx, steps)
+        synced = None
+        if sync:
+            engine.set_async_scheduling(False)
+            synced = decode_steps(engine, b, ctx, steps)
         engine.set_async_scheduling(True)
         row = decode_steps(engine, b, ctx, steps)
-        row["sync_step_ms"] = sync["step_ms"]
-        row["sync_kv_bytes_read"] = sync["kv_bytes_read"]
+        row["sync_step_ms"] = synced["step_ms"] if synced else None
+        row["sync_kv_bytes_read"] = synced["kv_bytes_read"] if synced else None
         rows.append(row)
     return rows
 
@@ -189,7 +194,7 @@ def add_floor(rows: list[dict], bandwidth: float | None) -> dict[str, Any]:
         moved = d["weight_bytes"] + d["kv_bytes_read"]
         d["floor_ms"] = moved / (bandwidth * 1e9) * 1e3 if bandwidth else None
         d["x_floor"] = d["step_ms"] / d["floor_ms"] if d["floor_ms"] else None
-        d["x_sync"] = d["sync_step_ms"] / d["step_ms"]
+        d["x_sync"] = d["sync_step_ms"] / d["step_ms"] if d["sync_step_ms"] else None
         for peer in ("eager", "compiled"):
             hf = d.get(f"hf_{peer}_step_ms")
             d[f"x_hf_{peer}"] = hf / d["step_ms"] if hf else None
@@ -214,7 +219,7 @@ def print_decode(rows: list[dict], goal: dict[str, Any], bandwidth: float | None
     table = [
         (d["batch"], d["running_every_step"], d["ctx_at_window_start_mean"],
          d["kv_bytes_read"] / 1e6, d["step_ms"], _or_dash(d["floor_ms"]),
-         _or_dash(d["x_floor"]), d["sync_step_ms"], d["x_sync"],
+         _or_dash(d["x_floor"]), _or_dash(d["sync_step_ms"]), _or_dash(d["x_sync"]),
          _or_dash(d.get("hf_eager_step_ms")), _or_dash(d["x_hf_eager"]),
          _or_dash(d.get("hf_compiled_step_ms")), _or_dash(d["x_hf_compiled"]))
         for d in rows

@@ -124,7 +124,7 @@ def run_engine(cfg: EngineConfig, args: Any) -> tuple[dict[str, Any], ModelConfi
         if result["throughput"]:
             print_throughput(result["throughput"])
         result["decode"] = run_decode_table(
-            engine, args.decode_batches, args.decode_ctx, args.decode_steps
+            engine, args.decode_batches, args.decode_ctx, args.decode_steps, args.decode_sync
         )
         engine.set_async_scheduling(rt.async_scheduling)
         return result, engine.model_config, rt

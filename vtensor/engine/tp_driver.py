@@ -137,34 +137,39 @@ class TPWorkers:
 
     # --------------------------------------------------------------- the end
     def close(self) -> None:
-        """Tell the workers to exit, wait for them (then stop them), leave the group."""
+        """Tell the workers to exit and leave the group with them; stop what is left.
+
+        Orderly (every worker alive and in step): a ``Shutdown``, then every rank
+        destroys the group at once (NCCL's destroy is collective within a node, so
+        rank 0 must not wait for the workers' exit first). Otherwise rank 0 aborts
+        its side, which waits for no one, and the workers are stopped."""
         if self._closed:
             return
         self._closed = True
         atexit.unregister(self._at_exit)
         dead = self.monitor is not None and self.monitor.error is not None
+        if self.monitor is not None:
+            self.monitor.stop()  # from here on, workers exit on purpose
         # Workers that may sit in a collective rank 0 left midway would read a Shutdown
-        # as that collective's data: stop them instead (after the grace below).
+        # as that collective's data: stop them instead.
         orderly = self.group.size > 1 and not dead and self._in_sync
         if orderly:
             try:
                 self.send(Shutdown())
             except Exception as exc:  # a worker died just now: stopped below anyway
                 log.warning("could not tell the workers to shut down: %s", exc)
-                orderly, dead = False, True
-        if self.monitor is not None:
-            self.monitor.stop()
+                orderly = False
+        self._leave(orderly)
         stop_workers(self.local, STOP_GRACE_S if orderly else 1.0)
-        self._leave(dead)
 
-    def _leave(self, dead: bool) -> None:
+    def _leave(self, orderly: bool) -> None:
         if not dist.is_initialized():
             return
         try:
-            if dead and self.device.type == "cuda":
-                dist.distributed_c10d._abort_process_group()  # a dead peer: no handshake
-            else:
+            if orderly or self.device.type != "cuda":
                 dist.destroy_process_group()
+            else:  # a peer is gone or stuck: NCCL's destroy would wait for it
+                dist.distributed_c10d._abort_process_group()
         except Exception as exc:
             log.warning("leaving the tensor-parallel group: %s", exc)
 
