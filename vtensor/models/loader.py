@@ -91,9 +91,10 @@ def load_checkpoint(model: LlamaForCausalLM, path: str | Path) -> None:
     """
     params = dict(model.named_parameters(remove_duplicate=False))
     cfg, shard = model.config, model.shard
-    for name in VOCAB:  # padding rows past the vocabulary (the last rank's) stay zero
-        if name in params and shard.vocab_real_rows < shard.vocab_rows:
-            params[name][shard.vocab_real_rows :].zero_()
+    if shard.vocab_real_rows < shard.vocab_rows:  # the last rank's rows past the vocabulary
+        for name, p in params.items():
+            if name.endswith(VOCAB):
+                p[shard.vocab_real_rows :].zero_()
     loaded: set[str] = set()
     for hf_name, handle in _slices(Path(path)):
         if "rotary_emb" in hf_name:
