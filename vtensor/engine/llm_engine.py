@@ -25,13 +25,11 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence as Seq
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 
 import torch
 
 from vtensor.distributed import TPGroup, WorkerDiedError
-from vtensor.models.parallel import ModelShard
 
 from .config import EngineConfig
 from .executor import StepExecutor, StepPlan
@@ -44,10 +42,9 @@ from .request import Request
 from .runner import SpanInput
 from .sampler import PendingSample, Sampler, SamplerRow
 from .scheduler import ScheduledSpan, Scheduler, SchedulerConfig, SchedulerOutput
-from .setup import SCRATCH_SLOT, RankParts, build_rank, load_tokenizer, model_config
+from .setup import SCRATCH_SLOT, load_tokenizer, model_config
 from .stats import EngineStats, StepCounters, collect_stats
-from .tp_driver import TPWorkers
-from .tp_worker import Precompile, precompile
+from .tp_driver import start_rank_zero, talking_to
 
 
 @dataclass(frozen=True)
@@ -72,16 +69,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.model_config, _ = model_config(config)
-        self.workers: TPWorkers | None = None
-        if config.is_parallel:  # a model that cannot split fails before any process starts
-            ModelShard.of(self.model_config, 0, config.tensor_parallel_size)
-            self.workers = TPWorkers.start(config)
-        try:
-            self._parts = parts = self._build_rank()
-        except BaseException:
-            if self.workers is not None:
-                self.workers.close()
-            raise
+        self.workers, self.parts = start_rank_zero(config, self.model_config)
+        parts = self.parts
         self.runtime = rt = parts.runtime
         self.tokenizer = load_tokenizer(config, self.model_config)
         self.model, self.arena, self.pool = parts.model, parts.arena, parts.pool
@@ -106,20 +95,10 @@ class LLMEngine:
         self._inflight: LaunchedStep | None = None  # async scheduling: the step not yet read
         self._closed = False
 
-    def _build_rank(self) -> RankParts:
-        if self.workers is None:
-            return build_rank(self.config, TPGroup(), None)
-        with self.workers.guard():  # collective steps: a worker lost here fails them
-            return build_rank(self.config, self.workers.group, self.workers.spec.local_rank(0))
-
     @property
     def group(self) -> TPGroup:
         """The tensor-parallel group (one rank without tensor parallelism)."""
         return self.workers.group if self.workers is not None else TPGroup()
-
-    def _talking_to_workers(self) -> AbstractContextManager[None]:
-        """Engine calls that send the workers something: a lost one fails them loudly."""
-        return self.workers.guard() if self.workers is not None else nullcontext()
 
     # --------------------------------------------------------------- requests
     def add_requests(
@@ -161,7 +140,7 @@ class LLMEngine:
         req = self.requests.get(rid)
         if req is not None and not req.finished:
             self._finish(req, "abort")
-            with self._talking_to_workers():
+            with talking_to(self.workers):
                 self._settle_if_idle()
 
     def has_unfinished(self) -> bool:
@@ -195,7 +174,7 @@ class LLMEngine:
         needs every real token, so it must not be scheduled before they are read.
         """
         t0 = time.perf_counter()
-        with self._talking_to_workers():
+        with talking_to(self.workers):
             launched = self._launch(self.scheduler.schedule())
             read_now = launched is not None and (
                 launched.needs_host_tokens or not self.runtime.async_scheduling
@@ -206,7 +185,7 @@ class LLMEngine:
                 tokens += self._read(launched)
         # (the guard's last check: no token read from a step a lost worker broke is kept)
         outputs = self._apply_outputs(tokens)
-        with self._talking_to_workers():
+        with talking_to(self.workers):
             self._settle_if_idle()
         if launched is not None:
             self.counters.steps += 1
@@ -285,21 +264,13 @@ class LLMEngine:
         req.finish(reason, stop_reason)
         self._generators.pop(req.rid, None)
 
-    def precompile(self) -> int:
-        """Compile the attention kernels' variants on every rank now (serve's warm-up);
-        returns how many this rank ran."""
-        with self._talking_to_workers():
-            if self.workers is not None:
-                self.workers.send(Precompile())
-            return precompile(self._parts)
-
     # ------------------------------------------------------------------ stats
     def check_integrity(self) -> None:
         """Check the pool, slot and request invariants (``engine/integrity.py``), and that
         every worker's arena maps what rank 0's does; raise ``IntegrityError`` naming
         every one broken. Waits for the mapper thread (every rank's)."""
-        with self._talking_to_workers():
-            reports = self.workers.reports(self._parts) if self.workers is not None else []
+        with talking_to(self.workers):
+            reports = self.workers.reports(self.parts) if self.workers is not None else []
         check_integrity(self, self._inflight, reports)
 
     def stats(self) -> EngineStats:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import atexit
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -36,10 +36,12 @@ from vtensor.distributed.launch import (
     wait_for_ranks,
 )
 from vtensor.distributed.procs import LocalWorker, WorkerMonitor, spawn_workers, stop_workers
+from vtensor.models.config import ModelConfig
+from vtensor.models.parallel import ModelShard
 
 from .config import EngineConfig
 from .executor import StepPlan
-from .setup import RankParts, resolve_device
+from .setup import RankParts, build_rank, resolve_device
 from .tp_worker import (
     ArenaQuery,
     ArenaReport,
@@ -54,6 +56,26 @@ from .tp_worker import (
 log = logging.getLogger("vtensor.engine")
 DEATH_GRACE_S = 5.0  # after a failed collective: how long to wait for the death behind it
 STOP_GRACE_S = 30.0  # for workers to exit after Shutdown
+
+
+def start_rank_zero(config: EngineConfig, cfg: ModelConfig) -> tuple[TPWorkers | None, RankParts]:
+    """The engine's process's parts; with tensor parallelism the workers are started and
+    the group joined first (a model that cannot split fails before any process starts)."""
+    if not config.is_parallel:
+        return None, build_rank(config, TPGroup(), None)
+    ModelShard.of(cfg, 0, config.tensor_parallel_size)
+    workers = TPWorkers.start(config)
+    try:
+        with workers.guard():  # building is collective in places: a lost worker fails it
+            return workers, build_rank(config, workers.group, workers.spec.local_rank(0))
+    except BaseException:
+        workers.close()
+        raise
+
+
+def talking_to(workers: TPWorkers | None) -> AbstractContextManager[None]:
+    """For an engine call that sends the workers something: a lost one fails it loudly."""
+    return workers.guard() if workers is not None else nullcontext()
 
 
 class TPWorkers:

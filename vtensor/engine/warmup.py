@@ -6,6 +6,8 @@ import time
 
 from .llm_engine import LLMEngine
 from .params import SamplingParams
+from .tp_driver import talking_to
+from .tp_worker import Precompile, precompile
 
 
 def warm_up(engine: LLMEngine) -> float:
@@ -23,5 +25,8 @@ def warm_up(engine: LLMEngine) -> float:
         engine.step()
     for rid in rids:
         engine.pop(rid)
-    engine.precompile()
+    with talking_to(engine.workers):  # every rank compiles its own kernels
+        if engine.workers is not None:
+            engine.workers.send(Precompile())
+        precompile(engine.parts)
     return time.perf_counter() - t0
