@@ -1,15 +1,22 @@
-"""The worker watcher alone: real spawned processes that die, a real TCPStore."""
+"""vtensor.distributed alone: the worker watcher (real spawned processes that die, a
+real TCPStore) and the control group's object broadcast."""
 
 from __future__ import annotations
 
 import os
+import pickle
+import random
 import signal
 import time
 from datetime import timedelta
 
 import pytest
+import torch
 import torch.distributed as dist
 
+from vtensor.distributed import LaunchSpec
+from vtensor.distributed.group import FRAME_BYTES
+from vtensor.distributed.launch import connect_store, host_store, init_group, leave_group
 from vtensor.distributed.procs import (
     WorkerDiedError,
     WorkerMonitor,
@@ -87,3 +94,33 @@ def test_an_orderly_stop_is_not_a_death(store: dist.TCPStore) -> None:
     stop_workers(workers, 0.0)
     assert not workers[0].process.is_alive()
     assert monitor.error is None
+
+
+def _receive(spec: LaunchSpec, count: int, rank: int) -> None:
+    """Rank 1: receive ``count`` objects from rank 0 and post what came."""
+    store = connect_store(spec)
+    group = init_group(spec, store, rank, torch.device("cpu"))
+    for i in range(count):
+        store.set(f"got/{i}", repr(group.broadcast_object(None)))
+    leave_group()
+
+
+def test_objects_of_any_size_cross_the_control_group() -> None:
+    """One frame, exactly a full frame, and a frame plus a second broadcast."""
+    payloads = [{"small": 1}, b"", b"x" * random.randrange(1, 5), list(range(40_000))]
+    fill, room = FRAME_BYTES, FRAME_BYTES - 8
+    while (size := len(pickle.dumps(b"y" * fill, protocol=pickle.HIGHEST_PROTOCOL))) != room:
+        fill += room - size
+    payloads += [b"y" * fill, b"y" * (fill + 1)]  # exactly what the first frame holds; one more
+    store, spec = host_store(LaunchSpec(2))
+    workers = spawn_workers(_receive, [1], (spec, len(payloads)))
+    try:
+        group = init_group(spec, store, 0, torch.device("cpu"))
+        for p in payloads:
+            assert group.broadcast_object(p) is p
+        for i, p in enumerate(payloads):
+            assert store.get(f"got/{i}").decode() == repr(p)
+        leave_group()
+    finally:
+        stop_workers(workers, 10.0)
+    assert workers[0].process.exitcode == 0

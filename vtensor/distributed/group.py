@@ -17,6 +17,7 @@ group exists: a single-GPU model runs exactly the code it ran before.
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,10 @@ import torch.distributed as dist
 # torch 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single; 2.11 (the
 # GPU box) has only the old name. Same contract: output = inputs concatenated on dim 0.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# Host objects go in one fixed-size frame (8 bytes of length, then the pickle): a decode
+# step's plan fits, so a step costs one broadcast, not broadcast_object_list's two (its
+# sizes, then its data). A larger object sends the rest in a second broadcast.
+FRAME_BYTES = 16 << 10
 
 
 @dataclass(frozen=True)
@@ -71,12 +76,24 @@ class TPGroup:
 
     # ----------------------------------------------------------- host objects
     def broadcast_object(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank (pickled over the gloo group)."""
+        """Rank 0's ``obj`` on every rank (pickled over the gloo group; others pass any)."""
         if self.size == 1:
             return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.cpu_group)
-        return box[0]
+        frame = torch.zeros(FRAME_BYTES, dtype=torch.uint8)
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if self.is_driver else b""
+        if self.is_driver:
+            first = len(data).to_bytes(8, "little") + data[: FRAME_BYTES - 8]
+            frame[: len(first)] = torch.frombuffer(bytearray(first), dtype=torch.uint8)
+        dist.broadcast(frame, src=0, group=self.cpu_group)
+        size = int.from_bytes(frame[:8].numpy().tobytes(), "little")
+        payload = frame[8 : 8 + size].numpy().tobytes()
+        if size > FRAME_BYTES - 8:
+            rest = torch.empty(size - (FRAME_BYTES - 8), dtype=torch.uint8)
+            if self.is_driver:
+                rest.copy_(torch.frombuffer(bytearray(data[FRAME_BYTES - 8 :]), dtype=torch.uint8))
+            dist.broadcast(rest, src=0, group=self.cpu_group)
+            payload += rest.numpy().tobytes()
+        return obj if self.is_driver else pickle.loads(payload)
 
     def gather_objects(self, obj: Any) -> list[Any] | None:
         """Every rank's ``obj``, by rank, on rank 0 (``None`` elsewhere)."""
