@@ -91,12 +91,18 @@ def describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-def post_error(store: dist.Store | None, rank: int, exc: BaseException) -> None:
-    """A worker's last words, for rank 0's report (best effort)."""
+def post_error(
+    store: dist.Store | None, rank: int, exc: BaseException, dead: bool = False
+) -> None:
+    """A worker's last words, for rank 0's report (best effort); ``dead``: also its death
+    notice (a node's launcher failing in its own rank, which no one else watches)."""
     if store is None:
         return
+    text = f"{type(exc).__name__}: {exc}"[:2000]
     with contextlib.suppress(Exception):  # the store may be gone with rank 0: no one to tell
-        store.set(ERROR.format(rank), f"{type(exc).__name__}: {exc}"[:2000])
+        store.set(ERROR.format(rank), text)
+        if dead:
+            store.set(DEAD.format(rank), "failed")
 
 
 class WorkerMonitor:
@@ -155,7 +161,8 @@ class WorkerMonitor:
             for sentinel in ready:
                 w = alive.pop(cast(int, sentinel))
                 w.process.join(1.0)
-                self._record(w.rank, describe_exit(w.process.exitcode))
+                if w.process.exitcode != 0:  # 0: it was told to shut down
+                    self._record(w.rank, describe_exit(w.process.exitcode))
             for rank in self._remote_deaths():
                 self._record(rank, self._notice(rank))
 

@@ -92,6 +92,10 @@ def build_rank(config: EngineConfig, group: TPGroup, local_rank: int | None) -> 
         torch.cuda.set_device(rt.device)  # kernels, graphs and events of this rank's GPU
     model = load_model(config, cfg, rt, group)
     arena, pool = build_arena(config, rt, cfg, model.shard.num_kv_heads, group)
+    # Invariant the workers rely on: rank 0's KV commands fit every rank's arena.
+    geometries = group.gather_objects(arena.geometry) or []
+    if any(g != geometries[0] for g in geometries):
+        raise RuntimeError(f"the ranks' KV arenas differ (rank 0 first): {geometries}")
     kv = map_scratch_slot(arena, config.keep_idle_chunks)
     runner = build_runner(config, rt, model, build_attention(rt, arena), arena.layout)
     return RankParts(cfg, rt, model, arena, pool, kv, runner)

@@ -39,7 +39,7 @@ from vtensor.distributed.procs import LocalWorker, WorkerMonitor, spawn_workers,
 from vtensor.models.config import ModelConfig
 from vtensor.models.parallel import ModelShard
 
-from .config import EngineConfig
+from .config import DeviceUnavailableError, EngineConfig
 from .executor import StepPlan
 from .setup import RankParts, build_rank, resolve_device
 from .tp_worker import (
@@ -99,7 +99,13 @@ class TPWorkers:
                 f"this process is tensor-parallel rank {rank}: the engine runs on rank 0; "
                 "every other rank calls vtensor.engine.tp_worker.run_node(config)"
             )
-        self = cls(spec, resolve_device(config.device, spec.local_rank(0)))
+        device = resolve_device(config.device, spec.local_rank(0))
+        if device.type == "cuda" and torch.cuda.device_count() < spec.local_size:
+            raise DeviceUnavailableError(
+                f"{spec.local_size} tensor-parallel ranks on this node need as many GPUs; "
+                f"torch sees {torch.cuda.device_count()}"
+            )
+        self = cls(spec, device)
         try:
             self._join(config)
         except BaseException:

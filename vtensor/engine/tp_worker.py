@@ -161,7 +161,7 @@ def run_node(config: EngineConfig) -> None:
     try:
         run_worker(config, spec, store, rank)
     except BaseException as exc:
-        post_error(store, rank, exc)
+        post_error(store, rank, exc, dead=True)
         raise
     finally:
         monitor.stop()
