@@ -147,14 +147,17 @@ def run(args: Any) -> dict[str, Any]:
     store, spec = host_store(LaunchSpec(args.tensor_parallel_size))
     workers = spawn_workers(_rank_main, range(1, spec.world_size), (spec, device_type, args))
     monitor = WorkerMonitor(workers)
+    grace = 5.0  # a failed run: the workers may wait in a collective for good
     try:
         wait_for_ranks(store, range(1, spec.world_size), spec.timeout_s, monitor.raise_if_dead)
         device = _device(device_type, 0)
         result = measure(init_group(spec, store, 0, device), device, args)
-        leave_group()
+        monitor.stop()  # the workers leave with us and exit
+        leave_group()  # with theirs: NCCL's destroy is collective
+        grace = 60.0
     finally:
         monitor.stop()
-        stop_workers(workers, 60.0)
+        stop_workers(workers, grace)
     return result
 
 
