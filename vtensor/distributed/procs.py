@@ -91,9 +91,7 @@ def describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-def post_error(
-    store: dist.Store | None, rank: int, exc: BaseException, dead: bool = False
-) -> None:
+def post_error(store: dist.Store | None, rank: int, exc: BaseException, dead: bool = False) -> None:
     """A worker's last words, for rank 0's report (best effort); ``dead``: also its death
     notice (a node's launcher failing in its own rank, which no one else watches)."""
     if store is None:

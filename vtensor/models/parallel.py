@@ -57,10 +57,18 @@ class ModelShard:
             )
         local_kv = max(1, kv // size)
         return cls(
-            rank, size, cfg.head_dim, h // size, local_kv, rank * (h // size),
-            rank * kv // size if kv < size else rank * local_kv, inter // size,
-            cfg.vocab_size, -(-cfg.vocab_size // size),
-        )  # fmt: skip
+            rank=rank,
+            size=size,
+            head_dim=cfg.head_dim,
+            num_heads=h // size,
+            num_kv_heads=local_kv,
+            q_head_start=rank * (h // size),
+            # Fewer KV heads than ranks: size/kv consecutive ranks share (replicate) one.
+            kv_head_start=rank * kv // size if kv < size else rank * local_kv,
+            intermediate_size=inter // size,
+            vocab_size=cfg.vocab_size,
+            vocab_rows=-(-cfg.vocab_size // size),
+        )
 
     @property
     def q_size(self) -> int:
