@@ -97,7 +97,9 @@ def build_rank(config: EngineConfig, group: TPGroup, local_rank: int | None) -> 
     if any(g != geometries[0] for g in geometries):
         raise RuntimeError(f"the ranks' KV arenas differ (rank 0 first): {geometries}")
     kv = map_scratch_slot(arena, config.keep_idle_chunks)
-    runner = build_runner(config, rt, model, build_attention(rt, arena), arena.layout)
+    # This rank's query heads: the decode workspace is sized for its shard.
+    attn = build_attention(rt, arena, model.shard.num_heads, config.max_num_seqs)
+    runner = build_runner(config, rt, model, attn, arena.layout)
     return RankParts(cfg, rt, model, arena, pool, kv, runner)
 
 
@@ -136,9 +138,14 @@ def runtime_for(
     )
 
 
-def build_attention(rt: EngineRuntime, arena: KVArena) -> AttentionBackend:
-    """The runtime's attention backend over the arena's layer views."""
-    return ATTENTION_BACKENDS[rt.attention_backend](arena.views)
+def build_attention(
+    rt: EngineRuntime, arena: KVArena, q_heads: int, max_num_seqs: int
+) -> AttentionBackend:
+    """The runtime's attention backend over the arena's layer views; a step decodes at
+    most ``max_num_seqs`` requests."""
+    return ATTENTION_BACKENDS[rt.attention_backend](
+        arena.views, q_heads=q_heads, max_batch=max_num_seqs
+    )
 
 
 def load_model(
