@@ -87,11 +87,11 @@ def record_batches(llm: Any) -> dict[int, int]:
     runner = llm.engine.runner
     execute = runner.execute
 
-    def recording(chunks: list[Any], slots: list[int]) -> Any:
-        for c in chunks:
-            if c.req.params.logprobs is not None:
-                sizes[c.start] = len(chunks)
-        return execute(chunks, slots)
+    def recording(spans: list[Any]) -> Any:
+        for sp in spans:
+            if llm.engine.requests[sp.rid].params.logprobs is not None:
+                sizes[sp.start] = len(spans)
+        return execute(spans)
 
     runner.execute = recording
     return sizes

@@ -10,6 +10,7 @@ from vtensor import cli_generate, cli_serve
 from vtensor.bench import serve as bench_serve
 from vtensor.engine.config import DeviceUnavailableError
 from vtensor.memory import NoCudaDriverError
+from vtensor.models.config import SHAPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_kernels_parser(bench_sub)
     _add_offline_parser(bench_sub)
+    _add_collectives_parser(bench_sub)
     bench_serve.add_parser(bench_sub)
     return parser
 
@@ -116,6 +118,8 @@ def _add_offline_parser(bench_sub: argparse._SubParsersAction) -> None:
     off.add_argument("--decode-batches", type=_int_list, default=[1, 16, 64, 256])
     off.add_argument("--decode-ctx", type=_positive, default=1024)
     off.add_argument("--decode-steps", type=_positive, default=32)
+    off.add_argument("--decode-sync", default=True, action=argparse.BooleanOptionalAction,
+                     help="also time decode batches with synchronous steps")  # fmt: skip
     off.add_argument(
         "--skip-throughput",
         action="store_true",
@@ -136,6 +140,21 @@ def _add_offline_parser(bench_sub: argparse._SubParsersAction) -> None:
         "past it the run is recorded as a timeout",
     )
     off.add_argument("--json", default=None, help="write the figures to this path")
+
+
+def _add_collectives_parser(bench_sub: argparse._SubParsersAction) -> None:
+    col = bench_sub.add_parser(
+        "collectives", help="the TP group's bus bandwidth and a decode step's collectives"
+    )
+    col.add_argument("--tensor-parallel-size", "-tp", type=_positive, default=2)
+    col.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                     help="cuda: NCCL (default with GPUs); cpu: gloo, a smoke test")  # fmt: skip
+    col.add_argument("--shapes", type=_names(*SHAPES), default=["llama3-8b", "llama3-70b"])
+    col.add_argument("--batches", type=_int_list, default=[1, 16, 64, 256])
+    col.add_argument("--sizes-mib", type=_int_list, default=[1, 16, 256, 1024],
+                     help="all-reduce sizes for the bus bandwidth (largest counts)")  # fmt: skip
+    col.add_argument("--iters", type=_positive, default=20)
+    col.add_argument("--json", default=None, help="write the figures to this path")
 
 
 def _names(*allowed: str) -> Callable[[str], list[str]]:
@@ -200,6 +219,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from vtensor.bench.memory import main as bench_memory
 
         return bench_memory(args)
+    if args.command == "bench" and args.bench == "collectives":
+        from vtensor.bench.collectives import main as bench_collectives
+
+        return bench_collectives(args)
     if args.command == "bench" and args.bench == "kernels":
         from vtensor.bench.kernels import main as bench_kernels
 

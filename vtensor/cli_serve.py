@@ -9,7 +9,7 @@ import sys
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from vtensor.cli_generate import add_engine_args, engine_kwargs
+from vtensor.cli_generate import add_engine_args, engine_kwargs, serve_if_worker
 
 if TYPE_CHECKING:  # the engine and uvicorn load only when `serve` runs
     import uvicorn
@@ -35,6 +35,8 @@ def add_parser(sub: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if serve_if_worker(engine_kwargs(args)):  # other nodes' ranks: no HTTP, rank 0 serves
+        return 0
     import uvicorn
 
     from vtensor.engine.config import EngineConfig
