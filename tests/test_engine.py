@@ -185,3 +185,18 @@ def test_mixed_steps_send_decodes_to_the_decode_kernel(make_llm) -> None:
     del llm.engine.runner.attn.forward  # the spy shadows the method on the instance
     alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
     assert together == alone
+
+
+def test_cuda_device_gets_an_explicit_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--device cuda` resolves to the current GPU's index: torch.cuda.set_device (each
+    rank's setup) rejects a CUDA device without one (torch 2.11 on the H100)."""
+    from vtensor.engine.setup import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert resolve_device("cuda") == torch.device("cuda", 2)
+    assert resolve_device(None) == torch.device("cuda", 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")

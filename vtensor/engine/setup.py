@@ -81,6 +81,10 @@ def resolve_device(requested: str | None, local_rank: int | None = None) -> torc
                 f"machine has {torch.cuda.device_count()}"
             )
         return torch.device("cuda", local_rank)
+    if device.type == "cuda" and device.index is None:
+        # An explicit index: torch.cuda.set_device (and device comparisons with tensors,
+        # which always carry one) need it.
+        return torch.device("cuda", torch.cuda.current_device())
     return device
 
 
