@@ -102,7 +102,7 @@ def test_prompt_plus_max_tokens_over_context_is_400(server: Served) -> None:
         r = _post(server, path, {**body, "max_tokens": limit})
         assert r.status_code == 400, r.text
         err = r.json()["error"]
-        assert err["param"] in ("max_tokens", "prompt") and str(limit) in err["message"]
+        assert err["param"] in ("max_tokens", "prompt", "messages") and str(limit) in err["message"]
     r = _post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 5})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     ok = _post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 4, "ignore_eos": True})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -58,6 +59,11 @@ def main(args: argparse.Namespace) -> int:
     # Before the port opens, so that compiling lands on no user's first token.
     print(f"warmed up in {warm_up(engine):.1f}s", file=sys.stderr)
     app = build_app(config, engine)
+    # Move everything start-up made (torch, the model, the app) out of the collector's
+    # sight: a full collection over that heap stalls every stream for ~130 ms (CPU,
+    # measured), and its objects live as long as the process anyway.
+    gc.collect()
+    gc.freeze()
     server = _server(
         app.state.engine,
         config.shutdown_timeout_s,

@@ -69,14 +69,21 @@ class InputProcessor:
         return ProcessedPrompt(tuple(ids), samples(params), max_len)
 
     def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of ``prompt``, checked against the vocabulary."""
+        """Token ids of ``prompt``, checked against the vocabulary. A prompt whose size
+        alone proves it too long is refused first, before the costly part: a text
+        before it is tokenized (``check_text``), an id list before its ids are read."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError(
                     "this model has no tokenizer: pass prompts as token-id lists", "prompt"
                 )
-            ids = self.tokenizer.encode(prompt)
+            self.check_text(prompt)
+            try:
+                ids = self.tokenizer.encode(prompt)
+            except ValueError as exc:  # not valid Unicode
+                raise RequestError(str(exc), "prompt") from exc
         else:
+            self.check_prompt_len(len(prompt))
             ids = [int(t) for t in prompt]
         if not ids:
             raise RequestError("the prompt is empty", "prompt")
@@ -84,8 +91,28 @@ class InputProcessor:
             raise RequestError(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
         return ids
 
-    def check_length(self, prompt_len: int, max_tokens: int | None) -> int:
-        """The request's total-length cap, ``prompt_len + max_tokens``, if it fits."""
+    def check_text(self, text: str, param: str = "prompt") -> None:
+        """Refuse a text that certainly has too many tokens, without tokenizing it.
+
+        A prompt needs fewer than ``max_model_len`` tokens, and each token covers at most
+        the tokenizer's ``bytes_per_token`` bytes (``models/text_bound.py``), so a text of
+        more than ``(max_model_len - 1) * bytes_per_token`` UTF-8 bytes cannot fit. Costs
+        at most that many bytes of work: a text with more characters than the limit is
+        refused on its length alone."""
+        bound = None if self.tokenizer is None else self.tokenizer.text_bound.bytes_per_token
+        if bound is None:
+            return
+        limit = (self.max_model_len - 1) * bound
+        if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+            raise RequestError(
+                f"the text is over {limit} bytes, so it has at least {self.max_model_len} "
+                f"tokens (this tokenizer's tokens cover at most {bound} bytes each), which "
+                f"leaves no room to generate within max_model_len={self.max_model_len}",
+                param,
+            )
+
+    def check_prompt_len(self, prompt_len: int) -> None:
+        """The prompt must leave room for one generated token."""
         limit = self.max_model_len
         if prompt_len >= limit:
             raise RequestError(
@@ -93,6 +120,11 @@ class InputProcessor:
                 f"within max_model_len={limit} (this model's maximum context length)",
                 "prompt",
             )
+
+    def check_length(self, prompt_len: int, max_tokens: int | None) -> int:
+        """The request's total-length cap, ``prompt_len + max_tokens``, if it fits."""
+        limit = self.max_model_len
+        self.check_prompt_len(prompt_len)
         total = limit if max_tokens is None else prompt_len + max_tokens
         if total > limit:
             raise RequestError(

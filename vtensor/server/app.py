@@ -33,8 +33,8 @@ from .protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from .serving_chat import create_chat_completion, render_chat
-from .serving_common import ServedModel
+from .served_model import ServedModel
+from .serving_chat import create_chat_completion
 from .serving_completion import create_completion
 
 
@@ -47,6 +47,7 @@ class ServerConfig:
     max_waiting: int = 1024  # queued requests beyond the running batch; more get 503
     max_body_bytes: int = 16 * 2**20
     shutdown_timeout_s: float = 30.0  # in-flight requests get this long to finish
+    tokenizer_workers: int = 4  # threads that tokenize off the event loop (served_model.py)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -57,16 +58,8 @@ class ServerConfig:
             raise ValueError("max_waiting must be >= 1 and max_body_bytes >= 1024")
         if self.shutdown_timeout_s < 0:
             raise ValueError("shutdown_timeout_s must be >= 0")
-
-
-def served_model(engine: LLMEngine, name: str | None) -> ServedModel:
-    return ServedModel(
-        name=name or engine.runtime.model_name,
-        max_model_len=engine.runtime.max_model_len,
-        vocab_size=engine.model_config.vocab_size,
-        tokenizer=engine.tokenizer,
-        created=int(time.time()),
-    )
+        if self.tokenizer_workers < 1:
+            raise ValueError("tokenizer_workers must be >= 1")
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -91,7 +84,7 @@ def _stream_doc(model: type) -> dict[int | str, dict[str, Any]]:
 
 def build_app(config: ServerConfig, engine: LLMEngine) -> FastAPI:
     """The app; the engine thread starts with the app's lifespan and closes the engine."""
-    model = served_model(engine, config.served_model_name)
+    model = ServedModel.of(engine, config.served_model_name, config.tokenizer_workers)
     metrics = ServerMetrics()
     runner = AsyncEngine(engine, config.max_waiting, metrics)
 
@@ -101,6 +94,7 @@ def build_app(config: ServerConfig, engine: LLMEngine) -> FastAPI:
         try:
             yield
         finally:
+            model.close()
             await runner.stop()
 
     app = FastAPI(title="vtensor", version="0.1.0", lifespan=lifespan)
@@ -157,19 +151,16 @@ def _plain_router(model: ServedModel, runner: AsyncEngine, metrics: ServerMetric
         model.check_name(req.model)
         if req.messages is not None:
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            ids = render_chat(messages, model, req.add_generation_prompt)
+            ids = await model.render_chat(messages, req.add_generation_prompt)
         else:
-            tok = model.need_tokenizer()
-            ids = tok.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
+            prompt = req.prompt or ""
+            ids = await model.encode(prompt, add_special_tokens=req.add_special_tokens)
         return TokenizeResponse(count=len(ids), max_model_len=model.max_model_len, tokens=ids)
 
     @router.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
     async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
         model.check_name(req.model)
-        if any(not 0 <= t < model.vocab_size for t in req.tokens):
-            raise APIError(400, f"token ids must be in [0, {model.vocab_size})", "tokens")
-        text = model.need_tokenizer().decode(req.tokens, skip_special_tokens=False)
-        return DetokenizeResponse(prompt=text)
+        return DetokenizeResponse(prompt=await model.decode(req.tokens))
 
     return router
 

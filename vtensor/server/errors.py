@@ -1,7 +1,8 @@
 """OpenAI-style errors: every failure is ``{"error": {message, type, param, code}}``.
 
 Status codes:
-- 400: malformed JSON, an unsupported parameter, a prompt over the context;
+- 400: malformed JSON, an unsupported parameter, a prompt over the context, text that
+  is not valid Unicode;
 - 401: a missing or wrong API key;  404: an unknown model or route;
 - 413: a body over the size limit;  422: a wrong type or an out-of-range value;
 - 503: the waiting queue is full, or the engine is not running.
@@ -18,6 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .protocol import ErrorInfo, ErrorResponse
+from .text_checks import param_of, unicode_error
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -39,9 +41,18 @@ class APIError(Exception):
 
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
     info = ErrorInfo(
-        message=message, type=ERROR_TYPES.get(status, "error"), param=param, code=status
+        message=_printable(message),
+        type=ERROR_TYPES.get(status, "error"),
+        param=None if param is None else _printable(param),
+        code=status,
     )
     return ErrorResponse(error=info).model_dump()
+
+
+def _printable(text: str) -> str:
+    """``text`` with any lone surrogate (from a client's input) as a ``\\udXXX`` escape:
+    a response must be valid UTF-8, whatever the request held."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_response(
@@ -80,9 +91,12 @@ def validation_status(errors: Any) -> tuple[int, str, str | None]:
     """Map pydantic's errors to (status, message, param): syntax and unknown
     parameters are the client's request being wrong (400); the rest are values (422)."""
     errors = list(errors)
+    bad_text = unicode_error(errors)
+    if bad_text is not None:
+        return 400, *bad_text
     first = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
+    param = param_of(first)
     kind = first.get("type", "")
     if kind == "json_invalid":
         return 400, f"malformed JSON: {first.get('msg', '')}", None
