@@ -11,6 +11,12 @@ Invariants:
 - every submitted request ends with exactly one item whose ``finished`` is
   true (stop, length, or abort), unless the client aborted it first;
 - a finished request is popped from the engine at once, so it holds no KV.
+
+Shutdown has two speeds. ``drain`` (the first SIGINT/SIGTERM) refuses new requests
+and gives running ones until a deadline, set once, then aborts them: their streams
+end with ``finish_reason: "abort"``. ``force_stop`` (a second Ctrl-C) ends every open
+submission at once with an error, from the event loop, so it works even while the
+engine thread is stuck in a step; the thread stops after the step it is in.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from .submission import EngineDeadError, Item, QueueFullError, Submission
 
 log = logging.getLogger("vtensor.server")
 CALL_POLL_S = 1.0  # how often a caller waiting on the engine checks that it still runs
+STOP_POLL_S = 0.02  # how often stop() checks that the engine thread has ended
 T = TypeVar("T")
 
 
@@ -61,7 +68,10 @@ class AsyncEngine:
         self._pending = 0  # submissions in the inbox, not yet added to the engine
         self._waiting = 0  # the scheduler's waiting queue, published after each step
         self._error: BaseException | None = None
-        self._drain_deadline: float | None = None  # set when a graceful shutdown begins
+        self._drain_deadline: float | None = None  # set once, when a graceful shutdown begins
+        self._drain_lock = threading.Lock()
+        self._open: dict[int, Submission] = {}  # the handlers' submissions (loop side)
+        self.forced_requests: int | None = None  # how many force_stop ended; None: not forced
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -71,23 +81,65 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="vtensor-engine", daemon=True)
         self._thread.start()
 
-    async def stop(self) -> None:
-        """Abort what is left (each gets a finished ``abort`` item), then close the engine."""
+    async def stop(self, timeout_s: float | None = None) -> bool:
+        """Abort what is left (each gets a finished ``abort`` item), then close the engine.
+        Waits up to ``timeout_s`` (None: as long as it takes) for the engine thread, by
+        polling, so that giving up leaves no thread behind blocked on a join; returns
+        whether the thread ended."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while self._thread_running():
+            if deadline is not None and loop.time() >= deadline:
+                return False
+            await asyncio.sleep(STOP_POLL_S)
+        return True
 
-    def drain(self, timeout_s: float) -> None:
+    def drain(self, timeout_s: float, why: str = "shutdown") -> float:
         """A graceful shutdown began: refuse new requests, give running ones ``timeout_s``,
         then abort the rest so their streams end properly (finish_reason "abort").
-        Safe to call from any thread (uvicorn calls it from its signal handler)."""
-        self._drain_deadline = time.monotonic() + timeout_s
+
+        The deadline is set by the first call only: a supervisor that repeats SIGTERM
+        must not push it back. Returns it (``time.monotonic()``). Safe to call from any
+        thread (uvicorn calls it from its signal handler)."""
+        with self._drain_lock:
+            if self._drain_deadline is not None:
+                left = max(0.0, self._drain_deadline - time.monotonic())
+                log.info("%s: already draining; %.1f s left before the rest is aborted", why, left)
+                return self._drain_deadline
+            self._drain_deadline = time.monotonic() + timeout_s
+        log.info("%s: draining: new requests get 503; %d open requests get %.1f s to finish",
+                 why, len(self._tracks), timeout_s)  # fmt: skip
         self._wake.set()
+        return self._drain_deadline
+
+    def force_stop(self, reason: str) -> None:
+        """End every open submission now with an error (streams: an error event and
+        ``[DONE]``; others: a 503), and stop the engine thread after its current step.
+        Safe from any thread, a signal handler included: the work runs on the loop."""
+        self._stop.set()
+        self._wake.set()
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._fail_open, reason)
+
+    def _fail_open(self, reason: str) -> None:
+        self.forced_requests = len(self._open)
+        for sub in self._open.values():
+            sub.queue.put_nowait(EngineDeadError(reason))
+        log.warning("forced exit: ended %d open requests with an error", self.forced_requests)
+
+    def forget(self, submission: Submission) -> None:
+        """The handler is done with ``submission`` (it ended, or its client left)."""
+        self._open.pop(id(submission), None)
 
     @property
     def draining(self) -> bool:
         return self._drain_deadline is not None
+
+    @property
+    def drain_deadline(self) -> float | None:
+        return self._drain_deadline
 
     @property
     def alive(self) -> bool:
@@ -125,9 +177,11 @@ class AsyncEngine:
 
         self._pending += count
         try:
-            return await self.call(add)
+            sub = await self.call(add)
         finally:
             self._pending -= count
+        self._open[id(sub)] = sub  # until the handler forgets it
+        return sub
 
     def abort(self, submission: Submission) -> None:
         """Abort a submission's unfinished requests (the client went away)."""
@@ -187,6 +241,10 @@ class AsyncEngine:
             while not self._stop.is_set():
                 self._run_inbox()
                 if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
+                    if self._tracks:
+                        log.info(
+                            "the drain deadline passed: aborting %d requests", len(self._tracks)
+                        )
                     self._abort_all()
                 if self.engine.has_unfinished():
                     self._deliver(self.engine.step())
@@ -200,6 +258,13 @@ class AsyncEngine:
             self._error = exc
         finally:
             self._shutdown()
+
+    def _abort_if_drained(self) -> None:
+        if self._drain_deadline is None or time.monotonic() <= self._drain_deadline:
+            return
+        if self._tracks:
+            log.info("the drain deadline passed: aborting %d request(s)", len(self._tracks))
+        self._abort_all()
 
     def _run_inbox(self) -> None:
         while self._inbox:
@@ -248,7 +313,9 @@ class AsyncEngine:
         error = self._error
         for rid, track in list(self._tracks.items()):
             if error is not None:
-                self._loop_call(_put_all, track.queue, [EngineDeadError(str(error))])
+                # The step's exception is in the log; clients get no internals.
+                dead = EngineDeadError("the engine stopped after an internal error")
+                self._loop_call(_put_all, track.queue, [dead])
             else:
                 out = StepOutput(rid, [], "", True, "abort")
                 self._loop_call(_put_all, track.queue, [Item(track.index, out)])

@@ -118,13 +118,14 @@ async def batches(
             batch: list[Item] = []
             for item in arrived:
                 if isinstance(item, BaseException):
-                    raise APIError(503, f"the engine stopped: {item}")
+                    raise APIError(503, str(item))
                 open_choices -= item.out.finished
                 batch.append(item)
             yield batch
     finally:
         if open_choices:
             engine.abort(sub)
+        engine.forget(sub)
 
 
 async def collect(
