@@ -1,23 +1,23 @@
-"""The FastAPI application: routes, the API key, the body limit, and the lifespan
-that starts and stops the engine thread."""
+"""The FastAPI application: routes, the middlewares (``auth``: the API key, first;
+``body_limit``), and the lifespan that starts and stops the engine thread and the
+tokenizer workers."""
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vtensor.engine.llm_engine import LLMEngine
 
 from .async_engine import AsyncEngine
+from .auth import APIKeyAuth, open_paths
+from .body_limit import BodyLimit
 from .errors import APIError, error_body, install_handlers
 from .metrics import ServerMetrics
 from .protocol import (
@@ -42,7 +42,8 @@ from .serving_completion import create_completion
 class ServerConfig:
     host: str = "127.0.0.1"  # loopback unless asked: an open port serves anyone who finds it
     port: int = 8000
-    api_key: str | None = None
+    api_key: str | None = None  # every route but /health (and /metrics) needs it
+    protect_metrics: bool = False  # /metrics needs the key too
     served_model_name: str | None = None
     max_waiting: int = 1024  # queued requests beyond the running batch; more get 503
     max_body_bytes: int = 16 * 2**20
@@ -54,6 +55,8 @@ class ServerConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
+        if self.protect_metrics and self.api_key is None:
+            raise ValueError("protect_metrics needs an api_key")
         if self.max_waiting < 1 or self.max_body_bytes < 1024:
             raise ValueError("max_waiting must be >= 1 and max_body_bytes >= 1024")
         if self.shutdown_timeout_s < 0:
@@ -102,13 +105,17 @@ def build_app(config: ServerConfig, engine: LLMEngine) -> FastAPI:
     app.state.model = model
     install_handlers(app)
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    if config.api_key is not None:  # added last: the outermost, before anything reads
+        app.add_middleware(
+            APIKeyAuth, api_key=config.api_key, open_paths=open_paths(config.protect_metrics)
+        )
     app.include_router(_v1_router(config, model, runner))
     app.include_router(_plain_router(model, runner, metrics))
     return app
 
 
 def _v1_router(config: ServerConfig, model: ServedModel, runner: AsyncEngine) -> APIRouter:
-    router = APIRouter(prefix="/v1", dependencies=[Depends(_auth(config.api_key))])
+    router = APIRouter(prefix="/v1")
 
     @router.get("/models", response_model=ModelList, responses=ERRORS)
     async def models() -> ModelList:
@@ -170,48 +177,3 @@ def _answer(result: Any) -> Any:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(result, media_type="text/event-stream", headers=headers)
     return JSONResponse(result.model_dump(mode="json"))
-
-
-def _auth(api_key: str | None) -> Any:
-    async def check(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        # Constant-time comparison: the key must not leak through response timing.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise APIError(401, "a valid API key is required: Authorization: Bearer KEY")
-
-    return check
-
-
-class BodyLimit:
-    """Refuse bodies over ``limit`` bytes with 413, by Content-Length when sent and by
-    counting otherwise (an upload in HTTP chunked transfer encoding cannot get around it)."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            await self._refuse(scope, receive, send)
-            return
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:  # FastAPI passes HTTPExceptions from body reading through
-                raise StarletteHTTPException(413, f"the request body is over {self.limit} bytes")
-            return message
-
-        await self.app(scope, counted, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = error_body(413, f"the request body is over {self.limit} bytes")
-        await JSONResponse(body, status_code=413)(scope, receive, send)
