@@ -22,8 +22,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to bind (default loopback; 0.0.0.0 exposes it)")  # fmt: skip
     p.add_argument("--port", type=int, default=8000)
-    key_help = "require 'Authorization: Bearer KEY' on /v1 (default: $VTENSOR_API_KEY)"
+    key_help = ("require 'Authorization: Bearer KEY' on every route but /health and /metrics "
+                "(default: $VTENSOR_API_KEY)")  # fmt: skip
     p.add_argument("--api-key", default=os.environ.get("VTENSOR_API_KEY"), help=key_help)
+    p.add_argument("--protect-metrics", action="store_true",
+                   help="/metrics needs the API key too (default: open, for scrapers)")  # fmt: skip
     p.add_argument("--served-model-name", default=None, help="the model id clients send")
     p.add_argument("--max-waiting", type=int, default=1024,
                    help="queued requests beyond the running batch before 503")  # fmt: skip
@@ -46,6 +49,7 @@ def main(args: argparse.Namespace) -> int:
 
     config = ServerConfig(
         host=args.host, port=args.port, api_key=args.api_key,
+        protect_metrics=args.protect_metrics,
         served_model_name=args.served_model_name, max_waiting=args.max_waiting,
         max_body_bytes=int(args.max_body_mib * 2**20), shutdown_timeout_s=args.shutdown_timeout,
     )  # fmt: skip

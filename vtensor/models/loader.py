@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import safe_open
@@ -106,6 +106,27 @@ def _shard_starts(cfg: ModelConfig, name: str, p: torch.Tensor) -> list[int]:
     return [0]
 
 
+def shard_path(model_dir: Path, name: object) -> Path:
+    """The file a ``weight_map`` entry names, which must lie inside the model directory.
+
+    The index is data from wherever the checkpoint came from: an absolute name or one
+    that climbs out with ``..`` would read any file the server can. The check is on the
+    name, not on where links lead: the HF cache's snapshot folders link every file to
+    a blob outside them, and those must load."""
+    parts = PurePosixPath(str(name)).parts
+    if (
+        not isinstance(name, str)
+        or not parts
+        or PurePosixPath(name).is_absolute()
+        or (".." in parts or "\\" in name)
+    ):
+        raise ValueError(
+            f"the checkpoint index names shard {name!r}, outside the model directory "
+            f"{model_dir}: a shard must be a file name inside it"
+        )
+    return model_dir.joinpath(*parts)
+
+
 def _tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -115,6 +136,6 @@ def _tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {path}")
     for file in files:
-        with safe_open(str(path / file), framework="pt") as f:
+        with safe_open(str(shard_path(path, file)), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 yield name, f.get_tensor(name)

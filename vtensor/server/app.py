@@ -109,18 +109,24 @@ def build_app(config: ServerConfig, engine: LLMEngine) -> FastAPI:
         app.add_middleware(
             APIKeyAuth, api_key=config.api_key, open_paths=open_paths(config.protect_metrics)
         )
-    app.include_router(_v1_router(config, model, runner))
+    app.include_router(_v1_router(model, runner))
     app.include_router(_plain_router(model, runner, metrics))
     return app
 
 
-def _v1_router(config: ServerConfig, model: ServedModel, runner: AsyncEngine) -> APIRouter:
+def _v1_router(model: ServedModel, runner: AsyncEngine) -> APIRouter:
     router = APIRouter(prefix="/v1")
+    card = ModelCard(id=model.name, created=model.created, max_model_len=model.max_model_len)
 
     @router.get("/models", response_model=ModelList, responses=ERRORS)
     async def models() -> ModelList:
-        card = ModelCard(id=model.name, created=model.created, max_model_len=model.max_model_len)
         return ModelList(data=[card])
+
+    # ``:path``: a model id may hold slashes (``meta-llama/Llama-3.1-8B``).
+    @router.get("/models/{model_id:path}", response_model=ModelCard, responses=ERRORS)
+    async def model_card(model_id: str) -> ModelCard:
+        model.check_name(model_id)
+        return card
 
     @router.post("/completions", response_model=None, responses=_stream_doc(CompletionResponse))
     async def completions(req: CompletionRequest, raw: Request) -> Any:

@@ -6,10 +6,14 @@ Status codes:
 - 401: a missing or wrong API key;  404: an unknown model or route;
 - 413: a body over the size limit;  422: a wrong type or an out-of-range value;
 - 503: the waiting queue is full, or the engine is not running.
+- 500: anything unexpected: a generic message with an id; the details go to the log.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +24,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .protocol import ErrorInfo, ErrorResponse
 from .text_checks import param_of, unicode_error
+
+log = logging.getLogger("vtensor.server")
+_REQUEST_ID = re.compile(r"[\w.:-]{1,128}")  # what a client's id may be to reach the log
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -83,8 +90,20 @@ def install_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        err = internal_error(exc, request.headers.get("x-request-id"))
+        return error_response(err.status, err.message)
+
+
+def internal_error(exc: BaseException, request_id: str | None) -> APIError:
+    """An unexpected error. Its details (type, message, traceback) may hold anything,
+    another request's text included, so they go to the log only, under an id that the
+    client gets: the client's own ``X-Request-Id`` if it sent a usable one, else the
+    stream's id, else a new one."""
+    rid = request_id if request_id and _REQUEST_ID.fullmatch(request_id) else None
+    rid = rid or f"err-{uuid.uuid4().hex[:16]}"
+    log.error("internal error (request id %s)", rid, exc_info=exc)
+    return APIError(500, f"internal server error (request id {rid}); see the server's log")
 
 
 def validation_status(errors: Any) -> tuple[int, str, str | None]:

@@ -40,7 +40,8 @@ class ServedModel:
     """What the handlers know about the model (runtime-derived, read-only)."""
 
     name: str
-    max_model_len: int  # what one request may hold: the engine's InputProcessor limit
+    # What one request may hold (the engine's max_request_len), advertised as max_model_len.
+    max_model_len: int
     vocab_size: int
     tokenizer: Tokenizer | None
     inputs: InputProcessor  # the engine's request contract (torch-free, thread-safe)
@@ -52,7 +53,7 @@ class ServedModel:
         pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vtensor-tokenizer")
         return cls(
             name=name or engine.runtime.model_name,
-            max_model_len=engine.inputs.max_model_len,
+            max_model_len=engine.inputs.max_request_len,
             vocab_size=engine.model_config.vocab_size,
             tokenizer=engine.tokenizer,
             inputs=engine.inputs,

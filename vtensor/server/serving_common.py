@@ -23,7 +23,7 @@ from vtensor.engine.outputs import FinishReason
 from vtensor.engine.params import SamplingParams
 
 from .async_engine import AsyncEngine
-from .errors import APIError, error_body
+from .errors import APIError, error_body, internal_error
 from .protocol import (
     ChatCompletionChunk,
     ChatStreamChoice,
@@ -165,6 +165,10 @@ async def stream_events(
         yield sse_error(exc)
         yield SSE_DONE
         return
+    except Exception as exc:  # unexpected: details to the log, the stream ends properly
+        yield sse_error(internal_error(exc, writer.rid))
+        yield SSE_DONE
+        return
     if include_usage:
         yield writer.event([], usage(prompt_tokens, completion))
     yield SSE_DONE
@@ -202,6 +206,7 @@ class EventWriter:
         # One ``created`` for the whole stream, as OpenAI's.
         self._chunk = chunk(id=rid, created=int(time.time()), model=model, choices=[])
         self._dump = _CHUNK_JSON[chunk].dump_json
+        self.rid = rid
 
     def event(self, choices: list[StreamChoice], usage: Usage | None = None) -> str:
         self._chunk.choices, self._chunk.usage = choices, usage  # type: ignore[assignment]
