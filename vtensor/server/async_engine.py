@@ -27,31 +27,30 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from vtensor.engine.llm_engine import LLMEngine
 from vtensor.engine.outputs import StepOutput
 from vtensor.engine.params import SamplingParams
 
+from .drain import Drain
 from .metrics import ServerMetrics
-from .submission import EngineDeadError, Item, QueueFullError, Submission
+from .submission import (
+    EngineDeadError,
+    Item,
+    OpenSubmissions,
+    QueueFullError,
+    Submission,
+    Track,
+    dispatch,
+    put_all,
+    settle,
+)
 
 log = logging.getLogger("vtensor.server")
 CALL_POLL_S = 1.0  # how often a caller waiting on the engine checks that it still runs
 STOP_POLL_S = 0.02  # how often stop() checks that the engine thread has ended
 T = TypeVar("T")
-
-
-@dataclass
-class _Track:
-    """Per engine request: where its items go, and its timing for the metrics."""
-
-    queue: asyncio.Queue[Item | BaseException]
-    index: int
-    arrival: float
-    first: float | None = None
-    tokens: int = 0
 
 
 class AsyncEngine:
@@ -64,14 +63,12 @@ class AsyncEngine:
         self._inbox: collections.deque[Callable[[], None]] = collections.deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._tracks: dict[int, _Track] = {}
+        self._tracks: dict[int, Track] = {}
         self._pending = 0  # submissions in the inbox, not yet added to the engine
         self._waiting = 0  # the scheduler's waiting queue, published after each step
         self._error: BaseException | None = None
-        self._drain_deadline: float | None = None  # set once, when a graceful shutdown begins
-        self._drain_lock = threading.Lock()
-        self._open: dict[int, Submission] = {}  # the handlers' submissions (loop side)
-        self.forced_requests: int | None = None  # how many force_stop ended; None: not forced
+        self._drain = Drain()
+        self.open = OpenSubmissions()  # loop side: what a forced exit ends
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -98,21 +95,11 @@ class AsyncEngine:
 
     def drain(self, timeout_s: float, why: str = "shutdown") -> float:
         """A graceful shutdown began: refuse new requests, give running ones ``timeout_s``,
-        then abort the rest so their streams end properly (finish_reason "abort").
-
-        The deadline is set by the first call only: a supervisor that repeats SIGTERM
-        must not push it back. Returns it (``time.monotonic()``). Safe to call from any
-        thread (uvicorn calls it from its signal handler)."""
-        with self._drain_lock:
-            if self._drain_deadline is not None:
-                left = max(0.0, self._drain_deadline - time.monotonic())
-                log.info("%s: already draining; %.1f s left before the rest is aborted", why, left)
-                return self._drain_deadline
-            self._drain_deadline = time.monotonic() + timeout_s
-        log.info("%s: draining: new requests get 503; %d open requests get %.1f s to finish",
-                 why, len(self._tracks), timeout_s)  # fmt: skip
+        then abort the rest so their streams end properly (finish_reason "abort"). The
+        first call sets the deadline (``drain.Drain``); returns it. Any thread."""
+        deadline = self._drain.begin(timeout_s, why, len(self._tracks))
         self._wake.set()
-        return self._drain_deadline
+        return deadline
 
     def force_stop(self, reason: str) -> None:
         """End every open submission now with an error (streams: an error event and
@@ -124,22 +111,16 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(self._fail_open, reason)
 
     def _fail_open(self, reason: str) -> None:
-        self.forced_requests = len(self._open)
-        for sub in self._open.values():
-            sub.queue.put_nowait(EngineDeadError(reason))
-        log.warning("forced exit: ended %d open requests with an error", self.forced_requests)
-
-    def forget(self, submission: Submission) -> None:
-        """The handler is done with ``submission`` (it ended, or its client left)."""
-        self._open.pop(id(submission), None)
+        ended = self.open.fail_all(EngineDeadError(reason))
+        log.warning("forced exit: ended %d open requests with an error", ended)
 
     @property
     def draining(self) -> bool:
-        return self._drain_deadline is not None
+        return self._drain.deadline is not None
 
     @property
     def drain_deadline(self) -> float | None:
-        return self._drain_deadline
+        return self._drain.deadline
 
     @property
     def alive(self) -> bool:
@@ -172,7 +153,7 @@ class AsyncEngine:
             groups = self.engine.add_requests(prompts, params, stream_text=True)  # all or none
             rids = [rid for group in groups for rid in group]
             for i, rid in enumerate(rids):
-                self._tracks[rid] = _Track(queue, i, now)
+                self._tracks[rid] = Track(queue, i, now)
             return Submission(rids, queue)
 
         self._pending += count
@@ -180,7 +161,7 @@ class AsyncEngine:
             sub = await self.call(add)
         finally:
             self._pending -= count
-        self._open[id(sub)] = sub  # until the handler forgets it
+        self.open.add(sub)  # until the handler forgets it
         return sub
 
     def abort(self, submission: Submission) -> None:
@@ -204,9 +185,9 @@ class AsyncEngine:
             try:
                 result = fn()
             except BaseException as exc:
-                self._loop_call(_settle, future, None, exc)
+                self._loop_call(settle, future, None, exc)
             else:
-                self._loop_call(_settle, future, result, None)
+                self._loop_call(settle, future, result, None)
 
         self._post(run)
         # The engine answers between steps. Bounded, because a call posted just as the
@@ -240,12 +221,7 @@ class AsyncEngine:
         try:
             while not self._stop.is_set():
                 self._run_inbox()
-                if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
-                    if self._tracks:
-                        log.info(
-                            "the drain deadline passed: aborting %d requests", len(self._tracks)
-                        )
-                    self._abort_all()
+                self._abort_if_drained()
                 if self.engine.has_unfinished():
                     self._deliver(self.engine.step())
                     self._waiting = len(self.engine.scheduler.waiting)
@@ -260,7 +236,7 @@ class AsyncEngine:
             self._shutdown()
 
     def _abort_if_drained(self) -> None:
-        if self._drain_deadline is None or time.monotonic() <= self._drain_deadline:
+        if not self._drain.due():
             return
         if self._tracks:
             log.info("the drain deadline passed: aborting %d request(s)", len(self._tracks))
@@ -286,9 +262,9 @@ class AsyncEngine:
                 self._finish(out.rid, track, now, out.finish_reason or "abort")
         self.metrics.add_tokens(sum(len(o.new_token_ids) for o in outs), now)
         if batches:  # one wake-up of the event loop per step, however many requests
-            self._loop_call(_dispatch, list(batches.items()))
+            self._loop_call(dispatch, list(batches.items()))
 
-    def _finish(self, rid: int, track: _Track, now: float, reason: str) -> None:
+    def _finish(self, rid: int, track: Track, now: float, reason: str) -> None:
         req = self.engine.pop(rid)
         del self._tracks[rid]
         self.metrics.observe_finished(
@@ -315,10 +291,10 @@ class AsyncEngine:
             if error is not None:
                 # The step's exception is in the log; clients get no internals.
                 dead = EngineDeadError("the engine stopped after an internal error")
-                self._loop_call(_put_all, track.queue, [dead])
+                self._loop_call(put_all, track.queue, [dead])
             else:
                 out = StepOutput(rid, [], "", True, "abort")
-                self._loop_call(_put_all, track.queue, [Item(track.index, out)])
+                self._loop_call(put_all, track.queue, [Item(track.index, out)])
             self._abort_now(rid)
 
     def _run_inbox_safely(self) -> None:
@@ -327,22 +303,3 @@ class AsyncEngine:
             self._run_inbox()
         except BaseException:
             log.exception("engine call failed during shutdown")
-
-
-def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-    if future.done():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
-
-
-def _dispatch(deliveries: list[tuple[asyncio.Queue[Item | BaseException], list[Item]]]) -> None:
-    for queue, items in deliveries:
-        _put_all(queue, items)
-
-
-def _put_all(queue: asyncio.Queue[Item | BaseException], items: list[Any]) -> None:
-    for item in items:
-        queue.put_nowait(item)

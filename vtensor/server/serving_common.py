@@ -125,7 +125,7 @@ async def batches(
     finally:
         if open_choices:
             engine.abort(sub)
-        engine.forget(sub)
+        engine.open.forget(sub)
 
 
 async def collect(

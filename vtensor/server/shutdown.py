@@ -82,5 +82,5 @@ class Server(uvicorn.Server):
             stopped = await self.engine.stop(timeout_s=0)  # True: the thread has ended
         except TimeoutError:
             stopped = False
-        self.forced = ForcedExit(self.engine.forced_requests or 0, stopped)
+        self.forced = ForcedExit(self.engine.open.forced or 0, stopped)
         log.warning("%s", self.forced.describe())
