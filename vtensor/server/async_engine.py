@@ -154,6 +154,7 @@ class AsyncEngine:
             rids = [rid for group in groups for rid in group]
             for i, rid in enumerate(rids):
                 self._tracks[rid] = Track(queue, i, now)
+            self.metrics.observe_submitted(len(rids))
             return Submission(rids, queue)
 
         self._pending += count
