@@ -107,7 +107,9 @@ def test_bad_input_raises_and_queues_nothing(make_llm, tmp_path: Path) -> None:
 
 def test_request_larger_than_the_pool_is_refused(make_llm) -> None:
     llm = make_llm(chunk_size=4096, kv_cache_bytes=4 * 4096)  # 1 KiB/token: 4 tokens/chunk
-    with pytest.raises(ValueError, match="KV chunks but the pool holds 3"):
+    # 3 chunks of 4 tokens: a request may hold 12 tokens (prompt + output), no more.
+    assert llm.engine.inputs.max_request_len == 12
+    with pytest.raises(ValueError, match="max_model_len=12: the most tokens the KV pool"):
         llm.generate([list(range(5, 20))], SamplingParams(max_tokens=8))
     assert len(greedy(llm, [5, 6], n=4).token_ids) == 4
 

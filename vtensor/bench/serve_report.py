@@ -33,10 +33,13 @@ async def run_all(args: Any, wargs: WorkloadArgs) -> int:
           f"requests, against {base} ({model})", file=sys.stderr)  # fmt: skip
     runs = []
     for rate in args.request_rate:
-        run = RunArgs(rate, args.burstiness, args.max_concurrency, args.seed)
+        run = RunArgs(rate, args.burstiness, args.max_concurrency, args.seed, args.abort_fraction)
+        before = await _metrics(ep) if args.check_metrics else None
         results, duration = await run_workload(ep, convs, run, tokenizer, progress=True)
         summary = {"request_rate": rate, **asdict(run), **summarize(results, duration, slo)}
         print(format_result(summary, f" Serving Benchmark Result (rate {rate:g}) "))
+        if before is not None:
+            summary["check"] = await _check(ep, before, results, args.check_timeout)
         if max(len(c.turns) for c in convs) > 1:
             summary["per_round"] = per_turn(results)
             print(_round_table(summary["per_round"]))
@@ -57,7 +60,33 @@ async def run_all(args: Any, wargs: WorkloadArgs) -> int:
 
         plot(payload, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
-    return 0 if all(r["completed"] for r in runs) else 1
+    checks_ok = all(r["check"]["ok"] for r in runs if "check" in r)
+    return 0 if all(r["completed"] for r in runs) and checks_ok else 1
+
+
+async def _metrics(ep: Any) -> dict[str, float]:
+    import aiohttp
+
+    from .serve_check import read_metrics
+
+    async with aiohttp.ClientSession() as session:
+        return await read_metrics(session, ep)
+
+
+async def _check(ep: Any, before: dict[str, float], results: Any, timeout_s: float) -> Any:
+    """The metrics check of one run (``serve_check``), printed; failures to stderr."""
+    import aiohttp
+
+    from .serve_check import check_run, check_summary, format_check, read_when_idle
+
+    async with aiohttp.ClientSession() as session:
+        after = await read_when_idle(session, ep, timeout_s)
+    summary = check_summary(check_run(before, after, results), before, after, results)
+    print(format_check(summary))
+    if not summary["ok"]:
+        failed = [c["name"] for c in summary["checks"] if not c["ok"]]
+        print(f"metrics check FAILED: {', '.join(failed)}", file=sys.stderr)
+    return summary
 
 
 def _round_table(rows: list[dict[str, Any]]) -> str:

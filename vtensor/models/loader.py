@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -171,6 +171,27 @@ def _shard_starts(shard: ModelShard, name: str) -> list[int]:
     return [0]
 
 
+def shard_path(model_dir: Path, name: object) -> Path:
+    """The file a ``weight_map`` entry names, which must lie inside the model directory.
+
+    The index is data from wherever the checkpoint came from: an absolute name or one
+    that climbs out with ``..`` would read any file the server can. The check is on the
+    name, not on where links lead: the HF cache's snapshot folders link every file to
+    a blob outside them, and those must load."""
+    parts = PurePosixPath(str(name)).parts
+    if (
+        not isinstance(name, str)
+        or not parts
+        or PurePosixPath(name).is_absolute()
+        or (".." in parts or "\\" in name)
+    ):
+        raise ValueError(
+            f"the checkpoint index names shard {name!r}, outside the model directory "
+            f"{model_dir}: a shard must be a file name inside it"
+        )
+    return model_dir.joinpath(*parts)
+
+
 def _slices(path: Path) -> Iterator[tuple[str, Any]]:
     """``(name, slice handle)`` of every tensor; a handle reads only what it is indexed by."""
     index = path / "model.safetensors.index.json"
@@ -181,6 +202,6 @@ def _slices(path: Path) -> Iterator[tuple[str, Any]]:
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {path}")
     for file in files:
-        with safe_open(str(path / file), framework="pt") as f:
+        with safe_open(str(shard_path(path, file)), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 yield name, f.get_slice(name)
