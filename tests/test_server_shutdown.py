@@ -118,7 +118,9 @@ def test_repeated_sigterm_does_not_extend_the_drain() -> None:
     assert stream.last(1) == [b"data: [DONE]"], stream.error
     ended = stream.events[-2][0] - t0  # the abort event
     assert _event(stream.events[-2][1])["choices"][0]["finish_reason"] == "abort"
-    assert timeout - 0.2 < ended < timeout + 0.6, f"aborted {ended:.2f}s after SIGTERM"
+    # Fixed: ~timeout. Unfixed: no earlier than timeout + again (the deadline moved when
+    # the second signal came); the margin below that is for a busy machine.
+    assert timeout - 0.2 < ended < timeout + again - 0.3, f"aborted {ended:.2f}s after SIGTERM"
     left = re.search(r"already draining; ([0-9.]+) s left", err)
     assert left, err
     assert float(left.group(1)) == pytest.approx(timeout - again, abs=0.4)

