@@ -24,11 +24,13 @@ def greedy(llm, prompt, n: int = 12, **kw):
 def test_stop_token_ids_eos_and_max_tokens(make_llm) -> None:
     llm = make_llm()
     prompt = [random.randrange(4, 400) for _ in range(random.randint(3, 30))]
-    full = greedy(llm, prompt)
+    # The model's own EOS (id 1) ends about 1 random prompt in 80 before 12 tokens, so
+    # the reference ignores it; the EOS check below swaps in a token it surely emits.
+    full = greedy(llm, prompt, ignore_eos=True)
     assert len(full.token_ids) == 12 and full.finish_reason == "length"
     stop_at = full.token_ids[4]
     first = full.token_ids.index(stop_at)
-    cut = greedy(llm, prompt, stop_token_ids=[stop_at])
+    cut = greedy(llm, prompt, stop_token_ids=[stop_at], ignore_eos=True)
     assert cut.token_ids == full.token_ids[: first + 1]
     assert (cut.finish_reason, cut.stop_reason) == ("stop", stop_at)
     llm.engine.outputs.eos_token_ids = (stop_at,)
