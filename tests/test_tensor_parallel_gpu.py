@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import pytest
 import torch
 
 from tests.checkpoints import make_checkpoint, random_prompts
+from tests.conftest import assert_engine_balanced
 from tests.test_attention_backends_gpu import OVER, _count_replays, _walk
 from vtensor import SamplingParams
 from vtensor.distributed import WorkerDiedError
@@ -67,6 +69,17 @@ def test_tp2_fp32_greedy_equals_tp1_on_two_gpus(
         ly = torch.tensor([d[t] for d, t in zip(y.logprobs, y.token_ids)])
         torch.testing.assert_close(ly, lx, atol=1e-3, rtol=1e-3)
     assert replays[0] > 20, f"only {replays[0]} graph replays: decode did not run in graphs"
+    _closes_in_time(tp)
+
+
+def _closes_in_time(llm: Any, limit_s: float = 60.0) -> None:
+    """``close`` returns: NCCL's destroy waits forever on any live graph that captured
+    its collectives, so the engine must destroy its graphs first (it once did not)."""
+    assert_engine_balanced(llm.engine)
+    closer = threading.Thread(target=llm.close, daemon=True)
+    closer.start()
+    closer.join(limit_s)
+    assert not closer.is_alive(), f"close() still waits after {limit_s:.0f} s"
 
 
 def test_tp2_bf16_logprobs_track_tp1_on_two_gpus(tmp_path: Path, make_llm) -> None:

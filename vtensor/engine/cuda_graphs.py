@@ -86,6 +86,18 @@ class DecodeGraphs:
             self.graphs[bs] = graph
         torch.cuda.synchronize()
 
+    def release(self) -> None:
+        """Destroy every captured graph now (idempotent; ``fits`` is False after).
+
+        Invariant relied on by tensor parallelism: a graph that captured an NCCL
+        collective holds a reference on the communicator, and NCCL's destroy (or
+        abort) waits until that graph is gone. So the graphs go explicitly, before
+        the group, not whenever the garbage collector frees this object."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.logits.clear()
+
     def run(
         self,
         ids: Sequence[int],

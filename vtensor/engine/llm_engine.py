@@ -276,6 +276,10 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         return collect_stats(self.counters, self.scheduler, self.kv, self.arena, self.pool)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         """Abort what is left, unmap every chunk and release the pool, stop the workers
         (idempotent; a lost worker does not stop the rest of the clean-up)."""
@@ -294,9 +298,9 @@ class LLMEngine:
         self._inflight = None  # only aborted requests' tokens, dropped unread
         if self.runtime.device.type == "cuda":
             torch.cuda.synchronize(self.runtime.device)  # no kernel may touch chunks we unmap
+        self.runner.release_graphs()  # first: NCCL's destroy waits on graphs holding its ops
         if self.workers is not None:
             self.workers.close()
-        self.runner.graphs = None
         self.arena.close()
         backend = self.pool.backend
         self.pool.close()

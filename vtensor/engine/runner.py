@@ -96,6 +96,13 @@ class ModelRunner:
         self.device = tokens.tokens.device
         self.graphs = graphs
 
+    def release_graphs(self) -> None:
+        """Destroy the decode graphs (before leaving a tensor-parallel group: see
+        ``DecodeGraphs.release``); later decode steps run eagerly."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
     @torch.inference_mode()
     def execute(self, spans: Sequence[SpanInput]) -> ForwardOutput:
         """Run the batch; the logits of the spans that sample, in batch order."""

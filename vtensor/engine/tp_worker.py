@@ -118,6 +118,7 @@ def run_worker(config: EngineConfig, spec: LaunchSpec, store: dist.Store | None,
     serve(group, parts)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    parts.runner.release_graphs()  # before leave_group: NCCL's destroy waits on them
     parts.arena.close()
     backend = parts.pool.backend
     parts.pool.close()
