@@ -17,6 +17,7 @@ string) computes one more token, which is dropped.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, replace
@@ -43,9 +44,12 @@ from .setup import (
     load_tokenizer,
     map_scratch_slot,
     model_config,
+    prefix_cache_for,
     runtime_for,
 )
 from .stats import EngineStats, StepCounters, collect_stats
+
+log = logging.getLogger("vtensor.engine")
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,12 @@ class LLMEngine:
         self.model = load_model(config, self.model_config, rt)
         self.arena, self.pool = build_arena(config, rt, self.model_config)
         self.scratch_slot = SCRATCH_SLOT
-        self.kv = map_scratch_slot(self.arena, config.keep_idle_chunks)
+        cache, self.prefix_caching_note = prefix_cache_for(
+            self.arena.geometry, config.enable_prefix_caching
+        )
+        if self.prefix_caching_note and config.enable_prefix_caching:
+            log.warning("prefix caching %s", self.prefix_caching_note)
+        self.kv = map_scratch_slot(self.arena, config.keep_idle_chunks, cache)
         sched = SchedulerConfig(
             config.max_num_seqs, config.max_num_batched_tokens, config.lookahead_tokens
         )
@@ -153,6 +162,27 @@ class LLMEngine:
         self.outputs.forget(rid)
         return req
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix and idle slot mapping: all KV chunks go back to the
+        pool once the unmaps are applied (at once, since nothing runs). Refused (False,
+        nothing changed) while requests are running or waiting."""
+        if self.has_unfinished() or not self.kv.reset_prefix_cache():
+            return False
+        self._settle_if_idle()
+        return True
+
+    def set_prefix_caching(self, on: bool) -> None:
+        """Switch prefix caching between runs (benchmarks compare on and off in one
+        process); the cache starts empty either way."""
+        if self.has_unfinished():
+            raise RuntimeError("prefix caching can only be switched with no request unfinished")
+        cache, note = prefix_cache_for(self.arena.geometry, on)
+        if on and note:
+            raise ValueError(f"prefix caching is {note}")
+        self.kv.set_prefix_cache(cache)
+        self.prefix_caching_note = note
+        self._settle_if_idle()
+
     def set_async_scheduling(self, on: bool) -> None:
         """Switch between async and synchronous steps, between runs (benchmarks compare)."""
         if self.has_unfinished():
@@ -192,8 +222,8 @@ class LLMEngine:
         the draw without waiting; the sampled tokens go into the token table."""
         for req in out.preempted:
             req.preempt()
-        for req in out.admitted:
-            req.admit()
+        for a in out.admitted:
+            a.req.admit(a.num_cached)
         slots = self._apply_kv(out)
         if not out.spans:
             return None
