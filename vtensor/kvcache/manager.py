@@ -42,6 +42,7 @@ from .commands import (
     UnmapCommand,
 )
 from .geometry import KVGeometry
+from .placement import SlotPlacer
 from .prefix_cache import NO_MATCH, CachePath, NoPrefixCache, PrefixCache, PrefixMatch
 from .reclaim import Reclaimer
 
@@ -104,6 +105,7 @@ class KVCacheManager:
         self._idle: set[int] = set(range(reserved_slots, geometry.num_slots))
         self._applied_committed = 0  # committed as of the last take_commands
         self._reclaimer = Reclaimer(self)
+        self._placer = SlotPlacer(self)
 
     # ------------------------------------------------------------------ query
     @property
@@ -199,12 +201,12 @@ class KVCacheManager:
             )
         if not self.can_admit(tokens, 0, hit):
             return None
-        slot = self._choose_slot(want, hit.chunks, self._idle)
+        slot = self._placer.choose(want, hit.chunks, self._idle)
         self._idle.discard(slot)
         self._owner[rid] = slot
         self._paths[rid] = hit.path
         self.books.pin(self.cache.lock(hit.path), +1)  # before any reclaim can evict it
-        self._fit_front(slot, hit.chunks)
+        self._placer.fit_front(slot, hit.chunks)
         self._set_asked(slot, min(want, len(self.books.tables[slot])))
         if not self.grow(rid, tokens):
             raise RuntimeError("admission fit the books but could not grow: a bug")
@@ -240,31 +242,8 @@ class KVCacheManager:
         headroom_chunks: int = 0,
         hits: Sequence[PrefixMatch] | None = None,
     ) -> None:
-        """Map idle slots ahead for requests expected next (the head of the waiting
-        queue, ``token_counts`` each, their cache ``hits``), so their admission finds
-        the chunks mapped and the step that admits them does not wait on the mapper.
-        Cached chunks are shared into the slot; fresh ones come only from free chunks
-        (leaving ``headroom_chunks`` free, nothing reclaimed), within
-        ``keep_idle_chunks``. The slots stay idle: all of it stays reclaimable."""
-        taken: set[int] = set()
-        for i, tokens in enumerate(token_counts):
-            hit = hits[i] if hits is not None else NO_MATCH
-            candidates = self._idle - taken
-            if not candidates:
-                return
-            want = self.geometry.chunks_for(tokens)
-            slot = self._choose_slot(want, hit.chunks, candidates)  # the slot admit() picks
-            taken.add(slot)
-            table = self.books.tables[slot]
-            fitted = max(len(hit.chunks), self._kept_end(slot, hit.chunks))
-            need = max(0, want - fitted)
-            if need > self.free_chunks - headroom_chunks:
-                return
-            if self.idle_chunks + max(0, want - len(table)) > self.keep_idle_chunks:
-                return
-            self._fit_front(slot, hit.chunks)
-            if need:
-                self.books.map_fresh(slot, need)
+        """Map idle slots ahead for the requests expected next (``SlotPlacer.premap``)."""
+        self._placer.premap(token_counts, headroom_chunks, hits)
 
     def cache_tokens(self, rid: int, token_ids: Sequence[int], num_tokens: int) -> None:
         """Offer the cache the whole blocks of ``rid``'s first ``num_tokens`` tokens:
@@ -394,46 +373,6 @@ class KVCacheManager:
             self.books.pin(table[n:a], -1)
         self._asked[slot] = n
 
-    def _choose_slot(self, want: int, hit: tuple[int, ...], among: set[int]) -> int:
-        """The idle slot that maps the longest part of ``hit`` already (slot affinity:
-        a conversation's previous turn), else the best fit on reusable (private)
-        chunks: the smallest run that covers ``want``, else the largest, and among
-        equals the one with the fewest mappings to undo (an idle slot holding cached
-        blocks may serve a later turn of its conversation)."""
-        tables = self.books.tables
-        if hit:
-            near = self.books.holders(hit[0]) & among
-            if near:
-                return max(near, key=lambda s: (_common(tables[s], hit), -s))
-        run = self.books.private_run
-        covering = [s for s in among if run(s) >= want]
-        if covering:
-            return min(covering, key=lambda s: (run(s), len(tables[s]), s))
-        return max(among, key=lambda s: (run(s), -len(tables[s]), -s))
-
-    def _kept_end(self, slot: int, hit: tuple[int, ...]) -> int:
-        """How far the slot's entries from ``len(hit)`` on may stay: while private."""
-        table, books = self.books.tables[slot], self.books
-        end = len(hit)
-        if books.private_run(slot) >= len(table):
-            return max(end, len(table))
-        while end < len(table) and books.is_private(table[end]):
-            end += 1
-        return end
-
-    def _fit_front(self, slot: int, hit: tuple[int, ...]) -> None:
-        """Make the slot map ``hit`` at its front, then only private chunks: entries that
-        already match stay (no remapping), the rest of the front is replaced by the
-        cached chunks, and what follows is kept while private, unmapped from the
-        first shared or cached entry on."""
-        table = self.books.tables[slot]
-        end = self._kept_end(slot, hit)
-        if end < len(table):
-            self.books.truncate(slot, end)
-        k = _common(table, hit)
-        if k < len(hit):
-            self.books.map_cached(slot, k, hit[k:])
-
 
 def _runs(blocks: Sequence[int]) -> list[tuple[int, int]]:
     """Sorted block indices as ``(first, count)`` runs of consecutive ones."""
@@ -444,12 +383,3 @@ def _runs(blocks: Sequence[int]) -> list[tuple[int, int]]:
         else:
             runs.append((j, 1))
     return runs
-
-
-def _common(table: Sequence[int], hit: Sequence[int]) -> int:
-    """Length of the common prefix of a slot table and a hit's chunks."""
-    n = min(len(table), len(hit))
-    k = 0
-    while k < n and table[k] == hit[k]:
-        k += 1
-    return k
