@@ -162,6 +162,13 @@ class LLMEngine:
         self.outputs.forget(rid)
         return req
 
+    def prefix_caching_summary(self) -> str:
+        """One line for logs: on with its block size, or why it is off."""
+        cache = self.kv.cache
+        if not cache.enabled:
+            return self.prefix_caching_note or "off"
+        return f"on ({cache.block_tokens}-token blocks of {cache.block_chunks} chunk(s))"
+
     def reset_prefix_cache(self) -> bool:
         """Drop every cached prefix and idle slot mapping: all KV chunks go back to the
         pool once the unmaps are applied (at once, since nothing runs). Refused (False,

@@ -110,6 +110,7 @@ def build_app(config: ServerConfig, engine: LLMEngine) -> FastAPI:
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     app.include_router(_v1_router(config, model, runner))
     app.include_router(_plain_router(model, runner, metrics))
+    app.include_router(_admin_router(config, runner))
     return app
 
 
@@ -170,6 +171,25 @@ def _plain_router(model: ServedModel, runner: AsyncEngine, metrics: ServerMetric
             raise APIError(400, f"token ids must be in [0, {model.vocab_size})", "tokens")
         text = model.need_tokenizer().decode(req.tokens, skip_special_tokens=False)
         return DetokenizeResponse(prompt=text)
+
+    return router
+
+
+def _admin_router(config: ServerConfig, runner: AsyncEngine) -> APIRouter:
+    """Operations on the server's state: they need the API key, like /v1."""
+    router = APIRouter(dependencies=[Depends(_auth(config.api_key))])
+
+    @router.post("/reset_prefix_cache", responses={409: {"model": ErrorResponse}, **ERRORS})
+    async def reset_prefix_cache() -> JSONResponse:
+        """vLLM's route: drop every cached prefix, so that its KV chunks go back to the
+        pool. Only while no request runs (409 otherwise: nothing is dropped)."""
+        try:
+            done = await runner.call(runner.engine.reset_prefix_cache)
+        except RuntimeError as exc:
+            raise APIError(503, str(exc)) from exc
+        if not done:
+            raise APIError(409, "requests are running; reset the prefix cache when idle")
+        return JSONResponse({"success": True})
 
     return router
 
