@@ -143,10 +143,33 @@ def test_evicting_a_chunk_an_idle_slot_maps_cuts_that_slot() -> None:
     run(kv, 0, [*a, 5])
     slot = kv.slot_of(0)
     kv.release(0)  # the idle slot keeps all 5 chunks: 4 cached, 1 private
-    run(kv, 1, tokens(3 * TPC))  # 1 free + the idle slot's private tail + 1 block
-    assert kv.slot_of(1) != slot  # an empty idle slot, not the one holding cached blocks
+    b = tokens(TPC)
+    run(kv, 1, b)  # the free chunk: no pressure, an empty idle slot
+    assert kv.slot_of(1) != slot and kv.free_chunks == 0
+    assert kv.grow(1, 3 * TPC)  # the idle slot's private tail, then one block (LRU leaf)
     assert len(kv.slot_table(slot)) == 3  # cut before the evicted block (the last one)
-    assert kv.match(a, len(a)).tokens == 3 * TPC
+    assert kv.match(a, len(a)).tokens == 3 * TPC and kv.evicted_chunks == 1
+    kv.check()
+
+
+def test_under_pressure_a_new_request_reuses_the_oldest_idle_slots_chunks_in_place() -> None:
+    """With no free chunk, a request without a hit takes the idle slot released longest
+    ago and evicts that slot's own cache blocks (leaves first) to write over their
+    chunks: nothing is unmapped or mapped."""
+    kv = manager(capacity=8, slots=3)
+    old, new = tokens(4 * TPC), tokens(4 * TPC)
+    for rid, ids in enumerate((old, new)):
+        run(kv, rid, ids)
+    slot = kv.slot_of(0)
+    kv.release(0)
+    kv.release(1)  # all 8 chunks cached and kept by the two idle slots
+    kv.take_commands()
+    run(kv, 2, tokens(3 * TPC + 2))
+    assert kv.slot_of(2) == slot
+    commands = kv.take_commands()
+    assert not any(isinstance(c, MapCommand | UnmapCommand | MapCachedCommand) for c in commands)
+    assert kv.match(old, len(old)).tokens == 0  # the older content went
+    assert kv.match(new, len(new)).tokens == 4 * TPC
     kv.check()
 
 

@@ -85,11 +85,14 @@ class ManagerMachine(RuleBasedStateMachine):
         assert hit.tokens % TPC == 0 and hit.tokens < len(ids)
         end = min(len(ids), hit.tokens + part)
         rid = self.next_rid
+        evicted = self.kv.evicted_chunks
         if self.kv.admit(rid, end, hit) is None:
             assert not self.kv.can_admit(end, 0, hit)
             return
         self.next_rid += 1
         event(f"admitted with a hit of {hit.tokens // TPC} blocks")
+        if self.kv.evicted_chunks > evicted:
+            event("the admission evicted cache blocks (in place or to free chunks)")
         self.reqs[rid] = {"tokens": list(ids), "computed": hit.tokens}
         self._apply()
         self._check_stamps(rid, hit.tokens)  # the hit's KV, read through this slot

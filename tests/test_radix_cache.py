@@ -194,6 +194,18 @@ class CacheMachine(RuleBasedStateMachine):
         oldest = min(leaves, key=lambda p: self.tick[p])
         assert got == self.model.pop(oldest), "not the least recently used unlocked leaf"
 
+    @rule(data=st.data())
+    def evict_block(self, data: st.DataObject) -> None:
+        """Evict a chosen block (slot reuse in place): only an unlocked leaf goes."""
+        if not self.model:
+            return
+        prefix = data.draw(st.sampled_from(sorted(self.model)))
+        leaf = not any(len(q) > len(prefix) and q[: len(prefix)] == prefix for q in self.model)
+        done = self.cache.evict_block(self.model[prefix][0])
+        assert done == (leaf and not self.locks.get(prefix))
+        if done:
+            del self.model[prefix]
+
     @rule()
     def reset(self) -> None:
         if any(self.locks.values()):

@@ -115,7 +115,7 @@ class ChunkBooks:
         if keep >= len(table):
             return 0
         freed = self._drop_mappings(slot, table[keep:])
-        self.commands.append(UnmapCommand(slot, keep, len(table) - keep))
+        self._emit_release(UnmapCommand(slot, keep, len(table) - keep))
         del table[keep:]
         self.first_cached[slot] = min(self.first_cached[slot], keep)
         self.cached_end[slot] = min(self.cached_end[slot], keep)
@@ -139,8 +139,15 @@ class ChunkBooks:
             if cid not in self._slots_of:
                 freed += self._forget(cid)
         if ids:
-            self.commands.append(CacheDropCommand(tuple(ids)))
+            self._emit_release(CacheDropCommand(tuple(ids)))
         return freed
+
+    def refresh_bounds(self, slot: int) -> None:
+        """Recompute the slot's first_cached / cached_end exactly (after chunks it maps
+        were dropped by the cache and became private)."""
+        cached = [i for i, c in enumerate(self.tables[slot]) if c in self._cached]
+        self.first_cached[slot] = cached[0] if cached else len(self.tables[slot])
+        self.cached_end[slot] = cached[-1] + 1 if cached else 0
 
     def pin(self, ids: Iterable[int], delta: int) -> None:
         """Add ``delta`` (+1 or -1) pins to each id."""
@@ -181,6 +188,30 @@ class ChunkBooks:
         return dict(self._pins)
 
     # ---------------------------------------------------------- private
+    def _emit_release(self, new: UnmapCommand | CacheDropCommand) -> None:
+        """Append a command that only drops references, merged into an earlier one where
+        possible: an unmap of the same slot's range just after it, or a cache drop.
+        Reference drops commute with each other (the last one frees the chunk, in
+        whichever order they run), so the trailing run of them may be merged across;
+        a map in between ends the run. Evicting a chain of blocks from an idle slot
+        then costs one unmap and one drop, not one of each per chunk."""
+        for i in range(len(self.commands) - 1, max(-1, len(self.commands) - 33), -1):
+            old = self.commands[i]
+            if not isinstance(old, UnmapCommand | CacheDropCommand):
+                break
+            if isinstance(new, CacheDropCommand) and isinstance(old, CacheDropCommand):
+                self.commands[i] = CacheDropCommand(old.chunks + new.chunks)
+                return
+            if (
+                isinstance(new, UnmapCommand)
+                and isinstance(old, UnmapCommand)
+                and old.slot == new.slot
+                and old.first == new.first + new.count
+            ):
+                self.commands[i] = UnmapCommand(new.slot, new.first, new.count + old.count)
+                return
+        self.commands.append(new)
+
     def _new_id(self, index: int) -> int:
         cid = self._next_id
         self._next_id += 1

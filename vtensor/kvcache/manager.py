@@ -102,8 +102,11 @@ class KVCacheManager:
         self._asked = [0] * geometry.num_slots  # chunks the owner has asked for so far
         self._owner: dict[int, int] = {}  # request id -> slot
         self._paths: dict[int, CachePath] = {}  # request id -> its locked cache prefix
+        self._next_block_end: dict[int, int] = {}  # request id -> tokens filling its next block
         self._idle: set[int] = set(range(reserved_slots, geometry.num_slots))
         self._applied_committed = 0  # committed as of the last take_commands
+        self._released = [0] * geometry.num_slots  # when each slot last went idle
+        self._releases = 0
         self._reclaimer = Reclaimer(self)
         self._placer = SlotPlacer(self)
 
@@ -150,6 +153,10 @@ class KVCacheManager:
 
     def asked(self, slot: int) -> int:
         return self._asked[slot]
+
+    def released_at(self, slot: int) -> int:
+        """A logical time: when the slot last went idle (0: never)."""
+        return self._released[slot]
 
     def idle_slots(self) -> frozenset[int]:
         return frozenset(self._idle)
@@ -201,12 +208,15 @@ class KVCacheManager:
             )
         if not self.can_admit(tokens, 0, hit):
             return None
-        slot = self._placer.choose(want, hit.chunks, self._idle)
+        pressure = want - len(hit.chunks) > self.free_chunks
+        slot = self._placer.choose(want, hit.chunks, self._idle, pressure)
         self._idle.discard(slot)
         self._owner[rid] = slot
         self._paths[rid] = hit.path
+        if self.cache.enabled:
+            self._next_block_end[rid] = (hit.path.blocks + 1) * self.cache.block_tokens
         self.books.pin(self.cache.lock(hit.path), +1)  # before any reclaim can evict it
-        self._placer.fit_front(slot, hit.chunks)
+        self._placer.fit_front(slot, hit.chunks, convert=pressure)
         self._set_asked(slot, min(want, len(self.books.tables[slot])))
         if not self.grow(rid, tokens):
             raise RuntimeError("admission fit the books but could not grow: a bug")
@@ -223,7 +233,8 @@ class KVCacheManager:
         want = self.geometry.chunks_for(tokens)
         have, asked = len(self.books.tables[slot]), self._asked[slot]
         if want <= have:
-            self._set_asked(slot, max(asked, want))
+            if want > asked:
+                self._set_asked(slot, want)
             return True
         self._set_asked(slot, have)  # its own chunks are not surplus to reclaim
         need = want - have
@@ -250,12 +261,10 @@ class KVCacheManager:
         tokens whose KV is computed (or queued) and whose ids the host has read, never a
         placeholder. Blocks already offered are skipped; the request then locks the
         longer cached prefix."""
-        if not self.cache.enabled:
-            return
+        if num_tokens < self._next_block_end.get(rid, _NEVER):
+            return  # the fast path of every step: no new whole block
         path = self._paths[rid]
         blocks = num_tokens // self.cache.block_tokens
-        if blocks <= path.blocks:
-            return
         slot = self._owner[rid]
         table = self.books.tables[slot]
         if blocks * self.cache.block_chunks > self._asked[slot]:
@@ -266,14 +275,17 @@ class KVCacheManager:
             self.books.hold(slot, j * c, table[j * c : (j + n) * c])
         self.books.pin(self.cache.lock(done.path, base=path), +1)
         self._paths[rid] = done.path
+        self._next_block_end[rid] = (blocks + 1) * self.cache.block_tokens
 
     def release(self, rid: int) -> None:
         """The request is done (or preempted): its slot idles, keeping its chunks; its
         cache blocks are unlocked. Offer its last blocks first (``cache_tokens``)."""
         slot = self._owner.pop(rid)
+        self._next_block_end.pop(rid, None)
         self._set_asked(slot, 0)
         self.books.pin(self.cache.unlock(self._paths.pop(rid)), -1)
         self._idle.add(slot)
+        self._released[slot] = self._releases = self._releases + 1
         excess = self.idle_chunks - self.keep_idle_chunks
         if excess > 0:
             table = self.books.tables[slot]
@@ -289,6 +301,10 @@ class KVCacheManager:
         """Free up to ``chunks`` chunks from the cache, least recently used blocks first;
         returns how many were freed."""
         return self._reclaimer.evict(chunks)
+
+    def convert_in_place(self, slot: int, start: int) -> int:
+        """See ``Reclaimer.convert_in_place`` (slot placement uses it)."""
+        return self._reclaimer.convert_in_place(slot, start)
 
     def reset_prefix_cache(self) -> bool:
         """Drop every cached block and every idle slot's mappings, so that all chunks go
@@ -311,16 +327,17 @@ class KVCacheManager:
         """Raise :class:`SharedChunkWriteError` unless each ``(rid, start, end)`` (a
         step's span: it writes the KV of tokens ``[start, end)``) touches only chunks
         that its request's slot maps alone."""
-        books, geo = self.books, self.geometry
-        for rid, start, end in writes:
-            slot = self._owner[rid]
+        books, bpt, chunk = self.books, self.geometry.bytes_per_token, self.geometry.chunk_size
+        cached_end, owner = books.cached_end, self._owner
+        for rid, start, end in writes:  # every span of every step: kept lean
+            slot = owner[rid]
             table = books.tables[slot]
-            first, last = geo.chunk_of(start), geo.chunks_for(end)
+            first, last = start * bpt // chunk, -(-end * bpt // chunk)
             if last > len(table):
                 raise SharedChunkWriteError(
                     f"request {rid} writes tokens [{start}, {end}) beyond its {len(table)} chunks"
                 )
-            if first >= books.cached_end[slot]:
+            if first >= cached_end[slot]:
                 continue  # everything from cached_end on is private
             shared = [i for i in range(first, last) if not books.is_private(table[i])]
             if shared:
@@ -372,6 +389,9 @@ class KVCacheManager:
         elif n < a:
             self.books.pin(table[n:a], -1)
         self._asked[slot] = n
+
+
+_NEVER = 1 << 62  # no request has this many tokens
 
 
 def _runs(blocks: Sequence[int]) -> list[tuple[int, int]]:

@@ -49,11 +49,16 @@ class SlotPlacer:
             if not candidates:
                 return
             want = self.kv.geometry.chunks_for(tokens)
-            slot = self.choose(want, hit.chunks, candidates)  # the slot admit() picks
+            pressure = want - len(hit.chunks) > self.kv.free_chunks
+            slot = self.choose(want, hit.chunks, candidates, pressure)  # as admit() does
             taken.add(slot)
             table = self.kv.books.tables[slot]
             fitted = max(len(hit.chunks), self.kept_end(slot, hit.chunks))
             need = max(0, want - fitted)
+            if pressure:
+                self.fit_front(slot, hit.chunks, convert=True)  # no free chunk needed
+                fitted = len(table)
+                need = max(0, want - fitted)
             if need > self.kv.free_chunks - headroom_chunks:
                 return
             if self.kv.idle_chunks + max(0, want - len(table)) > self.kv.keep_idle_chunks:
@@ -62,21 +67,30 @@ class SlotPlacer:
             if need:
                 self.kv.books.map_fresh(slot, need)
 
-    def choose(self, want: int, hit: tuple[int, ...], among: AbstractSet[int]) -> int:
+    def choose(
+        self, want: int, hit: tuple[int, ...], among: AbstractSet[int], pressure: bool = False
+    ) -> int:
         """The idle slot that maps the longest part of ``hit`` already (slot affinity:
-        a conversation's previous turn), else the best fit on reusable (private)
-        chunks: the smallest run that covers ``want``, else the largest, and among
-        equals the one with the fewest mappings to undo (an idle slot holding cached
+        a conversation's previous turn); else one whose private chunks cover ``want``
+        (the smallest); else, under ``pressure`` (not enough free chunks), the idle slot
+        released longest ago that maps cached blocks, whose chunks it will reuse in
+        place (``fit_front(convert=True)``); else the largest private run. Among
+        equals, the one with the fewest mappings to undo (an idle slot holding cached
         blocks may serve a later turn of its conversation)."""
-        tables = self.kv.books.tables
+        books = self.kv.books
+        tables = books.tables
         if hit:
-            near = self.kv.books.holders(hit[0]) & among
+            near = books.holders(hit[0]) & among
             if near:
                 return max(near, key=lambda s: (_common(tables[s], hit), -s))
-        run = self.kv.books.private_run
+        run = books.private_run
         covering = [s for s in among if run(s) >= want]
         if covering:
             return min(covering, key=lambda s: (run(s), len(tables[s]), s))
+        if pressure:  # reuse the oldest content's slot in place
+            aged = [s for s in among if books.cached_end[s]]
+            if aged:
+                return min(aged, key=lambda s: (self.kv.released_at(s), s))
         return max(among, key=lambda s: (run(s), -len(tables[s]), -s))
 
     def kept_end(self, slot: int, hit: tuple[int, ...]) -> int:
@@ -89,11 +103,15 @@ class SlotPlacer:
             end += 1
         return end
 
-    def fit_front(self, slot: int, hit: tuple[int, ...]) -> None:
+    def fit_front(self, slot: int, hit: tuple[int, ...], convert: bool = False) -> None:
         """Make the slot map ``hit`` at its front, then only private chunks: entries that
         already match stay (no remapping), the rest of the front is replaced by the
         cached chunks, and what follows is kept while private, unmapped from the
-        first shared or cached entry on."""
+        first shared or cached entry on. With ``convert`` (under pressure) cached
+        blocks that only this slot maps are first evicted in place, in LRU order, to
+        be kept as private chunks (``Reclaimer.convert_in_place``)."""
+        if convert:
+            self.kv.convert_in_place(slot, len(hit))
         table = self.kv.books.tables[slot]
         end = self.kept_end(slot, hit)
         if end < len(table):

@@ -29,6 +29,8 @@ Contract of a :class:`PrefixCache`:
   changed state (locked from unlocked, or back).
 * ``evict()``: removes the least recently used unlocked block with no
   extension (a leaf); returns its chunk ids, or None when nothing is evictable.
+  ``evict_block(chunk)`` removes the block that holds chunk id ``chunk`` instead,
+  if it is an unlocked leaf (False, nothing done, otherwise).
 * ``reset()``: removes every block and returns their chunk ids; it refuses
   (``RuntimeError``) while any block is locked.
 """
@@ -110,6 +112,9 @@ class PrefixCache(ABC):
     def evict(self) -> tuple[int, ...] | None: ...
 
     @abstractmethod
+    def evict_block(self, chunk: int) -> bool: ...
+
+    @abstractmethod
     def reset(self) -> list[int]: ...
 
     @abstractmethod
@@ -154,6 +159,9 @@ class NoPrefixCache(PrefixCache):
 
     def evict(self) -> tuple[int, ...] | None:
         return None
+
+    def evict_block(self, chunk: int) -> bool:
+        return False
 
     def reset(self) -> list[int]:
         return []

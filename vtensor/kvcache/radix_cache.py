@@ -58,6 +58,7 @@ class RadixPrefixCache(PrefixCache):
         self._serial = itertools.count()  # tie-breaker: heap entries never compare nodes
         self._heap: list[tuple[int, int, _Node]] = []  # (tick, serial, leaf) candidates
         self._nodes = 0
+        self._by_chunk: dict[int, _Node] = {}  # first chunk id -> its node
         self._evictable = 0  # chunks in unlocked nodes
         self._locked = 0  # chunks in locked nodes
         self._evicted = 0
@@ -99,6 +100,7 @@ class RadixPrefixCache(PrefixCache):
                 if len(child.key) != t or len(child.chunks) != c:
                     raise ValueError(f"block {j} is not whole: {len(key)} tokens")
                 node.children[key] = child
+                self._by_chunk[child.chunks[0]] = child
                 self._nodes += 1
                 self._evictable += c
                 adopted.append(j)
@@ -143,19 +145,40 @@ class RadixPrefixCache(PrefixCache):
 
     # ------------------------------------------------------------ eviction
     def evict(self) -> tuple[int, ...] | None:
-        while self._heap:
-            tick, _, node = heapq.heappop(self._heap)
-            if not (node.alive and node.lock == 0 and not node.children and node.tick == tick):
-                continue  # stale: locked, extended, touched again or gone since pushed
-            parent = node.parent
-            assert parent is not None
-            del parent.children[node.key]
-            node.alive = False
-            self._nodes -= 1
-            self._evictable -= len(node.chunks)
-            self._evicted += 1
-            self._push_if_evictable(parent)
-            return node.chunks
+        node = self._lru_leaf()
+        if node is None:
+            return None
+        heapq.heappop(self._heap)
+        self._remove(node)
+        return node.chunks
+
+    def evict_block(self, chunk: int) -> bool:
+        node = self._by_chunk.get(chunk)
+        if node is None or node.lock or node.children:
+            return False
+        self._remove(node)  # its heap entry goes stale
+        return True
+
+    def _remove(self, node: _Node) -> None:
+        parent = node.parent
+        assert parent is not None
+        del parent.children[node.key]
+        del self._by_chunk[node.chunks[0]]
+        node.alive = False
+        self._nodes -= 1
+        self._evictable -= len(node.chunks)
+        self._evicted += 1
+        self._push_if_evictable(parent)
+
+    def _lru_leaf(self) -> _Node | None:
+        """The heap's top once stale entries (locked, extended, touched again or gone
+        since pushed) are dropped: the least recently used evictable leaf."""
+        heap = self._heap
+        while heap:
+            tick, _, node = heap[0]
+            if node.alive and node.lock == 0 and not node.children and node.tick == tick:
+                return node
+            heapq.heappop(heap)
         return None
 
     def reset(self) -> list[int]:
@@ -165,6 +188,7 @@ class RadixPrefixCache(PrefixCache):
         for node in self._walk():
             node.alive = False
         self._root.children.clear()
+        self._by_chunk.clear()
         self._heap.clear()
         self._nodes = self._evictable = 0
         return ids
@@ -187,6 +211,7 @@ class RadixPrefixCache(PrefixCache):
         locked = sum(len(n.chunks) for n in nodes if n.lock)
         checks = [
             (len(nodes) == self._nodes, f"{len(nodes)} nodes, counted {self._nodes}"),
+            ({n.chunks[0]: n for n in nodes} == self._by_chunk, "the chunk index is stale"),
             (len(ids) == len(set(ids)), "a chunk id is held by two blocks"),
             (locked == self._locked, f"{locked} locked chunks, counted {self._locked}"),
             (len(ids) == self._evictable + self._locked, "cached != evictable + locked"),

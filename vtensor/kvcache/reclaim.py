@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 class Reclaimer:
     def __init__(self, kv: KVCacheManager) -> None:
         self.kv = kv
-        self.evicted_chunks = 0  # chunks freed by evicting cache blocks, over its life
+        self.evicted_chunks = 0  # chunks of evicted cache blocks, over its life
 
     def reclaim(self, need: int) -> bool:
         """Free ``need`` chunks; False (nothing done) if fewer are reclaimable."""
@@ -59,26 +59,57 @@ class Reclaimer:
                     if slot not in idle:
                         raise RuntimeError(f"evicted chunk {cid} is mapped by running slot {slot}")
                     freed += books.truncate(slot, books.index_of(cid))
-            done = books.drop(ids)
-            freed += done
-            self.evicted_chunks += done
+            freed += books.drop(ids)
+            self.evicted_chunks += len(ids)
         return freed
+
+    def convert_in_place(self, slot: int, start: int) -> int:
+        """Under pressure, for a request taking idle ``slot``: evict the cache blocks that
+        only this slot maps, from its deepest one back to chunk ``start`` (after the
+        request's own hit), leaves first, but keep their chunks mapped, private now:
+        the request writes over them in place, so nothing is unmapped and remapped.
+        Stops at a block another slot maps, a locked block, or one that is not a leaf.
+        Returns the chunks kept."""
+        cache, books = self.kv.cache, self.kv.books
+        table, c = books.tables[slot], max(1, cache.block_chunks)
+        kept, i = 0, len(table)
+        while i > start:
+            cid = table[i - 1]
+            if books.is_private(cid):
+                i -= 1
+                continue
+            first = i - c  # a cached chunk ends its block: blocks are whole in a slot
+            ids = table[first:i]
+            if first < start or any(books.holders(x) != {slot} for x in ids):
+                break
+            if not cache.evict_block(ids[0]):
+                break
+            books.drop(ids)  # mapped by the slot alone: nothing freed
+            kept, i = kept + c, first
+        if kept:
+            books.refresh_bounds(slot)
+            self.evicted_chunks += kept
+        return kept
 
     def _cut_tails(self, need: int, private_only: bool) -> int:
         """Cut idle slots (largest first) and running slots' surplus from the tail until
         ``need`` chunks are freed; with ``private_only`` stop at a chunk that another
         holder keeps (the cut would lose a mapping and free nothing)."""
         kv, books = self.kv, self.kv.books
-        idle = sorted(kv.idle_slots(), key=lambda s: -len(books.tables[s]))
-        floors = [(s, 0) for s in idle] + [(s, kv.asked(s)) for s in kv.owners().values()]
+        tables, is_private = books.tables, books.is_private
+        idle = [s for s in kv.idle_slots() if tables[s]]
+        if private_only:  # only slots whose last chunk is private have anything to give
+            idle = [s for s in idle if is_private(tables[s][-1])]
+        idle.sort(key=lambda s: -len(tables[s]))
+        surplus = [(s, kv.asked(s)) for s in kv.owners().values() if len(tables[s]) > kv.asked(s)]
         freed = 0
-        for slot, floor in floors:
+        for slot, floor in [*((s, 0) for s in idle), *surplus]:
             if freed >= need:
                 break
-            table = books.tables[slot]
+            table = tables[slot]
             cut, gain = len(table), 0
             while cut > floor and gain < need - freed:
-                private = books.is_private(table[cut - 1])
+                private = is_private(table[cut - 1])
                 if private_only and not private:
                     break
                 cut -= 1
