@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 from vtensor import cli_generate, cli_serve
 from vtensor.bench import serve as bench_serve
+from vtensor.bench import serve_compare
 from vtensor.engine.config import DeviceUnavailableError
 from vtensor.memory import NoCudaDriverError
 
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kernels_parser(bench_sub)
     _add_offline_parser(bench_sub)
     bench_serve.add_parser(bench_sub)
+    serve_compare.add_parser(bench_sub)
     return parser
 
 
@@ -172,6 +174,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return bench_offline(args)
     if args.command == "bench" and args.bench == "serve":
         return bench_serve.main(args)
+    if args.command == "bench" and args.bench == "compare":
+        return serve_compare.main(args)
     if args.command == "bench" and args.bench == "memory":
         from vtensor.bench.memory import main as bench_memory
 

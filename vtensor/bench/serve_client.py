@@ -42,6 +42,7 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)  # gaps between streamed events
     output_ids: list[int] | None = None  # when the server returns them
     output_text: str = ""
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens, where reported
 
 
 async def fetch_model(session: aiohttp.ClientSession, base_url: str, api_key: str | None) -> str:
@@ -130,5 +131,7 @@ async def _read_stream(resp: aiohttp.ClientResponse, result: RequestResult, sent
     if usage:
         result.prompt_len = int(usage.get("prompt_tokens") or 0)
         result.output_len = int(usage.get("completion_tokens") or 0)
+        details = usage.get("prompt_tokens_details") or {}
+        result.cached_tokens = int(details.get("cached_tokens") or 0)
     else:
         result.output_len = len(ids) if got_ids else token_events
