@@ -91,6 +91,25 @@ def _add_offline_parser(bench_sub: argparse._SubParsersAction) -> None:
         default=None,
         help="extra IN,OUT length pair (repeatable); runs after --input-len/--output-len",
     )
+    off.add_argument(
+        "--prefix-len",
+        type=int,
+        default=0,
+        help="a random prefix of this many tokens shared by every throughput prompt "
+        "(vLLM's --random-prefix-len: a shared system prompt); the prompts' own tokens "
+        "follow it",
+    )
+    off.add_argument(
+        "--compare-prefix-caching",
+        nargs="?",
+        type=_positive,
+        const=1,
+        default=0,
+        metavar="REPEATS",
+        help="run each throughput workload with prefix caching off then on, on one engine, "
+        "each from an empty cache, REPEATS times (default 1: off, on; 2: off, on, off, on), "
+        "and print the gain",
+    )
     off.add_argument("--decode-batches", type=_int_list, default=[1, 16, 64, 256])
     off.add_argument("--decode-ctx", type=_positive, default=1024)
     off.add_argument("--decode-steps", type=_positive, default=32)

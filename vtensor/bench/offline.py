@@ -44,7 +44,8 @@ def engine_config(args: Any) -> EngineConfig:
 
 
 def throughput(engine: LLMEngine, args: Any, input_len: int, output_len: int) -> dict[str, Any]:
-    data = random_dataset(args.num_prompts, input_len, output_len, engine.model_config.vocab_size)
+    vocab, prefix = engine.model_config.vocab_size, args.prefix_len
+    data = random_dataset(args.num_prompts, input_len, output_len, vocab, prefix_len=prefix)
     for r in data:
         engine.add_request(r.prompt_ids, SamplingParams(max_tokens=r.output_len, ignore_eos=True))
     s0 = engine.stats()
@@ -62,9 +63,16 @@ def throughput(engine: LLMEngine, args: Any, input_len: int, output_len: int) ->
     out_tokens = sum(r.output_len for r in data)
     in_tokens = sum(len(r.prompt_ids) for r in data)
     step_s = s1.step_s - s0.step_s
+    queries = s1.prefix_cache_queries - s0.prefix_cache_queries
+    hits = s1.prefix_cache_hits - s0.prefix_cache_hits
     return {
         "input_len": input_len,
         "output_len": output_len,
+        "prefix_len": prefix,
+        "prefix_caching": s1.prefix_caching,
+        "prefix_cache_hit_rate": hits / queries if queries else 0.0,
+        "prefix_cache_evicted_chunks": s1.prefix_cache_evicted_chunks
+        - s0.prefix_cache_evicted_chunks,
         "num_prompts": len(data),
         "wall_s": wall,
         "requests_per_s": len(data) / wall,
@@ -113,17 +121,56 @@ def run_engine(cfg: EngineConfig, args: Any) -> tuple[dict[str, Any], ModelConfi
         )
         result: dict[str, Any] = {"config": {k: str(v) for k, v in asdict(cfg).items()}}
         result["attention_backend"] = rt.attention_backend  # resolved (the config may say None)
-        result["throughput"] = []
-        for inp, outp in [] if args.skip_throughput else args.workloads:
-            print(f"throughput: {args.num_prompts} prompts, in {inp}, out {outp}", flush=True)
-            result["throughput"].append(throughput(engine, args, inp, outp))
+        result["throughput"] = run_throughputs(engine, args)
         if result["throughput"]:
             print_throughput(result["throughput"])
+            if args.compare_prefix_caching:
+                print_prefix_comparison(result["throughput"])
         result["decode"] = run_decode_table(
             engine, args.decode_batches, args.decode_ctx, args.decode_steps
         )
         engine.set_async_scheduling(rt.async_scheduling)
         return result, engine.model_config, rt
+
+
+def run_throughputs(engine: LLMEngine, args: Any) -> list[dict[str, Any]]:
+    """Each workload once, or with ``--compare-prefix-caching N`` N times prefix caching
+    off then on, each from an empty cache (after a warm-up, so that neither pays the
+    kernels' compilation)."""
+    workloads = [] if args.skip_throughput else args.workloads
+    repeats = args.compare_prefix_caching
+    modes: list[bool | None] = [False, True] * repeats if repeats else [None]
+    if workloads and args.compare_prefix_caching:
+        from vtensor.engine.warmup import warm_up
+
+        print(f"warm-up: {warm_up(engine):.1f}s", flush=True)
+    was_on = engine.kv.cache.enabled
+    rows = []
+    for inp, outp in workloads:
+        for mode in modes:
+            if mode is not None:
+                engine.set_prefix_caching(mode)  # starts empty
+            caching = "on" if engine.kv.cache.enabled else "off"
+            print(f"throughput: {args.num_prompts} prompts, shared prefix {args.prefix_len}, "
+                  f"in {inp}, out {outp}, prefix caching {caching}", flush=True)  # fmt: skip
+            rows.append(throughput(engine, args, inp, outp))
+    if args.compare_prefix_caching:
+        engine.set_prefix_caching(was_on)
+    return rows
+
+
+def print_prefix_comparison(rows: list[dict[str, Any]]) -> None:
+    """Rows come in (off, on) pairs: the gain of prefix caching on each workload (and
+    each repeat, in the order they ran)."""
+    table = []
+    for off, on in zip(rows[::2], rows[1::2]):
+        table.append((f"{on['prefix_len']}+{on['input_len']}", on["output_len"],
+                      off["requests_per_s"], on["requests_per_s"],
+                      f"{on['requests_per_s'] / off['requests_per_s']:.3f}x",
+                      f"{100 * on['prefix_cache_hit_rate']:.1f}"))  # fmt: skip
+    headers = ["in (shared+own)", "out", "req/s off", "req/s on", "on / off", "hit %"]
+    print("prefix caching, on against off (one engine, one process):")
+    print(format_table(headers, table))
 
 
 def run_hf(rows: list[dict], cfg: ModelConfig, rt: EngineRuntime, args: Any) -> None:
@@ -143,11 +190,12 @@ def run_hf(rows: list[dict], cfg: ModelConfig, rt: EngineRuntime, args: Any) -> 
 
 
 def print_throughput(rows: list[dict[str, Any]]) -> None:
-    headers = ["in", "out", "req/s", "output tok/s", "total tok/s", "wait %", "kv sync %",
-               "waste/req chunks (mean/max)", "mapped-empty/req MiB (mean/max)",
-               "held MiB (max)", "preemptions"]  # fmt: skip
+    headers = ["prefix", "in", "out", "cache", "hit %", "req/s", "output tok/s", "total tok/s",
+               "wait %", "kv sync %", "waste/req chunks (mean/max)",
+               "mapped-empty/req MiB (mean/max)", "held MiB (max)", "preemptions"]  # fmt: skip
     table = [
-        (t["input_len"], t["output_len"], t["requests_per_s"], t["output_tokens_per_s"],
+        (t["prefix_len"], t["input_len"], t["output_len"], "on" if t["prefix_caching"] else "off",
+         f"{100 * t['prefix_cache_hit_rate']:.1f}", t["requests_per_s"], t["output_tokens_per_s"],
          t["total_tokens_per_s"], f"{t['mapper_wait_pct_of_step']:.3f}",
          f"{t['kv_sync_pct_of_step']:.3f}",
          f"{t['waste_chunks_per_running_mean']:.2f}/{t['waste_chunks_per_running_max']:.2f}",
