@@ -87,11 +87,11 @@ def record_batches(llm: Any) -> dict[int, int]:
     runner = llm.engine.runner
     execute = runner.execute
 
-    def recording(chunks: list[Any], slots: list[int]) -> Any:
-        for c in chunks:
-            if c.req.params.logprobs is not None:
-                sizes[c.start] = len(chunks)
-        return execute(chunks, slots)
+    def recording(spans: list[Any]) -> Any:
+        for sp in spans:
+            if llm.engine.requests[sp.rid].params.logprobs is not None:
+                sizes[sp.start] = len(spans)
+        return execute(spans)
 
     runner.execute = recording
     return sizes
@@ -204,6 +204,9 @@ class _EagerReplay:
         self.graphs, self.bs = graphs, bs
         self.calls = 0
         self.table_rows = 0  # rows whose input id came from the token table
+
+    def reset(self) -> None:
+        """``DecodeGraphs.release`` destroys each graph; there is nothing to destroy."""
 
     def replay(self) -> None:
         g = self.graphs

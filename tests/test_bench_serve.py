@@ -132,3 +132,98 @@ def test_multiturn_reports_cached_tokens_and_compares_with_the_cache_off(
     assert cli(["bench", "compare", str(paths["on"]), str(paths["off"])]) == 0
     printed = capsys.readouterr().out
     assert "req/s" in printed and "per round" in printed and "TTFT p50 on" in printed
+
+
+# ------------------------------------------------------------------ the soak (issue 18)
+def test_abort_points_are_mid_stream_and_seeded() -> None:
+    from vtensor.bench.serve import abort_points
+    from vtensor.bench.serve_workloads import Conversation
+
+    lens = [random.randint(1, 30) for _ in range(4000)]
+    convs = [Conversation([[5]], [n]) for n in lens]
+    fraction, seed = random.uniform(0.1, 0.5), random.randrange(1000)
+    points = [p[0] for p in abort_points(convs, RunArgs(1.0, 1.0, None, seed, fraction))]
+    assert points == [p[0] for p in abort_points(convs, RunArgs(1.0, 1.0, None, seed, fraction))]
+    chosen = [(p, n) for p, n in zip(points, lens) if p is not None]
+    assert all(1 <= p <= n - 1 for p, n in chosen)  # after a token, before the last
+    eligible = sum(n > 1 for n in lens)
+    assert len(chosen) / eligible == pytest.approx(fraction, abs=0.04)
+    with pytest.raises(ValueError):
+        RunArgs(1.0, 1.0, None, 0, 1.0)
+
+
+def _snapshot(submitted: float = 0, length: float = 0, abort: float = 0, **other: float
+              ) -> dict[str, float]:  # fmt: skip
+    """/metrics as parse_metrics gives it: vtensor's series that the check reads."""
+    return {"vtensor_requests_submitted_total": submitted, "vtensor_requests_running": 0.0,
+            "vtensor_requests_waiting": 0.0, "vtensor_kv_live_bytes": 0.0,
+            "vtensor_kv_mapped_bytes": 0.0, 'vtensor_requests_finished_total{reason="stop"}': 0,
+            'vtensor_requests_finished_total{reason="length"}': length,
+            'vtensor_requests_finished_total{reason="abort"}': abort,
+            **{f"vtensor_{k}": v for k, v in other.items()}}  # fmt: skip
+
+
+def test_metrics_check_definitions() -> None:
+    from vtensor.bench.serve_check import check_run, parse_metrics
+
+    def results(n: int, aborted: int = 0) -> list[RequestResult]:
+        rs = [RequestResult(i, 0, 0.0, ok=True, accepted=True, done=True) for i in range(n)]
+        for r in rs[:aborted]:
+            r.done, r.aborted = False, True
+        return rs
+
+    before = _snapshot(submitted=5)
+    good = _snapshot(submitted=15, length=7, abort=3)
+    assert all(c.ok for c in check_run(before, good, results(10, aborted=3)))
+    # One request the server accepted never ended: lost, whatever the client thinks.
+    lost = _snapshot(submitted=15, length=6, abort=3)
+    failed = {c.name for c in check_run(before, lost, results(10, aborted=3)) if not c.ok}
+    assert failed == {"lost (submitted - ended - running - waiting)"}
+    # A stream the client did not leave, cut without [DONE]; KV still live.
+    cut = results(10, aborted=3)
+    cut[5].done = False
+    live = _snapshot(submitted=15, length=7, abort=3, kv_live_bytes=4096.0)
+    failed = {c.name for c in check_run(before, live, cut) if not c.ok}
+    assert failed == {"streams cut short (client)", "kv_live_bytes after the run"}
+    text = 'vtensor_requests_finished_total{reason="abort"} 3\nvtensor_kv_live_bytes 0\n'
+    assert parse_metrics(text) == {'vtensor_requests_finished_total{reason="abort"}': 3.0,
+                                   "vtensor_kv_live_bytes": 0.0}  # fmt: skip
+
+
+def test_soak_with_disconnects_passes_the_metrics_check(server: Served, tmp_path: Path) -> None:
+    n = random.randint(30, 50)
+    out, seed = tmp_path / "soak.json", str(random.randrange(1000))
+    rc = cli(["bench", "serve", "--base-url", server.url, "--num-prompts", str(n),
+              "--input-len", "12", "--output-len", "16", "--range-ratio", "0.5",
+              "--vocab-size", "400", "--max-concurrency", "8", "--abort-fraction", "0.4",
+              "--check-metrics", "--seed", seed, "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    [run] = json.loads(out.read_text())["runs"]
+    check = run["check"]
+    assert check["ok"], check
+    assert run["completed"] + run["aborted"] == n and run["failed"] == 0
+    assert 0 < run["aborted"] < n and check["client_aborted"] == run["aborted"]
+    assert check["submitted"] == n and sum(check["finished"].values()) == n
+    assert 0 < check["finished"]["abort"] <= run["aborted"]  # some finished before the drop
+    server.idle_and_balanced()
+
+
+def test_metrics_check_fails_while_a_request_is_left_running(
+    server: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not a check that cannot fail: a stream opened beside the bench and still running
+    when the bench reads /metrics is a live request with live KV."""
+    import requests
+
+    body = {"prompt": [5, 6, 7], "max_tokens": 400, "stream": True, "ignore_eos": True}
+    with requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)
+        rc = cli(["bench", "serve", "--base-url", server.url, "--num-prompts", "4",
+                  "--input-len", "8", "--output-len", "4", "--vocab-size", "400",
+                  "--check-metrics", "--check-timeout", "0.5"])  # fmt: skip
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "metrics check FAILED" in err and "requests still running" in err
+    assert "kv_live_bytes after the run" in err
+    server.idle_and_balanced()

@@ -3,10 +3,20 @@ relative error against fp32 references, and the FA2 adapter on the same arena.""
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 import torch
 
-from vtensor.kernels import decode_attention, extend_attention, fa2_decode, fa2_extend
+from vtensor.kernels import (
+    DecodeWorkspace,
+    decode_attention,
+    extend_attention,
+    fa2_decode,
+    fa2_extend,
+)
 from vtensor.kernels.reference import decode_ref, extend_ref
 
 from .kernel_cases import TOLERANCE, ints, make_case, rel_err
@@ -30,9 +40,14 @@ def test_decode_real_shapes(q_heads: int, kv_heads: int, dim: int, dtype: torch.
     q = torch.randn(8, q_heads, dim, device="cuda").to(dtype)
     lens = ints(lengths, "cuda")
     ref = decode_ref(q, case.k, case.v, case.row_starts(), lens, dim**-0.5)
+    ws = DecodeWorkspace.for_batch(8, q_heads, dim, "cuda")
     for splits in (None, 1, 7):
-        out = decode_attention(q, case.k, case.v, case.row_starts(), lens, 4096, num_splits=splits)
-        assert rel_err(out, ref) < TOLERANCE[dtype], splits
+        for max_len in (4096, 131072):  # as the arguments, and as a decode graph's bound
+            out = decode_attention(
+                q, case.k, case.v, case.row_starts(), lens, max_len, num_splits=splits,
+                workspace=ws, out=_poisoned_like(q),
+            )  # fmt: skip
+            assert rel_err(out, ref) < TOLERANCE[dtype], (splits, max_len)
     fa2 = fa2_decode(q, case.k, case.v, case.row_starts(), lens, 4096)
     assert rel_err(fa2, ref) < TOLERANCE[dtype]
 
@@ -70,3 +85,52 @@ def test_outputs_fully_written() -> None:
     qe = torch.randn(sum(news), 32, 128, device="cuda").to(torch.bfloat16)
     out = extend_attention(qe, case.k, case.v, indptr, case.row_starts(), prefixes, 64)
     assert not torch.isnan(out).any()
+
+
+def _capture(step: Callable[[], object], monkeypatch: pytest.MonkeyPatch) -> tuple[Any, int]:
+    """A graph of ``step``, and how many tensors its capture made with ``torch.empty``
+    (how the decode wrapper makes scratch without a workspace)."""
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    made = 0
+    empty = torch.empty
+
+    def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
+        nonlocal made
+        made += 1
+        return empty(*args, **kwargs)
+
+    graph = torch.cuda.CUDAGraph()
+    with monkeypatch.context() as m:
+        m.setattr(torch, "empty", counting)
+        with torch.cuda.graph(graph):
+            step()
+    return graph, made
+
+
+def test_decode_graph_replay_with_workspace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode captured in a CUDA graph with a workspace, as the engine's decode graphs run
+    it (max_len = a long bound): replays with new lengths and queries are right, and the
+    capture makes no split-K scratch (without a workspace it makes two buffers)."""
+    batch, q_heads, kv_heads, dim = 4, 32, 8, 128
+    case = make_case(batch, 2048, q_heads, kv_heads, dim, torch.bfloat16, "cuda")
+    ws = DecodeWorkspace.for_batch(batch, q_heads, dim, "cuda")
+    q = torch.randn(batch, q_heads, dim, device="cuda").to(torch.bfloat16)
+    lens = ints([1, 1, 1, 1], "cuda")
+    starts, out = case.row_starts(), torch.empty_like(q)
+
+    def step(workspace: DecodeWorkspace | None) -> Callable[[], object]:
+        return lambda: decode_attention(
+            q, case.k, case.v, starts, lens, 32768, workspace=workspace, out=out
+        )
+
+    graph, made = _capture(step(ws), monkeypatch)
+    _, made_fresh = _capture(step(None), monkeypatch)
+    assert (made, made_fresh) == (0, 2)
+    for _ in range(3):
+        lengths = [random.randint(1, 2048) for _ in range(batch)]
+        lens.copy_(ints(lengths, "cuda"))
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        ref = decode_ref(q, case.k, case.v, starts, lens, dim**-0.5)
+        assert rel_err(out, ref) < TOLERANCE[torch.bfloat16], lengths

@@ -88,3 +88,53 @@ def test_loader_rejects_incomplete_and_foreign_checkpoints(tmp_path: Path) -> No
         LLMEngine(EngineConfig(model=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match=r"no config\.json in"):
         LLMEngine(EngineConfig(model=str(tmp_path / "nowhere")))
+
+
+def _shard_elsewhere(model_dir: Path, name_of: Any) -> None:
+    """Move one shard out of ``model_dir`` and point the index's weight_map at it."""
+    import json
+
+    index_path = model_dir / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    moved = name_of(model_dir, shard)
+    Path(moved if Path(moved).is_absolute() else model_dir / moved).parent.mkdir(
+        parents=True, exist_ok=True
+    )
+    (model_dir / shard).rename(moved if Path(moved).is_absolute() else model_dir / moved)
+    index["weight_map"] = {k: (moved if v == shard else v) for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize(
+    "name_of",
+    [
+        lambda d, s: f"../{s}",  # next to the model directory
+        lambda d, s: f"sub/../../{s}",  # out through a subfolder
+        lambda d, s: str(d.parent / f"abs-{s}"),  # an absolute path
+    ],
+)
+def test_loader_refuses_shards_outside_the_model_directory(tmp_path: Path, name_of: Any) -> None:
+    """A weight_map entry is a file name inside the checkpoint, nothing else (issue 18)."""
+    from vtensor.engine.config import EngineConfig
+    from vtensor.engine.llm_engine import LLMEngine
+
+    model_dir = tmp_path / "model"
+    make_checkpoint(model_dir, "qwen2")  # sharded, with an index
+    _shard_elsewhere(model_dir, name_of)
+    with pytest.raises(ValueError, match="outside the model directory"):
+        LLMEngine(EngineConfig(model=str(model_dir)))
+
+
+def test_loader_follows_links_inside_the_model_directory(tmp_path: Path, make_llm) -> None:
+    """The HF cache's snapshot folders link each file to a blob elsewhere: a shard name
+    inside the directory is loaded wherever its link points."""
+    model_dir = tmp_path / "snapshot"
+    hf = make_checkpoint(model_dir, "qwen2")
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for shard in model_dir.glob("*.safetensors"):
+        target = blobs / shard.name
+        shard.rename(target)
+        shard.symlink_to(target)
+    check_against_hf(make_llm(str(model_dir)), hf, random_prompts(2, 512), max_new=4)

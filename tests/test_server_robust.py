@@ -6,13 +6,8 @@ Every case ends with the server still serving and its pool balancing.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -102,7 +97,7 @@ def test_prompt_plus_max_tokens_over_context_is_400(server: Served) -> None:
         r = _post(server, path, {**body, "max_tokens": limit})
         assert r.status_code == 400, r.text
         err = r.json()["error"]
-        assert err["param"] in ("max_tokens", "prompt") and str(limit) in err["message"]
+        assert err["param"] in ("max_tokens", "prompt", "messages") and str(limit) in err["message"]
     r = _post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 5})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     ok = _post(server, "/v1/completions", {"prompt": prompt, "max_tokens": 4, "ignore_eos": True})
@@ -187,45 +182,3 @@ def test_overload_queues_then_503() -> None:
         ok = requests.post(s.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
         assert ok.status_code == 200
         s.idle_and_balanced()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_shutdown_is_clean(sig: signal.Signals) -> None:
-    """A signal mid-stream: the stream ends, the process exits 0 and closes the engine."""
-    port = _free_port()
-    cmd = [sys.executable, "-m", "vtensor.cli", "serve", "--device", "cpu", "--port", str(port),
-           "--max-model-len", "2048", "--shutdown-timeout", "0.3"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ})
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-            try:
-                if requests.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        body = {"prompt": "go", "max_tokens": 2000, "stream": True, "ignore_eos": True}
-        with requests.post(url + "/v1/completions", json=body, stream=True, timeout=30) as r:
-            lines = r.iter_lines()
-            next(lines)
-            proc.send_signal(sig)
-            events = [line for line in lines if line]  # the rest of the stream
-        assert proc.wait(timeout=30) == 0
-        err = proc.stderr.read() if proc.stderr else ""
-        assert "Traceback" not in err and "shut down cleanly" in err, err
-        # The grace period (0.3 s) ends long before 2000 tokens: the stream still ends properly.
-        assert events[-1] == b"data: [DONE]"
-        last = json.loads(events[-2][len(b"data: ") :])
-        assert last["choices"][0]["finish_reason"] == "abort"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

@@ -11,6 +11,7 @@ from vtensor.bench import serve as bench_serve
 from vtensor.bench import serve_compare
 from vtensor.engine.config import DeviceUnavailableError
 from vtensor.memory import NoCudaDriverError
+from vtensor.models.config import SHAPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_kernels_parser(bench_sub)
     _add_offline_parser(bench_sub)
+    _add_collectives_parser(bench_sub)
     bench_serve.add_parser(bench_sub)
     serve_compare.add_parser(bench_sub)
     return parser
@@ -50,8 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_kernels_parser(bench_sub: argparse._SubParsersAction) -> None:
     ker = bench_sub.add_parser("kernels", help="attention kernels vs SGLang and FA2 (GPU)")
-    ker.add_argument("--batches", type=_int_list, default=[1, 8, 32, 128])
-    ker.add_argument("--ctxs", type=_int_list, default=[1024, 4096, 16384, 32768])
+    ker.add_argument(
+        "--batches", type=_int_list, default=None, help="decode batches (default 1,8,32,128)"
+    )
+    ker.add_argument(
+        "--ctxs", type=_int_list, default=None, help="decode contexts (default 1024,...,32768)"
+    )
+    ker.add_argument(
+        "--head-configs",
+        type=_names("llama3-8b", "mha"),
+        default=None,
+        help="attention shapes: llama3-8b (32/8 GQA), mha (32/32); default both",
+    )
+    ker.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small grid: llama3-8b, batches 1,8,32, contexts 4096,16384, no extend "
+        "(explicit --batches/--ctxs/--head-configs still win)",
+    )
     ker.add_argument("--prefixes", type=_int_list, default=[0, 1024, 4096, 16384])
     ker.add_argument("--news", type=_int_list, default=[128, 512, 2048])
     ker.add_argument("--extend-batch", type=_positive, default=4)
@@ -75,6 +93,14 @@ def _add_kernels_parser(bench_sub: argparse._SubParsersAction) -> None:
         help="the max_model_len of the vmm arena's engine (default: Llama-3-8B's 8192); "
         "contexts beyond it use their own length",
     )
+    ker.add_argument(
+        "--decode-configs",
+        default="",
+        help='decode launch candidates to sweep under CUDA-graph replay at every point: "all" '
+        "(vtensor/bench/kernel_candidates.py) or comma-separated names such as "
+        "n64-w4-s3-m64 (DecodeConfig.name) or n64-w4-s3-m64+waves8",
+    )
+    ker.add_argument("--skip-extend", action="store_true", help="decode points only")
     ker.add_argument("--json", default=None, help="write the figures to this path")
 
 
@@ -113,6 +139,8 @@ def _add_offline_parser(bench_sub: argparse._SubParsersAction) -> None:
     off.add_argument("--decode-batches", type=_int_list, default=[1, 16, 64, 256])
     off.add_argument("--decode-ctx", type=_positive, default=1024)
     off.add_argument("--decode-steps", type=_positive, default=32)
+    off.add_argument("--decode-sync", default=True, action=argparse.BooleanOptionalAction,
+                     help="also time decode batches with synchronous steps")  # fmt: skip
     off.add_argument(
         "--skip-throughput",
         action="store_true",
@@ -133,6 +161,21 @@ def _add_offline_parser(bench_sub: argparse._SubParsersAction) -> None:
         "past it the run is recorded as a timeout",
     )
     off.add_argument("--json", default=None, help="write the figures to this path")
+
+
+def _add_collectives_parser(bench_sub: argparse._SubParsersAction) -> None:
+    col = bench_sub.add_parser(
+        "collectives", help="the TP group's bus bandwidth and a decode step's collectives"
+    )
+    col.add_argument("--tensor-parallel-size", "-tp", type=_positive, default=2)
+    col.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                     help="cuda: NCCL (default with GPUs); cpu: gloo, a smoke test")  # fmt: skip
+    col.add_argument("--shapes", type=_names(*SHAPES), default=["llama3-8b", "llama3-70b"])
+    col.add_argument("--batches", type=_int_list, default=[1, 16, 64, 256])
+    col.add_argument("--sizes-mib", type=_int_list, default=[1, 16, 256, 1024],
+                     help="all-reduce sizes for the bus bandwidth (largest counts)")  # fmt: skip
+    col.add_argument("--iters", type=_positive, default=20)
+    col.add_argument("--json", default=None, help="write the figures to this path")
 
 
 def _names(*allowed: str) -> Callable[[str], list[str]]:
@@ -199,6 +242,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from vtensor.bench.memory import main as bench_memory
 
         return bench_memory(args)
+    if args.command == "bench" and args.bench == "collectives":
+        from vtensor.bench.collectives import main as bench_collectives
+
+        return bench_collectives(args)
     if args.command == "bench" and args.bench == "kernels":
         from vtensor.bench.kernels import main as bench_kernels
 

@@ -35,6 +35,28 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    action=argparse.BooleanOptionalAction,
                    help="launch each step before reading the last one's tokens "
                         "(default: on for CUDA, off on the CPU)")  # fmt: skip
+    add_parallel_args(p)
+
+
+def add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """Tensor parallelism and its rendezvous (vLLM's names)."""
+    g = p.add_argument_group("tensor parallelism (one process per GPU; torchrun's env wins)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over N GPUs (N gloo processes on the CPU)")  # fmt: skip
+    g.add_argument("--nnodes", type=int, default=1, help="machines the N ranks span")
+    g.add_argument(
+        "--node-rank",
+        type=int,
+        default=0,
+        help="this machine's index: node 0 runs the engine, others serve it",
+    )
+    g.add_argument("--master-addr", default="127.0.0.1", help="node 0's address")
+    g.add_argument(
+        "--master-port",
+        type=int,
+        default=0,
+        help="node 0's rendezvous port (default: a free one; one node only)",
+    )
 
 
 def engine_kwargs(args: Any) -> dict[str, Any]:
@@ -47,7 +69,24 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=kv,
         enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
         attention_backend=args.attention_backend,
+        tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes,
+        node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
     )  # fmt: skip
+
+
+def serve_if_worker(kwargs: dict[str, Any]) -> bool:
+    """On a process that is not tensor-parallel rank 0 (``--node-rank`` > 0, or torchrun's
+    rank > 0): serve rank 0 as a worker until it shuts down, and return True."""
+    from vtensor.engine.config import EngineConfig
+    from vtensor.engine.tp_worker import process_rank, run_node
+
+    config = EngineConfig(**kwargs)
+    if not config.is_parallel or process_rank(config) == 0:
+        return False
+    rank = process_rank(config)
+    print(f"tensor-parallel rank {rank}: serving rank 0", file=sys.stderr)
+    run_node(config)
+    return True
 
 
 def add_parser(sub: Any) -> None:
@@ -66,6 +105,8 @@ def add_parser(sub: Any) -> None:
 def main(args: Any) -> int:
     from vtensor import LLM, SamplingParams
 
+    if serve_if_worker(engine_kwargs(args)):
+        return 0
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed,

@@ -57,9 +57,19 @@ class DecodeWindow:
 
 
 def kv_bytes_per_token(engine: LLMEngine) -> int:
-    """K and V of every layer for one token, as the engine's arena stores them."""
-    cfg = engine.model_config
-    return 2 * cfg.num_layers * cfg.kv_size * engine.runtime.dtype.itemsize
+    """K and V of every layer for one token, as this GPU's arena stores them (its KV
+    heads only, under tensor parallelism)."""
+    return engine.arena.layout.bytes_per_token
+
+
+def weight_bytes_read(engine: LLMEngine) -> int:
+    """Weight bytes a decode step reads on this GPU: every parameter of its shard but an
+    untied embedding table, of which it gathers one row per request."""
+    model = engine.model
+    params = sum(p.numel() for p in model.parameters())  # a tied table once
+    if not model.config.tie_word_embeddings:
+        params -= model.model.embed_tokens.weight.numel()
+    return params * engine.runtime.dtype.itemsize
 
 
 def decode_steps(engine: LLMEngine, batch: int, ctx: int, steps: int) -> dict[str, Any]:
@@ -87,14 +97,15 @@ def decode_steps(engine: LLMEngine, batch: int, ctx: int, steps: int) -> dict[st
         for r in rids:
             engine.abort(r)
             engine.pop(r)
-    cfg = engine.model_config
-    # Bytes a step must move: the weights it reads (not an untied embedding table, of
-    # which it gathers one row per request) and the KV the batch really holds.
+    # Bytes a step must move on one GPU: the weights it reads (not an untied embedding
+    # table, of which it gathers one row per request) and the KV the batch really holds;
+    # under tensor parallelism each GPU's shard and KV heads, read in parallel.
     return {
         "batch": batch,
         "ctx": ctx,
+        "tp": engine.group.size,
         "step_ms": window.seconds / steps * 1e3,
-        "weight_bytes": cfg.decode_read_params() * engine.runtime.dtype.itemsize,
+        "weight_bytes": weight_bytes_read(engine),
         "kv_bytes_read": window.kv_rows_per_step * kv_bytes_per_token(engine),
         "ctx_at_window_start_mean": sum(window.start_cached) / batch,
         "running_every_step": batch,  # checked on every timed step
@@ -157,17 +168,22 @@ def _synchronize(engine: LLMEngine) -> None:
         torch.cuda.synchronize()
 
 
-def run_decode_table(engine: LLMEngine, batches: list[int], ctx: int, steps: int) -> list[dict]:
-    """Each batch synchronously, then with async scheduling, on the same engine."""
+def run_decode_table(
+    engine: LLMEngine, batches: list[int], ctx: int, steps: int, sync: bool = True
+) -> list[dict]:
+    """Each batch synchronously (unless ``sync`` is off), then with async scheduling, on
+    the same engine."""
     rows = []
     for b in batches:
         print(f"decode: batch {b}, context {ctx}", flush=True)
-        engine.set_async_scheduling(False)
-        sync = decode_steps(engine, b, ctx, steps)
+        synced = None
+        if sync:
+            engine.set_async_scheduling(False)
+            synced = decode_steps(engine, b, ctx, steps)
         engine.set_async_scheduling(True)
         row = decode_steps(engine, b, ctx, steps)
-        row["sync_step_ms"] = sync["step_ms"]
-        row["sync_kv_bytes_read"] = sync["kv_bytes_read"]
+        row["sync_step_ms"] = synced["step_ms"] if synced else None
+        row["sync_kv_bytes_read"] = synced["kv_bytes_read"] if synced else None
         rows.append(row)
     return rows
 
@@ -178,7 +194,7 @@ def add_floor(rows: list[dict], bandwidth: float | None) -> dict[str, Any]:
         moved = d["weight_bytes"] + d["kv_bytes_read"]
         d["floor_ms"] = moved / (bandwidth * 1e9) * 1e3 if bandwidth else None
         d["x_floor"] = d["step_ms"] / d["floor_ms"] if d["floor_ms"] else None
-        d["x_sync"] = d["sync_step_ms"] / d["step_ms"]
+        d["x_sync"] = d["sync_step_ms"] / d["step_ms"] if d["sync_step_ms"] else None
         for peer in ("eager", "compiled"):
             hf = d.get(f"hf_{peer}_step_ms")
             d[f"x_hf_{peer}"] = hf / d["step_ms"] if hf else None
@@ -194,8 +210,8 @@ def add_floor(rows: list[dict], bandwidth: float | None) -> dict[str, Any]:
 def print_decode(rows: list[dict], goal: dict[str, Any], bandwidth: float | None) -> None:
     """The decode table, the HF compiled path's status where it has no time, the goal."""
     print(
-        f"decode step (async scheduling) vs floor (weights + KV really read, at "
-        f"{bandwidth or 0:.0f} GB/s), vs synchronous steps, vs HF eager and HF compiled:"
+        f"decode step (async scheduling) vs floor (weights + KV really read by one GPU, "
+        f"at {bandwidth or 0:.0f} GB/s), vs synchronous steps, vs HF eager and HF compiled:"
     )
     headers = ["batch", "running", "ctx (mean)", "KV MB/step", "step ms", "floor ms",
                "x floor", "sync ms", "x sync", "HF eager ms", "x HF eager",
@@ -203,7 +219,7 @@ def print_decode(rows: list[dict], goal: dict[str, Any], bandwidth: float | None
     table = [
         (d["batch"], d["running_every_step"], d["ctx_at_window_start_mean"],
          d["kv_bytes_read"] / 1e6, d["step_ms"], _or_dash(d["floor_ms"]),
-         _or_dash(d["x_floor"]), d["sync_step_ms"], d["x_sync"],
+         _or_dash(d["x_floor"]), _or_dash(d["sync_step_ms"]), _or_dash(d["x_sync"]),
          _or_dash(d.get("hf_eager_step_ms")), _or_dash(d["x_hf_eager"]),
          _or_dash(d.get("hf_compiled_step_ms")), _or_dash(d["x_hf_compiled"]))
         for d in rows

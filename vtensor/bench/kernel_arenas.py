@@ -10,6 +10,10 @@
   Decode gets ``max_len = max_model_len``, as the engine's decode graphs pass it.
   Each point checks that the memory really is VMM-mapped: the views lie in the
   reservation, and the mapped chunks grow from none to what the requests need.
+
+A point fills the requests' rows of its first ``layers`` layers (``KVPoint.layers``):
+CUDA-graph timing rotates its calls over them, one layer each, as a decode step
+does, so that no call finds its K/V in L2.
 """
 
 from __future__ import annotations
@@ -37,19 +41,23 @@ class HeadConfig:
 
 @dataclass
 class KVPoint:
-    """Layer 0's K/V views with ``batch`` requests of ``tokens`` filled rows each."""
+    """Layer 0's K/V views with ``batch`` requests of ``tokens`` filled rows each, and
+    the first few layers' views filled alike (``layers``, layer 0 first, the same rows
+    ``starts`` in each)."""
 
     k: torch.Tensor
     v: torch.Tensor
     starts: torch.Tensor  # int32: each request's first row
     max_len: int  # what a caller passes as the decode ``max_len``
     evidence: dict[str, Any] = field(default_factory=dict)  # how the memory is backed
+    layers: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 class Arena(Protocol):
     name: str
+    dtype: torch.dtype
 
-    def point(self, cfg: HeadConfig, batch: int, tokens: int) -> Any: ...
+    def point(self, cfg: HeadConfig, batch: int, tokens: int, layers: int = 1) -> Any: ...
 
     def close(self) -> None: ...
 
@@ -59,18 +67,22 @@ class DenseArena:
 
     def __init__(self, budget_bytes: int, device: torch.device, dtype: torch.dtype) -> None:
         self.buf = torch.empty(budget_bytes // dtype.itemsize, dtype=dtype, device=device)
+        self.dtype = dtype
 
     @contextmanager
-    def point(self, cfg: HeadConfig, batch: int, tokens: int) -> Iterator[KVPoint | None]:
+    def point(
+        self, cfg: HeadConfig, batch: int, tokens: int, layers: int = 1
+    ) -> Iterator[KVPoint | None]:
         lay = KVLayout(batch, tokens, cfg.layers, cfg.kv_heads, cfg.head_dim, self.buf.dtype)
         if lay.total_bytes > self.buf.numel() * self.buf.itemsize:
             yield None
             return
         arena = self.buf[: lay.total_bytes // lay.itemsize].view(lay.shape)
-        k, v = lay.k_view(arena, 0), lay.v_view(arena, 0)
-        starts = torch.arange(batch, device=k.device, dtype=torch.int32) * tokens
-        fill_rows(k, v, starts, tokens)
-        yield KVPoint(k, v, starts, tokens, {"arena": self.name})
+        kvs = [(lay.k_view(arena, i), lay.v_view(arena, i)) for i in _layers(cfg, layers)]
+        starts = torch.arange(batch, device=arena.device, dtype=torch.int32) * tokens
+        for k, v in kvs:
+            fill_rows(k, v, starts, tokens)
+        yield KVPoint(kvs[0][0], kvs[0][1], starts, tokens, {"arena": self.name}, kvs)
 
     def close(self) -> None:
         del self.buf
@@ -97,7 +109,9 @@ class VmmArena:
         self.device, self.dtype, self.max_model_len = device, dtype, max_model_len
 
     @contextmanager
-    def point(self, cfg: HeadConfig, batch: int, tokens: int) -> Iterator[KVPoint | None]:
+    def point(
+        self, cfg: HeadConfig, batch: int, tokens: int, layers: int = 1
+    ) -> Iterator[KVPoint | None]:
         # An engine serving this context needs max_model_len ≥ it.
         max_len = max(self.max_model_len, tokens)
         lay = self._layout(cfg, batch + 1, max_len)
@@ -113,12 +127,15 @@ class VmmArena:
             arena.vt.map(0, scratch * chunk)  # the scratch slot: every view's base pointer
             arena.apply([MapCommand(s, 0, per_request) for s in range(1, batch + 1)])
             arena.wait_all()
-            k, v = arena.views[0]
-            evidence = check_vmm(arena, k, before, need)
-            starts = torch.arange(1, batch + 1, device=k.device, dtype=torch.int32)
+            # A chunk holds every layer of its tokens: the first `layers` are all mapped.
+            kvs = [arena.views[i] for i in _layers(cfg, layers)]
+            k0, v0 = kvs[0]
+            evidence = check_vmm(arena, k0, before, need)
+            starts = torch.arange(1, batch + 1, device=k0.device, dtype=torch.int32)
             starts *= lay.max_tokens
-            fill_rows(k, v, starts, tokens)
-            yield KVPoint(k, v, starts, max_len, evidence)
+            for k, v in kvs:
+                fill_rows(k, v, starts, tokens)
+            yield KVPoint(k0, v0, starts, max_len, evidence, kvs)
         finally:
             arena.close()
 
@@ -131,6 +148,12 @@ class VmmArena:
         backend = self.pool.backend
         self.pool.close()
         backend.close()
+
+
+def _layers(cfg: HeadConfig, layers: int) -> range:
+    if not 1 <= layers <= cfg.layers:
+        raise ValueError(f"a point fills 1 to {cfg.layers} layers of {cfg.name}, not {layers}")
+    return range(layers)
 
 
 def check_vmm(arena: KVArena, k: torch.Tensor, before: int, expected: int) -> dict[str, Any]:

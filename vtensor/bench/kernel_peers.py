@@ -11,6 +11,7 @@ as ours is (SGLang computes its counts with a small kernel of its own per step).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -60,21 +61,29 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def sglang_decode_ms(
+def sglang_pools(
+    kvs: Sequence[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One token pool per layer view in ``kvs``: a contiguous copy of rows ``rows``
+    (``[batch, ctx]``), as SGLang keeps one pool per layer. A point fills only as many
+    layers as graph timing rotates over, so the copies stay under about 256 MiB plus
+    one layer's K/V (``kernel_timing.rotation``)."""
+    flat = rows.reshape(-1)
+    return [(k[flat].contiguous(), v[flat].contiguous()) for k, v in kvs]
+
+
+def sglang_decode_calls(
     sgl: Any,
     q: torch.Tensor,
-    kv: tuple[torch.Tensor, torch.Tensor],
-    rows: torch.Tensor,
+    pools: Sequence[tuple[torch.Tensor, torch.Tensor]],
     ctx: int,
     own_splits: bool,
-    bench: Callable[[Callable[[], object]], float],
-) -> tuple[float, list[int]]:
-    """SGLang's decode over a token pool holding rows ``rows`` ([batch, ctx]) of the
-    layer views ``kv``; returns (ms, split counts used)."""
+) -> tuple[list[Callable[[], torch.Tensor]], list[int]]:
+    """SGLang's decode over each pool of :func:`sglang_pools` (one call per pool, for
+    graph timing), with its split buffers allocated once, as SGLang runs it. Each call
+    returns the output. Returns (calls, split counts used)."""
     batch, q_heads, dim = q.shape
-    kv_heads = kv[0].shape[1]
-    flat = rows.reshape(-1)
-    k_pool, v_pool = kv[0][flat].contiguous(), kv[1][flat].contiguous()
+    kv_heads = pools[0][0].shape[1]
     indptr = torch.arange(batch + 1, device=q.device, dtype=torch.int32) * ctx
     indices = torch.arange(batch * ctx, device=q.device, dtype=torch.int64)
     cores = num_sms(q.device)
@@ -89,10 +98,12 @@ def sglang_decode_ms(
     lse = torch.empty(batch, q_heads, max_splits, device=q.device)
     nsplit = torch.tensor(splits, device=q.device, dtype=torch.int32)
     fn, scale = sgl.decode_attention_fwd, dim**-0.5
-    ms = bench(
-        lambda: fn(q, k_pool, v_pool, o, indptr, indices, logits, lse, nsplit, max_splits, scale)
-    )
-    return ms, splits
+
+    def call(k_pool: torch.Tensor, v_pool: torch.Tensor) -> torch.Tensor:
+        fn(q, k_pool, v_pool, o, indptr, indices, logits, lse, nsplit, max_splits, scale)
+        return o
+
+    return [functools.partial(call, kp, vp) for kp, vp in pools], splits
 
 
 def sglang_extend_ms(

@@ -1,9 +1,11 @@
-"""Rates, summaries and tables of ``vtensor bench kernels``."""
+"""Rates, summaries and tables of ``vtensor bench kernels`` (the graph-replay decode
+figures and goals: ``kernel_graph_report.py``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from .kernel_graph_report import add_graph_rates, graph_summary, print_graph
 from .report import format_table
 
 # sglang: SGLang's kernels with vtensor's split count; sglang_own: with SGLang's own.
@@ -23,7 +25,8 @@ def add_rates(r: dict, work: str, unit: str, per_ms: float) -> None:
 
 def share_sglang(res: dict[str, Any]) -> None:
     """SGLang reads a token pool of its own, the same whatever arena we read: the VMM
-    rows borrow the dense pass's SGLang times for their ratios."""
+    rows borrow the dense pass's SGLang times (eager and graph), split counts and
+    errors for their ratios."""
     for part, keys, work, unit, per_ms in (
         ("decode", ("config", "batch", "ctx"), "bytes", "gbs", 1e6),
         ("extend", ("config", "batch", "prefix", "new"), "flops", "tflops", 1e9),
@@ -34,11 +37,13 @@ def share_sglang(res: dict[str, Any]) -> None:
             if r["arena"] == "dense" or "vtensor_ms" not in r or not src:
                 continue
             for peer in ("sglang", "sglang_own"):
-                for field in ("ms", "splits"):
+                for field in ("ms", "graph_ms", "splits", "err", "error"):
                     if f"{peer}_{field}" in src:
                         r[f"{peer}_{field}"] = src[f"{peer}_{field}"]
             r["sglang_from"] = "dense pass"
             add_rates(r, work, unit, per_ms)
+            if part == "decode":
+                add_graph_rates(r, res["read_gbs"])
 
 
 def summaries(res: dict[str, Any]) -> None:
@@ -55,6 +60,7 @@ def summaries(res: dict[str, Any]) -> None:
             "min_pct_of_read_ceiling": _min(big, "vtensor_pct_of_read_ceiling"),
             "min_speedup_vs_sglang_vtensor_splits": _min(big, "speedup_vs_sglang"),
             "min_speedup_vs_sglang_own_splits": _min(big, "speedup_vs_sglang_own"),
+            **graph_summary([r for r in res["decode"] if r["arena"] == arena]),
         }
         ext = [r for r in res["extend"] if r["arena"] == arena and "vtensor_ms" in r]
         with_sgl = [r["speedup_vs_sglang"] for r in ext if "speedup_vs_sglang" in r]
@@ -75,8 +81,10 @@ def print_tables(res: dict[str, Any]) -> None:
         f"\nceilings: read {res['read_gbs']:.0f} GB/s, copy {res['copy_gbs']:.0f} GB/s "
         f"(R+W); SGLang {'loaded' if res['sglang'] else 'NOT available'}"
     )
+    print_graph(res["decode"], res["read_gbs"])
     print(
-        "\nDecode (GB/s of K/V read; % of measured read ceiling). Arena dense: torch.empty, "
+        "\nDecode, eager (do_bench of one call: L2 flushed, the host's launch work included; "
+        "GB/s of K/V read;\n% of measured read ceiling). Arena dense: torch.empty, "
         "max_len = ctx;\nvmm: a VMM KVArena as the engine's (chunks mapped on demand), "
         f"max_len = max(max_model_len {res['max_model_len']}, ctx). SGLang on its own token "
         "pool,\nwith vtensor's split count (vt splits) and its own heuristic's (own splits, "
@@ -89,7 +97,7 @@ def print_tables(res: dict[str, Any]) -> None:
     dec_table = [
         (r["config"], r["arena"], r["max_len"], r["batch"], r["ctx"], r["vtensor_gbs"],
          r["vtensor_pct_of_read_ceiling"], r.get("sglang_gbs", NAN),
-         r.get("sglang_own_gbs", NAN), r.get("sglang_own_splits", "-"), r["fa2_gbs"],
+         r.get("sglang_own_gbs", NAN), r.get("sglang_own_splits", "-"), r.get("fa2_gbs", NAN),
          r.get("speedup_vs_sglang", NAN), r.get("speedup_vs_sglang_own", NAN))
         for r in dec
     ]  # fmt: skip
@@ -102,7 +110,15 @@ def print_tables(res: dict[str, Any]) -> None:
     if skipped:
         print("skipped (arena over budget): " + ", ".join(skipped))
     ext = [r for r in res["extend"] if "vtensor_ms" in r]
-    print(f"\nExtend (TFLOP/s, batch {ext[0]['batch'] if ext else '-'})")
+    if ext:
+        _print_extend(ext)
+    for key, label in (("decode_summary", "decode"), ("extend_summary", "extend")):
+        for arena, summary in res[key].items():
+            print(f"{label} summary [{arena}]: {summary}")
+
+
+def _print_extend(ext: list[dict]) -> None:
+    print(f"\nExtend (TFLOP/s, batch {ext[0]['batch']})")
     ext_headers = ["arena", "prefix", "new", "vtensor", "sglang", "fa2", "x sglang", "x fa2"]
     ext_table = [
         (r["arena"], r["prefix"], r["new"], r["vtensor_tflops"], r.get("sglang_tflops", NAN),
@@ -110,6 +126,3 @@ def print_tables(res: dict[str, Any]) -> None:
         for r in ext
     ]  # fmt: skip
     print(format_table(ext_headers, ext_table))
-    for key, label in (("decode_summary", "decode"), ("extend_summary", "extend")):
-        for arena, summary in res[key].items():
-            print(f"{label} summary [{arena}]: {summary}")

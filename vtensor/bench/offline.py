@@ -92,6 +92,10 @@ def throughput(engine: LLMEngine, args: Any, input_len: int, output_len: int) ->
 
 
 def main(args: Any) -> int:
+    from vtensor.cli_generate import engine_kwargs, serve_if_worker
+
+    if serve_if_worker(engine_kwargs(args)):
+        return 0
     cfg = engine_config(args)
     print(f"vtensor bench offline: {cfg.model or cfg.shape or 'embedded tiny model'}", flush=True)
     result, model_cfg, rt = run_engine(cfg, args)
@@ -115,8 +119,8 @@ def run_engine(cfg: EngineConfig, args: Any) -> tuple[dict[str, Any], ModelConfi
         rt = engine.runtime
         print(
             f"  device={rt.device} dtype={rt.dtype} attention={rt.attention_backend} "
-            f"graphs={rt.use_cuda_graphs} "
-            f"kv pool={engine.pool.capacity_bytes / 2**30:.1f} GiB",
+            f"graphs={rt.use_cuda_graphs} tp={engine.group.size} "
+            f"kv pool={engine.pool.capacity_bytes / 2**30:.1f} GiB (per GPU)",
             flush=True,
         )
         result: dict[str, Any] = {"config": {k: str(v) for k, v in asdict(cfg).items()}}
@@ -127,7 +131,7 @@ def run_engine(cfg: EngineConfig, args: Any) -> tuple[dict[str, Any], ModelConfi
             if args.compare_prefix_caching:
                 print_prefix_comparison(result["throughput"])
         result["decode"] = run_decode_table(
-            engine, args.decode_batches, args.decode_ctx, args.decode_steps
+            engine, args.decode_batches, args.decode_ctx, args.decode_steps, args.decode_sync
         )
         engine.set_async_scheduling(rt.async_scheduling)
         return result, engine.model_config, rt
@@ -174,7 +178,11 @@ def print_prefix_comparison(rows: list[dict[str, Any]]) -> None:
 
 
 def run_hf(rows: list[dict], cfg: ModelConfig, rt: EngineRuntime, args: Any) -> None:
-    """HF's decode step at each batch: eager here, compiled in a time-bounded child."""
+    """HF's decode step at each batch: eager here, compiled in a time-bounded child
+    (one GPU: not run against a tensor-parallel engine)."""
+    if args.hf_peer and args.tensor_parallel_size > 1:
+        print("HF peer skipped: it runs on one GPU, the engine on several", flush=True)
+        return
     for d in rows:
         b, ctx, steps = d["batch"], d["ctx"], args.decode_steps
         if "eager" in args.hf_peer:

@@ -4,6 +4,11 @@ Requests arrive all at once (rate inf) or with gamma-distributed gaps of shape
 ``burstiness`` (1 is Poisson); ``max_concurrency`` caps those in flight. A
 comma list of rates runs a sweep. Prints vLLM's "Serving Benchmark Result"
 table per run, and writes JSON (and a PNG with ``--plot``).
+
+As a soak: ``--abort-fraction F`` makes that fraction of requests disconnect
+mid-stream (after a random number of tokens, seeded), and ``--check-metrics``
+checks the server's ``/metrics`` after each run (``serve_check``): no request
+lost, no KV live. Either failing makes the command exit 1.
 """
 
 from __future__ import annotations
@@ -26,12 +31,15 @@ class RunArgs:
     burstiness: float
     max_concurrency: int | None
     seed: int
+    abort_fraction: float = 0.0  # requests that disconnect mid-stream
 
     def __post_init__(self) -> None:
         if self.request_rate <= 0 or self.burstiness <= 0:
             raise ValueError("request rate and burstiness must be positive")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
+        if not 0 <= self.abort_fraction < 1:
+            raise ValueError("abort_fraction must be in [0, 1)")
 
 
 def arrival_times(n: int, run: RunArgs) -> list[float]:
@@ -63,8 +71,9 @@ async def run_workload(
     async with aiohttp.ClientSession(connector=connector, timeout=TIMEOUT) as session:
         bar = tqdm(total=total, desc="requests", unit="req", disable=not progress, file=sys.stderr)
         t0 = time.perf_counter()
+        aborts = abort_points(convs, run)
         tasks = [
-            _conversation(session, ep, i, c, start, t0, limit, tokenizer, bar)
+            _conversation(session, ep, i, c, start, t0, limit, tokenizer, bar, aborts[i])
             for i, (c, start) in enumerate(zip(convs, arrival_times(len(convs), run)))
         ]
         nested = await asyncio.gather(*tasks)
@@ -73,9 +82,21 @@ async def run_workload(
     return [r for rs in nested for r in rs], duration
 
 
+def abort_points(convs: list[Conversation], run: RunArgs) -> list[list[int | None]]:
+    """Per conversation and turn: after how many token events the client disconnects
+    (None: it reads to the end). A fraction ``abort_fraction`` of the requests with at
+    least 2 output tokens, each after 1 to output - 1 tokens: mid-stream. Seeded."""
+    rng = random.Random(run.seed + 1)  # not the arrivals' stream
+    return [
+        [rng.randint(1, n - 1) if n > 1 and rng.random() < run.abort_fraction else None
+         for n in c.output_lens]
+        for c in convs
+    ]  # fmt: skip
+
+
 async def _conversation(
     session: Any, ep: Any, index: int, conv: Conversation, start: float, t0: float,
-    limit: asyncio.Semaphore, tokenizer: Any, bar: Any,
+    limit: asyncio.Semaphore, tokenizer: Any, bar: Any, aborts: list[int | None],
 ) -> list[Any]:  # fmt: skip
     """One client: its turns in order, each prompt the previous prompt + answer + question."""
     from .serve_client import RequestResult, complete
@@ -92,10 +113,11 @@ async def _conversation(
             prompt = history_ids + question
         async with limit:
             r = await complete(session, ep, prompt, out_len, RequestResult(index, turn, 0.0),
-                               t0, want_ids=multi and tokenizer is None)  # fmt: skip
+                               t0, want_ids=multi and tokenizer is None,
+                               abort_after=aborts[turn])  # fmt: skip
         bar.update(1)
         results.append(r)
-        if not r.ok:
+        if not r.ok or r.aborted:
             break  # the conversation cannot go on without its answer
         if multi and tokenizer is None and r.output_ids is None:
             raise ValueError(
@@ -139,6 +161,13 @@ def add_parser(bench_sub: Any) -> None:
                    help="req/s (inf: all at once); a comma list runs a sweep")  # fmt: skip
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape (1: Poisson)")
     p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--abort-fraction", type=float, default=0.0,
+                   help="this fraction of requests disconnects mid-stream (a soak)")  # fmt: skip
+    p.add_argument("--check-metrics", action="store_true",
+                   help="after each run, read /metrics: fail if a request was lost or KV "
+                        "is still live (vtensor servers; no other clients)")  # fmt: skip
+    p.add_argument("--check-timeout", type=float, default=60.0,
+                   help="seconds to wait for the server to go idle before the check")  # fmt: skip
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="do not send vLLM's ignore_eos (for servers that reject it)")  # fmt: skip
     p.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput bound")

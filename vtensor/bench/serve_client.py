@@ -43,6 +43,9 @@ class RequestResult:
     output_ids: list[int] | None = None  # when the server returns them
     output_text: str = ""
     cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens, where reported
+    accepted: bool = False  # the server answered 200
+    done: bool = False  # the stream ended with [DONE]
+    aborted: bool = False  # the client disconnected mid-stream on purpose (--abort-fraction)
 
 
 async def fetch_model(session: aiohttp.ClientSession, base_url: str, api_key: str | None) -> str:
@@ -75,8 +78,11 @@ async def complete(
     result: RequestResult,
     t0: float,
     want_ids: bool = False,
+    abort_after: int | None = None,
 ) -> RequestResult:
-    """Send one streamed completion and fill ``result``; failures are recorded, not raised."""
+    """Send one streamed completion and fill ``result``; failures are recorded, not raised.
+    With ``abort_after``, disconnect after that many token events (a client that leaves
+    mid-stream: the server must abort the request and free its KV)."""
     sent = time.perf_counter()
     result.start = sent - t0
     body = _payload(ep, prompt, max_tokens, want_ids)
@@ -86,7 +92,11 @@ async def complete(
             if resp.status != 200:
                 result.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
                 return result
-            await _read_stream(resp, result, sent)
+            result.accepted = True
+            await _read_stream(resp, result, sent, abort_after)
+            if result.aborted:
+                resp.close()  # drop the connection: that is how the server sees it
+                return result
     except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         return result
@@ -97,7 +107,9 @@ async def complete(
     return result
 
 
-async def _read_stream(resp: aiohttp.ClientResponse, result: RequestResult, sent: float) -> None:
+async def _read_stream(
+    resp: aiohttp.ClientResponse, result: RequestResult, sent: float, abort_after: int | None
+) -> None:
     last = sent
     ids: list[int] = []
     token_events, got_ids, usage = 0, False, None
@@ -107,6 +119,7 @@ async def _read_stream(resp: aiohttp.ClientResponse, result: RequestResult, sent
             continue
         data = line[len("data:") :].strip()
         if data == "[DONE]":
+            result.done = True
             break
         event = json.loads(data)
         if "error" in event:
@@ -127,6 +140,9 @@ async def _read_stream(resp: aiohttp.ClientResponse, result: RequestResult, sent
             if choice.get("token_ids") is not None:
                 got_ids = True
                 ids += choice["token_ids"]
+        if abort_after is not None and token_events >= abort_after:
+            result.aborted, result.output_len = True, token_events
+            return
     result.output_ids = ids if got_ids else None
     if usage:
         result.prompt_len = int(usage.get("prompt_tokens") or 0)

@@ -60,14 +60,18 @@ def _stats(name: str, values_s: Sequence[float], pcts: Sequence[int]) -> dict[st
 def summarize(
     results: Sequence[RequestResult], duration_s: float, slo: SLO, pcts: Sequence[int] = (99,)
 ) -> dict[str, Any]:
-    ok = [r for r in results if r.ok]
+    # Requests the client disconnected on purpose (--abort-fraction) are neither
+    # completed nor failed, and stay out of the latency figures.
+    ok = [r for r in results if r.ok and not r.aborted]
+    aborted = [r for r in results if r.aborted]
     inputs = sum(r.prompt_len for r in ok)
     outputs = sum(r.output_len for r in ok)
     cached = sum(r.cached_tokens for r in ok)
     summary: dict[str, Any] = {
         "completed": len(ok),
-        "failed": len(results) - len(ok),
-        "errors": sorted({r.error for r in results if not r.ok})[:5],
+        "failed": len(results) - len(ok) - len(aborted),
+        "aborted": len(aborted),
+        "errors": sorted({r.error for r in results if not r.ok and not r.aborted})[:5],
         "duration_s": duration_s,
         "total_input_tokens": inputs,
         "total_output_tokens": outputs,
@@ -121,6 +125,8 @@ def format_result(s: dict[str, Any], title: str = " Serving Benchmark Result ") 
     row("Successful requests:", s["completed"])
     if s["failed"]:
         row("Failed requests:", s["failed"])
+    if s.get("aborted"):
+        row("Disconnected mid-stream (client):", s["aborted"])
     row("Benchmark duration (s):", s["duration_s"])
     row("Total input tokens:", s["total_input_tokens"])
     row("Total generated tokens:", s["total_output_tokens"])

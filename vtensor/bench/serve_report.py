@@ -33,16 +33,19 @@ async def run_all(args: Any, wargs: WorkloadArgs) -> int:
           f"requests, against {base} ({model})", file=sys.stderr)  # fmt: skip
     runs = []
     for rate in args.request_rate:
-        run = RunArgs(rate, args.burstiness, args.max_concurrency, args.seed)
-        before = await server_prefix_counters(base)
+        run = RunArgs(rate, args.burstiness, args.max_concurrency, args.seed, args.abort_fraction)
+        before = await _metrics(ep) if args.check_metrics else None
+        prefix_before = await server_prefix_counters(ep)
         results, duration = await run_workload(ep, convs, run, tokenizer, progress=True)
         summary = {"request_rate": rate, **asdict(run), **summarize(results, duration, slo)}
-        counters = prefix_counters_delta(before, await server_prefix_counters(base))
+        counters = prefix_counters_delta(prefix_before, await server_prefix_counters(ep))
         if counters:
             summary["server_prefix_cache"] = counters
         print(format_result(summary, f" Serving Benchmark Result (rate {rate:g}) "))
         if counters:
             print(_prefix_line(counters))
+        if before is not None:
+            summary["check"] = await _check(ep, before, results, args.check_timeout)
         if max(len(c.turns) for c in convs) > 1:
             summary["per_round"] = per_turn(results)
             print(_round_table(summary["per_round"]))
@@ -63,7 +66,33 @@ async def run_all(args: Any, wargs: WorkloadArgs) -> int:
 
         plot(payload, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
-    return 0 if all(r["completed"] for r in runs) else 1
+    checks_ok = all(r["check"]["ok"] for r in runs if "check" in r)
+    return 0 if all(r["completed"] for r in runs) and checks_ok else 1
+
+
+async def _metrics(ep: Any) -> dict[str, float]:
+    import aiohttp
+
+    from .serve_check import read_metrics
+
+    async with aiohttp.ClientSession() as session:
+        return await read_metrics(session, ep)
+
+
+async def _check(ep: Any, before: dict[str, float], results: Any, timeout_s: float) -> Any:
+    """The metrics check of one run (``serve_check``), printed; failures to stderr."""
+    import aiohttp
+
+    from .serve_check import check_run, check_summary, format_check, read_when_idle
+
+    async with aiohttp.ClientSession() as session:
+        after = await read_when_idle(session, ep, timeout_s)
+    summary = check_summary(check_run(before, after, results), before, after, results)
+    print(format_check(summary))
+    if not summary["ok"]:
+        failed = [c["name"] for c in summary["checks"] if not c["ok"]]
+        print(f"metrics check FAILED: {', '.join(failed)}", file=sys.stderr)
+    return summary
 
 
 def _round_table(rows: list[dict[str, Any]]) -> str:
@@ -80,28 +109,32 @@ PREFIX_COUNTERS = ("prefix_cache_queries_total", "prefix_cache_hits_total",
                    "prefix_cache_evicted_chunks_total", "prefix_cache_chunks")  # fmt: skip
 
 
-async def server_prefix_counters(base: str) -> dict[str, float]:
+async def server_prefix_counters(ep: Any) -> dict[str, float]:
     """vtensor's prefix-cache counters from the server's ``/metrics`` (empty for a server
-    without them, or without ``/metrics``)."""
+    without them, or whose ``/metrics`` does not answer; sent with the API key, which
+    ``--protect-metrics`` asks for)."""
     import aiohttp
 
+    from .serve_check import parse_metrics
+
     try:
-        async with aiohttp.ClientSession() as session, session.get(f"{base}/metrics") as resp:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{ep.base_url}/metrics", headers=ep.headers()) as resp,
+        ):
             text = await resp.text() if resp.status == 200 else ""
     except aiohttp.ClientError:
         return {}
-    values = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name.removeprefix("vtensor_") in PREFIX_COUNTERS:
-            values[name.removeprefix("vtensor_")] = float(value)
-    return values
+    values = parse_metrics(text)
+    return {
+        name: values[f"vtensor_{name}"] for name in PREFIX_COUNTERS if f"vtensor_{name}" in values
+    }
 
 
 def prefix_counters_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """The server's prefix-cache activity during one run: queried and hit prompt tokens,
     their ratio, chunks evicted, and the chunks cached at the end."""
-    if not after or not before:
+    if any(name not in c for c in (before, after) for name in PREFIX_COUNTERS):
         return {}
     queries = after["prefix_cache_queries_total"] - before["prefix_cache_queries_total"]
     hits = after["prefix_cache_hits_total"] - before["prefix_cache_hits_total"]

@@ -30,6 +30,11 @@ class EngineConfig:
     picks ``triton`` on CUDA and ``torch`` (the fp32 reference) on the CPU. Whether
     the backend can run on the device, dtype and head size is checked when the
     engine resolves it (``setup.runtime_for``), before the model loads.
+
+    ``tensor_parallel_size`` splits the model over that many processes, one GPU each
+    (``cuda:<local rank>``; gloo processes on the CPU). ``nnodes``, ``node_rank``,
+    ``master_addr`` and ``master_port`` are the rendezvous (``vtensor.distributed``);
+    under torchrun its environment gives them instead.
     """
 
     model: str | None = None
@@ -55,6 +60,14 @@ class EngineConfig:
     # Run LLMEngine.check_integrity every N steps (0: never). A debugging aid: each check
     # waits for the mapper thread and walks every request.
     debug_check_every: int = 0
+    tensor_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0  # 0: any free port (one node only)
+    # A collective that a rank never joins fails after this long (a dead rank is usually
+    # reported at once: see vtensor.distributed.procs).
+    distributed_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.model is not None and self.shape is not None:
@@ -84,3 +97,29 @@ class EngineConfig:
             raise ValueError("lookahead_tokens must be >= 0")
         if self.debug_check_every < 0:
             raise ValueError("debug_check_every must be >= 0")
+        self._check_parallel()
+
+    def _check_parallel(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ValueError("tensor_parallel_size must be >= 1")
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"need nnodes >= 1 and 0 <= node_rank < nnodes, got "
+                             f"{self.nnodes}, {self.node_rank}")  # fmt: skip
+        if self.tensor_parallel_size % self.nnodes:
+            raise ValueError(
+                f"tensor_parallel_size {self.tensor_parallel_size} must be a multiple of "
+                f"nnodes {self.nnodes}"
+            )
+        if self.tensor_parallel_size > 1 and self.device not in (None, "cpu", "cuda"):
+            raise ValueError(
+                f"with tensor_parallel_size > 1 each rank uses cuda:<local rank>; give "
+                f"device 'cuda' (or 'cpu'), not {self.device!r}"
+            )
+        if not 0 <= self.master_port < 65536:
+            raise ValueError(f"master_port {self.master_port} is not a TCP port")
+        if self.distributed_timeout_s <= 0:
+            raise ValueError("distributed_timeout_s must be positive")
+
+    @property
+    def is_parallel(self) -> bool:
+        return self.tensor_parallel_size > 1

@@ -67,16 +67,36 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every bucket, largest first (smaller ones reuse its memory pool)."""
+        """Capture every bucket, largest first (smaller ones reuse its memory pool).
+
+        Under tensor parallelism the graphs hold the model's NCCL collectives, so every
+        rank captures the same buckets in the same order (and runs the same warm-ups).
+        NCCL's watchdog thread queries its events meanwhile; in the default "global"
+        capture mode such a query from another thread breaks the capture, so a parallel
+        model captures in "thread_local" mode (NCCL's advice for threaded programs),
+        which still refuses any unsafe call from this thread."""
         pool = torch.cuda.graph_pool_handle()
+        mode = "thread_local" if self.model.group.size > 1 else "global"
         for bs in reversed(self.buckets):
             self._forward(bs)  # warm-up: compiles kernels outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
                 self.logits[bs] = self._forward(bs)
             self.graphs[bs] = graph
         torch.cuda.synchronize()
+
+    def release(self) -> None:
+        """Destroy every captured graph now (idempotent; ``fits`` is False after).
+
+        Invariant relied on by tensor parallelism: a graph that captured an NCCL
+        collective holds a reference on the communicator, and NCCL's destroy (or
+        abort) waits until that graph is gone. So the graphs go explicitly, before
+        the group, not whenever the garbage collector frees this object."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.logits.clear()
 
     def run(
         self,

@@ -16,7 +16,9 @@ Three sets, each a list of what is broken (empty when all hold):
   finished one in none), a waiting one has computed nothing, ``num_computed <=
   tokens read <= max_len``, the prompt is a prefix of ``token_ids``, and a
   request has a token on the device exactly when the step in flight sampled
-  it, at the position it will be read to.
+  it, at the position it will be read to;
+* **workers** (tensor parallelism) — every worker's arena maps exactly the
+  chunks rank 0's does, and its pool holds as many: they applied every command.
 
 Meant for tests and debugging (``EngineConfig.debug_check_every``): it waits
 for the mapper thread and walks every request.
@@ -24,7 +26,7 @@ for the mapper thread and walks every request.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from vtensor.memory import PhysicalChunk
@@ -33,20 +35,25 @@ from .request import Request, RequestStatus
 
 if TYPE_CHECKING:
     from .llm_engine import LaunchedStep, LLMEngine
+    from .tp_worker import ArenaReport
 
 
 class IntegrityError(RuntimeError):
     """The engine's state broke an invariant (a bug, never a user error)."""
 
 
-def check_integrity(engine: LLMEngine, inflight: LaunchedStep | None) -> None:
+def check_integrity(
+    engine: LLMEngine, inflight: LaunchedStep | None, reports: Sequence[ArenaReport] = ()
+) -> None:
     """Raise :class:`IntegrityError` listing every broken invariant; ``inflight`` is the
-    step launched and not read yet (async scheduling)."""
+    step launched and not read yet (async scheduling); ``reports`` every rank's arena,
+    rank 0's first (tensor parallelism)."""
     engine.arena.wait_all()  # the pool must reflect every command already queued
     problems = [
         *pool_problems(engine),
         *slot_problems(engine),
         *request_problems(engine, inflight),
+        *worker_problems(reports),
     ]
     if problems:
         raise IntegrityError("engine state is inconsistent:\n  " + "\n  ".join(problems))
@@ -99,6 +106,26 @@ def _chunk_problems(engine: LLMEngine) -> list[str]:
     mapped = kv.geometry.chunks_for(1) + sum(len(t) for t in books.tables)
     if arena.vt.mapped_chunks != mapped:
         problems.append(f"the arena maps {arena.vt.mapped_chunks} chunks, the books {mapped}")
+    return problems
+
+
+def worker_problems(reports: Sequence[ArenaReport]) -> list[str]:
+    """Each worker's arena against rank 0's: same chunks mapped, same pool use."""
+    if not reports:
+        return []
+    ours, problems = reports[0], []
+    for r in reports[1:]:
+        if r.mapped != ours.mapped:
+            extra, lacking = set(r.mapped) - set(ours.mapped), set(ours.mapped) - set(r.mapped)
+            problems.append(
+                f"rank {r.rank}'s arena maps {len(r.mapped)} chunks, rank 0's "
+                f"{len(ours.mapped)}: {len(extra)} extra, {len(lacking)} lacking"
+            )
+        if r.pool_in_use != ours.pool_in_use:
+            problems.append(
+                f"rank {r.rank}'s pool has {r.pool_in_use} chunks in use, rank 0's "
+                f"{ours.pool_in_use}"
+            )
     return problems
 
 

@@ -12,6 +12,12 @@ read in the next, so step N+1 is launched, its inputs gathered from the token
 table, before the host reads step N: the host's bookkeeping of step N then runs
 while the GPU computes step N+1. The price: a request that stops (EOS, stop
 string) computes one more token, which is dropped.
+
+Under tensor parallelism this process is rank 0: the one scheduler, sampler and
+server. Each step's plan (a :class:`StepPlan`: KV commands and the runner's
+inputs) goes to the workers before rank 0 runs it itself (``tp_driver.py``);
+every rank's :class:`StepExecutor` then applies it to its own arena and model
+shard, and rank 0's sampled tokens reach every rank's token table on the device.
 """
 
 from __future__ import annotations
@@ -24,30 +30,22 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from vtensor.kvcache.manager import UnmapCommand
+from vtensor.distributed import TPGroup, WorkerDiedError
 
 from .config import EngineConfig
+from .executor import StepExecutor, StepPlan
 from .input_processor import InputProcessor, ProcessedPrompt, Prompt, RequestError
 from .integrity import check_integrity
 from .output_processor import OutputProcessor
 from .outputs import FinishReason, StepOutput
 from .params import SamplingParams
 from .request import Request
+from .runner import SpanInput
 from .sampler import PendingSample, Sampler, SamplerRow
 from .scheduler import ScheduledSpan, Scheduler, SchedulerConfig, SchedulerOutput
-from .setup import (
-    SCRATCH_SLOT,
-    build_arena,
-    build_attention,
-    build_runner,
-    load_model,
-    load_tokenizer,
-    map_scratch_slot,
-    model_config,
-    prefix_cache_for,
-    runtime_for,
-)
+from .setup import SCRATCH_SLOT, load_tokenizer, model_config, prefix_cache_for
 from .stats import EngineStats, StepCounters, collect_stats
+from .tp_driver import start_rank_zero, talking_to
 
 log = logging.getLogger("vtensor.engine")
 
@@ -73,18 +71,21 @@ class ReadToken:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.model_config, name = model_config(config)
-        self.runtime = rt = runtime_for(config, self.model_config, name)
+        self.model_config, _ = model_config(config)
+        self.workers, self.parts = start_rank_zero(config, self.model_config)
+        parts = self.parts
+        self.runtime = rt = parts.runtime
         self.tokenizer = load_tokenizer(config, self.model_config)
-        self.model = load_model(config, self.model_config, rt)
-        self.arena, self.pool = build_arena(config, rt, self.model_config)
+        self.model, self.arena, self.pool = parts.model, parts.arena, parts.pool
         self.scratch_slot = SCRATCH_SLOT
+        # Rank 0's books alone decide what is cached; the workers only apply its commands.
         cache, self.prefix_caching_note = prefix_cache_for(
             self.arena.geometry, config.enable_prefix_caching
         )
         if self.prefix_caching_note and config.enable_prefix_caching:
             log.warning("prefix caching %s", self.prefix_caching_note)
-        self.kv = map_scratch_slot(self.arena, config.keep_idle_chunks, cache)
+        self.kv = parts.kv
+        self.kv.set_prefix_cache(cache)  # nothing is mapped yet: no command to send
         sched = SchedulerConfig(
             config.max_num_seqs, config.max_num_batched_tokens, config.lookahead_tokens
         )
@@ -92,8 +93,9 @@ class LLMEngine:
         self.inputs = InputProcessor(
             self.tokenizer, self.model_config.vocab_size, rt.max_model_len, self.kv.geometry
         )
-        attn = build_attention(rt, self.arena)
-        self.runner = build_runner(config, rt, self.model, attn, self.arena.layout)
+        self.runner = parts.runner
+        self.counters = StepCounters()
+        self.executor = StepExecutor(self.arena, self.runner, self.group, self.counters)
         self.sampler = Sampler()
         eos = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
         self.outputs = OutputProcessor(self.tokenizer, tuple(eos))
@@ -101,9 +103,12 @@ class LLMEngine:
         self._ids = itertools.count()
         self._generators: dict[int, torch.Generator] = {}
         self._inflight: LaunchedStep | None = None  # async scheduling: the step not yet read
-        self._last_launch_done: torch.cuda.Event | None = None  # the unmap fence (_apply_kv)
-        self.counters = StepCounters()
         self._closed = False
+
+    @property
+    def group(self) -> TPGroup:
+        """The tensor-parallel group (one rank without tensor parallelism)."""
+        return self.workers.group if self.workers is not None else TPGroup()
 
     # --------------------------------------------------------------- requests
     def add_requests(
@@ -145,7 +150,8 @@ class LLMEngine:
         req = self.requests.get(rid)
         if req is not None and not req.finished:
             self._finish(req, "abort")
-            self._settle_if_idle()
+            with talking_to(self.workers):
+                self._settle_if_idle()
 
     def has_unfinished(self) -> bool:
         """Whether a request is waiting or running (any other token in flight is a
@@ -175,7 +181,8 @@ class LLMEngine:
         nothing changed) while requests are running or waiting."""
         if self.has_unfinished() or not self.kv.reset_prefix_cache():
             return False
-        self._settle_if_idle()
+        with talking_to(self.workers):  # every rank drops the same references
+            self._settle_if_idle()
         return True
 
     def set_prefix_caching(self, on: bool) -> None:
@@ -188,7 +195,8 @@ class LLMEngine:
             raise ValueError(f"prefix caching is {note}")
         self.kv.set_prefix_cache(cache)
         self.prefix_caching_note = note
-        self._settle_if_idle()
+        with talking_to(self.workers):
+            self._settle_if_idle()
 
     def set_async_scheduling(self, on: bool) -> None:
         """Switch between async and synchronous steps, between runs (benchmarks compare)."""
@@ -206,16 +214,19 @@ class LLMEngine:
         needs every real token, so it must not be scheduled before they are read.
         """
         t0 = time.perf_counter()
-        launched = self._launch(self.scheduler.schedule())
-        read_now = launched is not None and (
-            launched.needs_host_tokens or not self.runtime.async_scheduling
-        )
-        previous, self._inflight = self._inflight, None if read_now else launched
-        tokens = self._read(previous)  # waits while `launched` runs on the GPU
-        if read_now:
-            tokens += self._read(launched)
+        with talking_to(self.workers):
+            launched = self._launch(self.scheduler.schedule())
+            read_now = launched is not None and (
+                launched.needs_host_tokens or not self.runtime.async_scheduling
+            )
+            previous, self._inflight = self._inflight, None if read_now else launched
+            tokens = self._read(previous)  # waits while `launched` runs on the GPU
+            if read_now:
+                tokens += self._read(launched)
+        # (the guard's last check: no token read from a step a lost worker broke is kept)
         outputs = self._apply_outputs(tokens)
-        self._settle_if_idle()
+        with talking_to(self.workers):
+            self._settle_if_idle()
         if launched is not None:
             self.counters.steps += 1
             self.counters.step_s += time.perf_counter() - t0
@@ -225,61 +236,39 @@ class LLMEngine:
         return outputs
 
     def _launch(self, out: SchedulerOutput) -> LaunchedStep | None:
-        """Apply the plan to its requests and the arena, then queue the forward pass and
-        the draw without waiting; the sampled tokens go into the token table."""
+        """Apply the plan to its requests, then (every rank) to the arena, and queue the
+        forward pass and the draw without waiting; the sampled tokens go into the token
+        table."""
         for req in out.preempted:
             req.preempt()
         for a in out.admitted:
             a.req.admit(a.num_cached)
-        slots = self._apply_kv(out)
-        if not out.spans:
+        inputs = [SpanInput.of(sp, self.kv.slot_of(sp.req.rid)) for sp in out.spans]
+        plan = StepPlan(out.kv_commands, out.ahead_commands, inputs)
+        if self.workers is not None and (inputs or plan.kv_commands or plan.ahead_commands):
+            self.workers.send(plan)
+        forward = self.executor.run(plan)
+        if forward is None:
             return None
-        forward = self.runner.execute(out.spans, slots)
         sampling = [sp for sp in out.spans if sp.samples]
         draw = None
         if sampling:
             # A penalized row needs every token read: step() reads a penalized step at once.
             rows = [SamplerRow.of(sp.req, self._generators.get(sp.req.rid)) for sp in sampling]
             draw = self.sampler.draw(forward.logits, rows)
-            self.runner.tokens.write(forward.sample_slots, draw.tokens)
+            self.executor.write_tokens(forward, draw.tokens)
         for sp in out.spans:
             sp.req.advance(sp.end, sp.samples)  # computed (and sampled) from here on
-        if self.runtime.device.type == "cuda":
-            self._last_launch_done = torch.cuda.Event()
-            self._last_launch_done.record()
+        self.executor.mark_launched()
         needs_host = any(sp.req.params.has_penalties for sp in sampling)
         return LaunchedStep(sampling, draw, needs_host)
-
-    def _apply_kv(self, out: SchedulerOutput) -> list[int]:
-        """The one place KV commands reach the arena: queue the plan's commands on the
-        mapper and wait for the chunks this step touches; returns the spans' slots.
-
-        Unmapping first waits for the last launched step (counted as ``unmap_fences``):
-        it may still write a slot whose request finished or was aborted since. Maps need
-        no wait. The whole window is timed (the mapper thread can also delay this one
-        through the GIL).
-        """
-        t_kv = time.perf_counter()
-        for commands in (out.kv_commands, out.ahead_commands):
-            done = self._last_launch_done
-            unmaps = any(isinstance(c, UnmapCommand) for c in commands)
-            if unmaps and done is not None and not done.query():
-                self.counters.unmap_fences += 1
-                done.synchronize()
-            self.arena.apply(commands)
-        slots = [self.kv.slot_of(sp.req.rid) for sp in out.spans]
-        self.arena.wait_ready(
-            (s, self.kv.geometry.chunks_for(sp.end)) for s, sp in zip(slots, out.spans)
-        )
-        self.counters.kv_sync_s += time.perf_counter() - t_kv
-        return slots
 
     def _settle_if_idle(self) -> None:
         """Releases emit KV commands outside a step; while requests remain, the next
         schedule carries them. With none left, schedule now (an empty plan with those
         commands), so the pool and the books agree whenever the engine is idle."""
         if not self.has_unfinished():
-            self._apply_kv(self.scheduler.schedule())
+            self._launch(self.scheduler.schedule())
 
     def _read(self, step: LaunchedStep | None) -> list[ReadToken]:
         """Wait for a launched step's tokens (the GIL is released while waiting)."""
@@ -317,24 +306,41 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ stats
     def check_integrity(self) -> None:
-        """Check the pool, slot and request invariants (``engine/integrity.py``); raise
-        ``IntegrityError`` naming every one broken. Waits for the mapper thread."""
-        check_integrity(self, self._inflight)
+        """Check the pool, slot and request invariants (``engine/integrity.py``), and that
+        every worker's arena maps what rank 0's does; raise ``IntegrityError`` naming
+        every one broken. Waits for the mapper thread (every rank's)."""
+        with talking_to(self.workers):
+            reports = self.workers.reports(self.parts) if self.workers is not None else []
+        check_integrity(self, self._inflight, reports)
 
     def stats(self) -> EngineStats:
         return collect_stats(self.counters, self.scheduler, self.kv, self.arena, self.pool)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
-        """Abort what is left, unmap every chunk and release the pool (idempotent)."""
+        """Abort what is left, unmap every chunk and release the pool, stop the workers
+        (idempotent; a lost worker does not stop the rest of the clean-up)."""
         if self._closed:
             return
         self._closed = True
-        for rid in [r for r, s in self.requests.items() if not s.finished]:
-            self.abort(rid)
+        try:
+            for rid in [r for r, s in self.requests.items() if not s.finished]:
+                self.abort(rid)
+        except WorkerDiedError:
+            pass  # the group is gone (reported by the call that found it); release ours
+        finally:
+            self._release()
+
+    def _release(self) -> None:
         self._inflight = None  # only aborted requests' tokens, dropped unread
         if self.runtime.device.type == "cuda":
             torch.cuda.synchronize(self.runtime.device)  # no kernel may touch chunks we unmap
-        self.runner.graphs = None
+        self.runner.release_graphs()  # first: NCCL's destroy waits on graphs holding its ops
+        if self.workers is not None:
+            self.workers.close()
         self.arena.close()
         backend = self.pool.backend
         self.pool.close()

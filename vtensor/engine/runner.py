@@ -3,10 +3,12 @@
 Decode-only batches replay a CUDA graph of their batch-size bucket when
 graphs are on; everything else runs eagerly through the same model code.
 
-A span's input ids come from its request's ``token_ids``, except a last
-token the host has not read yet (async scheduling): the step in flight
-sampled it into the token table, and the runner gathers it from there by the
-request's slot (``engine/token_table.py``).
+The runner takes each span as a :class:`SpanInput`: plain ints that rank 0
+builds from the request and, under tensor parallelism, sends to every other
+rank, whose runners run the very same batch. A span's input ids come from its
+request's ``token_ids``, except a last token the host has not read yet (async
+scheduling): the step in flight sampled it into the token table, and the
+runner gathers it from there by the request's slot (``engine/token_table.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,31 @@ from .cuda_graphs import DecodeGraphs
 from .host_sync import to_device
 from .scheduler import ScheduledSpan
 from .token_table import TokenTable
+
+
+@dataclass(frozen=True)
+class SpanInput:
+    """One span as every rank's runner needs it: no request, only ints (picklable)."""
+
+    rid: int
+    slot: int
+    start: int  # position of the span's first token
+    ids: list[int]  # its input ids; the last is a stand-in (0) when ``unread``
+    unread: bool  # the last id is the token table's entry of ``slot``, not ``ids[-1]``
+    samples: bool  # the span reaches its request's end: a token is sampled
+
+    @classmethod
+    def of(cls, span: ScheduledSpan, slot: int) -> SpanInput:
+        ids, unread = input_ids(span)
+        return cls(span.req.rid, slot, span.start, ids, unread, span.samples)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.ids)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.ids)
 
 
 @dataclass(frozen=True)
@@ -69,33 +96,39 @@ class ModelRunner:
         self.device = tokens.tokens.device
         self.graphs = graphs
 
+    def release_graphs(self) -> None:
+        """Destroy the decode graphs (before leaving a tensor-parallel group: see
+        ``DecodeGraphs.release``); later decode steps run eagerly."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
     @torch.inference_mode()
-    def execute(self, spans: Sequence[ScheduledSpan], slots: Sequence[int]) -> ForwardOutput:
+    def execute(self, spans: Sequence[SpanInput]) -> ForwardOutput:
         """Run the batch; the logits of the spans that sample, in batch order."""
         is_decode = all(sp.num_tokens == 1 for sp in spans)
         if is_decode and self.graphs is not None and self.graphs.fits(len(spans)):
-            return self._replay(spans, slots)
+            return self._replay(spans)
         # Decode requests first (a stable sort), so attention can send them to the
         # decode kernel; the logits still come back in the batch's order.
         order = sorted(range(len(spans)), key=lambda i: spans[i].num_tokens != 1)
         batch = [spans[i] for i in order]
         rows = BatchRows(
-            [slots[i] for i in order], [sp.start for sp in batch], [sp.num_tokens for sp in batch]
+            [sp.slot for sp in batch], [sp.start for sp in batch], [sp.num_tokens for sp in batch]
         )
         ids: list[int] = []
         read_rows: list[int] = []
         read_slots: list[int] = []
         last: dict[int, int] = {}  # batch index -> its last input row, for spans that sample
-        for i, sp, slot in zip(order, batch, rows.slots):
-            span_ids, unread = input_ids(sp)
-            ids += span_ids
-            if unread:
+        for i, sp in zip(order, batch):
+            ids += sp.ids
+            if sp.unread:
                 read_rows.append(len(ids) - 1)
-                read_slots.append(slot)
+                read_slots.append(sp.slot)
             if sp.samples:
                 last[i] = len(ids) - 1
         sampling = sorted(last)
-        sample_rows = [[last[i] for i in sampling], [slots[i] for i in sampling]]
+        sample_rows = [[last[i] for i in sampling], [spans[i].slot for i in sampling]]
         input_ids_d, positions, meta, (last_d, sample_slots) = self._prepare(
             ids, rows, is_decode, TableReads(read_rows, read_slots), sample_rows
         )
@@ -148,17 +181,16 @@ class ModelRunner:
         )
         return longs[0], longs[1], meta, longs[4:]
 
-    def _replay(self, spans: Sequence[ScheduledSpan], slots: Sequence[int]) -> ForwardOutput:
+    def _replay(self, spans: Sequence[SpanInput]) -> ForwardOutput:
         """A decode batch through its CUDA graph, which gathers table rows itself."""
         assert self.graphs is not None
-        inputs = [input_ids(sp) for sp in spans]
-        row_starts = [self.layout.row_start(s) for s in slots]
+        slots = [sp.slot for sp in spans]
         logits = self.graphs.run(
-            [ids[0] for ids, _ in inputs],
-            [pending for _, pending in inputs],
-            list(slots),
+            [sp.ids[0] for sp in spans],
+            [sp.unread for sp in spans],
+            slots,
             [sp.start for sp in spans],
-            row_starts,
+            [self.layout.row_start(s) for s in slots],
         )
         sample_slots = self.graphs.slots[: len(spans)]
         if all(sp.samples for sp in spans):  # always, in practice

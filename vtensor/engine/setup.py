@@ -1,4 +1,9 @@
-"""Turn an EngineConfig into a loaded model, a tokenizer, a KV arena and a runner."""
+"""Turn an EngineConfig into a loaded model, a tokenizer, a KV arena and a runner.
+
+``build_rank`` builds what every tensor-parallel rank holds (rank 0 and workers
+alike, in the same order, since some steps are collective: the KV budget is
+the smallest rank's, and CUDA graph captures hold all-reduces).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from vtensor.distributed import TPGroup
 from vtensor.kvcache.arena import KVArena
 from vtensor.kvcache.layout import KVLayout
 from vtensor.kvcache.manager import KVCacheManager, KVGeometry
@@ -49,16 +55,60 @@ class EngineRuntime:
     async_scheduling: bool
 
 
-def resolve_device(requested: str | None) -> torch.device:
+@dataclass(frozen=True)
+class RankParts:
+    """What one rank holds: its model shard, KV arena and runner (and rank 0's books)."""
+
+    model_config: ModelConfig
+    runtime: EngineRuntime
+    model: LlamaForCausalLM
+    arena: KVArena
+    pool: ChunkPool
+    kv: KVCacheManager  # the KV books: only rank 0's are used
+    runner: ModelRunner
+
+
+def resolve_device(requested: str | None, local_rank: int | None = None) -> torch.device:
+    """The device asked for; a tensor-parallel rank's CUDA device is its local rank's."""
     if requested is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailableError(
             f"device {requested!r} was asked for, but torch sees no GPU on this machine "
             f"(torch {torch.__version__}); use --device cpu"
         )
+    if device.type == "cuda" and local_rank is not None:
+        if local_rank >= torch.cuda.device_count():
+            raise DeviceUnavailableError(
+                f"tensor-parallel local rank {local_rank} needs GPU {local_rank}, but this "
+                f"machine has {torch.cuda.device_count()}"
+            )
+        return torch.device("cuda", local_rank)
+    if device.type == "cuda" and device.index is None:
+        # An explicit index: torch.cuda.set_device (and device comparisons with tensors,
+        # which always carry one) need it.
+        return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def build_rank(config: EngineConfig, group: TPGroup, local_rank: int | None) -> RankParts:
+    """This rank's model shard, arena (scratch slot mapped) and runner (graphs captured)."""
+    cfg, name = model_config(config)
+    rt = runtime_for(config, cfg, name, local_rank)
+    if rt.device.type == "cuda":
+        torch.cuda.set_device(rt.device)  # kernels, graphs and events of this rank's GPU
+    model = load_model(config, cfg, rt, group)
+    arena, pool = build_arena(config, rt, cfg, model.shard.num_kv_heads, group)
+    # Invariant the workers rely on: rank 0's KV commands fit every rank's arena.
+    geometries = group.gather_objects(arena.geometry) or []
+    if any(g != geometries[0] for g in geometries):
+        raise RuntimeError(f"the ranks' KV arenas differ (rank 0 first): {geometries}")
+    kv = map_scratch_slot(arena, config.keep_idle_chunks)
+    # This rank's query heads: the decode workspace is sized for its shard.
+    attn = build_attention(rt, arena, model.shard.num_heads, config.max_num_seqs)
+    runner = build_runner(config, rt, model, attn, arena.layout)
+    return RankParts(cfg, rt, model, arena, pool, kv, runner)
 
 
 def model_config(config: EngineConfig) -> tuple[ModelConfig, str]:
@@ -69,8 +119,10 @@ def model_config(config: EngineConfig) -> tuple[ModelConfig, str]:
     return embedded_config(), EMBEDDED_NAME
 
 
-def runtime_for(config: EngineConfig, cfg: ModelConfig, name: str) -> EngineRuntime:
-    device = resolve_device(config.device)
+def runtime_for(
+    config: EngineConfig, cfg: ModelConfig, name: str, local_rank: int | None = None
+) -> EngineRuntime:
+    device = resolve_device(config.device, local_rank)
     if config.dtype != "auto":
         dtype = DTYPES[config.dtype]
     elif device.type == "cpu":
@@ -94,13 +146,20 @@ def runtime_for(config: EngineConfig, cfg: ModelConfig, name: str) -> EngineRunt
     )
 
 
-def build_attention(rt: EngineRuntime, arena: KVArena) -> AttentionBackend:
-    """The runtime's attention backend over the arena's layer views."""
-    return ATTENTION_BACKENDS[rt.attention_backend](arena.views)
+def build_attention(
+    rt: EngineRuntime, arena: KVArena, q_heads: int, max_num_seqs: int
+) -> AttentionBackend:
+    """The runtime's attention backend over the arena's layer views; a step decodes at
+    most ``max_num_seqs`` requests."""
+    return ATTENTION_BACKENDS[rt.attention_backend](
+        arena.views, q_heads=q_heads, max_batch=max_num_seqs
+    )
 
 
-def load_model(config: EngineConfig, cfg: ModelConfig, rt: EngineRuntime) -> LlamaForCausalLM:
-    model = build_model(cfg, rt.device, rt.dtype, rt.max_model_len)
+def load_model(
+    config: EngineConfig, cfg: ModelConfig, rt: EngineRuntime, group: TPGroup | None = None
+) -> LlamaForCausalLM:
+    model = build_model(cfg, rt.device, rt.dtype, rt.max_model_len, group)
     if config.model is not None:
         load_checkpoint(model, config.model)
     else:
@@ -138,14 +197,24 @@ def kv_budget(config: EngineConfig, rt: EngineRuntime, cfg: ModelConfig) -> int:
 
 
 def build_arena(
-    config: EngineConfig, rt: EngineRuntime, cfg: ModelConfig
+    config: EngineConfig,
+    rt: EngineRuntime,
+    cfg: ModelConfig,
+    kv_heads: int | None = None,
+    group: TPGroup | None = None,
 ) -> tuple[KVArena, ChunkPool]:
-    """The arena has one slot per schedulable request, plus a scratch slot for graph padding."""
+    """The arena has one slot per schedulable request, plus a scratch slot for graph padding.
+
+    ``kv_heads``: the KV heads this rank holds (default: all of the model's). With a
+    group, every rank's pool gets the smallest rank's budget, so that every arena can
+    map whatever rank 0's books allow."""
+    kv_heads = kv_heads or cfg.num_kv_heads
+    group = group or TPGroup()
     if rt.device.type == "cuda":
         backend = open_backend("cuda", device=rt.device.index or 0)
     else:
         backend = open_backend("host", chunk_size=config.chunk_size or CPU_CHUNK)
-    bytes_per_token = 2 * cfg.num_layers * cfg.kv_size * rt.dtype.itemsize
+    bytes_per_token = 2 * cfg.num_layers * kv_heads * cfg.head_dim * rt.dtype.itemsize
     max_tokens = KVGeometry.aligned_max_tokens(
         rt.max_model_len, bytes_per_token, backend.chunk_size
     )
@@ -153,11 +222,11 @@ def build_arena(
         config.max_num_seqs + 1,
         max_tokens,
         cfg.num_layers,
-        cfg.num_kv_heads,
+        kv_heads,
         cfg.head_dim,
         rt.dtype,
     )
-    pool = ChunkPool(backend, kv_budget(config, rt, cfg))
+    pool = ChunkPool(backend, group.min_int(kv_budget(config, rt, cfg)))
     return KVArena(layout, pool, rt.device), pool
 
 

@@ -6,6 +6,8 @@ import time
 
 from .llm_engine import LLMEngine
 from .params import SamplingParams
+from .tp_driver import talking_to
+from .tp_worker import Precompile, precompile
 
 
 def warm_up(engine: LLMEngine) -> float:
@@ -23,6 +25,8 @@ def warm_up(engine: LLMEngine) -> float:
         engine.step()
     for rid in rids:
         engine.pop(rid)
-    scratch_row = engine.arena.layout.row_start(engine.scratch_slot)
-    engine.runner.attn.precompile(engine.model_config.num_heads, scratch_row)
+    with talking_to(engine.workers):  # every rank compiles its own kernels
+        if engine.workers is not None:
+            engine.workers.send(Precompile())
+        precompile(engine.parts)
     return time.perf_counter() - t0

@@ -8,9 +8,11 @@ used by the tests and as the CPU fallback.
 from .decode import choose_num_splits, decode_attention
 from .extend import extend_attention
 from .fa2 import fa2_decode, fa2_extend
+from .splitk import DecodeWorkspace
 from .store_kv import store_kv
 
 __all__ = [
+    "DecodeWorkspace",
     "choose_num_splits",
     "decode_attention",
     "extend_attention",

@@ -7,6 +7,13 @@ import os
 import torch
 
 KV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Per-request index arrays (int32 rows, lengths, offsets) that kernels read one scalar at
+# a time. Triton would otherwise compile a variant per 16-byte alignment of each pointer,
+# and the engine passes slices of one packed metadata buffer whose offsets move with the
+# batch: a new alignment mid-serving is a compile (about 0.5 s) on some user's TTFT.
+# Scalar loads gain nothing from the alignment, so it is not specialized on.
+INDEX_POINTERS = ["Rows", "RowStart", "Lens", "PrefixLens", "QoIndptr"]
+
 # Kernels run softmax in base 2 (exp2 is one instruction): logits are pre-scaled by log2(e).
 LOG2E = 1.4426950408889634
 

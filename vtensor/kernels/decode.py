@@ -3,16 +3,26 @@
 Stage 1 splits each request's context into ``num_splits`` ranges; a program
 handles one (request, KV head, split) and *all* query heads of that KV group,
 so each K/V row is read from HBM once (GQA/MQA). It writes a partial output
-and a log-sum-exp per query head. Stage 2 merges the splits.
+and a log-sum-exp per query head (``splitk.py``'s format). Stage 2 merges the
+splits.
 
-The split count comes from batch × KV heads × context so that the GPU has
-enough programs at batch 1 with long contexts and does not over-split at
-large batches (``choose_num_splits``).
+The grid's split count (a host int, baked into a CUDA graph) comes from batch
+× KV heads × ``max_len`` so that the GPU has enough programs at batch 1 with
+long contexts and does not over-split at large batches
+(``choose_num_splits``). Each request then divides its *own* length among
+those splits on the device (``splitk.split_range``): a decode graph captured
+with ``max_len = max_model_len`` spreads a 2k-token request over every split
+rather than leaving it to the first one.
+
+A whole-row variant (one program reading every KV head of a block of tokens,
+for small ``batch × kv_heads``) was built and measured on the H100 under CUDA
+graph replay: this per-KV-head kernel with per-request splits was faster at
+18 of 23 points (benchmarks/results/kernels_decode_small_branch_h100_2026-11-21.txt),
+so it was not kept.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -21,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .common import (
+    INDEX_POINTERS,
     LOG2E,
     check_decode_args,
     check_out,
@@ -31,9 +42,10 @@ from .common import (
     use_triton,
 )
 from .reference import decode_ref
+from .splitk import MAX_WAVES, DecodeWorkspace, merge_splits, num_sms, scratch, split_range
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=INDEX_POINTERS)
 def _decode_split_kernel(
     Q,
     K,
@@ -43,7 +55,7 @@ def _decode_split_kernel(
     MidO,
     MidLse,
     qk_scale,
-    split_len,
+    num_splits,
     stride_qb,
     stride_qh,
     stride_kr,
@@ -55,6 +67,7 @@ def _decode_split_kernel(
     stride_ms,
     stride_lb,
     stride_lh,
+    min_split,
     G: tl.constexpr,
     BLOCK_G: tl.constexpr,
     D: tl.constexpr,
@@ -67,10 +80,8 @@ def _decode_split_kernel(
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     s = tl.program_id(2)
-    length = tl.load(Lens + b)
+    start, end, used = split_range(tl.load(Lens + b), s, num_splits, min_split, BLOCK_N)
     row0 = tl.load(RowStart + b).to(tl.int64)
-    start = s * split_len
-    end = tl.minimum(start + split_len, length)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, D)
     heads = kvh * G + offs_g
@@ -105,47 +116,17 @@ def _decode_split_kernel(
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    empty = l_i == 0.0  # this split lies past the request's end
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    # Splits past the request's end (s ≥ used) ran no iteration and are never merged: no
+    # store. (A bound, not `gmask & (s < used)`: the interpreter's tensor & scalar is int.)
+    gmask = offs_g < tl.where(s < used, G, 0)
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    lse = m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))
     tl.store(
         MidO + b * stride_mb + heads[:, None] * stride_mh + s * stride_ms + offs_d[None, :],
         out,
         mask=gmask[:, None],
     )
     tl.store(MidLse + b * stride_lb + heads * stride_lh + s, lse, mask=gmask)
-
-
-@triton.jit
-def _decode_merge_kernel(
-    MidO,
-    MidLse,
-    Out,
-    num_splits,
-    stride_mb,
-    stride_mh,
-    stride_ms,
-    stride_lb,
-    stride_lh,
-    stride_ob,
-    stride_oh,
-    D: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)  # batch × Hq × splits × D can pass 2^31 elements
-    h = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, D)
-    smask = offs_s < num_splits
-    lse = tl.load(MidLse + b * stride_lb + h * stride_lh + offs_s, mask=smask, other=float("-inf"))
-    w = tl.exp2(lse - tl.max(lse, 0))
-    o = tl.load(
-        MidO + b * stride_mb + h * stride_mh + offs_s[:, None] * stride_ms + offs_d[None, :],
-        mask=smask[:, None],
-        other=0.0,
-    )
-    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
 
 
 @dataclass(frozen=True)
@@ -155,10 +136,19 @@ class DecodeConfig:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    # Fewest tokens a request puts in one split (rounded up to block_n): a short request
+    # uses fewer splits rather than many nearly empty ones.
+    min_split: int = 64
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
             raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
+        if self.num_warps < 1 or self.num_stages < 1 or self.min_split < 1:
+            raise ValueError(f"num_warps, num_stages and min_split must be >= 1: {self}")
+
+    @property
+    def name(self) -> str:
+        return f"n{self.block_n}-w{self.num_warps}-s{self.num_stages}-m{self.min_split}"
 
 
 def choose_num_splits(
@@ -168,18 +158,14 @@ def choose_num_splits(
     num_sms: int,
     min_tokens_per_split: int = 256,
     max_splits: int = 64,
+    waves: int = MAX_WAVES,
 ) -> int:
-    """Splits per request: enough programs for ~4 waves, each split ≥ ``min_tokens``."""
-    want = math.ceil(4 * num_sms / max(1, batch * kv_heads))
+    """Splits per request: enough programs for ~``waves`` waves, each split ≥
+    ``min_tokens``. (More than ``MAX_WAVES`` needs a workspace sized for them:
+    ``DecodeWorkspace.for_batch`` covers ``MAX_WAVES``; the kernel bench sweeps it.)"""
+    want = math.ceil(waves * num_sms / max(1, batch * kv_heads))
     by_len = max(1, math.ceil(max_len / min_tokens_per_split))
     return max(1, min(want, by_len, max_splits))
-
-
-@functools.cache  # queried on every decode call; the answer never changes
-def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few splits, to exercise the merge
 
 
 def decode_attention(
@@ -194,13 +180,16 @@ def decode_attention(
     config: DecodeConfig | None = None,
     impl: str = "auto",
     out: torch.Tensor | None = None,
+    workspace: DecodeWorkspace | None = None,
 ) -> torch.Tensor:
     """Attention of ``q [B, Hq, D]`` over each request's cached rows.
 
     Request ``b`` reads rows ``row_starts[b] .. row_starts[b] + lengths[b] - 1``
     of the layer views ``k_cache``/``v_cache`` (``[rows, Hkv, D]``, any row and
-    head strides). ``max_len`` (host int) bounds ``lengths`` and sizes the split.
-    Lengths must be ≥ 1. Returns ``[B, Hq, D]`` in ``q``'s dtype.
+    head strides). ``max_len`` (host int) bounds ``lengths`` and sizes the grid's
+    split count. Lengths must be ≥ 1. Returns ``[B, Hq, D]`` in ``q``'s dtype.
+    ``workspace`` holds the split-K scratch (the engine passes one, so a CUDA graph
+    reuses the same buffers); without it the scratch is allocated per call.
     """
     kv_heads, dim = check_decode_args(q, k_cache, v_cache, row_starts, lengths)
     batch, q_heads = q.shape[:2]
@@ -213,68 +202,39 @@ def decode_attention(
     cfg = config or DecodeConfig(block_n=64 if dim <= 128 else 32)
     if num_splits is None:
         num_splits = choose_num_splits(batch, kv_heads, max_len, num_sms(q.device))
-    split_len = triton.cdiv(triton.cdiv(max_len, num_splits), cfg.block_n) * cfg.block_n
-    num_splits = triton.cdiv(max_len, split_len)
-    mid_o = torch.empty((batch, q_heads, num_splits, dim), dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty((batch, q_heads, num_splits), dtype=torch.float32, device=q.device)
+    # No split can hold fewer than min_split tokens, so more than this many never run.
+    num_splits = max(1, min(num_splits, triton.cdiv(max_len, cfg.min_split)))
+    mid_o, mid_lse = scratch(workspace, batch, q_heads, num_splits, dim, q.device)
     group = q_heads // kv_heads
     _decode_split_kernel[(batch, kv_heads, num_splits)](
-        q,
-        k_cache,
-        v_cache,
-        row_starts,
-        lengths,
-        mid_o,
-        mid_lse,
-        sm_scale * LOG2E,
-        split_len,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        mid_o.stride(0),
-        mid_o.stride(1),
-        mid_o.stride(2),
-        mid_lse.stride(0),
-        mid_lse.stride(1),
-        G=group,
-        BLOCK_G=max(16, next_pow2(group)),
-        D=dim,
-        BLOCK_N=cfg.block_n,
-        DOT_F32=dot_in_f32(),
-        PRECISION=dot_precision(q.dtype),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+        q, k_cache, v_cache, row_starts, lengths, mid_o, mid_lse,
+        sm_scale * LOG2E, num_splits,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        cfg.min_split,
+        G=group, BLOCK_G=max(16, next_pow2(group)), D=dim, BLOCK_N=cfg.block_n,
+        DOT_F32=dot_in_f32(), PRECISION=dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
     out = check_out(out, q)
-    _decode_merge_kernel[(batch, q_heads)](
-        mid_o,
-        mid_lse,
-        out,
-        num_splits,
-        mid_o.stride(0),
-        mid_o.stride(1),
-        mid_o.stride(2),
-        mid_lse.stride(0),
-        mid_lse.stride(1),
-        out.stride(0),
-        out.stride(1),
-        D=dim,
-        BLOCK_S=next_pow2(num_splits),
-    )
+    merge_splits(mid_o, mid_lse, out, lengths, cfg.min_split, cfg.block_n)
     return out
 
 
-# Split counts whose kernel variants differ: the merge kernel's BLOCK_S is the next power
-# of two, and Triton specializes integer arguments (the split count and the strides it
-# sets) on being 1 or a multiple of 16. One of each class covers every variant.
-PRECOMPILE_SPLITS = (1, 2, 3, 5, 9, 16, 17, 32, 33, 48, 64)
+# Split counts whose kernel variants differ: Triton specializes integer arguments (the
+# split count and the strides it sets) on being 1 or a multiple of 16. One of each class
+# covers every variant.
+PRECOMPILE_SPLITS = (1, 2, 16, 17, 32, 48, 64)
 
 
 def precompile_decode(
-    q_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, row: int = 0, impl: str = "auto"
+    q_heads: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    row: int = 0,
+    impl: str = "auto",
+    workspace: DecodeWorkspace | None = None,
 ) -> int:
     """Compile the decode kernels' variants now, rather than mid-serving: a new batch
     shape can pick a split count whose variant is not compiled yet, and the compile
@@ -287,5 +247,8 @@ def precompile_decode(
     rows = torch.tensor([row], dtype=torch.int32, device=q.device)
     lens = torch.ones(1, dtype=torch.int32, device=q.device)
     for splits in PRECOMPILE_SPLITS:
-        decode_attention(q, k_cache, v_cache, rows, lens, splits * 64, num_splits=splits, impl=impl)
+        decode_attention(
+            q, k_cache, v_cache, rows, lens, splits * 64, num_splits=splits, impl=impl,
+            workspace=workspace,
+        )  # fmt: skip
     return len(PRECOMPILE_SPLITS)

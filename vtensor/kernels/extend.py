@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from .common import (
+    INDEX_POINTERS,
     LOG2E,
     check_extend_args,
     check_out,
@@ -83,7 +84,7 @@ def _attend_block(
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=INDEX_POINTERS)
 def _extend_kernel(
     Q,
     K,

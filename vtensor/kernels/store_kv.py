@@ -6,11 +6,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_index, check_kv_cache, next_pow2, use_triton
+from .common import INDEX_POINTERS, check_index, check_kv_cache, next_pow2, use_triton
 from .reference import store_kv_ref
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=INDEX_POINTERS)
 def _store_kv_kernel(
     K,
     V,

@@ -56,6 +56,12 @@ class VirtualTensor:
     def mapped_bytes(self) -> int:
         return self._mapped * self.chunk_size
 
+    def mapped_indices(self) -> list[int]:
+        """The indices of the chunks mapped now, ascending (chunk ``i`` backs bytes
+        ``[i * chunk_size, (i + 1) * chunk_size)``)."""
+        with self._lock:
+            return [i for i, c in enumerate(self._table) if c is not None]
+
     def is_mapped(self, offset: int, nbytes: int) -> bool:
         """True when every chunk touching ``[offset, offset+nbytes)`` is mapped."""
         first, last = self._chunk_range(offset, nbytes, aligned=False)

@@ -73,9 +73,16 @@ class AttentionBackend(ABC):
         self,
         kv_views: Sequence[tuple[torch.Tensor, torch.Tensor]],
         sm_scale: float | None = None,
+        *,
+        q_heads: int | None = None,
+        max_batch: int | None = None,
     ) -> None:
+        # q_heads and max_batch (the most decode rows one step may carry) let a backend
+        # size reusable scratch once, before any CUDA graph is captured.
         self.kv_views = list(kv_views)
         self.sm_scale = sm_scale
+        self.q_heads = q_heads
+        self.max_batch = max_batch
 
     @classmethod
     def validate(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> None:

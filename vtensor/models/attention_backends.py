@@ -14,11 +14,18 @@ Every backend stores K/V with our ``store_kv`` (Triton, or its reference for
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 
-from vtensor.kernels import decode_attention, extend_attention, fa2_decode, fa2_extend
+from vtensor.kernels import (
+    DecodeWorkspace,
+    decode_attention,
+    extend_attention,
+    fa2_decode,
+    fa2_extend,
+)
 from vtensor.kernels.decode import precompile_decode
 
 from .attention import AttentionBackend
@@ -29,6 +36,7 @@ class _KernelWrapperAttention(AttentionBackend):
     either the Triton kernel or its fp32 torch reference: ``impl`` picks which."""
 
     impl: ClassVar[str]
+    workspace: DecodeWorkspace | None = None  # split-K scratch, where the backend keeps one
 
     def decode(
         self,
@@ -42,7 +50,7 @@ class _KernelWrapperAttention(AttentionBackend):
     ) -> torch.Tensor:
         return decode_attention(
             q, k_cache, v_cache, row_starts, seq_lens, max_len,
-            sm_scale=self.sm_scale, impl=self.impl, out=out,
+            sm_scale=self.sm_scale, impl=self.impl, out=out, workspace=self.workspace,
         )  # fmt: skip
 
     def extend(
@@ -72,6 +80,23 @@ class TritonAttention(_KernelWrapperAttention):
     name = "triton"
     impl = "triton"
 
+    def __init__(
+        self,
+        kv_views: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        sm_scale: float | None = None,
+        *,
+        q_heads: int | None = None,
+        max_batch: int | None = None,
+    ) -> None:
+        super().__init__(kv_views, sm_scale, q_heads=q_heads, max_batch=max_batch)
+        if q_heads is not None and max_batch is not None and self.kv_views:
+            # One split-K scratch for every layer and every decode graph: allocated here,
+            # outside any capture, and never reallocated (graphs keep its addresses).
+            k_cache = self.kv_views[0][0]
+            self.workspace = DecodeWorkspace.for_batch(
+                max_batch, q_heads, k_cache.shape[-1], k_cache.device
+            )
+
     @classmethod
     def validate(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> None:
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -82,7 +107,9 @@ class TritonAttention(_KernelWrapperAttention):
 
     def precompile(self, q_heads: int, row: int) -> int:
         k_cache, v_cache = self.kv_views[0]  # every layer's view has the same strides
-        return precompile_decode(q_heads, k_cache, v_cache, row, impl="triton")
+        return precompile_decode(
+            q_heads, k_cache, v_cache, row, impl="triton", workspace=self.workspace
+        )
 
 
 class FlashAttention2(AttentionBackend):

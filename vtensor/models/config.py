@@ -206,6 +206,15 @@ SHAPES: dict[str, ModelConfig] = {
     ),
 }
 
+# Llama-3-70B: 80 layers, GQA 64/8, the 8B's vocabulary (issue 16's two-GPU shape).
+SHAPES["llama3-70b"] = replace(
+    SHAPES["llama3-8b"],
+    hidden_size=8192,
+    num_layers=80,
+    num_heads=64,
+    intermediate_size=28672,
+)
+
 # Llama-3.1-8B: the Llama-3-8B shape with a 128k context (rope scaled the "llama3" way).
 SHAPES["llama3.1-8b"] = replace(
     SHAPES["llama3-8b"],

@@ -4,6 +4,11 @@ One implementation, switched by ``ModelConfig`` flags (qkv bias, q/k norm).
 Q/K/V and gate/up are fused into single matmuls; ``loader.py`` maps HF's
 separate weights into their slices. Attention goes through an
 :class:`AttentionBackend`, so the model never sees the cache layout.
+
+Under tensor parallelism (``parallel.py``) each rank builds the same model over
+its :class:`ModelShard`: its heads and MLP columns, its vocabulary rows; the o
+and down projections and the embedding end in one all-reduce each. With one
+rank every collective is the identity.
 """
 
 from __future__ import annotations
@@ -11,9 +16,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vtensor.distributed import TPGroup
+
 from .attention import AttentionBackend, AttentionMetadata
 from .config import ModelConfig
 from .fused import add_rms_norm, rms_norm, silu_mul
+from .parallel import ModelShard, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from .rope import RopeAngles, RotaryEmbedding
 
 
@@ -34,19 +42,19 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, shard: ModelShard, group: TPGroup) -> None:
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
+            shard.num_heads,
+            shard.num_kv_heads,
             cfg.head_dim,
         )
-        self.q_size, self.kv_size = cfg.q_size, cfg.kv_size
+        self.q_size, self.kv_size = shard.q_size, shard.kv_size
         self.qkv_proj = nn.Linear(
-            cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias
+            cfg.hidden_size, shard.q_size + 2 * shard.kv_size, bias=cfg.attention_bias
         )
-        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(shard.q_size, cfg.hidden_size, group)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
@@ -72,20 +80,21 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, shard: ModelShard, group: TPGroup) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        inter = shard.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=False)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, shard: ModelShard, group: TPGroup) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, layer, shard, group)
+        self.mlp = MLP(cfg, shard, group)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -109,22 +118,29 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+    def __init__(
+        self, cfg: ModelConfig, max_positions: int, shard: ModelShard, group: TPGroup
+    ) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(shard, cfg.hidden_size, group)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, shard, group) for i in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, max_positions)
 
 
 class LlamaForCausalLM(nn.Module):
-    """``forward`` maps packed tokens to final hidden states; ``logits`` projects rows."""
+    """``forward`` maps packed tokens to final hidden states; ``logits`` projects rows
+    (all of the vocabulary, on every rank of a tensor-parallel group)."""
 
-    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, max_positions: int, group: TPGroup | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, max_positions)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.group = group or TPGroup()
+        self.shard = ModelShard.of(cfg, self.group.rank, self.group.size)
+        self.model = LlamaModel(cfg, max_positions, self.shard, self.group)
+        self.lm_head = ParallelLMHead(self.shard, cfg.hidden_size, self.group)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -16,6 +16,8 @@ import jinja2
 import jinja2.sandbox
 from tokenizers import Tokenizer as HFTokenizer
 
+from .text_bound import TextBound, text_bound
+
 
 class Tokenizer:
     def __init__(
@@ -34,12 +36,19 @@ class Tokenizer:
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(eos))
         self.chat_template = chat_template
         self._template: jinja2.Template | None = None
+        # Once, at start: it reads the whole tokenizer.json.
+        self.text_bound: TextBound = text_bound(tok)
 
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; ``ValueError`` if it is not valid Unicode (HF tokenizers
+        raises a ``TypeError`` on a lone surrogate)."""
+        where = invalid_unicode_at(text)
+        if where is not None:
+            raise ValueError(f"the text is not valid Unicode: a lone surrogate at index {where}")
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -118,6 +127,18 @@ class IncrementalDetokenizer:
         self._prefix, self._read = self._read, len(self._ids)
         self.text += delta
         return delta
+
+
+def invalid_unicode_at(text: str) -> int | None:
+    """The index of the first lone surrogate of ``text`` (JSON's ``"\\ud800"`` decodes to
+    one; it has no UTF-8 form), or None when the text is valid Unicode."""
+    if text.isascii():  # O(1) in CPython
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return int(exc.start)
+    return None
 
 
 def _raise(message: str) -> None:

@@ -1,23 +1,23 @@
-"""The FastAPI application: routes, the API key, the body limit, and the lifespan
-that starts and stops the engine thread."""
+"""The FastAPI application: routes, the middlewares (``auth``: the API key, first;
+``body_limit``), and the lifespan that starts and stops the engine thread and the
+tokenizer workers."""
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vtensor.engine.llm_engine import LLMEngine
 
 from .async_engine import AsyncEngine
+from .auth import APIKeyAuth, open_paths
+from .body_limit import BodyLimit
 from .errors import APIError, error_body, install_handlers
 from .metrics import ServerMetrics
 from .protocol import (
@@ -33,40 +33,37 @@ from .protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from .serving_chat import create_chat_completion, render_chat
-from .serving_common import ServedModel
+from .served_model import ServedModel
+from .serving_chat import create_chat_completion
 from .serving_completion import create_completion
+from .submission import EngineDeadError
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"  # loopback unless asked: an open port serves anyone who finds it
     port: int = 8000
-    api_key: str | None = None
+    api_key: str | None = None  # every route but /health (and /metrics) needs it
+    protect_metrics: bool = False  # /metrics needs the key too
     served_model_name: str | None = None
     max_waiting: int = 1024  # queued requests beyond the running batch; more get 503
     max_body_bytes: int = 16 * 2**20
     shutdown_timeout_s: float = 30.0  # in-flight requests get this long to finish
+    tokenizer_workers: int = 4  # threads that tokenize off the event loop (served_model.py)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
+        if self.protect_metrics and self.api_key is None:
+            raise ValueError("protect_metrics needs an api_key")
         if self.max_waiting < 1 or self.max_body_bytes < 1024:
             raise ValueError("max_waiting must be >= 1 and max_body_bytes >= 1024")
         if self.shutdown_timeout_s < 0:
             raise ValueError("shutdown_timeout_s must be >= 0")
-
-
-def served_model(engine: LLMEngine, name: str | None) -> ServedModel:
-    return ServedModel(
-        name=name or engine.runtime.model_name,
-        max_model_len=engine.runtime.max_model_len,
-        vocab_size=engine.model_config.vocab_size,
-        tokenizer=engine.tokenizer,
-        created=int(time.time()),
-    )
+        if self.tokenizer_workers < 1:
+            raise ValueError("tokenizer_workers must be >= 1")
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -91,7 +88,7 @@ def _stream_doc(model: type) -> dict[int | str, dict[str, Any]]:
 
 def build_app(config: ServerConfig, engine: LLMEngine) -> FastAPI:
     """The app; the engine thread starts with the app's lifespan and closes the engine."""
-    model = served_model(engine, config.served_model_name)
+    model = ServedModel.of(engine, config.served_model_name, config.tokenizer_workers)
     metrics = ServerMetrics()
     runner = AsyncEngine(engine, config.max_waiting, metrics)
 
@@ -101,6 +98,7 @@ def build_app(config: ServerConfig, engine: LLMEngine) -> FastAPI:
         try:
             yield
         finally:
+            model.close()
             await runner.stop()
 
     app = FastAPI(title="vtensor", version="0.1.0", lifespan=lifespan)
@@ -108,19 +106,29 @@ def build_app(config: ServerConfig, engine: LLMEngine) -> FastAPI:
     app.state.model = model
     install_handlers(app)
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
-    app.include_router(_v1_router(config, model, runner))
+    if config.api_key is not None:  # added last: the outermost, before anything reads
+        app.add_middleware(
+            APIKeyAuth, api_key=config.api_key, open_paths=open_paths(config.protect_metrics)
+        )
+    app.include_router(_v1_router(model, runner))
     app.include_router(_plain_router(model, runner, metrics))
-    app.include_router(_admin_router(config, runner))
+    app.include_router(_admin_router(runner))
     return app
 
 
-def _v1_router(config: ServerConfig, model: ServedModel, runner: AsyncEngine) -> APIRouter:
-    router = APIRouter(prefix="/v1", dependencies=[Depends(_auth(config.api_key))])
+def _v1_router(model: ServedModel, runner: AsyncEngine) -> APIRouter:
+    router = APIRouter(prefix="/v1")
+    card = ModelCard(id=model.name, created=model.created, max_model_len=model.max_model_len)
 
     @router.get("/models", response_model=ModelList, responses=ERRORS)
     async def models() -> ModelList:
-        card = ModelCard(id=model.name, created=model.created, max_model_len=model.max_model_len)
         return ModelList(data=[card])
+
+    # ``:path``: a model id may hold slashes (``meta-llama/Llama-3.1-8B``).
+    @router.get("/models/{model_id:path}", response_model=ModelCard, responses=ERRORS)
+    async def model_card(model_id: str) -> ModelCard:
+        model.check_name(model_id)
+        return card
 
     @router.post("/completions", response_model=None, responses=_stream_doc(CompletionResponse))
     async def completions(req: CompletionRequest, raw: Request) -> Any:
@@ -158,26 +166,24 @@ def _plain_router(model: ServedModel, runner: AsyncEngine, metrics: ServerMetric
         model.check_name(req.model)
         if req.messages is not None:
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            ids = render_chat(messages, model, req.add_generation_prompt)
+            ids = await model.render_chat(messages, req.add_generation_prompt)
         else:
-            tok = model.need_tokenizer()
-            ids = tok.encode(req.prompt or "", add_special_tokens=req.add_special_tokens)
+            prompt = req.prompt or ""
+            ids = await model.encode(prompt, add_special_tokens=req.add_special_tokens)
         return TokenizeResponse(count=len(ids), max_model_len=model.max_model_len, tokens=ids)
 
     @router.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
     async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
         model.check_name(req.model)
-        if any(not 0 <= t < model.vocab_size for t in req.tokens):
-            raise APIError(400, f"token ids must be in [0, {model.vocab_size})", "tokens")
-        text = model.need_tokenizer().decode(req.tokens, skip_special_tokens=False)
-        return DetokenizeResponse(prompt=text)
+        return DetokenizeResponse(prompt=await model.decode(req.tokens))
 
     return router
 
 
-def _admin_router(config: ServerConfig, runner: AsyncEngine) -> APIRouter:
-    """Operations on the server's state: they need the API key, like /v1."""
-    router = APIRouter(dependencies=[Depends(_auth(config.api_key))])
+def _admin_router(runner: AsyncEngine) -> APIRouter:
+    """Operations on the server's state: they need the API key (``auth.APIKeyAuth``
+    covers every route but ``open_paths``)."""
+    router = APIRouter()
 
     @router.post("/reset_prefix_cache", responses={409: {"model": ErrorResponse}, **ERRORS})
     async def reset_prefix_cache() -> JSONResponse:
@@ -185,7 +191,7 @@ def _admin_router(config: ServerConfig, runner: AsyncEngine) -> APIRouter:
         pool. Only while no request runs (409 otherwise: nothing is dropped)."""
         try:
             done = await runner.call(runner.engine.reset_prefix_cache)
-        except RuntimeError as exc:
+        except EngineDeadError as exc:
             raise APIError(503, str(exc)) from exc
         if not done:
             raise APIError(409, "requests are running; reset the prefix cache when idle")
@@ -199,48 +205,3 @@ def _answer(result: Any) -> Any:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(result, media_type="text/event-stream", headers=headers)
     return JSONResponse(result.model_dump(mode="json"))
-
-
-def _auth(api_key: str | None) -> Any:
-    async def check(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        # Constant-time comparison: the key must not leak through response timing.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise APIError(401, "a valid API key is required: Authorization: Bearer KEY")
-
-    return check
-
-
-class BodyLimit:
-    """Refuse bodies over ``limit`` bytes with 413, by Content-Length when sent and by
-    counting otherwise (an upload in HTTP chunked transfer encoding cannot get around it)."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            await self._refuse(scope, receive, send)
-            return
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:  # FastAPI passes HTTPExceptions from body reading through
-                raise StarletteHTTPException(413, f"the request body is over {self.limit} bytes")
-            return message
-
-        await self.app(scope, counted, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = error_body(413, f"the request body is over {self.limit} bytes")
-        await JSONResponse(body, status_code=413)(scope, receive, send)

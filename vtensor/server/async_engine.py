@@ -11,6 +11,12 @@ Invariants:
 - every submitted request ends with exactly one item whose ``finished`` is
   true (stop, length, or abort), unless the client aborted it first;
 - a finished request is popped from the engine at once, so it holds no KV.
+
+Shutdown has two speeds. ``drain`` (the first SIGINT/SIGTERM) refuses new requests
+and gives running ones until a deadline, set once, then aborts them: their streams
+end with ``finish_reason: "abort"``. ``force_stop`` (a second Ctrl-C) ends every open
+submission at once with an error, from the event loop, so it works even while the
+engine thread is stuck in a step; the thread stops after the step it is in.
 """
 
 from __future__ import annotations
@@ -21,30 +27,30 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from vtensor.engine.llm_engine import LLMEngine
 from vtensor.engine.outputs import StepOutput
 from vtensor.engine.params import SamplingParams
 
+from .drain import Drain
 from .metrics import ServerMetrics
-from .submission import EngineDeadError, Item, QueueFullError, Submission
+from .submission import (
+    EngineDeadError,
+    Item,
+    OpenSubmissions,
+    QueueFullError,
+    Submission,
+    Track,
+    dispatch,
+    put_all,
+    settle,
+)
 
 log = logging.getLogger("vtensor.server")
 CALL_POLL_S = 1.0  # how often a caller waiting on the engine checks that it still runs
+STOP_POLL_S = 0.02  # how often stop() checks that the engine thread has ended
 T = TypeVar("T")
-
-
-@dataclass
-class _Track:
-    """Per engine request: where its items go, and its timing for the metrics."""
-
-    queue: asyncio.Queue[Item | BaseException]
-    index: int
-    arrival: float
-    first: float | None = None
-    tokens: int = 0
 
 
 class AsyncEngine:
@@ -57,11 +63,12 @@ class AsyncEngine:
         self._inbox: collections.deque[Callable[[], None]] = collections.deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._tracks: dict[int, _Track] = {}
+        self._tracks: dict[int, Track] = {}
         self._pending = 0  # submissions in the inbox, not yet added to the engine
         self._waiting = 0  # the scheduler's waiting queue, published after each step
         self._error: BaseException | None = None
-        self._drain_deadline: float | None = None  # set when a graceful shutdown begins
+        self._drain = Drain()
+        self.open = OpenSubmissions()  # loop side: what a forced exit ends
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -71,23 +78,49 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="vtensor-engine", daemon=True)
         self._thread.start()
 
-    async def stop(self) -> None:
-        """Abort what is left (each gets a finished ``abort`` item), then close the engine."""
+    async def stop(self, timeout_s: float | None = None) -> bool:
+        """Abort what is left (each gets a finished ``abort`` item), then close the engine.
+        Waits up to ``timeout_s`` (None: as long as it takes) for the engine thread, by
+        polling, so that giving up leaves no thread behind blocked on a join; returns
+        whether the thread ended."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while self._thread_running():
+            if deadline is not None and loop.time() >= deadline:
+                return False
+            await asyncio.sleep(STOP_POLL_S)
+        return True
 
-    def drain(self, timeout_s: float) -> None:
+    def drain(self, timeout_s: float, why: str = "shutdown") -> float:
         """A graceful shutdown began: refuse new requests, give running ones ``timeout_s``,
-        then abort the rest so their streams end properly (finish_reason "abort").
-        Safe to call from any thread (uvicorn calls it from its signal handler)."""
-        self._drain_deadline = time.monotonic() + timeout_s
+        then abort the rest so their streams end properly (finish_reason "abort"). The
+        first call sets the deadline (``drain.Drain``); returns it. Any thread."""
+        deadline = self._drain.begin(timeout_s, why, len(self._tracks))
         self._wake.set()
+        return deadline
+
+    def force_stop(self, reason: str) -> None:
+        """End every open submission now with an error (streams: an error event and
+        ``[DONE]``; others: a 503), and stop the engine thread after its current step.
+        Safe from any thread, a signal handler included: the work runs on the loop."""
+        self._stop.set()
+        self._wake.set()
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._fail_open, reason)
+
+    def _fail_open(self, reason: str) -> None:
+        ended = self.open.fail_all(EngineDeadError(reason))
+        log.warning("forced exit: ended %d open requests with an error", ended)
 
     @property
     def draining(self) -> bool:
-        return self._drain_deadline is not None
+        return self._drain.deadline is not None
+
+    @property
+    def drain_deadline(self) -> float | None:
+        return self._drain.deadline
 
     @property
     def alive(self) -> bool:
@@ -120,14 +153,17 @@ class AsyncEngine:
             groups = self.engine.add_requests(prompts, params, stream_text=True)  # all or none
             rids = [rid for group in groups for rid in group]
             for i, rid in enumerate(rids):
-                self._tracks[rid] = _Track(queue, i, now)
+                self._tracks[rid] = Track(queue, i, now)
+            self.metrics.observe_submitted(len(rids))
             return Submission(rids, queue)
 
         self._pending += count
         try:
-            return await self.call(add)
+            sub = await self.call(add)
         finally:
             self._pending -= count
+        self.open.add(sub)  # until the handler forgets it
+        return sub
 
     def abort(self, submission: Submission) -> None:
         """Abort a submission's unfinished requests (the client went away)."""
@@ -150,9 +186,9 @@ class AsyncEngine:
             try:
                 result = fn()
             except BaseException as exc:
-                self._loop_call(_settle, future, None, exc)
+                self._loop_call(settle, future, None, exc)
             else:
-                self._loop_call(_settle, future, result, None)
+                self._loop_call(settle, future, result, None)
 
         self._post(run)
         # The engine answers between steps. Bounded, because a call posted just as the
@@ -186,8 +222,7 @@ class AsyncEngine:
         try:
             while not self._stop.is_set():
                 self._run_inbox()
-                if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
-                    self._abort_all()
+                self._abort_if_drained()
                 if self.engine.has_unfinished():
                     self._deliver(self.engine.step())
                     self._waiting = len(self.engine.scheduler.waiting)
@@ -200,6 +235,13 @@ class AsyncEngine:
             self._error = exc
         finally:
             self._shutdown()
+
+    def _abort_if_drained(self) -> None:
+        if not self._drain.due():
+            return
+        if self._tracks:
+            log.info("the drain deadline passed: aborting %d request(s)", len(self._tracks))
+        self._abort_all()
 
     def _run_inbox(self) -> None:
         while self._inbox:
@@ -221,9 +263,9 @@ class AsyncEngine:
                 self._finish(out.rid, track, now, out.finish_reason or "abort")
         self.metrics.add_tokens(sum(len(o.new_token_ids) for o in outs), now)
         if batches:  # one wake-up of the event loop per step, however many requests
-            self._loop_call(_dispatch, list(batches.items()))
+            self._loop_call(dispatch, list(batches.items()))
 
-    def _finish(self, rid: int, track: _Track, now: float, reason: str) -> None:
+    def _finish(self, rid: int, track: Track, now: float, reason: str) -> None:
         req = self.engine.pop(rid)
         del self._tracks[rid]
         self.metrics.observe_finished(
@@ -248,10 +290,12 @@ class AsyncEngine:
         error = self._error
         for rid, track in list(self._tracks.items()):
             if error is not None:
-                self._loop_call(_put_all, track.queue, [EngineDeadError(str(error))])
+                # The step's exception is in the log; clients get no internals.
+                dead = EngineDeadError("the engine stopped after an internal error")
+                self._loop_call(put_all, track.queue, [dead])
             else:
                 out = StepOutput(rid, [], "", True, "abort")
-                self._loop_call(_put_all, track.queue, [Item(track.index, out)])
+                self._loop_call(put_all, track.queue, [Item(track.index, out)])
             self._abort_now(rid)
 
     def _run_inbox_safely(self) -> None:
@@ -260,22 +304,3 @@ class AsyncEngine:
             self._run_inbox()
         except BaseException:
             log.exception("engine call failed during shutdown")
-
-
-def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-    if future.done():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
-
-
-def _dispatch(deliveries: list[tuple[asyncio.Queue[Item | BaseException], list[Item]]]) -> None:
-    for queue, items in deliveries:
-        _put_all(queue, items)
-
-
-def _put_all(queue: asyncio.Queue[Item | BaseException], items: list[Any]) -> None:
-    for item in items:
-        queue.put_nowait(item)

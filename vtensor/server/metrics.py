@@ -54,7 +54,12 @@ class ServerMetrics:
         self.finished: collections.Counter[str] = collections.Counter()
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.submitted = 0  # engine requests accepted: each ends as one of `finished`
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
+
+    def observe_submitted(self, n: int) -> None:
+        with self._lock:
+            self.submitted += n
 
     def observe_first_token(self, ttft_s: float) -> None:
         with self._lock:
@@ -151,6 +156,11 @@ class ServerMetrics:
             lines += _scalar(
                 "vtensor_generation_tokens_total", "Tokens generated", "counter",
                 self.generation_tokens,
+            )  # fmt: skip
+            lines += _scalar(
+                "vtensor_requests_submitted_total",
+                "Requests accepted (each sample of n); each ends in requests_finished_total",
+                "counter", self.submitted,
             )  # fmt: skip
             lines += ["# HELP vtensor_requests_finished_total Requests ended, by reason",
                       "# TYPE vtensor_requests_finished_total counter"]  # fmt: skip

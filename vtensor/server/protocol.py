@@ -3,7 +3,8 @@
 Every request model forbids unknown fields: a parameter we do not implement
 is rejected with a 400 naming it, never silently ignored. Value constraints
 (ranges, non-empty lists) live here, so a bad value is a 422 before the
-engine ever sees it.
+engine ever sees it. Every string a request carries is ``Text``: a lone
+surrogate is a 400 (``text_checks``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import uuid
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .text_checks import NonEmptyText, Text
 
 MAX_N = 16  # choices per request; more is almost certainly a mistake
 MAX_STOP = 16  # stop strings per request
@@ -34,14 +37,14 @@ class StreamOptions(_Request):
 class SamplingFields(_Request):
     """The sampling parameters both endpoints share (vLLM's names and defaults)."""
 
-    model: str | None = None
+    model: Text | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float = Field(1.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -52,7 +55,7 @@ class SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     return_token_ids: bool = False  # vLLM's extension: token ids in each choice
-    user: str | None = None  # OpenAI's end-user tag: metadata, no effect on generation
+    user: Text | None = None  # OpenAI's end-user tag: metadata, no effect on generation
 
     @model_validator(mode="after")
     def _check(self) -> SamplingFields:
@@ -74,9 +77,12 @@ class SamplingFields(_Request):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
-# A prompt: text, token ids, or a batch of either.
-Text = Annotated[str, Field(min_length=1)]
-PromptInput = Text | list[int] | list[Text] | list[list[int]]
+# A prompt: text, token ids, or a batch of either. Left to right: the first member that
+# fits wins, so a long prompt is validated once, not against every member.
+PromptInput = Annotated[
+    NonEmptyText | list[int] | list[NonEmptyText] | list[list[int]],
+    Field(union_mode="left_to_right"),
+]
 
 
 class CompletionRequest(SamplingFields):
@@ -106,13 +112,13 @@ class CompletionRequest(SamplingFields):
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -147,8 +153,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(_Request):
-    model: str | None = None
-    prompt: str | None = None
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
@@ -161,7 +167,7 @@ class TokenizeRequest(_Request):
 
 
 class DetokenizeRequest(_Request):
-    model: str | None = None
+    model: Text | None = None
     tokens: list[int]
 
 

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from .async_engine import AsyncEngine
-from .errors import APIError
 from .protocol import (
     ChatChoice,
     ChatCompletionChunk,
@@ -20,10 +19,10 @@ from .protocol import (
     TopLogprob,
     new_id,
 )
+from .served_model import ServedModel
 from .serving_common import (
     Disconnected,
     EventWriter,
-    ServedModel,
     cached_per_prompt,
     collect,
     sampling_params,
@@ -35,25 +34,13 @@ from .serving_common import (
 from .submission import Item, Submission
 
 
-def render_chat(req_messages: list[dict[str, str]], model: ServedModel, gen: bool) -> list[int]:
-    tokenizer = model.need_tokenizer()
-    try:
-        text = tokenizer.apply_chat_template(req_messages, add_generation_prompt=gen)
-    except ValueError as exc:  # no template, or the template refused the messages
-        raise APIError(400, str(exc), "messages") from exc
-    except Exception as exc:  # a jinja2 error inside the template
-        raise APIError(400, f"the chat template failed: {exc}", "messages") from exc
-    # The template writes the special tokens (BOS included) itself.
-    return model.encode(text, add_special_tokens=False)
-
-
 async def create_chat_completion(
     req: ChatCompletionRequest, model: ServedModel, engine: AsyncEngine, disconnected: Disconnected
 ) -> ChatCompletionResponse | AsyncIterator[str]:
     model.check_name(req.model)
-    ids = render_chat(req.template_messages(), model, req.add_generation_prompt)
     params = sampling_params(req, req.max_new_tokens, req.num_logprobs)
-    sub = await submit(engine, [ids], params)
+    ids = await model.render_chat(req.template_messages(), req.add_generation_prompt)
+    sub = await submit(engine, [ids], params, "messages")
     if req.stream:
         return _stream(req, model, engine, sub, len(ids))
     states = await collect(engine, sub, disconnected)

@@ -21,10 +21,9 @@ from pydantic import TypeAdapter
 from vtensor.engine.input_processor import RequestError
 from vtensor.engine.outputs import FinishReason
 from vtensor.engine.params import SamplingParams
-from vtensor.models.tokenizer import Tokenizer
 
 from .async_engine import AsyncEngine
-from .errors import APIError, error_body
+from .errors import APIError, error_body, internal_error
 from .protocol import (
     ChatCompletionChunk,
     ChatStreamChoice,
@@ -34,39 +33,13 @@ from .protocol import (
     SamplingFields,
     Usage,
 )
+from .served_model import ServedModel
 from .submission import EngineDeadError, Item, QueueFullError, Submission
 
 Disconnected = Callable[[], Awaitable[bool]]
 Chunk = CompletionChunk | ChatCompletionChunk
 StreamChoice = CompletionChoice | ChatStreamChoice
 POLL_S = 0.5  # how often a non-streaming request checks that its client is still there
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """What the handlers need to know about the model (runtime-derived, read-only)."""
-
-    name: str
-    max_model_len: int
-    vocab_size: int
-    tokenizer: Tokenizer | None
-    created: int
-
-    def check_name(self, requested: str | None) -> None:
-        if requested is not None and requested != self.name:
-            raise APIError(404, f"model {requested!r} does not exist; this server serves "
-                                f"{self.name!r}", "model")  # fmt: skip
-
-    def need_tokenizer(self) -> Tokenizer:
-        if self.tokenizer is None:
-            raise APIError(400, "this model has no tokenizer: send prompts as token ids")
-        return self.tokenizer
-
-    def encode(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
-        """Token ids (the engine checks them when the request is submitted)."""
-        if isinstance(prompt, str):
-            return self.need_tokenizer().encode(prompt, add_special_tokens=add_special_tokens)
-        return list(prompt)
 
 
 def sampling_params(
@@ -88,9 +61,10 @@ def sampling_params(
 
 
 async def submit(
-    engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams
+    engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams, prompt_param: str
 ) -> Submission:
-    """Submit each prompt's ``params.n`` samples; the engine's contract errors are 400s."""
+    """Submit each prompt's ``params.n`` samples; the engine's contract errors are 400s
+    (naming ``prompt_param`` where the engine says "prompt": chat's is "messages")."""
     try:
         return await engine.submit(prompts, params)
     except QueueFullError as exc:
@@ -98,7 +72,8 @@ async def submit(
     except EngineDeadError as exc:
         raise APIError(503, str(exc)) from exc
     except RequestError as exc:
-        raise APIError(400, str(exc), exc.param) from exc
+        param = prompt_param if exc.param == "prompt" else exc.param
+        raise APIError(400, str(exc), param) from exc
     except ValueError as exc:
         raise APIError(400, str(exc)) from exc
 
@@ -146,13 +121,14 @@ async def batches(
             batch: list[Item] = []
             for item in arrived:
                 if isinstance(item, BaseException):
-                    raise APIError(503, f"the engine stopped: {item}")
+                    raise APIError(503, str(item))
                 open_choices -= item.out.finished
                 batch.append(item)
             yield batch
     finally:
         if open_choices:
             engine.abort(sub)
+        engine.open.forget(sub)
 
 
 async def collect(
@@ -194,6 +170,10 @@ async def stream_events(
                 yield "".join(events)
     except APIError as exc:
         yield sse_error(exc)
+        yield SSE_DONE
+        return
+    except Exception as exc:  # unexpected: details to the log, the stream ends properly
+        yield sse_error(internal_error(exc, writer.rid))
         yield SSE_DONE
         return
     if include_usage:
@@ -241,6 +221,7 @@ class EventWriter:
         # One ``created`` for the whole stream, as OpenAI's.
         self._chunk = chunk(id=rid, created=int(time.time()), model=model, choices=[])
         self._dump = _CHUNK_JSON[chunk].dump_json
+        self.rid = rid
 
     def event(self, choices: list[StreamChoice], usage: Usage | None = None) -> str:
         self._chunk.choices, self._chunk.usage = choices, usage  # type: ignore[assignment]

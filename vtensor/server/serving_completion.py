@@ -13,11 +13,11 @@ from .protocol import (
     CompletionResponse,
     new_id,
 )
+from .served_model import ServedModel
 from .serving_common import (
     ChoiceState,
     Disconnected,
     EventWriter,
-    ServedModel,
     cached_per_prompt,
     collect,
     sampling_params,
@@ -34,10 +34,10 @@ async def create_completion(
 ) -> CompletionResponse | AsyncIterator[str]:
     """Validate, submit, and answer: a response, or the SSE lines of a stream."""
     model.check_name(req.model)
-    prompts = [model.encode(p) for p in req.prompts()]
     params = sampling_params(req, req.max_tokens, req.logprobs)
+    prompts = [await model.encode(p) for p in req.prompts()]
     # Choice index p * n + j is sample j of prompt p, as OpenAI numbers them.
-    sub = await submit(engine, prompts, params)
+    sub = await submit(engine, prompts, params, "prompt")
     prompt_tokens = sum(map(len, prompts))
     if req.stream:
         return _stream(req, model, engine, sub, prompts, prompt_tokens)

@@ -1,0 +1,107 @@
+"""Decode's per-request splits and its reused split-K workspace.
+
+Tiny shapes: on the CPU the kernels run in the Triton interpreter; on a GPU
+machine the same tests run the compiled kernels (CUDA graph replay:
+test_kernels_gpu).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import torch
+
+from vtensor.kernels import DecodeWorkspace, decode_attention
+from vtensor.kernels.decode import DecodeConfig, choose_num_splits
+from vtensor.kernels.reference import decode_ref
+from vtensor.kernels.splitk import MAX_WAVES
+
+from .kernel_cases import TOLERANCE, Case, ints, make_case, rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+H100_SMS = 132
+
+
+def _run(
+    case: Case, q: torch.Tensor, lens: torch.Tensor, max_len: int, **kw: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kernel output, fp32 reference)."""
+    out = decode_attention(q, case.k, case.v, case.row_starts(), lens, max_len, **kw)
+    ref = decode_ref(q, case.k, case.v, case.row_starts(), lens, q.shape[-1] ** -0.5)
+    return out, ref
+
+
+@pytest.mark.parametrize("min_split", [16, 40, 64])
+@pytest.mark.parametrize("splits", [1, 3, 8])
+def test_short_requests_under_a_long_bound(min_split: int, splits: int) -> None:
+    """A decode graph passes max_len = max_model_len: each request divides its own
+    length among the splits (fp32, so a misplaced split boundary cannot hide in bf16
+    rounding). Lengths straddle every boundary a split of 16/40/64 tokens makes."""
+    lengths = [1, 15, 16, 17, random.randint(18, 128), 128]
+    case = make_case(len(lengths), 128, 8, 2, 32, torch.float32, DEVICE)
+    q = torch.randn(len(lengths), 8, 32, device=DEVICE)
+    cfg = DecodeConfig(block_n=16, min_split=min_split)
+    out, ref = _run(case, q, ints(lengths, DEVICE), 1 << 20, num_splits=splits, config=cfg)
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_bf16_with_the_default_config() -> None:
+    lengths = [random.randint(1, 256) for _ in range(3)] + [256]
+    case = make_case(len(lengths), 256, 8, 2, 64, torch.bfloat16, DEVICE)
+    q = torch.randn(len(lengths), 8, 64, device=DEVICE).to(torch.bfloat16)
+    out, ref = _run(case, q, ints(lengths, DEVICE), 32768)
+    assert rel_err(out, ref) < TOLERANCE[torch.bfloat16]
+
+
+def test_workspace_capacity_covers_every_automatic_split() -> None:
+    ws_batch = 256
+    capacity = ws_batch + MAX_WAVES * H100_SMS  # what DecodeWorkspace.for_batch sizes
+    for batch in range(1, ws_batch + 1):
+        for kv_heads in (1, 4, 8, 32):
+            for max_len in (1, 1000, 131072):
+                assert batch * choose_num_splits(batch, kv_heads, max_len, H100_SMS) <= capacity
+
+
+def test_workspace_is_reused_and_matches_fresh_scratch() -> None:
+    lengths = [5, 64, 33]
+    case = make_case(3, 64, 8, 2, 64, torch.float32, DEVICE)
+    q = torch.randn(3, 8, 64, device=DEVICE)
+    lens = ints(lengths, DEVICE)
+    ws = DecodeWorkspace.for_batch(4, 8, 64, DEVICE)
+    ptrs = (ws.mid_o.data_ptr(), ws.mid_lse.data_ptr())
+    ws.mid_o.fill_(float("nan"))  # stale scratch must never leak into an output
+    ws.mid_lse.fill_(float("nan"))
+    cfg = DecodeConfig(block_n=16, min_split=16)
+    fresh, _ = _run(case, q, lens, 64, num_splits=3, config=cfg)
+    outs = [_run(case, q, lens, 64, num_splits=3, config=cfg, workspace=ws)[0] for _ in "ab"]
+    assert torch.equal(outs[0], fresh) and torch.equal(outs[1], fresh)
+    mid_o, mid_lse = ws.views(3, 3)  # what the calls used: the buffers' start
+    assert (mid_o.data_ptr(), mid_lse.data_ptr()) == ptrs
+    assert (ws.mid_o.data_ptr(), ws.mid_lse.data_ptr()) == ptrs
+    assert not torch.isnan(mid_lse[:, :, 0]).any()  # split 0 was written through the views
+    assert ws.views(3, 3)[0] is mid_o  # views are cached, not rebuilt per call
+
+
+def test_workspace_too_small_or_mismatched() -> None:
+    case = make_case(2, 32, 4, 2, 32, torch.float32, DEVICE)
+    q = torch.randn(2, 4, 32, device=DEVICE)
+    lens = ints([32, 9], DEVICE)
+    small = DecodeWorkspace(4, 32, capacity=3, device=DEVICE)
+    assert not small.fits(2, 2)
+    with pytest.raises(ValueError, match="holds 3"):
+        small.views(2, 2)
+    cfg = DecodeConfig(block_n=16, min_split=16)
+    out, ref = _run(case, q, lens, 32, num_splits=2, config=cfg, workspace=small)  # falls back
+    assert rel_err(out, ref) < 1e-5
+    with pytest.raises(ValueError, match="workspace is for 8 heads"):
+        _run(case, q, lens, 32, workspace=DecodeWorkspace(8, 32, 16, DEVICE))
+
+
+def test_config_is_checked() -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        DecodeConfig(block_n=48)
+    with pytest.raises(ValueError, match="min_split"):
+        DecodeConfig(min_split=0)
+    assert DecodeConfig().name == "n64-w4-s3-m64"

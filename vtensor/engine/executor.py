@@ -1,0 +1,98 @@
+"""StepExecutor: one rank's device side of a step, the same code on every rank.
+
+Rank 0 turns its scheduler's plan into a :class:`StepPlan` (plain ints: KV
+commands and the runner's inputs); under tensor parallelism it broadcasts the
+plan to the other ranks first, and every rank hands it to its own executor:
+
+1. ``run``: the KV commands go to this rank's arena (the one place they reach an
+   arena), the step waits for the chunks it touches, the runner queues the
+   forward pass (with the group's collectives inside) and returns the logits;
+2. ``write_tokens``: rank 0 has drawn from the logits; its sampled tokens go into
+   every rank's token table (a broadcast on the device group, queued on the
+   stream like a kernel: async scheduling never waits for it);
+3. ``mark_launched``: the event that the next unmap waits for.
+
+Every rank's arena has the same layout (``models/parallel.py``), so rank 0's
+commands, computed from its own books, fit every arena.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from vtensor.distributed import TPGroup
+from vtensor.kvcache.arena import KVArena
+from vtensor.kvcache.manager import KVCommand, UnmapCommand
+
+from .runner import ForwardOutput, ModelRunner, SpanInput
+from .stats import StepCounters
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What every rank needs for one step, in the order it applies it."""
+
+    kv_commands: list[KVCommand] = field(default_factory=list)  # needed by this step
+    ahead_commands: list[KVCommand] = field(default_factory=list)  # for later steps
+    inputs: list[SpanInput] = field(default_factory=list)  # none: only KV commands
+
+    @property
+    def samples(self) -> int:
+        """Spans that draw a token (the size of the step's token broadcast)."""
+        return sum(sp.samples for sp in self.inputs)
+
+
+class StepExecutor:
+    def __init__(
+        self, arena: KVArena, runner: ModelRunner, group: TPGroup, counters: StepCounters
+    ) -> None:
+        self.arena = arena
+        self.runner = runner
+        self.group = group
+        self.counters = counters
+        self.device = runner.device
+        self._last_launch_done: torch.cuda.Event | None = None  # the unmap fence
+
+    def run(self, plan: StepPlan) -> ForwardOutput | None:
+        """Apply the plan's KV commands, then queue its forward pass (None: no spans)."""
+        self._apply_kv(plan)
+        if not plan.inputs:
+            return None
+        return self.runner.execute(plan.inputs)
+
+    def write_tokens(self, forward: ForwardOutput, tokens: torch.Tensor | None) -> None:
+        """The step's sampled tokens into this rank's token table: rank 0 passes its
+        draw's, the others ``None`` and receive rank 0's."""
+        if tokens is None:
+            rows = forward.sample_slots.shape[0]
+            tokens = torch.empty(rows, dtype=torch.long, device=self.device)
+        self.runner.tokens.write(forward.sample_slots, self.group.broadcast(tokens))
+
+    def mark_launched(self) -> None:
+        if self.device.type == "cuda":
+            self._last_launch_done = torch.cuda.Event()
+            self._last_launch_done.record()
+
+    def _apply_kv(self, plan: StepPlan) -> None:
+        """Queue the plan's commands on the mapper and wait for the chunks this step
+        touches.
+
+        Unmapping first waits for the last launched step (counted as ``unmap_fences``):
+        it may still write a slot whose request finished or was aborted since. Maps need
+        no wait. The whole window is timed (the mapper thread can also delay this one
+        through the GIL).
+        """
+        t_kv = time.perf_counter()
+        for commands in (plan.kv_commands, plan.ahead_commands):
+            done = self._last_launch_done
+            unmaps = any(isinstance(c, UnmapCommand) for c in commands)
+            if unmaps and done is not None and not done.query():
+                self.counters.unmap_fences += 1
+                done.synchronize()
+            self.arena.apply(commands)
+        geometry = self.arena.geometry
+        self.arena.wait_ready((sp.slot, geometry.chunks_for(sp.end)) for sp in plan.inputs)
+        self.counters.kv_sync_s += time.perf_counter() - t_kv
