@@ -1,6 +1,6 @@
 """The engine's invariants in one place: ``LLMEngine.check_integrity`` runs these.
 
-Three sets, each a list of what is broken (empty when all hold):
+Four sets, each a list of what is broken (empty when all hold):
 
 * **pool** — the chunk pool balances (``created == free + in_use``); its
   references are the arena's mappings plus the prefix cache's holds; the chunks
@@ -18,7 +18,9 @@ Three sets, each a list of what is broken (empty when all hold):
   request has a token on the device exactly when the step in flight sampled
   it, at the position it will be read to;
 * **workers** (tensor parallelism) — every worker's arena maps exactly the
-  chunks rank 0's does, and its pool holds as many: they applied every command.
+  chunks rank 0's does, shares them the same way (the same mappings alias one
+  physical chunk), its prefix cache holds the same ids, and its pool holds as
+  many chunks with as many references: they applied every command.
 
 Meant for tests and debugging (``EngineConfig.debug_check_every``): it waits
 for the mapper thread and walks every request.
@@ -34,6 +36,8 @@ from vtensor.memory import PhysicalChunk
 from .request import Request, RequestStatus
 
 if TYPE_CHECKING:
+    from vtensor.kvcache.arena import ChunkSignature
+
     from .llm_engine import LaunchedStep, LLMEngine
     from .tp_worker import ArenaReport
 
@@ -110,7 +114,8 @@ def _chunk_problems(engine: LLMEngine) -> list[str]:
 
 
 def worker_problems(reports: Sequence[ArenaReport]) -> list[str]:
-    """Each worker's arena against rank 0's: same chunks mapped, same pool use."""
+    """Each worker's arena against rank 0's: same chunks mapped, shared the same way,
+    the same held by the prefix cache, same pool use and references."""
     if not reports:
         return []
     ours, problems = reports[0], []
@@ -121,11 +126,34 @@ def worker_problems(reports: Sequence[ArenaReport]) -> list[str]:
                 f"rank {r.rank}'s arena maps {len(r.mapped)} chunks, rank 0's "
                 f"{len(ours.mapped)}: {len(extra)} extra, {len(lacking)} lacking"
             )
-        if r.pool_in_use != ours.pool_in_use:
+        if (r.pool_in_use, r.pool_references) != (ours.pool_in_use, ours.pool_references):
             problems.append(
-                f"rank {r.rank}'s pool has {r.pool_in_use} chunks in use, rank 0's "
-                f"{ours.pool_in_use}"
+                f"rank {r.rank}'s pool has {r.pool_in_use} chunks in use with "
+                f"{r.pool_references} references, rank 0's {ours.pool_in_use} with "
+                f"{ours.pool_references}"
             )
+        problems += _signature_problems(r.rank, r.signature, ours.signature)
+    return problems
+
+
+def _signature_problems(rank: int, theirs: ChunkSignature, ours: ChunkSignature) -> list[str]:
+    """Where a worker's sharing differs from rank 0's (``KVArena.signature``)."""
+    problems = []
+    if theirs.mapped != ours.mapped:
+        differ = sum(a != b for a, b in zip(theirs.mapped, ours.mapped))
+        problems.append(
+            f"rank {rank}'s arena shares chunks otherwise than rank 0's ({differ} of "
+            f"{len(ours.mapped)} mappings differ)"
+        )
+    if [cid for cid, _ in theirs.held] != [cid for cid, _ in ours.held]:
+        problems.append(
+            f"rank {rank}'s prefix cache holds {len(theirs.held)} chunks, rank 0's "
+            f"{len(ours.held)}, not the same ids"
+        )
+    elif theirs.held != ours.held:
+        problems.append(f"rank {rank}'s cache holds other physical chunks than rank 0's")
+    if theirs.references != ours.references:
+        problems.append(f"rank {rank}'s chunks' reference counts differ from rank 0's")
     return problems
 
 

@@ -54,6 +54,21 @@ class ArenaStats:
     chunks_mapped: int  # over the arena's life (mapper ops)
 
 
+@dataclass(frozen=True)
+class ChunkSignature:
+    """The arena's mappings and the cache's holds up to a renaming of physical chunks.
+
+    Physical chunks are numbered in the order they are first met: the mapped chunk
+    indices ascending, then the held ids ascending. Two arenas (two tensor-parallel
+    ranks') that applied the same commands have equal signatures, whichever physical
+    chunks their pools handed out; a missed or extra map, share, hold or drop changes it.
+    """
+
+    mapped: tuple[tuple[int, int], ...]  # (chunk index, label)
+    held: tuple[tuple[int, int], ...]  # (logical chunk id, label)
+    references: tuple[int, ...]  # the pool's reference count of each label
+
+
 class KVArena:
     def __init__(self, layout: KVLayout, pool: ChunkPool, device: torch.device) -> None:
         self.layout = layout
@@ -116,6 +131,21 @@ class KVArena:
         """The physical chunk mapped at a slot's chunk ``index`` (integrity checks)."""
         offset = slot * self.geometry.slot_bytes + index * self.geometry.chunk_size
         return self.vt.chunks(offset, self.geometry.chunk_size)[0]
+
+    def signature(self) -> ChunkSignature:
+        """See :class:`ChunkSignature` (call after ``wait_all``)."""
+        labels: dict[int, int] = {}
+        refs: list[int] = []
+
+        def label(chunk: PhysicalChunk) -> int:
+            if chunk.cid not in labels:
+                labels[chunk.cid] = len(labels)
+                refs.append(self.pool.refcount(chunk))
+            return labels[chunk.cid]
+
+        mapped = tuple((i, label(c)) for i, c in self.vt.mapped_table())
+        held = tuple((cid, label(self.held[cid])) for cid in sorted(self.held))
+        return ChunkSignature(mapped, held, tuple(refs))
 
     def wait_ready(self, needs: Iterable[tuple[int, int]]) -> None:
         """Block until each ``(slot, chunks)`` prefix is mapped; count the time blocked."""
