@@ -132,9 +132,9 @@ def _add_offline_parser(bench_sub: argparse._SubParsersAction) -> None:
         const=1,
         default=0,
         metavar="REPEATS",
-        help="run each throughput workload with prefix caching off then on, on one engine, "
-        "each from an empty cache, REPEATS times (default 1: off, on; 2: off, on, off, on), "
-        "and print the gain",
+        help="run each throughput workload with prefix caching off and on, on one engine, "
+        "each from an empty cache, REPEATS pairs (default 1: off, on; 2: off, on, on, off; "
+        "alternating, so that a drift favours neither), and print the gain",
     )
     off.add_argument("--decode-batches", type=_int_list, default=[1, 16, 64, 256])
     off.add_argument("--decode-ctx", type=_positive, default=1024)

@@ -18,6 +18,7 @@ Parts (each a table, all in one JSON):
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 from dataclasses import asdict
 from typing import Any
@@ -138,12 +139,15 @@ def run_engine(cfg: EngineConfig, args: Any) -> tuple[dict[str, Any], ModelConfi
 
 
 def run_throughputs(engine: LLMEngine, args: Any) -> list[dict[str, Any]]:
-    """Each workload once, or with ``--compare-prefix-caching N`` N times prefix caching
-    off then on, each from an empty cache (after a warm-up, so that neither pays the
-    kernels' compilation)."""
+    """Each workload once, or with ``--compare-prefix-caching N`` N pairs of runs with
+    prefix caching off and on, each from an empty cache (after a warm-up, so that
+    neither pays the kernels' compilation). The pairs alternate off-on, on-off, ...
+    (ABBA), so that a drift over the runs (clocks, allocator) does not favour one."""
     workloads = [] if args.skip_throughput else args.workloads
     repeats = args.compare_prefix_caching
-    modes: list[bool | None] = [False, True] * repeats if repeats else [None]
+    modes: list[bool | None] = [None]
+    if repeats:
+        modes = [m for i in range(repeats) for m in ((False, True), (True, False))[i % 2]]
     if workloads and args.compare_prefix_caching:
         from vtensor.engine.warmup import warm_up
 
@@ -163,11 +167,16 @@ def run_throughputs(engine: LLMEngine, args: Any) -> list[dict[str, Any]]:
     return rows
 
 
+def _pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Consecutive rows as (off, on) pairs, whichever ran first."""
+    return [(a, b) if not a["prefix_caching"] else (b, a) for a, b in zip(rows[::2], rows[1::2])]
+
+
 def print_prefix_comparison(rows: list[dict[str, Any]]) -> None:
-    """Rows come in (off, on) pairs: the gain of prefix caching on each workload (and
-    each repeat, in the order they ran)."""
+    """Rows come in pairs, one off and one on: the gain of prefix caching on each
+    workload (and each repeat, in the order they ran)."""
     table = []
-    for off, on in zip(rows[::2], rows[1::2]):
+    for off, on in _pairs(rows):
         table.append((f"{on['prefix_len']}+{on['input_len']}", on["output_len"],
                       off["requests_per_s"], on["requests_per_s"],
                       f"{on['requests_per_s'] / off['requests_per_s']:.3f}x",
@@ -175,6 +184,14 @@ def print_prefix_comparison(rows: list[dict[str, Any]]) -> None:
     headers = ["in (shared+own)", "out", "req/s off", "req/s on", "on / off", "hit %"]
     print("prefix caching, on against off (one engine, one process):")
     print(format_table(headers, table))
+    gains: dict[tuple[int, int, int], list[float]] = {}
+    for off, on in _pairs(rows):
+        key = (on["prefix_len"], on["input_len"], on["output_len"])
+        gains.setdefault(key, []).append(on["requests_per_s"] / off["requests_per_s"])
+    for (prefix, inp, outp), g in gains.items():
+        if len(g) > 1:  # repeats: the noise next to the gain
+            print(f"  {prefix}+{inp}/{outp}: on / off {statistics.geometric_mean(g):.4f}x "
+                  f"(geometric mean of {len(g)}; min {min(g):.4f}, max {max(g):.4f})")  # fmt: skip
 
 
 def run_hf(rows: list[dict], cfg: ModelConfig, rt: EngineRuntime, args: Any) -> None:
