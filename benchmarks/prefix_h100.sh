@@ -26,8 +26,9 @@ vt() { python3 -m vtensor.cli "$@"; }
 serve_one() {  # $1: on|off
     local flag=--enable-prefix-caching
     [ "$1" = off ] && flag=--no-enable-prefix-caching
-    vt serve --shape llama3-8b --max-model-len 4096 --port "$port" "$flag" --log-level warning \
-        >"$out/server_${1}_$tag.log" 2>&1 &
+    # Not through vt(): $! must be the server's own pid, for the SIGINT that stops it.
+    python3 -m vtensor.cli serve --shape llama3-8b --max-model-len 4096 --port "$port" "$flag" \
+        --log-level warning >"$out/server_${1}_$tag.log" 2>&1 &
     server=$!  # global: the EXIT trap reads it
     local t0=$SECONDS
     trap 'kill -INT $server 2>/dev/null || true' EXIT
