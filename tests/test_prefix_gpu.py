@@ -1,6 +1,7 @@
 """Prefix caching on the GPU: 2 MiB VMM chunks shared between slots with
 ``cuMemMap``, read by CUDA-graph decode and the Triton/FA2 kernels, with async
-scheduling. fp32: token-identical to the engine without the cache. bf16: the
+scheduling. fp32: token-identical to the engine without the cache (multi-turn
+chats, a shared system prompt under preemption, n > 1, an abort mid-stream). bf16: the
 first generated token's log-probs within ``BF16_LOGPROB_BOUND`` of the uncached
 engine's. Each engine is integrity-checked as it steps; at teardown the cache is
 reset and every chunk must come back (``tests/conftest.py``).
@@ -107,6 +108,36 @@ def test_fp32_shared_system_prompt_and_preemption(make_llm, ckpt: str) -> None:
     assert on.engine.stats().preemptions > 0
     assert any(cached >= 128 for _, cached in seen)  # the system prompt's 2 blocks, shared
     assert all(cached % 64 == 0 for _, cached in seen)
+
+
+def test_fp32_n_samples_and_an_abort_mid_stream(make_llm, ckpt: str) -> None:
+    """A 128-token budget prefills in spans, so later samples of one prompt hit the
+    blocks the first computed; an abort lands mid-prefill or mid-decode with a token in
+    flight (async scheduling), and its computed blocks stay cached."""
+    on, off = engines(make_llm, ckpt, dtype="float32", max_num_seqs=4,
+                      max_num_batched_tokens=128)  # fmt: skip
+    prompt = ids(5 * 64 + 1)
+    x, y = on.generate([prompt], greedy(12, n=3))[0], off.generate([prompt], greedy(12, n=3))[0]
+    assert [c.token_ids for c in x.outputs] == [c.token_ids for c in y.outputs]
+    assert on.engine.stats().prefix_cache_hits >= 4 * 64  # samples 2 and 3
+    prompts, params = [ids(300), ids(250), ids(400)], greedy(20)
+    at = random.randint(2 * 64, 410)
+    outs = []
+    for llm in (on, off):
+        engine = llm.engine
+        rids = [g[0] for g in engine.add_requests(prompts, params)]
+        while engine.requests[rids[2]].num_computed < at:
+            engine.step()
+        engine.abort(rids[2])
+        while engine.has_unfinished():
+            engine.step()
+        outs.append([engine.requests[r].output_ids for r in rids[:2]])
+        for r in rids:
+            engine.pop(r)
+    assert outs[0] == outs[1]
+    again = on.generate([prompts[2]], params)[0]
+    assert again.num_cached_tokens >= 2 * 64  # the aborted request's computed blocks
+    assert again.outputs[0].token_ids == off.generate([prompts[2]], params)[0].outputs[0].token_ids
 
 
 @pytest.mark.parametrize("backend", ["triton", "fa2"])
