@@ -74,6 +74,7 @@ class LLMEngine:
         self.runtime = rt = parts.runtime
         self.tokenizer = load_tokenizer(config, self.model_config)
         self.model, self.arena, self.pool = parts.model, parts.arena, parts.pool
+        self.offload = parts.offload  # weight offload's host copies and ring (or None)
         self.scratch_slot = SCRATCH_SLOT
         self.kv = parts.kv
         sched = SchedulerConfig(
@@ -305,6 +306,8 @@ class LLMEngine:
         backend = self.pool.backend
         self.pool.close()
         backend.close()
+        if self.offload is not None:  # after the synchronize: no copy is in flight
+            self.offload.close()
 
     def __enter__(self) -> LLMEngine:
         return self
