@@ -9,13 +9,15 @@ which CUDA graphs need). So a slot holds one of its layers at a time:
   layer between) to arrive behind;
 * a slot's last layer of the pass refills it with its *first* layer of the next
   pass (``o_s`` for slot ``s``), so the next forward starts with its first
-  ``depth`` layers in place;
+  ``depth`` layers in place (a slot with only one layer keeps it and is never
+  copied to);
 * ``o_k`` (``k >= depth``) waits for its own fill before its kernels are queued.
 
 Invariant between forward passes (``end_forward`` joins the copy queue): slot
 ``s`` holds ``o_s``. A pass that never ended (an exception) breaks it, and the
 next ``begin_forward`` primes the ring again (outside a graph capture only).
-With ``m <= depth`` every layer owns its slot and nothing is ever copied.
+With ``m <= depth`` every layer owns its slot and nothing is copied after the
+first pass.
 """
 
 from __future__ import annotations
