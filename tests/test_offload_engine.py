@@ -72,7 +72,7 @@ def test_cpu_offload_gb_saves_what_it_asks(tmp_path: Path, make_llm) -> None:
     saved = p.fixed_bytes + p.offloaded_bytes + p.resident_layer_bytes - p.weights_gpu_bytes
     assert saved >= ask * 2**30
     assert greedy(llm, prompts, 16) == want
-    with pytest.raises(ValueError, match="cpu_offload_gb 1.00 cannot be met"):
+    with pytest.raises(ValueError, match=r"cpu_offload_gb 1\.00 cannot be met"):
         make_llm(str(tmp_path), cpu_offload_gb=1.0)
 
 
@@ -148,7 +148,7 @@ def test_parse_bytes() -> None:
     assert parse_bytes("40GiB") == 40 << 30 and parse_bytes("40G") == 40 * 10**9
     assert parse_bytes("512 MiB") == 512 << 20 and parse_bytes("1.5kib") == 1536
     for bad in ("-3", "0", "ten", "5XB", ""):
-        with pytest.raises(Exception, match="byte count|positive"):
+        with pytest.raises(Exception, match=r"byte count|positive"):
             parse_bytes(bad)
 
 

@@ -85,7 +85,8 @@ def test_balanced_offloaded_refuses_impossible_counts() -> None:
 def test_llama3_8b_at_half_budget_keeps_evenly_spaced_layers_and_attention() -> None:
     """Half the weights: every offloaded unit is an MLP (tensor preservation), and the
     layers that keep theirs are spread over the model (balanced locking)."""
-    req = OffloadRequest(gpu_memory_budget=(FIXED_8B + total(LLAMA3_8B)) // 2, slot_granularity=2 * MiB)
+    half = (FIXED_8B + total(LLAMA3_8B)) // 2
+    req = OffloadRequest(gpu_memory_budget=half, slot_granularity=2 * MiB)
     p = plan_placement(LLAMA3_8B, FIXED_8B, 0, req)
     check_plan(p, LLAMA3_8B, req)
     assert p.gpu_bytes <= req.gpu_memory_budget
