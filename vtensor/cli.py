@@ -180,9 +180,10 @@ def _add_offload_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-steps", type=_positive, default=None, help="default 4")
     p.add_argument("--prefill-tokens", type=_positive, default=None, help="default 2048")
     p.add_argument("--reps", type=_positive, default=None, help="timed prefills (median; 2)")
-    p.add_argument("--modes", type=_names(*OFFLOAD_MODES), default=list(OFFLOAD_MODES),
+    p.add_argument("--modes", type=_names(*OFFLOAD_MODES), default=None,
                    help="graphs,eager (the prefetcher), naive (accelerate's synchronous "
-                        "copies from pageable memory), naive-pinned")  # fmt: skip
+                        "copies from pageable memory), naive-pinned (default: all; with "
+                        "--big all but naive: its pageable copy would not fit)")  # fmt: skip
     p.add_argument("--ring-depth", type=_positive, default=2)
     p.add_argument("--kv-cache-gib", type=float, default=None,
                    help="KV pool (default 6 GiB, 10 with --big; CPU: 256 MiB)")  # fmt: skip

@@ -35,7 +35,7 @@ from vtensor.models.offload.inventory import inventory
 from vtensor.models.offload.policy import BudgetTooSmallError
 
 from . import offload_measure as measure
-from .offload_report import add_floors, goals, print_report
+from .offload_report import MODES, add_floors, goals, print_report
 from .report import environment, write_json
 
 # The grid's defaults, and --quick's; an option given on the command line wins over both.
@@ -49,6 +49,8 @@ def main(args: Any) -> int:
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.modes is None:  # --big: a pageable copy of ~80 GB of weights fits no host
+        args.modes = [m for m in MODES if not (args.big and m == "naive")]
     base = base_config(args)
     device = runtime_for(base, *model_config(base)).device
     print(f"vtensor bench offload: {base.model or base.shape or 'embedded'} on {device}",
@@ -84,7 +86,9 @@ def base_config(args: Any) -> EngineConfig:
 def kv_bytes(args: Any) -> int | None:
     if args.kv_cache_gib is not None:
         return int(args.kv_cache_gib * 2**30)
-    return None if args.device == "cpu" else (10 << 30 if args.big else 6 << 30)
+    if args.device == "cpu" or (args.device is None and not torch.cuda.is_available()):
+        return None  # the CPU engine's default pool
+    return 10 << 30 if args.big else 6 << 30
 
 
 def budgets(base: EngineConfig, args: Any) -> list[tuple[str, int]]:

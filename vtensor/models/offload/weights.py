@@ -112,15 +112,16 @@ class OffloadedWeights:
 
     @contextmanager
     def using(self, model: LlamaForCausalLM, hooks: LayerHooks) -> Iterator[None]:
-        """Run ``model`` with other hooks (benchmarks' peers); the prefetcher comes back
-        after, and primes the ring again, whose slots the peer rewrote."""
+        """Run ``model`` with other hooks (benchmarks' peers, eager only); the prefetcher
+        comes back after and primes the ring again at once (the peer rewrote its slots,
+        and a CUDA graph replay, which calls no hook, may come next)."""
         assert self.prefetcher is not None, "bind() first"
         model.offload = hooks
         try:
             yield
         finally:
             model.offload = self.prefetcher
-            self.prefetcher.invalidate()
+            self.prefetcher.prime()
 
     def stats(self) -> OffloadStats:
         host = self.host.stats()
