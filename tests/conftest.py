@@ -73,7 +73,9 @@ def pool(make_pool: Callable[[int], ChunkPool]) -> ChunkPool:
 
 def assert_engine_balanced(engine: Any) -> None:
     """The engine's invariants hold (``check_integrity``), and with nothing left to apply
-    the books match the pool: every chunk in use is a slot's (or the scratch one)."""
+    the books match the pool: every chunk in use is a slot's, the prefix cache's (or
+    the scratch one). Then the leak check: resetting the prefix cache (which also
+    unmaps idle slots) gives every chunk but the scratch slot's back to the pool."""
     engine.check_integrity()
     assert not engine.kv.pending_commands(), "KV commands left unapplied"
     s = engine.pool.stats()
@@ -81,7 +83,14 @@ def assert_engine_balanced(engine: Any) -> None:
     assert s.balanced, f"pool accounting does not balance: {s}"
     scratch = engine.kv.geometry.chunks_for(1)
     assert s.in_use == usage.committed_chunks + scratch, f"pool {s} vs manager {usage}"
-    assert engine.arena.vt.mapped_chunks == s.in_use
+    assert s.references == engine.arena.vt.mapped_chunks + len(engine.arena.held)
+    if not engine.has_unfinished():
+        assert engine.reset_prefix_cache(), "the prefix cache refused a reset while idle"
+        engine.arena.wait_all()
+        s = engine.pool.stats()
+        assert s.in_use == scratch and s.references == scratch, f"chunks leaked: {s}"
+        assert not engine.arena.held and engine.kv.usage().committed_chunks == 0
+        engine.check_integrity()
 
 
 def assert_offload_released(engine: Any) -> None:

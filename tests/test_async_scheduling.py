@@ -182,13 +182,16 @@ def test_released_chunks_are_unmapped_once_the_engine_is_idle(make_llm, overlap:
     engine = llm.engine
     engine.arena.wait_all()
     scratch = engine.kv.geometry.chunks_for(1)
-    assert engine.kv.usage().committed_chunks == 0
-    assert engine.pool.stats().in_use == engine.arena.vt.mapped_chunks == scratch
+    usage = engine.kv.usage()  # only the prefix cache keeps chunks: its whole blocks
+    assert usage.committed_chunks == usage.cached_chunks and usage.idle_chunks == 0
+    assert engine.arena.vt.mapped_chunks == scratch
+    assert engine.pool.stats().in_use == scratch + usage.cached_chunks
     [rid] = engine.add_request(prompts[0], SamplingParams(max_tokens=50))
     engine.step()
     engine.abort(rid)  # the last request aborted: its chunks go back as well
     engine.arena.wait_all()
-    assert engine.pool.stats().in_use == scratch
+    assert engine.arena.vt.mapped_chunks == scratch
+    assert engine.pool.stats().in_use == scratch + engine.kv.usage().cached_chunks
     engine.pop(rid)
 
 
@@ -201,6 +204,9 @@ class _EagerReplay:
         self.graphs, self.bs = graphs, bs
         self.calls = 0
         self.table_rows = 0  # rows whose input id came from the token table
+
+    def reset(self) -> None:
+        """``DecodeGraphs.release`` destroys each graph; there is nothing to destroy."""
 
     def replay(self) -> None:
         g = self.graphs

@@ -152,3 +152,41 @@ def test_hf_peer_eager_and_compiled_paths(make_llm) -> None:  # type: ignore[no-
     rec = hf_compiled(cfg, rt, 2, 8, 2, timeout_s=300)
     assert rec["status"] == "not compiled" and rec["compiled"] is False, rec
     assert hf_compiled(cfg, rt, 2, 8, 2, timeout_s=0.2)["status"] == "timeout"
+
+
+def test_cli_compares_prefix_caching_on_a_shared_prefix(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """--prefix-len: every prompt starts with one shared prefix; --compare-prefix-caching
+    runs the workload with the cache off, then on, on one engine."""
+    out = tmp_path / "offline.json"
+    argv = ["bench", "offline", "--num-prompts", "5", "--prefix-len", "130", "--input-len", "9",
+            "--output-len", "3", "--compare-prefix-caching", "--max-num-seqs", "2",
+            "--decode-batches", "1", "--decode-ctx", "8", "--decode-steps", "2",
+            "--device", "cpu", "--attention-backend", "torch", "--no-hf-peer",
+            "--json", str(out)]  # fmt: skip
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "prefix caching, on against off" in printed and "on / off" in printed
+    off, on = json.loads(out.read_text())["throughput"]
+    assert (off["prefix_caching"], on["prefix_caching"]) == (False, True)
+    assert off["prefix_cache_hit_rate"] == 0
+    # 64-token blocks (1 KiB per token, 64 KiB chunks): the 3 prompts admitted after the
+    # first two (max_num_seqs=2) hit both whole blocks of the shared prefix.
+    assert on["prefix_cache_hit_rate"] == pytest.approx(3 * 128 / (5 * 139))
+
+
+def test_repeated_prefix_comparisons_alternate_the_order(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """--compare-prefix-caching 2 runs off, on, on, off (ABBA: a drift over the runs
+    favours neither), each from an empty cache, and sums the pairs up."""
+    out = tmp_path / "offline.json"
+    argv = ["bench", "offline", "--num-prompts", "4", "--prefix-len", "130", "--input-len", "9",
+            "--output-len", "2", "--compare-prefix-caching", "2", "--max-num-seqs", "2",
+            "--decode-batches", "1", "--decode-ctx", "8", "--decode-steps", "2",
+            "--device", "cpu", "--attention-backend", "torch", "--no-hf-peer",
+            "--json", str(out)]  # fmt: skip
+    assert cli_main(argv) == 0
+    rows = json.loads(out.read_text())["throughput"]
+    assert [r["prefix_caching"] for r in rows] == [False, True, True, False]
+    rates = [r["prefix_cache_hit_rate"] for r in rows]
+    assert rates[0] == rates[3] == 0 and rates[1] == rates[2] > 0  # each from an empty cache
+    printed = capsys.readouterr().out
+    assert "130+9/2: on / off" in printed and "geometric mean of 2" in printed

@@ -105,6 +105,35 @@ def test_multiturn_prompts_grow_by_answer_and_question(server: Served, tmp_path:
     server.idle_and_balanced()
 
 
+def test_multiturn_reports_cached_tokens_and_compares_with_the_cache_off(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same multi-turn workload against a server with prefix caching and one without:
+    from round 2 the history is served from the cache (whole 4-token blocks), the JSON
+    keeps the server's own counts, and ``bench compare`` puts the two side by side."""
+    argv = ["bench", "serve", "--dataset", "multiturn", "--num-clients", "3",
+            "--num-rounds", "3", "--question-len", "20", "--answer-len", "5",
+            "--vocab-size", "400", "--request-rate", "inf"]  # fmt: skip
+    paths = {}
+    for name, on in (("on", True), ("off", False)):
+        with serve(max_model_len=512, chunk_size=4096, enable_prefix_caching=on) as s:
+            paths[name] = tmp_path / f"{name}.json"
+            assert cli([*argv, "--base-url", s.url, "--json", str(paths[name])]) == 0
+            s.idle_and_balanced()
+    on_run = json.loads(paths["on"].read_text())["runs"][0]
+    off_run = json.loads(paths["off"].read_text())["runs"][0]
+    cached = [r["mean_cached_tokens"] for r in on_run["per_round"]]
+    assert cached[0] == 0 and cached[1] == 24 and cached[2] == 48  # (20+5-1)//4*4, ...
+    assert all(r["mean_cached_tokens"] == 0 for r in off_run["per_round"])
+    server = on_run["server_prefix_cache"]
+    assert server["hit_tokens"] == 3 * (24 + 48) and 0 < server["hit_rate"] < 1
+    assert off_run["server_prefix_cache"]["hit_tokens"] == 0
+    capsys.readouterr()
+    assert cli(["bench", "compare", str(paths["on"]), str(paths["off"])]) == 0
+    printed = capsys.readouterr().out
+    assert "req/s" in printed and "per round" in printed and "TTFT p50 on" in printed
+
+
 # ------------------------------------------------------------------ the soak (issue 18)
 def test_abort_points_are_mid_stream_and_seeded() -> None:
     from vtensor.bench.serve import abort_points

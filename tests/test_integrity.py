@@ -51,15 +51,7 @@ def test_check_integrity_names_each_broken_invariant(make_llm) -> None:
         return lambda: pool.release(held)
 
     def books_ahead_of_pool() -> Callable[[], None]:
-        slot = kv.slot_of(a.rid)
-        kv._mapped[slot] += 1
-        kv._committed += 1
-
-        def undo() -> None:
-            kv._mapped[slot] -= 1
-            kv._committed -= 1
-
-        return undo
+        return _set(kv, "_applied_committed", kv.committed_applied + 1)
 
     corruptions = {
         "computed": lambda: _set(a, "num_computed", len(a.token_ids) + 1),
@@ -68,8 +60,8 @@ def test_check_integrity_names_each_broken_invariant(make_llm) -> None:
         "in the running queue": lambda: _set(b, "status", type(b.status).WAITING),
         "in no queue": lambda: _set(engine.scheduler, "running", [a]),
         "do not start with the prompt": lambda: _set(a, "token_ids", other_prompt),
-        "sum(mapped) != committed": lambda: _set(kv, "_committed", kv._committed + 1),
-        "references to": extra_reference,
+        "live chunks, committed": lambda: _set(kv.books, "committed", kv.books.committed + 1),
+        "references to chunks": extra_reference,
         "the books say": books_ahead_of_pool,
     }
     for message, corrupt in corruptions.items():
@@ -77,7 +69,7 @@ def test_check_integrity_names_each_broken_invariant(make_llm) -> None:
             engine.check_integrity()
         engine.check_integrity()  # undone: consistent again
     # The debug flag finds a corruption at the end of the next step.
-    with broken(extra_reference), pytest.raises(IntegrityError, match="references to"):
+    with broken(extra_reference), pytest.raises(IntegrityError, match="references to chunks"):
         engine.step()
     while engine.has_unfinished():
         engine.step()

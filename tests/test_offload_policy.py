@@ -15,7 +15,7 @@ from vtensor.models.offload.policy import (
     BudgetTooSmallError,
     LayerWeights,
     OffloadRequest,
-    Placement,
+    WeightPlacement,
     balanced_offloaded,
     plan_placement,
 )
@@ -44,7 +44,7 @@ def circular_gaps(positions: list[int], n: int) -> list[int]:
     return [(positions[(i + 1) % len(positions)] - p) % n or n for i, p in enumerate(positions)]
 
 
-def check_plan(p: Placement, layers: list[LayerWeights], req: OffloadRequest) -> None:
+def check_plan(p: WeightPlacement, layers: list[LayerWeights], req: OffloadRequest) -> None:
     """What every placement must satisfy."""
     assert p.offloaded_bytes + p.resident_layer_bytes == total(layers)
     for w, lp in zip(layers, p.layers):

@@ -34,8 +34,8 @@ def launch(s: Scheduler) -> SchedulerOutput:
     out = s.schedule()
     for q in out.preempted:
         q.preempt()
-    for q in out.admitted:
-        q.admit()
+    for a in out.admitted:
+        a.req.admit(a.num_cached)
     for sp in out.spans:
         sp.req.advance(sp.end, sp.samples)
     return out
@@ -62,7 +62,10 @@ def test_scheduler_imports_no_torch() -> None:
     modules = ", ".join(
         f"vtensor.{m}"
         for m in ("engine.scheduler", "engine.request", "engine.params", "engine.stop",
-                  "engine.output_processor", "engine.input_processor", "kvcache.manager")
+                  "engine.output_processor", "engine.input_processor", "kvcache.manager",
+                  "kvcache.prefix_cache", "kvcache.radix_cache", "kvcache.chunk_books",
+                  "kvcache.reclaim", "kvcache.manager_checks", "kvcache.commands",
+                  "kvcache.geometry")
     )  # fmt: skip
     code = f"import sys, {modules}; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 from vtensor import cli_generate, cli_serve
 from vtensor.bench import serve as bench_serve
+from vtensor.bench import serve_compare
 from vtensor.bench.offload_report import MODES as OFFLOAD_MODES
 from vtensor.engine.config import DeviceUnavailableError
 from vtensor.memory import NoCudaDriverError
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_collectives_parser(bench_sub)
     _add_offload_parser(bench_sub)
     bench_serve.add_parser(bench_sub)
+    serve_compare.add_parser(bench_sub)
     return parser
 
 
@@ -116,6 +118,25 @@ def _add_offline_parser(bench_sub: argparse._SubParsersAction) -> None:
         type=_int_pair,
         default=None,
         help="extra IN,OUT length pair (repeatable); runs after --input-len/--output-len",
+    )
+    off.add_argument(
+        "--prefix-len",
+        type=int,
+        default=0,
+        help="a random prefix of this many tokens shared by every throughput prompt "
+        "(vLLM's --random-prefix-len: a shared system prompt); the prompts' own tokens "
+        "follow it",
+    )
+    off.add_argument(
+        "--compare-prefix-caching",
+        nargs="?",
+        type=_positive,
+        const=1,
+        default=0,
+        metavar="REPEATS",
+        help="run each throughput workload with prefix caching off and on, on one engine, "
+        "each from an empty cache, REPEATS pairs (default 1: off, on; 2: off, on, on, off; "
+        "alternating, so that a drift favours neither), and print the gain",
     )
     off.add_argument("--decode-batches", type=_int_list, default=[1, 16, 64, 256])
     off.add_argument("--decode-ctx", type=_positive, default=1024)
@@ -251,6 +272,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return bench_offline(args)
     if args.command == "bench" and args.bench == "serve":
         return bench_serve.main(args)
+    if args.command == "bench" and args.bench == "compare":
+        return serve_compare.main(args)
     if args.command == "bench" and args.bench == "memory":
         from vtensor.bench.memory import main as bench_memory
 

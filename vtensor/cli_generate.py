@@ -27,6 +27,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="triton: our kernels; fa2: torch's FlashAttention-2 (CUDA, "
                         "bf16/fp16); torch: the fp32 reference (default, auto: triton "
                         "on CUDA, torch on the CPU)")  # fmt: skip
+    p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", default=None,
+                   action=argparse.BooleanOptionalAction,
+                   help="reuse the KV of cached prompt prefixes, shared zero-copy between "
+                        "requests (default: on)")  # fmt: skip
     p.add_argument("--async-scheduling", dest="async_scheduling", default=None,
                    action=argparse.BooleanOptionalAction,
                    help="launch each step before reading the last one's tokens "
@@ -90,7 +94,9 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args: Any) -> dict[str, Any]:
     kv = None if args.kv_cache_gib is None else int(args.kv_cache_gib * 2**30)
-    return dict(
+    caching = getattr(args, "enable_prefix_caching", None)
+    extra = {} if caching is None else {"enable_prefix_caching": caching}
+    return extra | dict(
         model=args.model, shape=args.shape, device=args.device, dtype=args.dtype,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=kv,

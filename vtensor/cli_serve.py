@@ -65,6 +65,7 @@ def main(args: argparse.Namespace) -> int:
         print(engine.offload.placement.describe(), file=sys.stderr)
     if engine.tokenizer is None:
         print("this model has no tokenizer: send prompts as token ids", file=sys.stderr)
+    print(f"prefix caching: {engine.prefix_caching_summary()}", file=sys.stderr)
     # Before the port opens, so that compiling lands on no user's first token.
     print(f"warmed up in {warm_up(engine):.1f}s", file=sys.stderr)
     app = build_app(config, engine)

@@ -18,6 +18,7 @@ Parts (each a table, all in one JSON):
 from __future__ import annotations
 
 import gc
+import statistics
 import time
 from dataclasses import asdict
 from typing import Any
@@ -44,7 +45,8 @@ def engine_config(args: Any) -> EngineConfig:
 
 
 def throughput(engine: LLMEngine, args: Any, input_len: int, output_len: int) -> dict[str, Any]:
-    data = random_dataset(args.num_prompts, input_len, output_len, engine.model_config.vocab_size)
+    vocab, prefix = engine.model_config.vocab_size, args.prefix_len
+    data = random_dataset(args.num_prompts, input_len, output_len, vocab, prefix_len=prefix)
     for r in data:
         engine.add_request(r.prompt_ids, SamplingParams(max_tokens=r.output_len, ignore_eos=True))
     s0 = engine.stats()
@@ -62,9 +64,16 @@ def throughput(engine: LLMEngine, args: Any, input_len: int, output_len: int) ->
     out_tokens = sum(r.output_len for r in data)
     in_tokens = sum(len(r.prompt_ids) for r in data)
     step_s = s1.step_s - s0.step_s
+    queries = s1.prefix_cache_queries - s0.prefix_cache_queries
+    hits = s1.prefix_cache_hits - s0.prefix_cache_hits
     return {
         "input_len": input_len,
         "output_len": output_len,
+        "prefix_len": prefix,
+        "prefix_caching": s1.prefix_caching,
+        "prefix_cache_hit_rate": hits / queries if queries else 0.0,
+        "prefix_cache_evicted_chunks": s1.prefix_cache_evicted_chunks
+        - s0.prefix_cache_evicted_chunks,
         "num_prompts": len(data),
         "wall_s": wall,
         "requests_per_s": len(data) / wall,
@@ -117,17 +126,72 @@ def run_engine(cfg: EngineConfig, args: Any) -> tuple[dict[str, Any], ModelConfi
         )
         result: dict[str, Any] = {"config": {k: str(v) for k, v in asdict(cfg).items()}}
         result["attention_backend"] = rt.attention_backend  # resolved (the config may say None)
-        result["throughput"] = []
-        for inp, outp in [] if args.skip_throughput else args.workloads:
-            print(f"throughput: {args.num_prompts} prompts, in {inp}, out {outp}", flush=True)
-            result["throughput"].append(throughput(engine, args, inp, outp))
+        result["throughput"] = run_throughputs(engine, args)
         if result["throughput"]:
             print_throughput(result["throughput"])
+            if args.compare_prefix_caching:
+                print_prefix_comparison(result["throughput"])
         result["decode"] = run_decode_table(
             engine, args.decode_batches, args.decode_ctx, args.decode_steps, args.decode_sync
         )
         engine.set_async_scheduling(rt.async_scheduling)
         return result, engine.model_config, rt
+
+
+def run_throughputs(engine: LLMEngine, args: Any) -> list[dict[str, Any]]:
+    """Each workload once, or with ``--compare-prefix-caching N`` N pairs of runs with
+    prefix caching off and on, each from an empty cache (after a warm-up, so that
+    neither pays the kernels' compilation). The pairs alternate off-on, on-off, ...
+    (ABBA), so that a drift over the runs (clocks, allocator) does not favour one."""
+    workloads = [] if args.skip_throughput else args.workloads
+    repeats = args.compare_prefix_caching
+    modes: list[bool | None] = [None]
+    if repeats:
+        modes = [m for i in range(repeats) for m in ((False, True), (True, False))[i % 2]]
+    if workloads and args.compare_prefix_caching:
+        from vtensor.engine.warmup import warm_up
+
+        print(f"warm-up: {warm_up(engine):.1f}s", flush=True)
+    was_on = engine.kv.cache.enabled
+    rows = []
+    for inp, outp in workloads:
+        for mode in modes:
+            if mode is not None:
+                engine.set_prefix_caching(mode)  # starts empty
+            caching = "on" if engine.kv.cache.enabled else "off"
+            print(f"throughput: {args.num_prompts} prompts, shared prefix {args.prefix_len}, "
+                  f"in {inp}, out {outp}, prefix caching {caching}", flush=True)  # fmt: skip
+            rows.append(throughput(engine, args, inp, outp))
+    if args.compare_prefix_caching:
+        engine.set_prefix_caching(was_on)
+    return rows
+
+
+def _pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Consecutive rows as (off, on) pairs, whichever ran first."""
+    return [(a, b) if not a["prefix_caching"] else (b, a) for a, b in zip(rows[::2], rows[1::2])]
+
+
+def print_prefix_comparison(rows: list[dict[str, Any]]) -> None:
+    """Rows come in pairs, one off and one on: the gain of prefix caching on each
+    workload (and each repeat, in the order they ran)."""
+    table = []
+    for off, on in _pairs(rows):
+        table.append((f"{on['prefix_len']}+{on['input_len']}", on["output_len"],
+                      off["requests_per_s"], on["requests_per_s"],
+                      f"{on['requests_per_s'] / off['requests_per_s']:.3f}x",
+                      f"{100 * on['prefix_cache_hit_rate']:.1f}"))  # fmt: skip
+    headers = ["in (shared+own)", "out", "req/s off", "req/s on", "on / off", "hit %"]
+    print("prefix caching, on against off (one engine, one process):")
+    print(format_table(headers, table))
+    gains: dict[tuple[int, int, int], list[float]] = {}
+    for off, on in _pairs(rows):
+        key = (on["prefix_len"], on["input_len"], on["output_len"])
+        gains.setdefault(key, []).append(on["requests_per_s"] / off["requests_per_s"])
+    for (prefix, inp, outp), g in gains.items():
+        if len(g) > 1:  # repeats: the noise next to the gain
+            print(f"  {prefix}+{inp}/{outp}: on / off {statistics.geometric_mean(g):.4f}x "
+                  f"(geometric mean of {len(g)}; min {min(g):.4f}, max {max(g):.4f})")  # fmt: skip
 
 
 def run_hf(rows: list[dict], cfg: ModelConfig, rt: EngineRuntime, args: Any) -> None:
@@ -151,11 +215,12 @@ def run_hf(rows: list[dict], cfg: ModelConfig, rt: EngineRuntime, args: Any) -> 
 
 
 def print_throughput(rows: list[dict[str, Any]]) -> None:
-    headers = ["in", "out", "req/s", "output tok/s", "total tok/s", "wait %", "kv sync %",
-               "waste/req chunks (mean/max)", "mapped-empty/req MiB (mean/max)",
-               "held MiB (max)", "preemptions"]  # fmt: skip
+    headers = ["prefix", "in", "out", "cache", "hit %", "req/s", "output tok/s", "total tok/s",
+               "wait %", "kv sync %", "waste/req chunks (mean/max)",
+               "mapped-empty/req MiB (mean/max)", "held MiB (max)", "preemptions"]  # fmt: skip
     table = [
-        (t["input_len"], t["output_len"], t["requests_per_s"], t["output_tokens_per_s"],
+        (t["prefix_len"], t["input_len"], t["output_len"], "on" if t["prefix_caching"] else "off",
+         f"{100 * t['prefix_cache_hit_rate']:.1f}", t["requests_per_s"], t["output_tokens_per_s"],
          t["total_tokens_per_s"], f"{t['mapper_wait_pct_of_step']:.3f}",
          f"{t['kv_sync_pct_of_step']:.3f}",
          f"{t['waste_chunks_per_running_mean']:.2f}/{t['waste_chunks_per_running_max']:.2f}",

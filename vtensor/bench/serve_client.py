@@ -42,6 +42,7 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)  # gaps between streamed events
     output_ids: list[int] | None = None  # when the server returns them
     output_text: str = ""
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens, where reported
     accepted: bool = False  # the server answered 200
     done: bool = False  # the stream ended with [DONE]
     aborted: bool = False  # the client disconnected mid-stream on purpose (--abort-fraction)
@@ -146,5 +147,7 @@ async def _read_stream(
     if usage:
         result.prompt_len = int(usage.get("prompt_tokens") or 0)
         result.output_len = int(usage.get("completion_tokens") or 0)
+        details = usage.get("prompt_tokens_details") or {}
+        result.cached_tokens = int(details.get("cached_tokens") or 0)
     else:
         result.output_len = len(ids) if got_ids else token_events

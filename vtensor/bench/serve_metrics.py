@@ -66,6 +66,7 @@ def summarize(
     aborted = [r for r in results if r.aborted]
     inputs = sum(r.prompt_len for r in ok)
     outputs = sum(r.output_len for r in ok)
+    cached = sum(r.cached_tokens for r in ok)
     summary: dict[str, Any] = {
         "completed": len(ok),
         "failed": len(results) - len(ok) - len(aborted),
@@ -77,6 +78,10 @@ def summarize(
         "request_throughput": len(ok) / duration_s,
         "output_throughput": outputs / duration_s,
         "total_token_throughput": (inputs + outputs) / duration_s,
+        # Prompt tokens the server said it served from its prefix cache (OpenAI's
+        # usage.prompt_tokens_details.cached_tokens; 0 where a server does not say).
+        "total_cached_tokens": cached,
+        "cached_token_ratio": cached / inputs if inputs else 0.0,
     }
     if slo.any:
         summary["goodput"] = sum(slo.met(r) for r in ok) / duration_s
@@ -94,7 +99,9 @@ def per_turn(results: Sequence[RequestResult]) -> list[dict[str, Any]]:
     for t in rounds:
         ok = [r for r in results if r.turn == t and r.ok]
         mean_prompt = statistics.fmean([r.prompt_len for r in ok]) if ok else 0.0
-        row: dict[str, Any] = {"round": t + 1, "requests": len(ok), "mean_prompt_len": mean_prompt}
+        mean_cached = statistics.fmean([r.cached_tokens for r in ok]) if ok else 0.0
+        row: dict[str, Any] = {"round": t + 1, "requests": len(ok), "mean_prompt_len": mean_prompt,
+                               "mean_cached_tokens": mean_cached}  # fmt: skip
         row |= _stats("ttft", [r.ttft for r in ok], (90,))
         row |= _stats("e2el", [r.latency for r in ok], (90,))
         out.append(row)
@@ -128,6 +135,9 @@ def format_result(s: dict[str, Any], title: str = " Serving Benchmark Result ") 
         row("Request goodput (req/s):", s["goodput"])
     row("Output token throughput (tok/s):", s["output_throughput"])
     row("Total Token throughput (tok/s):", s["total_token_throughput"])
+    if s.get("total_cached_tokens"):
+        row("Cached prompt tokens:", s["total_cached_tokens"])
+        row("Prefix cache hit rate (%):", 100 * s["cached_token_ratio"])
     for key, header, short in SECTIONS:
         lines.append(header.center(50, "-"))
         row(f"Mean {short} (ms):", s[f"mean_{key}_ms"])

@@ -50,7 +50,11 @@ def _per_round(axes: Any, rows: list[dict[str, Any]]) -> None:
         ax.set_title(f"{name} per round")
         ax.grid(alpha=0.3)
         ax.legend()
-    axes[2].bar(rounds, [r["mean_prompt_len"] for r in rows])
+    cached = [r.get("mean_cached_tokens", 0.0) for r in rows]
+    computed = [r["mean_prompt_len"] - c for r, c in zip(rows, cached)]
+    axes[2].bar(rounds, cached, label="from the prefix cache")
+    axes[2].bar(rounds, computed, bottom=cached, label="computed")
     axes[2].set_xlabel("round")
     axes[2].set_ylabel("mean prompt tokens")
     axes[2].set_title("prompt length per round")
+    axes[2].legend()

@@ -59,6 +59,8 @@ class EngineConfig:
     chunk_size: int | None = None  # host backend only; CUDA uses the driver granularity
     lookahead_tokens: int = 4
     keep_idle_chunks: int | None = None  # deferred reclamation limit (None: no limit)
+    # Reuse the KV of cached prefixes (shared physical chunks; vLLM's flag, on by default).
+    enable_prefix_caching: bool = True
     enforce_eager: bool = False
     # Launch each step before reading the previous one's tokens (None: on for CUDA,
     # where it hides the host's per-step work behind the GPU's; off on the CPU).

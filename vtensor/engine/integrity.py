@@ -1,22 +1,26 @@
 """The engine's invariants in one place: ``LLMEngine.check_integrity`` runs these.
 
-Three sets, each a list of what is broken (empty when all hold):
+Four sets, each a list of what is broken (empty when all hold):
 
-* **pool** — the chunk pool balances (``created == free + in_use``), every chunk
-  in use has exactly one reference (the engine maps each chunk once: there is
-  no prefix sharing yet), the arena maps exactly the chunks in use, and those
-  are the scratch slot's plus the KV manager's books, less what its commands
-  not yet applied will change;
-* **slots** — the KV manager's own invariants (``sum(mapped) == committed <=
-  capacity``, no slot shared, ...), every running request owns a slot and no
-  other request does, and each running request's computed KV is mapped;
+* **pool** — the chunk pool balances (``created == free + in_use``); its
+  references are the arena's mappings plus the prefix cache's holds; the chunks
+  in use are the scratch slot's plus the KV manager's ``committed`` (as of the
+  commands applied). With no command pending, chunk by chunk: each logical chunk
+  is one physical chunk wherever it is mapped or held, no two share one, and its
+  reference count is its mappings plus one if the cache holds it;
+* **slots** — the KV manager's own invariants (books, pins, cache; see
+  ``kvcache/manager_checks.py``), every running request owns a slot and no other
+  request does, each running request's computed KV is mapped, and the chunks it
+  will write (from ``num_computed`` on) are its own alone;
 * **requests** — each request is in exactly the queue its status says (a
   finished one in none), a waiting one has computed nothing, ``num_computed <=
   tokens read <= max_len``, the prompt is a prefix of ``token_ids``, and a
   request has a token on the device exactly when the step in flight sampled
   it, at the position it will be read to;
 * **workers** (tensor parallelism) — every worker's arena maps exactly the
-  chunks rank 0's does, and its pool holds as many: they applied every command.
+  chunks rank 0's does, shares them the same way (the same mappings alias one
+  physical chunk), its prefix cache holds the same ids, and its pool holds as
+  many chunks with as many references: they applied every command.
 
 Meant for tests and debugging (``EngineConfig.debug_check_every``): it waits
 for the mapper thread and walks every request.
@@ -27,11 +31,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from vtensor.kvcache.manager import MapCommand
+from vtensor.memory import PhysicalChunk
 
 from .request import Request, RequestStatus
 
 if TYPE_CHECKING:
+    from vtensor.kvcache.arena import ChunkSignature
+
     from .llm_engine import LaunchedStep, LLMEngine
     from .tp_worker import ArenaReport
 
@@ -60,25 +66,57 @@ def check_integrity(
 
 def pool_problems(engine: LLMEngine) -> list[str]:
     s = engine.pool.stats()
-    # Commands emitted by the KV manager but not yet handed to the arena.
-    queued = engine.kv.pending_commands()
-    pending = sum(c.count if isinstance(c, MapCommand) else -c.count for c in queued)
-    books = engine.kv.geometry.chunks_for(1) + engine.kv.usage().committed_chunks - pending
+    kv, arena = engine.kv, engine.arena
+    # Commands emitted by the KV manager but not yet taken change `committed` ahead of
+    # the pool: compare with its value when the arena last took commands.
+    books = kv.geometry.chunks_for(1) + kv.committed_applied
+    mappings, held = arena.vt.mapped_chunks, len(arena.held)
     checks = [
         (s.balanced, f"pool does not balance: created {s.created} != free {s.free} + in use "
                      f"{s.in_use}, or fewer references than chunks in use ({s.references})"),
-        (s.references == s.in_use, f"{s.references} references to {s.in_use} chunks in use"),
+        (s.references == mappings + held,
+         f"{s.references} references to chunks, but {mappings} mappings + {held} cache holds"),
         (s.created <= s.capacity_chunks, f"{s.created} chunks created over capacity"),
-        (engine.arena.vt.mapped_chunks == s.in_use,
-         f"arena maps {engine.arena.vt.mapped_chunks} chunks, pool has {s.in_use} in use"),
         (s.in_use == books, f"pool has {s.in_use} chunks in use, the books say {books} "
-                            f"(scratch + committed - {pending} pending)"),
+                            f"(scratch + committed when last applied)"),
     ]  # fmt: skip
-    return [what for ok, what in checks if not ok]
+    problems = [what for ok, what in checks if not ok]
+    if not kv.pending_commands():
+        problems += _chunk_problems(engine)
+    return problems
+
+
+def _chunk_problems(engine: LLMEngine) -> list[str]:
+    """Chunk by chunk: the books' logical chunks against the arena's physical ones."""
+    kv, arena, pool = engine.kv, engine.arena, engine.pool
+    books = kv.books
+    phys: dict[int, PhysicalChunk] = {}
+    problems = []
+    for slot in range(kv.geometry.num_slots):
+        for i, cid in enumerate(kv.slot_table(slot)):
+            chunk = arena.chunk_at(slot, i)
+            if phys.setdefault(cid, chunk) is not chunk:
+                problems.append(f"chunk {cid} is two physical chunks (slot {slot}, index {i})")
+    for cid, chunk in arena.held.items():
+        if phys.setdefault(cid, chunk) is not chunk:
+            problems.append(f"the cache holds chunk {cid} as another physical chunk")
+    if set(arena.held) != books.cached_ids():
+        problems.append("the arena holds other chunks than the books' cached ones")
+    if len({c.cid for c in phys.values()}) != len(phys):
+        problems.append("two logical chunks are one physical chunk")
+    for cid, chunk in phys.items():
+        want = len(books.holders(cid)) + books.is_cached(cid)
+        if pool.refcount(chunk) != want:
+            problems.append(f"chunk {cid}: {pool.refcount(chunk)} references, {want} holders")
+    mapped = kv.geometry.chunks_for(1) + sum(len(t) for t in books.tables)
+    if arena.vt.mapped_chunks != mapped:
+        problems.append(f"the arena maps {arena.vt.mapped_chunks} chunks, the books {mapped}")
+    return problems
 
 
 def worker_problems(reports: Sequence[ArenaReport]) -> list[str]:
-    """Each worker's arena against rank 0's: same chunks mapped, same pool use."""
+    """Each worker's arena against rank 0's: same chunks mapped, shared the same way,
+    the same held by the prefix cache, same pool use and references."""
     if not reports:
         return []
     ours, problems = reports[0], []
@@ -89,11 +127,34 @@ def worker_problems(reports: Sequence[ArenaReport]) -> list[str]:
                 f"rank {r.rank}'s arena maps {len(r.mapped)} chunks, rank 0's "
                 f"{len(ours.mapped)}: {len(extra)} extra, {len(lacking)} lacking"
             )
-        if r.pool_in_use != ours.pool_in_use:
+        if (r.pool_in_use, r.pool_references) != (ours.pool_in_use, ours.pool_references):
             problems.append(
-                f"rank {r.rank}'s pool has {r.pool_in_use} chunks in use, rank 0's "
-                f"{ours.pool_in_use}"
+                f"rank {r.rank}'s pool has {r.pool_in_use} chunks in use with "
+                f"{r.pool_references} references, rank 0's {ours.pool_in_use} with "
+                f"{ours.pool_references}"
             )
+        problems += _signature_problems(r.rank, r.signature, ours.signature)
+    return problems
+
+
+def _signature_problems(rank: int, theirs: ChunkSignature, ours: ChunkSignature) -> list[str]:
+    """Where a worker's sharing differs from rank 0's (``KVArena.signature``)."""
+    problems = []
+    if theirs.mapped != ours.mapped:
+        differ = sum(a != b for a, b in zip(theirs.mapped, ours.mapped))
+        problems.append(
+            f"rank {rank}'s arena shares chunks otherwise than rank 0's ({differ} of "
+            f"{len(ours.mapped)} mappings differ)"
+        )
+    if [cid for cid, _ in theirs.held] != [cid for cid, _ in ours.held]:
+        problems.append(
+            f"rank {rank}'s prefix cache holds {len(theirs.held)} chunks, rank 0's "
+            f"{len(ours.held)}, not the same ids"
+        )
+    elif theirs.held != ours.held:
+        problems.append(f"rank {rank}'s cache holds other physical chunks than rank 0's")
+    if theirs.references != ours.references:
+        problems.append(f"rank {rank}'s chunks' reference counts differ from rank 0's")
     return problems
 
 
@@ -104,9 +165,15 @@ def slot_problems(engine: LLMEngine) -> list[str]:
     if set(owners) != running:
         problems.append(f"slots owned by {sorted(owners)}, but running: {sorted(running)}")
     for req in engine.scheduler.running:
-        computed = kv.geometry.chunks_for(req.num_computed)
-        if req.rid in owners and kv.mapped_chunks(req.rid) < computed:
+        if req.rid not in owners:
+            continue
+        mapped = kv.mapped_chunks(req.rid)
+        if mapped < kv.geometry.chunks_for(req.num_computed):
             problems.append(f"request {req.rid}: computed KV beyond its mapped chunks")
+        table = kv.slot_table(owners[req.rid])
+        ahead = table[kv.geometry.chunk_of(req.num_computed) : mapped]
+        if any(not kv.books.is_private(c) for c in ahead):
+            problems.append(f"request {req.rid}: a chunk it will write is shared or cached")
     return problems
 
 

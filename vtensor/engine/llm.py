@@ -56,6 +56,11 @@ class LLM:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.generate([prompt], sampling_params, use_tqdm)
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix, so that all KV chunks go back to the pool (vLLM's
+        API). Returns False, changing nothing, while requests are running."""
+        return self.engine.reset_prefix_cache()
+
     def close(self) -> None:
         self.engine.close()
 
@@ -75,11 +80,13 @@ class LLM:
         completions = []
         preemptions = 0
         prompt_ids: list[int] = []
+        cached: list[int] = []
         for j, rid in enumerate(rids):
             text = self.engine.text_of(rid)
             req = self.engine.pop(rid)
             prompt_ids = list(req.prompt_ids)
             preemptions += req.num_preemptions
+            cached.append(req.num_cached_tokens or 0)
             logprobs = req.logprobs if req.params.logprobs is not None else None
             completions.append(
                 CompletionOutput(
@@ -93,6 +100,7 @@ class LLM:
             completions,
             finished=True,
             num_preemptions=preemptions,
+            num_cached_tokens=min(cached, default=0),
         )
 
 

@@ -23,6 +23,7 @@ shard, and rank 0's sampled tokens reach every rank's token table on the device.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, replace
@@ -42,9 +43,11 @@ from .request import Request
 from .runner import SpanInput
 from .sampler import PendingSample, Sampler, SamplerRow
 from .scheduler import ScheduledSpan, Scheduler, SchedulerConfig, SchedulerOutput
-from .setup import SCRATCH_SLOT, load_tokenizer, model_config
+from .setup import SCRATCH_SLOT, load_tokenizer, model_config, prefix_cache_for
 from .stats import EngineStats, StepCounters, collect_stats
 from .tp_driver import start_rank_zero, talking_to
+
+log = logging.getLogger("vtensor.engine")
 
 
 @dataclass(frozen=True)
@@ -76,7 +79,14 @@ class LLMEngine:
         self.model, self.arena, self.pool = parts.model, parts.arena, parts.pool
         self.offload = parts.offload  # weight offload's host copies and ring (or None)
         self.scratch_slot = SCRATCH_SLOT
+        # Rank 0's books alone decide what is cached; the workers only apply its commands.
+        cache, self.prefix_caching_note = prefix_cache_for(
+            self.arena.geometry, config.enable_prefix_caching
+        )
+        if self.prefix_caching_note and config.enable_prefix_caching:
+            log.warning("prefix caching %s", self.prefix_caching_note)
         self.kv = parts.kv
+        self.kv.set_prefix_cache(cache)  # nothing is mapped yet: no command to send
         sched = SchedulerConfig(
             config.max_num_seqs, config.max_num_batched_tokens, config.lookahead_tokens
         )
@@ -159,6 +169,36 @@ class LLMEngine:
         self.outputs.forget(rid)
         return req
 
+    def prefix_caching_summary(self) -> str:
+        """One line for logs: on with its block size, or why it is off."""
+        cache = self.kv.cache
+        if not cache.enabled:
+            return self.prefix_caching_note or "off"
+        return f"on ({cache.block_tokens}-token blocks of {cache.block_chunks} chunk(s))"
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix and idle slot mapping: all KV chunks go back to the
+        pool once the unmaps are applied (at once, since nothing runs). Refused (False,
+        nothing changed) while requests are running or waiting."""
+        if self.has_unfinished() or not self.kv.reset_prefix_cache():
+            return False
+        with talking_to(self.workers):  # every rank drops the same references
+            self._settle_if_idle()
+        return True
+
+    def set_prefix_caching(self, on: bool) -> None:
+        """Switch prefix caching between runs (benchmarks compare on and off in one
+        process); the cache starts empty either way."""
+        if self.has_unfinished():
+            raise RuntimeError("prefix caching can only be switched with no request unfinished")
+        cache, note = prefix_cache_for(self.arena.geometry, on)
+        if on and note:
+            raise ValueError(f"prefix caching is {note}")
+        self.kv.set_prefix_cache(cache)
+        self.prefix_caching_note = note
+        with talking_to(self.workers):
+            self._settle_if_idle()
+
     def set_async_scheduling(self, on: bool) -> None:
         """Switch between async and synchronous steps, between runs (benchmarks compare)."""
         if self.has_unfinished():
@@ -202,8 +242,8 @@ class LLMEngine:
         table."""
         for req in out.preempted:
             req.preempt()
-        for req in out.admitted:
-            req.admit()
+        for a in out.admitted:
+            a.req.admit(a.num_cached)
         inputs = [SpanInput.of(sp, self.kv.slot_of(sp.req.rid)) for sp in out.spans]
         plan = StepPlan(out.kv_commands, out.ahead_commands, inputs)
         if self.workers is not None and (inputs or plan.kv_commands or plan.ahead_commands):

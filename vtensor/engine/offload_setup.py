@@ -17,7 +17,7 @@ from vtensor.models.config import ModelConfig
 from vtensor.models.llama import LlamaForCausalLM
 from vtensor.models.loader import meta_model
 from vtensor.models.offload.inventory import inventory
-from vtensor.models.offload.policy import GiB, OffloadRequest, Placement, plan_placement
+from vtensor.models.offload.policy import GiB, OffloadRequest, WeightPlacement, plan_placement
 from vtensor.models.offload.weights import OffloadedWeights
 
 from .config import EngineConfig
@@ -51,7 +51,7 @@ def ring_backend(device: torch.device) -> PhysicalBackend:
 
 def plan(
     config: EngineConfig, cfg: ModelConfig, model: LlamaForCausalLM, itemsize: int, chunk: int
-) -> Placement:
+) -> WeightPlacement:
     """The placement for the config's request over the (meta) model's tensors."""
     layers, fixed = inventory(model, cfg.num_layers)
     workspace = step_workspace_bytes(config, cfg, itemsize)

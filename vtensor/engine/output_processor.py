@@ -52,8 +52,9 @@ class OutputProcessor:
         """The step's output for ``req`` (call after :meth:`on_token` and any finish)."""
         text = self._stream_delta(req, self._detoks.get(req.rid))
         return StepOutput(
-            req.rid, [token], text, req.finished, req.finish_reason, req.stop_reason, logprob
-        )
+            req.rid, [token], text, req.finished, req.finish_reason, req.stop_reason, logprob,
+            req.num_cached_tokens or 0,
+        )  # fmt: skip
 
     def text_of(self, req: Request) -> str:
         """The request's output text (stop strings already cut)."""

@@ -28,6 +28,7 @@ class RequestOutput:
     finished: bool
     num_preemptions: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    num_cached_tokens: int = 0  # prompt tokens served by the prefix cache (least over samples)
 
 
 @dataclass(frozen=True)
@@ -41,3 +42,4 @@ class StepOutput:
     finish_reason: FinishReason | None
     stop_reason: int | str | None = None
     logprobs: dict[int, float] | None = None  # the sampled token's and the top-k, when asked
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache

@@ -51,6 +51,7 @@ class Request:
     num_preemptions: int = 0
     logprobs: list[dict[int, float]] = field(default_factory=list)
     first_token_time: float | None = None
+    num_cached_tokens: int | None = None  # served by the prefix cache at first admission
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -89,10 +90,15 @@ class Request:
     # ------------------------------------------------------------ transitions
     # Called by LLMEngine only; each checks the state it expects.
 
-    def admit(self) -> None:
-        """The scheduler gave the request a slot."""
+    def admit(self, num_cached: int = 0) -> None:
+        """The scheduler gave the request a slot whose first ``num_cached`` tokens' KV came
+        from the prefix cache: the request computes from there."""
         self._expect(RequestStatus.WAITING)
-        self.status = RequestStatus.RUNNING
+        if not 0 <= num_cached < self.num_tokens:
+            raise RuntimeError(f"request {self.rid}: {num_cached} cached of {self.num_tokens}")
+        self.status, self.num_computed = RequestStatus.RUNNING, num_cached
+        if self.num_cached_tokens is None:  # vLLM's rule: the first admission's hit
+            self.num_cached_tokens = num_cached
 
     def preempt(self) -> None:
         """The scheduler took the slot back: the KV is recomputed from token 0 later.

@@ -10,13 +10,20 @@ mapping change reaches the engine through a :class:`SchedulerOutput`.
 
 One step, under a token budget:
 
+0. Running requests offer the prefix cache their newly computed whole blocks
+   (only tokens the host has read: never an async placeholder).
 1. Running requests, oldest first, get their next span (1 token when
-   decoding). If the KV cache cannot grow, the newest running request is
-   preempted — its slot idles and it goes back to the front of the queue to be
-   recomputed — until the growth fits. Nothing is dropped.
+   decoding). If the KV cache cannot grow (after reclaiming idle chunks and
+   unlocked cache blocks), the newest running request is preempted — its slot
+   idles, its computed blocks stay cached, and it goes back to the front of the
+   queue to be recomputed — until the growth fits. Nothing is dropped.
 2. Waiting requests are admitted in arrival order while the budget, a free
    slot and free chunks allow (strict FCFS: the queue head blocks the rest).
-3. Chunks the *next* step will need are mapped ahead when free chunks allow,
+   A request's longest cached prefix (whole blocks, at most all but its last
+   token) is shared into its slot; its first span starts after it.
+3. Every span's KV writes are checked to touch only chunks its request maps
+   alone (``KVCacheManager.check_writes``): cached chunks are read-only.
+4. Chunks the *next* step will need are mapped ahead when free chunks allow,
    so that the mapper works while the GPU computes.
 """
 
@@ -27,6 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from vtensor.kvcache.manager import KVCacheManager, KVCommand
+from vtensor.kvcache.prefix_cache import PrefixMatch
 
 from .request import Request, RequestStatus
 
@@ -62,13 +70,22 @@ class ScheduledSpan:
 
 
 @dataclass(frozen=True)
+class Admission:
+    """A waiting request given a slot; its first ``num_cached`` tokens' KV came from the
+    prefix cache, so it computes from there."""
+
+    req: Request
+    num_cached: int
+
+
+@dataclass(frozen=True)
 class SchedulerOutput:
     """One step's plan. The engine applies it: requests first (preempted, then
     admitted, then each span's progress), then the KV commands, in this order."""
 
     spans: list[ScheduledSpan]
     preempted: list[Request] = field(default_factory=list)
-    admitted: list[Request] = field(default_factory=list)
+    admitted: list[Admission] = field(default_factory=list)
     kv_commands: list[KVCommand] = field(default_factory=list)  # needed by this step
     ahead_commands: list[KVCommand] = field(default_factory=list)  # for later steps
 
@@ -88,6 +105,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: oldest first
         self.num_preemptions = 0
+        self.prefix_queries = 0  # tokens of admitted requests (vLLM's prefix-cache queries)
+        self.prefix_hits = 0  # of which their KV came from the prefix cache
 
     def add(self, req: Request) -> None:
         if req.status is not RequestStatus.WAITING:
@@ -103,6 +122,8 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         spans: list[ScheduledSpan] = []
         preempted: list[Request] = []
+        for req in self.running:
+            self._offer(req)
         for req in list(self.running):
             if budget == 0:
                 break
@@ -116,6 +137,7 @@ class Scheduler:
             spans.append(ScheduledSpan.next_of(req, req.num_computed, n))
             budget -= n
         admitted = [] if preempted else self._admit(spans, budget)
+        self.kv.check_writes((sp.req.rid, sp.start, sp.end) for sp in spans)
         kv_commands = self.kv.take_commands()
         self._map_ahead(spans)
         self._premap_waiting()
@@ -126,6 +148,7 @@ class Scheduler:
         its chunks. The unmaps that may cause go out with the next schedule."""
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
+            self._offer(req)
             self.kv.release(req.rid)
         elif req.status is RequestStatus.WAITING:
             self.waiting.remove(req)
@@ -144,28 +167,37 @@ class Scheduler:
                 return False
         return True
 
+    def _offer(self, req: Request) -> None:
+        """Offer the prefix cache the request's computed blocks whose ids are read."""
+        self.kv.cache_tokens(req.rid, req.token_ids, min(req.num_computed, len(req.token_ids)))
+
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
+        self._offer(req)  # its prefix stays cached: recomputing it is a hit
         self.kv.release(req.rid)
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def _admit(self, spans: list[ScheduledSpan], budget: int) -> list[Request]:
-        """Admit waiting requests FCFS within ``budget``; each computes from token 0."""
-        admitted: list[Request] = []
+    def _admit(self, spans: list[ScheduledSpan], budget: int) -> list[Admission]:
+        """Admit waiting requests FCFS within ``budget``; each computes from the end of
+        its cached prefix (token 0 without a hit)."""
+        admitted: list[Admission] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            n = min(req.num_tokens, budget)
+            hit = self.kv.match(req.token_ids, req.num_tokens - 1)
             # Admit only if the whole prompt fits, keeping a chunk per running request
             # so decodes can grow without immediately preempting the newcomer.
-            if not self.kv.can_admit(req.num_tokens + 1, headroom_chunks=len(self.running)):
+            if not self.kv.can_admit(req.num_tokens + 1, len(self.running), hit):
                 break
-            if self.kv.admit(req.rid, n) is None:
+            n = min(req.num_tokens - hit.tokens, budget)
+            if self.kv.admit(req.rid, hit.tokens + n, hit) is None:
                 break
             self.waiting.popleft()
             self.running.append(req)
-            admitted.append(req)
-            spans.append(ScheduledSpan.next_of(req, 0, n))
+            admitted.append(Admission(req, hit.tokens))
+            self.prefix_queries += req.num_tokens
+            self.prefix_hits += hit.tokens
+            spans.append(ScheduledSpan.next_of(req, hit.tokens, n))
             budget -= n
         return admitted
 
@@ -175,14 +207,17 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         seats = self.config.max_num_seqs - len(self.running)
         wanted: list[int] = []
+        hits: list[PrefixMatch] = []
         for req in itertools.islice(self.waiting, max(0, seats)):
             if budget <= 0:
                 break
-            n = min(req.num_tokens, budget)  # a waiting request computes from token 0
-            wanted.append(n)
+            hit = self.kv.match(req.token_ids, req.num_tokens - 1)
+            n = min(req.num_tokens - hit.tokens, budget)  # computed from the end of the hit
+            wanted.append(hit.tokens + n)
+            hits.append(hit)
             budget -= n
         if wanted:
-            self.kv.premap(wanted, headroom_chunks=len(self.running))
+            self.kv.premap(wanted, headroom_chunks=len(self.running), hits=hits)
 
     def _map_ahead(self, spans: list[ScheduledSpan]) -> None:
         """Opportunistically map what the next steps will write (never steals or preempts)."""

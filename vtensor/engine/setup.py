@@ -7,6 +7,7 @@ the smallest rank's, and CUDA graph captures hold all-reduces).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 import torch
@@ -15,6 +16,8 @@ from vtensor.distributed import TPGroup
 from vtensor.kvcache.arena import KVArena
 from vtensor.kvcache.layout import KVLayout
 from vtensor.kvcache.manager import KVCacheManager, KVGeometry
+from vtensor.kvcache.prefix_cache import NoPrefixCache, PrefixCache
+from vtensor.kvcache.radix_cache import RadixPrefixCache
 from vtensor.memory import ChunkPool, open_backend
 from vtensor.models.attention import AttentionBackend
 from vtensor.models.attention_backends import ATTENTION_BACKENDS, select_backend
@@ -37,6 +40,7 @@ CPU_CHUNK = 64 << 10  # small host chunks: tiny models still take several per re
 # slot 0: every layer view's base pointer lies in its first token, and Triton rejects a
 # kernel argument whose base address is not mapped.
 SCRATCH_SLOT = 0
+log = logging.getLogger("vtensor.engine")
 
 
 @dataclass(frozen=True)
@@ -257,7 +261,29 @@ def build_arena(
     return KVArena(layout, pool, rt.device), pool
 
 
-def map_scratch_slot(arena: KVArena, keep_idle_chunks: int | None) -> KVCacheManager:
+def prefix_cache_for(geo: KVGeometry, enabled: bool) -> tuple[PrefixCache, str | None]:
+    """The prefix cache for this arena, or the no-op one with the reason it is off.
+
+    Its unit is the smallest run of whole tokens filling whole chunks
+    (``KVGeometry.cache_block``): sharing a chunk shares every token in it, so a
+    chunk that ends inside a token can only be shared together with the next ones.
+    If that run is as long as a whole slot, no prompt could ever hit: caching is
+    off, and the reason says why."""
+    if not enabled:
+        return NoPrefixCache(), "disabled (enable_prefix_caching=False)"
+    tokens, chunks = geo.cache_block()
+    if tokens >= geo.max_tokens:
+        return NoPrefixCache(), (
+            f"off: {geo.bytes_per_token} bytes per token and {geo.chunk_size}-byte chunks "
+            f"share whole tokens only every {tokens} tokens ({chunks} chunks), not less "
+            f"than a slot of {geo.max_tokens} tokens"
+        )
+    return RadixPrefixCache(tokens, chunks), None
+
+
+def map_scratch_slot(
+    arena: KVArena, keep_idle_chunks: int | None, prefix_cache: PrefixCache | None = None
+) -> KVCacheManager:
     """Map the scratch slot's first token; the KV manager gets the rest of the pool."""
     geo = arena.geometry
     scratch_chunks = geo.chunks_for(1)
@@ -270,6 +296,7 @@ def map_scratch_slot(arena: KVArena, keep_idle_chunks: int | None) -> KVCacheMan
         replace(geo, capacity_chunks=geo.capacity_chunks - scratch_chunks),
         keep_idle_chunks=keep_idle_chunks,
         reserved_slots=SCRATCH_SLOT + 1,
+        prefix_cache=prefix_cache,
     )
 
 

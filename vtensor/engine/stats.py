@@ -22,14 +22,31 @@ class EngineStats:
     mapper_waits: int  # steps that blocked at all
     kv_sync_s: float  # queue-to-ready time of each step's mapping (upper bound on its cost)
     unmap_fences: int  # steps that let the GPU finish the previous step before unmapping
-    live_kv_bytes: int  # KV of running requests' computed tokens
-    mapped_kv_bytes: int  # chunks committed to running slots
+    live_kv_bytes: int  # KV of running requests' computed tokens (shared ones per request)
+    mapped_kv_bytes: int  # chunks mapped to running slots (a shared chunk once per slot)
     idle_kv_bytes: int  # chunks kept by idle slots (deferred reclamation)
     surplus_kv_bytes: int  # running slots' chunks inherited beyond their needs (ditto)
     chunk_size: int
     pool_in_use_chunks: int
     pool_free_chunks: int
     pool_capacity_chunks: int
+    prefix_caching: bool = False
+    prefix_cache_queries: int = 0  # prompt tokens of admitted requests
+    prefix_cache_hits: int = 0  # of which the prefix cache served the KV
+    prefix_cache_chunks: int = 0  # chunks the prefix cache holds now
+    prefix_cache_blocks: int = 0
+    prefix_cache_evicted_chunks: int = 0  # freed by evicting cache blocks
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Hit tokens over queried tokens since start (0 before any query)."""
+        return (
+            self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+        )
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        return self.prefix_cache_chunks * self.chunk_size
 
     @property
     def waste_bytes(self) -> int:
@@ -68,11 +85,17 @@ def collect_stats(
         kv_sync_s=counters.kv_sync_s,
         unmap_fences=counters.unmap_fences,
         live_kv_bytes=live,
-        mapped_kv_bytes=(usage.committed_chunks - usage.idle_chunks) * geo.chunk_size,
+        mapped_kv_bytes=usage.running_mapped_chunks * geo.chunk_size,
         idle_kv_bytes=usage.idle_chunks * geo.chunk_size,
         surplus_kv_bytes=usage.surplus_chunks * geo.chunk_size,
         chunk_size=geo.chunk_size,
         pool_in_use_chunks=pool_stats.in_use,
         pool_free_chunks=pool_stats.free,
         pool_capacity_chunks=pool_stats.capacity_chunks,
+        prefix_caching=kv.cache.enabled,
+        prefix_cache_queries=scheduler.prefix_queries,
+        prefix_cache_hits=scheduler.prefix_hits,
+        prefix_cache_chunks=usage.cached_chunks,
+        prefix_cache_blocks=kv.cache.stats().blocks,
+        prefix_cache_evicted_chunks=kv.evicted_chunks,
     )

@@ -8,8 +8,10 @@ over the gloo control group:
   the same forward pass (its half of every collective), and take rank 0's sampled
   tokens into its token table. It never reads a token on the host, so it never
   waits for its GPU: with async scheduling it queues step N+1 while N runs.
-* :class:`ArenaQuery`: report its arena's mapped chunks (``check_integrity``
-  compares them with rank 0's: the worker must mirror every command).
+* :class:`ArenaQuery`: report its arena's mapped chunks, which of them share a
+  physical chunk and what the prefix cache holds (``check_integrity`` compares
+  them with rank 0's: the worker must mirror every command, the prefix cache's
+  shared maps, holds and drops included).
 * :class:`Precompile`: compile the decode kernel's variants (serve's warm-up).
 * :class:`Shutdown`: close the arena and the pool, leave the group, exit 0.
 
@@ -37,6 +39,7 @@ from vtensor.distributed.launch import (
     under_torchrun,
 )
 from vtensor.distributed.procs import WorkerMonitor, post_error, spawn_workers, stop_workers
+from vtensor.kvcache.arena import ChunkSignature
 
 from .config import EngineConfig
 from .executor import StepExecutor, StepPlan
@@ -54,6 +57,8 @@ class ArenaReport:
     rank: int
     mapped: list[int]  # chunk indices mapped in the arena
     pool_in_use: int
+    pool_references: int  # mappings plus the prefix cache's holds
+    signature: ChunkSignature  # which mappings share a chunk, what the cache holds
 
 
 @dataclass(frozen=True)
@@ -83,8 +88,12 @@ def process_rank(config: EngineConfig) -> int:
 
 
 def arena_report(group: TPGroup, parts: RankParts) -> ArenaReport:
-    parts.arena.wait_all()
-    return ArenaReport(group.rank, parts.arena.vt.mapped_indices(), parts.pool.stats().in_use)
+    arena = parts.arena
+    arena.wait_all()
+    pool = parts.pool.stats()
+    return ArenaReport(
+        group.rank, arena.vt.mapped_indices(), pool.in_use, pool.references, arena.signature()
+    )
 
 
 def precompile(parts: RankParts) -> int:

@@ -6,6 +6,10 @@ every layer view, and those addresses never move (CUDA graphs rely on it).
 ``KVCacheManager`` decides what to map; the arena applies its commands on the
 :class:`AsyncMapper` and, before a forward step, waits only for the chunks
 that step will touch — normally long done, because they were mapped ahead.
+
+The prefix cache's pool references live here too: ``held`` maps each logical
+chunk id the cache holds to its physical chunk (``arena_ops.py``), so a cache
+hit maps those chunks into another slot with ``VirtualTensor.map_chunks``.
 """
 
 from __future__ import annotations
@@ -17,11 +21,28 @@ from dataclasses import dataclass
 
 import torch
 
-from vtensor.memory import AsyncMapper, ChunkPool, EnsureMapped, MapperOp, Unmap, VirtualTensor
+from vtensor.memory import (
+    AsyncMapper,
+    ChunkPool,
+    EnsureMapped,
+    MapperOp,
+    PhysicalChunk,
+    Unmap,
+    VirtualTensor,
+)
 from vtensor.memory.mapper import MapTicket
 
+from .arena_ops import DropChunks, HoldChunks, MapHeld
+from .commands import (
+    CacheDropCommand,
+    CacheHoldCommand,
+    KVCommand,
+    MapCachedCommand,
+    MapCommand,
+    UnmapCommand,
+)
+from .geometry import KVGeometry
 from .layout import KVLayout
-from .manager import KVCommand, KVGeometry, MapCommand
 
 
 @dataclass(frozen=True)
@@ -31,6 +52,21 @@ class ArenaStats:
     wait_s: float  # total time blocked
     mapper_busy_s: float
     chunks_mapped: int  # over the arena's life (mapper ops)
+
+
+@dataclass(frozen=True)
+class ChunkSignature:
+    """The arena's mappings and the cache's holds up to a renaming of physical chunks.
+
+    Physical chunks are numbered in the order they are first met: the mapped chunk
+    indices ascending, then the held ids ascending. Two arenas (two tensor-parallel
+    ranks') that applied the same commands have equal signatures, whichever physical
+    chunks their pools handed out; a missed or extra map, share, hold or drop changes it.
+    """
+
+    mapped: tuple[tuple[int, int], ...]  # (chunk index, label)
+    held: tuple[tuple[int, int], ...]  # (logical chunk id, label)
+    references: tuple[int, ...]  # the pool's reference count of each label
 
 
 class KVArena:
@@ -59,6 +95,9 @@ class KVArena:
         # Submitted, maybe unfinished tickets, oldest first, with the (slot, first chunk)
         # of each range they map: a step needing chunks [0, n) of a slot waits for them.
         self._inflight: deque[tuple[MapTicket, list[tuple[int, int]]]] = deque()
+        # Logical chunk id -> the chunk the prefix cache holds a reference to. Written by
+        # the mapper thread's ops; read here only after ``wait_all``.
+        self.held: dict[int, PhysicalChunk] = {}
         self._waits = 0
         self._wait_s = 0.0
 
@@ -68,16 +107,45 @@ class KVArena:
             return
         ops: list[MapperOp] = []
         maps: list[tuple[int, int]] = []
-        slot_bytes = self.geometry.slot_bytes
-        chunk = self.geometry.chunk_size
         for c in commands:
-            offset, nbytes = c.slot * slot_bytes + c.first * chunk, c.count * chunk
-            if isinstance(c, MapCommand):
-                ops.append(EnsureMapped(self.vt, offset, nbytes))
+            ops.append(self._op(c))
+            if isinstance(c, MapCommand | MapCachedCommand):
                 maps.append((c.slot, c.first))
-            else:
-                ops.append(Unmap(self.vt, offset, nbytes))
         self._inflight.append((self.mapper.submit(ops), maps))
+
+    def _op(self, c: KVCommand) -> MapperOp:
+        chunk = self.geometry.chunk_size
+        if isinstance(c, CacheDropCommand):
+            return DropChunks(self.vt, c.chunks, self.held)
+        offset = c.slot * self.geometry.slot_bytes + c.first * chunk
+        if isinstance(c, MapCommand):
+            return EnsureMapped(self.vt, offset, c.count * chunk)
+        if isinstance(c, UnmapCommand):
+            return Unmap(self.vt, offset, c.count * chunk)
+        if isinstance(c, MapCachedCommand):
+            return MapHeld(self.vt, offset, c.chunks, self.held)
+        assert isinstance(c, CacheHoldCommand)
+        return HoldChunks(self.vt, offset, c.chunks, self.held)
+
+    def chunk_at(self, slot: int, index: int) -> PhysicalChunk:
+        """The physical chunk mapped at a slot's chunk ``index`` (integrity checks)."""
+        offset = slot * self.geometry.slot_bytes + index * self.geometry.chunk_size
+        return self.vt.chunks(offset, self.geometry.chunk_size)[0]
+
+    def signature(self) -> ChunkSignature:
+        """See :class:`ChunkSignature` (call after ``wait_all``)."""
+        labels: dict[int, int] = {}
+        refs: list[int] = []
+
+        def label(chunk: PhysicalChunk) -> int:
+            if chunk.cid not in labels:
+                labels[chunk.cid] = len(labels)
+                refs.append(self.pool.refcount(chunk))
+            return labels[chunk.cid]
+
+        mapped = tuple((i, label(c)) for i, c in self.vt.mapped_table())
+        held = tuple((cid, label(self.held[cid])) for cid in sorted(self.held))
+        return ChunkSignature(mapped, held, tuple(refs))
 
     def wait_ready(self, needs: Iterable[tuple[int, int]]) -> None:
         """Block until each ``(slot, chunks)`` prefix is mapped; count the time blocked."""
@@ -108,7 +176,10 @@ class KVArena:
         return ArenaStats(self.vt.mapped_bytes, self._waits, self._wait_s, m.busy_s, m.chunks)
 
     def close(self) -> None:
-        """Finish pending commands, unmap everything and free the reservation."""
+        """Finish pending commands, unmap everything, drop the cache's references and
+        free the reservation."""
         self.wait_all()
         self.mapper.close()
         self.vt.close()
+        self.pool.release(list(self.held.values()))
+        self.held.clear()

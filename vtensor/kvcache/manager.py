@@ -1,93 +1,81 @@
-"""KV cache bookkeeping: request slots and how many chunks each has mapped.
+"""KV cache bookkeeping: request slots, the chunk each slot position maps, the prefix cache.
 
-Torch-free on purpose: it decides, in plain integers, which chunk ranges to
-map or unmap, and emits them as commands; ``KVArena`` carries them out on the
-virtual tensor through the asynchronous mapper. The scheduler asks it whether
-a request fits and tells it when requests grow or finish.
+Torch-free on purpose: it decides, in plain integers, which chunks to map, share
+or unmap, and emits them as commands (``kvcache/commands.py``); ``KVArena``
+carries them out on the virtual tensor through the asynchronous mapper. The
+scheduler asks it whether a request fits and tells it when requests grow,
+compute whole blocks, or finish.
 
-Each slot owns a fixed, chunk-aligned byte range of the arena, and its
-mapped chunks always form a prefix of that range (KV grows from token 0).
+Each slot owns a fixed, chunk-aligned byte range of the arena, and its mapped
+chunks always form a prefix of that range (KV grows from token 0). A chunk is
+either private to one slot, or held by the prefix cache (and then mapped by any
+number of slots, all at the same index): a request that hits the cache maps the
+cached chunks at the front of its slot and computes only the rest.
 
 Invariants (listed by ``violations``, asserted by ``check``):
 
-* ``sum(mapped) == committed <= capacity_chunks`` — the pool can never run
-  dry under a command, because unmaps are emitted before the maps that reuse
-  their chunks, and the mapper applies commands in order;
+* ``committed`` (chunks in use) ``<= capacity_chunks``; unmaps are emitted before
+  the maps that reuse their chunks, and the mapper applies commands in order;
+* **a step writes only private chunks** (``check_writes`` raises
+  :class:`SharedChunkWriteError` otherwise): cached chunks are read-only;
 * a slot is either owned by exactly one request or idle; an idle slot may keep
   chunks mapped (deferred reclamation), at most ``keep_idle_chunks`` in all;
-* a running slot reused from a longer request may map more than its request
-  has asked for (``surplus``); like idle chunks, surplus is taken back first
-  when another request needs chunks.
+* a running request's chunks up to what it has asked for, and the chunks of
+  every cache block it has locked (its hit and the blocks it inserted, with their
+  ancestors), are *pinned*; everything else in use is reclaimable: idle slots'
+  and surplus chunks, and unlocked cache blocks (evicted least recently used
+  first, leaves first), all before the scheduler preempts anyone.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from .chunk_books import ChunkBooks
+from .commands import (
+    CacheDropCommand,
+    CacheHoldCommand,
+    KVCommand,
+    MapCachedCommand,
+    MapCommand,
+    UnmapCommand,
+)
+from .geometry import KVGeometry
+from .placement import SlotPlacer
+from .prefix_cache import NO_MATCH, CachePath, NoPrefixCache, PrefixCache, PrefixMatch
+from .reclaim import Reclaimer
 
-@dataclass(frozen=True)
-class KVGeometry:
-    """Runtime-derived sizes of the arena (plain integers)."""
-
-    num_slots: int
-    max_tokens: int  # per slot; slot_bytes is a whole number of chunks
-    bytes_per_token: int
-    chunk_size: int
-    capacity_chunks: int
-
-    def __post_init__(self) -> None:
-        if min(self.num_slots, self.max_tokens, self.bytes_per_token, self.chunk_size) <= 0:
-            raise ValueError(f"KV geometry sizes must be positive: {self}")
-        if self.slot_bytes % self.chunk_size:
-            raise ValueError("a slot must be a whole number of chunks")
-
-    @property
-    def slot_bytes(self) -> int:
-        return self.max_tokens * self.bytes_per_token
-
-    @property
-    def chunks_per_slot(self) -> int:
-        return self.slot_bytes // self.chunk_size
-
-    def chunks_for(self, tokens: int) -> int:
-        return math.ceil(min(tokens, self.max_tokens) * self.bytes_per_token / self.chunk_size)
-
-    @staticmethod
-    def aligned_max_tokens(max_tokens: int, bytes_per_token: int, chunk_size: int) -> int:
-        """The smallest length ≥ ``max_tokens`` whose slot is a whole number of chunks."""
-        step = chunk_size // math.gcd(chunk_size, bytes_per_token)
-        return math.ceil(max_tokens / step) * step
+__all__ = [
+    "CacheDropCommand",
+    "CacheHoldCommand",
+    "KVCacheManager",
+    "KVCommand",
+    "KVGeometry",
+    "KVUsage",
+    "MapCachedCommand",
+    "MapCommand",
+    "SharedChunkWriteError",
+    "UnmapCommand",
+]
 
 
-@dataclass(frozen=True)
-class MapCommand:
-    """Map fresh chunks at chunk indices ``[first, first+count)`` of ``slot``."""
-
-    slot: int
-    first: int
-    count: int
-
-
-@dataclass(frozen=True)
-class UnmapCommand:
-    slot: int
-    first: int
-    count: int
-
-
-KVCommand = MapCommand | UnmapCommand
+class SharedChunkWriteError(RuntimeError):
+    """A step would write KV into a chunk its request does not map alone: a bug that
+    would corrupt another request's (or the cache's) KV, so it is refused."""
 
 
 @dataclass(frozen=True)
 class KVUsage:
     running_slots: int
     idle_slots_with_chunks: int
-    committed_chunks: int
-    idle_chunks: int  # kept on purpose by deferred reclamation
-    surplus_chunks: int  # running slots' chunks beyond what their requests asked for
+    committed_chunks: int  # physical chunks in use (each counted once, however shared)
+    idle_chunks: int  # mappings kept on purpose by idle slots (deferred reclamation)
+    surplus_chunks: int  # running slots' mappings beyond what their requests asked for
     capacity_chunks: int
+    cached_chunks: int = 0  # chunks the prefix cache holds
+    pinned_chunks: int = 0  # chunks no reclaim may take (running requests, locked blocks)
+    running_mapped_chunks: int = 0  # mappings of running slots (shared chunks counted per slot)
 
 
 class KVCacheManager:
@@ -96,9 +84,11 @@ class KVCacheManager:
         geometry: KVGeometry,
         keep_idle_chunks: int | None = None,
         reserved_slots: int = 0,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         """Slots ``[0, reserved_slots)`` belong to the caller and are never handed out;
-        their chunks are not counted in ``geometry.capacity_chunks``."""
+        their chunks are not counted in ``geometry.capacity_chunks``. Without a
+        ``prefix_cache`` nothing is cached (``NoPrefixCache``)."""
         if not 0 <= reserved_slots < geometry.num_slots:
             raise ValueError(f"reserved_slots must be in [0, {geometry.num_slots})")
         self.geometry = geometry
@@ -106,145 +96,265 @@ class KVCacheManager:
         self.keep_idle_chunks = (
             geometry.capacity_chunks if keep_idle_chunks is None else keep_idle_chunks
         )
-        self._mapped = [0] * geometry.num_slots
+        self.cache: PrefixCache = prefix_cache or NoPrefixCache()
+        self._check_blocks(self.cache)
+        self.books = ChunkBooks(geometry.num_slots)
         self._asked = [0] * geometry.num_slots  # chunks the owner has asked for so far
         self._owner: dict[int, int] = {}  # request id -> slot
+        self._paths: dict[int, CachePath] = {}  # request id -> its locked cache prefix
+        self._next_block_end: dict[int, int] = {}  # request id -> tokens filling its next block
         self._idle: set[int] = set(range(reserved_slots, geometry.num_slots))
-        self._committed = 0
-        self._commands: list[KVCommand] = []
+        self._applied_committed = 0  # committed as of the last take_commands
+        self._released = [0] * geometry.num_slots  # when each slot last went idle
+        self._releases = 0
+        self._reclaimer = Reclaimer(self)
+        self._placer = SlotPlacer(self)
 
     # ------------------------------------------------------------------ query
     @property
     def free_chunks(self) -> int:
-        return self.geometry.capacity_chunks - self._committed
+        return self.geometry.capacity_chunks - self.books.committed
 
     @property
-    def idle_chunks(self) -> int:
-        return sum(self._mapped[s] for s in self._idle)
-
-    @property
-    def surplus_chunks(self) -> int:
-        return sum(self._mapped[s] - self._asked[s] for s in self._owner.values())
+    def available_chunks(self) -> int:
+        """Chunks the pool can still give: free, or reclaimable (not pinned)."""
+        return self.geometry.capacity_chunks - self.books.pinned
 
     @property
     def reclaimable_chunks(self) -> int:
-        return self.idle_chunks + self.surplus_chunks
+        return self.books.committed - self.books.pinned
+
+    @property
+    def idle_chunks(self) -> int:
+        return sum(len(self.books.tables[s]) for s in self._idle)
+
+    @property
+    def surplus_chunks(self) -> int:
+        return sum(len(self.books.tables[s]) - self._asked[s] for s in self._owner.values())
+
+    @property
+    def evicted_chunks(self) -> int:
+        """Chunks freed by evicting cache blocks, over the manager's life."""
+        return self._reclaimer.evicted_chunks
+
+    @property
+    def committed_applied(self) -> int:
+        """Chunks in use once the commands taken so far are applied (integrity checks)."""
+        return self._applied_committed
 
     def slot_of(self, rid: int) -> int:
         return self._owner[rid]
 
     def mapped_chunks(self, rid: int) -> int:
-        return self._mapped[self._owner[rid]]
+        return len(self.books.tables[self._owner[rid]])
+
+    def slot_table(self, slot: int) -> tuple[int, ...]:
+        return tuple(self.books.tables[slot])
+
+    def asked(self, slot: int) -> int:
+        return self._asked[slot]
+
+    def released_at(self, slot: int) -> int:
+        """A logical time: when the slot last went idle (0: never)."""
+        return self._released[slot]
+
+    def idle_slots(self) -> frozenset[int]:
+        return frozenset(self._idle)
 
     def has_free_slot(self) -> bool:
         return bool(self._idle)
 
-    def can_admit(self, tokens: int, headroom_chunks: int = 0) -> bool:
-        """Whether a new request of ``tokens`` fits now, leaving ``headroom_chunks`` free."""
+    def match(self, token_ids: Sequence[int], max_tokens: int) -> PrefixMatch:
+        """The longest cached prefix of ``token_ids``, at most ``max_tokens`` tokens (a
+        request must compute at least its last token: ``max_tokens = len - 1``). Use it
+        at once: it is valid until the cache changes."""
+        return self.cache.match(token_ids, max_tokens) if self.cache.enabled else NO_MATCH
+
+    def can_admit(self, tokens: int, headroom_chunks: int = 0, hit: PrefixMatch = NO_MATCH) -> bool:
+        """Whether a new request of ``tokens`` (its first ``hit.tokens`` cached) fits now,
+        leaving ``headroom_chunks`` to spare. Cached chunks that someone already pins
+        cost nothing more."""
         if not self._idle:
             return False
-        slot = self._best_slot(self.geometry.chunks_for(tokens))
-        extra = self.geometry.chunks_for(tokens) - self._mapped[slot]
-        spare = self.free_chunks + self.reclaimable_chunks - self._mapped[slot]
-        return extra <= spare - headroom_chunks
+        return self._new_pins(tokens, hit) <= self.available_chunks - headroom_chunks
 
     def usage(self) -> KVUsage:
-        idle = [s for s in self._idle if self._mapped[s]]
+        idle = [s for s in self._idle if self.books.tables[s]]
+        running = sum(len(self.books.tables[s]) for s in self._owner.values())
         return KVUsage(
             len(self._owner),
             len(idle),
-            self._committed,
+            self.books.committed,
             self.idle_chunks,
             self.surplus_chunks,
             self.geometry.capacity_chunks,
+            self.books.cached_count,
+            self.books.pinned,
+            running,
         )
 
     # ---------------------------------------------------------------- updates
-    def admit(self, rid: int, tokens: int) -> int | None:
-        """Give request ``rid`` a slot mapped for ``tokens``; None if it does not fit."""
+    def admit(self, rid: int, tokens: int, hit: PrefixMatch = NO_MATCH) -> int | None:
+        """Give request ``rid`` a slot mapped for ``tokens``, the first ``hit.tokens`` of
+        them shared from the cache; None (and nothing changed) if it does not fit.
+        The slot is the idle one that already maps most of the hit (slot affinity),
+        else the best fit."""
         if rid in self._owner:
             raise ValueError(f"request {rid} already holds slot {self._owner[rid]}")
-        if not self._idle:
+        want = self.geometry.chunks_for(tokens)
+        if want <= len(hit.chunks):
+            raise ValueError(
+                f"{tokens} tokens leave nothing to compute after a {hit.tokens}-token hit"
+            )
+        if not self.can_admit(tokens, 0, hit):
             return None
-        slot = self._best_slot(self.geometry.chunks_for(tokens))
+        pressure = want - len(hit.chunks) > self.free_chunks
+        slot = self._placer.choose(want, hit.chunks, self._idle, pressure)
         self._idle.discard(slot)
         self._owner[rid] = slot
+        self._paths[rid] = hit.path
+        if self.cache.enabled:
+            self._next_block_end[rid] = (hit.path.blocks + 1) * self.cache.block_tokens
+        self.books.pin(self.cache.lock(hit.path), +1)  # before any reclaim can evict it
+        self._placer.fit_front(slot, hit.chunks, convert=pressure)
+        self._set_asked(slot, min(want, len(self.books.tables[slot])))
         if not self.grow(rid, tokens):
-            del self._owner[rid]
-            self._idle.add(slot)
-            return None
+            raise RuntimeError("admission fit the books but could not grow: a bug")
         return slot
 
     def grow(self, rid: int, tokens: int, steal: bool = True) -> bool:
         """Ensure ``rid``'s slot maps its first ``tokens`` tokens.
 
-        Takes free chunks, then (if ``steal``) unmaps idle slots' chunks and
-        other requests' surplus. On False nothing changed: the caller preempts
-        someone and retries.
+        Takes free chunks, then (if ``steal``) reclaims: idle slots' and surplus
+        chunks, then unlocked cache blocks. On False nothing changed: the caller
+        preempts someone and retries.
         """
         slot = self._owner[rid]
         want = self.geometry.chunks_for(tokens)
-        need = want - self._mapped[slot]
-        if need <= 0:
-            self._asked[slot] = max(self._asked[slot], want)
+        have, asked = len(self.books.tables[slot]), self._asked[slot]
+        if want <= have:
+            if want > asked:
+                self._set_asked(slot, want)
             return True
-        asked = self._asked[slot]
-        self._asked[slot] = self._mapped[slot]  # its own chunks are not surplus to steal
-        if need > self.free_chunks and (not steal or not self._reclaim(need - self.free_chunks)):
-            self._asked[slot] = asked
+        self._set_asked(slot, have)  # its own chunks are not surplus to reclaim
+        need = want - have
+        if need > self.free_chunks and (
+            not steal or not self._reclaimer.reclaim(need - self.free_chunks)
+        ):
+            self._set_asked(slot, asked)
             return False
-        self._commands.append(MapCommand(slot, self._mapped[slot], need))
-        self._mapped[slot] += need
-        self._asked[slot] = want
-        self._committed += need
+        self.books.map_fresh(slot, need)
+        self._set_asked(slot, want)
         return True
 
-    def premap(self, token_counts: Sequence[int], headroom_chunks: int = 0) -> None:
-        """Map idle slots ahead for requests expected next (the head of the waiting
-        queue, ``token_counts`` each), so their admission finds the chunks mapped and the
-        step that admits them does not wait on the mapper. Only free chunks are used
-        (leaving ``headroom_chunks`` free, nothing stolen), within ``keep_idle_chunks``.
-        The slots stay idle: these chunks are reclaimable like any idle slot's."""
-        taken: set[int] = set()
-        for tokens in token_counts:
-            want = self.geometry.chunks_for(tokens)
-            candidates = self._idle - taken
-            if not candidates:
-                return
-            slot = self._best_slot(want, candidates)  # the slot admit() will pick
-            taken.add(slot)
-            need = want - self._mapped[slot]
-            if need <= 0:
-                continue
-            if need > self.free_chunks - headroom_chunks:
-                return
-            if self.idle_chunks + need > self.keep_idle_chunks:
-                return
-            self._commands.append(MapCommand(slot, self._mapped[slot], need))
-            self._mapped[slot] += need
-            self._committed += need
+    def premap(
+        self,
+        token_counts: Sequence[int],
+        headroom_chunks: int = 0,
+        hits: Sequence[PrefixMatch] | None = None,
+    ) -> None:
+        """Map idle slots ahead for the requests expected next (``SlotPlacer.premap``)."""
+        self._placer.premap(token_counts, headroom_chunks, hits)
+
+    def cache_tokens(self, rid: int, token_ids: Sequence[int], num_tokens: int) -> None:
+        """Offer the cache the whole blocks of ``rid``'s first ``num_tokens`` tokens:
+        tokens whose KV is computed (or queued) and whose ids the host has read, never a
+        placeholder. Blocks already offered are skipped; the request then locks the
+        longer cached prefix."""
+        if num_tokens < self._next_block_end.get(rid, _NEVER):
+            return  # the fast path of every step: no new whole block
+        path = self._paths[rid]
+        blocks = num_tokens // self.cache.block_tokens
+        slot = self._owner[rid]
+        table = self.books.tables[slot]
+        if blocks * self.cache.block_chunks > self._asked[slot]:
+            raise ValueError(f"request {rid}: {num_tokens} tokens offered beyond its chunks")
+        done = self.cache.insert(path, token_ids, table, blocks)
+        c = self.cache.block_chunks
+        for j, n in _runs(done.adopted):  # one command per run of adopted blocks
+            self.books.hold(slot, j * c, table[j * c : (j + n) * c])
+        self.books.pin(self.cache.lock(done.path, base=path), +1)
+        self._paths[rid] = done.path
+        self._next_block_end[rid] = (blocks + 1) * self.cache.block_tokens
 
     def release(self, rid: int) -> None:
-        """The request is done (or preempted): its slot idles, keeping its chunks."""
+        """The request is done (or preempted): its slot idles, keeping its chunks; its
+        cache blocks are unlocked. Offer its last blocks first (``cache_tokens``)."""
         slot = self._owner.pop(rid)
-        self._asked[slot] = 0
+        self._next_block_end.pop(rid, None)
+        self._set_asked(slot, 0)
+        self.books.pin(self.cache.unlock(self._paths.pop(rid)), -1)
         self._idle.add(slot)
+        self._released[slot] = self._releases = self._releases + 1
         excess = self.idle_chunks - self.keep_idle_chunks
         if excess > 0:
-            self._unmap_tail(slot, min(excess, self._mapped[slot]))
+            table = self.books.tables[slot]
+            self.books.truncate(slot, len(table) - min(excess, len(table)))
 
     def reclaim_all(self) -> None:
-        """Unmap every idle slot's chunks (shutdown, or a caller that needs the pool)."""
-        self._reclaim(self.idle_chunks)
+        """Unmap every idle slot's chunks (shutdown, or a caller that needs the pool).
+        Cached chunks stay in the cache."""
+        for slot in self._idle:
+            self.books.truncate(slot, 0)
+
+    def evict(self, chunks: int) -> int:
+        """Free up to ``chunks`` chunks from the cache, least recently used blocks first;
+        returns how many were freed."""
+        return self._reclaimer.evict(chunks)
+
+    def convert_in_place(self, slot: int, start: int) -> int:
+        """See ``Reclaimer.convert_in_place`` (slot placement uses it)."""
+        return self._reclaimer.convert_in_place(slot, start)
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached block and every idle slot's mappings, so that all chunks go
+        back to the pool. Refused (False, nothing changed) while requests run."""
+        if self._owner:
+            return False
+        self.reclaim_all()
+        self.books.drop(self.cache.reset())
+        return True
+
+    def set_prefix_cache(self, cache: PrefixCache) -> None:
+        """Replace the prefix cache (between runs: nothing may be running); the old one
+        is reset first, so every chunk it held goes back."""
+        if not self.reset_prefix_cache():
+            raise RuntimeError("the prefix cache can only be replaced while no request runs")
+        self._check_blocks(cache)
+        self.cache = cache
+
+    def check_writes(self, writes: Iterable[tuple[int, int, int]]) -> None:
+        """Raise :class:`SharedChunkWriteError` unless each ``(rid, start, end)`` (a
+        step's span: it writes the KV of tokens ``[start, end)``) touches only chunks
+        that its request's slot maps alone."""
+        books, bpt, chunk = self.books, self.geometry.bytes_per_token, self.geometry.chunk_size
+        cached_end, owner = books.cached_end, self._owner
+        for rid, start, end in writes:  # every span of every step: kept lean
+            slot = owner[rid]
+            table = books.tables[slot]
+            first, last = start * bpt // chunk, -(-end * bpt // chunk)
+            if last > len(table):
+                raise SharedChunkWriteError(
+                    f"request {rid} writes tokens [{start}, {end}) beyond its {len(table)} chunks"
+                )
+            if first >= cached_end[slot]:
+                continue  # everything from cached_end on is private
+            shared = [i for i in range(first, last) if not books.is_private(table[i])]
+            if shared:
+                raise SharedChunkWriteError(
+                    f"request {rid} would write tokens [{start}, {end}) into shared or cached "
+                    f"chunk(s) at indices {shared[:8]} of slot {slot}"
+                )
 
     def take_commands(self) -> list[KVCommand]:
         """Take the commands emitted since the last take, in the order they must run."""
-        commands, self._commands = self._commands, []
+        commands, self.books.commands = self.books.commands, []
+        self._applied_committed = self.books.committed
         return commands
 
     def pending_commands(self) -> tuple[KVCommand, ...]:
         """The commands emitted but not taken yet (read-only: integrity checks)."""
-        return tuple(self._commands)
+        return tuple(self.books.commands)
 
     def owners(self) -> dict[int, int]:
         """Request id -> slot, for every slot in use (a copy)."""
@@ -252,22 +362,9 @@ class KVCacheManager:
 
     def violations(self) -> list[str]:
         """The broken invariants, described; empty when the books are consistent."""
-        geo, owned = self.geometry, list(self._owner.values())
-        checks = [
-            (sum(self._mapped) == self._committed, "sum(mapped) != committed"),
-            (self._committed <= geo.capacity_chunks, "committed > capacity"),
-            (len(set(owned)) == len(owned), "a slot is owned by two requests"),
-            (self._idle.isdisjoint(owned), "a slot is both idle and owned"),
-            (min([*owned, *self._idle], default=self.reserved_slots) >= self.reserved_slots,
-             "a reserved slot is handed out"),
-            (len(self._idle) + len(owned) == geo.num_slots - self.reserved_slots,
-             "slots lost: idle + owned != all unreserved slots"),
-            (all(0 <= m <= geo.chunks_per_slot for m in self._mapped),
-             "a slot maps fewer than 0 or more than its chunks"),
-            (all(self._asked[s] == 0 for s in self._idle), "an idle slot has asked chunks"),
-            (all(self._asked[s] <= self._mapped[s] for s in owned), "asked > mapped"),
-        ]  # fmt: skip
-        return [f"KV manager: {what}" for ok, what in checks if not ok]
+        from .manager_checks import manager_violations
+
+        return manager_violations(self)
 
     def check(self) -> None:
         problems = self.violations()
@@ -275,30 +372,34 @@ class KVCacheManager:
             raise AssertionError("; ".join(problems))
 
     # ---------------------------------------------------------------- private
-    def _best_slot(self, chunks: int, among: set[int] | None = None) -> int:
-        """Best fit among idle slots: the smallest that covers ``chunks``, else the largest."""
-        idle = self._idle if among is None else among
-        covering = [s for s in idle if self._mapped[s] >= chunks]
-        if covering:
-            return min(covering, key=lambda s: (self._mapped[s], s))
-        return max(idle, key=lambda s: (self._mapped[s], -s))
+    def _check_blocks(self, cache: PrefixCache) -> None:
+        block = self.geometry.cache_block()
+        if cache.enabled and block != (cache.block_tokens, cache.block_chunks):
+            raise ValueError(f"the cache's blocks must be {block} (tokens, chunks)")
 
-    def _reclaim(self, chunks: int) -> bool:
-        """Unmap ``chunks`` from idle slots (largest first), then from running slots'
-        surplus; False (and nothing done) if they hold fewer."""
-        if chunks > self.reclaimable_chunks:
-            return False
-        running = list(self._owner.values())
-        for slot in [*sorted(self._idle, key=lambda s: -self._mapped[s]), *running]:
-            if chunks <= 0:
-                break
-            take = min(chunks, self._mapped[slot] - self._asked[slot])
-            if take > 0:
-                self._unmap_tail(slot, take)
-                chunks -= take
-        return True
+    def _new_pins(self, tokens: int, hit: PrefixMatch) -> int:
+        pinned = sum(1 for c in hit.chunks if self.books.is_pinned(c))
+        return self.geometry.chunks_for(tokens) - pinned
 
-    def _unmap_tail(self, slot: int, count: int) -> None:
-        self._mapped[slot] -= count
-        self._committed -= count
-        self._commands.append(UnmapCommand(slot, self._mapped[slot], count))
+    def _set_asked(self, slot: int, n: int) -> None:
+        """Move the owner's asked mark (``<= len(table)``), pinning what it covers."""
+        a, table = self._asked[slot], self.books.tables[slot]
+        if n > a:
+            self.books.pin(table[a:n], +1)
+        elif n < a:
+            self.books.pin(table[n:a], -1)
+        self._asked[slot] = n
+
+
+_NEVER = 1 << 62  # no request has this many tokens
+
+
+def _runs(blocks: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted block indices as ``(first, count)`` runs of consecutive ones."""
+    runs: list[tuple[int, int]] = []
+    for j in blocks:
+        if runs and runs[-1][0] + runs[-1][1] == j:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((j, 1))
+    return runs

@@ -62,6 +62,12 @@ class VirtualTensor:
         with self._lock:
             return [i for i, c in enumerate(self._table) if c is not None]
 
+    def mapped_table(self) -> list[tuple[int, PhysicalChunk]]:
+        """``(index, chunk)`` for each chunk mapped now, ascending (the same chunk may
+        appear at several indices: ``map_chunks`` shares it)."""
+        with self._lock:
+            return [(i, c) for i, c in enumerate(self._table) if c is not None]
+
     def is_mapped(self, offset: int, nbytes: int) -> bool:
         """True when every chunk touching ``[offset, offset+nbytes)`` is mapped."""
         first, last = self._chunk_range(offset, nbytes, aligned=False)

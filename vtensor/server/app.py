@@ -36,6 +36,7 @@ from .protocol import (
 from .served_model import ServedModel
 from .serving_chat import create_chat_completion
 from .serving_completion import create_completion
+from .submission import EngineDeadError
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ def build_app(config: ServerConfig, engine: LLMEngine) -> FastAPI:
         )
     app.include_router(_v1_router(model, runner))
     app.include_router(_plain_router(model, runner, metrics))
+    app.include_router(_admin_router(runner))
     return app
 
 
@@ -174,6 +176,26 @@ def _plain_router(model: ServedModel, runner: AsyncEngine, metrics: ServerMetric
     async def detokenize(req: DetokenizeRequest) -> DetokenizeResponse:
         model.check_name(req.model)
         return DetokenizeResponse(prompt=await model.decode(req.tokens))
+
+    return router
+
+
+def _admin_router(runner: AsyncEngine) -> APIRouter:
+    """Operations on the server's state: they need the API key (``auth.APIKeyAuth``
+    covers every route but ``open_paths``)."""
+    router = APIRouter()
+
+    @router.post("/reset_prefix_cache", responses={409: {"model": ErrorResponse}, **ERRORS})
+    async def reset_prefix_cache() -> JSONResponse:
+        """vLLM's route: drop every cached prefix, so that its KV chunks go back to the
+        pool. Only while no request runs (409 otherwise: nothing is dropped)."""
+        try:
+            done = await runner.call(runner.engine.reset_prefix_cache)
+        except EngineDeadError as exc:
+            raise APIError(503, str(exc)) from exc
+        if not done:
+            raise APIError(409, "requests are running; reset the prefix cache when idle")
+        return JSONResponse({"success": True})
 
     return router
 

@@ -120,13 +120,24 @@ class ServerMetrics:
             ("kv_live_bytes", "KV bytes holding running requests' tokens", stats.live_kv_bytes),
             ("kv_idle_bytes", "KV bytes kept by idle slots for reuse", stats.idle_kv_bytes),
             ("generation_tokens_per_second", f"Tokens/s over {RATE_WINDOW_S:.0f}s", rate),
-        ]
+            ("prefix_cache_hit_rate", "Prompt tokens served by the prefix cache, of those "
+             "queried, since start", stats.prefix_cache_hit_rate),
+            ("prefix_cache_chunks", "Physical KV chunks the prefix cache holds",
+             stats.prefix_cache_chunks),
+            ("prefix_cache_bytes", "KV bytes the prefix cache holds", stats.prefix_cache_bytes),
+        ]  # fmt: skip
         counters = [
             ("preemptions_total", "Requests preempted for KV memory", stats.preemptions),
             ("engine_steps_total", "Engine steps run", stats.steps),
             ("mapper_wait_seconds_total", "Time steps blocked on KV mapping", stats.mapper_wait_s),
             ("kv_sync_seconds_total", "Queue-to-ready time of KV mapping", stats.kv_sync_s),
-        ]
+            ("prefix_cache_queries_total", "Prompt tokens of admitted requests, looked up in "
+             "the prefix cache", stats.prefix_cache_queries),
+            ("prefix_cache_hits_total", "Of those, tokens whose KV the prefix cache served",
+             stats.prefix_cache_hits),
+            ("prefix_cache_evicted_chunks_total", "KV chunks freed by evicting cached blocks",
+             stats.prefix_cache_evicted_chunks),
+        ]  # fmt: skip
         lines: list[str] = []
         for name, help_text, value in gauges:
             lines += _scalar(f"vtensor_{name}", help_text, "gauge", value)

@@ -23,6 +23,7 @@ from .served_model import ServedModel
 from .serving_common import (
     Disconnected,
     EventWriter,
+    cached_per_prompt,
     collect,
     sampling_params,
     stream_events,
@@ -56,7 +57,11 @@ async def create_chat_completion(
     ]
     return ChatCompletionResponse(
         id=new_id("chatcmpl"), model=model.name, choices=choices,
-        usage=usage(len(ids), sum(len(s.token_ids) for s in states)),
+        usage=usage(
+            len(ids),
+            sum(len(s.token_ids) for s in states),
+            cached_per_prompt([s.cached_tokens for s in states], req.n),
+        ),
         prompt_token_ids=ids if req.return_token_ids else None,
     )  # fmt: skip
 
@@ -91,7 +96,7 @@ async def _stream(
         yield writer.event([first])
     events = stream_events(
         engine, sub, writer, lambda item: _stream_choice(req, model, item), prompt_tokens,
-        req.include_usage,
+        req.include_usage, req.n,
     )  # fmt: skip
     async with aclosing(events) as stream:  # closing this stream closes (aborts) that one
         async for event in stream:

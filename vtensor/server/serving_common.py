@@ -29,6 +29,7 @@ from .protocol import (
     ChatStreamChoice,
     CompletionChoice,
     CompletionChunk,
+    PromptTokensDetails,
     SamplingFields,
     Usage,
 )
@@ -86,9 +87,11 @@ class ChoiceState:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
+    cached_tokens: int = 0  # of the prompt, served by the prefix cache
 
     def add(self, item: Item) -> None:
         out = item.out
+        self.cached_tokens = out.num_cached_tokens
         self.text.append(out.new_text)
         self.token_ids += out.new_token_ids
         if out.logprobs is not None:
@@ -149,16 +152,20 @@ async def stream_events(
     choice_of: Callable[[Item], StreamChoice],
     prompt_tokens: int,
     include_usage: bool,
+    n: int = 1,
 ) -> AsyncGenerator[str, None]:
     """A streaming request's SSE: one write per wake-up with an event per item, the
-    usage event when asked, then ``[DONE]``; an engine failure becomes an error event."""
+    usage event when asked, then ``[DONE]``; an engine failure becomes an error event.
+    ``n`` is the samples per prompt (choices ``p * n + j``), for the cached tokens."""
     completion = 0
+    cached = [0] * len(sub.rids)
     try:
         async with aclosing(batches(engine, sub)) as stream:
             async for batch in stream:
                 events = []
                 for item in batch:
                     completion += len(item.out.new_token_ids)
+                    cached[item.index] = item.out.num_cached_tokens
                     events.append(writer.event([choice_of(item)]))
                 yield "".join(events)
     except APIError as exc:
@@ -170,7 +177,7 @@ async def stream_events(
         yield SSE_DONE
         return
     if include_usage:
-        yield writer.event([], usage(prompt_tokens, completion))
+        yield writer.event([], usage(prompt_tokens, completion, cached_per_prompt(cached, n)))
     yield SSE_DONE
 
 
@@ -187,12 +194,20 @@ async def _next(
                 return None
 
 
-def usage(prompt: int, completion_tokens: int) -> Usage:
-    """Prompt tokens count once per prompt, whatever ``n`` is (OpenAI's convention)."""
+def usage(prompt: int, completion_tokens: int, cached: int = 0) -> Usage:
+    """Prompt tokens count once per prompt, whatever ``n`` is (OpenAI's convention);
+    so do the cached ones (``prompt_tokens_details.cached_tokens``)."""
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion_tokens,
         total_tokens=prompt + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
     )  # fmt: skip
+
+
+def cached_per_prompt(cached: list[int], n: int) -> int:
+    """The cached prompt tokens of a request, each prompt counted once: per prompt, the
+    least its ``n`` samples (choices ``p * n + j``) had served from the cache."""
+    return sum(min(cached[p : p + n]) for p in range(0, len(cached), n))
 
 
 class EventWriter:

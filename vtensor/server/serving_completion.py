@@ -18,6 +18,7 @@ from .serving_common import (
     ChoiceState,
     Disconnected,
     EventWriter,
+    cached_per_prompt,
     collect,
     sampling_params,
     stream_events,
@@ -43,9 +44,10 @@ async def create_completion(
     states = await collect(engine, sub, disconnected)
     choices = [_choice(req, model, i, s, prompts[i // req.n]) for i, s in enumerate(states)]
     completion = sum(len(s.token_ids) for s in states)
+    cached = cached_per_prompt([s.cached_tokens for s in states], req.n)
     return CompletionResponse(
         id=new_id("cmpl"), model=model.name, choices=choices,
-        usage=usage(prompt_tokens, completion),
+        usage=usage(prompt_tokens, completion, cached),
     )  # fmt: skip
 
 
@@ -92,7 +94,7 @@ def _stream(
     def choice_of(item: Item) -> CompletionChoice:
         return _stream_choice(req, model, item, offsets, prompts[item.index // req.n])
 
-    return stream_events(engine, sub, writer, choice_of, prompt_tokens, req.include_usage)
+    return stream_events(engine, sub, writer, choice_of, prompt_tokens, req.include_usage, req.n)
 
 
 def _stream_choice(

@@ -97,7 +97,7 @@ class LayerPlacement:
 
 
 @dataclass(frozen=True)
-class Placement:
+class WeightPlacement:
     layers: tuple[LayerPlacement, ...]
     ring_depth: int  # 0 when nothing is offloaded
     slot_bytes: int
@@ -173,7 +173,7 @@ def plan_placement(
     workspace_bytes: int,
     request: OffloadRequest,
     cost: CopyCost | None = None,
-) -> Placement:
+) -> WeightPlacement:
     """The placement for ``request``; everything resident when the budget allows it.
 
     Raises :class:`BudgetTooSmallError` (naming the smallest budget that works) or,
@@ -262,7 +262,7 @@ def _build(
     workspace_bytes: int,
     request: OffloadRequest,
     cost: CopyCost,
-) -> Placement:
+) -> WeightPlacement:
     placed, k = [], 0
     order = sorted(units)
     depth = min(request.ring_depth, len(order))
@@ -274,7 +274,7 @@ def _build(
         placed.append(LayerPlacement(w.layer, groups, off, sum(w.groups.values()) - off, slot))
     slot_bytes = _round_up(max((p.offloaded_bytes for p in placed), default=0), request)
     copy_s = sum(cost.seconds(p.offloaded_bytes) for p in placed)
-    return Placement(
+    return WeightPlacement(
         tuple(placed), depth, slot_bytes if depth else 0, fixed_bytes, workspace_bytes, copy_s,
         request,
     )  # fmt: skip

@@ -28,7 +28,7 @@ from vtensor.memory import HostBuffer, PhysicalBackend, PinnedHostMemory
 from ..llama import LlamaForCausalLM
 from .hooks import LayerHooks
 from .inventory import LayerPack, pack, view
-from .policy import Placement
+from .policy import WeightPlacement
 from .prefetcher import LayerPrefetcher, SyncCopyHooks
 from .ring import WeightRing
 from .streams import CopyFn, CopyQueue, CudaCopyQueue, ThreadCopyQueue
@@ -46,7 +46,7 @@ class OffloadStats:
 class OffloadedWeights:
     def __init__(
         self,
-        placement: Placement,
+        placement: WeightPlacement,
         packs: dict[int, LayerPack],
         host: PinnedHostMemory,
         buffers: dict[int, HostBuffer],
@@ -62,7 +62,7 @@ class OffloadedWeights:
     def materialize(
         cls,
         model: LlamaForCausalLM,
-        placement: Placement,
+        placement: WeightPlacement,
         device: torch.device,
         backend: PhysicalBackend,
     ) -> OffloadedWeights:

@@ -1,0 +1,188 @@
+"""Prefix caching on the GPU: 2 MiB VMM chunks shared between slots with
+``cuMemMap``, read by CUDA-graph decode and the Triton/FA2 kernels, with async
+scheduling. fp32: token-identical to the engine without the cache (multi-turn
+chats, a shared system prompt under preemption, n > 1, an abort mid-stream). bf16: the
+first generated token's log-probs within ``BF16_LOGPROB_BOUND`` of the uncached
+engine's. Each engine is integrity-checked as it steps; at teardown the cache is
+reset and every chunk must come back (``tests/conftest.py``).
+
+Skipped with a reason on machines without a GPU; run on the H100.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.checkpoints import make_checkpoint
+from tests.test_prefix_engine import chat_rounds, greedy, spy_admissions
+from vtensor import SamplingParams
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+# 8 layers x 8 KV heads x 64 dims x K,V: 32 KiB per token in fp32 (64 tokens per 2 MiB
+# chunk, the cache's block), 16 KiB in bf16 (128-token blocks).
+OVER = dict(num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+            hidden_size=512, head_dim=64, max_position_embeddings=2048)  # fmt: skip
+# The cached KV was computed in other steps (other batch shapes) than the uncached
+# engine's, so bf16 rounding differs. With the checkpoint's weights at std 0.02 (as
+# real models), the first token's log-probs moved by at most 0.008 between two
+# batchings of the same prompts in bf16 (CPU, the noisier case); changing one history
+# token moved them by 0.08-0.10 and shifting the positions by one by 0.1-0.5 (the test
+# checks that its control exceeds the bound, so the bound can catch a wrong chunk).
+BF16_LOGPROB_BOUND = 0.03
+# The Llama-3-8B shape (random weights, std 0.02, 32 layers) is checked more loosely:
+# the same bound as the bf16 engine against HF in test_engine_gpu.py.
+BF16_LOGPROB_BOUND_8B = 0.1
+
+
+def ids(n: int, vocab: int = 512) -> list[int]:
+    return [random.randrange(2, vocab) for _ in range(n)]
+
+
+def engines(make_llm: Any, ckpt: str, **kw: Any) -> tuple[Any, Any]:
+    kw = {"device": "cuda", **kw}
+    on = make_llm(ckpt, enable_prefix_caching=True, debug_check_every=1, **kw)
+    off = make_llm(ckpt, enable_prefix_caching=False, **kw)
+    rt = on.engine.runtime
+    assert rt.use_cuda_graphs and rt.async_scheduling and on.engine.kv.cache.enabled
+    return on, off
+
+
+@pytest.fixture
+def ckpt(tmp_path: Path) -> str:
+    make_checkpoint(tmp_path, "llama", **OVER)  # std 0.15: clear greedy margins (fp32)
+    return str(tmp_path)
+
+
+@pytest.fixture
+def ckpt_bf16(tmp_path: Path) -> str:
+    make_checkpoint(tmp_path, "llama", initializer_range=0.02, **OVER)
+    return str(tmp_path)
+
+
+def max_logprob_diff(xs: list[Any], ys: list[Any]) -> float:
+    """The largest difference of the first token's log-prob, over the tokens both
+    engines list in their top 5 (plus the sampled one); infinite if none is common."""
+    worst = 0.0
+    for ox, oy in zip(xs, ys):
+        lx, ly = ox.outputs[0].logprobs[0], oy.outputs[0].logprobs[0]
+        common = lx.keys() & ly.keys()
+        worst = max(worst, *(abs(lx[t] - ly[t]) for t in common), 0 if common else float("inf"))
+    return worst
+
+
+def test_fp32_multi_turn_is_token_identical(make_llm, ckpt: str) -> None:
+    on, off = engines(make_llm, ckpt, dtype="float32", max_num_seqs=8)
+    block = on.engine.kv.cache.block_tokens
+    assert block == 64 and on.engine.kv.cache.block_chunks == 1
+    questions = [[ids(random.randint(60, 200)) for _ in range(4)] for _ in range(4)]
+    a, b = chat_rounds(on, questions, 40), chat_rounds(off, questions, 40)
+    for r, (xs, ys) in enumerate(zip(a, b)):
+        assert [x.outputs[0].token_ids for x in xs] == [y.outputs[0].token_ids for y in ys]
+        for x, q in zip(xs, questions):
+            history = len(x.prompt_token_ids) - len(q[r]) - 1 if r else 0
+            assert x.num_cached_tokens == history // block * block
+    assert on.engine.stats().prefix_cache_hit_rate > 0.4
+
+
+def test_fp32_shared_system_prompt_and_preemption(make_llm, ckpt: str) -> None:
+    # 12 chunks of 64 tokens: a few requests at a time, and they preempt each other.
+    on, off = engines(make_llm, ckpt, dtype="float32", max_num_seqs=4,
+                      kv_cache_bytes=12 * (2 << 20))  # fmt: skip
+    for llm in (on, off):
+        llm.generate([ids(128), ids(128)], greedy(1))  # older cached blocks to evict first
+    seen = spy_admissions(on)
+    system = ids(150)
+    prompts = [system + ids(random.randint(10, 60)) for _ in range(6)]
+    params = greedy(200)
+    x, y = on.generate(prompts, params), off.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in x] == [o.outputs[0].token_ids for o in y]
+    assert on.engine.stats().preemptions > 0
+    assert any(cached >= 128 for _, cached in seen)  # the system prompt's 2 blocks, shared
+    assert all(cached % 64 == 0 for _, cached in seen)
+
+
+def test_fp32_n_samples_and_an_abort_mid_stream(make_llm, ckpt: str) -> None:
+    """A 128-token budget prefills in spans, so later samples of one prompt hit the
+    blocks the first computed; an abort lands mid-prefill or mid-decode with a token in
+    flight (async scheduling), and its computed blocks stay cached."""
+    on, off = engines(make_llm, ckpt, dtype="float32", max_num_seqs=4,
+                      max_num_batched_tokens=128)  # fmt: skip
+    prompt = ids(5 * 64 + 1)
+    x, y = on.generate([prompt], greedy(12, n=3))[0], off.generate([prompt], greedy(12, n=3))[0]
+    assert [c.token_ids for c in x.outputs] == [c.token_ids for c in y.outputs]
+    assert on.engine.stats().prefix_cache_hits >= 4 * 64  # samples 2 and 3
+    prompts, params = [ids(300), ids(250), ids(400)], greedy(20)
+    at = random.randint(2 * 64, 410)
+    outs = []
+    for llm in (on, off):
+        engine = llm.engine
+        rids = [g[0] for g in engine.add_requests(prompts, params)]
+        while engine.requests[rids[2]].num_computed < at:
+            engine.step()
+        engine.abort(rids[2])
+        while engine.has_unfinished():
+            engine.step()
+        outs.append([engine.requests[r].output_ids for r in rids[:2]])
+        for r in rids:
+            engine.pop(r)
+    assert outs[0] == outs[1]
+    again = on.generate([prompts[2]], params)[0]
+    assert again.num_cached_tokens >= 2 * 64  # the aborted request's computed blocks
+    assert again.outputs[0].token_ids == off.generate([prompts[2]], params)[0].outputs[0].token_ids
+
+
+@pytest.mark.parametrize("backend", ["triton", "fa2"])
+def test_bf16_log_probs_stay_within_the_bound(make_llm, ckpt_bf16: str, backend: str) -> None:
+    on, off = engines(make_llm, ckpt_bf16, attention_backend=backend, max_num_seqs=8)
+    assert on.engine.runtime.dtype == torch.bfloat16 and on.engine.kv.cache.block_tokens == 128
+    first = [ids(random.randint(200, 400)) for _ in range(6)]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    a = on.generate(first, params)
+    # The second turn: the history (the first prompt and answer) comes from the cache.
+    second = [p + o.outputs[0].token_ids + ids(30) for p, o in zip(first, a)]
+    one = SamplingParams(max_tokens=1, temperature=0, logprobs=5)
+    x, y = on.generate(second, one), off.generate(second, one)
+    assert all(o.num_cached_tokens >= 128 for o in x) and all(o.num_cached_tokens == 0 for o in y)
+    worst = max_logprob_diff(x, y)
+    # The control, what a wrong cached chunk would do: the first block's KV from other
+    # tokens (computed without the cache). The bound must be able to tell.
+    block = on.engine.kv.cache.block_tokens
+    changed = [ids(block) + s[block:] for s in second]
+    control = max_logprob_diff(off.generate(changed, one), y)
+    print(f"{backend}: cache on vs off {worst:.4f}, another first block {control:.4f}")
+    assert worst <= BF16_LOGPROB_BOUND < control
+
+
+def test_llama3_8b_shape_multi_turn_shares_16_token_chunks(make_llm) -> None:
+    """The benchmark's geometry: 128 KiB per token, one 2 MiB chunk = one 16-token
+    block. Hits cover the whole-block history, the books hold every step, and the
+    first token's log-probs stay within the bf16 bound of the uncached engine's."""
+    kw = dict(device="cuda", shape="llama3-8b", max_model_len=2048, max_num_seqs=8,
+              kv_cache_bytes=3 << 30, debug_check_every=4)  # fmt: skip
+    on = make_llm(enable_prefix_caching=True, **kw)
+    off = make_llm(enable_prefix_caching=False, **kw)
+    cache, rt = on.engine.kv.cache, on.engine.runtime
+    assert (cache.block_tokens, cache.block_chunks) == (16, 1)
+    assert rt.dtype == torch.bfloat16 and rt.use_cuda_graphs and rt.async_scheduling
+    vocab = on.engine.model_config.vocab_size
+    questions = [[ids(random.randint(100, 300), vocab) for _ in range(3)] for _ in range(4)]
+    rounds = chat_rounds(on, questions, 16)
+    for r, outs in enumerate(rounds):
+        for o, q in zip(outs, questions):
+            history = len(o.prompt_token_ids) - len(q[r]) - 1 if r else 0
+            assert o.num_cached_tokens == history // 16 * 16
+    last = [o.prompt_token_ids + o.outputs[0].token_ids + ids(40, vocab) for o in rounds[-1]]
+    one = SamplingParams(max_tokens=1, temperature=0, logprobs=5)
+    for ox, oy in zip(on.generate(last, one), off.generate(last, one)):
+        lx, ly = ox.outputs[0].logprobs[0], oy.outputs[0].logprobs[0]
+        common = lx.keys() & ly.keys()
+        assert common and max(abs(lx[t] - ly[t]) for t in common) <= BF16_LOGPROB_BOUND_8B

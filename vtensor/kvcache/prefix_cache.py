@@ -1,0 +1,179 @@
+"""The prefix cache contract: token prefixes whose KV stays in shared physical chunks.
+
+Torch-free, like the KV manager. The cache never touches memory: it keeps the KV
+manager's logical chunk ids (plain ints) in a tree keyed by token ids, and the
+manager turns what the cache adopts or drops into KV commands that take or
+release the pool reference of each chunk (``CacheHoldCommand``,
+``CacheDropCommand``).
+
+The unit is a **block**: ``block_tokens`` tokens at a block-aligned position,
+whose KV fills ``block_chunks`` whole chunks (``KVGeometry.cache_block``): one
+chunk of 16 tokens for Llama-3-8B. Positions are the same in every request that
+shares a block, so its KV (rope-rotated K included) is valid as it is.
+
+Contract of a :class:`PrefixCache`:
+
+* ``match(tokens, max_tokens)``: the longest cached prefix of ``tokens`` in whole
+  blocks, at most ``max_tokens`` tokens; it refreshes the blocks' recency and
+  changes nothing else. The result is valid until the cache changes.
+* ``insert(path, tokens, chunks, num_blocks)``: offers blocks ``[path.blocks,
+  num_blocks)`` of ``tokens``, continuing from ``path`` (the end of a prefix the
+  caller already holds, or the root), with ``chunks[i]`` the chunk id at chunk
+  index ``i``. A block already cached keeps its own chunks; a missing one is
+  created holding the offered chunks, which the cache then *adopts* (one
+  reference each, until it drops them).
+* ``lock(path, base)`` / ``unlock(path)``: a locked block, and every block it
+  extends, is never evicted. ``lock`` locks the blocks of ``path`` below ``base``
+  (``base`` is the root, or the caller's own locked path that ``path`` extends);
+  ``unlock`` unlocks all of ``path``. Both return the chunk ids whose blocks
+  changed state (locked from unlocked, or back).
+* ``evict()``: removes the least recently used unlocked block with no
+  extension (a leaf); returns its chunk ids, or None when nothing is evictable.
+  ``evict_block(chunk)`` removes the block that holds chunk id ``chunk`` instead,
+  if it is an unlocked leaf (False, nothing done, otherwise).
+* ``reset()``: removes every block and returns their chunk ids; it refuses
+  (``RuntimeError``) while any block is locked.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CachePath:
+    """The end of a cached prefix: an opaque node of the cache (None: the root) and
+    the number of blocks from the root to it."""
+
+    node: object | None
+    blocks: int
+
+
+ROOT = CachePath(None, 0)
+
+
+@dataclass(frozen=True)
+class PrefixMatch:
+    """A cached prefix: ``tokens`` tokens whose KV lies in ``chunks`` (in chunk order)."""
+
+    path: CachePath
+    tokens: int
+    chunks: tuple[int, ...]
+
+
+NO_MATCH = PrefixMatch(ROOT, 0, ())
+
+
+@dataclass(frozen=True)
+class CacheInsert:
+    """What an insert did: where the offered prefix now ends, and the block indices
+    whose offered chunks the cache adopted."""
+
+    path: CachePath
+    adopted: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PrefixCacheStats:
+    blocks: int  # cached blocks (tree nodes)
+    cached_chunks: int  # chunks the cache holds a reference to
+    evictable_chunks: int  # in unlocked blocks
+    evicted_blocks: int  # over the cache's life
+
+
+class PrefixCache(ABC):
+    """See the module docstring for the contract."""
+
+    block_tokens: int
+    block_chunks: int
+
+    @property
+    @abstractmethod
+    def enabled(self) -> bool:
+        """False for the no-op cache: the manager then skips the cache entirely."""
+
+    @abstractmethod
+    def match(self, tokens: Sequence[int], max_tokens: int) -> PrefixMatch: ...
+
+    @abstractmethod
+    def insert(
+        self, path: CachePath, tokens: Sequence[int], chunks: Sequence[int], num_blocks: int
+    ) -> CacheInsert: ...
+
+    @abstractmethod
+    def lock(self, path: CachePath, base: CachePath = ROOT) -> list[int]: ...
+
+    @abstractmethod
+    def unlock(self, path: CachePath) -> list[int]: ...
+
+    @abstractmethod
+    def evict(self) -> tuple[int, ...] | None: ...
+
+    @abstractmethod
+    def evict_block(self, chunk: int) -> bool: ...
+
+    @abstractmethod
+    def reset(self) -> list[int]: ...
+
+    @abstractmethod
+    def stats(self) -> PrefixCacheStats: ...
+
+    @abstractmethod
+    def chunk_ids(self) -> set[int]:
+        """Every chunk id the cache holds (integrity checks)."""
+
+    @abstractmethod
+    def locked_chunk_ids(self) -> set[int]:
+        """The chunk ids of locked blocks (integrity checks)."""
+
+    @abstractmethod
+    def violations(self) -> list[str]:
+        """The cache's broken invariants, described; empty when consistent."""
+
+
+class NoPrefixCache(PrefixCache):
+    """The "off" setting: nothing is ever cached or matched."""
+
+    block_tokens = 0
+    block_chunks = 0
+
+    @property
+    def enabled(self) -> bool:
+        return False
+
+    def match(self, tokens: Sequence[int], max_tokens: int) -> PrefixMatch:
+        return NO_MATCH
+
+    def insert(
+        self, path: CachePath, tokens: Sequence[int], chunks: Sequence[int], num_blocks: int
+    ) -> CacheInsert:
+        return CacheInsert(path, ())
+
+    def lock(self, path: CachePath, base: CachePath = ROOT) -> list[int]:
+        return []
+
+    def unlock(self, path: CachePath) -> list[int]:
+        return []
+
+    def evict(self) -> tuple[int, ...] | None:
+        return None
+
+    def evict_block(self, chunk: int) -> bool:
+        return False
+
+    def reset(self) -> list[int]:
+        return []
+
+    def stats(self) -> PrefixCacheStats:
+        return PrefixCacheStats(0, 0, 0, 0)
+
+    def chunk_ids(self) -> set[int]:
+        return set()
+
+    def locked_chunk_ids(self) -> set[int]:
+        return set()
+
+    def violations(self) -> list[str]:
+        return []
