@@ -31,6 +31,7 @@ from vtensor.engine.llm_engine import LLMEngine
 from vtensor.engine.offload_setup import ring_backend, step_workspace_bytes
 from vtensor.engine.setup import model_config, runtime_for
 from vtensor.models.loader import meta_model
+from vtensor.models.offload.hooks import LayerHooks
 from vtensor.models.offload.inventory import inventory
 from vtensor.models.offload.policy import BudgetTooSmallError
 
@@ -147,11 +148,13 @@ def run_budget(config: EngineConfig, label: str, args: Any) -> dict[str, Any]:
         row["offloaded_bytes"] = off.placement.offloaded_bytes if off else 0
         row["ring_bytes"] = off.ring.nbytes if off else 0
         row["weights_gpu_bytes"] = measure.weights_gpu_bytes(engine)
-        row["params"] = sum(p.numel() for p in engine.model.parameters())
+        # The prefill's matmuls: every layer weight once per token (lm_head: one row).
+        row["layer_params"] = sum(p.numel() for p in engine.model.model.layers.parameters())
         print(f"[{label}] {row['placement']}", flush=True)
         modes = [m for m in args.modes if usable(engine, m)]
-        row["decode"] = [decode_modes(engine, b, modes, args) for b in args.batches]
-        row["prefill"] = prefill_modes(engine, modes, args)
+        peers: dict[str, LayerHooks] = {}  # built once per engine
+        row["decode"] = [decode_modes(engine, b, modes, peers, args) for b in args.batches]
+        row["prefill"] = prefill_modes(engine, modes, peers, args)
         row["stats"] = asdict(off.stats()) if off else None
     gc.collect()
     if torch.cuda.is_available():
@@ -165,11 +168,13 @@ def usable(engine: LLMEngine, mode: str) -> bool:
     return engine.offload is not None or not mode.startswith("naive")
 
 
-def decode_modes(engine: LLMEngine, batch: int, modes: list[str], args: Any) -> dict[str, Any]:
+def decode_modes(
+    engine: LLMEngine, batch: int, modes: list[str], peers: dict[str, LayerHooks], args: Any
+) -> dict[str, Any]:
     d: dict[str, Any] = {"batch": batch}
     for m in modes:
         print(f"  decode batch {batch}: {m}", flush=True)
-        with measure.mode(engine, m):
+        with measure.mode(engine, m, peers):
             row = measure.decode_row(engine, batch, args.decode_ctx, args.decode_steps)
         d[m] = row["step_ms"]
         d.setdefault("weight_bytes", row["weight_bytes"])
@@ -177,11 +182,13 @@ def decode_modes(engine: LLMEngine, batch: int, modes: list[str], args: Any) -> 
     return d
 
 
-def prefill_modes(engine: LLMEngine, modes: list[str], args: Any) -> dict[str, Any]:
+def prefill_modes(
+    engine: LLMEngine, modes: list[str], peers: dict[str, LayerHooks], args: Any
+) -> dict[str, Any]:
     """Prefill is eager in every mode: ``ours`` is the prefetcher, then the peers."""
     p: dict[str, Any] = {}
     for m in ["ours", *(m for m in modes if m.startswith("naive"))]:
         print(f"  prefill {args.prefill_tokens} tokens: {m}", flush=True)
-        with measure.mode(engine, "eager" if m == "ours" else m):
+        with measure.mode(engine, "eager" if m == "ours" else m, peers):
             p[m] = measure.prefill_ms(engine, args.prefill_tokens, args.reps)
     return p

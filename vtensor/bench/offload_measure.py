@@ -26,6 +26,7 @@ import torch
 from vtensor.engine.llm_engine import LLMEngine
 from vtensor.engine.params import SamplingParams
 from vtensor.memory import PinnedHostMemory
+from vtensor.models.offload.hooks import LayerHooks
 
 from .decode_table import decode_steps
 
@@ -73,8 +74,11 @@ def gemm_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192) -> floa
 
 
 @contextmanager
-def mode(engine: LLMEngine, name: str) -> Iterator[None]:
-    """Run the engine in ``name`` (one of MODES) for the duration."""
+def mode(
+    engine: LLMEngine, name: str, peers: dict[str, LayerHooks] | None = None
+) -> Iterator[None]:
+    """Run the engine in ``name`` (one of MODES) for the duration; ``peers`` keeps the
+    naive peers' hooks between calls (the pageable one copies every offloaded weight)."""
     graphs = engine.runner.graphs
     if name != "graphs":
         engine.runner.graphs = None
@@ -82,7 +86,10 @@ def mode(engine: LLMEngine, name: str) -> Iterator[None]:
     peer: AbstractContextManager[None] = nullcontext()
     if name.startswith("naive"):
         assert off is not None, "the naive peers need offloaded layers"
-        peer = off.using(engine.model, off.sync_hooks(pageable=name == "naive"))
+        peers = {} if peers is None else peers
+        if name not in peers:
+            peers[name] = off.sync_hooks(pageable=name == "naive")
+        peer = off.using(engine.model, peers[name])
     try:
         with peer:
             yield

@@ -7,8 +7,8 @@ The floor of a step is ``max(compute floor, copy floor)``:
 * the compute floor is the same step with every weight resident: measured, on the
   same shape, batch and machine, at the 100% budget; where the model does not fit
   (``--big``) it is estimated: decode reads the weights and the KV once at the
-  measured HBM read bandwidth, prefill runs ``2·params·tokens`` FLOPs at the
-  measured dense-matmul rate.
+  measured HBM read bandwidth, prefill runs ``2·(layer params)·tokens`` FLOPs (attention
+  scores left out) at the measured dense-matmul rate.
 
 Our step is the faster of ``graphs`` and ``eager`` (the mode to keep).
 """
@@ -72,7 +72,7 @@ def _decode_estimate(d: dict[str, Any], bw: dict[str, Any]) -> float | None:
 def _prefill_estimate(row: dict[str, Any], bw: dict[str, Any], tokens: int) -> float | None:
     if not bw.get("gemm_tflops"):
         return None
-    return 2 * row["params"] * tokens / (bw["gemm_tflops"] * 1e12) * 1e3
+    return 2 * row["layer_params"] * tokens / (bw["gemm_tflops"] * 1e12) * 1e3
 
 
 def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:

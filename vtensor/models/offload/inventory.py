@@ -17,7 +17,9 @@ from torch import nn
 
 from .policy import LayerPlacement, LayerWeights
 
-ALIGN = 256  # bytes: every packed tensor starts here (cuBLAS and Triton want >= 16)
+# Bytes: every packed tensor starts at a multiple (cuBLAS and Triton want >= 16; 512 is
+# what torch's caching allocator gives resident tensors, so kernels see alike pointers).
+ALIGN = 512
 GROUPS: dict[str, tuple[str, ...]] = {
     "attn": ("self_attn.qkv_proj.weight", "self_attn.qkv_proj.bias", "self_attn.o_proj.weight"),
     "mlp": ("mlp.gate_up_proj.weight", "mlp.down_proj.weight"),
