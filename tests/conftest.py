@@ -93,10 +93,19 @@ def assert_engine_balanced(engine: Any) -> None:
         engine.check_integrity()
 
 
+def assert_offload_released(engine: Any) -> None:
+    """A closed engine with weight offload gave back its ring and every host byte."""
+    off = engine.offload
+    if off is not None:
+        assert off.closed and off.ring.closed, "the offload ring outlived its engine"
+        assert not off.problems(), off.problems()
+        assert off.host.stats().live_bytes == 0 and off.host.closed
+
+
 @pytest.fixture
 def make_llm() -> Iterator[Callable[..., Any]]:
     """Factory of ``LLM`` objects; at teardown each must pass ``check_integrity`` and
-    balance, then close with no leak."""
+    balance, then close with no leak (KV pool, and weight offload's ring and host memory)."""
     from vtensor import LLM
 
     made: list[Any] = []
@@ -110,8 +119,10 @@ def make_llm() -> Iterator[Callable[..., Any]]:
     yield make
     for llm in made:
         if llm.engine.closed:  # the test closed it (and checked it first)
+            assert_offload_released(llm.engine)
             continue
         assert_engine_balanced(llm.engine)
         pool = llm.engine.pool
         llm.close()  # unmaps everything; ChunkPool.close raises if a chunk is still held
         assert pool.closed
+        assert_offload_released(llm.engine)

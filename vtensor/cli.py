@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from vtensor import cli_generate, cli_serve
 from vtensor.bench import serve as bench_serve
 from vtensor.bench import serve_compare
+from vtensor.bench.offload_report import MODES as OFFLOAD_MODES
 from vtensor.engine.config import DeviceUnavailableError
 from vtensor.memory import NoCudaDriverError
 from vtensor.models.config import SHAPES
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kernels_parser(bench_sub)
     _add_offline_parser(bench_sub)
     _add_collectives_parser(bench_sub)
+    _add_offload_parser(bench_sub)
     bench_serve.add_parser(bench_sub)
     serve_compare.add_parser(bench_sub)
     return parser
@@ -178,6 +180,40 @@ def _add_collectives_parser(bench_sub: argparse._SubParsersAction) -> None:
     col.add_argument("--json", default=None, help="write the figures to this path")
 
 
+def _add_offload_parser(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser(
+        "offload", help="weight offload under a GPU budget: decode/prefill vs floor and naive peer"
+    )
+    p.add_argument("--shape", default="llama3-8b",
+                   help="random weights of a known shape (embedded: the tiny model)")  # fmt: skip
+    p.add_argument("--model", default=None, help="a HF checkpoint instead of --shape")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--budgets", type=_int_list, default=None,
+                   help="percent of the weight bytes, each plus the ring and the workspace; "
+                        "100 gives the compute floor (default 100,75,50,25)")  # fmt: skip
+    p.add_argument("--big", action="store_true",
+                   help="a Llama-3-70B shape larger than the GPU, at --budget-gib")  # fmt: skip
+    p.add_argument("--budget-gib", type=float, default=None,
+                   help="--big's budget (default: GPU memory - KV - 10 GiB)")  # fmt: skip
+    p.add_argument("--batches", type=_int_list, default=None, help="default 1,16,64")
+    p.add_argument("--decode-ctx", type=_positive, default=None, help="default 128")
+    p.add_argument("--decode-steps", type=_positive, default=None, help="default 4")
+    p.add_argument("--prefill-tokens", type=_positive, default=None, help="default 2048")
+    p.add_argument("--reps", type=_positive, default=None, help="timed prefills (median; 2)")
+    p.add_argument("--modes", type=_names(*OFFLOAD_MODES), default=None,
+                   help="graphs,eager (the prefetcher), naive (accelerate's synchronous "
+                        "copies from pageable memory), naive-pinned (default: all; with "
+                        "--big all but naive: its pageable copy would not fit)")  # fmt: skip
+    p.add_argument("--ring-depth", type=_positive, default=2)
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="KV pool (default 6 GiB, 10 with --big; CPU: 256 MiB)")  # fmt: skip
+    p.add_argument("--quick", action="store_true",
+                   help="a small grid (tests, smoke runs): budgets 100,50, batches 1,4, short "
+                        "windows, 128-token prefill; explicit options still win")  # fmt: skip
+    p.add_argument("--json", default=None, help="write the figures to this path")
+
+
 def _names(*allowed: str) -> Callable[[str], list[str]]:
     """A comma-separated list of ``allowed`` names (argparse type)."""
 
@@ -246,6 +282,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from vtensor.bench.collectives import main as bench_collectives
 
         return bench_collectives(args)
+    if args.command == "bench" and args.bench == "offload":
+        from vtensor.bench.offload import main as bench_offload
+
+        return bench_offload(args)
     if args.command == "bench" and args.bench == "kernels":
         from vtensor.bench.kernels import main as bench_kernels
 

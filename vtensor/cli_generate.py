@@ -35,7 +35,40 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    action=argparse.BooleanOptionalAction,
                    help="launch each step before reading the last one's tokens "
                         "(default: on for CUDA, off on the CPU)")  # fmt: skip
+    add_offload_args(p)
     add_parallel_args(p)
+
+
+def add_offload_args(p: argparse.ArgumentParser) -> None:
+    """Weight offload to host memory (vLLM's --cpu-offload-gb, and a budget)."""
+    g = p.add_argument_group("weight offload (layers stream from host memory through a ring)")
+    g.add_argument("--cpu-offload-gb", type=float, default=0.0,
+                   help="GiB of GPU memory to save by keeping layer weights in pinned host "
+                        "memory (net of the ring they stream through); default 0")  # fmt: skip
+    g.add_argument("--gpu-memory-budget", type=parse_bytes, default=None, metavar="BYTES",
+                   help="GPU memory for the model: weights kept on the GPU, the ring and the "
+                        "step's workspace (e.g. 40GiB, 4e10); the rest of the weights stream "
+                        "from host memory. The KV cache is sized apart")  # fmt: skip
+    g.add_argument("--offload-ring-depth", type=int, default=2,
+                   help="layers the ring of GPU buffers holds (>= 2)")  # fmt: skip
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_bytes(text: str) -> int:
+    """``123``, ``4e10``, ``40GiB``, ``40G`` (decimal), ``512MiB``: a positive byte count."""
+    t = text.strip().lower().replace(" ", "")
+    number = t.rstrip("kmgtib")
+    unit = t[len(number) :]
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r} (e.g. 40GiB)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return int(value)
 
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
@@ -69,6 +102,8 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=kv,
         enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
         attention_backend=args.attention_backend,
+        cpu_offload_gb=args.cpu_offload_gb, gpu_memory_budget=args.gpu_memory_budget,
+        offload_ring_depth=args.offload_ring_depth,
         tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes,
         node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
     )  # fmt: skip
@@ -116,6 +151,8 @@ def main(args: Any) -> int:
     note = " (random weights: the text is gibberish)" if rt.random_weights else ""
     print(f"model: {rt.model_name}{note}; device {rt.device}, {rt.dtype}, "
           f"attention {rt.attention_backend}", file=sys.stderr)  # fmt: skip
+    if llm.engine.offload is not None:
+        print(llm.engine.offload.placement.describe(), file=sys.stderr)
     prompts = args.prompt or DEFAULT_PROMPTS
     if args.chat:
         prompts = [

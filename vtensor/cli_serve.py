@@ -61,6 +61,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"model: {rt.model_name}{note}; device {rt.device}, {rt.dtype}; "
           f"max_model_len {rt.max_model_len}; attention {rt.attention_backend}",
           file=sys.stderr)  # fmt: skip
+    if engine.offload is not None:
+        print(engine.offload.placement.describe(), file=sys.stderr)
     if engine.tokenizer is None:
         print("this model has no tokenizer: send prompts as token ids", file=sys.stderr)
     print(f"prefix caching: {engine.prefix_caching_summary()}", file=sys.stderr)

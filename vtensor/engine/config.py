@@ -35,6 +35,16 @@ class EngineConfig:
     (``cuda:<local rank>``; gloo processes on the CPU). ``nnodes``, ``node_rank``,
     ``master_addr`` and ``master_port`` are the rendezvous (``vtensor.distributed``);
     under torchrun its environment gives them instead.
+
+    Weight offload (``vtensor.models.offload``): ``cpu_offload_gb`` (vLLM's name) is
+    the GPU memory, in GiB, that offloading layer weights to host memory must save,
+    net of the ring they stream through; ``gpu_memory_budget`` instead bounds the
+    model's GPU bytes (weights kept on the GPU, the ring, the step's workspace). The
+    engine places the weights (``offload/policy.py``); a budget too small for even the
+    fixed weights, the ring and the workspace is an error naming the smallest that
+    works. ``offload_ring_depth`` is the number of ring slots (>= 2). The KV cache is
+    sized apart (``kv_cache_bytes`` / ``gpu_memory_utilization``). Not with tensor
+    parallelism yet.
     """
 
     model: str | None = None
@@ -68,6 +78,9 @@ class EngineConfig:
     # A collective that a rank never joins fails after this long (a dead rank is usually
     # reported at once: see vtensor.distributed.procs).
     distributed_timeout_s: float = 600.0
+    cpu_offload_gb: float = 0.0
+    gpu_memory_budget: int | None = None
+    offload_ring_depth: int = 2
 
     def __post_init__(self) -> None:
         if self.model is not None and self.shape is not None:
@@ -98,6 +111,7 @@ class EngineConfig:
         if self.debug_check_every < 0:
             raise ValueError("debug_check_every must be >= 0")
         self._check_parallel()
+        self._check_offload()
 
     def _check_parallel(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -119,6 +133,26 @@ class EngineConfig:
             raise ValueError(f"master_port {self.master_port} is not a TCP port")
         if self.distributed_timeout_s <= 0:
             raise ValueError("distributed_timeout_s must be positive")
+
+    def _check_offload(self) -> None:
+        if self.cpu_offload_gb < 0:
+            raise ValueError(f"cpu_offload_gb must be >= 0, got {self.cpu_offload_gb}")
+        if self.gpu_memory_budget is not None and self.gpu_memory_budget <= 0:
+            raise ValueError(f"gpu_memory_budget must be positive, got {self.gpu_memory_budget}")
+        if self.cpu_offload_gb and self.gpu_memory_budget is not None:
+            raise ValueError("give cpu_offload_gb or gpu_memory_budget, not both")
+        if self.offload_ring_depth < 2:
+            raise ValueError(f"offload_ring_depth must be >= 2, got {self.offload_ring_depth}")
+        if self.offloads and self.tensor_parallel_size > 1:
+            raise ValueError(
+                "weight offload (cpu_offload_gb / gpu_memory_budget) does not support "
+                "tensor parallelism yet: use one GPU, or split the model with -tp alone"
+            )
+
+    @property
+    def offloads(self) -> bool:
+        """Whether weight offload was asked for (it may still find everything fits)."""
+        return self.cpu_offload_gb > 0 or self.gpu_memory_budget is not None
 
     @property
     def is_parallel(self) -> bool:

@@ -58,6 +58,7 @@ def check_integrity(
         *slot_problems(engine),
         *request_problems(engine, inflight),
         *worker_problems(reports),
+        *(engine.offload.problems() if engine.offload is not None else []),
     ]
     if problems:
         raise IntegrityError("engine state is inconsistent:\n  " + "\n  ".join(problems))

@@ -77,6 +77,7 @@ class LLMEngine:
         self.runtime = rt = parts.runtime
         self.tokenizer = load_tokenizer(config, self.model_config)
         self.model, self.arena, self.pool = parts.model, parts.arena, parts.pool
+        self.offload = parts.offload  # weight offload's host copies and ring (or None)
         self.scratch_slot = SCRATCH_SLOT
         # Rank 0's books alone decide what is cached; the workers only apply its commands.
         cache, self.prefix_caching_note = prefix_cache_for(
@@ -345,6 +346,8 @@ class LLMEngine:
         backend = self.pool.backend
         self.pool.close()
         backend.close()
+        if self.offload is not None:  # after the synchronize: no copy is in flight
+            self.offload.close()
 
     def __enter__(self) -> LLMEngine:
         return self

@@ -25,10 +25,12 @@ from vtensor.models.config import DTYPES, ModelConfig, shape_config
 from vtensor.models.embedded import EMBEDDED_NAME, embedded_config, embedded_tokenizer
 from vtensor.models.llama import LlamaForCausalLM
 from vtensor.models.loader import build_model, init_random, load_checkpoint
+from vtensor.models.offload.weights import OffloadedWeights
 from vtensor.models.tokenizer import Tokenizer
 
 from .config import DeviceUnavailableError, EngineConfig
 from .cuda_graphs import DecodeGraphs
+from .offload_setup import build_offloaded, step_workspace_bytes
 from .runner import ModelRunner
 from .token_table import TokenTable
 
@@ -66,6 +68,7 @@ class RankParts:
     pool: ChunkPool
     kv: KVCacheManager  # the KV books: only rank 0's are used
     runner: ModelRunner
+    offload: OffloadedWeights | None = None  # weight offload's host copies and ring
 
 
 def resolve_device(requested: str | None, local_rank: int | None = None) -> torch.device:
@@ -98,7 +101,23 @@ def build_rank(config: EngineConfig, group: TPGroup, local_rank: int | None) -> 
     rt = runtime_for(config, cfg, name, local_rank)
     if rt.device.type == "cuda":
         torch.cuda.set_device(rt.device)  # kernels, graphs and events of this rank's GPU
-    model = load_model(config, cfg, rt, group)
+    model, offload = load_model(config, cfg, rt, group)
+    try:
+        return _finish_rank(config, group, cfg, rt, model, offload)
+    except BaseException:
+        if offload is not None:  # pinned host memory outlives a failed engine otherwise
+            offload.close()
+        raise
+
+
+def _finish_rank(
+    config: EngineConfig,
+    group: TPGroup,
+    cfg: ModelConfig,
+    rt: EngineRuntime,
+    model: LlamaForCausalLM,
+    offload: OffloadedWeights | None,
+) -> RankParts:
     arena, pool = build_arena(config, rt, cfg, model.shard.num_kv_heads, group)
     # Invariant the workers rely on: rank 0's KV commands fit every rank's arena.
     geometries = group.gather_objects(arena.geometry) or []
@@ -108,7 +127,7 @@ def build_rank(config: EngineConfig, group: TPGroup, local_rank: int | None) -> 
     # This rank's query heads: the decode workspace is sized for its shard.
     attn = build_attention(rt, arena, model.shard.num_heads, config.max_num_seqs)
     runner = build_runner(config, rt, model, attn, arena.layout)
-    return RankParts(cfg, rt, model, arena, pool, kv, runner)
+    return RankParts(cfg, rt, model, arena, pool, kv, runner, offload)
 
 
 def model_config(config: EngineConfig) -> tuple[ModelConfig, str]:
@@ -158,13 +177,27 @@ def build_attention(
 
 def load_model(
     config: EngineConfig, cfg: ModelConfig, rt: EngineRuntime, group: TPGroup | None = None
-) -> LlamaForCausalLM:
-    model = build_model(cfg, rt.device, rt.dtype, rt.max_model_len, group)
-    if config.model is not None:
-        load_checkpoint(model, config.model)
+) -> tuple[LlamaForCausalLM, OffloadedWeights | None]:
+    """The model with its weights; with weight offload, what holds the offloaded ones."""
+    built = None
+    if config.offloads:  # EngineConfig refuses offload with tensor parallelism
+        built = build_offloaded(config, cfg, rt.device, rt.dtype, rt.max_model_len)
+    if built is None:
+        model, offload = build_model(cfg, rt.device, rt.dtype, rt.max_model_len, group), None
     else:
-        init_random(model, seed=config.seed)
-    return model
+        model, offload = built
+    try:
+        if config.model is not None:
+            load_checkpoint(model, config.model)
+        else:
+            init_random(model, seed=config.seed)
+        if offload is not None:
+            offload.bind(model)
+    except BaseException:
+        if offload is not None:
+            offload.close()
+        raise
+    return model, offload
 
 
 def load_tokenizer(config: EngineConfig, cfg: ModelConfig) -> Tokenizer | None:
@@ -183,12 +216,10 @@ def kv_budget(config: EngineConfig, rt: EngineRuntime, cfg: ModelConfig) -> int:
     if rt.device.type == "cpu":
         return CPU_KV_BYTES
     free, total = torch.cuda.mem_get_info(rt.device)
-    # Room for activations of the largest step (a few [tokens, intermediate] buffers)
-    # and the logits of a full decode batch, plus CUDA graph pools.
-    itemsize = rt.dtype.itemsize
-    activations = 8 * config.max_num_batched_tokens * cfg.intermediate_size * itemsize
-    logits = 3 * config.max_num_seqs * cfg.vocab_size * 4
-    spare = free - (1 - config.gpu_memory_utilization) * total - activations - logits - (1 << 30)
+    # Room for activations of the largest step and the logits of a full decode batch,
+    # plus CUDA graph pools.
+    workspace = step_workspace_bytes(config, cfg, rt.dtype.itemsize)
+    spare = free - (1 - config.gpu_memory_utilization) * total - workspace - (1 << 30)
     if spare <= 0:
         raise MemoryError(
             f"no GPU memory left for the KV cache ({free / 2**30:.1f} GiB free after weights)"

@@ -37,6 +37,7 @@ from .mapper import (
     Unmap,
     Warm,
 )
+from .pinned import HostBuffer, HostMemoryStats, PinnedHostMemory
 from .pool import ChunkPool, PoolStats
 from .virtual import VirtualTensor
 
@@ -67,6 +68,8 @@ __all__ = [
     "ClosedError",
     "CudaDriverError",
     "EnsureMapped",
+    "HostBuffer",
+    "HostMemoryStats",
     "Map",
     "MapShared",
     "MapTicket",
@@ -80,6 +83,7 @@ __all__ = [
     "OverlapError",
     "PhysicalBackend",
     "PhysicalChunk",
+    "PinnedHostMemory",
     "PoolExhaustedError",
     "PoolStats",
     "Trim",

@@ -21,6 +21,7 @@ from vtensor.distributed import TPGroup
 from .attention import AttentionBackend, AttentionMetadata
 from .config import ModelConfig
 from .fused import add_rms_norm, rms_norm, silu_mul
+from .offload.hooks import LayerHooks
 from .parallel import ModelShard, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from .rope import RopeAngles, RotaryEmbedding
 
@@ -143,6 +144,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(self.shard, cfg.hidden_size, self.group)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # Weight offload (``offload/``): the prefetcher, called around every layer.
+        self.offload: LayerHooks | None = None
 
     @property
     def max_positions(self) -> int:
@@ -158,8 +161,17 @@ class LlamaForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         rope = self.model.rotary.angles(positions)
         residual: torch.Tensor | None = None
-        for layer in self.model.layers:
-            h, residual = layer(h, residual, rope, attn, meta)
+        hooks = self.offload
+        if hooks is None:
+            for layer in self.model.layers:
+                h, residual = layer(h, residual, rope, attn, meta)
+        else:  # offloaded weights: each layer's are in place when its kernels are queued
+            hooks.begin_forward()
+            for i, layer in enumerate(self.model.layers):
+                hooks.before_layer(i)
+                h, residual = layer(h, residual, rope, attn, meta)
+                hooks.after_layer(i)
+            hooks.end_forward()
         if residual is None:  # no layers
             return self.model.norm(h)
         return self.model.norm.add_forward(h, residual)[0]

@@ -50,6 +50,15 @@ class Placement:
     length: int = 0
 
 
+def meta_model(
+    cfg: ModelConfig, dtype: torch.dtype, max_positions: int, group: TPGroup | None = None
+) -> LlamaForCausalLM:
+    """The model (this rank's shard) on the meta device: shapes and dtypes, no memory."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, max_positions, group)
+    return model.to(dtype=dtype)
+
+
 def build_model(
     cfg: ModelConfig,
     device: torch.device,
@@ -58,9 +67,7 @@ def build_model(
     group: TPGroup | None = None,
 ) -> LlamaForCausalLM:
     """An uninitialised model (this rank's shard) on ``device``; no host copy is made."""
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, max_positions, group)
-    model = model.to(dtype=dtype).to_empty(device=device)
+    model = meta_model(cfg, dtype, max_positions, group).to_empty(device=device)
     if cfg.tie_word_embeddings:  # to_empty unties; tie again
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary.reset_tables()
@@ -70,16 +77,24 @@ def build_model(
 @torch.no_grad()
 def init_random(model: LlamaForCausalLM, seed: int, std: float = 0.02) -> None:
     """Random weights in place: N(0, std) matrices, unit norms, zero biases (each rank
-    draws its own shard from ``seed + rank``)."""
-    gen = torch.Generator(device=model.lm_head.weight.device)
+    draws its own shard from ``seed + rank``).
+
+    The draws happen on the device of ``lm_head`` (always resident), in parameter
+    order; a parameter held elsewhere (an offloaded one, in host memory) is drawn into
+    a device tensor of its shape and copied over, so an offloaded model gets exactly
+    the fully resident model's weights, one tensor at a time on the device."""
+    device = model.lm_head.weight.device
+    gen = torch.Generator(device=device)
     gen.manual_seed(seed + model.shard.rank)
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.fill_(1.0)
         elif name.endswith(".bias"):
             p.zero_()
-        else:
+        elif p.device == device:
             p.normal_(0.0, std, generator=gen)
+        else:
+            p.copy_(torch.empty_like(p, device=device).normal_(0.0, std, generator=gen))
 
 
 @torch.no_grad()

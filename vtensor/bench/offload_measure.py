@@ -1,0 +1,137 @@
+"""What ``vtensor bench offload`` times on one engine: bandwidths, decode steps and
+prefills under each way of running the offloaded layers.
+
+Modes (each timed on the same engine, so the same placement and weights):
+
+* ``graphs``: the prefetcher, decode steps replaying CUDA graphs that hold the copies;
+* ``eager``: the prefetcher, decode steps run eagerly (the graphs set aside);
+* ``naive``: accelerate's CPU offload: before each offloaded layer, a synchronous copy
+  of its weights from pageable host memory (a second, ordinary host copy), eager;
+* ``naive-pinned``: the same synchronous copies from the pinned buffers: what is left
+  of the naive peer's cost once its memory is pinned (the overlap's share).
+
+Prefill is never graphed, so ``graphs`` and ``eager`` time the same prefill.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
+
+import torch
+
+from vtensor.engine.llm_engine import LLMEngine
+from vtensor.engine.params import SamplingParams
+from vtensor.memory import PinnedHostMemory
+from vtensor.models.offload.hooks import LayerHooks
+
+from .decode_table import decode_steps
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def h2d_bandwidth(device: torch.device, nbytes: int, pinned: bool, reps: int = 5) -> float:
+    """GB/s of one host-to-device copy of ``nbytes`` (median of ``reps``), from pinned
+    (``PinnedHostMemory``, as the offloaded weights) or pageable memory; on the CPU, a
+    host memcpy."""
+    host = PinnedHostMemory(pin=device.type == "cuda")
+    try:
+        src = host.alloc(nbytes).tensor if pinned else torch.empty(nbytes, dtype=torch.uint8)
+        src.fill_(1)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        times = []
+        for _ in range(reps + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            dst.copy_(src, non_blocking=pinned)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        return nbytes / statistics.median(times[1:]) / 1e9
+    finally:
+        host.close()
+
+
+def gemm_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192) -> float | None:
+    """Dense matmul throughput (TFLOP/s) at ``n``³: the prefill's compute ceiling."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    t0, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+@contextmanager
+def mode(
+    engine: LLMEngine, name: str, peers: dict[str, LayerHooks] | None = None
+) -> Iterator[None]:
+    """Run the engine in ``name`` (one of MODES) for the duration; ``peers`` keeps the
+    naive peers' hooks between calls (the pageable one copies every offloaded weight)."""
+    graphs = engine.runner.graphs
+    if name != "graphs":
+        engine.runner.graphs = None
+    off = engine.offload
+    peer: AbstractContextManager[None] = nullcontext()
+    if name.startswith("naive"):
+        assert off is not None, "the naive peers need offloaded layers"
+        peers = {} if peers is None else peers
+        if name not in peers:
+            peers[name] = off.sync_hooks(pageable=name == "naive")
+        peer = off.using(engine.model, peers[name])
+    try:
+        with peer:
+            yield
+    finally:
+        engine.runner.graphs = graphs
+
+
+def decode_row(engine: LLMEngine, batch: int, ctx: int, steps: int) -> dict[str, Any]:
+    """One decode window (``decode_table.decode_steps``: the batch is checked constant)."""
+    row = decode_steps(engine, batch, ctx, steps)
+    return {k: row[k] for k in ("step_ms", "weight_bytes", "kv_bytes_read", "warmup_steps")}
+
+
+def prefill_ms(engine: LLMEngine, tokens: int, reps: int) -> float:
+    """Median time of a ``tokens``-token prompt's prefill (and its one sampled token),
+    from an idle engine, over ``reps`` runs after one warm-up."""
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0)
+    times = []
+    for r in range(reps + 1):
+        prompt = [(17 * r + 5 * j) % vocab for j in range(tokens)]
+        engine.add_request(prompt, params)
+        _sync(engine.runtime.device)
+        t0 = time.perf_counter()
+        finished = []
+        while engine.has_unfinished():
+            finished += [o.rid for o in engine.step() if o.finished]
+        _sync(engine.runtime.device)
+        times.append(time.perf_counter() - t0)
+        for rid in finished:
+            engine.pop(rid)
+    return statistics.median(times[1:]) * 1e3
+
+
+def weights_gpu_bytes(engine: LLMEngine) -> int:
+    """Weight bytes the engine holds on its device: resident tensors (each storage once)
+    plus the whole ring; the KV cache is not counted."""
+    off = engine.offload
+    ring = (off.ring.slot(0).data_ptr(), off.ring.nbytes) if off is not None else (0, 0)
+    seen: dict[int, int] = {}
+    for p in engine.model.parameters():
+        ptr = p.data_ptr()
+        if p.device.type == engine.runtime.device.type and not ring[0] <= ptr < sum(ring):
+            seen[ptr] = p.numel() * p.element_size()
+    return sum(seen.values()) + ring[1]
