@@ -1,0 +1,91 @@
+"""IdleReclaimer: applies the idle policy (``idle_policy.py``) to the KV manager's books.
+
+Torch-free; part of the KV manager, whose books it changes. It records when each
+slot went idle, cuts idle slots as the policy plans (unmap commands), and then
+emits a :class:`ReleaseFreeCommand` so that the pool gives its free chunks back
+to the driver: the mapper thread runs both, in order, off the step's path.
+
+How much the pool keeps free: while requests run, up to what the watermark
+leaves after the idle slots' mappings (``watermark - idle``), so that a burst
+does not pay ``cuMemCreate`` for every chunk it unmapped a moment ago; with no
+request running, nothing. Either way, after the release (and until the next
+map), idle mappings + free chunks <= the watermark.
+
+The policy runs at every release (the watermark binds at once) and at every
+``tick`` past the earliest deadline (the idle time binds within a tick).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .commands import ReleaseFreeCommand
+from .idle_policy import Clock, IdleReclaimPolicy, IdleSlot
+
+if TYPE_CHECKING:
+    from .manager import KVCacheManager
+
+
+class IdleReclaimer:
+    def __init__(self, kv: KVCacheManager, policy: IdleReclaimPolicy, clock: Clock) -> None:
+        self.kv = kv
+        self.policy = policy
+        self.clock = clock
+        self._since: dict[int, float] = {}  # idle slot -> when it went idle (or was premapped)
+        self._deadline: float | None = None
+        self._freed_seen = 0  # books.freed_total when the pool was last told to release
+        self.reclaimed_chunks = 0  # freed by this policy over the manager's life
+
+    def set_clock(self, clock: Clock) -> None:
+        """Use ``clock`` from now on; every idle slot counts as idle from now."""
+        self.clock = clock
+        now = clock()
+        self._since = {s: now for s in self.kv.idle_slots()}
+        self._deadline = self.policy.deadline(self._slots())
+
+    def on_idle(self, slot: int) -> None:
+        """``slot`` went idle (or an idle slot was mapped ahead): it counts from now."""
+        now = self.clock()
+        self._since[slot] = now
+        if self.policy.timeout_s is not None:
+            due = now + self.policy.timeout_s
+            self._deadline = due if self._deadline is None else min(self._deadline, due)
+        self.apply(now)
+
+    def tick(self) -> int:
+        """Apply the policy if a slot's idle time may have run out, or if chunks were
+        freed since the pool last released and no request runs; returns the chunks freed."""
+        now = self.clock()
+        due = self._deadline is not None and now >= self._deadline
+        if not due and (self.kv.owners() or self.kv.books.freed_total == self._freed_seen):
+            return 0
+        return self.apply(now)
+
+    def deadline(self) -> float | None:
+        """When the next idle slot's time runs out, on this reclaimer's clock."""
+        return self._deadline
+
+    def apply(self, now: float) -> int:
+        """Cut what the policy plans; then, if anything was freed since the last
+        release, tell the pool to release its free chunks."""
+        books = self.kv.books
+        freed = 0
+        for slot, keep in self.policy.plan(self._slots(), now).items():
+            freed += books.truncate(slot, keep)
+        self.reclaimed_chunks += freed
+        self._deadline = self.policy.deadline(self._slots())
+        if books.freed_total != self._freed_seen:
+            keep_free = 0
+            if self.kv.owners():
+                keep_free = max(0, self.policy.watermark_chunks - self.kv.idle_chunks)
+            books.commands.append(ReleaseFreeCommand(keep_free))
+            self._freed_seen = books.freed_total
+        return freed
+
+    def _slots(self) -> list[IdleSlot]:
+        tables = self.kv.books.tables
+        return [
+            IdleSlot(s, len(tables[s]), self._since.get(s, 0.0))
+            for s in self.kv.idle_slots()
+            if tables[s]
+        ]
