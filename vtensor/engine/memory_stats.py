@@ -14,7 +14,7 @@ command (``arena.wait_all``), so the classes add up to what the pool holds:
 * **free in the pool**: created and unmapped, not yet released to the driver;
 * **scratch**: the scratch slot's chunks (CUDA graphs' padding rows), for good.
 
-Weights are the model's parameters and buffers on this rank. Workspace is
+Weights are the model's state (parameters, persistent buffers) on this rank. Workspace is
 what the torch allocator reserves beyond them (activations, CUDA graph pools,
 the attention workspace): on CUDA ``torch.cuda.memory_reserved - weights``; on
 the CPU there is no allocator to ask, so it is None (unknown), not 0.
@@ -60,10 +60,12 @@ class MemoryStats:
 
 
 def module_bytes(model: torch.nn.Module) -> int:
-    """Bytes of a module's parameters and buffers (each storage counted once)."""
+    """Bytes of a module's state (parameters and persistent buffers: what a checkpoint
+    holds), each storage counted once (tied weights). Derived tables (RoPE's, not
+    persistent) count as workspace."""
     seen: set[int] = set()
     total = 0
-    for t in (*model.parameters(), *model.buffers()):
+    for t in model.state_dict(keep_vars=True).values():
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen:  # tied weights
             continue
