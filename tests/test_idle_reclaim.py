@@ -20,7 +20,11 @@ from vtensor.memory.host import HostBackend
 
 
 def build(
-    pool: ChunkPool, watermark: int, timeout: float | None, cached: bool = False
+    pool: ChunkPool,
+    watermark: int,
+    timeout: float | None,
+    cached: bool = False,
+    cache_budget: int | None = None,
 ) -> tuple[KVArena, KVCacheManager, ManualClock, int]:
     tokens_per_chunk = pool.chunk_size // 512  # 512 B per token below
     layout = KVLayout(6, 8 * tokens_per_chunk, 2, 2, 32, torch.float32)
@@ -30,7 +34,12 @@ def build(
     if cached:
         cache = RadixPrefixCache(*arena.geometry.cache_block())
     kv = KVCacheManager(
-        arena.geometry, watermark, idle_timeout_s=timeout, clock=clock, prefix_cache=cache
+        arena.geometry,
+        watermark,
+        idle_timeout_s=timeout,
+        clock=clock,
+        prefix_cache=cache,
+        cache_budget_chunks=cache_budget,
     )
     geo = arena.geometry
     return arena, kv, clock, geo.chunk_size // geo.bytes_per_token
@@ -120,7 +129,8 @@ def test_random_operations_stay_bounded_and_return_to_the_floor(
     rng = random.Random()
     pool = make_pool(40)
     watermark, timeout = rng.randint(0, 12), rng.choice([0.0, 0.5, 2.0])
-    arena, kv, clock, tpc = build(pool, watermark, timeout, cached=rng.random() < 0.5)
+    budget = rng.choice([None, rng.randint(0, 10)])
+    arena, kv, clock, tpc = build(pool, watermark, timeout, rng.random() < 0.7, budget)
     vocab = 5  # few token ids: prompts share prefixes, so the cache hits
     live: dict[int, list[int]] = {}
     for step in range(250):
@@ -141,6 +151,8 @@ def test_random_operations_stay_bounded_and_return_to_the_floor(
             rid = rng.choice(list(live))
             del live[rid]
             kv.release(rid)
+            if budget is not None:  # over it only by blocks running requests lock
+                assert kv.books.cached_count <= max(budget, len(kv.cache.locked_chunk_ids()))
         else:
             clock.advance(rng.choice([0.1, 0.3, 1.0, 2.5]))
             kv.reclaim_idle()
@@ -160,6 +172,7 @@ def test_random_operations_stay_bounded_and_return_to_the_floor(
     s = pool.stats()
     assert kv.usage().idle_chunks == 0
     assert s.free == 0 and s.created == kv.books.cached_count
+    assert budget is None or kv.books.cached_count <= budget
     kv.reset_prefix_cache()
     sync(arena, kv)
     kv.check()

@@ -28,6 +28,7 @@ def test_after_a_burst_held_kv_returns_to_the_floor(
 ) -> None:
     rng = random.Random()
     watermark = rng.randint(2, 6)
+    budget = rng.randint(1, 6) * (64 << 10) if caching else None  # CPU chunks: 64 KiB
     llm = make_llm(
         dtype="float32",
         max_model_len=256,
@@ -35,6 +36,7 @@ def test_after_a_burst_held_kv_returns_to_the_floor(
         keep_idle_chunks=watermark,
         kv_idle_timeout_s=2.0,
         enable_prefix_caching=caching,
+        prefix_cache_max_bytes=budget,
     )
     clock = ManualClock()
     llm.engine.set_clock(clock)
@@ -63,6 +65,7 @@ def test_after_a_burst_held_kv_returns_to_the_floor(
     assert after.kv_held_bytes == floor
     assert backend.resident_bytes() <= floor
     assert caching == (after.kv_prefix_cached_bytes > 0)  # the cache is not idle: it stays
+    assert budget is None or 0 < after.kv_prefix_cached_bytes <= budget  # within its budget
     # The next burst maps on demand again and gives the same tokens.
     again = llm.generate(prompts(4, rng), params)
     assert all(len(o.outputs[0].token_ids) == params.max_tokens for o in again)

@@ -54,6 +54,9 @@ class EngineConfig:
     # either, the chunks are unmapped and released to the driver on the mapper thread.
     keep_idle_chunks: int | None = None
     kv_idle_timeout_s: float | None = 2.0
+    # The prefix cache's own budget: past it, unlocked blocks are evicted (LRU) when a
+    # request finishes (None: no budget of its own; the KV pool bounds it).
+    prefix_cache_max_bytes: int | None = None
     # Reuse the KV of cached prefixes (shared physical chunks; vLLM's flag, on by default).
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
@@ -102,6 +105,8 @@ class EngineConfig:
             raise ValueError("keep_idle_chunks must be >= 0 (or None for the default)")
         if self.kv_idle_timeout_s is not None and not self.kv_idle_timeout_s >= 0:
             raise ValueError("kv_idle_timeout_s must be >= 0 (or None: no time limit)")
+        if self.prefix_cache_max_bytes is not None and self.prefix_cache_max_bytes < 0:
+            raise ValueError("prefix_cache_max_bytes must be >= 0 (or None: no budget)")
         if self.lookahead_tokens < 0:
             raise ValueError("lookahead_tokens must be >= 0")
         if self.debug_check_every < 0:

@@ -105,7 +105,12 @@ def build_rank(config: EngineConfig, group: TPGroup, local_rank: int | None) -> 
     geometries = group.gather_objects(arena.geometry) or []
     if any(g != geometries[0] for g in geometries):
         raise RuntimeError(f"the ranks' KV arenas differ (rank 0 first): {geometries}")
-    kv = map_scratch_slot(arena, config.keep_idle_chunks, idle_timeout_s=config.kv_idle_timeout_s)
+    kv = map_scratch_slot(
+        arena,
+        config.keep_idle_chunks,
+        idle_timeout_s=config.kv_idle_timeout_s,
+        cache_budget_bytes=config.prefix_cache_max_bytes,
+    )
     # This rank's query heads: the decode workspace is sized for its shard.
     attn = build_attention(rt, arena, model.shard.num_heads, config.max_num_seqs)
     runner = build_runner(config, rt, model, attn, arena.layout)
@@ -256,6 +261,7 @@ def map_scratch_slot(
     keep_idle_chunks: int | None,
     prefix_cache: PrefixCache | None = None,
     idle_timeout_s: float | None = None,
+    cache_budget_bytes: int | None = None,
 ) -> KVCacheManager:
     """Map the scratch slot's first token; the KV manager gets the rest of the pool.
     ``keep_idle_chunks=None`` gives the default watermark (``default_watermark``)."""
@@ -273,6 +279,9 @@ def map_scratch_slot(
         replace(geo, capacity_chunks=capacity),
         keep_idle_chunks=keep_idle_chunks,
         idle_timeout_s=idle_timeout_s,
+        cache_budget_chunks=None
+        if cache_budget_bytes is None
+        else cache_budget_bytes // geo.chunk_size,
         reserved_slots=SCRATCH_SLOT + 1,
         prefix_cache=prefix_cache,
     )

@@ -12,7 +12,9 @@ request running, nothing. Either way, after the release (and until the next
 map), idle mappings + free chunks <= the watermark.
 
 The policy runs at every release (the watermark binds at once) and at every
-``tick`` past the earliest deadline (the idle time binds within a tick).
+``tick`` past the earliest deadline (the idle time binds within a tick). At the
+same points the prefix cache is brought back within its budget, if it has one
+(``cache_budget_chunks``): cached chunks are not idle, but they are held too.
 """
 
 from __future__ import annotations
@@ -66,10 +68,18 @@ class IdleReclaimer:
         return self._deadline
 
     def apply(self, now: float) -> int:
-        """Cut what the policy plans; then, if anything was freed since the last
-        release, tell the pool to release its free chunks."""
+        """Bring the cache within its budget, cut what the policy plans; then, if anything
+        was freed since the last release, tell the pool to release its free chunks."""
         books = self.kv.books
         freed = 0
+        budget = self.kv.cache_budget_chunks
+        while budget is not None and books.cached_count > budget:
+            # Unlocked blocks, LRU first. ``evict`` counts chunks freed, which may
+            # exceed the cached ones (an idle slot is cut after them too): loop.
+            got = self.kv.evict(books.cached_count - budget)
+            if not got:
+                break  # the rest is locked by running requests
+            freed += got
         for slot, keep in self.policy.plan(self._slots(), now).items():
             freed += books.truncate(slot, keep)
         self.reclaimed_chunks += freed

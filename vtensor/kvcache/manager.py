@@ -94,12 +94,15 @@ class KVCacheManager:
         prefix_cache: PrefixCache | None = None,
         idle_timeout_s: float | None = None,
         clock: Clock = time.monotonic,
+        cache_budget_chunks: int | None = None,
     ) -> None:
         """Slots ``[0, reserved_slots)`` belong to the caller and are never handed out;
         their chunks are not counted in ``geometry.capacity_chunks``. Without a
         ``prefix_cache`` nothing is cached (``NoPrefixCache``). Idle slots keep at most
         ``keep_idle_chunks`` mappings (None: no limit) for at most ``idle_timeout_s``
-        seconds of ``clock`` (None: no limit)."""
+        seconds of ``clock`` (None: no limit). The prefix cache keeps at most
+        ``cache_budget_chunks`` once its blocks are unlocked (None: the pool bounds it),
+        evicting least recently used blocks at each release."""
         if not 0 <= reserved_slots < geometry.num_slots:
             raise ValueError(f"reserved_slots must be in [0, {geometry.num_slots})")
         self.geometry = geometry
@@ -120,6 +123,9 @@ class KVCacheManager:
         self._releases = 0
         self._reclaimer = Reclaimer(self)
         self._placer = SlotPlacer(self)
+        if cache_budget_chunks is not None and cache_budget_chunks < 0:
+            raise ValueError(f"cache_budget_chunks must be >= 0, got {cache_budget_chunks}")
+        self.cache_budget_chunks = cache_budget_chunks
         policy = IdleReclaimPolicy(self.keep_idle_chunks, idle_timeout_s)
         self.idle = IdleReclaimer(self, policy, clock)
 
