@@ -36,6 +36,7 @@ class IdleReclaimer:
         self._since: dict[int, float] = {}  # idle slot -> when it went idle (or was premapped)
         self._deadline: float | None = None
         self._freed_seen = 0  # books.freed_total when the pool was last told to release
+        self._kept_free = 0  # the keep_free of that release
         self.reclaimed_chunks = 0  # freed by this policy over the manager's life
 
     def set_clock(self, clock: Clock) -> None:
@@ -84,12 +85,14 @@ class IdleReclaimer:
             freed += books.truncate(slot, keep)
         self.reclaimed_chunks += freed
         self._deadline = self.policy.deadline(self._slots())
-        if books.freed_total != self._freed_seen:
-            keep_free = 0
-            if self.kv.owners():
-                keep_free = max(0, self.policy.watermark_chunks - self.kv.idle_chunks)
+        keep_free = 0
+        if self.kv.owners():
+            keep_free = max(0, self.policy.watermark_chunks - self.kv.idle_chunks)
+        # Release if chunks were freed since, or if the last release kept more free than
+        # now allowed (the load ended: what it kept for the burst goes too).
+        if books.freed_total != self._freed_seen or keep_free < self._kept_free:
             books.commands.append(ReleaseFreeCommand(keep_free))
-            self._freed_seen = books.freed_total
+            self._freed_seen, self._kept_free = books.freed_total, keep_free
         return freed
 
     def _slots(self) -> list[IdleSlot]:
