@@ -177,3 +177,27 @@ def test_random_operations_stay_bounded_and_return_to_the_floor(
     sync(arena, kv)
     kv.check()
     arena.close()
+
+
+def test_no_watermark_below_the_budget_and_no_idle_time_never_release(
+    make_pool: Callable[[int], ChunkPool],
+) -> None:
+    """Reclamation off (a preallocating engine): chunks freed by cutting idle slots stay
+    in the pool; no release is ever asked for."""
+    pool = make_pool(48)
+    arena, kv, clock, tpc = build(pool, watermark=1 << 20, timeout=None)
+    for rid in range(3):
+        kv.admit(rid, random.randint(1, 8 * tpc))
+    sync(arena, kv)
+    for rid in range(3):
+        kv.release(rid)
+    kv.reclaim_all()  # frees every idle chunk into the pool
+    clock.advance(1e6)
+    kv.reclaim_idle()
+    commands = kv.take_commands()
+    assert commands and not any(isinstance(c, ReleaseFreeCommand) for c in commands)
+    arena.apply(commands)
+    arena.wait_all()
+    s = pool.stats()
+    assert s.released == 0 and s.free == s.created > 0
+    arena.close()

@@ -5,11 +5,13 @@ slot went idle, cuts idle slots as the policy plans (unmap commands), and then
 emits a :class:`ReleaseFreeCommand` so that the pool gives its free chunks back
 to the driver: the mapper thread runs both, in order, off the step's path.
 
-How much the pool keeps free: while requests run, up to what the watermark
-leaves after the idle slots' mappings (``watermark - idle``), so that a burst
-does not pay ``cuMemCreate`` for every chunk it unmapped a moment ago; with no
-request running, nothing. Either way, after the release (and until the next
-map), idle mappings + free chunks <= the watermark.
+With a watermark of at least the budget and no idle time, reclamation is off: no
+release is ever asked for (``off``). Otherwise, how much the pool keeps free:
+while requests run, up to what the watermark leaves after the idle slots'
+mappings (``watermark - idle``), so that a burst does not pay ``cuMemCreate``
+for every chunk it unmapped a moment ago; with no request running, nothing.
+Either way, after the release (and until the next map), idle mappings + free
+chunks <= the watermark.
 
 The policy runs at every release (the watermark binds at once) and at every
 ``tick`` past the earliest deadline (the idle time binds within a tick). At the
@@ -64,6 +66,13 @@ class IdleReclaimer:
             return 0
         return self.apply(now)
 
+    @property
+    def off(self) -> bool:
+        """No watermark below the budget and no idle time: nothing is ever released (the
+        pool keeps every chunk it created, as a preallocating engine does)."""
+        p = self.policy
+        return p.timeout_s is None and p.watermark_chunks >= self.kv.geometry.capacity_chunks
+
     def deadline(self) -> float | None:
         """When the next idle slot's time runs out, on this reclaimer's clock."""
         return self._deadline
@@ -85,6 +94,8 @@ class IdleReclaimer:
             freed += books.truncate(slot, keep)
         self.reclaimed_chunks += freed
         self._deadline = self.policy.deadline(self._slots())
+        if self.off:
+            return freed
         keep_free = 0
         if self.kv.owners():
             keep_free = max(0, self.policy.watermark_chunks - self.kv.idle_chunks)
