@@ -33,6 +33,7 @@ from vtensor.engine.config import EngineConfig
 from vtensor.engine.llm_engine import LLMEngine
 from vtensor.engine.params import SamplingParams
 from vtensor.engine.warmup import warm_up
+from vtensor.kvcache.idle_policy import default_watermark
 
 GiB = 1 << 30
 
@@ -105,11 +106,13 @@ def sample(engine: LLMEngine, t: float, tokens: int) -> dict[str, float]:
     kv, pool = engine.kv, engine.pool.stats()
     chunk = pool.chunk_size
     floor = (kv.geometry.chunks_for(1) + kv.books.cached_count) * chunk  # scratch + cache
+    # The default watermark for both configurations (prealloc's own is its whole budget).
+    watermark = default_watermark(kv.geometry.capacity_chunks)
     row = {
         "t": t,
         "kv_held": pool.created * chunk,
         "kv_floor": floor,
-        "kv_floor_watermark": floor + kv.keep_idle_chunks * chunk,
+        "kv_floor_watermark": floor + watermark * chunk,
         "running": len(engine.scheduler.running),
         "waiting": len(engine.scheduler.waiting),
         "tokens": tokens,
@@ -165,7 +168,7 @@ def trace(engine: LLMEngine, name: str, args: argparse.Namespace) -> dict[str, A
         "truncated": truncated,
         "samples": samples,
         "bursts": burst_summary(starts, n, burst_of, done_at, tokens),
-        "load_drop": drop_summary(samples, burst_of, done_at),
+        "load_drop": drop_summary(samples, burst_of, done_at, second),
         "steps": s1.steps - s0.steps,
         "step_s": step_s,
         "mapper_wait_s": s1.mapper_wait_s - s0.mapper_wait_s,
@@ -189,15 +192,19 @@ def burst_summary(
 
 
 def drop_summary(
-    samples: list[dict[str, float]], burst_of: dict[int, int], done: dict[int, float]
+    samples: list[dict[str, float]],
+    burst_of: dict[int, int],
+    done: dict[int, float],
+    second: float,
 ) -> dict[str, float | None]:
     """Seconds from the last request of burst 1 finishing to the first sample with held
-    KV <= floor + watermark, and <= floor; measured before burst 2 starts sending."""
+    KV <= floor + watermark, and <= floor, before burst 2 starts (``second``). None
+    everywhere if burst 1 ran into burst 2 (no idle time: the engine was too slow)."""
     ends = [t for rid, t in done.items() if burst_of[rid] == 0]
-    if not ends:
+    if not ends or max(ends) >= second:
         return {"drop_t": None, "to_floor_watermark_s": None, "to_floor_s": None}
     drop = max(ends)
-    after = [s for s in samples if s["t"] >= drop and s["running"] == 0 and s["waiting"] == 0]
+    after = [s for s in samples if drop <= s["t"] < second]
 
     def first(key: str) -> float | None:
         hit = next((s["t"] for s in after if s["kv_held"] <= s[key]), None)
