@@ -49,21 +49,26 @@ class IdleReclaimer:
         self._deadline = self.policy.deadline(self._slots())
 
     def on_idle(self, slot: int) -> None:
-        """``slot`` went idle (or an idle slot was mapped ahead): it counts from now."""
+        """``slot`` went idle: it counts from now, and the policy runs (the watermark)."""
+        self.apply(self.touch(slot))
+
+    def touch(self, slot: int) -> float:
+        """An idle slot was mapped ahead (premap, which keeps within the watermark by
+        itself): its idle time starts now. Returns now."""
         now = self.clock()
         self._since[slot] = now
         if self.policy.timeout_s is not None:
             due = now + self.policy.timeout_s
             self._deadline = due if self._deadline is None else min(self._deadline, due)
-        self.apply(now)
+        return now
 
     def tick(self) -> int:
         """Apply the policy if a slot's idle time may have run out, or if chunks were
         freed since the pool last released and no request runs; returns the chunks freed."""
         now = self.clock()
         due = self._deadline is not None and now >= self._deadline
-        if not due and (self.kv.owners() or self.kv.books.freed_total == self._freed_seen):
-            return 0
+        if not due and (self.kv.has_running() or self.kv.books.freed_total == self._freed_seen):
+            return 0  # the fast path of every step
         return self.apply(now)
 
     @property
@@ -97,7 +102,7 @@ class IdleReclaimer:
         if self.off:
             return freed
         keep_free = 0
-        if self.kv.owners():
+        if self.kv.has_running():
             keep_free = max(0, self.policy.watermark_chunks - self.kv.idle_chunks)
         # Release if chunks were freed since, or if the last release kept more free than
         # now allowed (the load ended: what it kept for the burst goes too).

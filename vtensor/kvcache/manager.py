@@ -180,6 +180,9 @@ class KVCacheManager:
     def idle_slots(self) -> frozenset[int]:
         return frozenset(self._idle)
 
+    def has_running(self) -> bool:
+        return bool(self._owner)
+
     def has_free_slot(self) -> bool:
         return bool(self._idle)
 
