@@ -100,6 +100,7 @@ class IdleReclaimer:
         self.reclaimed_chunks += freed
         self._deadline = self.policy.deadline(self._slots())
         if self.off:
+            self._freed_seen = books.freed_total  # nothing to release: keep the fast path
             return freed
         keep_free = 0
         if self.kv.has_running():
