@@ -58,7 +58,15 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90
     chunk_size: int | None = None  # host backend only; CUDA uses the driver granularity
     lookahead_tokens: int = 4
-    keep_idle_chunks: int | None = None  # deferred reclamation limit (None: no limit)
+    # Bounded deferred reclamation (kvcache/idle_policy.py): idle slots keep at most
+    # keep_idle_chunks mappings in all (None: the larger of 64 chunks and 5% of the KV
+    # budget), each for at most kv_idle_timeout_s seconds (None: no time limit); past
+    # either, the chunks are unmapped and released to the driver on the mapper thread.
+    keep_idle_chunks: int | None = None
+    kv_idle_timeout_s: float | None = 2.0
+    # The prefix cache's own budget: past it, unlocked blocks are evicted (LRU) when a
+    # request finishes (None: no budget of its own; the KV pool bounds it).
+    prefix_cache_max_bytes: int | None = None
     # Reuse the KV of cached prefixes (shared physical chunks; vLLM's flag, on by default).
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
@@ -106,6 +114,12 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.chunk_size is not None and (self.chunk_size <= 0 or self.chunk_size % 4096):
             raise ValueError("chunk_size must be a positive multiple of 4096")
+        if self.keep_idle_chunks is not None and self.keep_idle_chunks < 0:
+            raise ValueError("keep_idle_chunks must be >= 0 (or None for the default)")
+        if self.kv_idle_timeout_s is not None and not self.kv_idle_timeout_s >= 0:
+            raise ValueError("kv_idle_timeout_s must be >= 0 (or None: no time limit)")
+        if self.prefix_cache_max_bytes is not None and self.prefix_cache_max_bytes < 0:
+            raise ValueError("prefix_cache_max_bytes must be >= 0 (or None: no budget)")
         if self.lookahead_tokens < 0:
             raise ValueError("lookahead_tokens must be >= 0")
         if self.debug_check_every < 0:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from .config import EngineConfig
 from .input_processor import Prompt
 from .llm_engine import LLMEngine
+from .memory_stats import MemoryStats
 from .outputs import CompletionOutput, RequestOutput
 from .params import SamplingParams
 
@@ -55,6 +56,17 @@ class LLM:
             raise ValueError("this model has no tokenizer, so it has no chat template")
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.generate([prompt], sampling_params, use_tqdm)
+
+    def memory_stats(self) -> MemoryStats:
+        """The bytes the engine holds: KV by class (live, prefix-cached, idle, free in
+        the pool, scratch), weights and workspace (``engine/memory_stats.py``)."""
+        return self.engine.memory_stats()
+
+    def reclaim_idle(self) -> int:
+        """Apply bounded deferred reclamation now (``LLMEngine.reclaim_idle``): an offline
+        ``LLM`` runs no step between calls, so idle time is checked at the next call or
+        here. Returns the chunks freed."""
+        return self.engine.reclaim_idle()
 
     def reset_prefix_cache(self) -> bool:
         """Drop every cached prefix, so that all KV chunks go back to the pool (vLLM's

@@ -31,11 +31,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from vtensor.distributed import TPGroup, WorkerDiedError
+from vtensor.kvcache.idle_policy import Clock
 
 from .config import EngineConfig
 from .executor import StepExecutor, StepPlan
 from .input_processor import InputProcessor, ProcessedPrompt, Prompt, RequestError
 from .integrity import check_integrity
+from .memory_stats import MemoryStats, collect_memory, module_bytes
 from .output_processor import OutputProcessor
 from .outputs import FinishReason, StepOutput
 from .params import SamplingParams
@@ -104,6 +106,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._generators: dict[int, torch.Generator] = {}
         self._inflight: LaunchedStep | None = None  # async scheduling: the step not yet read
+        self.weights_bytes = module_bytes(self.model)
         self._closed = False
 
     @property
@@ -215,6 +218,7 @@ class LLMEngine:
         needs every real token, so it must not be scheduled before they are read.
         """
         t0 = time.perf_counter()
+        self.kv.reclaim_idle()  # its unmaps and release ride this step's plan
         with talking_to(self.workers):
             launched = self._launch(self.scheduler.schedule())
             read_now = launched is not None and (
@@ -271,6 +275,26 @@ class LLMEngine:
         if not self.has_unfinished():
             self._launch(self.scheduler.schedule())
 
+    # ------------------------------------------------------------ reclamation
+    def reclaim_idle(self) -> int:
+        """Bounded deferred reclamation between steps: idle slots past the watermark or
+        their idle time (``EngineConfig.kv_idle_timeout_s``) are unmapped and the pool
+        releases its free chunks to the driver, on the mapper thread. ``step`` does it
+        too; an idle server calls this periodically. Returns the chunks freed."""
+        freed = self.kv.reclaim_idle()
+        with talking_to(self.workers):
+            self._settle_if_idle()  # with requests running, the next step carries them
+        return freed
+
+    def next_reclaim_in(self) -> float | None:
+        """Seconds until an idle slot's time runs out (None: none will)."""
+        deadline = self.kv.idle.deadline()
+        return None if deadline is None else max(0.0, deadline - self.kv.idle.clock())
+
+    def set_clock(self, clock: Clock) -> None:
+        """The clock that idle times are measured on (tests and benchmarks control it)."""
+        self.kv.idle.set_clock(clock)
+
     def _read(self, step: LaunchedStep | None) -> list[ReadToken]:
         """Wait for a launched step's tokens (the GIL is released while waiting)."""
         if step is None or step.draw is None:
@@ -316,6 +340,12 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         return collect_stats(self.counters, self.scheduler, self.kv, self.arena, self.pool)
+
+    def memory_stats(self) -> MemoryStats:
+        """The bytes this engine (rank 0) holds, by class (``memory_stats.py``); waits for
+        the mapper thread, so the KV classes add up to the pool's chunks."""
+        scratch = self.kv.geometry.chunks_for(1)
+        return collect_memory(self.kv, self.arena, self.weights_bytes, scratch)
 
     @property
     def closed(self) -> bool:

@@ -14,6 +14,7 @@ import torch
 
 from vtensor.distributed import TPGroup
 from vtensor.kvcache.arena import KVArena
+from vtensor.kvcache.idle_policy import default_watermark
 from vtensor.kvcache.layout import KVLayout
 from vtensor.kvcache.manager import KVCacheManager, KVGeometry
 from vtensor.kvcache.prefix_cache import NoPrefixCache, PrefixCache
@@ -123,7 +124,12 @@ def _finish_rank(
     geometries = group.gather_objects(arena.geometry) or []
     if any(g != geometries[0] for g in geometries):
         raise RuntimeError(f"the ranks' KV arenas differ (rank 0 first): {geometries}")
-    kv = map_scratch_slot(arena, config.keep_idle_chunks)
+    kv = map_scratch_slot(
+        arena,
+        config.keep_idle_chunks,
+        idle_timeout_s=config.kv_idle_timeout_s,
+        cache_budget_bytes=config.prefix_cache_max_bytes,
+    )
     # This rank's query heads: the decode workspace is sized for its shard.
     attn = build_attention(rt, arena, model.shard.num_heads, config.max_num_seqs)
     runner = build_runner(config, rt, model, attn, arena.layout)
@@ -282,9 +288,14 @@ def prefix_cache_for(geo: KVGeometry, enabled: bool) -> tuple[PrefixCache, str |
 
 
 def map_scratch_slot(
-    arena: KVArena, keep_idle_chunks: int | None, prefix_cache: PrefixCache | None = None
+    arena: KVArena,
+    keep_idle_chunks: int | None,
+    prefix_cache: PrefixCache | None = None,
+    idle_timeout_s: float | None = None,
+    cache_budget_bytes: int | None = None,
 ) -> KVCacheManager:
-    """Map the scratch slot's first token; the KV manager gets the rest of the pool."""
+    """Map the scratch slot's first token; the KV manager gets the rest of the pool.
+    ``keep_idle_chunks=None`` gives the default watermark (``default_watermark``)."""
     geo = arena.geometry
     scratch_chunks = geo.chunks_for(1)
     if geo.capacity_chunks <= scratch_chunks:
@@ -292,9 +303,16 @@ def map_scratch_slot(
             f"KV budget of {arena.pool.capacity_bytes} bytes leaves no chunk for requests"
         )
     arena.vt.map(SCRATCH_SLOT * geo.slot_bytes, scratch_chunks * geo.chunk_size)
+    capacity = geo.capacity_chunks - scratch_chunks
+    if keep_idle_chunks is None:
+        keep_idle_chunks = default_watermark(capacity)
     return KVCacheManager(
-        replace(geo, capacity_chunks=geo.capacity_chunks - scratch_chunks),
+        replace(geo, capacity_chunks=capacity),
         keep_idle_chunks=keep_idle_chunks,
+        idle_timeout_s=idle_timeout_s,
+        cache_budget_chunks=None
+        if cache_budget_bytes is None
+        else cache_budget_bytes // geo.chunk_size,
         reserved_slots=SCRATCH_SLOT + 1,
         prefix_cache=prefix_cache,
     )

@@ -27,6 +27,7 @@ from vtensor.memory import (
     EnsureMapped,
     MapperOp,
     PhysicalChunk,
+    Trim,
     Unmap,
     VirtualTensor,
 )
@@ -39,6 +40,7 @@ from .commands import (
     KVCommand,
     MapCachedCommand,
     MapCommand,
+    ReleaseFreeCommand,
     UnmapCommand,
 )
 from .geometry import KVGeometry
@@ -117,6 +119,8 @@ class KVArena:
         chunk = self.geometry.chunk_size
         if isinstance(c, CacheDropCommand):
             return DropChunks(self.vt, c.chunks, self.held)
+        if isinstance(c, ReleaseFreeCommand):
+            return Trim(self.pool, c.keep_free)
         offset = c.slot * self.geometry.slot_bytes + c.first * chunk
         if isinstance(c, MapCommand):
             return EnsureMapped(self.vt, offset, c.count * chunk)

@@ -37,6 +37,7 @@ class ChunkBooks:
         self.commands: list[KVCommand] = []
         self.committed = 0  # live chunks: mapped by a slot or held by the cache
         self.pinned = 0  # live chunks with a pin
+        self.freed_total = 0  # chunks freed (mapped nowhere, not cached) over the books' life
         self._slots_of: dict[int, set[int]] = {}  # id -> slots mapping it
         self._index: dict[int, int] = {}  # id -> its chunk index (the same in every slot)
         self._cached: set[int] = set()
@@ -76,6 +77,21 @@ class ChunkBooks:
 
     def cached_ids(self) -> set[int]:
         return set(self._cached)
+
+    def count_uncached(self, running: Iterable[int]) -> tuple[int, int]:
+        """``(live, idle)``: chunks not held by the cache that a ``running`` slot maps
+        (live), or that only idle slots map (idle). Each chunk counted once; with the
+        cached ones they add up to ``committed``. Walks every chunk: for stats only."""
+        run = set(running)
+        live = idle = 0
+        for cid, slots in self._slots_of.items():
+            if cid in self._cached:
+                continue
+            if slots.isdisjoint(run):
+                idle += 1
+            else:
+                live += 1
+        return live, idle
 
     # -------------------------------------------------------- primitives
     def map_fresh(self, slot: int, count: int) -> None:
@@ -234,6 +250,7 @@ class ChunkBooks:
             raise RuntimeError(f"chunk {cid} freed while pinned")
         del self._index[cid]
         self.committed -= 1
+        self.freed_total += 1
         return 1
 
     def _private_below(self, slot: int) -> bool:

@@ -61,4 +61,21 @@ class CacheDropCommand:
     chunks: tuple[int, ...]
 
 
-KVCommand = MapCommand | UnmapCommand | MapCachedCommand | CacheHoldCommand | CacheDropCommand
+@dataclass(frozen=True)
+class ReleaseFreeCommand:
+    """The pool releases its free chunks to the driver (``cuMemRelease``; on the host
+    backend, a hole punched in the memfd), keeping ``keep_free``. Emitted after idle
+    reclamation unmapped chunks (``KVCacheManager.reclaim_idle``): the held memory goes
+    back, on the mapper thread, after every unmap queued before it."""
+
+    keep_free: int = 0
+
+
+KVCommand = (
+    MapCommand
+    | UnmapCommand
+    | MapCachedCommand
+    | CacheHoldCommand
+    | CacheDropCommand
+    | ReleaseFreeCommand
+)

@@ -19,7 +19,9 @@ Invariants (listed by ``violations``, asserted by ``check``):
 * **a step writes only private chunks** (``check_writes`` raises
   :class:`SharedChunkWriteError` otherwise): cached chunks are read-only;
 * a slot is either owned by exactly one request or idle; an idle slot may keep
-  chunks mapped (deferred reclamation), at most ``keep_idle_chunks`` in all;
+  chunks mapped (deferred reclamation), at most ``keep_idle_chunks`` in all (the
+  watermark), and for at most ``idle_timeout_s`` (``idle_reclaim.py``: bounded
+  deferred reclamation, checked at each ``reclaim_idle``);
 * a running request's chunks up to what it has asked for, and the chunks of
   every cache block it has locked (its hit and the blocks it inserted, with their
   ancestors), are *pinned*; everything else in use is reclaimable: idle slots'
@@ -29,6 +31,7 @@ Invariants (listed by ``violations``, asserted by ``check``):
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -39,9 +42,12 @@ from .commands import (
     KVCommand,
     MapCachedCommand,
     MapCommand,
+    ReleaseFreeCommand,
     UnmapCommand,
 )
 from .geometry import KVGeometry
+from .idle_policy import Clock, IdleReclaimPolicy
+from .idle_reclaim import IdleReclaimer
 from .placement import SlotPlacer
 from .prefix_cache import NO_MATCH, CachePath, NoPrefixCache, PrefixCache, PrefixMatch
 from .reclaim import Reclaimer
@@ -55,6 +61,7 @@ __all__ = [
     "KVUsage",
     "MapCachedCommand",
     "MapCommand",
+    "ReleaseFreeCommand",
     "SharedChunkWriteError",
     "UnmapCommand",
 ]
@@ -85,10 +92,17 @@ class KVCacheManager:
         keep_idle_chunks: int | None = None,
         reserved_slots: int = 0,
         prefix_cache: PrefixCache | None = None,
+        idle_timeout_s: float | None = None,
+        clock: Clock = time.monotonic,
+        cache_budget_chunks: int | None = None,
     ) -> None:
         """Slots ``[0, reserved_slots)`` belong to the caller and are never handed out;
         their chunks are not counted in ``geometry.capacity_chunks``. Without a
-        ``prefix_cache`` nothing is cached (``NoPrefixCache``)."""
+        ``prefix_cache`` nothing is cached (``NoPrefixCache``). Idle slots keep at most
+        ``keep_idle_chunks`` mappings (None: no limit) for at most ``idle_timeout_s``
+        seconds of ``clock`` (None: no limit). The prefix cache keeps at most
+        ``cache_budget_chunks`` once its blocks are unlocked (None: the pool bounds it),
+        evicting least recently used blocks at each release."""
         if not 0 <= reserved_slots < geometry.num_slots:
             raise ValueError(f"reserved_slots must be in [0, {geometry.num_slots})")
         self.geometry = geometry
@@ -109,6 +123,11 @@ class KVCacheManager:
         self._releases = 0
         self._reclaimer = Reclaimer(self)
         self._placer = SlotPlacer(self)
+        if cache_budget_chunks is not None and cache_budget_chunks < 0:
+            raise ValueError(f"cache_budget_chunks must be >= 0, got {cache_budget_chunks}")
+        self.cache_budget_chunks = cache_budget_chunks
+        policy = IdleReclaimPolicy(self.keep_idle_chunks, idle_timeout_s)
+        self.idle = IdleReclaimer(self, policy, clock)
 
     # ------------------------------------------------------------------ query
     @property
@@ -160,6 +179,9 @@ class KVCacheManager:
 
     def idle_slots(self) -> frozenset[int]:
         return frozenset(self._idle)
+
+    def has_running(self) -> bool:
+        return bool(self._owner)
 
     def has_free_slot(self) -> bool:
         return bool(self._idle)
@@ -286,10 +308,13 @@ class KVCacheManager:
         self.books.pin(self.cache.unlock(self._paths.pop(rid)), -1)
         self._idle.add(slot)
         self._released[slot] = self._releases = self._releases + 1
-        excess = self.idle_chunks - self.keep_idle_chunks
-        if excess > 0:
-            table = self.books.tables[slot]
-            self.books.truncate(slot, len(table) - min(excess, len(table)))
+        self.idle.on_idle(slot)  # the watermark binds at once: the oldest idle slots lose
+
+    def reclaim_idle(self) -> int:
+        """Bounded deferred reclamation (``idle_reclaim.py``): unmap what idle slots keep
+        past the watermark or their idle time, then have the pool release its free
+        chunks to the driver. Cheap unless a deadline passed. Returns chunks freed."""
+        return self.idle.tick()
 
     def reclaim_all(self) -> None:
         """Unmap every idle slot's chunks (shutdown, or a caller that needs the pool).

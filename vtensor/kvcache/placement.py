@@ -66,6 +66,7 @@ class SlotPlacer:
             self.fit_front(slot, hit.chunks)
             if need:
                 self.kv.books.map_fresh(slot, need)
+            self.kv.idle.touch(slot)  # mapped ahead: its idle time starts now
 
     def choose(
         self, want: int, hit: tuple[int, ...], among: AbstractSet[int], pressure: bool = False

@@ -33,6 +33,7 @@ class PoolStats:
     in_use: int
     references: int
     shared: int  # chunks held by more than one reference
+    released: int = 0  # chunks given back to the driver over the pool's life
 
     @property
     def balanced(self) -> bool:
@@ -61,6 +62,7 @@ class ChunkPool:
         self._free: list[PhysicalChunk] = []  # LIFO: the most recently used first
         self._refs: dict[int, int] = {}  # cid -> refcount, for chunks in use
         self._chunks: dict[int, PhysicalChunk] = {}  # cid -> chunk, all created
+        self._released = 0
         self._closed = False
 
     # ----------------------------------------------------------------- capacity
@@ -160,6 +162,7 @@ class ChunkPool:
                 if len(self._chunks) > self._capacity:  # pending shrink
                     del self._chunks[chunk.cid]
                     self.backend.release_chunk(chunk)
+                    self._released += 1
                 else:
                     self._free.append(chunk)
 
@@ -179,6 +182,7 @@ class ChunkPool:
                 in_use=len(self._refs),
                 references=sum(refs),
                 shared=sum(1 for r in refs if r > 1),
+                released=self._released,
             )
 
     def close(self) -> None:
@@ -210,6 +214,7 @@ class ChunkPool:
             chunk = self._free.pop(0)  # oldest first: keep the warm ones
             del self._chunks[chunk.cid]
             self.backend.release_chunk(chunk)
+            self._released += 1
         return n
 
     def _require_in_use(self, chunks: Sequence[PhysicalChunk]) -> None:

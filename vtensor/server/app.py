@@ -155,10 +155,12 @@ def _plain_router(model: ServedModel, runner: AsyncEngine, metrics: ServerMetric
     @router.get("/metrics", response_class=PlainTextResponse, responses=ERRORS)
     async def prometheus() -> PlainTextResponse:
         try:
-            stats = await runner.call(runner.engine.stats)
+            stats, memory = await runner.call(
+                lambda: (runner.engine.stats(), runner.engine.memory_stats())
+            )
         except RuntimeError as exc:
             raise APIError(503, str(exc)) from exc
-        body = metrics.render(stats, time.perf_counter())
+        body = metrics.render(stats, time.perf_counter(), memory)
         return PlainTextResponse(body, media_type="text/plain; version=0.0.4")
 
     @router.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)

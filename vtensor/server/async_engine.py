@@ -48,6 +48,7 @@ from .submission import (
 )
 
 log = logging.getLogger("vtensor.server")
+IDLE_POLL_S = 0.5  # an idle engine thread wakes this often (sooner for an idle deadline)
 CALL_POLL_S = 1.0  # how often a caller waiting on the engine checks that it still runs
 STOP_POLL_S = 0.02  # how often stop() checks that the engine thread has ended
 T = TypeVar("T")
@@ -228,7 +229,9 @@ class AsyncEngine:
                     self._waiting = len(self.engine.scheduler.waiting)
                 else:
                     self._waiting = 0
-                    self._wake.wait(timeout=0.5)
+                    self.engine.reclaim_idle()  # idle slots' time runs out while idle too
+                    due = self.engine.next_reclaim_in()
+                    self._wake.wait(timeout=IDLE_POLL_S if due is None else min(IDLE_POLL_S, due))
                     self._wake.clear()
         except BaseException as exc:  # a failed step: fail every request, stop serving
             log.exception("engine step failed; the server stops serving")

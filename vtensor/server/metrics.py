@@ -12,6 +12,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from vtensor.engine.memory_stats import MemoryStats
 from vtensor.engine.stats import EngineStats
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -98,8 +99,9 @@ class ServerMetrics:
             recent = sum(n for t, n in self._recent if t >= now - RATE_WINDOW_S)
         return recent / RATE_WINDOW_S
 
-    def render(self, stats: EngineStats, now: float) -> str:
-        """The whole exposition: engine gauges from ``stats``, then the server's own."""
+    def render(self, stats: EngineStats, now: float, memory: MemoryStats | None = None) -> str:
+        """The whole exposition: engine gauges from ``stats`` (and the held bytes from
+        ``memory``), then the server's own."""
         rate = self.tokens_per_s(now)
         capacity, in_use = stats.pool_capacity_chunks, stats.pool_in_use_chunks
         gauges = [
@@ -138,6 +140,7 @@ class ServerMetrics:
             ("prefix_cache_evicted_chunks_total", "KV chunks freed by evicting cached blocks",
              stats.prefix_cache_evicted_chunks),
         ]  # fmt: skip
+        gauges += _memory_gauges(memory) if memory is not None else []
         lines: list[str] = []
         for name, help_text, value in gauges:
             lines += _scalar(f"vtensor_{name}", help_text, "gauge", value)
@@ -174,6 +177,30 @@ class ServerMetrics:
             )
             lines += self.e2e.render("vtensor_e2e_request_latency_seconds", "Request latency")
         return lines
+
+
+def _memory_gauges(m: MemoryStats) -> list[tuple[str, str, float]]:
+    """The bytes the engine holds, by class (``engine/memory_stats.py``)."""
+    gauges: list[tuple[str, str, float]] = [
+        ("memory_kv_held_bytes", "KV chunks created and not released to the driver",
+         m.kv_held_bytes),
+        ("memory_kv_live_bytes", "KV chunks mapped by running requests (not cached)",
+         m.kv_live_bytes),
+        ("memory_kv_prefix_cached_bytes", "KV chunks held by the prefix cache",
+         m.kv_prefix_cached_bytes),
+        ("memory_kv_idle_bytes", "KV chunks only idle slots map (bounded reclamation)",
+         m.kv_idle_bytes),
+        ("memory_kv_free_in_pool_bytes", "KV chunks free in the pool, not yet released",
+         m.kv_free_in_pool_bytes),
+        ("memory_kv_scratch_bytes", "KV chunks of the scratch slot", m.kv_scratch_bytes),
+        ("memory_kv_chunks_released", "KV chunks released to the driver since start",
+         m.kv_released_chunks),
+        ("memory_weights_bytes", "Model weights on this device (rank 0)", m.weights_bytes),
+    ]  # fmt: skip
+    if m.workspace_bytes is not None:
+        gauges.append(("memory_workspace_bytes", "Torch allocator reserve beyond the weights",
+                       m.workspace_bytes))  # fmt: skip
+    return gauges
 
 
 def _scalar(name: str, help_text: str, kind: str, value: float) -> list[str]:

@@ -1,0 +1,100 @@
+"""MemoryStats: the bytes the engine holds, by what they hold (``LLM.memory_stats()``).
+
+KV chunks are counted from the books once the mapper has applied every queued
+command (``arena.wait_all``), so the classes add up to what the pool holds:
+
+    kv_held = scratch + live + prefix_cached + idle + free_in_pool
+
+* **live**: chunks a running request's slot maps (its KV, and chunks mapped
+  ahead for it), not held by the prefix cache;
+* **prefix_cached**: chunks the prefix cache holds (its own LRU; never "idle",
+  even when only idle slots map them);
+* **idle**: chunks only idle slots map (deferred reclamation, bounded by the
+  watermark and the idle time);
+* **free in the pool**: created and unmapped, not yet released to the driver;
+* **scratch**: the scratch slot's chunks (CUDA graphs' padding rows), for good.
+
+Weights are the model's state (parameters, persistent buffers) on this rank. Workspace is
+what the torch allocator reserves beyond them (activations, CUDA graph pools,
+the attention workspace): on CUDA ``torch.cuda.memory_reserved - weights``; on
+the CPU there is no allocator to ask, so it is None (unknown), not 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vtensor.kvcache.arena import KVArena
+from vtensor.kvcache.manager import KVCacheManager
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    chunk_size: int
+    kv_live_bytes: int
+    kv_prefix_cached_bytes: int
+    kv_idle_bytes: int
+    kv_free_in_pool_bytes: int
+    kv_scratch_bytes: int
+    kv_released_chunks: int  # given back to the driver over the engine's life
+    weights_bytes: int
+    workspace_bytes: int | None  # None: not measurable (CPU)
+
+    @property
+    def kv_held_bytes(self) -> int:
+        """Every KV chunk created and not released: the pool's footprint."""
+        return (
+            self.kv_live_bytes
+            + self.kv_prefix_cached_bytes
+            + self.kv_idle_bytes
+            + self.kv_free_in_pool_bytes
+            + self.kv_scratch_bytes
+        )
+
+    @property
+    def held_bytes(self) -> int:
+        """Everything the engine holds on its device (workspace counted as 0 if unknown)."""
+        return self.kv_held_bytes + self.weights_bytes + (self.workspace_bytes or 0)
+
+
+def module_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a module's state (parameters and persistent buffers: what a checkpoint
+    holds), each storage counted once (tied weights). Derived tables (RoPE's, not
+    persistent) count as workspace."""
+    seen: set[int] = set()
+    total = 0
+    for t in model.state_dict(keep_vars=True).values():
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:  # tied weights
+            continue
+        seen.add(ptr)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def collect_memory(
+    kv: KVCacheManager, arena: KVArena, weights_bytes: int, scratch_chunks: int
+) -> MemoryStats:
+    """Wait for the mapper, then count (on the engine's thread: the books are not
+    thread-safe)."""
+    arena.wait_all()
+    chunk = kv.geometry.chunk_size
+    live, idle = kv.books.count_uncached(kv.owners().values())
+    pool = arena.pool.stats()
+    device = arena.tensor.device
+    workspace = None
+    if device.type == "cuda":
+        workspace = torch.cuda.memory_reserved(device) - weights_bytes
+    return MemoryStats(
+        chunk_size=chunk,
+        kv_live_bytes=live * chunk,
+        kv_prefix_cached_bytes=kv.books.cached_count * chunk,
+        kv_idle_bytes=idle * chunk,
+        kv_free_in_pool_bytes=pool.free * chunk,
+        kv_scratch_bytes=scratch_chunks * chunk,
+        kv_released_chunks=pool.released,
+        weights_bytes=weights_bytes,
+        workspace_bytes=workspace,
+    )
