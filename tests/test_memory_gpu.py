@@ -38,26 +38,30 @@ def free_bytes() -> int:
 
 
 def test_memory_stats_match_the_driver_and_idle_kv_goes_back(tmp_path: Path, make_llm) -> None:
+    """What a burst takes from the driver is what ``memory_stats`` says it holds (KV
+    chunks plus torch's reserve), and past the idle time ``cuMemRelease`` gives the idle
+    chunks back. The baseline is a warm engine: kernel modules, cuBLAS and CUDA graphs
+    take driver memory once, outside any allocator we could ask (measured on the H100:
+    ~2 GiB at first use, the same with or without VMM), so they are not the claim."""
     make_checkpoint(tmp_path, "llama", **SHAPE)
-    gc.collect()
-    torch.cuda.empty_cache()
-    free0, reserved0 = free_bytes(), torch.cuda.memory_reserved()
     llm: Any = make_llm(str(tmp_path), device="cuda", dtype="float32", max_num_seqs=8,
                         kv_cache_bytes=256 * MiB, keep_idle_chunks=1 << 20,
-                        kv_idle_timeout_s=2.0)  # fmt: skip
+                        kv_idle_timeout_s=2.0,
+                        enable_prefix_caching=False)  # fmt: skip
     clock = ManualClock()
     llm.engine.set_clock(clock)
     params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    llm.generate(random_prompts(8, 512, lo=10, hi=20), SamplingParams(max_tokens=4))  # warm
+    m0, free0, reserved0 = llm.memory_stats(), free_bytes(), torch.cuda.memory_reserved()
     llm.generate(random_prompts(8, 512, lo=200, hi=400), params)
     m = llm.memory_stats()
     free1 = free_bytes()
-    torch_delta = torch.cuda.memory_reserved() - reserved0
     assert m.workspace_bytes is not None and m.workspace_bytes >= 0
     assert m.kv_idle_bytes >= 8 * 3 * 2 * MiB, m  # >= 3 chunks per request kept idle
-    # The driver's view: what left free memory is torch's reserve plus our KV chunks.
+    # The driver's view: what the burst took is torch's reserve plus our new KV chunks.
     driver_used = free0 - free1
-    expected = torch_delta + m.kv_held_bytes
-    assert abs(driver_used - expected) <= SLACK, (driver_used, expected, m)
+    expected = torch.cuda.memory_reserved() - reserved0 + m.kv_held_bytes - m0.kv_held_bytes
+    assert abs(driver_used - expected) <= SLACK, (driver_used, expected, m0, m)
     # Past the idle time the idle chunks are unmapped and released: free memory grows
     # by their bytes (cuMemRelease, not just the pool's books).
     clock.advance(2.0)
@@ -78,16 +82,16 @@ def test_cuda_graphs_replay_over_chunks_released_and_created_again(
     must still equal eager execution, token for token (fp32)."""
     make_checkpoint(tmp_path, "llama", **SHAPE)
     kw = dict(device="cuda", dtype="float32", max_num_seqs=8, keep_idle_chunks=0,
-              kv_idle_timeout_s=0.0)  # fmt: skip
+              kv_idle_timeout_s=0.0, enable_prefix_caching=False)  # fmt: skip
     graphed = make_llm(str(tmp_path), **kw)
     eager = make_llm(str(tmp_path), enforce_eager=True, **kw)
     assert graphed.engine.runner.graphs is not None
     params = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
     for _ in range(3):
         prompts = random_prompts(6, 512, lo=50, hi=300)
-        released = graphed.engine.pool.stats().released
+        released = graphed.memory_stats().kv_released_chunks  # (waits for the mapper)
         a = graphed.generate(prompts, params)
-        assert graphed.engine.pool.stats().released > released  # chunks went back
+        assert graphed.memory_stats().kv_released_chunks > released  # chunks went back
         b = eager.generate(prompts, params)
         for x, y in zip(a, b):
             assert x.outputs[0].token_ids == y.outputs[0].token_ids
