@@ -7,7 +7,6 @@ Skipped with a reason on machines without a GPU; run on the H100.
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 from typing import Any
 

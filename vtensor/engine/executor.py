@@ -10,7 +10,8 @@ plan to the other ranks first, and every rank hands it to its own executor:
 2. ``write_tokens``: rank 0 has drawn from the logits; its sampled tokens go into
    every rank's token table (a broadcast on the device group, queued on the
    stream like a kernel: async scheduling never waits for it);
-3. ``mark_launched``: the event that the next unmap waits for.
+3. ``mark_launched``: the event that the next unmap of a slot this step touched
+   waits for.
 
 Every rank's arena has the same layout (``models/parallel.py``), so rank 0's
 commands, computed from its own books, fit every arena.
@@ -55,12 +56,15 @@ class StepExecutor:
         self.counters = counters
         self.device = runner.device
         self._last_launch_done: torch.cuda.Event | None = None  # the unmap fence
+        self._running_slots: frozenset[int] = frozenset()  # the last queued step's
+        self._last_launch_slots: frozenset[int] = frozenset()  # the last launched step's
 
     def run(self, plan: StepPlan) -> ForwardOutput | None:
         """Apply the plan's KV commands, then queue its forward pass (None: no spans)."""
         self._apply_kv(plan)
         if not plan.inputs:
             return None
+        self._running_slots = frozenset(sp.slot for sp in plan.inputs)
         return self.runner.execute(plan.inputs)
 
     def write_tokens(self, forward: ForwardOutput, tokens: torch.Tensor | None) -> None:
@@ -75,24 +79,32 @@ class StepExecutor:
         if self.device.type == "cuda":
             self._last_launch_done = torch.cuda.Event()
             self._last_launch_done.record()
+        self._last_launch_slots = self._running_slots
 
     def _apply_kv(self, plan: StepPlan) -> None:
         """Queue the plan's commands on the mapper and wait for the chunks this step
         touches.
 
-        Unmapping first waits for the last launched step (counted as ``unmap_fences``):
-        it may still write a slot whose request finished or was aborted since. Maps need
-        no wait. The whole window is timed (the mapper thread can also delay this one
-        through the GIL).
+        Unmapping a slot that the last launched step touched first waits for that step
+        (counted as ``unmap_fences``): it may still write the slot, whose request
+        finished or was aborted since. Other slots need no wait: every earlier step was
+        read (a host sync) before this one was scheduled, and a step touches only its
+        spans' slots and the scratch slot, which is never unmapped. Maps need no wait.
+        The whole window is timed (the mapper thread can also delay this one through
+        the GIL).
         """
         t_kv = time.perf_counter()
         for commands in (plan.kv_commands, plan.ahead_commands):
             done = self._last_launch_done
-            unmaps = any(isinstance(c, UnmapCommand) for c in commands)
-            if unmaps and done is not None and not done.query():
+            if done is not None and self._unmaps_in_flight(commands) and not done.query():
                 self.counters.unmap_fences += 1
                 done.synchronize()
             self.arena.apply(commands)
         geometry = self.arena.geometry
         self.arena.wait_ready((sp.slot, geometry.chunks_for(sp.end)) for sp in plan.inputs)
         self.counters.kv_sync_s += time.perf_counter() - t_kv
+
+    def _unmaps_in_flight(self, commands: list[KVCommand]) -> bool:
+        """Whether a command unmaps part of a slot the last launched step touched."""
+        slots = self._last_launch_slots
+        return any(isinstance(c, UnmapCommand) and c.slot in slots for c in commands)
