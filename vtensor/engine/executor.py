@@ -10,8 +10,8 @@ plan to the other ranks first, and every rank hands it to its own executor:
 2. ``write_tokens``: rank 0 has drawn from the logits; its sampled tokens go into
    every rank's token table (a broadcast on the device group, queued on the
    stream like a kernel: async scheduling never waits for it);
-3. ``mark_launched``: the event that the next unmap of a slot this step touched
-   waits for.
+3. ``mark_launched``: the event that an unmap of a slot this step touched waits
+   for while the step may still run.
 
 Every rank's arena has the same layout (``models/parallel.py``), so rank 0's
 commands, computed from its own books, fit every arena.
@@ -20,7 +20,10 @@ commands, computed from its own books, fit every arena.
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -55,9 +58,12 @@ class StepExecutor:
         self.group = group
         self.counters = counters
         self.device = runner.device
-        self._last_launch_done: torch.cuda.Event | None = None  # the unmap fence
         self._running_slots: frozenset[int] = frozenset()  # the last queued step's
-        self._last_launch_slots: frozenset[int] = frozenset()  # the last launched step's
+        # Launched steps not yet seen complete, oldest first: the unmap fences.
+        self._in_flight: deque[Launch] = deque()
+        self._new_event: Callable[[], DoneEvent] | None = None
+        if self.device.type == "cuda":
+            self._new_event = torch.cuda.Event
 
     def run(self, plan: StepPlan) -> ForwardOutput | None:
         """Apply the plan's KV commands, then queue its forward pass (None: no spans)."""
@@ -76,35 +82,62 @@ class StepExecutor:
         self.runner.tokens.write(forward.sample_slots, self.group.broadcast(tokens))
 
     def mark_launched(self) -> None:
-        if self.device.type == "cuda":
-            self._last_launch_done = torch.cuda.Event()
-            self._last_launch_done.record()
-        self._last_launch_slots = self._running_slots
+        if self._new_event is not None:
+            done = self._new_event()
+            done.record()
+            self._in_flight.append(Launch(done, self._running_slots))
 
     def _apply_kv(self, plan: StepPlan) -> None:
         """Queue the plan's commands on the mapper and wait for the chunks this step
         touches.
 
-        Unmapping a slot that the last launched step touched first waits for that step
+        Unmapping a slot that a step still on the GPU touched first waits for that step
         (counted as ``unmap_fences``): it may still write the slot, whose request
-        finished or was aborted since. Other slots need no wait: every earlier step was
-        read (a host sync) before this one was scheduled, and a step touches only its
-        spans' slots and the scratch slot, which is never unmapped. Maps need no wait.
-        The whole window is timed (the mapper thread can also delay this one through
-        the GIL).
+        finished or was aborted since. That is the last launched step, and any earlier
+        one whose tokens were never read (a step that draws nothing, such as a chunk of
+        a long prompt, is never waited for). Other slots need no wait: a step touches
+        only its spans' slots and the scratch slot, which is never unmapped. Maps need
+        no wait. The whole window is timed (the mapper thread can also delay this one
+        through the GIL).
         """
         t_kv = time.perf_counter()
         for commands in (plan.kv_commands, plan.ahead_commands):
-            done = self._last_launch_done
-            if done is not None and self._unmaps_in_flight(commands) and not done.query():
-                self.counters.unmap_fences += 1
-                done.synchronize()
+            self._fence_unmaps(commands)
             self.arena.apply(commands)
         geometry = self.arena.geometry
         self.arena.wait_ready((sp.slot, geometry.chunks_for(sp.end)) for sp in plan.inputs)
         self.counters.kv_sync_s += time.perf_counter() - t_kv
 
-    def _unmaps_in_flight(self, commands: list[KVCommand]) -> bool:
-        """Whether a command unmaps part of a slot the last launched step touched."""
-        slots = self._last_launch_slots
-        return any(isinstance(c, UnmapCommand) and c.slot in slots for c in commands)
+    def _fence_unmaps(self, commands: list[KVCommand]) -> None:
+        """Wait for the latest step in flight that touched a slot ``commands`` unmap
+        (and so for every step before it: one stream)."""
+        unmapped = {c.slot for c in commands if isinstance(c, UnmapCommand)}
+        if not unmapped:
+            return
+        while self._in_flight and self._in_flight[0].done.query():
+            self._in_flight.popleft()
+        for i in range(len(self._in_flight) - 1, -1, -1):
+            if self._in_flight[i].slots & unmapped:
+                self.counters.unmap_fences += 1
+                self._in_flight[i].done.synchronize()
+                for _ in range(i + 1):
+                    self._in_flight.popleft()
+                return
+
+
+class DoneEvent(Protocol):
+    """What the fence needs of a CUDA event (tests stand in for it on the CPU)."""
+
+    def record(self) -> None: ...
+
+    def query(self) -> bool: ...
+
+    def synchronize(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Launch:
+    """A launched step: its completion event and the slots it touched."""
+
+    done: DoneEvent
+    slots: frozenset[int]
