@@ -171,19 +171,3 @@ def test_a_step_waits_only_for_the_chunks_it_touches(make_pool) -> None:
     assert arena.vt.mapped_chunks == 3
     arena.apply([UnmapCommand(1, 0, 1), UnmapCommand(2, 0, 2)])
     arena.close()
-
-
-def test_spare_slots_only_with_prefix_caching_and_within_rows_and_address_space() -> None:
-    from vtensor.kvcache.layout import MAX_ROWS, SPARE_ADDRESS_BYTES, spare_slots
-
-    seqs = random.randint(1, 512)
-    assert spare_slots(seqs, 4096, 1 << 17, caching=False) == 0
-    assert spare_slots(seqs, 4096, 1 << 17, caching=True) == seqs
-    # 1M-token slots: int32 rows leave room for 2047 slots in all, seats and scratch first.
-    assert spare_slots(2000, 1 << 20, 64, caching=True) == MAX_ROWS // (1 << 20) - 2001
-    assert spare_slots(4000, 1 << 20, 64, caching=True) == 0
-    # 1 GiB slots: the address space cap binds before the rows do.
-    slot_bytes = 1 << 30
-    assert spare_slots(seqs, 8192, slot_bytes // 8192, True) == min(
-        seqs, SPARE_ADDRESS_BYTES // slot_bytes - seqs - 1
-    )

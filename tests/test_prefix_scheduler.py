@@ -11,7 +11,7 @@ from tests.test_scheduler import TPC, launch, read_late, run_step
 from vtensor.engine.params import SamplingParams
 from vtensor.engine.request import Request, RequestStatus
 from vtensor.engine.scheduler import Scheduler, SchedulerConfig
-from vtensor.kvcache.manager import KVCacheManager, KVGeometry, MapCommand
+from vtensor.kvcache.manager import KVCacheManager, KVGeometry
 from vtensor.kvcache.radix_cache import RadixPrefixCache
 
 
@@ -94,29 +94,3 @@ def test_random_shared_prefix_workloads_finish_and_give_every_chunk_back() -> No
         assert s.prefix_hits > 0
         assert s.kv.reset_prefix_cache() and s.kv.usage().committed_chunks == 0
         s.kv.check()
-
-
-def test_with_every_seat_taken_the_next_request_is_mapped_ahead_into_a_spare_slot() -> None:
-    """Two seats and two spare slots: while both seats run, the waiting request's
-    chunks are mapped ahead (premap) into a spare slot, so the step that admits it
-    maps nothing, and the finished request's slot keeps its cached blocks mapped."""
-    geo = KVGeometry(4, 256, 512, 4096, 64)  # 2 seats + 2 spare slots
-    kv = KVCacheManager(geo, prefix_cache=RadixPrefixCache(*geo.cache_block()))
-    s, rng = Scheduler(SchedulerConfig(2, 64, 0), kv), random.Random()
-    for rid in range(2):
-        s.add(with_prompt(rid, [rng.randrange(100) for _ in range(2 * TPC)], rng.randint(3, 9)))
-    nxt = with_prompt(2, [rng.randrange(100) for _ in range(3 * TPC + 1)], 2)
-    s.add(nxt)
-    premapped = None
-    while nxt.status is RequestStatus.WAITING:
-        out = run_step(s, rng)
-        ahead = [c for c in out.ahead_commands if isinstance(c, MapCommand)]
-        if ahead and premapped is None:
-            premapped = ahead[0].slot
-            assert premapped not in {kv.slot_of(r.rid) for r in s.running}
-    assert premapped is not None and kv.slot_of(nxt.rid) == premapped
-    assert not [c for c in out.kv_commands if isinstance(c, MapCommand)]  # nothing to wait for
-    cached_slots = [t for i, t in enumerate(kv.books.tables) if t and i != premapped]
-    assert cached_slots  # the finished requests' slots still map their cached blocks
-    while s.has_unfinished():
-        run_step(s, rng)

@@ -205,11 +205,7 @@ class Scheduler:
         """Map, during this step, the slots that the next step's admissions will take:
         a prompt's chunks are otherwise mapped in the very step that needs them."""
         budget = self.config.max_num_batched_tokens
-        # Seats free now, and those that requests reaching their length free within two
-        # steps (async scheduling reads a step late); with every seat taken, one anyway
-        # (an EOS may free it): the spare idle slots (``engine/setup.py``) take it.
-        ending = sum(1 for r in self.running if r.max_len - r.num_tokens <= 2)
-        seats = max(1, self.config.max_num_seqs - len(self.running) + ending)
+        seats = self.config.max_num_seqs - len(self.running)
         wanted: list[int] = []
         hits: list[PrefixMatch] = []
         for req in itertools.islice(self.waiting, max(0, seats)):

@@ -15,7 +15,7 @@ import torch
 from vtensor.distributed import TPGroup
 from vtensor.kvcache.arena import KVArena
 from vtensor.kvcache.idle_policy import default_watermark
-from vtensor.kvcache.layout import KVLayout, spare_slots
+from vtensor.kvcache.layout import KVLayout
 from vtensor.kvcache.manager import KVCacheManager, KVGeometry
 from vtensor.kvcache.prefix_cache import NoPrefixCache, PrefixCache
 from vtensor.kvcache.radix_cache import RadixPrefixCache
@@ -240,8 +240,7 @@ def build_arena(
     kv_heads: int | None = None,
     group: TPGroup | None = None,
 ) -> tuple[KVArena, ChunkPool]:
-    """The arena has one slot per schedulable request, a scratch slot for graph padding,
-    and with prefix caching as many spare slots (``spare_slots``).
+    """The arena has one slot per schedulable request, plus a scratch slot for graph padding.
 
     ``kv_heads``: the KV heads this rank holds (default: all of the model's). With a
     group, every rank's pool gets the smallest rank's budget, so that every arena can
@@ -257,11 +256,7 @@ def build_arena(
         rt.max_model_len, bytes_per_token, backend.chunk_size
     )
     layout = KVLayout(
-        config.max_num_seqs
-        + 1
-        + spare_slots(
-            config.max_num_seqs, max_tokens, bytes_per_token, config.enable_prefix_caching
-        ),
+        config.max_num_seqs + 1,
         max_tokens,
         cfg.num_layers,
         kv_heads,

@@ -22,25 +22,6 @@ from dataclasses import dataclass
 import torch
 
 MAX_ROWS = 2**31 - 1  # slots x max_tokens: cache rows are addressed with int32
-SPARE_ADDRESS_BYTES = 16 << 40  # spare slots stop where the arena would pass 16 TiB
-
-
-def spare_slots(max_num_seqs: int, max_tokens: int, bytes_per_token: int, caching: bool) -> int:
-    """Idle slots beyond one per schedulable request, with prefix caching: address
-    space only, nothing mapped until used.
-
-    A finished request's slot keeps mapping its cached blocks, so its conversation's
-    next turn takes the slot back with nothing remapped. With every seat taken, a new
-    request would otherwise get such a slot, unmap its blocks and map fresh chunks in
-    the step that admits it; a spare slot is mapped ahead instead (``premap``) while
-    the GPU computes. As many as ``max_num_seqs``, fewer where the cache rows (int32)
-    or ``SPARE_ADDRESS_BYTES`` of address space would not hold them."""
-    if not caching:
-        return 0
-    base = max_num_seqs + 1  # and the scratch slot
-    fit_rows = MAX_ROWS // max_tokens - base
-    fit_address = SPARE_ADDRESS_BYTES // (max_tokens * bytes_per_token) - base
-    return max(0, min(max_num_seqs, fit_rows, fit_address))
 
 
 @dataclass(frozen=True)
