@@ -1,0 +1,64 @@
+"""WeightRegion: bytes survive offload/restore at the same address; discard/restore maps
+fresh chunks there; every chunk goes back to the driver while released; refused
+transitions change nothing. On the host backend everywhere, and on CUDA with a GPU."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from vtensor.memory import PhysicalBackend, PinnedHostMemory, VTensorMemoryError
+from vtensor.memory.host import HostBackend
+from vtensor.memory.weight_region import RegionState, WeightRegion
+
+
+def region_on(backend: PhysicalBackend, nbytes: int) -> WeightRegion:
+    return WeightRegion(backend, nbytes, PinnedHostMemory(pin=backend.device.type == "cuda"))
+
+
+def resident(backend: PhysicalBackend) -> int | None:
+    return backend.resident_bytes() if isinstance(backend, HostBackend) else None
+
+
+def test_offload_restore_keeps_bytes_and_address(backend: PhysicalBackend) -> None:
+    rng = random.Random()
+    nbytes = rng.randint(1, 5) * backend.chunk_size - rng.randint(0, 999)
+    region = region_on(backend, nbytes)
+    try:
+        x = region.view(torch.float32, (nbytes // 4,), 0)
+        x.copy_(torch.randn(nbytes // 4, device=backend.device))
+        want, ptr = x.clone(), x.data_ptr()
+        assert resident(backend) in (None, region.nbytes)
+        region.offload()
+        assert region.state is RegionState.OFFLOADED and region.stats().mapped_bytes == 0
+        assert region.pool.stats().created == 0 and region.pool.stats().released > 0
+        assert resident(backend) in (None, 0)  # the memfd's pages really went back
+        assert region.stats().host_bytes == region.nbytes and not region.problems()
+        with pytest.raises(VTensorMemoryError):
+            region.offload()  # not resident: refused, nothing changes
+        region.restore()
+        assert region.state is RegionState.RESIDENT and not region.problems()
+        assert x.data_ptr() == ptr and torch.equal(x, want)
+        assert region.host.stats().live_bytes == 0  # the host copy was freed
+        region.discard()
+        assert region.stats().mapped_bytes == 0 and resident(backend) in (None, 0)
+        region.restore()
+        x.fill_(3.0)  # fresh chunks at the same address, writable again
+        assert float(x.sum()) == 3.0 * x.numel() and not region.problems()
+        with pytest.raises(VTensorMemoryError):
+            region.restore()  # already resident
+    finally:
+        region.close()
+        region.host.close()
+    assert region.pool.closed and region.host.stats().live_bytes == 0
+
+
+def test_close_while_offloaded_frees_everything(host_backend: PhysicalBackend) -> None:
+    region = region_on(host_backend, 3 * host_backend.chunk_size)
+    region.bytes().fill_(7)
+    region.offload()
+    region.close()
+    assert region.pool.closed and region.host.stats().live_bytes == 0
+    assert resident(host_backend) == 0
