@@ -363,7 +363,7 @@ class LLMEngine:
         the mapper thread, so the KV classes add up to the pool's chunks."""
         scratch = self.kv.geometry.chunks_for(1)
         weights = self.weights_bytes if self.weights is None else self.weights.held_bytes()
-        return collect_memory(self.kv, self.arena, weights, scratch)
+        return collect_memory(self.kv, self.arena, weights, scratch, self.weights is None)
 
     @property
     def closed(self) -> bool:

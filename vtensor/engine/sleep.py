@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from vtensor.kvcache.commands import ReleaseFreeCommand
 from vtensor.memory import open_backend
 from vtensor.models.config import ModelConfig
 from vtensor.models.llama import LlamaForCausalLM
@@ -108,9 +109,10 @@ class SleepMode:
             raise EngineBusyError(
                 "requests are unfinished: let them finish (or abort them) before sleeping"
             )
-        engine.arena.wait_all()  # every unmap applied: the pool's free list is complete
         self._synchronize()  # no kernel of a finished step may still read what goes
-        engine.pool.trim(0)
+        # The mapper thread releases the pool's free chunks after the unmaps queued above.
+        engine.arena.apply([ReleaseFreeCommand(keep_free=0)])
+        engine.arena.wait_all()
         if level == 1:
             weights.offload()
         else:

@@ -86,6 +86,7 @@ class WeightRegion:
         """Copy the bytes to host memory, then unmap and release every chunk. The caller
         guarantees nothing reads or writes the range meanwhile (synchronize first)."""
         self._require(RegionState.RESIDENT)
+        self.backend.bind_thread()  # the engine's thread may not be the creating one
         buf = self.host.alloc(self.nbytes)
         try:
             buf.tensor.copy_(self.bytes())  # a blocking copy: done when it returns
@@ -99,6 +100,7 @@ class WeightRegion:
     def discard(self) -> None:
         """Unmap and release every chunk; the bytes are lost."""
         self._require(RegionState.RESIDENT)
+        self.backend.bind_thread()
         self._release()
         self.state = RegionState.DISCARDED
 
@@ -107,6 +109,7 @@ class WeightRegion:
         and frees the host copy. A discarded one holds undefined bytes: refill them."""
         if self.state is RegionState.RESIDENT:
             raise VTensorMemoryError("the weight region is already resident")
+        self.backend.bind_thread()
         self.vt.map(0, self.nbytes)
         if self._copy is not None:
             try:
@@ -138,6 +141,7 @@ class WeightRegion:
     def close(self) -> None:
         """Unmap, release the chunks and the reservation, free the host copy."""
         if not self.vt.closed:
+            self.backend.bind_thread()
             self.vt.close()
             self.pool.close()
         if self._copy is not None:
