@@ -177,11 +177,14 @@ def report(payload: dict[str, Any]) -> None:
     )
     print(head)
     for r in payload["rows"]:
+        # The weights' bytes over the seconds, as a share of the copy ceiling each way.
+        out = r["weights_bytes"] / r["sleep_s"] / 1e9 / c["d2h_gbps"]
         rate = r["weights_bytes"] / r["wake_s"] / 1e9
         print(
             f"{r['level']:>3} {r['held_bytes'] / 1e9:>8.2f} {r['freed_bytes'] / 1e9:>8.2f} "
-            f"{100 * r['freed_share']:>6.1f}% {r['sleep_s']:>7.2f} {r['wake_s']:>7.2f} "
-            f"{rate:>9.1f} {rate / c['h2d_gbps']:>6.0%} {r['tokens_equal']!s:>11}"
+            f"{100 * r['freed_share']:>6.1f}% {r['sleep_s']:>7.2f} {out:>6.0%} "
+            f"{r['wake_s']:>7.2f} {rate:>9.1f} {rate / c['h2d_gbps']:>6.0%} "
+            f"{r['tokens_equal']!s:>11}"
         )
     ok = all(r["freed_share"] >= 0.95 and r["tokens_equal"] for r in payload["rows"])
     print(f"goal (>= 95% freed, tokens unchanged): {'met' if ok else 'NOT met'}")
