@@ -32,6 +32,8 @@ from .pinned import HostBuffer, PinnedHostMemory
 from .pool import ChunkPool
 from .virtual import VirtualTensor
 
+COPY_PIECE = 1 << 30  # bytes per copy call: no single copy of a whole model's bytes
+
 
 class RegionState(Enum):
     RESIDENT = "resident"
@@ -89,7 +91,7 @@ class WeightRegion:
         self.backend.bind_thread()  # the engine's thread may not be the creating one
         buf = self.host.alloc(self.nbytes)
         try:
-            buf.tensor.copy_(self.bytes())  # a blocking copy: done when it returns
+            _copy(buf.tensor, self.bytes())
         except BaseException:
             self.host.free(buf)
             raise
@@ -113,9 +115,7 @@ class WeightRegion:
         self.vt.map(0, self.nbytes)
         if self._copy is not None:
             try:
-                self.bytes().copy_(self._copy.tensor)
-                if self.backend.device.type == "cuda":
-                    torch.cuda.synchronize(self.backend.device)
+                _copy(self.bytes(), self._copy.tensor)
             except BaseException:
                 self._release()
                 raise
@@ -155,3 +155,15 @@ class WeightRegion:
     def _require(self, state: RegionState) -> None:
         if self.state is not state:
             raise VTensorMemoryError(f"the weight region is {self.state.value}, not {state.value}")
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """A blocking byte copy between host and device (or host and host), in pieces; done
+    when it returns (the device is synchronized)."""
+    for start in range(0, dst.numel(), COPY_PIECE):
+        end = min(start + COPY_PIECE, dst.numel())
+        dst[start:end].copy_(src[start:end], non_blocking=True)
+    for t in (dst, src):
+        if t.device.type == "cuda":
+            torch.cuda.synchronize(t.device)
+            break
