@@ -35,7 +35,7 @@ RESPONSES: dict[int | str, dict[str, object]] = {
 def sleep_router(runner: AsyncEngine) -> APIRouter:
     router = APIRouter()
 
-    @router.post("/sleep", responses=RESPONSES)
+    @router.post("/sleep", response_class=Response, responses=RESPONSES)
     async def sleep(level: str = "1") -> Response:
         """Drop all KV and give the weights' memory back (level 1: a copy stays in host
         memory; level 2: reloaded on wake)."""
@@ -55,7 +55,7 @@ def sleep_router(runner: AsyncEngine) -> APIRouter:
             raise APIError(503, str(exc)) from exc
         return Response(status_code=200)
 
-    @router.post("/wake_up", responses=RESPONSES)
+    @router.post("/wake_up", response_class=Response, responses=RESPONSES)
     async def wake_up() -> Response:
         """Map the weights back (KV returns on demand); nothing to do when awake."""
         try:
