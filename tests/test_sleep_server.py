@@ -6,6 +6,7 @@ sleeping while a request runs is 409 and drops nothing; the API key guards them 
 from __future__ import annotations
 
 import random
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -40,6 +41,13 @@ def complete(server: Served, prompt: list[int], **extra: Any) -> Any:
     return post(server, "/v1/completions", json=body)
 
 
+def weights_bytes(server: Served) -> float:
+    text = requests.get(server.url + "/metrics", timeout=30).text
+    found = re.search(r"^vtensor_memory_weights_bytes (\S+)$", text, re.M)
+    assert found, "no weights gauge in /metrics"
+    return float(found.group(1))
+
+
 def test_routes_need_the_key(server: Served) -> None:
     for method, path in (("post", "/sleep"), ("post", "/wake_up"), ("get", "/is_sleeping")):
         resp = getattr(requests, method)(server.url + path, timeout=30)
@@ -55,6 +63,7 @@ def test_503_while_asleep_then_the_same_request_succeeds(server: Served, level: 
     resp = post(server, "/sleep", params={"level": level})
     assert resp.status_code == 200 and resp.content == b""
     assert is_sleeping(server)
+    assert weights_bytes(server) == 0  # /metrics answers while asleep: nothing held
     for stream in (False, True):
         refused = complete(server, prompt, stream=stream)
         assert refused.status_code == 503
@@ -66,6 +75,7 @@ def test_503_while_asleep_then_the_same_request_succeeds(server: Served, level: 
     assert server.runner.call_blocking(lambda: server.engine.sleep_mode.level) == level
     assert post(server, "/wake_up").status_code == 200
     assert not is_sleeping(server)
+    assert weights_bytes(server) == server.engine.weights.region.nbytes
     woke = complete(server, prompt)
     assert woke.status_code == 200
     assert woke.json()["choices"][0]["text"] == awake.json()["choices"][0]["text"]

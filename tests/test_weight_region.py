@@ -62,3 +62,41 @@ def test_close_while_offloaded_frees_everything(host_backend: PhysicalBackend) -
     region.close()
     assert region.pool.closed and region.host.stats().live_bytes == 0
     assert resident(host_backend) == 0
+
+
+def test_random_transitions_keep_the_invariants(host_backend: PhysicalBackend) -> None:
+    """Random sequences of offload / discard / restore / write, refused ones included:
+    after each, the region's invariants hold, a resident region reads what was last
+    written (or restored), and the memfd holds pages exactly while resident."""
+    rng = random.Random()
+    region = region_on(host_backend, rng.randint(1, 4) * host_backend.chunk_size)
+    x = region.view(torch.int32, (region.nbytes // 4,), 0)
+    want: torch.Tensor | None = torch.zeros_like(x)
+    try:
+        for _ in range(40):
+            op = rng.choice(["offload", "discard", "restore", "write"])
+            was = region.state
+            if op == "write":
+                if was is RegionState.RESIDENT:
+                    want = torch.randint(-(2**31), 2**31 - 1, x.shape, dtype=torch.int32)
+                    x.copy_(want)
+                continue
+            legal = (was is RegionState.RESIDENT) == (op != "restore")
+            if not legal:
+                with pytest.raises(VTensorMemoryError):
+                    getattr(region, op)()
+                assert region.state is was
+            else:
+                getattr(region, op)()
+                if op == "discard":
+                    want = None  # the bytes are gone
+                elif op == "restore" and want is None:
+                    want = x.clone()  # fresh chunks: whatever they hold now
+            assert not region.problems(), region.problems()
+            if region.state is RegionState.RESIDENT:
+                assert want is not None and torch.equal(x, want)
+            else:
+                assert resident(host_backend) == 0
+    finally:
+        region.close()
+        region.host.close()
