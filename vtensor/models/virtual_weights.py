@@ -74,9 +74,14 @@ class VirtualWeights:
             host.close()
             backend.close()
             raise
-        views = {s.name: region.view(s.dtype, s.shape, s.offset) for s in slots}
-        _materialize(model, views, device)
-        return cls(region, slots)
+        weights = cls(region, slots)
+        try:
+            views = {s.name: region.view(s.dtype, s.shape, s.offset) for s in slots}
+            _materialize(model, views, device)
+        except BaseException:
+            weights.close()
+            raise
+        return weights
 
     @property
     def resident(self) -> bool:
