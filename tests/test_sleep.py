@@ -175,3 +175,19 @@ def test_close_while_asleep_releases_everything(make_llm: Callable[..., Any]) ->
     assert weights.region.host.stats().live_bytes == weights.region.nbytes
     llm.close()
     assert weights.region.pool.closed and weights.region.host.stats().live_bytes == 0
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_sleep_before_any_request_and_repeated_cycles(
+    make_llm: Callable[..., Any], level: int
+) -> None:
+    """The extremes: a sleep before the first request (only the scratch slot mapped),
+    and many cycles in a row with no request between them."""
+    llm = make_llm(enable_sleep_mode=True, **ENGINE)
+    plain = make_llm(**ENGINE)
+    for _ in range(random.randint(2, 6)):
+        llm.sleep(level)
+        assert llm.memory_stats().weights_bytes == 0
+        llm.wake_up()
+    prompts = workload(llm.engine.model_config.vocab_size)
+    assert greedy(llm, prompts, 7) == greedy(plain, prompts, 7)
