@@ -35,6 +35,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    action=argparse.BooleanOptionalAction,
                    help="launch each step before reading the last one's tokens "
                         "(default: on for CUDA, off on the CPU)")  # fmt: skip
+    p.add_argument("--enable-sleep-mode", action="store_true",
+                   help="weights in a virtual range that LLM.sleep() / POST /sleep give back "
+                        "to the driver and wake_up maps again at the same addresses")  # fmt: skip
     add_offload_args(p)
     add_parallel_args(p)
 
@@ -104,6 +107,7 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
         attention_backend=args.attention_backend,
         cpu_offload_gb=args.cpu_offload_gb, gpu_memory_budget=args.gpu_memory_budget,
         offload_ring_depth=args.offload_ring_depth,
+        enable_sleep_mode=getattr(args, "enable_sleep_mode", False),
         tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes,
         node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
     )  # fmt: skip

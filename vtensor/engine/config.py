@@ -89,6 +89,9 @@ class EngineConfig:
     cpu_offload_gb: float = 0.0
     gpu_memory_budget: int | None = None
     offload_ring_depth: int = 2
+    # Sleep mode (vLLM's flag; engine/sleep.py): the weights live in a virtual range that
+    # LLM.sleep() releases and wake_up() maps back at the same addresses.
+    enable_sleep_mode: bool = False
 
     def __post_init__(self) -> None:
         if self.model is not None and self.shape is not None:
@@ -126,6 +129,11 @@ class EngineConfig:
             raise ValueError("debug_check_every must be >= 0")
         self._check_parallel()
         self._check_offload()
+        if self.enable_sleep_mode and (self.offloads or self.is_parallel):
+            raise ValueError(
+                "enable_sleep_mode does not support weight offload (cpu_offload_gb / "
+                "gpu_memory_budget) or tensor_parallel_size > 1 yet"
+            )
 
     def _check_parallel(self) -> None:
         if self.tensor_parallel_size < 1:

@@ -59,6 +59,7 @@ def check_integrity(
         *request_problems(engine, inflight),
         *worker_problems(reports),
         *(engine.offload.problems() if engine.offload is not None else []),
+        *(engine.weights.problems() if engine.weights is not None else []),
     ]
     if problems:
         raise IntegrityError("engine state is inconsistent:\n  " + "\n  ".join(problems))

@@ -73,6 +73,23 @@ class LLM:
         API). Returns False, changing nothing, while requests are running."""
         return self.engine.reset_prefix_cache()
 
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's sleep mode (needs ``enable_sleep_mode=True``): drop all KV and give
+        the weights' memory back, level 1 keeping a copy in pinned host memory, level
+        2 none (``wake_up`` reloads the checkpoint; a random-weights model re-draws
+        its seed's weights). Raises ``EngineBusyError`` with requests unfinished,
+        ``EngineSleepingError`` when already asleep; either changes nothing."""
+        self.engine.sleep(level)
+
+    def wake_up(self) -> None:
+        """Map the weights back at the same addresses (CUDA graphs stay valid); KV
+        returns on demand. Does nothing when awake."""
+        self.engine.wake_up()
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self.engine.is_sleeping
+
     def close(self) -> None:
         self.engine.close()
 

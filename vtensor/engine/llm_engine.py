@@ -46,6 +46,7 @@ from .runner import SpanInput
 from .sampler import PendingSample, Sampler, SamplerRow
 from .scheduler import ScheduledSpan, Scheduler, SchedulerConfig, SchedulerOutput
 from .setup import SCRATCH_SLOT, load_tokenizer, model_config, prefix_cache_for
+from .sleep import SleepMode
 from .stats import EngineStats, StepCounters, collect_stats
 from .tp_driver import start_rank_zero, talking_to
 
@@ -80,6 +81,8 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config, self.model_config)
         self.model, self.arena, self.pool = parts.model, parts.arena, parts.pool
         self.offload = parts.offload  # weight offload's host copies and ring (or None)
+        self.weights = parts.weights  # sleep mode's weight range (or None)
+        self.sleep_mode = SleepMode(self, self.weights)
         self.scratch_slot = SCRATCH_SLOT
         # Rank 0's books alone decide what is cached; the workers only apply its commands.
         cache, self.prefix_caching_note = prefix_cache_for(
@@ -125,8 +128,10 @@ class LLMEngine:
 
         Every prompt is checked against the request contract (``engine/input_processor``)
         first: a bad one raises :class:`RequestError` (a ``ValueError``) and nothing is
-        queued. ``params`` is one for all prompts, or one per prompt.
+        queued. ``params`` is one for all prompts, or one per prompt. While asleep it
+        raises ``EngineSleepingError`` (``engine/sleep.py``), queuing nothing.
         """
+        self.sleep_mode.check_awake()
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(plist) != len(prompts):
             raise RequestError(f"{len(plist)} sampling params for {len(prompts)} prompts")
@@ -329,6 +334,18 @@ class LLMEngine:
         req.finish(reason, stop_reason)
         self._generators.pop(req.rid, None)
 
+    # ------------------------------------------------------------------ sleep
+    def sleep(self, level: int = 1) -> None:
+        """Give the weights' and the KV's memory back (``engine/sleep.py``)."""
+        self.sleep_mode.sleep(level)
+
+    def wake_up(self) -> None:
+        self.sleep_mode.wake_up()
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self.sleep_mode.is_sleeping
+
     # ------------------------------------------------------------------ stats
     def check_integrity(self) -> None:
         """Check the pool, slot and request invariants (``engine/integrity.py``), and that
@@ -345,7 +362,8 @@ class LLMEngine:
         """The bytes this engine (rank 0) holds, by class (``memory_stats.py``); waits for
         the mapper thread, so the KV classes add up to the pool's chunks."""
         scratch = self.kv.geometry.chunks_for(1)
-        return collect_memory(self.kv, self.arena, self.weights_bytes, scratch)
+        weights = self.weights_bytes if self.weights is None else self.weights.held_bytes()
+        return collect_memory(self.kv, self.arena, weights, scratch, self.weights is None)
 
     @property
     def closed(self) -> bool:
@@ -378,6 +396,8 @@ class LLMEngine:
         backend.close()
         if self.offload is not None:  # after the synchronize: no copy is in flight
             self.offload.close()
+        if self.weights is not None:  # after the graphs: none may replay over them
+            self.weights.close()
 
     def __enter__(self) -> LLMEngine:
         return self

@@ -17,7 +17,9 @@ command (``arena.wait_all``), so the classes add up to what the pool holds:
 Weights are the model's state (parameters, persistent buffers) on this rank. Workspace is
 what the torch allocator reserves beyond them (activations, CUDA graph pools,
 the attention workspace): on CUDA ``torch.cuda.memory_reserved - weights``; on
-the CPU there is no allocator to ask, so it is None (unknown), not 0.
+the CPU there is no allocator to ask, so it is None (unknown), not 0. With sleep mode
+the weights are a virtual range of their own, outside torch's reserve: weights are
+what that range has mapped (0 while asleep), workspace all of torch's reserve.
 """
 
 from __future__ import annotations
@@ -75,10 +77,15 @@ def module_bytes(model: torch.nn.Module) -> int:
 
 
 def collect_memory(
-    kv: KVCacheManager, arena: KVArena, weights_bytes: int, scratch_chunks: int
+    kv: KVCacheManager,
+    arena: KVArena,
+    weights_bytes: int,
+    scratch_chunks: int,
+    weights_in_torch: bool = True,
 ) -> MemoryStats:
     """Wait for the mapper, then count (on the engine's thread: the books are not
-    thread-safe)."""
+    thread-safe). ``weights_in_torch``: the weights are torch allocations (counted in
+    its reserve); sleep mode's weights are not (their own virtual range)."""
     arena.wait_all()
     chunk = kv.geometry.chunk_size
     live, idle = kv.books.count_uncached(kv.owners().values())
@@ -86,7 +93,7 @@ def collect_memory(
     device = arena.tensor.device
     workspace = None
     if device.type == "cuda":
-        workspace = torch.cuda.memory_reserved(device) - weights_bytes
+        workspace = torch.cuda.memory_reserved(device) - (weights_bytes if weights_in_torch else 0)
     return MemoryStats(
         chunk_size=chunk,
         kv_live_bytes=live * chunk,

@@ -25,14 +25,16 @@ from vtensor.models.attention_backends import ATTENTION_BACKENDS, select_backend
 from vtensor.models.config import DTYPES, ModelConfig, shape_config
 from vtensor.models.embedded import EMBEDDED_NAME, embedded_config, embedded_tokenizer
 from vtensor.models.llama import LlamaForCausalLM
-from vtensor.models.loader import build_model, init_random, load_checkpoint
+from vtensor.models.loader import build_model
 from vtensor.models.offload.weights import OffloadedWeights
 from vtensor.models.tokenizer import Tokenizer
+from vtensor.models.virtual_weights import VirtualWeights
 
 from .config import DeviceUnavailableError, EngineConfig
 from .cuda_graphs import DecodeGraphs
 from .offload_setup import build_offloaded, step_workspace_bytes
 from .runner import ModelRunner
+from .sleep import build_virtual, fill_weights
 from .token_table import TokenTable
 
 CPU_KV_BYTES = 256 << 20
@@ -70,6 +72,7 @@ class RankParts:
     kv: KVCacheManager  # the KV books: only rank 0's are used
     runner: ModelRunner
     offload: OffloadedWeights | None = None  # weight offload's host copies and ring
+    weights: VirtualWeights | None = None  # sleep mode: the weights' virtual range
 
 
 def resolve_device(requested: str | None, local_rank: int | None = None) -> torch.device:
@@ -102,12 +105,14 @@ def build_rank(config: EngineConfig, group: TPGroup, local_rank: int | None) -> 
     rt = runtime_for(config, cfg, name, local_rank)
     if rt.device.type == "cuda":
         torch.cuda.set_device(rt.device)  # kernels, graphs and events of this rank's GPU
-    model, offload = load_model(config, cfg, rt, group)
+    model, offload, weights = load_model(config, cfg, rt, group)
     try:
-        return _finish_rank(config, group, cfg, rt, model, offload)
+        return _finish_rank(config, group, cfg, rt, model, offload, weights)
     except BaseException:
         if offload is not None:  # pinned host memory outlives a failed engine otherwise
             offload.close()
+        if weights is not None:
+            weights.close()
         raise
 
 
@@ -118,6 +123,7 @@ def _finish_rank(
     rt: EngineRuntime,
     model: LlamaForCausalLM,
     offload: OffloadedWeights | None,
+    weights: VirtualWeights | None,
 ) -> RankParts:
     arena, pool = build_arena(config, rt, cfg, model.shard.num_kv_heads, group)
     # Invariant the workers rely on: rank 0's KV commands fit every rank's arena.
@@ -133,7 +139,7 @@ def _finish_rank(
     # This rank's query heads: the decode workspace is sized for its shard.
     attn = build_attention(rt, arena, model.shard.num_heads, config.max_num_seqs)
     runner = build_runner(config, rt, model, attn, arena.layout)
-    return RankParts(cfg, rt, model, arena, pool, kv, runner, offload)
+    return RankParts(cfg, rt, model, arena, pool, kv, runner, offload, weights)
 
 
 def model_config(config: EngineConfig) -> tuple[ModelConfig, str]:
@@ -183,27 +189,30 @@ def build_attention(
 
 def load_model(
     config: EngineConfig, cfg: ModelConfig, rt: EngineRuntime, group: TPGroup | None = None
-) -> tuple[LlamaForCausalLM, OffloadedWeights | None]:
-    """The model with its weights; with weight offload, what holds the offloaded ones."""
-    built = None
+) -> tuple[LlamaForCausalLM, OffloadedWeights | None, VirtualWeights | None]:
+    """The model with its weights; with weight offload, what holds the offloaded ones;
+    with sleep mode, the virtual range that holds them all."""
+    built, weights = None, None
     if config.offloads:  # EngineConfig refuses offload with tensor parallelism
         built = build_offloaded(config, cfg, rt.device, rt.dtype, rt.max_model_len)
-    if built is None:
+    elif config.enable_sleep_mode:  # and sleep mode with offload or tensor parallelism
+        model, weights = build_virtual(cfg, rt.device, rt.dtype, rt.max_model_len)
+    if built is not None:
+        model, offload = built
+    elif weights is None:
         model, offload = build_model(cfg, rt.device, rt.dtype, rt.max_model_len, group), None
     else:
-        model, offload = built
+        offload = None
     try:
-        if config.model is not None:
-            load_checkpoint(model, config.model)
-        else:
-            init_random(model, seed=config.seed)
+        fill_weights(model, config)
         if offload is not None:
             offload.bind(model)
     except BaseException:
-        if offload is not None:
-            offload.close()
+        for holder in (offload, weights):
+            if holder is not None:
+                holder.close()
         raise
-    return model, offload
+    return model, offload, weights
 
 
 def load_tokenizer(config: EngineConfig, cfg: ModelConfig) -> Tokenizer | None:

@@ -36,6 +36,7 @@ from .protocol import (
 from .served_model import ServedModel
 from .serving_chat import create_chat_completion
 from .serving_completion import create_completion
+from .sleep_routes import sleep_router
 from .submission import EngineDeadError
 
 
@@ -113,6 +114,7 @@ def build_app(config: ServerConfig, engine: LLMEngine) -> FastAPI:
     app.include_router(_v1_router(model, runner))
     app.include_router(_plain_router(model, runner, metrics))
     app.include_router(_admin_router(runner))
+    app.include_router(sleep_router(runner))
     return app
 
 

@@ -21,6 +21,7 @@ from pydantic import TypeAdapter
 from vtensor.engine.input_processor import RequestError
 from vtensor.engine.outputs import FinishReason
 from vtensor.engine.params import SamplingParams
+from vtensor.engine.sleep import EngineSleepingError
 
 from .async_engine import AsyncEngine
 from .errors import APIError, error_body, internal_error
@@ -69,7 +70,7 @@ async def submit(
         return await engine.submit(prompts, params)
     except QueueFullError as exc:
         raise APIError(503, str(exc)) from exc
-    except EngineDeadError as exc:
+    except (EngineDeadError, EngineSleepingError) as exc:  # asleep: nothing was queued
         raise APIError(503, str(exc)) from exc
     except RequestError as exc:
         param = prompt_param if exc.param == "prompt" else exc.param
