@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+
+from vtensor.intervals import runs
 
 from .chunk_books import ChunkBooks
 from .commands import (
@@ -51,6 +52,8 @@ from .idle_reclaim import IdleReclaimer
 from .placement import SlotPlacer
 from .prefix_cache import NO_MATCH, CachePath, NoPrefixCache, PrefixCache, PrefixMatch
 from .reclaim import Reclaimer
+from .usage import KVUsage, kv_usage
+from .write_guard import SharedChunkWriteError, check_writes
 
 __all__ = [
     "CacheDropCommand",
@@ -65,24 +68,6 @@ __all__ = [
     "SharedChunkWriteError",
     "UnmapCommand",
 ]
-
-
-class SharedChunkWriteError(RuntimeError):
-    """A step would write KV into a chunk its request does not map alone: a bug that
-    would corrupt another request's (or the cache's) KV, so it is refused."""
-
-
-@dataclass(frozen=True)
-class KVUsage:
-    running_slots: int
-    idle_slots_with_chunks: int
-    committed_chunks: int  # physical chunks in use (each counted once, however shared)
-    idle_chunks: int  # mappings kept on purpose by idle slots (deferred reclamation)
-    surplus_chunks: int  # running slots' mappings beyond what their requests asked for
-    capacity_chunks: int
-    cached_chunks: int = 0  # chunks the prefix cache holds
-    pinned_chunks: int = 0  # chunks no reclaim may take (running requests, locked blocks)
-    running_mapped_chunks: int = 0  # mappings of running slots (shared chunks counted per slot)
 
 
 class KVCacheManager:
@@ -201,19 +186,7 @@ class KVCacheManager:
         return self._new_pins(tokens, hit) <= self.available_chunks - headroom_chunks
 
     def usage(self) -> KVUsage:
-        idle = [s for s in self._idle if self.books.tables[s]]
-        running = sum(len(self.books.tables[s]) for s in self._owner.values())
-        return KVUsage(
-            len(self._owner),
-            len(idle),
-            self.books.committed,
-            self.idle_chunks,
-            self.surplus_chunks,
-            self.geometry.capacity_chunks,
-            self.books.cached_count,
-            self.books.pinned,
-            running,
-        )
+        return kv_usage(self)
 
     # ---------------------------------------------------------------- updates
     def admit(self, rid: int, tokens: int, hit: PrefixMatch = NO_MATCH) -> int | None:
@@ -293,7 +266,7 @@ class KVCacheManager:
             raise ValueError(f"request {rid}: {num_tokens} tokens offered beyond its chunks")
         done = self.cache.insert(path, token_ids, table, blocks)
         c = self.cache.block_chunks
-        for j, n in _runs(done.adopted):  # one command per run of adopted blocks
+        for j, n in runs(done.adopted):  # one command per run of adopted blocks
             self.books.hold(slot, j * c, table[j * c : (j + n) * c])
         self.books.pin(self.cache.lock(done.path, base=path), +1)
         self._paths[rid] = done.path
@@ -350,26 +323,8 @@ class KVCacheManager:
 
     def check_writes(self, writes: Iterable[tuple[int, int, int]]) -> None:
         """Raise :class:`SharedChunkWriteError` unless each ``(rid, start, end)`` (a
-        step's span: it writes the KV of tokens ``[start, end)``) touches only chunks
-        that its request's slot maps alone."""
-        books, bpt, chunk = self.books, self.geometry.bytes_per_token, self.geometry.chunk_size
-        cached_end, owner = books.cached_end, self._owner
-        for rid, start, end in writes:  # every span of every step: kept lean
-            slot = owner[rid]
-            table = books.tables[slot]
-            first, last = start * bpt // chunk, -(-end * bpt // chunk)
-            if last > len(table):
-                raise SharedChunkWriteError(
-                    f"request {rid} writes tokens [{start}, {end}) beyond its {len(table)} chunks"
-                )
-            if first >= cached_end[slot]:
-                continue  # everything from cached_end on is private
-            shared = [i for i in range(first, last) if not books.is_private(table[i])]
-            if shared:
-                raise SharedChunkWriteError(
-                    f"request {rid} would write tokens [{start}, {end}) into shared or cached "
-                    f"chunk(s) at indices {shared[:8]} of slot {slot}"
-                )
+        step's span) writes only chunks its request's slot maps alone (``write_guard``)."""
+        check_writes(self.books, self._owner, self.geometry, writes)
 
     def take_commands(self) -> list[KVCommand]:
         """Take the commands emitted since the last take, in the order they must run."""
@@ -417,14 +372,3 @@ class KVCacheManager:
 
 
 _NEVER = 1 << 62  # no request has this many tokens
-
-
-def _runs(blocks: Sequence[int]) -> list[tuple[int, int]]:
-    """Sorted block indices as ``(first, count)`` runs of consecutive ones."""
-    runs: list[tuple[int, int]] = []
-    for j in blocks:
-        if runs and runs[-1][0] + runs[-1][1] == j:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((j, 1))
-    return runs
