@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -48,6 +50,11 @@ from .scheduler import ScheduledSpan, Scheduler, SchedulerConfig, SchedulerOutpu
 from .setup import SCRATCH_SLOT, load_tokenizer, model_config, prefix_cache_for
 from .stats import EngineStats, StepCounters, collect_stats
 from .tp_driver import start_rank_zero, talking_to
+
+if TYPE_CHECKING:
+    from vtensor.kvcache.shared_budget import KVLease
+
+    from .shared_pool import EngineMember, SharedKVPool
 
 log = logging.getLogger("vtensor.engine")
 
@@ -71,8 +78,18 @@ class ReadToken:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(
+        self, config: EngineConfig, kv_pool: SharedKVPool | None = None, name: str | None = None
+    ) -> None:
+        """``kv_pool``: draw KV memory from a budget shared with other engines
+        (``shared_pool.py``); ``name`` names this engine there (default: the model's)."""
+        if kv_pool is not None:
+            config = _shared_config(config, kv_pool)
         self.config = config
+        # Held whenever this engine touches its KV books; another engine on a shared KV
+        # pool takes it (never blocking) to reclaim from this one between its steps.
+        self.books_lock = threading.RLock()
+        self.lease: KVLease | None = None
         self.model_config, _ = model_config(config)
         self.workers, self.parts = start_rank_zero(config, self.model_config)
         parts = self.parts
@@ -108,6 +125,10 @@ class LLMEngine:
         self._inflight: LaunchedStep | None = None  # async scheduling: the step not yet read
         self.weights_bytes = module_bytes(self.model)
         self._closed = False
+        self._member: EngineMember | None = None
+        if kv_pool is not None:
+            self.lease = kv_pool.attach(self, name or self.runtime.model_name)
+            self._member = cast("EngineMember", self.lease.member)
 
     @property
     def group(self) -> TPGroup:
@@ -153,9 +174,10 @@ class LLMEngine:
     def abort(self, rid: int) -> None:
         req = self.requests.get(rid)
         if req is not None and not req.finished:
-            self._finish(req, "abort")
-            with talking_to(self.workers):
-                self._settle_if_idle()
+            with self.books_lock:
+                self._finish(req, "abort")
+                with talking_to(self.workers):
+                    self._settle_if_idle()
 
     def has_unfinished(self) -> bool:
         """Whether a request is waiting or running (any other token in flight is a
@@ -183,10 +205,11 @@ class LLMEngine:
         """Drop every cached prefix and idle slot mapping: all KV chunks go back to the
         pool once the unmaps are applied (at once, since nothing runs). Refused (False,
         nothing changed) while requests are running or waiting."""
-        if self.has_unfinished() or not self.kv.reset_prefix_cache():
-            return False
-        with talking_to(self.workers):  # every rank drops the same references
-            self._settle_if_idle()
+        with self.books_lock:
+            if self.has_unfinished() or not self.kv.reset_prefix_cache():
+                return False
+            with talking_to(self.workers):  # every rank drops the same references
+                self._settle_if_idle()
         return True
 
     def set_prefix_caching(self, on: bool) -> None:
@@ -218,20 +241,24 @@ class LLMEngine:
         needs every real token, so it must not be scheduled before they are read.
         """
         t0 = time.perf_counter()
-        self.kv.reclaim_idle()  # its unmaps and release ride this step's plan
-        with talking_to(self.workers):
+        with self.books_lock, talking_to(self.workers):  # released while the GPU runs
+            if self._member is not None:
+                self._member.serve_asks()  # other engines' asks on a shared KV pool
+            self.kv.reclaim_idle()  # its unmaps and release ride this step's plan
             launched = self._launch(self.scheduler.schedule())
             read_now = launched is not None and (
                 launched.needs_host_tokens or not self.runtime.async_scheduling
             )
             previous, self._inflight = self._inflight, None if read_now else launched
+        with talking_to(self.workers):
             tokens = self._read(previous)  # waits while `launched` runs on the GPU
             if read_now:
                 tokens += self._read(launched)
         # (the guard's last check: no token read from a step a lost worker broke is kept)
-        outputs = self._apply_outputs(tokens)
-        with talking_to(self.workers):
-            self._settle_if_idle()
+        with self.books_lock:
+            outputs = self._apply_outputs(tokens)
+            with talking_to(self.workers):
+                self._settle_if_idle()
         if launched is not None:
             self.counters.steps += 1
             self.counters.step_s += time.perf_counter() - t0
@@ -281,9 +308,12 @@ class LLMEngine:
         their idle time (``EngineConfig.kv_idle_timeout_s``) are unmapped and the pool
         releases its free chunks to the driver, on the mapper thread. ``step`` does it
         too; an idle server calls this periodically. Returns the chunks freed."""
-        freed = self.kv.reclaim_idle()
-        with talking_to(self.workers):
-            self._settle_if_idle()  # with requests running, the next step carries them
+        with self.books_lock:
+            freed = self.kv.reclaim_idle()
+            with talking_to(self.workers):
+                self._settle_if_idle()  # with requests running, the next step carries them
+            if self._member is not None and not self.has_unfinished():
+                self._member.serve(0, reclaim=False)  # what went back goes to the budget
         return freed
 
     def next_reclaim_in(self) -> float | None:
@@ -334,9 +364,10 @@ class LLMEngine:
         """Check the pool, slot and request invariants (``engine/integrity.py``), and that
         every worker's arena maps what rank 0's does; raise ``IntegrityError`` naming
         every one broken. Waits for the mapper thread (every rank's)."""
-        with talking_to(self.workers):
-            reports = self.workers.reports(self.parts) if self.workers is not None else []
-        check_integrity(self, self._inflight, reports)
+        with self.books_lock:
+            with talking_to(self.workers):
+                reports = self.workers.reports(self.parts) if self.workers is not None else []
+            check_integrity(self, self._inflight, reports)
 
     def stats(self) -> EngineStats:
         return collect_stats(self.counters, self.scheduler, self.kv, self.arena, self.pool)
@@ -345,7 +376,8 @@ class LLMEngine:
         """The bytes this engine (rank 0) holds, by class (``memory_stats.py``); waits for
         the mapper thread, so the KV classes add up to the pool's chunks."""
         scratch = self.kv.geometry.chunks_for(1)
-        return collect_memory(self.kv, self.arena, self.weights_bytes, scratch)
+        with self.books_lock:
+            return collect_memory(self.kv, self.arena, self.weights_bytes, scratch)
 
     @property
     def closed(self) -> bool:
@@ -376,6 +408,8 @@ class LLMEngine:
         backend = self.pool.backend
         self.pool.close()
         backend.close()
+        if self.lease is not None:  # after the pool is closed: its chunks are gone
+            self.lease.budget.leave(self.lease)
         if self.offload is not None:  # after the synchronize: no copy is in flight
             self.offload.close()
 
@@ -384,3 +418,20 @@ class LLMEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _shared_config(config: EngineConfig, kv_pool: SharedKVPool) -> EngineConfig:
+    """The engine's config on a shared KV pool: its KV budget is the pool's (the most it
+    can ever hold), its device the pool's. Refused where it cannot work."""
+    if config.is_parallel:
+        raise ValueError("a shared KV pool (kv_pool=) does not support tensor parallelism")
+    if config.kv_cache_bytes is not None and config.kv_cache_bytes != kv_pool.budget_bytes:
+        raise ValueError(
+            f"kv_cache_bytes={config.kv_cache_bytes} conflicts with the shared KV pool's "
+            f"budget of {kv_pool.budget_bytes} bytes: leave it unset"
+        )
+    device = config.device if config.device is not None else kv_pool.device
+    if kv_pool.device is not None and device != kv_pool.device:
+        raise ValueError(f"device {device!r} differs from the shared KV pool's {kv_pool.device!r}")
+    chunk = config.chunk_size if config.chunk_size is not None else kv_pool.chunk_size
+    return replace(config, kv_cache_bytes=kv_pool.budget_bytes, device=device, chunk_size=chunk)

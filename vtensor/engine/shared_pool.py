@@ -1,0 +1,126 @@
+"""SharedKVPool: several engines (models) on one KV memory budget.
+
+``pool = SharedKVPool(budget_bytes, device="cuda")`` then ``LLM(a, kv_pool=pool)``
+and ``LLM(b, kv_pool=pool)``: the two engines' KV chunks together never exceed
+``budget_bytes``, and whichever is busy gets the memory (kvcached's idea of
+elastic KV for several models on one GPU).
+
+How (``kvcache/shared_budget.py`` has the invariants): each engine keeps its own
+arena, mapper and ``ChunkPool``, and its KV manager draws a *grant* on one
+torch-free :class:`SharedKVBudget`. The engine's pool capacity follows its lease
+(``fixed`` scratch + grant), so chunks an engine gives back are released to the
+driver and the other engine creates fresh ones: the device memory moves, not
+the chunks. An engine short of chunks takes, in order: its free chunks, the
+unallocated budget, the grant the others do not use, their reclaimable chunks
+(when its own do not cover the shortfall), its own reclaimable chunks; only
+then does its scheduler preempt.
+
+Threads: :class:`EngineMember` is the engine's side of the contract. The
+engine holds its ``books_lock`` whenever it touches its KV books (the parts of a
+step around the GPU wait, abort, reclamation, stats); another engine serves
+itself from this one only after taking that lock *without blocking*, else it
+leaves an ask that this engine serves at its next step.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import torch
+
+from vtensor.kvcache.shared_budget import BudgetMember, BudgetStats, KVLease, SharedKVBudget
+
+from .executor import StepPlan
+
+if TYPE_CHECKING:
+    from .llm_engine import LLMEngine
+
+
+class SharedKVPool:
+    """One KV budget of ``budget_bytes`` on ``device`` for every engine built on it.
+
+    The chunk size is the device's (CUDA) or ``chunk_size`` (host, default: the first
+    engine's); every engine must use the same one, or it is refused."""
+
+    def __init__(
+        self, budget_bytes: int, device: str | None = None, chunk_size: int | None = None
+    ) -> None:
+        if budget_bytes <= 0:
+            raise ValueError(f"budget_bytes must be positive, got {budget_bytes}")
+        self.budget_bytes = budget_bytes
+        self.device = device
+        self.chunk_size = chunk_size
+        self.budget: SharedKVBudget | None = None
+        self._lock = threading.Lock()
+        self._device: torch.device | None = None
+
+    def attach(self, engine: LLMEngine, name: str) -> KVLease:
+        """Join the budget with ``engine`` (built with ``kv_cache_bytes=budget_bytes``):
+        its scratch chunks are held for good, its pool shrinks to what its lease holds."""
+        chunk = engine.pool.chunk_size
+        device = engine.runtime.device
+        with self._lock:
+            if self._device is not None and device != self._device:
+                raise ValueError(f"{name!r} is on {device}, the shared KV pool on {self._device}")
+            if self.chunk_size is not None and chunk != self.chunk_size:
+                raise ValueError(
+                    f"{name!r} uses {chunk}-byte chunks, the shared KV pool {self.chunk_size}-"
+                    f"byte ones: every engine on one pool must have the same chunk size"
+                )
+            if self.budget is None:
+                self.budget = SharedKVBudget(self.budget_bytes // chunk, chunk)
+                self.chunk_size, self._device = chunk, device
+            budget = self.budget
+        member = EngineMember(engine)
+        lease = budget.join(name, engine.kv.geometry.chunks_for(1), member, chunk)
+        member.lease = lease
+        engine.kv.set_lease(lease)
+        lease.on_change = lambda held: engine.pool.set_capacity(held * chunk)
+        engine.pool.set_capacity(lease.held * chunk)
+        return lease
+
+    def stats(self) -> BudgetStats | None:
+        """Each engine's fixed and granted chunks, and what is unallocated."""
+        return None if self.budget is None else self.budget.stats()
+
+
+class EngineMember(BudgetMember):
+    """An engine's side of the budget (see ``BudgetMember``'s contract)."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.lease: KVLease | None = None
+
+    def give_back(self, chunks: int, reclaim: bool) -> int:
+        lock = self.engine.books_lock
+        if not lock.acquire(blocking=False):  # in a step: serve it between steps
+            assert self.lease is not None
+            self.lease.ask(chunks, reclaim)
+            return 0
+        try:
+            return self.serve(chunks, reclaim)
+        finally:
+            lock.release()
+
+    def serve(self, chunks: int, reclaim: bool) -> int:
+        """With the engine's books lock held: reclaim (if asked), apply and wait for
+        every pending command, then settle the lease."""
+        engine, kv, lease = self.engine, self.engine.kv, self.lease
+        assert lease is not None
+        unused = kv.free_chunks
+        if reclaim and chunks > unused:
+            kv.reclaim(chunks - unused)
+        commands = kv.take_commands()
+        if commands:
+            engine.executor.run(StepPlan(commands))  # fenced like any unmap of the engine's
+        engine.arena.wait_all()  # the unmaps are done: the chunks are free in our pool
+        return lease.settle(kv.books.committed)
+
+    def serve_asks(self) -> None:
+        """Between steps (books lock held): serve what other engines asked for."""
+        if self.lease is None:
+            return
+        chunks, reclaim = self.lease.take_asks()
+        if chunks:
+            self.serve(chunks, reclaim)
