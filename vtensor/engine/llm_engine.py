@@ -127,7 +127,12 @@ class LLMEngine:
         self._closed = False
         self._member: EngineMember | None = None
         if kv_pool is not None:
-            self.lease = kv_pool.attach(self, name or self.runtime.model_name)
+            try:
+                self.lease = kv_pool.attach(self, name or self.runtime.model_name)
+            except BaseException:
+                self._closed = True
+                self._release()  # refused: give back what was built (threads, memory)
+                raise
             self._member = cast("EngineMember", self.lease.member)
 
     @property

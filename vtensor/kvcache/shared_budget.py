@@ -74,7 +74,7 @@ class KVLease:
         self.grant = 0
         self.asked = 0  # chunks other members asked for while this one was busy
         self.ask_reclaim = False
-        self.on_change: Callable[[int], None] | None = None  # (fixed + grant) after a change
+        self.on_change: Callable[[int], object] | None = None  # (fixed + grant) after a change
 
     def top_up(self, chunks: int) -> int:
         """Move up to ``chunks`` unallocated chunks into the grant; returns how many."""

@@ -1,0 +1,96 @@
+"""Two models on one shared KV pool (CPU): the same greedy tokens as each model alone,
+and the busy model takes the memory the idle one holds, without preemption."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.checkpoints import make_checkpoint, random_prompts
+from vtensor import SamplingParams, SharedKVPool
+
+CHUNK = 4096  # 8 tokens of these tiny models per chunk
+COMMON: dict[str, Any] = dict(device="cpu", chunk_size=CHUNK, max_model_len=128)
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    a, b = tmp_path_factory.mktemp("llama"), tmp_path_factory.mktemp("qwen2")
+    make_checkpoint(a, "llama")
+    make_checkpoint(b, "qwen2")
+    return str(a), str(b)
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+def run_interleaved(engines: list[Any], prompts: list[list[list[int]]], max_tokens: int) -> list:
+    """Queue every prompt on its engine, then step the engines in turn until all end."""
+    rids = [e.add_requests(ps, greedy(max_tokens)) for e, ps in zip(engines, prompts)]
+    while any(e.has_unfinished() for e in engines):
+        for e in engines:
+            if e.has_unfinished():
+                e.step()
+    return [[e.pop(g[0]).output_ids for g in groups] for e, groups in zip(engines, rids)]
+
+
+def test_interleaved_requests_match_each_model_alone(
+    two_checkpoints: tuple[str, str], make_llm: Callable[..., Any]
+) -> None:
+    paths = list(two_checkpoints)
+    prompts = [random_prompts(6, 512, 3, 60), random_prompts(6, 512, 3, 60)]
+    alone = []
+    for path, ps in zip(paths, prompts):
+        llm = make_llm(path, kv_cache_bytes=96 * CHUNK, **COMMON)
+        alone.append([o.outputs[0].token_ids for o in llm.generate(ps, greedy(20))])
+    pool = SharedKVPool(96 * CHUNK, device="cpu")
+    shared = [make_llm(p, kv_pool=pool, **COMMON) for p in paths]
+    got = run_interleaved([s.engine for s in shared], prompts, 20)
+    assert got == alone
+    assert alone[0] != alone[1]  # two different models: a mix-up would show
+    stats = pool.stats()
+    assert stats is not None and pool.budget is not None and pool.budget.violations() == []
+    assert sum(x.fixed_chunks + x.granted_chunks for x in stats.leases) <= 96
+
+
+def test_busy_model_takes_the_memory_the_idle_one_kept(
+    two_checkpoints: tuple[str, str], make_llm: Callable[..., Any]
+) -> None:
+    """A budget that holds one model's burst, not both: B's burst leaves its chunks idle
+    (deferred reclamation), then A's burst takes them and runs without preemption."""
+    pool = SharedKVPool(72 * CHUNK, device="cpu")
+    a, b = (make_llm(p, kv_pool=pool, **COMMON) for p in two_checkpoints)
+    burst = [random_prompts(8, 512, 40, 56) for _ in range(2)]  # 8 x 8 chunks at the peak
+    out_b = b.generate(burst[1], greedy(8))
+    held_b = b.engine.kv.books.committed
+    assert held_b >= 40, "B's burst should leave its chunks idle in its slots"
+    out_a = a.generate(burst[0], greedy(8))
+    assert sum(o.num_preemptions for o in out_a + out_b) == 0
+    assert b.engine.kv.books.committed < held_b  # A took B's idle chunks
+    assert pool.budget is not None and pool.budget.violations() == []
+    for llm in (a, b):  # each engine's pool follows its lease: at most what it holds
+        lease = llm.engine.lease
+        assert llm.engine.pool.stats().created <= lease.fixed + lease.grant
+    # And back: B's next burst takes A's idle chunks in turn.
+    again = b.generate(burst[1], greedy(8))
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in out_b]
+    assert sum(o.num_preemptions for o in again) == 0
+
+
+def test_refuses_a_pool_it_cannot_share(
+    two_checkpoints: tuple[str, str], make_llm: Callable[..., Any]
+) -> None:
+    pool = SharedKVPool(64 * CHUNK, device="cpu")
+    make_llm(two_checkpoints[0], kv_pool=pool, **COMMON)
+    with pytest.raises(ValueError, match="same chunk size"):
+        make_llm(two_checkpoints[1], kv_pool=pool, **{**COMMON, "chunk_size": 2 * CHUNK})
+    with pytest.raises(ValueError, match="conflicts"):
+        make_llm(two_checkpoints[1], kv_pool=pool, kv_cache_bytes=8 * CHUNK, **COMMON)
+    with pytest.raises(ValueError, match="already draws"):
+        make_llm(two_checkpoints[0], kv_pool=pool, **COMMON)
+    with pytest.raises(ValueError, match="positive"):
+        SharedKVPool(0)
