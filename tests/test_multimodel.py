@@ -4,7 +4,6 @@ and the busy model takes the memory the idle one holds, without preemption."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest

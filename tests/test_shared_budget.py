@@ -131,7 +131,9 @@ def test_a_member_in_a_step_leaves_an_ask_served_between_steps() -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), total=st.integers(6, 40), n=st.integers(2, 3))
-def test_random_traffic_never_exceeds_the_budget_and_balances(seed: int, total: int, n: int) -> None:
+def test_random_traffic_never_exceeds_the_budget_and_balances(
+    seed: int, total: int, n: int
+) -> None:
     rng = random.Random(seed)
     budget = SharedKVBudget(total, CHUNK)
     members = [member(budget, f"m{i}", keep_idle=rng.choice([None, 0, 4])) for i in range(n)]
