@@ -3,6 +3,7 @@ and the busy model takes the memory the idle one holds, without preemption."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -93,3 +94,40 @@ def test_refuses_a_pool_it_cannot_share(
         make_llm(two_checkpoints[0], kv_pool=pool, **COMMON)
     with pytest.raises(ValueError, match="positive"):
         SharedKVPool(0)
+
+
+@pytest.mark.parametrize("budget_chunks", [40, 64, 160])
+def test_two_engine_threads_on_one_pool_match_each_model_alone(
+    two_checkpoints: tuple[str, str], make_llm: Callable[..., Any], budget_chunks: int
+) -> None:
+    """Like the server: each engine steps on its own thread, both busy at once. A budget
+    too small for both peaks makes them take chunks from each other (between the other's
+    steps, or through an ask it serves at its next step); the tokens stay each model's."""
+    paths = list(two_checkpoints)
+    prompts = [random_prompts(6, 512, 40, 56), random_prompts(6, 512, 40, 56)]
+    alone = []
+    for path, ps in zip(paths, prompts):
+        llm = make_llm(path, kv_cache_bytes=budget_chunks * CHUNK, **COMMON)
+        alone.append([o.outputs[0].token_ids for o in llm.generate(ps, greedy(16))])
+    pool = SharedKVPool(budget_chunks * CHUNK, device="cpu")
+    shared = [make_llm(p, kv_pool=pool, **COMMON) for p in paths]
+    got: list[Any] = [None, None]
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            got[i] = [o.outputs[0].token_ids for o in shared[i].generate(prompts[i], greedy(16))]
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert got == alone
+    assert pool.budget is not None and pool.budget.violations() == []
+    for llm in shared:  # each engine's pool never holds more than its lease
+        lease = llm.engine.lease
+        assert llm.engine.pool.stats().created <= lease.fixed + lease.grant

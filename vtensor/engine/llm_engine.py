@@ -48,6 +48,7 @@ from .runner import SpanInput
 from .sampler import PendingSample, Sampler, SamplerRow
 from .scheduler import ScheduledSpan, Scheduler, SchedulerConfig, SchedulerOutput
 from .setup import SCRATCH_SLOT, load_tokenizer, model_config, prefix_cache_for
+from .shared_pool import shared_config
 from .stats import EngineStats, StepCounters, collect_stats
 from .tp_driver import start_rank_zero, talking_to
 
@@ -84,7 +85,7 @@ class LLMEngine:
         """``kv_pool``: draw KV memory from a budget shared with other engines
         (``shared_pool.py``); ``name`` names this engine there (default: the model's)."""
         if kv_pool is not None:
-            config = _shared_config(config, kv_pool)
+            config = shared_config(config, kv_pool)
         self.config = config
         # Held whenever this engine touches its KV books; another engine on a shared KV
         # pool takes it (never blocking) to reclaim from this one between its steps.
@@ -225,10 +226,11 @@ class LLMEngine:
         cache, note = prefix_cache_for(self.arena.geometry, on)
         if on and note:
             raise ValueError(f"prefix caching is {note}")
-        self.kv.set_prefix_cache(cache)
-        self.prefix_caching_note = note
-        with talking_to(self.workers):
-            self._settle_if_idle()
+        with self.books_lock:
+            self.kv.set_prefix_cache(cache)
+            self.prefix_caching_note = note
+            with talking_to(self.workers):
+                self._settle_if_idle()
 
     def set_async_scheduling(self, on: bool) -> None:
         """Switch between async and synchronous steps, between runs (benchmarks compare)."""
@@ -323,7 +325,8 @@ class LLMEngine:
 
     def next_reclaim_in(self) -> float | None:
         """Seconds until an idle slot's time runs out (None: none will)."""
-        deadline = self.kv.idle.deadline()
+        with self.books_lock:
+            deadline = self.kv.idle.deadline()
         return None if deadline is None else max(0.0, deadline - self.kv.idle.clock())
 
     def set_clock(self, clock: Clock) -> None:
@@ -375,7 +378,8 @@ class LLMEngine:
             check_integrity(self, self._inflight, reports)
 
     def stats(self) -> EngineStats:
-        return collect_stats(self.counters, self.scheduler, self.kv, self.arena, self.pool)
+        with self.books_lock:
+            return collect_stats(self.counters, self.scheduler, self.kv, self.arena, self.pool)
 
     def memory_stats(self) -> MemoryStats:
         """The bytes this engine (rank 0) holds, by class (``memory_stats.py``); waits for
@@ -423,20 +427,3 @@ class LLMEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _shared_config(config: EngineConfig, kv_pool: SharedKVPool) -> EngineConfig:
-    """The engine's config on a shared KV pool: its KV budget is the pool's (the most it
-    can ever hold), its device the pool's. Refused where it cannot work."""
-    if config.is_parallel:
-        raise ValueError("a shared KV pool (kv_pool=) does not support tensor parallelism")
-    if config.kv_cache_bytes is not None and config.kv_cache_bytes != kv_pool.budget_bytes:
-        raise ValueError(
-            f"kv_cache_bytes={config.kv_cache_bytes} conflicts with the shared KV pool's "
-            f"budget of {kv_pool.budget_bytes} bytes: leave it unset"
-        )
-    device = config.device if config.device is not None else kv_pool.device
-    if kv_pool.device is not None and device != kv_pool.device:
-        raise ValueError(f"device {device!r} differs from the shared KV pool's {kv_pool.device!r}")
-    chunk = config.chunk_size if config.chunk_size is not None else kv_pool.chunk_size
-    return replace(config, kv_cache_bytes=kv_pool.budget_bytes, device=device, chunk_size=chunk)

@@ -25,12 +25,14 @@ leaves an ask that this engine serves at its next step.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
 
 from vtensor.kvcache.shared_budget import BudgetMember, BudgetStats, KVLease, SharedKVBudget
 
+from .config import EngineConfig
 from .executor import StepPlan
 
 if TYPE_CHECKING:
@@ -124,3 +126,20 @@ class EngineMember(BudgetMember):
         chunks, reclaim = self.lease.take_asks()
         if chunks:
             self.serve(chunks, reclaim)
+
+
+def shared_config(config: EngineConfig, kv_pool: SharedKVPool) -> EngineConfig:
+    """The engine's config on a shared KV pool: its KV budget is the pool's (the most it
+    can ever hold), its device the pool's. Refused where it cannot work."""
+    if config.is_parallel:
+        raise ValueError("a shared KV pool (kv_pool=) does not support tensor parallelism")
+    if config.kv_cache_bytes is not None and config.kv_cache_bytes != kv_pool.budget_bytes:
+        raise ValueError(
+            f"kv_cache_bytes={config.kv_cache_bytes} conflicts with the shared KV pool's "
+            f"budget of {kv_pool.budget_bytes} bytes: leave it unset"
+        )
+    device = config.device if config.device is not None else kv_pool.device
+    if kv_pool.device is not None and device != kv_pool.device:
+        raise ValueError(f"device {device!r} differs from the shared KV pool's {kv_pool.device!r}")
+    chunk = config.chunk_size if config.chunk_size is not None else kv_pool.chunk_size
+    return replace(config, kv_cache_bytes=kv_pool.budget_bytes, device=device, chunk_size=chunk)
