@@ -397,14 +397,15 @@ class LLMEngine:
         (idempotent; a lost worker does not stop the rest of the clean-up)."""
         if self._closed:
             return
-        self._closed = True
-        try:
-            for rid in [r for r, s in self.requests.items() if not s.finished]:
-                self.abort(rid)
-        except WorkerDiedError:
-            pass  # the group is gone (reported by the call that found it); release ours
-        finally:
-            self._release()
+        with self.books_lock:  # another engine on a shared KV pool finds it closed
+            self._closed = True
+            try:
+                for rid in [r for r, s in self.requests.items() if not s.finished]:
+                    self.abort(rid)
+            except WorkerDiedError:
+                pass  # the group is gone (reported by the call that found it); release ours
+            finally:
+                self._release()
 
     def _release(self) -> None:
         self._inflight = None  # only aborted requests' tokens, dropped unread

@@ -101,7 +101,7 @@ class EngineMember(BudgetMember):
             self.lease.ask(chunks, reclaim)
             return 0
         try:
-            return self.serve(chunks, reclaim)
+            return 0 if self.engine.closed else self.serve(chunks, reclaim)
         finally:
             lock.release()
 
