@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vtensor.kvcache.manager import KVCacheManager, KVGeometry
+from vtensor.kvcache.radix_cache import RadixPrefixCache
 from vtensor.kvcache.shared_budget import BudgetMember, KVLease, SharedKVBudget
 
 CHUNK = 4096
@@ -111,6 +112,45 @@ def test_unused_grant_is_taken_before_anything_is_reclaimed() -> None:
     b.kv.release(0)
     assert a.kv.admit(0, 60) is not None  # 8 chunks: 4 unallocated + 3 unused + 1 idle
     assert b.kv.books.committed == 2  # only one of b's idle chunks was reclaimed
+    assert_within(budget, [a, b])
+
+
+def test_own_reclaimable_first_when_it_covers_the_shortfall() -> None:
+    budget = SharedKVBudget(14, CHUNK)  # 12 for requests
+    a, b = member(budget, "a"), member(budget, "b")
+    for rid in (0, 1):  # a: two idle slots of 2 chunks each
+        assert a.kv.admit(rid, 16) is not None
+    assert b.kv.admit(0, 32) is not None  # b: one idle slot of 4
+    for rid in (0, 1):
+        a.kv.release(rid)
+    b.kv.release(0)
+    # 8 chunks: 2 kept in place, 4 unallocated, then a's own other idle slot (it covers
+    # the last 2): b keeps everything.
+    assert a.kv.admit(2, 64) is not None
+    assert b.kv.books.committed == 4 and a.kv.books.committed == 8
+    # 3 more: a has nothing reclaimable left, so b gives 3 of its idle chunks.
+    assert a.kv.admit(3, 24) is not None
+    assert b.kv.books.committed == 1 and a.kv.books.committed == 11
+    assert_within(budget, [a, b])
+
+
+def test_the_idle_members_prefix_cache_blocks_go_least_recently_used_first() -> None:
+    budget = SharedKVBudget(10, CHUNK)  # 8 for requests
+    a = member(budget, "a")
+    geo = KVGeometry(6, 64, 512, CHUNK, budget.total - 1)
+    b = SimMember(KVCacheManager(geo, prefix_cache=RadixPrefixCache(*geo.cache_block())))
+    b.lease = budget.join("b", 1, b, CHUNK)
+    b.kv.set_lease(b.lease)
+    old, new = list(range(2, 26)), list(range(100, 124))  # 3 blocks each
+    for rid, ids in ((0, old), (1, new)):
+        assert b.kv.admit(rid, 25) is not None
+        b.kv.cache_tokens(rid, ids, 24)
+        b.kv.release(rid)
+        b.kv.reclaim_all()  # idle slots let go; the cache keeps its blocks
+    assert b.kv.books.cached_count == 6 and b.kv.books.committed == 6
+    assert a.kv.admit(0, 40) is not None  # 5 chunks: 2 unallocated, 3 of b's blocks
+    assert b.kv.match(new, 23).tokens == 16  # the older prompt's blocks went first
+    assert b.kv.match(old, 23).tokens == 0
     assert_within(budget, [a, b])
 
 

@@ -78,8 +78,16 @@ class SharedKVPool:
         lease = budget.join(name, engine.kv.geometry.chunks_for(1), member, chunk)
         member.lease = lease
         engine.kv.set_lease(lease)
-        lease.on_change = lambda held: engine.pool.set_capacity(held * chunk)
-        engine.pool.set_capacity(lease.held * chunk)
+        pool = engine.pool
+
+        def resize(held: int) -> None:
+            # A shrink releases chunks (cuMemRelease), maybe on another engine's thread:
+            # the backend asks every thread but its creator's to bind its context first.
+            pool.backend.bind_thread()
+            pool.set_capacity(held * chunk)
+
+        lease.on_change = resize
+        resize(lease.held)
         return lease
 
     def stats(self) -> BudgetStats | None:
