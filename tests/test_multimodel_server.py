@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import random
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -156,3 +159,32 @@ def test_label_metrics_merges_families() -> None:
         "# TYPE h histogram", 'h_bucket{model="a",le="1"} 2', 'h_sum{model="a"} 3',
         'h_bucket{model="b",le="1"} 7', 'h_sum{model="b"} 8',
     ]  # fmt: skip
+
+
+def test_vtensor_serve_two_models_in_one_process_and_a_clean_shutdown(paths: list[Path]) -> None:
+    """The command line: ``--model`` twice with their ``--served-model-name``s, one
+    process; a request to each, then SIGINT drains both engines and exits 0."""
+    from .server_process import serve_process
+
+    args = []
+    for path, name in zip(paths, NAMES):
+        args += ["--model", str(path), "--served-model-name", name]
+    with serve_process(*args, "--max-model-len", "128", "--kv-cache-gib", "0.01") as s:
+        data = requests.get(s.url + "/v1/models", timeout=30).json()["data"]
+        assert [m["id"] for m in data] == list(NAMES)
+        for name in NAMES:
+            body = {"model": name, "prompt": [5, 6, 7], "max_tokens": 3, "ignore_eos": True}
+            r = requests.post(s.url + "/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200 and r.json()["model"] == name, r.text
+        r = requests.post(s.url + "/v1/completions", json={**body, "model": "x"}, timeout=30)
+        assert r.status_code == 404
+        s.proc.send_signal(signal.SIGINT)
+        assert s.proc.wait(timeout=60) == 0, s.stderr()
+        assert "shut down cleanly" in s.stderr()
+
+
+def test_vtensor_serve_refuses_names_that_do_not_match_the_models(paths: list[Path]) -> None:
+    cmd = [sys.executable, "-m", "vtensor.cli", "serve", "--device", "cpu", "--model",
+           str(paths[0]), "--model", str(paths[1]), "--served-model-name", "one"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "1 --served-model-name for 2 --model" in done.stderr
