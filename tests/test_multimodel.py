@@ -11,6 +11,8 @@ import pytest
 
 from tests.checkpoints import make_checkpoint, random_prompts
 from vtensor import SamplingParams, SharedKVPool
+from vtensor.engine.config import EngineConfig
+from vtensor.engine.llm_engine import LLMEngine
 
 CHUNK = 4096  # 8 tokens of these tiny models per chunk
 COMMON: dict[str, Any] = dict(device="cpu", chunk_size=CHUNK, max_model_len=128)
@@ -90,8 +92,12 @@ def test_refuses_a_pool_it_cannot_share(
         make_llm(two_checkpoints[1], kv_pool=pool, **{**COMMON, "chunk_size": 2 * CHUNK})
     with pytest.raises(ValueError, match="conflicts"):
         make_llm(two_checkpoints[1], kv_pool=pool, kv_cache_bytes=8 * CHUNK, **COMMON)
+    twin = make_llm(two_checkpoints[0], kv_pool=pool, **COMMON)  # the same model again
+    assert twin.engine.lease.name == two_checkpoints[0] + "#2"
     with pytest.raises(ValueError, match="already draws"):
-        make_llm(two_checkpoints[0], kv_pool=pool, **COMMON)
+        LLMEngine(
+            EngineConfig(model=two_checkpoints[1], **COMMON), pool, name=twin.engine.lease.name
+        )
     with pytest.raises(ValueError, match="positive"):
         SharedKVPool(0)
 

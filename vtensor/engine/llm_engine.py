@@ -129,7 +129,7 @@ class LLMEngine:
         self._member: EngineMember | None = None
         if kv_pool is not None:
             try:
-                self.lease = kv_pool.attach(self, name or self.runtime.model_name)
+                self.lease = kv_pool.attach(self, name)
             except BaseException:
                 self._closed = True
                 self._release()  # refused: give back what was built (threads, memory)

@@ -57,9 +57,11 @@ class SharedKVPool:
         self._lock = threading.Lock()
         self._device: torch.device | None = None
 
-    def attach(self, engine: LLMEngine, name: str) -> KVLease:
+    def attach(self, engine: LLMEngine, name: str | None = None) -> KVLease:
         """Join the budget with ``engine`` (built with ``kv_cache_bytes=budget_bytes``):
-        its scratch chunks are held for good, its pool shrinks to what its lease holds."""
+        its scratch chunks are held for good, its pool shrinks to what its lease holds.
+        ``name`` names its lease (refused if taken); None: its model's name, made unique
+        with ``#2``, ``#3``, ... (the same checkpoint twice)."""
         chunk = engine.pool.chunk_size
         device = engine.runtime.device
         with self._lock:
@@ -74,6 +76,13 @@ class SharedKVPool:
                 self.budget = SharedKVBudget(self.budget_bytes // chunk, chunk)
                 self.chunk_size, self._device = chunk, device
             budget = self.budget
+        if name is None:
+            taken = {x.name for x in budget.stats().leases}
+            base = name = engine.runtime.model_name
+            for k in range(2, len(taken) + 3):
+                if name not in taken:
+                    break
+                name = f"{base}#{k}"
         member = EngineMember(engine)
         lease = budget.join(name, engine.kv.geometry.chunks_for(1), member, chunk)
         member.lease = lease
