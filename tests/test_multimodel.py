@@ -137,3 +137,22 @@ def test_two_engine_threads_on_one_pool_match_each_model_alone(
     for llm in shared:  # each engine's pool never holds more than its lease
         lease = llm.engine.lease
         assert llm.engine.pool.stats().created <= lease.fixed + lease.grant
+
+
+def test_one_request_is_limited_to_the_budget_less_every_engines_scratch(
+    two_checkpoints: tuple[str, str], make_llm: Callable[..., Any]
+) -> None:
+    """10 chunks of 8 tokens: alone an engine could give one request 9 (72 tokens); with
+    a second engine's scratch chunk held for good, 8 (64 tokens), and its contract says
+    so, instead of queueing a request that could never be admitted."""
+    pool = SharedKVPool(10 * CHUNK, device="cpu")
+    a = make_llm(two_checkpoints[0], kv_pool=pool, **COMMON)
+    assert a.engine.inputs.max_request_len == 72
+    b = make_llm(two_checkpoints[1], kv_pool=pool, **COMMON)
+    assert a.engine.inputs.max_request_len == b.engine.inputs.max_request_len == 64
+    prompt = random_prompts(1, 512, 50, 51)[0]
+    with pytest.raises(ValueError, match="max_tokens"):
+        a.generate([prompt], greedy(15))  # 65 tokens: refused, nothing queued
+    assert not a.engine.has_unfinished()
+    out = a.generate([prompt], greedy(14))  # 64 tokens: the whole budget but b's scratch
+    assert len(out[0].outputs[0].token_ids) == 14

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -34,6 +34,7 @@ from vtensor.kvcache.shared_budget import BudgetMember, BudgetStats, KVLease, Sh
 
 from .config import EngineConfig
 from .executor import StepPlan
+from .input_processor import InputProcessor
 
 if TYPE_CHECKING:
     from .llm_engine import LLMEngine
@@ -97,11 +98,24 @@ class SharedKVPool:
 
         lease.on_change = resize
         resize(lease.held)
+        _limit_requests(budget)
         return lease
 
     def stats(self) -> BudgetStats | None:
         """Each engine's fixed and granted chunks, and what is unallocated."""
         return None if self.budget is None else self.budget.stats()
+
+
+def _limit_requests(budget: SharedKVBudget) -> None:
+    """One request can hold at most the budget less every engine's fixed chunks: each
+    engine's request contract (``InputProcessor``) says so, now that one more joined."""
+    stats = budget.stats()
+    most = stats.total_chunks - sum(x.fixed_chunks for x in stats.leases)
+    for lease in budget.leases():
+        engine = cast(EngineMember, lease.member).engine
+        geometry = replace(engine.kv.geometry, capacity_chunks=most)
+        old = engine.inputs
+        engine.inputs = InputProcessor(old.tokenizer, old.vocab_size, old.max_model_len, geometry)
 
 
 class EngineMember(BudgetMember):

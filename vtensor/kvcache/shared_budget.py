@@ -171,6 +171,10 @@ class SharedKVBudget:
             self.unallocated += lease.fixed + lease.grant
             lease.grant = 0
 
+    def leases(self) -> list[KVLease]:
+        with self.lock:
+            return list(self._leases)
+
     def others(self, lease: KVLease) -> list[KVLease]:
         with self.lock:
             return [x for x in self._leases if x is not lease]
