@@ -320,7 +320,7 @@ class LLMEngine:
             with talking_to(self.workers):
                 self._settle_if_idle()  # with requests running, the next step carries them
             if self._member is not None and not self.has_unfinished():
-                self._member.serve(0, reclaim=False)  # what went back goes to the budget
+                self._member.serve_asks(settle=True)  # what went back goes to the budget
         return freed
 
     def next_reclaim_in(self) -> float | None:

@@ -150,12 +150,13 @@ class EngineMember(BudgetMember):
         engine.arena.wait_all()  # the unmaps are done: the chunks are free in our pool
         return lease.settle(kv.books.committed)
 
-    def serve_asks(self) -> None:
-        """Between steps (books lock held): serve what other engines asked for."""
+    def serve_asks(self, settle: bool = False) -> None:
+        """Between steps (books lock held): serve what other engines asked for; with
+        ``settle``, give back the unused grant even if no one asked (an idle engine)."""
         if self.lease is None:
             return
         chunks, reclaim = self.lease.take_asks()
-        if chunks:
+        if chunks or settle:
             self.serve(chunks, reclaim)
 
 
