@@ -66,7 +66,8 @@ def test_scheduler_imports_no_torch() -> None:
                   "kvcache.prefix_cache", "kvcache.radix_cache", "kvcache.chunk_books",
                   "kvcache.reclaim", "kvcache.manager_checks", "kvcache.commands",
                   "kvcache.geometry", "kvcache.idle_policy", "kvcache.idle_reclaim",
-                  "kvcache.write_guard", "kvcache.usage", "intervals")
+                  "kvcache.write_guard", "kvcache.usage", "intervals",
+                  "kvcache.shared_budget")
     )  # fmt: skip
     code = f"import sys, {modules}; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -11,9 +11,15 @@ from vtensor.engine.config import ATTENTION_BACKENDS
 DEFAULT_PROMPTS = ["Hello, my name is", "The capital of France is"]
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Engine options shared by ``generate`` and ``bench offline``."""
-    p.add_argument("--model", default=None, help="HF checkpoint directory (default: embedded)")
+def add_engine_args(p: argparse.ArgumentParser, several_models: bool = False) -> None:
+    """Engine options shared by ``generate`` and ``bench offline`` (and ``serve``, whose
+    ``--model`` may be repeated: ``several_models``)."""
+    if several_models:
+        p.add_argument("--model", action="append", default=None,
+                       help="HF checkpoint directory (default: embedded); repeat it to serve "
+                            "several models from one shared KV budget")  # fmt: skip
+    else:
+        p.add_argument("--model", default=None, help="HF checkpoint directory (default: embedded)")
     p.add_argument("--shape", default=None, help="random weights of a known shape, e.g. llama3-8b")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when a GPU is present, else cpu")  # fmt: skip

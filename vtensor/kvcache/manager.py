@@ -52,6 +52,7 @@ from .idle_reclaim import IdleReclaimer
 from .placement import SlotPlacer
 from .prefix_cache import NO_MATCH, CachePath, NoPrefixCache, PrefixCache, PrefixMatch
 from .reclaim import Reclaimer
+from .shared_budget import KVLease
 from .usage import KVUsage, kv_usage
 from .write_guard import SharedChunkWriteError, check_writes
 
@@ -113,16 +114,32 @@ class KVCacheManager:
         self.cache_budget_chunks = cache_budget_chunks
         policy = IdleReclaimPolicy(self.keep_idle_chunks, idle_timeout_s)
         self.idle = IdleReclaimer(self, policy, clock)
+        self.lease: KVLease | None = None  # a shared budget's account (``set_lease``)
+
+    def set_lease(self, lease: KVLease) -> None:
+        """Draw on a shared budget (``shared_budget.py``) from now on: the manager may
+        commit only its lease's grant, topped up before it maps. Nothing may be
+        committed yet."""
+        if self.books.committed:
+            raise RuntimeError("a lease can only be set before any chunk is committed")
+        self.lease = lease
 
     # ------------------------------------------------------------------ query
     @property
+    def capacity_chunks(self) -> int:
+        """The chunks the books may commit now: the pool's, or the lease's grant."""
+        if self.lease is None:
+            return self.geometry.capacity_chunks
+        return min(self.geometry.capacity_chunks, self.lease.grant)
+
+    @property
     def free_chunks(self) -> int:
-        return self.geometry.capacity_chunks - self.books.committed
+        return self.capacity_chunks - self.books.committed
 
     @property
     def available_chunks(self) -> int:
         """Chunks the pool can still give: free, or reclaimable (not pinned)."""
-        return self.geometry.capacity_chunks - self.books.pinned
+        return self.capacity_chunks - self.books.pinned
 
     @property
     def reclaimable_chunks(self) -> int:
@@ -183,6 +200,9 @@ class KVCacheManager:
         cost nothing more."""
         if not self._idle:
             return False
+        short = self._new_pins(tokens, hit) + headroom_chunks - self.available_chunks
+        if short > 0 and self.lease is not None:  # a shared budget: others may give some
+            self.lease.pull(short, reclaim=True)
         return self._new_pins(tokens, hit) <= self.available_chunks - headroom_chunks
 
     def usage(self) -> KVUsage:
@@ -233,9 +253,7 @@ class KVCacheManager:
             return True
         self._set_asked(slot, have)  # its own chunks are not surplus to reclaim
         need = want - have
-        if need > self.free_chunks and (
-            not steal or not self._reclaimer.reclaim(need - self.free_chunks)
-        ):
+        if not self._make_room(need, steal):
             self._set_asked(slot, asked)
             return False
         self.books.map_fresh(slot, need)
@@ -288,6 +306,14 @@ class KVCacheManager:
         past the watermark or their idle time, then have the pool release its free
         chunks to the driver. Cheap unless a deadline passed. Returns chunks freed."""
         return self.idle.tick()
+
+    def reclaim(self, chunks: int) -> int:
+        """Free up to ``chunks`` reclaimable chunks (``Reclaimer`` order); returns how
+        many. A shared budget's member does this for another engine (``give_back``)."""
+        n = min(chunks, self.reclaimable_chunks)
+        if n > 0 and not self._reclaimer.reclaim(n):
+            raise RuntimeError("reclaim fell short of the reclaimable chunks: a bug")
+        return max(0, n)
 
     def reclaim_all(self) -> None:
         """Unmap every idle slot's chunks (shutdown, or a caller that needs the pool).
@@ -356,6 +382,25 @@ class KVCacheManager:
         block = self.geometry.cache_block()
         if cache.enabled and block != (cache.block_tokens, cache.block_chunks):
             raise ValueError(f"the cache's blocks must be {block} (tokens, chunks)")
+
+    def _make_room(self, need: int, steal: bool) -> bool:
+        """Make ``need`` chunks free. Own free chunks; on a shared budget, then the
+        unallocated budget and the grant other engines do not use; then (``steal``)
+        reclaimable chunks: the other engines' first when ours do not cover the
+        shortfall, then ours. False if it falls short (chunks reclaimed so far stay
+        freed: they were reclaimable, nothing is lost)."""
+        lease = self.lease
+        if need > self.free_chunks and lease is not None:
+            lease.pull(need - self.free_chunks, reclaim=False)
+        short = need - self.free_chunks
+        if short <= 0:
+            return True
+        if not steal:
+            return False
+        if lease is not None and short > self.reclaimable_chunks:
+            lease.pull(short - self.reclaimable_chunks, reclaim=True)
+            short = need - self.free_chunks
+        return short <= 0 or self._reclaimer.reclaim(short)
 
     def _new_pins(self, tokens: int, hit: PrefixMatch) -> int:
         pinned = sum(1 for c in hit.chunks if self.books.is_pinned(c))

@@ -31,7 +31,7 @@ def kv_usage(kv: KVCacheManager) -> KVUsage:
         committed_chunks=kv.books.committed,
         idle_chunks=kv.idle_chunks,
         surplus_chunks=kv.surplus_chunks,
-        capacity_chunks=kv.geometry.capacity_chunks,
+        capacity_chunks=kv.capacity_chunks,
         cached_chunks=kv.books.cached_count,
         pinned_chunks=kv.books.pinned,
         running_mapped_chunks=sum(len(tables[s]) for s in owned),
