@@ -25,8 +25,8 @@ part=${1:?$usage}
 out=${2:?$usage}
 tag=${3:-h100_$(date -u +%Y-%m-%d)}
 port=${PORT:-8300}
-clients=${CLIENTS:-256}
-# SERVE_FLAGS: extra `vtensor serve` flags for both servers (e.g. --admit-after-premap)  # the issue's shape; CLIENTS=128 halves the histories to cache
+clients=${CLIENTS:-256}  # the shape; CLIENTS=128 halves the histories to cache
+# SERVE_FLAGS: extra `vtensor serve` flags for both servers (e.g. --admit-after-premap)
 concurrency=${CONCURRENCY:-128}
 mkdir -p "$out"
 vt() { python3 -m vtensor.cli "$@"; }
