@@ -47,6 +47,10 @@ def add_engine_args(p: argparse.ArgumentParser, several_models: bool = False) ->
     p.add_argument("--enable-sleep-mode", action="store_true",
                    help="weights in a virtual range that LLM.sleep() / POST /sleep give back "
                         "to the driver and wake_up maps again at the same addresses")  # fmt: skip
+    p.add_argument("--sleep-keep-host-buffer", default=True,
+                   action=argparse.BooleanOptionalAction,
+                   help="keep level-1 sleep's pinned host buffer after wake_up, so only the "
+                        "first sleep pays for pinning (default: on)")  # fmt: skip
     add_offload_args(p)
     add_parallel_args(p)
 
@@ -117,6 +121,7 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
         cpu_offload_gb=args.cpu_offload_gb, gpu_memory_budget=args.gpu_memory_budget,
         offload_ring_depth=args.offload_ring_depth,
         enable_sleep_mode=getattr(args, "enable_sleep_mode", False),
+        sleep_keep_host_buffer=getattr(args, "sleep_keep_host_buffer", True),
         admit_after_premap=getattr(args, "admit_after_premap", False),
         tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes,
         node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,

@@ -95,6 +95,9 @@ class EngineConfig:
     # Sleep mode (vLLM's flag; engine/sleep.py): the weights live in a virtual range that
     # LLM.sleep() releases and wake_up() maps back at the same addresses.
     enable_sleep_mode: bool = False
+    # Level-1 sleep keeps its pinned host buffer after wake_up, so only the first sleep
+    # pays for pinning (seconds per 16 GB); off: the buffer is freed at every wake_up.
+    sleep_keep_host_buffer: bool = True
 
     def __post_init__(self) -> None:
         if self.model is not None and self.shape is not None:
