@@ -41,9 +41,6 @@ def add_engine_args(p: argparse.ArgumentParser, several_models: bool = False) ->
                    action=argparse.BooleanOptionalAction,
                    help="launch each step before reading the last one's tokens "
                         "(default: on for CUDA, off on the CPU)")  # fmt: skip
-    p.add_argument("--admit-after-premap", action="store_true",
-                   help="while others run, admit a new request one step late, once its KV "
-                        "chunks were mapped ahead during that step (experimental)")  # fmt: skip
     p.add_argument("--enable-sleep-mode", action="store_true",
                    help="weights in a virtual range that LLM.sleep() / POST /sleep give back "
                         "to the driver and wake_up maps again at the same addresses")  # fmt: skip
@@ -122,7 +119,6 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
         offload_ring_depth=args.offload_ring_depth,
         enable_sleep_mode=getattr(args, "enable_sleep_mode", False),
         sleep_keep_host_buffer=getattr(args, "sleep_keep_host_buffer", True),
-        admit_after_premap=getattr(args, "admit_after_premap", False),
         tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes,
         node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
     )  # fmt: skip

@@ -112,10 +112,7 @@ class LLMEngine:
         self.kv = parts.kv
         self.kv.set_prefix_cache(cache)  # nothing is mapped yet: no command to send
         sched = SchedulerConfig(
-            config.max_num_seqs,
-            config.max_num_batched_tokens,
-            config.lookahead_tokens,
-            config.admit_after_premap,
+            config.max_num_seqs, config.max_num_batched_tokens, config.lookahead_tokens
         )
         self.scheduler = Scheduler(sched, self.kv)
         self.inputs = InputProcessor(
