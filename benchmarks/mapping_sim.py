@@ -21,6 +21,7 @@ import argparse
 import random
 
 from vtensor.engine.params import SamplingParams
+from vtensor.engine.kv_setup import spare_slots
 from vtensor.engine.request import Request
 from vtensor.engine.scheduler import Scheduler, SchedulerConfig
 from vtensor.kvcache.geometry import KVGeometry
@@ -31,7 +32,9 @@ CHUNK, TOKEN_BYTES, POOL_BYTES = 2 << 20, 128 << 10, int(52.6 * 2**30)
 
 
 def replay(args: argparse.Namespace, cache_on: bool) -> dict[str, int]:
-    geo = KVGeometry(args.max_num_seqs + 1, 4096, TOKEN_BYTES, CHUNK, POOL_BYTES // CHUNK)
+    spare = spare_slots(args.max_num_seqs, 4096, cache_on)
+    slots = args.max_num_seqs + 1 + spare
+    geo = KVGeometry(slots, 4096, TOKEN_BYTES, CHUNK, POOL_BYTES // CHUNK)
     cache = RadixPrefixCache(*geo.cache_block()) if cache_on else None
     watermark = max(64, geo.capacity_chunks // 20)  # the engine's default
     kv = KVCacheManager(geo, keep_idle_chunks=watermark, prefix_cache=cache, reserved_slots=1)

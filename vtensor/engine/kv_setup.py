@@ -11,7 +11,7 @@ import torch
 from vtensor.distributed import TPGroup
 from vtensor.kvcache.arena import KVArena
 from vtensor.kvcache.idle_policy import default_watermark
-from vtensor.kvcache.layout import KVLayout
+from vtensor.kvcache.layout import MAX_ROWS, KVLayout
 from vtensor.kvcache.manager import KVCacheManager, KVGeometry
 from vtensor.kvcache.prefix_cache import NoPrefixCache, PrefixCache
 from vtensor.kvcache.radix_cache import RadixPrefixCache
@@ -72,8 +72,10 @@ def build_arena(
     max_tokens = KVGeometry.aligned_max_tokens(
         rt.max_model_len, bytes_per_token, backend.chunk_size
     )
+    seats = config.max_num_seqs + 1  # and the scratch slot
+    spare = spare_slots(config.max_num_seqs, max_tokens, config.enable_prefix_caching)
     layout = KVLayout(
-        config.max_num_seqs + 1,
+        seats + spare,
         max_tokens,
         cfg.num_layers,
         kv_heads,
@@ -82,6 +84,23 @@ def build_arena(
     )
     pool = ChunkPool(backend, group.min_int(kv_budget(config, rt, cfg)))
     return KVArena(layout, pool, rt.device), pool
+
+
+SPARE_SLOTS = 32  # at most; benchmarks/mapping_sim.py needed 8 at 1024-token prompts, 32 at 256
+
+
+def spare_slots(max_num_seqs: int, max_tokens: int, caching: bool) -> int:
+    """Idle slots beyond one per seat, with prefix caching (address space only).
+
+    A finished request's slot keeps mapping its cached blocks. With every seat taken,
+    a new request would take such a slot, unmap the blocks and map fresh chunks in the
+    step that admits it, on the critical path (``benchmarks/mapping_sim.py``); a spare
+    slot is mapped ahead instead (``Scheduler._premap_waiting``) while the GPU computes.
+    Fewer where the cache rows (int32: ``MAX_ROWS``) would not hold them."""
+    if not caching:
+        return 0
+    room = MAX_ROWS // max_tokens - (max_num_seqs + 1)
+    return max(0, min(SPARE_SLOTS, max_num_seqs, room))
 
 
 def prefix_cache_for(geo: KVGeometry, enabled: bool) -> tuple[PrefixCache, str | None]:

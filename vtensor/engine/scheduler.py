@@ -204,11 +204,25 @@ class Scheduler:
     def _premap_waiting(self) -> None:
         """Map, during this step, the slots that the next step's admissions will take:
         a prompt's chunks are otherwise mapped in the very step that needs them."""
+        # Every idle slot, not only the free seats: with every seat taken, the spare
+        # slots (``engine/kv_setup.spare_slots``) are mapped ahead for those next in line.
+        seats = max(self.config.max_num_seqs - len(self.running), len(self.kv.idle_slots()))
+        heads = list(itertools.islice(self.waiting, max(0, seats)))
+        wanted, hits = self._next_admissions(heads)
+        if not wanted:
+            return
+        geo = self.kv.geometry
+        fresh = sum(max(0, geo.chunks_for(t) - len(h.chunks)) for t, h in zip(wanted, hits))
+        self.kv.evict_to_free(len(self.running) + fresh, keep=hits)
+        self.kv.premap(wanted, headroom_chunks=len(self.running), hits=hits)
+
+    def _next_admissions(self, heads: list[Request]) -> tuple[list[int], list[PrefixMatch]]:
+        """The tokens each of ``heads`` would map if admitted next step (within one
+        step's token budget), and its cache hit now."""
         budget = self.config.max_num_batched_tokens
-        seats = self.config.max_num_seqs - len(self.running)
         wanted: list[int] = []
         hits: list[PrefixMatch] = []
-        for req in itertools.islice(self.waiting, max(0, seats)):
+        for req in heads:
             if budget <= 0:
                 break
             hit = self.kv.match(req.token_ids, req.num_tokens - 1)
@@ -216,13 +230,21 @@ class Scheduler:
             wanted.append(hit.tokens + n)
             hits.append(hit)
             budget -= n
-        if wanted:
-            self.kv.premap(wanted, headroom_chunks=len(self.running), hits=hits)
+        return wanted, hits
 
     def _map_ahead(self, spans: list[ScheduledSpan]) -> None:
-        """Opportunistically map what the next steps will write (never steals or preempts)."""
+        """Map what the next steps will write (never preempts). A pool the cache has
+        filled gives those chunks by eviction: done now, while the GPU computes, so the
+        step that writes them does not evict and remap (the same blocks would go then:
+        least recently used first)."""
         ahead = self.config.lookahead_tokens
+        geo = self.kv.geometry
+        targets = []
         for sp in spans:
             remaining = sp.req.num_tokens - sp.end
             target = sp.end + (min(remaining, sp.num_tokens) if remaining else ahead)
-            self.kv.grow(sp.req.rid, min(target, sp.req.max_len), steal=False)
+            targets.append((sp.req.rid, min(target, sp.req.max_len)))
+        need = sum(max(0, geo.chunks_for(t) - self.kv.mapped_chunks(r)) for r, t in targets)
+        self.kv.evict_to_free(need)
+        for rid, target in targets:
+            self.kv.grow(rid, target, steal=False)

@@ -237,6 +237,22 @@ class KVCacheManager:
             raise RuntimeError("admission fit the books but could not grow: a bug")
         return slot
 
+    def evict_to_free(self, chunks: int, keep: Sequence[PrefixMatch] = ()) -> int:
+        """Evict least recently used (unlocked) cache blocks, never those of ``keep``,
+        until ``chunks`` are free or none is left; returns the chunks freed. The
+        scheduler calls it for what the next step may take, so that a pool the cache
+        has filled frees chunks while the GPU computes, not in the step that needs them."""
+        short = chunks - self.free_chunks
+        if short <= 0 or not self.cache.enabled:
+            return 0
+        for hit in keep:  # held for the call only: a lock pins, and pins block eviction
+            self.books.pin(self.cache.lock(hit.path), +1)
+        try:
+            return self._reclaimer.evict(short)
+        finally:
+            for hit in keep:
+                self.books.pin(self.cache.unlock(hit.path), -1)
+
     def grow(self, rid: int, tokens: int, steal: bool = True) -> bool:
         """Ensure ``rid``'s slot maps its first ``tokens`` tokens.
 
