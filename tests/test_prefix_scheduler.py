@@ -11,7 +11,7 @@ from tests.test_scheduler import TPC, launch, read_late, run_step
 from vtensor.engine.params import SamplingParams
 from vtensor.engine.request import Request, RequestStatus
 from vtensor.engine.scheduler import Scheduler, SchedulerConfig
-from vtensor.kvcache.manager import KVCacheManager, KVGeometry
+from vtensor.kvcache.manager import KVCacheManager, KVGeometry, MapCommand
 from vtensor.kvcache.radix_cache import RadixPrefixCache
 
 
@@ -94,3 +94,56 @@ def test_random_shared_prefix_workloads_finish_and_give_every_chunk_back() -> No
         assert s.prefix_hits > 0
         assert s.kv.reset_prefix_cache() and s.kv.usage().committed_chunks == 0
         s.kv.check()
+
+
+def test_with_every_seat_taken_the_next_request_is_mapped_ahead_into_a_spare_slot() -> None:
+    """Two seats and two spare slots: while both seats run, the waiting request's
+    chunks are mapped ahead (premap) into a spare slot, so the step that admits it
+    maps nothing, and the finished requests' slots keep their cached blocks mapped."""
+    geo = KVGeometry(4, 256, 512, 4096, 64)  # 2 seats + 2 spare slots
+    kv = KVCacheManager(geo, prefix_cache=RadixPrefixCache(*geo.cache_block()))
+    s, rng = Scheduler(SchedulerConfig(2, 64, 0), kv), random.Random()
+    for rid in range(2):
+        s.add(with_prompt(rid, [rng.randrange(100) for _ in range(2 * TPC)], rng.randint(3, 9)))
+    nxt = with_prompt(2, [rng.randrange(100) for _ in range(3 * TPC + 1)], 2)
+    s.add(nxt)
+    premapped = None
+    while nxt.status is RequestStatus.WAITING:
+        out = run_step(s, rng)
+        ahead = [c for c in out.ahead_commands if isinstance(c, MapCommand)]
+        if ahead and premapped is None and len(s.running) == 2:
+            premapped = ahead[-1].slot
+            assert premapped not in {kv.slot_of(r.rid) for r in s.running}
+    assert premapped is not None and kv.slot_of(nxt.rid) == premapped
+    assert not [c for c in out.kv_commands if isinstance(c, MapCommand)]  # nothing to wait for
+    while s.has_unfinished():
+        run_step(s, rng)
+    kv.check()
+
+
+def test_a_full_pool_evicts_for_the_next_step_while_this_one_runs() -> None:
+    """The cache fills the pool; a running request's next chunks are then freed by
+    eviction (least recently used first, as the step itself would) and mapped in the
+    commands for later steps, never in the step that writes them."""
+    rng = random.Random()
+    s = make(capacity=16, slots=4, budget=64, lookahead=4)
+    kept = [rng.randrange(100) for _ in range(4 * TPC)]
+    prompt, rid = kept, 0
+    while s.kv.free_chunks and rid < 20:  # distinct prompts until the cache holds all
+        s.add(with_prompt(rid, prompt, 1))
+        while s.has_unfinished():
+            run_step(s, rng)
+        prompt, rid = [rng.randrange(100) for _ in range(TPC + rid % 3 * TPC)], rid + 1
+    assert s.kv.free_chunks == 0  # every chunk holds a cached block
+    s.add(with_prompt(100, [rng.randrange(100) for _ in range(TPC - 2)], 3 * TPC))
+    grew_in_step, evicted = 0, s.kv.evicted_chunks
+    admitted = launch(s)  # the prompt's own chunk: mapped in its step, as without a cache
+    assert [a.req.rid for a in admitted.admitted] == [100]
+    for sp in admitted.spans:
+        sp.req.append_output(sp.end, rng.randrange(100), None, 0.0)
+    while s.has_unfinished():
+        out = run_step(s, rng)
+        grew_in_step += sum(c.count for c in out.kv_commands if isinstance(c, MapCommand))
+    assert s.kv.evicted_chunks > evicted and grew_in_step == 0
+    assert s.kv.match(kept, len(kept) - 1).tokens == 0  # the oldest blocks went first
+    s.kv.check()
