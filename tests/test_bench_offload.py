@@ -29,6 +29,7 @@ def test_bench_offload_structure(checkpoint: Path, tmp_path: Path, capsys) -> No
     assert cli_main(args) == 0
     text = capsys.readouterr().out
     assert text.count("goal:") == 2 and "refused" in text
+    assert "prefill from an idle engine, a latency, not in the goal; worst" in text
     res = json.loads(out.read_text())
     bw = res["bandwidth"]
     assert bw["h2d_pinned_gbs"] > 0 and bw["h2d_pageable_gbs"] > 0
@@ -50,9 +51,31 @@ def test_bench_offload_structure(checkpoint: Path, tmp_path: Path, capsys) -> No
     p = half["prefill"]
     assert {"ours", "naive", "naive-pinned"} <= p.keys()
     assert p["compute_floor_ms"] == full["prefill"]["ours"]
+    s = half["prefill_stream"]  # back to back: its floor is the resident stream's
+    assert s["compute_floor_ms"] == full["prefill_stream"]["ours"] > 0
+    assert s["x_floor"] == pytest.approx(s["ours"] / max(s["compute_floor_ms"], copy))
+    assert half["prefill_traces"] == {"idle": {}, "stream": {}}  # copy timing: CUDA only
     g = res["goals"]
     assert isinstance(g["floor_met"], bool) and isinstance(g["naive_met"], bool)
     assert half["label"] in g["floor_worst"][1]
+    judged = [f"{half['label']}, decode b1", f"{half['label']}, decode b4",
+              f"{half['label']}, prefill stream"]  # fmt: skip
+    xs = {w: x for x, w in [(d["x_floor"], f"{half['label']}, decode b{d['batch']}")
+                            for d in half["decode"]] + [(s["x_floor"], judged[2])]}  # fmt: skip
+    assert g["floor_worst"] == [max(xs.values()), max(xs, key=lambda w: xs[w])]
+    assert g["idle_prefill_worst"] == [p["x_floor"], f"{half['label']}, prefill idle"]
+
+
+def test_prefill_stream_prefills_whole_prompts_a_step(checkpoint: Path, make_llm) -> None:
+    """The stream's steps each prefill whole prompts (budget 256: two of 128 a step);
+    a budget that would split a prompt is refused."""
+    llm = make_llm(str(checkpoint), max_num_batched_tokens=256)
+    engine = llm.engine
+    steps = engine.stats().steps
+    assert offload_measure.prefill_stream_ms(engine, 128, 5, warm=False) > 0
+    assert engine.stats().steps - steps == 3 and not engine.has_unfinished()
+    with pytest.raises(ValueError, match="would not prefill in one step"):
+        offload_measure.prefill_stream_ms(engine, 300, 2)
 
 
 @pytest.mark.parametrize("peer", ["naive", "naive-pinned"])
