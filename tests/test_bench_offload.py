@@ -96,3 +96,22 @@ def test_the_naive_peers_compute_the_same_tokens(checkpoint: Path, make_llm, pee
     # The peer copied on its own while the prefetcher idled; it then primed the ring.
     assert off.stats().fills == fills + off.placement.ring_depth
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want  # re-primed
+
+
+def test_every_timed_prefill_computes_its_whole_prompt(checkpoint: Path, make_llm) -> None:
+    """The prefix cache keeps earlier prompts: a bench that repeated a prompt (as the
+    naive peers once repeated ours) would time a one-token prefill. Two rounds of each
+    measure hit the cache for nothing, on an engine whose prefix caching is on."""
+    llm = make_llm(str(checkpoint), max_model_len=512, max_num_batched_tokens=512)
+    engine = llm.engine
+    assert engine.prefix_caching_summary() and "off" not in engine.prefix_caching_summary()
+    for _ in range(2):
+        offload_measure.prefill_ms(engine, 300, 1)
+        offload_measure.prefill_stream_ms(engine, 300, 2)
+    assert engine.stats().prefix_cache_hits == 0
+    # The control: the same prompt twice does hit (so the counter can move).
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    prompt = offload_measure.fresh_prompt(engine.model_config.vocab_size, 300)
+    for _ in range(2):
+        llm.generate([prompt], params)
+    assert engine.stats().prefix_cache_hits > 0

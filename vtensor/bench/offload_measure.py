@@ -21,6 +21,7 @@ stream during either, to show where a step's time goes.
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Iterator
@@ -116,9 +117,8 @@ def prefill_ms(engine: LLMEngine, tokens: int, reps: int) -> float:
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0)
     times = []
-    for r in range(reps + 1):
-        prompt = [(17 * r + 5 * j) % vocab for j in range(tokens)]
-        engine.add_request(prompt, params)
+    for _ in range(reps + 1):
+        engine.add_request(fresh_prompt(vocab, tokens), params)
         _sync(engine.runtime.device)
         t0 = time.perf_counter()
         finished = []
@@ -143,9 +143,8 @@ def prefill_stream_ms(engine: LLMEngine, tokens: int, prompts: int, warm: bool =
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0)
     seconds = 0.0
-    for rnd in range(2 if warm else 1):
-        batch = [[(101 * rnd + 13 * i + 7 * j + 3) % vocab for j in range(tokens)]
-                 for i in range(prompts)]  # fmt: skip
+    for _ in range(2 if warm else 1):
+        batch = [fresh_prompt(vocab, tokens) for _ in range(prompts)]
         rids = [r for group in engine.add_requests(batch, params) for r in group]
         steps0 = engine.stats().steps
         _sync(engine.runtime.device)
@@ -160,6 +159,14 @@ def prefill_stream_ms(engine: LLMEngine, tokens: int, prompts: int, warm: bool =
         if launched != -(-prompts // per_step):  # a split prompt or an extra step
             raise RuntimeError(f"{prompts} prompts of {tokens} took {launched} steps")
     return seconds / prompts * 1e3
+
+
+def fresh_prompt(vocab: int, tokens: int) -> list[int]:
+    """Random token ids. Every timed prefill needs its own: the engine's prefix cache
+    keeps earlier prompts' blocks, and a repeated prompt would prefill one token (the
+    naive peers' prefills once did, timed after ours on the same prompts)."""
+    rng = random.Random()
+    return [rng.randrange(vocab) for _ in range(tokens)]
 
 
 @contextmanager
