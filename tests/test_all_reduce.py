@@ -92,12 +92,13 @@ def test_which_messages_the_one_shot_takes_at_the_extremes() -> None:
     assert symm_accepts(64, "bfloat16", True, 32, limit)
 
 
-def test_symmetric_memory_is_unavailable_off_cuda_alone_or_without_the_op() -> None:
-    assert "needs CUDA GPUs" in str(symm_unavailable("cpu", 2, True))
-    assert "one rank" in str(symm_unavailable("cuda", 1, True))
-    assert "one_shot_all_reduce_copy_out" in str(symm_unavailable("cuda", 2, False))
-    assert symm_unavailable("cuda", 2, True) is None
-    assert symm_unavailable("cuda", 8, True) is None
+def test_symmetric_memory_is_unavailable_off_cuda_alone_across_nodes_or_without_the_op() -> None:
+    assert "needs CUDA GPUs" in str(symm_unavailable("cpu", 2, True, True))
+    assert "one rank" in str(symm_unavailable("cuda", 1, True, True))
+    assert "several nodes" in str(symm_unavailable("cuda", 16, False, True))
+    assert "one_shot_all_reduce_copy_out" in str(symm_unavailable("cuda", 2, True, False))
+    assert symm_unavailable("cuda", 2, True, True) is None
+    assert symm_unavailable("cuda", 8, True, True) is None
 
 
 def test_the_tensor_predicate_reads_size_dtype_layout_and_device() -> None:
@@ -218,3 +219,15 @@ def test_symm_mem_on_gloo_falls_back_once_and_matches_tp1(tmp_path: Path, make_l
     assert tp.engine.workers.group.small is None
     want, got = ref.generate(prompts, params), tp.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+
+
+def test_one_node_from_the_flags_or_torchruns_environment(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    assert LaunchSpec(2).one_node
+    assert not LaunchSpec(4, nnodes=2, master_port=29500).one_node
+    torchrun = LaunchSpec(4, master_port=29500, torchrun=True)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert torchrun.one_node
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two nodes of two
+    assert not torchrun.one_node
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # an old launcher that does not say: not sure
+    assert not torchrun.one_node

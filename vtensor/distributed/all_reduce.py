@@ -80,13 +80,17 @@ def symm_accepts(
     )
 
 
-def symm_unavailable(device_type: str, world_size: int, torch_has_ops: bool) -> str | None:
+def symm_unavailable(
+    device_type: str, world_size: int, one_node: bool, torch_has_ops: bool
+) -> str | None:
     """Why symmetric memory cannot serve this group, checked before any collective (the
     same on every rank); ``None`` when it may (the rendezvous can still fail)."""
     if device_type != "cuda":
         return f"needs CUDA GPUs (this group runs on {device_type}: gloo)"
     if world_size < 2:
         return "a group of one rank has nothing to reduce"
+    if not one_node:
+        return "the group spans several nodes (symmetric memory is P2P within one node)"
     if not torch_has_ops:
         return "this torch has no torch.ops.symm_mem.one_shot_all_reduce_copy_out"
     return None

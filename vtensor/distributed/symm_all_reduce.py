@@ -76,6 +76,7 @@ class SymmMemAllReduce(SmallAllReduce):
         self.group_name = group_name
         self.max_bytes = max_bytes
         self.launches = 0
+        self.op = getattr(torch.ops.symm_mem, OP_NAME)  # looked up once, not per call
 
     def accepts(self, x: torch.Tensor) -> bool:
         size = x.element_size()
@@ -89,7 +90,7 @@ class SymmMemAllReduce(SmallAllReduce):
         # view at offset 0 of the buffer gives it (the rendezvous covers the storage).
         symm = self.buffer.view(x.dtype)[: x.numel()].view(x.shape)
         self.launches += 1
-        out: torch.Tensor = getattr(torch.ops.symm_mem, OP_NAME)(symm, x, "sum", self.group_name, x)
+        out: torch.Tensor = self.op(symm, x, "sum", self.group_name, x)
         return out
 
 
@@ -130,9 +131,7 @@ def build_small_all_reduce(
     logged once by rank 0 when ``options`` asked for symmetric memory)."""
     if not options.wants_symm or group.size == 1:
         return None
-    reason = symm_unavailable(device.type, group.size, torch_has_symm_ops())
-    if reason is None and not one_node:
-        reason = "the group spans several nodes (symmetric memory is P2P within one node)"
+    reason = symm_unavailable(device.type, group.size, one_node, torch_has_symm_ops())
     # The checks above read only what every rank shares; agree anyway (one torch per node).
     if group.min_int(0 if reason else 1) == 0:
         _fall_back(group, reason or "unavailable on another rank")
