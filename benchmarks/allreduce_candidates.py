@@ -33,7 +33,6 @@ import json
 import os
 import socket
 import sys
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -63,10 +62,10 @@ def symmetric_buffer(dev: torch.device, group_name: str) -> torch.Tensor | None:
 
         buf = symm_mem.empty(MAX_BYTES, dtype=torch.uint8, device=dev)
         enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        if enable is not None:  # older torch needs it; later ones deprecate it (no need)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                enable(group_name)
+        # Older torch needs it; from 2.11 on it is deprecated: the rendezvous resolves
+        # the group itself (as vtensor/distributed/symm_all_reduce.py does).
+        if enable is not None and not getattr(enable, "__deprecated__", None):
+            enable(group_name)
         symm_mem.rendezvous(buf, group_name)
     except Exception as exc:  # report the reason, time the rest
         print(f"symmetric memory unavailable: {exc!r}", file=sys.stderr)

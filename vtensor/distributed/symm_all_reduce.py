@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-import warnings
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -152,6 +152,12 @@ def _setup_steps(
     options: AllReduceOptions, group: TPGroup, device: torch.device, made: dict[str, Any]
 ) -> list[tuple[str, Callable[[], None]]]:
     def allocate() -> None:
+        # No implicit pool (newer torch's default): a buffer freed with a closed engine
+        # would go back to the pool with its rendezvous cached under the group's name
+        # ("0" for every WORLD group), and the next engine in this process could get
+        # that block back, mapped to the old, gone peers. A plain allocation is
+        # released when freed; the next one is rendezvoused afresh.
+        os.environ.setdefault("TORCH_SYMMMEM_IMPLICIT_POOL", "0")
         import torch.distributed._symmetric_memory as symm_mem
 
         made["name"] = str(group.device_group.group_name)
@@ -161,10 +167,12 @@ def _setup_steps(
         import torch.distributed._symmetric_memory as symm_mem
 
         enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        if enable is not None:  # needed by older torch; deprecated (a no-op need) later
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                enable(made["name"])
+        # Older torch needs the group registered by name first. From torch 2.11 on the
+        # rendezvous resolves the group itself and the call is deprecated, and harmful:
+        # it caches the group's store under its name ("0" for every WORLD), so a second
+        # engine in this process would meet its peers through the first group's store.
+        if enable is not None and not getattr(enable, "__deprecated__", None):
+            enable(made["name"])
         symm_mem.rendezvous(made["buffer"], made["name"])
 
     def check() -> None:  # one eager all-reduce against the sum it must give
