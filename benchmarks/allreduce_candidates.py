@@ -62,7 +62,7 @@ def symmetric_buffer(dev: torch.device, group_name: str) -> torch.Tensor | None:
 
         buf = symm_mem.empty(MAX_BYTES, dtype=torch.uint8, device=dev)
         enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        # Older torch needs it; from 2.11 on it is deprecated: the rendezvous resolves
+        # Older torch needs it; newer torch deprecates it: the rendezvous resolves
         # the group itself (as vtensor/distributed/symm_all_reduce.py does).
         if enable is not None and not getattr(enable, "__deprecated__", None):
             enable(group_name)

@@ -167,8 +167,9 @@ def _setup_steps(
         import torch.distributed._symmetric_memory as symm_mem
 
         enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        # Older torch needs the group registered by name first. From torch 2.11 on the
-        # rendezvous resolves the group itself and the call is deprecated, and harmful:
+        # Older torch needs the group registered by name first. Newer torch (pytorch
+        # PR 172163, Jan 2026) resolves the group itself and deprecates the call, which is
+        # then harmful:
         # it caches the group's store under its name ("0" for every WORLD), so a second
         # engine in this process would meet its peers through the first group's store.
         if enable is not None and not getattr(enable, "__deprecated__", None):
