@@ -6,17 +6,11 @@ their bytes need over NVLink. This script times, on 2+ GPUs of one host, the sam
 all-reduce a decode step makes ([batch, hidden] bf16), K of them back to back in one
 CUDA graph (as a replayed step holds them), for each candidate:
 
-* ``nccl``: ``dist.all_reduce(x)`` in place (what the engine uses by default), NCCL's
-  own protocol choice; run the script again with ``NCCL_PROTO=LL`` / ``LL128`` /
-  ``Simple`` to compare;
-* ``symm-one-shot-inplace``: exactly what ``--all-reduce symm-mem`` runs
-  (``vtensor/distributed/symm_all_reduce.py``): one kernel,
-  ``one_shot_all_reduce_copy_out(buffer view, x, out=x)``, that copies ``x`` into
-  this rank's symmetric buffer, meets its peers at a barrier and sums every
-  peer's buffer by P2P loads into ``x``;
-* ``symm-one-shot-copy``: the same kernel, output in a fresh tensor;
-* ``symm-one-shot``, ``symm-two-shot``: a copy into the buffer, then the reduction
-  into ``x`` (two kernels).
+* ``nccl``: ``dist.all_reduce`` (what the engine uses), NCCL's own protocol choice;
+  run the script again with ``NCCL_PROTO=LL`` / ``LL128`` / ``Simple`` to compare;
+* ``symm-one-shot-copy``: torch symmetric memory, one kernel that copies the input
+  into this rank's symmetric buffer and sums every peer's buffer by P2P loads;
+* ``symm-one-shot``, ``symm-two-shot``: a copy into the buffer, then the reduction.
 
 The symmetric-memory candidates use peer-to-peer loads over NVLink only: NVLink
 multicast stays off (``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` and the NCCL/NVSHMEM
@@ -48,63 +42,42 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 SHAPES = [(h, b) for h in (4096, 8192) for b in (1, 16, 64, 256)]  # 8B and 70B hidden
-MAX_BYTES = max(h * b for h, b in SHAPES) * 2  # bf16; the engine's default limit (4 MiB)
 K = 64  # all-reduces per graph (a 70B step makes 161, an 8B one 65)
 REPLAYS = 20
 Candidate = Callable[[torch.Tensor], torch.Tensor]
 
 
-def symmetric_buffer(dev: torch.device, group_name: str) -> torch.Tensor | None:
-    """One buffer of the largest message, allocated and rendezvoused once, before any
-    capture (as the engine does); None, with the reason printed, where unavailable."""
+def candidates(n: int, dev: torch.device, group_name: str) -> dict[str, Candidate]:
+    out = torch.empty(n, dtype=torch.bfloat16, device=dev)
+
+    def nccl(x: torch.Tensor) -> torch.Tensor:
+        out.copy_(x)
+        dist.all_reduce(out)
+        return out
+
+    found: dict[str, Candidate] = {"nccl": nccl}
     try:
         import torch.distributed._symmetric_memory as symm_mem
 
-        buf = symm_mem.empty(MAX_BYTES, dtype=torch.uint8, device=dev)
-        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        # Older torch needs it; newer torch deprecates it: the rendezvous resolves
-        # the group itself (as vtensor/distributed/symm_all_reduce.py does).
-        if enable is not None and not getattr(enable, "__deprecated__", None):
-            enable(group_name)
+        buf = symm_mem.empty(n, dtype=torch.bfloat16, device=dev)
         symm_mem.rendezvous(buf, group_name)
     except Exception as exc:  # report the reason, time the rest
         print(f"symmetric memory unavailable: {exc!r}", file=sys.stderr)
-        return None
-    return buf
-
-
-def candidates(buf: torch.Tensor | None, group_name: str) -> dict[str, Candidate]:
-    """Each candidate sums its argument over the ranks in place (or into a fresh tensor)
-    and returns the sum."""
-
-    def nccl(x: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(x)
-        return x
-
-    found: dict[str, Candidate] = {"nccl": nccl}
-    if buf is None:
         return found
     ops = torch.ops.symm_mem
 
-    def view(x: torch.Tensor) -> torch.Tensor:  # the op wants one shape for both
-        return buf.view(x.dtype)[: x.numel()].view(x.shape)
-
-    def one_shot_inplace(x: torch.Tensor) -> torch.Tensor:
-        return ops.one_shot_all_reduce_copy_out(view(x), x, "sum", group_name, x)
-
     def one_shot_copy(x: torch.Tensor) -> torch.Tensor:
-        return ops.one_shot_all_reduce_copy(view(x), x, "sum", group_name)
+        return ops.one_shot_all_reduce_copy(buf, x, "sum", group_name)
 
     def one_shot(x: torch.Tensor) -> torch.Tensor:
-        view(x).copy_(x)
-        return ops.one_shot_all_reduce_out(view(x), "sum", group_name, x)
+        buf.copy_(x)
+        return ops.one_shot_all_reduce_out(buf, "sum", group_name, out)
 
     def two_shot(x: torch.Tensor) -> torch.Tensor:
-        view(x).copy_(x)
-        return ops.two_shot_all_reduce_out(view(x), "sum", group_name, x)
+        buf.copy_(x)
+        return ops.two_shot_all_reduce_out(buf, "sum", group_name, out)
 
-    found.update({"symm-one-shot-inplace": one_shot_inplace,
-                  "symm-one-shot-copy": one_shot_copy, "symm-one-shot": one_shot,
+    found.update({"symm-one-shot-copy": one_shot_copy, "symm-one-shot": one_shot,
                   "symm-two-shot": two_shot})  # fmt: skip
     return found
 
@@ -138,45 +111,36 @@ def rank_main(rank: int, world: int, port: int, json_path: str | None) -> None:
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, device_id=dev)  # fmt: skip
     name = dist.group.WORLD.group_name  # type: ignore[union-attr]
-    buf = symmetric_buffer(dev, name)
-    # Every rank must time the same candidates (a collective waits for all of them).
-    everywhere = torch.tensor([buf is not None], dtype=torch.int32, device=dev)
-    dist.all_reduce(everywhere, op=dist.ReduceOp.MIN)
-    found = candidates(buf if int(everywhere.item()) else None, name)
     rows: list[dict[str, Any]] = []
     for hidden, batch in SHAPES:
-        x = torch.randn(batch, hidden, dtype=torch.bfloat16, device=dev)  # a step's sum
+        n = hidden * batch
+        x = torch.randn(n, dtype=torch.bfloat16, device=dev)
         every = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(every, x)
         want = torch.stack(every).float().sum(0)
-        for label, fn in found.items():
-            got = fn(x.clone()).float()  # in place: x stays this rank's input
+        for label, fn in candidates(n, dev, name).items():
+            got = fn(x).float()
             err = float((got - want).abs().max())
-            # one bf16 rounding of the fp32 sum: within 2^-8 of it, relative
-            ok = bool(torch.allclose(got, want, rtol=2**-7, atol=1e-6))
-            us = time_in_graph(fn, x.clone())  # its values grow, call after call: no matter
-            rows.append(dict(candidate=label, hidden=hidden, batch=batch,
-                             kib=x.numel() * 2 / 1024, us=us, max_err=err, ok=ok))  # fmt: skip
+            ok = err <= 0.02 * float(want.abs().max()) + 1e-2
+            us = time_in_graph(fn, x)
+            rows.append(dict(candidate=label, hidden=hidden, batch=batch, kib=n * 2 / 1024,
+                             us=us, max_err=err, ok=ok))  # fmt: skip
     if rank == 0:
-        report(rows, world, json_path, symm=buf is not None)
+        report(rows, world, json_path)
     dist.destroy_process_group()
 
 
-def report(rows: list[dict[str, Any]], world: int, json_path: str | None, symm: bool) -> None:
+def report(rows: list[dict[str, Any]], world: int, json_path: str | None) -> None:
     proto = os.environ.get("NCCL_PROTO", "(NCCL's choice)")
-    print(
-        f"all-reduce over {world} GPUs, bf16, {K} per graph; NCCL_PROTO {proto}; "
-        f"torch {torch.__version__}; symmetric memory {'on' if symm else 'UNAVAILABLE'}"
-    )
-    print(f"{'candidate':22} {'hidden':>6} {'batch':>5} {'KiB':>7} {'us each':>8}  output")
+    print(f"all-reduce over {world} GPUs, bf16, {K} per graph; NCCL_PROTO {proto}")
+    print(f"{'candidate':20} {'hidden':>6} {'batch':>5} {'KiB':>7} {'us each':>8}  output")
     for r in rows:
         check = "ok" if r["ok"] else f"WRONG (max error {r['max_err']:.3g})"
-        print(f"{r['candidate']:22} {r['hidden']:>6} {r['batch']:>5} {r['kib']:>7.0f} "
+        print(f"{r['candidate']:20} {r['hidden']:>6} {r['batch']:>5} {r['kib']:>7.0f} "
               f"{r['us']:>8.2f}  {check}")  # fmt: skip
     if json_path:
         with open(json_path, "w") as f:
-            json.dump({"world": world, "nccl_proto": proto, "per_graph": K, "symm": symm,
-                       "torch": torch.__version__, "rows": rows}, f)  # fmt: skip
+            json.dump({"world": world, "nccl_proto": proto, "per_graph": K, "rows": rows}, f)
 
 
 def free_port() -> int:

@@ -177,7 +177,6 @@ def _add_collectives_parser(bench_sub: argparse._SubParsersAction) -> None:
     col.add_argument("--sizes-mib", type=_int_list, default=[1, 16, 256, 1024],
                      help="all-reduce sizes for the bus bandwidth (largest counts)")  # fmt: skip
     col.add_argument("--iters", type=_positive, default=20)
-    cli_generate.add_all_reduce_args(col)
     col.add_argument("--json", default=None, help="write the figures to this path")
 
 

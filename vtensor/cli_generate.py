@@ -6,7 +6,6 @@ import argparse
 import sys
 from typing import Any
 
-from vtensor.distributed.all_reduce import ALL_REDUCE_BACKENDS, DEFAULT_SYMM_MAX_BYTES, NCCL
 from vtensor.engine.config import ATTENTION_BACKENDS
 
 DEFAULT_PROMPTS = ["Hello, my name is", "The capital of France is"]
@@ -104,22 +103,6 @@ def add_parallel_args(p: argparse.ArgumentParser) -> None:
         default=0,
         help="node 0's rendezvous port (default: a free one; one node only)",
     )
-    add_all_reduce_args(g)
-
-
-def add_all_reduce_args(g: Any) -> None:
-    """The device all-reduce (``vtensor.distributed.all_reduce``); also on bench collectives."""
-    g.add_argument("--all-reduce", choices=ALL_REDUCE_BACKENDS, default=NCCL,
-                   help="nccl (default): NCCL for every all-reduce; symm-mem: messages up "
-                        "to --all-reduce-symm-max-bytes (decode steps) through PyTorch's "
-                        "symmetric-memory one-shot all-reduce (NVLink P2P loads, no "
-                        "multicast), NCCL for the rest and wherever it is unavailable")  # fmt: skip
-    g.add_argument("--disable-custom-all-reduce", dest="all_reduce", action="store_const",
-                   const=NCCL, help="vLLM's flag: the same as --all-reduce nccl")  # fmt: skip
-    g.add_argument("--all-reduce-symm-max-bytes", type=parse_bytes,
-                   default=DEFAULT_SYMM_MAX_BYTES, metavar="BYTES",
-                   help="largest message for symm-mem (default 4MiB; also the size of "
-                        "its buffer on each GPU)")  # fmt: skip
 
 
 def engine_kwargs(args: Any) -> dict[str, Any]:
@@ -138,7 +121,6 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
         sleep_keep_host_buffer=getattr(args, "sleep_keep_host_buffer", True),
         tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes,
         node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
-        all_reduce=args.all_reduce, all_reduce_symm_max_bytes=args.all_reduce_symm_max_bytes,
     )  # fmt: skip
 
 

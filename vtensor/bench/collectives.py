@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from vtensor.distributed import LaunchSpec, TPGroup, multicast_off
-from vtensor.distributed.all_reduce import AllReduceOptions
 from vtensor.distributed.launch import (
     connect_store,
     host_store,
@@ -125,22 +124,16 @@ def measure(group: TPGroup, device: torch.device, args: Any) -> dict[str, Any]:
             steps.append({"shape": name, "batch": batch, **s, "step_ms": t * 1e3,
                           "at_busbw_ms": ideal * 1e3,
                           "per_all_reduce_us": t / (s["all_reduces"] + 1) * 1e6})  # fmt: skip
-    used = "symm-mem" if group.small is not None else "nccl"  # symm-mem: small ones only
-    return {"tp": n, "device": str(device), "all_reduce": used, "bus": bus,
-            "busbw_gbs": busbw / 1e9, "steps": steps}  # fmt: skip
+    return {"tp": n, "device": str(device), "bus": bus, "busbw_gbs": busbw / 1e9, "steps": steps}
 
 
 def _rank_main(spec: LaunchSpec, device_type: str, args: Any, rank: int) -> None:
     """A spawned rank: join, measure in lockstep with rank 0, leave."""
     multicast_off()
     device = _device(device_type, rank)
-    group = init_group(spec, connect_store(spec), rank, device, _options(args))
+    group = init_group(spec, connect_store(spec), rank, device)
     measure(group, device, args)
     leave_group()
-
-
-def _options(args: Any) -> AllReduceOptions:
-    return AllReduceOptions(args.all_reduce, args.all_reduce_symm_max_bytes)
 
 
 def _device(device_type: str, rank: int) -> torch.device:
@@ -158,7 +151,7 @@ def run(args: Any) -> dict[str, Any]:
     try:
         wait_for_ranks(store, range(1, spec.world_size), spec.timeout_s, monitor.raise_if_dead)
         device = _device(device_type, 0)
-        result = measure(init_group(spec, store, 0, device, _options(args)), device, args)
+        result = measure(init_group(spec, store, 0, device), device, args)
         monitor.stop()  # the workers leave with us and exit
         leave_group()  # with theirs: NCCL's destroy is collective
         grace = 60.0
@@ -176,8 +169,7 @@ def main(args: Any) -> int:
     print(format_table(["MiB", "ms", "algbw GB/s", "busbw GB/s"],
                        [(b["mib"], b["ms"], b["algbw_gbs"], b["busbw_gbs"])
                         for b in result["bus"]]))  # fmt: skip
-    print(f"\nall-reduce: {result['all_reduce']}; one decode step's collectives (graph "
-          f"replay), vs their bytes at "
+    print(f"\none decode step's collectives (graph replay), vs their bytes at "
           f"{result['busbw_gbs']:.0f} GB/s bus bandwidth:")  # fmt: skip
     print(format_table(
         ["shape", "batch", "all-reduces", "KiB each", "step ms", "at busbw ms", "us each"],

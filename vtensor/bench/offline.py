@@ -118,16 +118,14 @@ def run_engine(cfg: EngineConfig, args: Any) -> tuple[dict[str, Any], ModelConfi
     """Throughput workloads, then decode steps per batch size, on one engine."""
     with LLMEngine(cfg) as engine:
         rt = engine.runtime
-        used = "symm-mem" if engine.group.small is not None else "nccl"  # as set up
         print(
             f"  device={rt.device} dtype={rt.dtype} attention={rt.attention_backend} "
-            f"graphs={rt.use_cuda_graphs} tp={engine.group.size} all-reduce={used} "
+            f"graphs={rt.use_cuda_graphs} tp={engine.group.size} "
             f"kv pool={engine.pool.capacity_bytes / 2**30:.1f} GiB (per GPU)",
             flush=True,
         )
         result: dict[str, Any] = {"config": {k: str(v) for k, v in asdict(cfg).items()}}
         result["attention_backend"] = rt.attention_backend  # resolved (the config may say None)
-        result["all_reduce"] = used  # symm-mem: small messages only; nccl: every one
         result["throughput"] = run_throughputs(engine, args)
         if result["throughput"]:
             print_throughput(result["throughput"])

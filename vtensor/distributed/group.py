@@ -13,22 +13,16 @@ Two process groups over the same ranks, because they carry different things:
 
 With ``size == 1`` every collective returns its input untouched and no process
 group exists: a single-GPU model runs exactly the code it ran before.
-
-``small``, when set (``--all-reduce symm-mem``, ``symm_all_reduce.py``), takes the
-all-reduces it accepts (a decode step's small ones) instead of NCCL.
 """
 
 from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
-
-if TYPE_CHECKING:
-    from .symm_all_reduce import SmallAllReduce
 
 # torch 2.13 renamed all_gather_into_tensor (deprecated) to all_gather_single; 2.11 (the
 # GPU box) has only the old name. Same contract: output = inputs concatenated on dim 0.
@@ -47,7 +41,6 @@ class TPGroup:
     size: int = 1
     device_group: Any = None  # dist.ProcessGroup; None when size == 1
     cpu_group: Any = None  # dist.ProcessGroup (gloo); None when size == 1
-    small: SmallAllReduce | None = None  # the small messages' all-reduce; None: NCCL only
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:
@@ -60,13 +53,9 @@ class TPGroup:
 
     # -------------------------------------------------------- device tensors
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum ``x`` over the ranks, in place; returns ``x``. Every rank picks the same
-        path for the same message (``SmallAllReduce``'s contract)."""
-        if self.size == 1:
-            return x
-        if self.small is not None and self.small.accepts(x):
-            return self.small(x)
-        dist.all_reduce(x, group=self.device_group)
+        """Sum ``x`` over the ranks, in place; returns ``x``."""
+        if self.size > 1:
+            dist.all_reduce(x, group=self.device_group)
         return x
 
     def gather_columns(self, x: torch.Tensor) -> torch.Tensor:

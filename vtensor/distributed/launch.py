@@ -25,9 +25,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .all_reduce import AllReduceOptions
 from .group import TPGroup
-from .symm_all_reduce import build_small_all_reduce
 
 # NVLink multicast (NVLS) stays off in every process: on the shared multi-GPU machines a
 # program that uses it can take the host's GPUs out of service. Set before any process
@@ -105,13 +103,6 @@ class LaunchSpec:
         """This node's first rank (spawn): the launcher process's own."""
         return self.node_rank * self.local_size
 
-    @property
-    def one_node(self) -> bool:
-        """Whether every rank runs on this machine (torchrun says so in its environment)."""
-        if self.torchrun:
-            return os.environ.get("LOCAL_WORLD_SIZE") == str(self.world_size)
-        return self.nnodes == 1
-
     def local_rank(self, rank: int) -> int:
         if self.torchrun:
             return int(os.environ["LOCAL_RANK"])
@@ -154,16 +145,10 @@ def wait_for_ranks(
 
 
 def init_group(
-    spec: LaunchSpec,
-    store: dist.Store | None,
-    rank: int,
-    device: torch.device,
-    all_reduce: AllReduceOptions | None = None,
+    spec: LaunchSpec, store: dist.Store | None, rank: int, device: torch.device
 ) -> TPGroup:
     """Join the group as ``rank``: NCCL on CUDA, gloo on the CPU, plus the gloo control
-    group; with ``all_reduce`` asking for symmetric memory, its small-message all-reduce
-    (set up here, collectively, before any CUDA graph). ``store`` is None under torchrun
-    (``env://``)."""
+    group. ``store`` is None under torchrun (``env://``)."""
     multicast_off()
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
@@ -182,9 +167,7 @@ def init_group(
         device_id=device if device.type == "cuda" else None,
     )
     cpu_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-    group = TPGroup(rank, spec.world_size, dist.group.WORLD, cpu_group)
-    options = all_reduce or AllReduceOptions()
-    return replace(group, small=build_small_all_reduce(options, group, device, spec.one_node))
+    return TPGroup(rank, spec.world_size, dist.group.WORLD, cpu_group)
 
 
 def leave_group() -> None:

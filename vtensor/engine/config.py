@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vtensor.distributed.all_reduce import DEFAULT_SYMM_MAX_BYTES, NCCL, AllReduceOptions
 from vtensor.models.config import DTYPES as MODEL_DTYPES
 from vtensor.models.config import SHAPES
 
@@ -35,10 +34,7 @@ class EngineConfig:
     ``tensor_parallel_size`` splits the model over that many processes, one GPU each
     (``cuda:<local rank>``; gloo processes on the CPU). ``nnodes``, ``node_rank``,
     ``master_addr`` and ``master_port`` are the rendezvous (``vtensor.distributed``);
-    under torchrun its environment gives them instead. ``all_reduce`` is the device
-    all-reduce of the row-parallel sums: ``nccl``, or ``symm-mem`` (messages of at most
-    ``all_reduce_symm_max_bytes`` through PyTorch's symmetric-memory one-shot kernel,
-    the rest and every unsupported case through NCCL; ``vtensor.distributed.all_reduce``).
+    under torchrun its environment gives them instead.
 
     Weight offload (``vtensor.models.offload``): ``cpu_offload_gb`` (vLLM's name) is
     the GPU memory, in GiB, that offloading layer weights to host memory must save,
@@ -90,9 +86,6 @@ class EngineConfig:
     # A collective that a rank never joins fails after this long (a dead rank is usually
     # reported at once: see vtensor.distributed.procs).
     distributed_timeout_s: float = 600.0
-    # NCCL until a device run shows symm-mem wins (benchmarks/tp_allreduce_h200x2.sh).
-    all_reduce: str = NCCL
-    all_reduce_symm_max_bytes: int = DEFAULT_SYMM_MAX_BYTES
     cpu_offload_gb: float = 0.0
     gpu_memory_budget: int | None = None
     offload_ring_depth: int = 2
@@ -165,7 +158,6 @@ class EngineConfig:
             raise ValueError(f"master_port {self.master_port} is not a TCP port")
         if self.distributed_timeout_s <= 0:
             raise ValueError("distributed_timeout_s must be positive")
-        AllReduceOptions(self.all_reduce, self.all_reduce_symm_max_bytes)  # validates
 
     def _check_offload(self) -> None:
         if self.cpu_offload_gb < 0:
@@ -186,10 +178,6 @@ class EngineConfig:
     def offloads(self) -> bool:
         """Whether weight offload was asked for (it may still find everything fits)."""
         return self.cpu_offload_gb > 0 or self.gpu_memory_budget is not None
-
-    @property
-    def all_reduce_options(self) -> AllReduceOptions:
-        return AllReduceOptions(self.all_reduce, self.all_reduce_symm_max_bytes)
 
     @property
     def is_parallel(self) -> bool:

@@ -116,7 +116,7 @@ class TPWorkers:
     def _join(self, config: EngineConfig) -> None:
         if self.spec.torchrun:  # torchrun watches the processes; collectives still fail
             self.monitor = WorkerMonitor([], on_death=self._abort_device_group)
-            self.group = init_group(self.spec, None, 0, self.device, config.all_reduce_options)
+            self.group = init_group(self.spec, None, 0, self.device)
             return
         store, self.spec = host_store(self.spec)
         spec = self.spec
@@ -127,7 +127,7 @@ class TPWorkers:
         )  # fmt: skip
         with self.guard():
             wait_for_ranks(store, range(1, spec.world_size), spec.timeout_s, self.check)
-            self.group = init_group(spec, store, 0, self.device, config.all_reduce_options)
+            self.group = init_group(spec, store, 0, self.device)
 
     # ------------------------------------------------------------ each step
     def send(self, msg: StepPlan | ArenaQuery | Precompile | Shutdown) -> None:

@@ -121,7 +121,7 @@ def run_worker(config: EngineConfig, spec: LaunchSpec, store: dist.Store | None,
     device = resolve_device(config.device, local_rank)
     if device.type == "cpu":  # the node's ranks share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // spec.local_size))
-    group = init_group(spec, store, rank, device, config.all_reduce_options)
+    group = init_group(spec, store, rank, device)
     parts = build_rank(config, group, local_rank)
     # On an error the group is broken (a peer may be gone, a kernel may wait for it
     # forever): no clean-up that could wait, the process's exit frees everything.
