@@ -40,6 +40,38 @@ def run_interleaved(engines: list[Any], prompts: list[list[list[int]]], max_toke
     return [[e.pop(g[0]).output_ids for g in groups] for e, groups in zip(engines, rids)]
 
 
+def generate_on_threads(
+    llms: list[Any], prompts: list[Any], max_tokens: int, timeout: float
+) -> list:
+    """Each ``LLM`` generates its prompts greedily on a thread of its own, all at once,
+    as the server's engines step; the tokens per model (an error in a thread fails)."""
+    got: list[Any] = [None] * len(llms)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            outs = llms[i].generate(prompts[i], greedy(max_tokens))
+            got[i] = [o.outputs[0].token_ids for o in outs]
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(llms))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not errors, errors
+    return got
+
+
+def assert_leases_hold(pool: SharedKVPool, llms: list[Any]) -> None:
+    """The shared budget's books balance and no engine's pool outgrew its lease."""
+    assert pool.budget is not None and pool.budget.violations() == []
+    for llm in llms:
+        lease = llm.engine.lease
+        assert llm.engine.pool.stats().created <= lease.fixed + lease.grant
+
+
 def test_interleaved_requests_match_each_model_alone(
     two_checkpoints: tuple[str, str], make_llm: Callable[..., Any]
 ) -> None:
@@ -119,26 +151,8 @@ def test_two_engine_threads_on_one_pool_match_each_model_alone(
         alone.append([o.outputs[0].token_ids for o in llm.generate(ps, greedy(16))])
     pool = SharedKVPool(budget_chunks * CHUNK, device="cpu")
     shared = [make_llm(p, kv_pool=pool, **COMMON) for p in paths]
-    got: list[Any] = [None, None]
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            got[i] = [o.outputs[0].token_ids for o in shared[i].generate(prompts[i], greedy(16))]
-        except BaseException as exc:  # reported below, not lost in the thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors
-    assert got == alone
-    assert pool.budget is not None and pool.budget.violations() == []
-    for llm in shared:  # each engine's pool never holds more than its lease
-        lease = llm.engine.lease
-        assert llm.engine.pool.stats().created <= lease.fixed + lease.grant
+    assert generate_on_threads(shared, prompts, 16, timeout=120) == alone
+    assert_leases_hold(pool, shared)
 
 
 def test_one_request_is_limited_to_the_budget_less_every_engines_scratch(

@@ -7,7 +7,6 @@ Skipped with a reason on machines without a GPU; run on the H100.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from tests.checkpoints import make_checkpoint, random_prompts
-from tests.test_multimodel import greedy, run_interleaved
+from tests.test_multimodel import assert_leases_hold, generate_on_threads, greedy, run_interleaved
 from vtensor import SharedKVPool
 
 pytestmark = [
@@ -76,24 +75,5 @@ def test_two_engine_threads_trade_chunks_on_a_tight_pool(
         alone.append([o.outputs[0].token_ids for o in llm.generate(ps, greedy(100))])
     pool = SharedKVPool(budget, device="cuda")
     shared = [make_llm(p, kv_pool=pool, **common) for p in two_checkpoints]
-    got: list[Any] = [None, None]
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            outs = shared[i].generate(prompts[i], greedy(100))
-            got[i] = [o.outputs[0].token_ids for o in outs]
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors, errors
-    assert got == alone
-    assert pool.budget is not None and pool.budget.violations() == []
-    for llm in shared:
-        lease = llm.engine.lease
-        assert llm.engine.pool.stats().created <= lease.fixed + lease.grant
+    assert generate_on_threads(shared, prompts, 100, timeout=300) == alone
+    assert_leases_hold(pool, shared)
