@@ -134,7 +134,7 @@ def _walk(a: list[Any], b: list[Any], what: str) -> list[int]:
     return compared
 
 
-def _count_replays(llm: Any) -> list[int]:
+def count_replays(llm: Any) -> list[int]:
     graphs = llm.engine.runner.graphs
     count = [0]
     if graphs is not None:
@@ -157,7 +157,7 @@ def test_fa2_engine_tracks_the_triton_engine(bf16_checkpoint: str, make_llm) -> 
     assert type(fa2.engine.runner.attn) is FlashAttention2
     assert fa2.engine.runtime.use_cuda_graphs == FlashAttention2.supports_cuda_graphs
     assert (fa2.engine.runner.graphs is not None) == FlashAttention2.supports_cuda_graphs
-    mixed, replays = spy_num_decode(fa2), _count_replays(fa2)
+    mixed, replays = spy_num_decode(fa2), count_replays(fa2)
     prompts = random_prompts(6, 512, lo=20, hi=150)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=5)
     _walk(fa2.generate(prompts, params), tri.generate(prompts, params), "fa2 vs triton")
@@ -177,7 +177,7 @@ def test_fa2_decode_graphs_equal_eager_fa2_as_the_arena_grows(
     eager = make_llm(bf16_checkpoint, enforce_eager=True, **kw)
     assert graphed.engine.arena.vt.mapped_chunks == 1 and graphed.engine.runner.graphs is not None
     assert eager.engine.runner.graphs is None
-    replays = _count_replays(graphed)
+    replays = count_replays(graphed)
     prompts = random_prompts(6, 512, lo=50, hi=400)
     params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True, logprobs=5)
     a, b = graphed.generate(prompts, params), eager.generate(prompts, params)

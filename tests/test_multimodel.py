@@ -40,6 +40,17 @@ def run_interleaved(engines: list[Any], prompts: list[list[list[int]]], max_toke
     return [[e.pop(g[0]).output_ids for g in groups] for e, groups in zip(engines, rids)]
 
 
+def each_alone(
+    make_llm: Callable[..., Any], paths: Any, prompts: list[Any], max_tokens: int, **kw: Any
+) -> list:
+    """The reference: each model's greedy tokens from an engine of its own (``kw``)."""
+    alone = []
+    for path, ps in zip(paths, prompts):
+        llm = make_llm(path, **kw)
+        alone.append([o.outputs[0].token_ids for o in llm.generate(ps, greedy(max_tokens))])
+    return alone
+
+
 def generate_on_threads(
     llms: list[Any], prompts: list[Any], max_tokens: int, timeout: float
 ) -> list:
@@ -77,10 +88,7 @@ def test_interleaved_requests_match_each_model_alone(
 ) -> None:
     paths = list(two_checkpoints)
     prompts = [random_prompts(6, 512, 3, 60), random_prompts(6, 512, 3, 60)]
-    alone = []
-    for path, ps in zip(paths, prompts):
-        llm = make_llm(path, kv_cache_bytes=96 * CHUNK, **COMMON)
-        alone.append([o.outputs[0].token_ids for o in llm.generate(ps, greedy(20))])
+    alone = each_alone(make_llm, paths, prompts, 20, kv_cache_bytes=96 * CHUNK, **COMMON)
     pool = SharedKVPool(96 * CHUNK, device="cpu")
     shared = [make_llm(p, kv_pool=pool, **COMMON) for p in paths]
     got = run_interleaved([s.engine for s in shared], prompts, 20)
@@ -145,10 +153,7 @@ def test_two_engine_threads_on_one_pool_match_each_model_alone(
     steps, or through an ask it serves at its next step); the tokens stay each model's."""
     paths = list(two_checkpoints)
     prompts = [random_prompts(6, 512, 40, 56), random_prompts(6, 512, 40, 56)]
-    alone = []
-    for path, ps in zip(paths, prompts):
-        llm = make_llm(path, kv_cache_bytes=budget_chunks * CHUNK, **COMMON)
-        alone.append([o.outputs[0].token_ids for o in llm.generate(ps, greedy(16))])
+    alone = each_alone(make_llm, paths, prompts, 16, kv_cache_bytes=budget_chunks * CHUNK, **COMMON)
     pool = SharedKVPool(budget_chunks * CHUNK, device="cpu")
     shared = [make_llm(p, kv_pool=pool, **COMMON) for p in paths]
     assert generate_on_threads(shared, prompts, 16, timeout=120) == alone

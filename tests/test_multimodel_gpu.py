@@ -14,7 +14,12 @@ import pytest
 import torch
 
 from tests.checkpoints import make_checkpoint, random_prompts
-from tests.test_multimodel import assert_leases_hold, generate_on_threads, greedy, run_interleaved
+from tests.test_multimodel import (
+    assert_leases_hold,
+    each_alone,
+    generate_on_threads,
+    run_interleaved,
+)
 from vtensor import SharedKVPool
 
 pytestmark = [
@@ -45,10 +50,7 @@ def test_interleaved_bf16_graphs_match_each_model_alone(
     common = dict(device="cuda", dtype="bfloat16", max_num_seqs=8)
     budget = 64 * CHUNK  # ample: each model's schedule is the one it has alone
     prompts = [random_prompts(8, 512, 50, 400), random_prompts(8, 512, 50, 400)]
-    alone = []
-    for path, ps in zip(two_checkpoints, prompts):
-        llm = make_llm(path, kv_cache_bytes=budget, **common)
-        alone.append([o.outputs[0].token_ids for o in llm.generate(ps, greedy(64))])
+    alone = each_alone(make_llm, two_checkpoints, prompts, 64, kv_cache_bytes=budget, **common)
     pool = SharedKVPool(budget, device="cuda")
     shared = [make_llm(p, kv_pool=pool, **common) for p in two_checkpoints]
     for llm in shared:
@@ -69,10 +71,7 @@ def test_two_engine_threads_trade_chunks_on_a_tight_pool(
     common = dict(device="cuda", dtype="float32", max_num_seqs=8)
     budget = 40 * CHUNK
     prompts = [random_prompts(8, 512, 200, 380), random_prompts(8, 512, 200, 380)]
-    alone = []
-    for path, ps in zip(two_checkpoints, prompts):
-        llm = make_llm(path, kv_cache_bytes=budget, **common)
-        alone.append([o.outputs[0].token_ids for o in llm.generate(ps, greedy(100))])
+    alone = each_alone(make_llm, two_checkpoints, prompts, 100, kv_cache_bytes=budget, **common)
     pool = SharedKVPool(budget, device="cuda")
     shared = [make_llm(p, kv_pool=pool, **common) for p in two_checkpoints]
     assert generate_on_threads(shared, prompts, 100, timeout=300) == alone

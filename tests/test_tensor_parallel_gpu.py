@@ -34,7 +34,7 @@ import torch
 
 from tests.checkpoints import make_checkpoint, random_prompts
 from tests.conftest import assert_engine_balanced
-from tests.test_attention_backends_gpu import OVER, _count_replays, _walk
+from tests.test_attention_backends_gpu import OVER, _walk, count_replays
 from vtensor import SamplingParams
 from vtensor.distributed import WorkerDiedError
 from vtensor.engine.config import EngineConfig
@@ -58,7 +58,7 @@ def test_tp2_fp32_greedy_equals_tp1_on_two_gpus(
     rt = tp.engine.runtime
     assert rt.device == torch.device("cuda", 0) and rt.use_cuda_graphs and rt.async_scheduling
     assert tp.engine.runner.graphs is not None and tp.engine.model.shard.num_kv_heads == 1
-    replays = _count_replays(tp)
+    replays = count_replays(tp)
     prompts = random_prompts(8, 512, lo=3, hi=80)
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=0)
     want, got = ref.generate(prompts, params), tp.generate(prompts, params)
