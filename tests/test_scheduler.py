@@ -65,7 +65,8 @@ def test_scheduler_imports_no_torch() -> None:
                   "engine.output_processor", "engine.input_processor", "kvcache.manager",
                   "kvcache.prefix_cache", "kvcache.radix_cache", "kvcache.chunk_books",
                   "kvcache.reclaim", "kvcache.manager_checks", "kvcache.commands",
-                  "kvcache.geometry", "kvcache.idle_policy", "kvcache.idle_reclaim")
+                  "kvcache.geometry", "kvcache.idle_policy", "kvcache.idle_reclaim",
+                  "kvcache.host_tier", "kvcache.swap_policy", "engine.swap_plan")
     )  # fmt: skip
     code = f"import sys, {modules}; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

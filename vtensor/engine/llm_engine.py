@@ -48,6 +48,8 @@ from .scheduler import ScheduledSpan, Scheduler, SchedulerConfig, SchedulerOutpu
 from .setup import SCRATCH_SLOT, load_tokenizer, model_config, prefix_cache_for
 from .sleep import SleepMode
 from .stats import EngineStats, StepCounters, collect_stats
+from .swap_plan import SwapPlan
+from .swap_setup import swap_parts
 from .tp_driver import start_rank_zero, talking_to
 
 log = logging.getLogger("vtensor.engine")
@@ -95,7 +97,9 @@ class LLMEngine:
         sched = SchedulerConfig(
             config.max_num_seqs, config.max_num_batched_tokens, config.lookahead_tokens
         )
-        self.scheduler = Scheduler(sched, self.kv)
+        # The host KV tier (swap_space_bytes > 0): preemptions may swap instead of recompute.
+        self.swap = swap_parts(config, self.model_config, self.arena, rt.dtype)
+        self.scheduler = Scheduler(sched, self.kv, self.swap.planner if self.swap else None)
         self.inputs = InputProcessor(
             self.tokenizer, self.model_config.vocab_size, rt.max_model_len, self.kv.geometry
         )
@@ -251,13 +255,18 @@ class LLMEngine:
         table."""
         for req in out.preempted:
             req.preempt()
+        for req in out.unswapped:
+            req.unswap()
         for a in out.admitted:
             a.req.admit(a.num_cached)
+        self._swap_out(out.swapped_out)  # before the plan's unmaps reach the arena
+        for p in out.swapped_in:
+            p.req.swap_in()
         inputs = [SpanInput.of(sp, self.kv.slot_of(sp.req.rid)) for sp in out.spans]
         plan = StepPlan(out.kv_commands, out.ahead_commands, inputs)
         if self.workers is not None and (inputs or plan.kv_commands or plan.ahead_commands):
             self.workers.send(plan)
-        forward = self.executor.run(plan)
+        forward = self.executor.run(plan, lambda: self._swap_in(out.swapped_in))
         if forward is None:
             return None
         sampling = [sp for sp in out.spans if sp.samples]
@@ -272,6 +281,21 @@ class LLMEngine:
         self.executor.mark_launched()
         needs_host = any(sp.req.params.has_penalties for sp in sampling)
         return LaunchedStep(sampling, draw, needs_host)
+
+    def _swap_out(self, plans: list[SwapPlan]) -> None:
+        """Copy swapped-out requests' private chunks to the host tier (done on return)."""
+        for p in plans:
+            p.req.swap_out()
+            assert self.swap is not None
+            self.swap.swapper.copy_out(p.slot, p.extent)
+            self.swap.planner.tier.end_out(p.req.rid)
+
+    def _swap_in(self, plans: list[SwapPlan]) -> None:
+        """Queue the copy-ins into the freshly mapped chunks, ahead of the forward pass."""
+        for p in plans:
+            assert self.swap is not None
+            self.swap.swapper.copy_in(p.slot, p.extent)
+            self.swap.planner.tier.end_in(p.req.rid)
 
     def _settle_if_idle(self) -> None:
         """Releases emit KV commands outside a step; while requests remain, the next
@@ -356,7 +380,11 @@ class LLMEngine:
         check_integrity(self, self._inflight, reports)
 
     def stats(self) -> EngineStats:
-        return collect_stats(self.counters, self.scheduler, self.kv, self.arena, self.pool)
+        swap = self.swap.swapper.stats() if self.swap else None
+        tier = self.swap.planner.tier.usage() if self.swap else None
+        return collect_stats(
+            self.counters, self.scheduler, self.kv, self.arena, self.pool, swap, tier
+        )
 
     def memory_stats(self) -> MemoryStats:
         """The bytes this engine (rank 0) holds, by class (``memory_stats.py``); waits for
@@ -394,6 +422,8 @@ class LLMEngine:
         backend = self.pool.backend
         self.pool.close()
         backend.close()
+        if self.swap is not None:  # after the synchronize: no copy is in flight
+            self.swap.swapper.close()
         if self.offload is not None:  # after the synchronize: no copy is in flight
             self.offload.close()
         if self.weights is not None:  # after the graphs: none may replay over them

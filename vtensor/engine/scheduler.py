@@ -37,6 +37,7 @@ from vtensor.kvcache.manager import KVCacheManager, KVCommand
 from vtensor.kvcache.prefix_cache import PrefixMatch
 
 from .request import Request, RequestStatus
+from .swap_plan import SwapPlan, SwapPlanner
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,9 @@ class SchedulerOutput:
     admitted: list[Admission] = field(default_factory=list)
     kv_commands: list[KVCommand] = field(default_factory=list)  # needed by this step
     ahead_commands: list[KVCommand] = field(default_factory=list)  # for later steps
+    swapped_out: list[SwapPlan] = field(default_factory=list)  # copy before kv_commands
+    swapped_in: list[SwapPlan] = field(default_factory=list)  # copy before the forward
+    unswapped: list[Request] = field(default_factory=list)  # swapped, now to recompute
 
     @property
     def is_decode(self) -> bool:
@@ -99,10 +103,16 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(
+        self, config: SchedulerConfig, kv: KVCacheManager, swap: SwapPlanner | None = None
+    ) -> None:
         self.config = config
         self.kv = kv
+        self.swap = swap  # None: every preemption recomputes
         self.waiting: deque[Request] = deque()
+        self.swapped: deque[Request] = deque()  # preempted to the host tier, resumed first
+        self._swap_outs: list[SwapPlan] = []
+        self._unswapped: list[Request] = []
         self.running: list[Request] = []  # admission order: oldest first
         self.num_preemptions = 0
         self.prefix_queries = 0  # tokens of admitted requests (vLLM's prefix-cache queries)
@@ -114,7 +124,7 @@ class Scheduler:
         self.waiting.append(req)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def schedule(self) -> SchedulerOutput:
         """Plan the next step. With nothing to run the plan is empty, but it still
@@ -136,12 +146,29 @@ class Scheduler:
                 break  # req preempted itself: nothing newer is left running
             spans.append(ScheduledSpan.next_of(req, req.num_computed, n))
             budget -= n
-        admitted = [] if preempted else self._admit(spans, budget)
+        swapped_in: list[SwapPlan] = []
+        admitted: list[Admission] = []
+        if not preempted:
+            budget = self._resume(spans, budget, swapped_in)
+            if not self.swapped:  # FCFS: swapped requests are older than the queue
+                admitted = self._admit(spans, budget)
         self.kv.check_writes((sp.req.rid, sp.start, sp.end) for sp in spans)
         kv_commands = self.kv.take_commands()
         self._map_ahead(spans)
         self._premap_waiting()
-        return SchedulerOutput(spans, preempted, admitted, kv_commands, self.kv.take_commands())
+        swapped_out, self._swap_outs = self._swap_outs, []
+        unswapped, self._unswapped = self._unswapped, []
+        swapped_ids = {id(x.req) for x in swapped_out}
+        return SchedulerOutput(
+            spans,
+            [p for p in preempted if id(p) not in swapped_ids],  # recomputed
+            admitted,
+            kv_commands,
+            self.kv.take_commands(),
+            swapped_out,
+            swapped_in,
+            unswapped,
+        )
 
     def remove(self, req: Request) -> None:
         """Take a finishing (or aborted) request out of the queues; its slot idles with
@@ -152,6 +179,11 @@ class Scheduler:
             self.kv.release(req.rid)
         elif req.status is RequestStatus.WAITING:
             self.waiting.remove(req)
+        elif req.status is RequestStatus.SWAPPED:
+            assert self.swap is not None
+            self.swapped.remove(req)
+            self.swap.drop(req)
+            self.kv.release(req.rid)
 
     # ---------------------------------------------------------------- private
     def _grow_or_preempt(self, req: Request, tokens: int, preempted: list[Request]) -> bool:
@@ -174,9 +206,47 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self._offer(req)  # its prefix stays cached: recomputing it is a hit
-        self.kv.release(req.rid)
         self.num_preemptions += 1
+        plan = self.swap.swap_out(self.kv, req) if self.swap is not None else None
+        if plan is not None:  # its private chunks go to the host tier; it keeps its slot
+            self._swap_outs.append(plan)
+            self.swapped.appendleft(req)
+            return
+        self.kv.release(req.rid)
         self.waiting.appendleft(req)
+
+    def _resume(self, spans: list[ScheduledSpan], budget: int, out: list[SwapPlan]) -> int:
+        """Swap requests back in, oldest first, while their chunks fit (keeping a chunk
+        per running request, as admission does); each computes on from where it was.
+        Returns the budget left."""
+        while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            assert self.swap is not None
+            req = self.swapped[0]
+            n = min(req.num_tokens - req.num_computed, budget)
+            plan = self.swap.swap_in(self.kv, req, req.num_computed + n, len(self.running))
+            if plan is None:
+                if self.running:
+                    break  # running requests will finish and free chunks
+                # Nothing runs, so nothing frees chunks: swapped requests' pinned cached
+                # fronts hold the pool. The newest gives its KV up and recomputes.
+                self._unswap(self.swapped[-1])
+                continue
+            self.swapped.popleft()
+            self.running.append(req)
+            out.append(plan)
+            spans.append(ScheduledSpan.next_of(req, req.num_computed, n))
+            budget -= n
+        return budget
+
+    def _unswap(self, req: Request) -> None:
+        """A swapped request drops its host copy and slot and waits to be recomputed."""
+        assert self.swap is not None
+        self.swapped.remove(req)
+        self.swap.drop(req)
+        self.swap.decisions.dropped += 1
+        self.kv.release(req.rid)
+        self.waiting.appendleft(req)
+        self._unswapped.append(req)
 
     def _admit(self, spans: list[ScheduledSpan], budget: int) -> list[Admission]:
         """Admit waiting requests FCFS within ``budget``; each computes from the end of

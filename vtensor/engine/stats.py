@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vtensor.kvcache.arena import KVArena
+from vtensor.kvcache.host_tier import HostTierUsage
 from vtensor.kvcache.manager import KVCacheManager
 from vtensor.memory import ChunkPool
 
 from .scheduler import Scheduler
+from .swap import SwapStats
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,16 @@ class EngineStats:
     prefix_cache_chunks: int = 0  # chunks the prefix cache holds now
     prefix_cache_blocks: int = 0
     prefix_cache_evicted_chunks: int = 0  # freed by evicting cache blocks
+    swapped: int = 0  # requests whose KV is in the host tier
+    swap_out_bytes: int = 0
+    swap_in_bytes: int = 0
+    swap_out_s: float = 0.0
+    swap_in_s: float = 0.0
+    host_tier_used_chunks: int = 0
+    host_tier_capacity_chunks: int = 0  # 0: no host tier (swap_space_bytes 0)
+    swap_preemptions: int = 0  # preemptions that swapped (the rest recomputed)
+    swap_tier_full: int = 0  # swaps the cost model chose that a full host tier refused
+    swap_dropped: int = 0  # swapped requests recomputed after all (scheduler._resume)
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -70,6 +82,8 @@ def collect_stats(
     kv: KVCacheManager,
     arena: KVArena,
     pool: ChunkPool,
+    swap: SwapStats | None = None,
+    tier: HostTierUsage | None = None,
 ) -> EngineStats:
     geo, usage = kv.geometry, kv.usage()
     live = sum(s.num_computed for s in scheduler.running) * geo.bytes_per_token
@@ -98,4 +112,14 @@ def collect_stats(
         prefix_cache_chunks=usage.cached_chunks,
         prefix_cache_blocks=kv.cache.stats().blocks,
         prefix_cache_evicted_chunks=kv.evicted_chunks,
+        swapped=len(scheduler.swapped),
+        swap_out_bytes=swap.out_bytes if swap else 0,
+        swap_in_bytes=swap.in_bytes if swap else 0,
+        swap_out_s=swap.out_s if swap else 0.0,
+        swap_in_s=swap.in_s if swap else 0.0,
+        host_tier_used_chunks=tier.used_slots if tier else 0,
+        host_tier_capacity_chunks=tier.capacity_slots if tier else 0,
+        swap_preemptions=scheduler.swap.decisions.swaps if scheduler.swap else 0,
+        swap_tier_full=scheduler.swap.decisions.tier_full if scheduler.swap else 0,
+        swap_dropped=scheduler.swap.decisions.dropped if scheduler.swap else 0,
     )

@@ -310,6 +310,36 @@ class KVCacheManager:
         self._released[slot] = self._releases = self._releases + 1
         self.idle.on_idle(slot)  # the watermark binds at once: the oldest idle slots lose
 
+    def swap_extent(self, rid: int, tokens: int) -> tuple[int, int]:
+        """``(first, end)``: chunks ``[first, end)`` of ``rid``'s first ``tokens`` tokens
+        are its private tail, the ones a swap must copy; ``[0, first)`` start with a
+        shared (cached) chunk, which needs no copy (``swap_out``)."""
+        table, end = self.books.tables[self._owner[rid]], self.geometry.chunks_for(tokens)
+        first = end
+        while first > 0 and self.books.is_private(table[first - 1]):
+            first -= 1
+        return first, end
+
+    def swap_out(self, rid: int, first: int) -> None:
+        """Unmap ``rid``'s chunks from ``first`` on (``swap_extent``): the engine copies
+        them to the host tier before it applies the unmap. ``[0, first)`` stay mapped
+        and pinned: they hold cached blocks the request keeps locked, so they are still
+        there at its resume. The request keeps its slot (not idle, asks for ``first``
+        chunks), so ``swap_in`` maps fresh chunks at the same offsets."""
+        slot = self._owner[rid]
+        self._set_asked(slot, first)
+        self.books.truncate(slot, first)
+
+    def swap_in(self, rid: int, tokens: int, headroom_chunks: int = 0) -> bool:
+        """Map fresh chunks for a swapped-out ``rid`` up to ``tokens`` tokens (at the
+        indices it had), if that leaves ``headroom_chunks`` available; False: nothing
+        changed."""
+        slot = self._owner[rid]
+        need = self.geometry.chunks_for(tokens) - len(self.books.tables[slot])
+        if need > self.available_chunks - headroom_chunks:
+            return False
+        return self.grow(rid, tokens)
+
     def reclaim_idle(self) -> int:
         """Bounded deferred reclamation (``idle_reclaim.py``): unmap what idle slots keep
         past the watermark or their idle time, then have the pool release its free
