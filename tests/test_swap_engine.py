@@ -113,3 +113,31 @@ def test_bad_swap_config_is_refused() -> None:
         EngineConfig(swap_space_bytes=-1)
     with pytest.raises(ValueError, match="preemption_mode"):
         EngineConfig(preemption_mode="sometimes")
+
+
+def test_swap_metrics_and_cli_flags(make_llm: Any) -> None:
+    import argparse
+    import time
+
+    from vtensor.cli_generate import add_engine_args, engine_kwargs
+    from vtensor.server.metrics import ServerMetrics
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    kwargs = engine_kwargs(p.parse_args(["--swap-space", "0.5", "--preemption-mode", "swap"]))
+    assert kwargs["swap_space_bytes"] == 2**29 and kwargs["preemption_mode"] == "swap"
+    assert engine_kwargs(p.parse_args([]))["swap_space_bytes"] == 0  # off by default
+    llm = make_llm(
+        **TIGHT,
+        dtype="float32",
+        enable_prefix_caching=False,
+        swap_space_bytes=64 * CHUNK,
+        preemption_mode="swap",
+    )
+    greedy_tokens(llm, random_prompts(6, 400, lo=20, hi=30), NEW)
+    stats = llm.engine.stats()
+    text = ServerMetrics().render(stats, time.monotonic())
+    assert f"vtensor_swap_out_bytes_total {stats.swap_out_bytes}" in text
+    assert f"vtensor_swap_in_bytes_total {stats.swap_in_bytes}" in text
+    assert "vtensor_host_tier_chunks_capacity 64" in text
+    assert stats.swap_out_bytes > 0

@@ -38,6 +38,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-sleep-mode", action="store_true",
                    help="weights in a virtual range that LLM.sleep() / POST /sleep give back "
                         "to the driver and wake_up maps again at the same addresses")  # fmt: skip
+    p.add_argument("--swap-space", type=float, default=0.0, metavar="GIB",
+                   help="GiB of pinned host memory that preempted requests' KV is swapped to "
+                        "instead of recomputed (default 0: off; vLLM's default is 4)")  # fmt: skip
+    p.add_argument("--preemption-mode", choices=("swap", "recompute"), default=None,
+                   help="force swap or recompute at preemption (default: a cost model "
+                        "chooses per request when --swap-space is set)")  # fmt: skip
     add_offload_args(p)
     add_parallel_args(p)
 
@@ -108,6 +114,8 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
         cpu_offload_gb=args.cpu_offload_gb, gpu_memory_budget=args.gpu_memory_budget,
         offload_ring_depth=args.offload_ring_depth,
         enable_sleep_mode=getattr(args, "enable_sleep_mode", False),
+        swap_space_bytes=int(getattr(args, "swap_space", 0.0) * 2**30),
+        preemption_mode=getattr(args, "preemption_mode", None),
         tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes,
         node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
     )  # fmt: skip
