@@ -36,8 +36,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--device", default=None, help="cpu: a smoke run of this script")
     ap.add_argument("--kv-gib", type=float, default=8.0)
     ap.add_argument("--swap-gib", type=float, default=32.0)
-    ap.add_argument("--rate", type=float, default=1.0, help="requests/s (Poisson)")
-    ap.add_argument("--num-prompts", type=int, default=48)
+    ap.add_argument("--rate", type=float, default=2.0, help="requests/s (Poisson)")
+    ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=5000)
     ap.add_argument("--range-ratio", type=float, default=0.6)
     ap.add_argument("--output-len", type=int, default=256)
@@ -167,6 +167,8 @@ def summarize(results: dict[str, Any]) -> None:
                 f" lower, throughput x{r['total_tokens_per_s'] / base['total_tokens_per_s']:.2f}"
             )
         print(line)
+        if not r["preemptions"]:
+            print(f"  ({mode}: no preemption: not memory-bound at this rate; raise --rate)")
 
 
 if __name__ == "__main__":

@@ -26,14 +26,14 @@ pytestmark = [
 ]
 
 # 8 layers x 8 KV heads x 64 dims x K,V x fp32: 32 KiB per token, 64 tokens per 2 MiB
-# chunk. A pool of 24 chunks (1536 tokens) for 8 requests of up to ~400 tokens forces
+# chunk. A pool of 24 chunks (1536 tokens) for 8 requests of up to ~460 tokens forces
 # preemption; roomy engines get 256 chunks.
 OVER = dict(num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
             hidden_size=512, head_dim=64, max_position_embeddings=2048)  # fmt: skip
 CHUNK = 2 << 20
 KW = dict(device="cuda", dtype="float32", max_num_seqs=8, max_model_len=1024,
           async_scheduling=True, debug_check_every=1)  # fmt: skip
-NEW = 100
+NEW = 160  # prompts of 200-300 tokens grow by 2-3 chunks each: preemption is certain
 
 
 def greedy(llm: Any, prompts: list[list[int]]) -> list[list[int]]:

@@ -1,5 +1,5 @@
 """Continuous batching with chunked prefill (a prompt is prefilled in spans), FCFS,
-and preemption by recompute.
+and preemption by recompute or by swap to the host KV tier.
 
 Torch-free: it moves :class:`Request` objects between the waiting queue and
 the running list, and keeps :class:`KVCacheManager` in step with them. It
@@ -16,8 +16,13 @@ One step, under a token budget:
    decoding). If the KV cache cannot grow (after reclaiming idle chunks and
    unlocked cache blocks), the newest running request is preempted — its slot
    idles, its computed blocks stay cached, and it goes back to the front of the
-   queue to be recomputed — until the growth fits. Nothing is dropped.
-2. Waiting requests are admitted in arrival order while the budget, a free
+   queue to be recomputed — until the growth fits. Nothing is dropped. With a
+   host KV tier the victim may be *swapped* instead (``swap_plan.py``): its
+   private chunks are copied to host memory, it keeps its slot and progress, and
+   it waits in the ``swapped`` queue.
+2. Swapped requests resume first, oldest first, while their chunks fit (fresh
+   chunks at the same indices; the engine copies their KV back before the
+   forward pass). Then waiting requests are admitted in arrival order while the budget, a free
    slot and free chunks allow (strict FCFS: the queue head blocks the rest).
    A request's longest cached prefix (whole blocks, at most all but its last
    token) is shared into its slot; its first span starts after it.
