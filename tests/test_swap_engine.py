@@ -141,3 +141,22 @@ def test_swap_metrics_and_cli_flags(make_llm: Any) -> None:
     assert f"vtensor_swap_in_bytes_total {stats.swap_in_bytes}" in text
     assert "vtensor_host_tier_chunks_capacity 64" in text
     assert stats.swap_out_bytes > 0
+
+
+def test_the_cost_model_decides_and_logs_each_choice(
+    make_llm: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No preemption_mode: the cost model chooses per preemption, and says why. With the
+    CPU constants the tiny model's few KiB copy faster than its prefill: it swaps."""
+    prompts = random_prompts(6, 400, lo=20, hi=30)
+    ref = greedy_tokens(make_llm(chunk_size=CHUNK, dtype="float32"), prompts, NEW)
+    llm = make_llm(
+        **TIGHT, dtype="float32", enable_prefix_caching=False, swap_space_bytes=64 * CHUNK
+    )
+    with caplog.at_level(logging.INFO, logger="vtensor.engine.swap"):
+        assert greedy_tokens(llm, prompts, NEW) == ref
+    cost = llm.engine.swap.planner.cost
+    assert cost.mode is None
+    lines = [r.message for r in caplog.records if "swap out" in r.message]
+    assert len(lines) == llm.engine.stats().swap_preemptions > 0
+    assert all(" MiB x2 " in m and " < prefill of " in m for m in lines)

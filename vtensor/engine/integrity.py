@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
+from vtensor.kvcache.host_tier import SwapState
 from vtensor.memory import PhysicalChunk
 
 from .request import Request, RequestStatus
@@ -192,7 +193,7 @@ def _swap_problems(engine: LLMEngine) -> list[str]:
     problems = tier.violations()
     for req in engine.scheduler.swapped:
         ext = tier.extent(req.rid)
-        if ext is None or ext.state.value != "host":
+        if ext is None or ext.state is not SwapState.HOST:
             problems.append(f"swapped request {req.rid} is not resident in the host tier")
             continue
         if kv.mapped_chunks(req.rid) != ext.first:

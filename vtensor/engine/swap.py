@@ -40,8 +40,8 @@ from vtensor.memory.pinned import PinnedHostMemory
 class SwapStats:
     out_bytes: int
     in_bytes: int
-    out_s: float  # host wall time of the copy-outs (the step waits for them)
-    in_s: float  # copy-in time (CUDA: measured by events once they completed)
+    out_s: float  # copy-out time (CUDA: by events on the copy stream; the host waits too)
+    in_s: float  # copy-in time (CUDA: by events, counted once they completed)
 
 
 class KVSwapper:
@@ -64,16 +64,20 @@ class KVSwapper:
         they are on the host (the caller then unmaps them)."""
         if not extent.count:
             return
-        t0 = time.perf_counter()
-        if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.stream):
-                self._copy(slot, extent, to_host=True)
-            self.stream.synchronize()
-        else:
-            self._copy(slot, extent, to_host=True)
-        self._out_s += time.perf_counter() - t0
         self._out_bytes += extent.count * self.chunk
+        if self.stream is None:
+            t0 = time.perf_counter()
+            self._copy(slot, extent, to_host=True)
+            self._out_s += time.perf_counter() - t0
+            return
+        start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            start.record()  # after the wait: the copy's own time, not the step's
+            self._copy(slot, extent, to_host=True)
+            done.record()
+        done.synchronize()
+        self._out_s += start.elapsed_time(done) / 1e3
 
     def copy_in(self, slot: int, extent: HostExtent) -> None:
         """Queue the copy of the extent's host slots back into arena ``slot`` (mapped
