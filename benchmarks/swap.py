@@ -35,7 +35,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--shape", default="llama3-8b", help="'' for the embedded tiny model")
     ap.add_argument("--device", default=None, help="cpu: a smoke run of this script")
     ap.add_argument("--kv-gib", type=float, default=8.0)
-    ap.add_argument("--swap-gib", type=float, default=32.0)
+    ap.add_argument("--swap-gib", type=float, default=16.0)
     ap.add_argument("--rate", type=float, default=2.0, help="requests/s (Poisson)")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=5000)
