@@ -26,6 +26,7 @@ out=${2:?$usage}
 tag=${3:-h100_$(date -u +%Y-%m-%d)}
 port=${PORT:-8300}
 clients=${CLIENTS:-256}  # the shape; CLIENTS=128 halves the histories to cache
+# SERVE_FLAGS: extra `vtensor serve` flags for both servers (e.g. --admit-after-premap)
 concurrency=${CONCURRENCY:-128}
 mkdir -p "$out"
 vt() { python3 -m vtensor.cli "$@"; }
@@ -34,8 +35,9 @@ serve_one() {  # $1: on|off
     local flag=--enable-prefix-caching
     [ "$1" = off ] && flag=--no-enable-prefix-caching
     # Not through vt(): $! must be the server's own pid, for the SIGINT that stops it.
+    # shellcheck disable=SC2086  # SERVE_FLAGS: extra flags, split on purpose
     python3 -m vtensor.cli serve --shape llama3-8b --max-model-len 4096 --port "$port" "$flag" \
-        --log-level warning >"$out/server_${1}_$tag.log" 2>&1 &
+        ${SERVE_FLAGS:-} --log-level warning >"$out/server_${1}_$tag.log" 2>&1 &
     server=$!  # global: the EXIT trap reads it
     local t0=$SECONDS
     trap 'kill -INT $server 2>/dev/null || true' EXIT

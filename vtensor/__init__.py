@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "EngineConfig", "SamplingParams"]
+__all__ = ["LLM", "EngineConfig", "SamplingParams", "SharedKVPool"]
 
 
 def __getattr__(name: str) -> Any:
@@ -21,6 +21,10 @@ def __getattr__(name: str) -> Any:
         from vtensor.engine.params import SamplingParams
 
         return SamplingParams
+    if name == "SharedKVPool":
+        from vtensor.engine.shared_pool import SharedKVPool
+
+        return SharedKVPool
     if name == "EngineConfig":
         from vtensor.engine.config import EngineConfig
 

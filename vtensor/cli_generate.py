@@ -11,9 +11,15 @@ from vtensor.engine.config import ATTENTION_BACKENDS
 DEFAULT_PROMPTS = ["Hello, my name is", "The capital of France is"]
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """Engine options shared by ``generate`` and ``bench offline``."""
-    p.add_argument("--model", default=None, help="HF checkpoint directory (default: embedded)")
+def add_engine_args(p: argparse.ArgumentParser, several_models: bool = False) -> None:
+    """Engine options shared by ``generate`` and ``bench offline`` (and ``serve``, whose
+    ``--model`` may be repeated: ``several_models``)."""
+    if several_models:
+        p.add_argument("--model", action="append", default=None,
+                       help="HF checkpoint directory (default: embedded); repeat it to serve "
+                            "several models from one shared KV budget")  # fmt: skip
+    else:
+        p.add_argument("--model", default=None, help="HF checkpoint directory (default: embedded)")
     p.add_argument("--shape", default=None, help="random weights of a known shape, e.g. llama3-8b")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when a GPU is present, else cpu")  # fmt: skip
@@ -35,6 +41,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    action=argparse.BooleanOptionalAction,
                    help="launch each step before reading the last one's tokens "
                         "(default: on for CUDA, off on the CPU)")  # fmt: skip
+    p.add_argument("--admit-after-premap", action="store_true",
+                   help="while others run, admit a new request one step late, once its KV "
+                        "chunks were mapped ahead during that step (experimental)")  # fmt: skip
     p.add_argument("--enable-sleep-mode", action="store_true",
                    help="weights in a virtual range that LLM.sleep() / POST /sleep give back "
                         "to the driver and wake_up maps again at the same addresses")  # fmt: skip
@@ -116,6 +125,7 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
         enable_sleep_mode=getattr(args, "enable_sleep_mode", False),
         swap_space_bytes=int(getattr(args, "swap_space", 0.0) * 2**30),
         preemption_mode=getattr(args, "preemption_mode", None),
+        admit_after_premap=getattr(args, "admit_after_premap", False),
         tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes,
         node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
     )  # fmt: skip

@@ -58,6 +58,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90
     chunk_size: int | None = None  # host backend only; CUDA uses the driver granularity
     lookahead_tokens: int = 4
+    # While other requests run, admit a new one a step late, once its chunks were mapped
+    # ahead during that step (off until measured: see SchedulerConfig.admit_after_premap).
+    admit_after_premap: bool = False
     # Bounded deferred reclamation (kvcache/idle_policy.py): idle slots keep at most
     # keep_idle_chunks mappings in all (None: the larger of 64 chunks and 5% of the KV
     # budget), each for at most kv_idle_timeout_s seconds (None: no time limit); past

@@ -19,12 +19,17 @@ from .llm_engine import LLMEngine
 from .memory_stats import MemoryStats
 from .outputs import CompletionOutput, RequestOutput
 from .params import SamplingParams
+from .shared_pool import SharedKVPool
 
 
 class LLM:
-    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        """``kwargs`` are :class:`EngineConfig` fields (device, dtype, max_model_len, ...)."""
-        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+    def __init__(
+        self, model: str | None = None, kv_pool: SharedKVPool | None = None, **kwargs: Any
+    ) -> None:
+        """``kwargs`` are :class:`EngineConfig` fields (device, dtype, max_model_len, ...).
+        ``kv_pool``: a :class:`SharedKVPool` whose one KV budget this model shares with
+        the other ``LLM`` objects built on it (several models on one GPU)."""
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs), kv_pool=kv_pool)
 
     @property
     def tokenizer(self) -> Any:

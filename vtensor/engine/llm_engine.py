@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -46,11 +48,17 @@ from .runner import SpanInput
 from .sampler import PendingSample, Sampler, SamplerRow
 from .scheduler import ScheduledSpan, Scheduler, SchedulerConfig, SchedulerOutput
 from .setup import SCRATCH_SLOT, load_tokenizer, model_config, prefix_cache_for
+from .shared_pool import shared_config
 from .sleep import SleepMode
 from .stats import EngineStats, StepCounters, collect_stats
 from .swap_plan import SwapPlan
 from .swap_setup import swap_parts
 from .tp_driver import start_rank_zero, talking_to
+
+if TYPE_CHECKING:
+    from vtensor.kvcache.shared_budget import KVLease
+
+    from .shared_pool import EngineMember, SharedKVPool
 
 log = logging.getLogger("vtensor.engine")
 
@@ -74,8 +82,18 @@ class ReadToken:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(
+        self, config: EngineConfig, kv_pool: SharedKVPool | None = None, name: str | None = None
+    ) -> None:
+        """``kv_pool``: draw KV memory from a budget shared with other engines
+        (``shared_pool.py``); ``name`` names this engine there (default: the model's)."""
+        if kv_pool is not None:
+            config = shared_config(config, kv_pool)
         self.config = config
+        # Held whenever this engine touches its KV books; another engine on a shared KV
+        # pool takes it (never blocking) to reclaim from this one between its steps.
+        self.books_lock = threading.RLock()
+        self.lease: KVLease | None = None
         self.model_config, _ = model_config(config)
         self.workers, self.parts = start_rank_zero(config, self.model_config)
         parts = self.parts
@@ -95,7 +113,10 @@ class LLMEngine:
         self.kv = parts.kv
         self.kv.set_prefix_cache(cache)  # nothing is mapped yet: no command to send
         sched = SchedulerConfig(
-            config.max_num_seqs, config.max_num_batched_tokens, config.lookahead_tokens
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.lookahead_tokens,
+            config.admit_after_premap,
         )
         # The host KV tier (swap_space_bytes > 0): preemptions may swap instead of recompute.
         self.swap = swap_parts(config, self.model_config, self.arena, rt.dtype)
@@ -115,6 +136,15 @@ class LLMEngine:
         self._inflight: LaunchedStep | None = None  # async scheduling: the step not yet read
         self.weights_bytes = module_bytes(self.model)
         self._closed = False
+        self._member: EngineMember | None = None
+        if kv_pool is not None:
+            try:
+                self.lease = kv_pool.attach(self, name)
+            except BaseException:
+                self._closed = True
+                self._release()  # refused: give back what was built (threads, memory)
+                raise
+            self._member = cast("EngineMember", self.lease.member)
 
     @property
     def group(self) -> TPGroup:
@@ -162,9 +192,10 @@ class LLMEngine:
     def abort(self, rid: int) -> None:
         req = self.requests.get(rid)
         if req is not None and not req.finished:
-            self._finish(req, "abort")
-            with talking_to(self.workers):
-                self._settle_if_idle()
+            with self.books_lock:
+                self._finish(req, "abort")
+                with talking_to(self.workers):
+                    self._settle_if_idle()
 
     def has_unfinished(self) -> bool:
         """Whether a request is waiting or running (any other token in flight is a
@@ -192,10 +223,11 @@ class LLMEngine:
         """Drop every cached prefix and idle slot mapping: all KV chunks go back to the
         pool once the unmaps are applied (at once, since nothing runs). Refused (False,
         nothing changed) while requests are running or waiting."""
-        if self.has_unfinished() or not self.kv.reset_prefix_cache():
-            return False
-        with talking_to(self.workers):  # every rank drops the same references
-            self._settle_if_idle()
+        with self.books_lock:
+            if self.has_unfinished() or not self.kv.reset_prefix_cache():
+                return False
+            with talking_to(self.workers):  # every rank drops the same references
+                self._settle_if_idle()
         return True
 
     def set_prefix_caching(self, on: bool) -> None:
@@ -206,10 +238,11 @@ class LLMEngine:
         cache, note = prefix_cache_for(self.arena.geometry, on)
         if on and note:
             raise ValueError(f"prefix caching is {note}")
-        self.kv.set_prefix_cache(cache)
-        self.prefix_caching_note = note
-        with talking_to(self.workers):
-            self._settle_if_idle()
+        with self.books_lock:
+            self.kv.set_prefix_cache(cache)
+            self.prefix_caching_note = note
+            with talking_to(self.workers):
+                self._settle_if_idle()
 
     def set_async_scheduling(self, on: bool) -> None:
         """Switch between async and synchronous steps, between runs (benchmarks compare)."""
@@ -227,20 +260,24 @@ class LLMEngine:
         needs every real token, so it must not be scheduled before they are read.
         """
         t0 = time.perf_counter()
-        self.kv.reclaim_idle()  # its unmaps and release ride this step's plan
-        with talking_to(self.workers):
+        with self.books_lock, talking_to(self.workers):  # released while the GPU runs
+            if self._member is not None:
+                self._member.serve_asks()  # other engines' asks on a shared KV pool
+            self.kv.reclaim_idle()  # its unmaps and release ride this step's plan
             launched = self._launch(self.scheduler.schedule())
             read_now = launched is not None and (
                 launched.needs_host_tokens or not self.runtime.async_scheduling
             )
             previous, self._inflight = self._inflight, None if read_now else launched
+        with talking_to(self.workers):
             tokens = self._read(previous)  # waits while `launched` runs on the GPU
             if read_now:
                 tokens += self._read(launched)
         # (the guard's last check: no token read from a step a lost worker broke is kept)
-        outputs = self._apply_outputs(tokens)
-        with talking_to(self.workers):
-            self._settle_if_idle()
+        with self.books_lock:
+            outputs = self._apply_outputs(tokens)
+            with talking_to(self.workers):
+                self._settle_if_idle()
         if launched is not None:
             self.counters.steps += 1
             self.counters.step_s += time.perf_counter() - t0
@@ -310,14 +347,18 @@ class LLMEngine:
         their idle time (``EngineConfig.kv_idle_timeout_s``) are unmapped and the pool
         releases its free chunks to the driver, on the mapper thread. ``step`` does it
         too; an idle server calls this periodically. Returns the chunks freed."""
-        freed = self.kv.reclaim_idle()
-        with talking_to(self.workers):
-            self._settle_if_idle()  # with requests running, the next step carries them
+        with self.books_lock:
+            freed = self.kv.reclaim_idle()
+            with talking_to(self.workers):
+                self._settle_if_idle()  # with requests running, the next step carries them
+            if self._member is not None and not self.has_unfinished():
+                self._member.serve_asks(settle=True)  # what went back goes to the budget
         return freed
 
     def next_reclaim_in(self) -> float | None:
         """Seconds until an idle slot's time runs out (None: none will)."""
-        deadline = self.kv.idle.deadline()
+        with self.books_lock:
+            deadline = self.kv.idle.deadline()
         return None if deadline is None else max(0.0, deadline - self.kv.idle.clock())
 
     def set_clock(self, clock: Clock) -> None:
@@ -375,23 +416,26 @@ class LLMEngine:
         """Check the pool, slot and request invariants (``engine/integrity.py``), and that
         every worker's arena maps what rank 0's does; raise ``IntegrityError`` naming
         every one broken. Waits for the mapper thread (every rank's)."""
-        with talking_to(self.workers):
-            reports = self.workers.reports(self.parts) if self.workers is not None else []
-        check_integrity(self, self._inflight, reports)
+        with self.books_lock:
+            with talking_to(self.workers):
+                reports = self.workers.reports(self.parts) if self.workers is not None else []
+            check_integrity(self, self._inflight, reports)
 
     def stats(self) -> EngineStats:
-        swap = self.swap.swapper.stats() if self.swap else None
-        tier = self.swap.planner.tier.usage() if self.swap else None
-        return collect_stats(
-            self.counters, self.scheduler, self.kv, self.arena, self.pool, swap, tier
-        )
+        with self.books_lock:
+            swap = self.swap.swapper.stats() if self.swap else None
+            tier = self.swap.planner.tier.usage() if self.swap else None
+            return collect_stats(
+                self.counters, self.scheduler, self.kv, self.arena, self.pool, swap, tier
+            )
 
     def memory_stats(self) -> MemoryStats:
         """The bytes this engine (rank 0) holds, by class (``memory_stats.py``); waits for
         the mapper thread, so the KV classes add up to the pool's chunks."""
         scratch = self.kv.geometry.chunks_for(1)
         weights = self.weights_bytes if self.weights is None else self.weights.held_bytes()
-        return collect_memory(self.kv, self.arena, weights, scratch, self.weights is None)
+        with self.books_lock:
+            return collect_memory(self.kv, self.arena, weights, scratch, self.weights is None)
 
     @property
     def closed(self) -> bool:
@@ -402,14 +446,15 @@ class LLMEngine:
         (idempotent; a lost worker does not stop the rest of the clean-up)."""
         if self._closed:
             return
-        self._closed = True
-        try:
-            for rid in [r for r, s in self.requests.items() if not s.finished]:
-                self.abort(rid)
-        except WorkerDiedError:
-            pass  # the group is gone (reported by the call that found it); release ours
-        finally:
-            self._release()
+        with self.books_lock:  # another engine on a shared KV pool finds it closed
+            self._closed = True
+            try:
+                for rid in [r for r, s in self.requests.items() if not s.finished]:
+                    self.abort(rid)
+            except WorkerDiedError:
+                pass  # the group is gone (reported by the call that found it); release ours
+            finally:
+                self._release()
 
     def _release(self) -> None:
         self._inflight = None  # only aborted requests' tokens, dropped unread
@@ -424,6 +469,8 @@ class LLMEngine:
         backend.close()
         if self.swap is not None:  # after the synchronize: no copy is in flight
             self.swap.swapper.close()
+        if self.lease is not None:  # after the pool is closed: its chunks are gone
+            self.lease.budget.leave(self.lease)
         if self.offload is not None:  # after the synchronize: no copy is in flight
             self.offload.close()
         if self.weights is not None:  # after the graphs: none may replay over them

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+
+from vtensor.intervals import runs
 
 from .chunk_books import ChunkBooks
 from .commands import (
@@ -51,6 +52,9 @@ from .idle_reclaim import IdleReclaimer
 from .placement import SlotPlacer
 from .prefix_cache import NO_MATCH, CachePath, NoPrefixCache, PrefixCache, PrefixMatch
 from .reclaim import Reclaimer
+from .shared_budget import KVLease
+from .usage import KVUsage, kv_usage
+from .write_guard import SharedChunkWriteError, check_writes
 
 __all__ = [
     "CacheDropCommand",
@@ -65,24 +69,6 @@ __all__ = [
     "SharedChunkWriteError",
     "UnmapCommand",
 ]
-
-
-class SharedChunkWriteError(RuntimeError):
-    """A step would write KV into a chunk its request does not map alone: a bug that
-    would corrupt another request's (or the cache's) KV, so it is refused."""
-
-
-@dataclass(frozen=True)
-class KVUsage:
-    running_slots: int
-    idle_slots_with_chunks: int
-    committed_chunks: int  # physical chunks in use (each counted once, however shared)
-    idle_chunks: int  # mappings kept on purpose by idle slots (deferred reclamation)
-    surplus_chunks: int  # running slots' mappings beyond what their requests asked for
-    capacity_chunks: int
-    cached_chunks: int = 0  # chunks the prefix cache holds
-    pinned_chunks: int = 0  # chunks no reclaim may take (running requests, locked blocks)
-    running_mapped_chunks: int = 0  # mappings of running slots (shared chunks counted per slot)
 
 
 class KVCacheManager:
@@ -128,16 +114,32 @@ class KVCacheManager:
         self.cache_budget_chunks = cache_budget_chunks
         policy = IdleReclaimPolicy(self.keep_idle_chunks, idle_timeout_s)
         self.idle = IdleReclaimer(self, policy, clock)
+        self.lease: KVLease | None = None  # a shared budget's account (``set_lease``)
+
+    def set_lease(self, lease: KVLease) -> None:
+        """Draw on a shared budget (``shared_budget.py``) from now on: the manager may
+        commit only its lease's grant, topped up before it maps. Nothing may be
+        committed yet."""
+        if self.books.committed:
+            raise RuntimeError("a lease can only be set before any chunk is committed")
+        self.lease = lease
 
     # ------------------------------------------------------------------ query
     @property
+    def capacity_chunks(self) -> int:
+        """The chunks the books may commit now: the pool's, or the lease's grant."""
+        if self.lease is None:
+            return self.geometry.capacity_chunks
+        return min(self.geometry.capacity_chunks, self.lease.grant)
+
+    @property
     def free_chunks(self) -> int:
-        return self.geometry.capacity_chunks - self.books.committed
+        return self.capacity_chunks - self.books.committed
 
     @property
     def available_chunks(self) -> int:
         """Chunks the pool can still give: free, or reclaimable (not pinned)."""
-        return self.geometry.capacity_chunks - self.books.pinned
+        return self.capacity_chunks - self.books.pinned
 
     @property
     def reclaimable_chunks(self) -> int:
@@ -198,22 +200,13 @@ class KVCacheManager:
         cost nothing more."""
         if not self._idle:
             return False
+        short = self._new_pins(tokens, hit) + headroom_chunks - self.available_chunks
+        if short > 0 and self.lease is not None:  # a shared budget: others may give some
+            self.lease.pull(short, reclaim=True)
         return self._new_pins(tokens, hit) <= self.available_chunks - headroom_chunks
 
     def usage(self) -> KVUsage:
-        idle = [s for s in self._idle if self.books.tables[s]]
-        running = sum(len(self.books.tables[s]) for s in self._owner.values())
-        return KVUsage(
-            len(self._owner),
-            len(idle),
-            self.books.committed,
-            self.idle_chunks,
-            self.surplus_chunks,
-            self.geometry.capacity_chunks,
-            self.books.cached_count,
-            self.books.pinned,
-            running,
-        )
+        return kv_usage(self)
 
     # ---------------------------------------------------------------- updates
     def admit(self, rid: int, tokens: int, hit: PrefixMatch = NO_MATCH) -> int | None:
@@ -260,9 +253,7 @@ class KVCacheManager:
             return True
         self._set_asked(slot, have)  # its own chunks are not surplus to reclaim
         need = want - have
-        if need > self.free_chunks and (
-            not steal or not self._reclaimer.reclaim(need - self.free_chunks)
-        ):
+        if not self._make_room(need, steal):
             self._set_asked(slot, asked)
             return False
         self.books.map_fresh(slot, need)
@@ -293,7 +284,7 @@ class KVCacheManager:
             raise ValueError(f"request {rid}: {num_tokens} tokens offered beyond its chunks")
         done = self.cache.insert(path, token_ids, table, blocks)
         c = self.cache.block_chunks
-        for j, n in _runs(done.adopted):  # one command per run of adopted blocks
+        for j, n in runs(done.adopted):  # one command per run of adopted blocks
             self.books.hold(slot, j * c, table[j * c : (j + n) * c])
         self.books.pin(self.cache.lock(done.path, base=path), +1)
         self._paths[rid] = done.path
@@ -346,6 +337,14 @@ class KVCacheManager:
         chunks to the driver. Cheap unless a deadline passed. Returns chunks freed."""
         return self.idle.tick()
 
+    def reclaim(self, chunks: int) -> int:
+        """Free up to ``chunks`` reclaimable chunks (``Reclaimer`` order); returns how
+        many. A shared budget's member does this for another engine (``give_back``)."""
+        n = min(chunks, self.reclaimable_chunks)
+        if n > 0 and not self._reclaimer.reclaim(n):
+            raise RuntimeError("reclaim fell short of the reclaimable chunks: a bug")
+        return max(0, n)
+
     def reclaim_all(self) -> None:
         """Unmap every idle slot's chunks (shutdown, or a caller that needs the pool).
         Cached chunks stay in the cache."""
@@ -380,26 +379,8 @@ class KVCacheManager:
 
     def check_writes(self, writes: Iterable[tuple[int, int, int]]) -> None:
         """Raise :class:`SharedChunkWriteError` unless each ``(rid, start, end)`` (a
-        step's span: it writes the KV of tokens ``[start, end)``) touches only chunks
-        that its request's slot maps alone."""
-        books, bpt, chunk = self.books, self.geometry.bytes_per_token, self.geometry.chunk_size
-        cached_end, owner = books.cached_end, self._owner
-        for rid, start, end in writes:  # every span of every step: kept lean
-            slot = owner[rid]
-            table = books.tables[slot]
-            first, last = start * bpt // chunk, -(-end * bpt // chunk)
-            if last > len(table):
-                raise SharedChunkWriteError(
-                    f"request {rid} writes tokens [{start}, {end}) beyond its {len(table)} chunks"
-                )
-            if first >= cached_end[slot]:
-                continue  # everything from cached_end on is private
-            shared = [i for i in range(first, last) if not books.is_private(table[i])]
-            if shared:
-                raise SharedChunkWriteError(
-                    f"request {rid} would write tokens [{start}, {end}) into shared or cached "
-                    f"chunk(s) at indices {shared[:8]} of slot {slot}"
-                )
+        step's span) writes only chunks its request's slot maps alone (``write_guard``)."""
+        check_writes(self.books, self._owner, self.geometry, writes)
 
     def take_commands(self) -> list[KVCommand]:
         """Take the commands emitted since the last take, in the order they must run."""
@@ -432,6 +413,25 @@ class KVCacheManager:
         if cache.enabled and block != (cache.block_tokens, cache.block_chunks):
             raise ValueError(f"the cache's blocks must be {block} (tokens, chunks)")
 
+    def _make_room(self, need: int, steal: bool) -> bool:
+        """Make ``need`` chunks free. Own free chunks; on a shared budget, then the
+        unallocated budget and the grant other engines do not use; then (``steal``)
+        reclaimable chunks: the other engines' first when ours do not cover the
+        shortfall, then ours. False if it falls short (chunks reclaimed so far stay
+        freed: they were reclaimable, nothing is lost)."""
+        lease = self.lease
+        if need > self.free_chunks and lease is not None:
+            lease.pull(need - self.free_chunks, reclaim=False)
+        short = need - self.free_chunks
+        if short <= 0:
+            return True
+        if not steal:
+            return False
+        if lease is not None and short > self.reclaimable_chunks:
+            lease.pull(short - self.reclaimable_chunks, reclaim=True)
+            short = need - self.free_chunks
+        return short <= 0 or self._reclaimer.reclaim(short)
+
     def _new_pins(self, tokens: int, hit: PrefixMatch) -> int:
         pinned = sum(1 for c in hit.chunks if self.books.is_pinned(c))
         return self.geometry.chunks_for(tokens) - pinned
@@ -447,14 +447,3 @@ class KVCacheManager:
 
 
 _NEVER = 1 << 62  # no request has this many tokens
-
-
-def _runs(blocks: Sequence[int]) -> list[tuple[int, int]]:
-    """Sorted block indices as ``(first, count)`` runs of consecutive ones."""
-    runs: list[tuple[int, int]] = []
-    for j in blocks:
-        if runs and runs[-1][0] + runs[-1][1] == j:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((j, 1))
-    return runs

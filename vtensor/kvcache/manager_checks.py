@@ -19,7 +19,7 @@ def manager_violations(kv: KVCacheManager) -> list[str]:
     idle = kv.idle_slots()
     tables = books.tables
     checks = [
-        (books.committed <= geo.capacity_chunks, "committed > capacity"),
+        (books.committed <= kv.capacity_chunks, "committed > capacity (or lease grant)"),
         (len(set(owned)) == len(owned), "a slot is owned by two requests"),
         (idle.isdisjoint(owned), "a slot is both idle and owned"),
         (min([*owned, *idle], default=kv.reserved_slots) >= kv.reserved_slots,

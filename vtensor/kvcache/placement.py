@@ -59,6 +59,9 @@ class SlotPlacer:
                 self.fit_front(slot, hit.chunks, convert=True)  # no free chunk needed
                 fitted = len(table)
                 need = max(0, want - fitted)
+            short = need + headroom_chunks - self.kv.free_chunks
+            if short > 0 and self.kv.lease is not None:
+                self.kv.lease.top_up(short)  # unallocated chunks only: nothing reclaimed
             if need > self.kv.free_chunks - headroom_chunks:
                 return
             if self.kv.idle_chunks + max(0, want - len(table)) > self.kv.keep_idle_chunks:

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
+from vtensor.intervals import runs
+
 from .backend import PhysicalChunk
 from .errors import ClosedError, NotMappedError, OutOfRangeError, OverlapError
 from .pool import ChunkPool
@@ -122,7 +124,7 @@ class VirtualTensor:
             installed: list[tuple[int, int]] = []
             pos = 0
             try:
-                for start, length in _runs(holes):
+                for start, length in runs(holes):
                     pos += length  # _install releases this run's chunks if it fails
                     self._install(start, chunks[pos - length : pos])
                     installed.append((start, length))
@@ -155,7 +157,7 @@ class VirtualTensor:
             if self._closed:
                 raise ClosedError("virtual tensor already closed")
             mapped = [i for i, c in enumerate(self._table) if c is not None]
-            for start, length in _runs(mapped):
+            for start, length in runs(mapped):
                 self._uninstall(start, start + length)
             self._typed.clear()
             self._backend.free_reservation(self.va, self.nbytes)
@@ -261,14 +263,3 @@ def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
         strides.append(acc)
         acc *= max(n, 1)
     return tuple(reversed(strides))
-
-
-def _runs(indices: list[int]) -> list[tuple[int, int]]:
-    """Group sorted indices into ``(start, length)`` runs of consecutive values."""
-    runs: list[tuple[int, int]] = []
-    for i in indices:
-        if runs and runs[-1][0] + runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((i, 1))
-    return runs

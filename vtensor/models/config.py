@@ -222,6 +222,19 @@ SHAPES["llama3.1-8b"] = replace(
     rope=RopeConfig(theta=500000.0, kind="llama3", factor=8.0, original_max_position=8192),
 )
 
+# Llama-3.2-1B: 16 layers, GQA 32/8 of 64 dims, tied embeddings, 128k context (issue 13's
+# small model beside the 8B on one GPU).
+SHAPES["llama3.2-1b"] = replace(
+    SHAPES["llama3-8b"],
+    hidden_size=2048,
+    num_layers=16,
+    head_dim=64,
+    intermediate_size=8192,
+    tie_word_embeddings=True,
+    max_position_embeddings=131072,
+    rope=RopeConfig(theta=500000.0, kind="llama3", factor=32.0, original_max_position=8192),
+)
+
 
 def shape_config(name: str) -> ModelConfig:
     if name not in SHAPES:

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import signal
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import FrameType
 
@@ -51,18 +52,27 @@ class ForcedExit:
 
 
 class Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, drain_s: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        engine: AsyncEngine | Sequence[AsyncEngine],
+        drain_s: float,
+    ) -> None:
+        """``engine``: the server's engine thread, or one per model (several models)."""
         super().__init__(config)
-        self.engine, self.drain_s = engine, drain_s
+        self.engines = [engine] if isinstance(engine, AsyncEngine) else list(engine)
+        self.engine, self.drain_s = self.engines[0], drain_s
         self.forced: ForcedExit | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         name = signal.Signals(sig).name
         if self.should_exit and sig == signal.SIGINT:  # uvicorn forces on this one
             log.warning("%s again: forcing the exit", name)
-            self.engine.force_stop(FORCED_REASON)
+            for engine in self.engines:
+                engine.force_stop(FORCED_REASON)
         else:
-            self.engine.drain(self.drain_s, why=name)
+            for engine in self.engines:
+                engine.drain(self.drain_s, why=name)
         super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
@@ -79,8 +89,8 @@ class Server(uvicorn.Server):
             await asyncio.sleep(0.02)
         try:  # the app's lifespan: the tokenizer threads, then the engine thread
             await asyncio.wait_for(self.lifespan.shutdown(), FORCED_STOP_S)
-            stopped = await self.engine.stop(timeout_s=0)  # True: the thread has ended
+            stopped = all([await e.stop(timeout_s=0) for e in self.engines])  # threads ended
         except TimeoutError:
             stopped = False
-        self.forced = ForcedExit(self.engine.open.forced or 0, stopped)
+        self.forced = ForcedExit(sum(e.open.forced or 0 for e in self.engines), stopped)
         log.warning("%s", self.forced.describe())

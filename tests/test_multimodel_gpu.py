@@ -1,0 +1,99 @@
+"""Two models on one shared KV pool on the GPU: interleaved steps in bf16 with CUDA
+graphs and async scheduling give each model's tokens alone; two engine threads on a
+pool too small for both peaks trade chunks and still give each model's tokens.
+
+Skipped with a reason on machines without a GPU; run on the H100.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from tests.checkpoints import make_checkpoint, random_prompts
+from tests.test_multimodel import greedy, run_interleaved
+from vtensor import SharedKVPool
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+CHUNK = 2 << 20
+# 8 layers x 8 KV heads x 32 dims x K,V: 8 KiB/token in bf16 (256 tokens per 2 MiB
+# chunk), 16 KiB in fp32 (128 tokens).
+OVER: dict[str, Any] = dict(num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                            hidden_size=256, head_dim=32, max_position_embeddings=1024)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    paths = []
+    for arch in ("llama", "qwen2"):
+        path = tmp_path_factory.mktemp(arch)
+        make_checkpoint(path, arch, **OVER)
+        paths.append(str(path))
+    return paths
+
+
+def test_interleaved_bf16_graphs_match_each_model_alone(
+    two_checkpoints: list[str], make_llm: Callable[..., Any]
+) -> None:
+    common = dict(device="cuda", dtype="bfloat16", max_num_seqs=8)
+    budget = 64 * CHUNK  # ample: each model's schedule is the one it has alone
+    prompts = [random_prompts(8, 512, 50, 400), random_prompts(8, 512, 50, 400)]
+    alone = []
+    for path, ps in zip(two_checkpoints, prompts):
+        llm = make_llm(path, kv_cache_bytes=budget, **common)
+        alone.append([o.outputs[0].token_ids for o in llm.generate(ps, greedy(64))])
+    pool = SharedKVPool(budget, device="cuda")
+    shared = [make_llm(p, kv_pool=pool, **common) for p in two_checkpoints]
+    for llm in shared:
+        rt = llm.engine.runtime
+        assert rt.use_cuda_graphs and rt.async_scheduling and rt.dtype == torch.bfloat16
+        assert llm.engine.runner.graphs is not None
+    got = run_interleaved([s.engine for s in shared], prompts, 64)
+    assert got == alone
+    assert alone[0] != alone[1]
+    assert pool.budget is not None and pool.budget.violations() == []
+
+
+def test_two_engine_threads_trade_chunks_on_a_tight_pool(
+    two_checkpoints: list[str], make_llm: Callable[..., Any]
+) -> None:
+    """fp32 (the tokens do not depend on how preemption regroups the batches). Each
+    request holds up to 4 chunks; 8 per model need 32 at the peak, the pool has 40."""
+    common = dict(device="cuda", dtype="float32", max_num_seqs=8)
+    budget = 40 * CHUNK
+    prompts = [random_prompts(8, 512, 200, 380), random_prompts(8, 512, 200, 380)]
+    alone = []
+    for path, ps in zip(two_checkpoints, prompts):
+        llm = make_llm(path, kv_cache_bytes=budget, **common)
+        alone.append([o.outputs[0].token_ids for o in llm.generate(ps, greedy(100))])
+    pool = SharedKVPool(budget, device="cuda")
+    shared = [make_llm(p, kv_pool=pool, **common) for p in two_checkpoints]
+    got: list[Any] = [None, None]
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            outs = shared[i].generate(prompts[i], greedy(100))
+            got[i] = [o.outputs[0].token_ids for o in outs]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert got == alone
+    assert pool.budget is not None and pool.budget.violations() == []
+    for llm in shared:
+        lease = llm.engine.lease
+        assert llm.engine.pool.stats().created <= lease.fixed + lease.grant
