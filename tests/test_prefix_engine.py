@@ -58,22 +58,42 @@ def chat_rounds(llm: Any, questions: list[list[list[int]]], answer: int) -> list
     return rounds
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
-def test_multi_turn_chats_match_the_uncached_engine(make_llm, ckpt: str, overlap: bool) -> None:
-    on, off = engines(make_llm, ckpt, async_scheduling=overlap, max_num_batched_tokens=64)
-    questions = [[ids(random.randint(5, 20)) for _ in range(4)] for _ in range(3)]
-    a, b = chat_rounds(on, questions, 9), chat_rounds(off, questions, 9)
+def check_chats_match(
+    on: Any, off: Any, questions: list[list[list[int]]], answer: int, block: int
+) -> None:
+    """Multi-turn chats give the uncached engine's tokens, and each round after the
+    first is served its history (earlier prompts and answers, bar the last sampled
+    token, whose KV was never computed) from the cache, in whole blocks."""
+    a, b = chat_rounds(on, questions, answer), chat_rounds(off, questions, answer)
     for r, (xs, ys) in enumerate(zip(a, b)):
         assert [x.outputs[0].token_ids for x in xs] == [y.outputs[0].token_ids for y in ys]
         for x, y, q in zip(xs, ys, questions):
             assert y.num_cached_tokens == 0
-            if r == 0:
-                assert x.num_cached_tokens == 0
-                continue
-            # The history (earlier prompts and answers, bar the last sampled token,
-            # whose KV was never computed) is served from the cache, in whole blocks.
-            history = len(x.prompt_token_ids) - len(q[r]) - 1
-            assert x.num_cached_tokens == history // BLOCK * BLOCK, (r, history)
+            history = len(x.prompt_token_ids) - len(q[r]) - 1 if r else 0
+            assert x.num_cached_tokens == history // block * block, (r, history)
+
+
+def abort_third_at(llm: Any, prompts: list[list[int]], params: SamplingParams, at: int) -> Any:
+    """Run three requests, abort the third once ``at`` of its tokens are computed (KV
+    computed, maybe a token in flight); returns the other two's output ids."""
+    engine = llm.engine
+    rids = [g[0] for g in engine.add_requests(prompts, params)]
+    while engine.requests[rids[2]].num_computed < at:
+        engine.step()
+    engine.abort(rids[2])
+    while engine.has_unfinished():
+        engine.step()
+    outs = [engine.requests[r].output_ids for r in rids[:2]]
+    for r in rids:
+        engine.pop(r)
+    return outs
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+def test_multi_turn_chats_match_the_uncached_engine(make_llm, ckpt: str, overlap: bool) -> None:
+    on, off = engines(make_llm, ckpt, async_scheduling=overlap, max_num_batched_tokens=64)
+    questions = [[ids(random.randint(5, 20)) for _ in range(4)] for _ in range(3)]
+    check_chats_match(on, off, questions, 9, BLOCK)
     stats = on.engine.stats()
     assert stats.prefix_cache_hits > 0 and stats.prefix_cache_hit_rate > 0.3
 
@@ -151,20 +171,8 @@ def test_abort_mid_stream_keeps_the_computed_prefix(make_llm, ckpt: str) -> None
     on, off = engines(make_llm, ckpt, max_num_batched_tokens=16)
     prompts = [ids(30), ids(25), ids(40)]
     params = greedy(20)
-    outs = []
     at = random.randint(2 * BLOCK, 45)  # mid-prefill or mid-decode
-    for llm in (on, off):
-        engine = llm.engine
-        rids = [g[0] for g in engine.add_requests(prompts, params)]
-        while engine.requests[rids[2]].num_computed < at:
-            engine.step()
-        engine.abort(rids[2])  # with KV computed, maybe a token in flight
-        while engine.has_unfinished():
-            engine.step()
-        outs.append([engine.requests[r].output_ids for r in rids[:2]])
-        for r in rids:
-            engine.pop(r)
-    assert outs[0] == outs[1]
+    assert abort_third_at(on, prompts, params, at) == abort_third_at(off, prompts, params, at)
     again = on.generate([prompts[2]], params)[0]
     assert again.num_cached_tokens > 0  # the aborted request's computed blocks
     assert again.outputs[0].token_ids == off.generate([prompts[2]], params)[0].outputs[0].token_ids

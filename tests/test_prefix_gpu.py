@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.checkpoints import make_checkpoint
-from tests.test_prefix_engine import chat_rounds, greedy, spy_admissions
+from tests.test_prefix_engine import abort_third_at, check_chats_match, greedy, spy_admissions
 from vtensor import SamplingParams
 
 pytestmark = [
@@ -81,12 +81,7 @@ def test_fp32_multi_turn_is_token_identical(make_llm, ckpt: str) -> None:
     block = on.engine.kv.cache.block_tokens
     assert block == 64 and on.engine.kv.cache.block_chunks == 1
     questions = [[ids(random.randint(60, 200)) for _ in range(4)] for _ in range(4)]
-    a, b = chat_rounds(on, questions, 40), chat_rounds(off, questions, 40)
-    for r, (xs, ys) in enumerate(zip(a, b)):
-        assert [x.outputs[0].token_ids for x in xs] == [y.outputs[0].token_ids for y in ys]
-        for x, q in zip(xs, questions):
-            history = len(x.prompt_token_ids) - len(q[r]) - 1 if r else 0
-            assert x.num_cached_tokens == history // block * block
+    check_chats_match(on, off, questions, 40, block)
     assert on.engine.stats().prefix_cache_hit_rate > 0.4
 
 
@@ -119,19 +114,7 @@ def test_fp32_n_samples_and_an_abort_mid_stream(make_llm, ckpt: str) -> None:
     assert on.engine.stats().prefix_cache_hits >= 4 * 64  # samples 2 and 3
     prompts, params = [ids(300), ids(250), ids(400)], greedy(20)
     at = random.randint(2 * 64, 410)
-    outs = []
-    for llm in (on, off):
-        engine = llm.engine
-        rids = [g[0] for g in engine.add_requests(prompts, params)]
-        while engine.requests[rids[2]].num_computed < at:
-            engine.step()
-        engine.abort(rids[2])
-        while engine.has_unfinished():
-            engine.step()
-        outs.append([engine.requests[r].output_ids for r in rids[:2]])
-        for r in rids:
-            engine.pop(r)
-    assert outs[0] == outs[1]
+    assert abort_third_at(on, prompts, params, at) == abort_third_at(off, prompts, params, at)
     again = on.generate([prompts[2]], params)[0]
     assert again.num_cached_tokens >= 2 * 64  # the aborted request's computed blocks
     assert again.outputs[0].token_ids == off.generate([prompts[2]], params)[0].outputs[0].token_ids
@@ -174,9 +157,4 @@ def test_the_8b_geometry_multi_turn_is_token_identical(make_llm, tmp_path: Path)
     cache = on.engine.kv.cache
     assert (cache.block_tokens, cache.block_chunks) == (16, 1)
     questions = [[ids(random.randint(100, 300)) for _ in range(3)] for _ in range(4)]
-    a, b = chat_rounds(on, questions, 16), chat_rounds(off, questions, 16)
-    for r, (xs, ys) in enumerate(zip(a, b)):
-        assert [x.outputs[0].token_ids for x in xs] == [y.outputs[0].token_ids for y in ys]
-        for x, q in zip(xs, questions):
-            history = len(x.prompt_token_ids) - len(q[r]) - 1 if r else 0
-            assert x.num_cached_tokens == history // 16 * 16
+    check_chats_match(on, off, questions, 16, 16)

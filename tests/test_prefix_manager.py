@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from vtensor.engine.setup import prefix_cache_for
+from vtensor.engine.kv_setup import prefix_cache_for
 from vtensor.kvcache.commands import (
     CacheHoldCommand,
     MapCachedCommand,

@@ -17,6 +17,7 @@ import torch
 
 from tests.checkpoints import make_checkpoint, random_prompts
 from tests.test_attention_backends_gpu import _walk
+from tests.test_memory_gpu import SHAPE, MiB, free_bytes  # the same small model
 from vtensor import SamplingParams
 
 pytestmark = [
@@ -24,19 +25,10 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-MiB = 1 << 20
-# 8 layers x 8 KV heads x 32 dims x 2 x fp32 = 16 KiB/token: 128 tokens per 2 MiB chunk.
-SHAPE = dict(num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-             hidden_size=256, head_dim=32, max_position_embeddings=1024)  # fmt: skip
 # Weights big enough that the claim is about them, not about page-table noise:
 # a 32000-token vocabulary, untied (2 x 32000 x 256 x 4 bytes = 62.5 MiB in fp32).
 BIG = dict(SHAPE, vocab_size=32000, tie_word_embeddings=False)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def free_bytes() -> int:
-    torch.cuda.synchronize()
-    return torch.cuda.mem_get_info()[0]
 
 
 def count_replays(llm: Any) -> list[int]:

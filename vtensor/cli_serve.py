@@ -119,8 +119,8 @@ def _build_engines(
     """One engine; or, with several models, one per model on one ``SharedKVPool`` whose
     budget is ``--kv-cache-gib`` (needed on a GPU: no engine can size it alone)."""
     from vtensor.engine.config import EngineConfig
+    from vtensor.engine.kv_setup import CPU_KV_BYTES
     from vtensor.engine.llm_engine import LLMEngine
-    from vtensor.engine.setup import CPU_KV_BYTES
     from vtensor.engine.shared_pool import SharedKVPool
 
     kwargs = engine_kwargs(args)

@@ -39,6 +39,7 @@ from .config import EngineConfig
 from .executor import StepExecutor, StepPlan
 from .input_processor import InputProcessor, ProcessedPrompt, Prompt, RequestError
 from .integrity import check_integrity
+from .kv_setup import SCRATCH_SLOT, prefix_cache_for
 from .memory_stats import MemoryStats, collect_memory, module_bytes
 from .output_processor import OutputProcessor
 from .outputs import FinishReason, StepOutput
@@ -47,7 +48,7 @@ from .request import Request
 from .runner import SpanInput
 from .sampler import PendingSample, Sampler, SamplerRow
 from .scheduler import ScheduledSpan, Scheduler, SchedulerConfig, SchedulerOutput
-from .setup import SCRATCH_SLOT, load_tokenizer, model_config, prefix_cache_for
+from .setup import load_tokenizer, model_config
 from .shared_pool import shared_config
 from .sleep import SleepMode
 from .stats import EngineStats, StepCounters, collect_stats

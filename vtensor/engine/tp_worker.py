@@ -43,7 +43,8 @@ from vtensor.kvcache.arena import ChunkSignature
 
 from .config import EngineConfig
 from .executor import StepExecutor, StepPlan
-from .setup import SCRATCH_SLOT, RankParts, build_rank, resolve_device
+from .kv_setup import SCRATCH_SLOT
+from .setup import RankParts, build_rank, resolve_device
 from .stats import StepCounters
 
 
