@@ -22,6 +22,7 @@ from hypothesis.stateful import invariant, precondition, rule
 from tests.test_prefix_statemachine import ManagerMachine
 from vtensor.engine.swap import KVSwapper
 from vtensor.kvcache.host_tier import HostExtent, SlotHostTier, SwapState
+from vtensor.kvcache.swap_chunks import private_tail, swap_in, swap_out
 
 HOST_SLOTS = 10
 
@@ -51,7 +52,7 @@ class SwapMachine(ManagerMachine):
         rid = data.draw(st.sampled_from(sorted(self.reqs)))
         req = self.reqs[rid]
         self.kv.cache_tokens(rid, req["tokens"], req["computed"])  # as a preemption does
-        first, end = self.kv.swap_extent(rid, req["computed"])
+        first, end = private_tail(self.kv, rid, req["computed"])
         if self.tier.begin_out(rid, first, end - first) is None:
             event("host tier full: the request would be recomputed")
             return
@@ -67,7 +68,7 @@ class SwapMachine(ManagerMachine):
         ext = self._ext(rid)
         self.swapper.copy_out(self.kv.slot_of(rid), ext)  # before the unmap is applied
         self.tier.end_out(rid)
-        self.kv.swap_out(rid, ext.first)
+        swap_out(self.kv, rid, ext.first)
         self._apply()
 
     @precondition(lambda self: self._has(SwapState.HOST))
@@ -76,7 +77,7 @@ class SwapMachine(ManagerMachine):
         rid = self._pick(data, SwapState.HOST)
         if rid is None:
             return
-        if not self.kv.swap_in(rid, self.swapping[rid]["computed"]):
+        if not swap_in(self.kv, rid, self.swapping[rid]["computed"]):
             event("swap-in refused: no room in the pool")
             return
         self.tier.begin_in(rid)

@@ -39,7 +39,8 @@ from .request import Request, RequestStatus
 if TYPE_CHECKING:
     from vtensor.kvcache.arena import ChunkSignature
 
-    from .llm_engine import LaunchedStep, LLMEngine
+    from .launched import LaunchedStep
+    from .llm_engine import LLMEngine
     from .tp_worker import ArenaReport
 
 

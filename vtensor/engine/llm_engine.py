@@ -4,8 +4,9 @@
 plan to the requests (this module alone calls a ``Request``'s transitions) and
 to the arena (``_apply_kv``, the one place KV commands reach it), then queues
 the forward pass and the draw, whose tokens go into the device token table;
-``_read`` waits for a launched step's tokens; ``_apply_outputs`` appends them,
-checks stops and makes the outputs.
+``read_tokens`` (``launched.py``) waits for a launched step's tokens;
+``_apply_outputs`` appends them, checks stops and makes the outputs. With a host
+KV tier, ``_swap`` moves swapped requests and runs their copies (``swap_driver.py``).
 
 With async scheduling (the default on CUDA) the step launched in one call is
 read in the next, so step N+1 is launched, its inputs gathered from the token
@@ -26,8 +27,9 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -40,20 +42,20 @@ from .executor import StepExecutor, StepPlan
 from .input_processor import InputProcessor, ProcessedPrompt, Prompt, RequestError
 from .integrity import check_integrity
 from .kv_setup import SCRATCH_SLOT, prefix_cache_for
+from .launched import LaunchedStep, ReadToken, read_tokens
 from .memory_stats import MemoryStats, collect_memory, module_bytes
 from .output_processor import OutputProcessor
 from .outputs import FinishReason, StepOutput
 from .params import SamplingParams
 from .request import Request
 from .runner import SpanInput
-from .sampler import PendingSample, Sampler, SamplerRow
-from .scheduler import ScheduledSpan, Scheduler, SchedulerConfig, SchedulerOutput
+from .sampler import Sampler, SamplerRow
+from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .setup import load_tokenizer, model_config
 from .shared_pool import shared_config
 from .sleep import SleepMode
 from .stats import EngineStats, StepCounters, collect_stats
-from .swap_plan import SwapPlan
-from .swap_setup import swap_parts
+from .swap_setup import swap_driver
 from .tp_driver import start_rank_zero, talking_to
 
 if TYPE_CHECKING:
@@ -62,24 +64,6 @@ if TYPE_CHECKING:
     from .shared_pool import EngineMember, SharedKVPool
 
 log = logging.getLogger("vtensor.engine")
-
-
-@dataclass(frozen=True)
-class LaunchedStep:
-    """A step queued on the device whose sampled tokens the host has not read."""
-
-    sampling: list[ScheduledSpan]  # the spans that sample, in the draw's row order
-    draw: PendingSample | None
-    needs_host_tokens: bool  # a row has penalties: its next draw needs these tokens
-
-
-@dataclass(frozen=True)
-class ReadToken:
-    """One sampled token as the host reads it."""
-
-    span: ScheduledSpan
-    token: int
-    logprob: dict[int, float] | None
 
 
 class LLMEngine:
@@ -119,8 +103,7 @@ class LLMEngine:
             config.lookahead_tokens,
             config.admit_after_premap,
         )
-        # The host KV tier (swap_space_bytes > 0): preemptions may swap instead of recompute.
-        self.swap = swap_parts(config, self.model_config, self.arena, rt.dtype)
+        self.swap = swap_driver(config, self.model_config, self.arena, rt.dtype)  # None: off
         self.scheduler = Scheduler(sched, self.kv, self.swap.planner if self.swap else None)
         self.inputs = InputProcessor(
             self.tokenizer, self.model_config.vocab_size, rt.max_model_len, self.kv.geometry
@@ -271,9 +254,9 @@ class LLMEngine:
             )
             previous, self._inflight = self._inflight, None if read_now else launched
         with talking_to(self.workers):
-            tokens = self._read(previous)  # waits while `launched` runs on the GPU
+            tokens = read_tokens(previous)  # waits while `launched` runs on the GPU
             if read_now:
-                tokens += self._read(launched)
+                tokens += read_tokens(launched)
         # (the guard's last check: no token read from a step a lost worker broke is kept)
         with self.books_lock:
             outputs = self._apply_outputs(tokens)
@@ -297,14 +280,12 @@ class LLMEngine:
             req.unswap()
         for a in out.admitted:
             a.req.admit(a.num_cached)
-        self._swap_out(out.swapped_out)  # before the plan's unmaps reach the arena
-        for p in out.swapped_in:
-            p.req.swap_in()
+        copy_in = None if self.swap is None else self._swap(out)  # swap off: nothing runs
         inputs = [SpanInput.of(sp, self.kv.slot_of(sp.req.rid)) for sp in out.spans]
         plan = StepPlan(out.kv_commands, out.ahead_commands, inputs)
         if self.workers is not None and (inputs or plan.kv_commands or plan.ahead_commands):
             self.workers.send(plan)
-        forward = self.executor.run(plan, lambda: self._swap_in(out.swapped_in))
+        forward = self.executor.run(plan, copy_in)
         if forward is None:
             return None
         sampling = [sp for sp in out.spans if sp.samples]
@@ -320,20 +301,16 @@ class LLMEngine:
         needs_host = any(sp.req.params.has_penalties for sp in sampling)
         return LaunchedStep(sampling, draw, needs_host)
 
-    def _swap_out(self, plans: list[SwapPlan]) -> None:
-        """Copy swapped-out requests' private chunks to the host tier (done on return)."""
-        for p in plans:
+    def _swap(self, out: SchedulerOutput) -> Callable[[], None] | None:
+        """Swap-outs copy now, before the plan's unmaps reach the arena; swap-ins copy in
+        the returned hook, once the executor has mapped their chunks (``swap_driver``)."""
+        assert self.swap is not None
+        for p in out.swapped_out:
             p.req.swap_out()
-            assert self.swap is not None
-            self.swap.swapper.copy_out(p.slot, p.extent)
-            self.swap.planner.tier.end_out(p.req.rid)
-
-    def _swap_in(self, plans: list[SwapPlan]) -> None:
-        """Queue the copy-ins into the freshly mapped chunks, ahead of the forward pass."""
-        for p in plans:
-            assert self.swap is not None
-            self.swap.swapper.copy_in(p.slot, p.extent)
-            self.swap.planner.tier.end_in(p.req.rid)
+        self.swap.copy_out(out.swapped_out)
+        for p in out.swapped_in:
+            p.req.swap_in()
+        return self.swap.copy_in_hook(out.swapped_in)
 
     def _settle_if_idle(self) -> None:
         """Releases emit KV commands outside a step; while requests remain, the next
@@ -365,16 +342,6 @@ class LLMEngine:
     def set_clock(self, clock: Clock) -> None:
         """The clock that idle times are measured on (tests and benchmarks control it)."""
         self.kv.idle.set_clock(clock)
-
-    def _read(self, step: LaunchedStep | None) -> list[ReadToken]:
-        """Wait for a launched step's tokens (the GIL is released while waiting)."""
-        if step is None or step.draw is None:
-            return []
-        sampled = step.draw.result()
-        return [
-            ReadToken(sp, token, logprob)
-            for sp, token, logprob in zip(step.sampling, sampled.tokens, sampled.logprobs)
-        ]
 
     def _apply_outputs(self, tokens: list[ReadToken]) -> list[StepOutput]:
         """Append each token to its request, check stops, make the outputs. A request
@@ -424,10 +391,8 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         with self.books_lock:
-            swap = self.swap.swapper.stats() if self.swap else None
-            tier = self.swap.planner.tier.usage() if self.swap else None
             return collect_stats(
-                self.counters, self.scheduler, self.kv, self.arena, self.pool, swap, tier
+                self.counters, self.scheduler, self.kv, self.arena, self.pool, self.swap
             )
 
     def memory_stats(self) -> MemoryStats:
@@ -469,7 +434,7 @@ class LLMEngine:
         self.pool.close()
         backend.close()
         if self.swap is not None:  # after the synchronize: no copy is in flight
-            self.swap.swapper.close()
+            self.swap.close()
         if self.lease is not None:  # after the pool is closed: its chunks are gone
             self.lease.budget.leave(self.lease)
         if self.offload is not None:  # after the synchronize: no copy is in flight

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from vtensor.kvcache.arena import KVArena
-from vtensor.kvcache.host_tier import HostTierUsage
 from vtensor.kvcache.manager import KVCacheManager
 from vtensor.memory import ChunkPool
 
 from .scheduler import Scheduler
-from .swap import SwapStats
+
+if TYPE_CHECKING:
+    from .swap_driver import SwapDriver
 
 
 @dataclass(frozen=True)
@@ -82,13 +84,12 @@ def collect_stats(
     kv: KVCacheManager,
     arena: KVArena,
     pool: ChunkPool,
-    swap: SwapStats | None = None,
-    tier: HostTierUsage | None = None,
+    swap_driver: SwapDriver | None = None,
 ) -> EngineStats:
     geo, usage = kv.geometry, kv.usage()
     live = sum(s.num_computed for s in scheduler.running) * geo.bytes_per_token
     arena_stats, pool_stats = arena.stats(), pool.stats()
-    return EngineStats(
+    stats = EngineStats(
         running=len(scheduler.running),
         waiting=len(scheduler.waiting),
         preemptions=scheduler.num_preemptions,
@@ -112,14 +113,24 @@ def collect_stats(
         prefix_cache_chunks=usage.cached_chunks,
         prefix_cache_blocks=kv.cache.stats().blocks,
         prefix_cache_evicted_chunks=kv.evicted_chunks,
+    )
+    return stats if swap_driver is None else _with_swap(stats, swap_driver, scheduler)
+
+
+def _with_swap(stats: EngineStats, driver: SwapDriver, scheduler: Scheduler) -> EngineStats:
+    """The host KV tier's counters (``swap_space_bytes`` > 0)."""
+    swap, tier = driver.stats()
+    decisions = driver.planner.decisions
+    return replace(
+        stats,
         swapped=len(scheduler.swapped),
-        swap_out_bytes=swap.out_bytes if swap else 0,
-        swap_in_bytes=swap.in_bytes if swap else 0,
-        swap_out_s=swap.out_s if swap else 0.0,
-        swap_in_s=swap.in_s if swap else 0.0,
-        host_tier_used_chunks=tier.used_slots if tier else 0,
-        host_tier_capacity_chunks=tier.capacity_slots if tier else 0,
-        swap_preemptions=scheduler.swap.decisions.swaps if scheduler.swap else 0,
-        swap_tier_full=scheduler.swap.decisions.tier_full if scheduler.swap else 0,
-        swap_dropped=scheduler.swap.decisions.dropped if scheduler.swap else 0,
+        swap_out_bytes=swap.out_bytes,
+        swap_in_bytes=swap.in_bytes,
+        swap_out_s=swap.out_s,
+        swap_in_s=swap.in_s,
+        host_tier_used_chunks=tier.used_slots,
+        host_tier_capacity_chunks=tier.capacity_slots,
+        swap_preemptions=decisions.swaps,
+        swap_tier_full=decisions.tier_full,
+        swap_dropped=decisions.dropped,
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from vtensor.kvcache import swap_chunks
 from vtensor.kvcache.host_tier import HostExtent, HostTier
 from vtensor.kvcache.manager import KVCacheManager
 from vtensor.kvcache.swap_policy import SwapCostModel
@@ -55,7 +56,7 @@ class SwapPlanner:
         changed)."""
         if req.num_computed == 0 or req.num_tokens >= req.max_len:
             return None  # nothing computed, or only its last token is awaited
-        first, end = kv.swap_extent(req.rid, req.num_computed)
+        first, end = swap_chunks.private_tail(kv, req.rid, req.num_computed)
         decision = self.cost.decide((end - first) * self.chunk_size, req.num_computed)
         if not decision.swap:
             self.decisions.recomputes += 1
@@ -74,14 +75,14 @@ class SwapPlanner:
         self.decisions.swaps += 1
         log.info("request %d: swap out %d chunk(s) (%s)", req.rid, end - first, decision.reason)
         slot = kv.slot_of(req.rid)
-        kv.swap_out(req.rid, first)
+        swap_chunks.swap_out(kv, req.rid, first)
         return SwapPlan(req, slot, extent)
 
     def swap_in(
         self, kv: KVCacheManager, req: Request, tokens: int, headroom: int
     ) -> SwapPlan | None:
         """Map fresh chunks for swapped ``req`` up to ``tokens``; None: no room yet."""
-        if not kv.swap_in(req.rid, tokens, headroom):
+        if not swap_chunks.swap_in(kv, req.rid, tokens, headroom):
             return None
         return SwapPlan(req, kv.slot_of(req.rid), self.tier.begin_in(req.rid))
 

@@ -1,4 +1,4 @@
-"""Builds the host KV tier: its size, the cost model's rates, the planner and copier.
+"""Builds the host KV tier: its size, the cost model's rates, the planner and swapper.
 
 The rates the cost model compares (``kvcache/swap_policy.py``) are measured once
 here on CUDA: the pinned host-to-device copy bandwidth (one 64 MiB copy each way,
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -26,20 +25,15 @@ from vtensor.models.config import ModelConfig
 
 from .config import EngineConfig
 from .swap import KVSwapper
+from .swap_driver import SwapDriver
 from .swap_plan import SwapPlanner
 
 log = logging.getLogger("vtensor.engine.swap")
 
 
-@dataclass(frozen=True)
-class SwapParts:
-    planner: SwapPlanner
-    swapper: KVSwapper
-
-
-def swap_parts(
+def swap_driver(
     config: EngineConfig, cfg: ModelConfig, arena: KVArena, dtype: torch.dtype
-) -> SwapParts | None:
+) -> SwapDriver | None:
     """The tier of ``config.swap_space_bytes`` (None when 0: recompute only)."""
     if not config.swap_space_bytes:
         return None
@@ -61,7 +55,7 @@ def swap_parts(
         config.preemption_mode or "cost model",
     )
     swapper = KVSwapper(arena, slots, device)
-    return SwapParts(SwapPlanner(SlotHostTier(slots), model, chunk), swapper)
+    return SwapDriver(SwapPlanner(SlotHostTier(slots), model, chunk), swapper)
 
 
 def measure_copy_rate(device: torch.device, nbytes: int = 64 << 20) -> float:

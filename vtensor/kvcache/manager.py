@@ -253,7 +253,7 @@ class KVCacheManager:
             return True
         self._set_asked(slot, have)  # its own chunks are not surplus to reclaim
         need = want - have
-        if not self._make_room(need, steal):
+        if not self._reclaimer.make_room(need, steal):
             self._set_asked(slot, asked)
             return False
         self.books.map_fresh(slot, need)
@@ -301,35 +301,12 @@ class KVCacheManager:
         self._released[slot] = self._releases = self._releases + 1
         self.idle.on_idle(slot)  # the watermark binds at once: the oldest idle slots lose
 
-    def swap_extent(self, rid: int, tokens: int) -> tuple[int, int]:
-        """``(first, end)``: chunks ``[first, end)`` of ``rid``'s first ``tokens`` tokens
-        are its private tail, the ones a swap must copy; ``[0, first)`` start with a
-        shared (cached) chunk, which needs no copy (``swap_out``)."""
-        table, end = self.books.tables[self._owner[rid]], self.geometry.chunks_for(tokens)
-        first = end
-        while first > 0 and self.books.is_private(table[first - 1]):
-            first -= 1
-        return first, end
-
-    def swap_out(self, rid: int, first: int) -> None:
-        """Unmap ``rid``'s chunks from ``first`` on (``swap_extent``): the engine copies
-        them to the host tier before it applies the unmap. ``[0, first)`` stay mapped
-        and pinned: they hold cached blocks the request keeps locked, so they are still
-        there at its resume. The request keeps its slot (not idle, asks for ``first``
-        chunks), so ``swap_in`` maps fresh chunks at the same offsets."""
+    def shrink(self, rid: int, chunks: int) -> None:
+        """Unmap ``rid``'s chunks from index ``chunks`` on; it keeps its slot (not idle)
+        and asks for ``chunks`` (a swap-out: ``swap_chunks.py``)."""
         slot = self._owner[rid]
-        self._set_asked(slot, first)
-        self.books.truncate(slot, first)
-
-    def swap_in(self, rid: int, tokens: int, headroom_chunks: int = 0) -> bool:
-        """Map fresh chunks for a swapped-out ``rid`` up to ``tokens`` tokens (at the
-        indices it had), if that leaves ``headroom_chunks`` available; False: nothing
-        changed."""
-        slot = self._owner[rid]
-        need = self.geometry.chunks_for(tokens) - len(self.books.tables[slot])
-        if need > self.available_chunks - headroom_chunks:
-            return False
-        return self.grow(rid, tokens)
+        self._set_asked(slot, chunks)
+        self.books.truncate(slot, chunks)
 
     def reclaim_idle(self) -> int:
         """Bounded deferred reclamation (``idle_reclaim.py``): unmap what idle slots keep
@@ -412,25 +389,6 @@ class KVCacheManager:
         block = self.geometry.cache_block()
         if cache.enabled and block != (cache.block_tokens, cache.block_chunks):
             raise ValueError(f"the cache's blocks must be {block} (tokens, chunks)")
-
-    def _make_room(self, need: int, steal: bool) -> bool:
-        """Make ``need`` chunks free. Own free chunks; on a shared budget, then the
-        unallocated budget and the grant other engines do not use; then (``steal``)
-        reclaimable chunks: the other engines' first when ours do not cover the
-        shortfall, then ours. False if it falls short (chunks reclaimed so far stay
-        freed: they were reclaimable, nothing is lost)."""
-        lease = self.lease
-        if need > self.free_chunks and lease is not None:
-            lease.pull(need - self.free_chunks, reclaim=False)
-        short = need - self.free_chunks
-        if short <= 0:
-            return True
-        if not steal:
-            return False
-        if lease is not None and short > self.reclaimable_chunks:
-            lease.pull(short - self.reclaimable_chunks, reclaim=True)
-            short = need - self.free_chunks
-        return short <= 0 or self._reclaimer.reclaim(short)
 
     def _new_pins(self, tokens: int, hit: PrefixMatch) -> int:
         pinned = sum(1 for c in hit.chunks if self.books.is_pinned(c))

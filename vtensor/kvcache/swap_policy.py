@@ -11,7 +11,7 @@ with ``prefill_flops(t) = 2 * params * t + 2 * layers * attn_width * t**2`` (the
 matmuls, plus causal attention's QK^T and PV: 4 * layers * width * t^2 / 2).
 The rates are inputs: the engine measures them once at start on CUDA and uses
 the documented constants below on the CPU. The copy time counts only the bytes
-that must move (private chunks); cached chunks stay mapped (see ``manager.swap_out``).
+that must move (private chunks); cached chunks stay mapped (see ``swap_chunks.py``).
 """
 
 from __future__ import annotations
