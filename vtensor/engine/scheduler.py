@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from vtensor.kvcache.manager import KVCacheManager, KVCommand
 from vtensor.kvcache.prefix_cache import PrefixMatch
@@ -156,29 +156,19 @@ class Scheduler:
                 break  # req preempted itself: nothing newer is left running
             spans.append(ScheduledSpan.next_of(req, req.num_computed, n))
             budget -= n
-        swapped_in: list[SwapPlan] = []
         admitted: list[Admission] = []
+        swapped_in: list[SwapPlan] = []
         if not preempted:
-            budget = self._resume(spans, budget, swapped_in)
+            if self.swapped:  # only with a host tier
+                budget = self._resume(spans, budget, swapped_in)
             if not self.swapped:  # FCFS: swapped requests are older than the queue
                 admitted = self._admit(spans, budget)
         self.kv.check_writes((sp.req.rid, sp.start, sp.end) for sp in spans)
         kv_commands = self.kv.take_commands()
         self._map_ahead(spans)
         self._premap_waiting()
-        swapped_out, self._swap_outs = self._swap_outs, []
-        unswapped, self._unswapped = self._unswapped, []
-        swapped_ids = {id(x.req) for x in swapped_out}
-        return SchedulerOutput(
-            spans,
-            [p for p in preempted if id(p) not in swapped_ids],  # recomputed
-            admitted,
-            kv_commands,
-            self.kv.take_commands(),
-            swapped_out,
-            swapped_in,
-            unswapped,
-        )
+        out = SchedulerOutput(spans, preempted, admitted, kv_commands, self.kv.take_commands())
+        return out if self.swap is None else self._with_swaps(out, swapped_in)
 
     def remove(self, req: Request) -> None:
         """Take a finishing (or aborted) request out of the queues; its slot idles with
@@ -248,6 +238,19 @@ class Scheduler:
             spans.append(ScheduledSpan.next_of(req, req.num_computed, n))
             budget -= n
         return budget
+
+    def _with_swaps(self, out: SchedulerOutput, swapped_in: list[SwapPlan]) -> SchedulerOutput:
+        """The step's swap plans; ``preempted`` keeps only the recomputed victims."""
+        swapped_out, self._swap_outs = self._swap_outs, []
+        unswapped, self._unswapped = self._unswapped, []
+        swapped_ids = {id(p.req) for p in swapped_out}
+        return replace(
+            out,
+            preempted=[r for r in out.preempted if id(r) not in swapped_ids],
+            swapped_out=swapped_out,
+            swapped_in=swapped_in,
+            unswapped=unswapped,
+        )
 
     def _unswap(self, req: Request) -> None:
         """A swapped request drops its host copy and slot and waits to be recomputed."""
