@@ -4,11 +4,16 @@ in one process, on one engine (the preemption mode is switched between passes).
 Llama-3-8B shape (random bf16 weights), the KV pool capped at ``--kv-gib`` (8),
 prompts of 2k-8k tokens (``--input-len`` 5000 +-60%), 256 output tokens, Poisson
 arrivals at ``--rate`` (near saturation for this pool). Per pass: throughput, TTFT and
-TPOT p50/p99, preemptions (swapped / recomputed), swap GB/s against the pinned copy
-ceiling measured in the same run. Prefix caching off: random prompts share nothing,
-and every swapped chunk is then private (the copy moves the whole KV).
+TPOT p50/p99, preemptions (swapped / recomputed), swap GB/s out and in against the
+pinned copy ceiling measured in the same run, and the memory held: GPU (the device's
+peak use by ``cudaMemGetInfo``, the KV pool's peak chunks, the engine's classes at the
+end) and the host tier's peak. Prefix caching off: random prompts share nothing, and
+every swapped chunk is then private (the copy moves the whole KV).
 
-python3 benchmarks/swap.py --out benchmarks/results/swap_h100.json   # ~5-7 min on an H100
+The run fails (exit 1, after the results are written) unless every pass preempted and
+the swap pass really swapped out and back in: otherwise it compared nothing.
+
+python3 benchmarks/swap.py --out benchmarks/results/swap_h100.json   # ~3-4 min on an H100
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ import time
 from dataclasses import asdict, replace
 from typing import Any
 
+import torch
+
 from vtensor.bench.datasets import SyntheticRequest, random_dataset
 from vtensor.bench.serve import RunArgs, arrival_times
 from vtensor.engine.config import EngineConfig
 from vtensor.engine.llm_engine import LLMEngine
 from vtensor.engine.params import SamplingParams
+from vtensor.engine.stats import EngineStats
 from vtensor.engine.swap_setup import measure_copy_rate
 
 GIB = 2**30
@@ -37,23 +45,54 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--kv-gib", type=float, default=8.0)
     ap.add_argument("--swap-gib", type=float, default=16.0)
     ap.add_argument("--rate", type=float, default=2.0, help="requests/s (Poisson)")
-    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--num-prompts", type=int, default=48)
     ap.add_argument("--input-len", type=int, default=5000)
     ap.add_argument("--range-ratio", type=float, default=0.6)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument(
         "--modes",
-        default="recompute,swap,auto",
+        default="recompute,swap",
         help="passes, in order: recompute, swap (forced), auto (cost model)",
     )
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     return ap.parse_args()
 
 
+class Peaks:
+    """Peak memory held during a pass, sampled every few steps (cheap calls only)."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine, self.steps = engine, 0
+        self.device = engine.arena.tensor.device
+        self.gpu_used = self.pool_chunks = self.host_chunks = 0
+
+    def sample(self, every: int = 8) -> None:
+        self.steps += 1
+        if self.steps % every:
+            return
+        st = self.engine.stats()
+        self.pool_chunks = max(self.pool_chunks, st.pool_in_use_chunks)
+        self.host_chunks = max(self.host_chunks, st.host_tier_used_chunks)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            self.gpu_used = max(self.gpu_used, total - free)
+
+    def result(self) -> dict[str, Any]:
+        chunk = self.engine.kv.geometry.chunk_size
+        held = self.engine.memory_stats()
+        return {
+            "gpu_used_peak_gb": self.gpu_used / 1e9 if self.device.type == "cuda" else None,
+            "kv_pool_peak_gb": self.pool_chunks * chunk / 1e9,
+            "host_tier_peak_gb": self.host_chunks * chunk / 1e9,
+            "engine_held_end_gb": held.held_bytes / 1e9,
+            "engine_kv_held_end_gb": held.kv_held_bytes / 1e9,
+        }
+
+
 def run_pass(engine: LLMEngine, reqs: list[SyntheticRequest], rate: float) -> dict[str, Any]:
     """Submit at Poisson arrival times, step until all finish; latencies per request."""
-    before = engine.stats()
+    before, peaks = engine.stats(), Peaks(engine)
     starts = arrival_times(len(reqs), RunArgs(rate, 1.0, None, 0))
     sent: dict[int, float] = {}
     first: dict[int, float] = {}
@@ -74,14 +113,10 @@ def run_pass(engine: LLMEngine, reqs: list[SyntheticRequest], rate: float) -> di
             if o.finished:
                 done[o.rid] = time.perf_counter()
                 engine.pop(o.rid)
+        peaks.sample()
     dur = time.perf_counter() - t0
-    after = engine.stats()
     ttft = [first[r] - sent[r] for r in sent]
     tpot = [(done[r] - first[r]) / max(1, q.output_len - 1) for r, q in zip(sent, reqs)]
-    moved = (after.swap_out_bytes - before.swap_out_bytes) + (
-        after.swap_in_bytes - before.swap_in_bytes
-    )
-    copy_s = (after.swap_out_s - before.swap_out_s) + (after.swap_in_s - before.swap_in_s)
     return {
         "duration_s": dur,
         "requests_per_s": len(reqs) / dur,
@@ -89,13 +124,30 @@ def run_pass(engine: LLMEngine, reqs: list[SyntheticRequest], rate: float) -> di
         "total_tokens_per_s": sum(q.output_len + len(q.prompt_ids) for q in reqs) / dur,
         "ttft_ms": pcts(ttft),
         "tpot_ms": pcts(tpot),
+        **swap_counts(before, engine.stats()),
+        **peaks.result(),
+    }
+
+
+def swap_counts(before: EngineStats, after: EngineStats) -> dict[str, Any]:
+    """The pass's preemptions and copies: bytes, and GB/s by the copies' own time."""
+
+    def gbps(nbytes: int, seconds: float) -> float | None:
+        return nbytes / seconds / 1e9 if seconds > 0 else None
+
+    out_b = after.swap_out_bytes - before.swap_out_bytes
+    in_b = after.swap_in_bytes - before.swap_in_bytes
+    out_s, in_s = after.swap_out_s - before.swap_out_s, after.swap_in_s - before.swap_in_s
+    return {
         "preemptions": after.preemptions - before.preemptions,
         "swap_preemptions": after.swap_preemptions - before.swap_preemptions,
         "swap_tier_full": after.swap_tier_full - before.swap_tier_full,
         "swap_dropped": after.swap_dropped - before.swap_dropped,
-        "swap_out_gb": (after.swap_out_bytes - before.swap_out_bytes) / 1e9,
-        "swap_in_gb": (after.swap_in_bytes - before.swap_in_bytes) / 1e9,
-        "swap_gb_per_s": moved / copy_s / 1e9 if copy_s else None,
+        "swap_out_gb": out_b / 1e9,
+        "swap_in_gb": in_b / 1e9,
+        "swap_out_gb_per_s": gbps(out_b, out_s),
+        "swap_in_gb_per_s": gbps(in_b, in_s),
+        "swap_gb_per_s": gbps(out_b + in_b, out_s + in_s),
     }
 
 
@@ -129,7 +181,8 @@ def main() -> None:
             "tflop_per_s": planner.cost.flops_per_s / 1e12,
         }
         device = engine.arena.tensor.device
-        ceiling = measure_copy_rate(device) / 1e9 if device.type == "cuda" else None
+        # 256 MiB each way: the ceiling a swap's large runs of chunks could reach.
+        ceiling = measure_copy_rate(device, 256 << 20) / 1e9 if device.type == "cuda" else None
         results["pinned_copy_ceiling_gb_per_s"] = ceiling
         vocab = engine.model_config.vocab_size
         reqs = random_dataset(
@@ -146,6 +199,22 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
+    problems = check(results["passes"])
+    if problems:
+        raise SystemExit("NOT A VALID COMPARISON: " + "; ".join(problems))
+
+
+def check(passes: dict[str, dict[str, Any]]) -> list[str]:
+    """Every pass preempted (memory-bound), and swap passes swapped out and in."""
+    problems = []
+    for mode, r in passes.items():
+        if not r["preemptions"]:
+            problems.append(f"{mode}: no preemption (not memory-bound: raise --rate)")
+        if mode == "swap" and not (r["swap_preemptions"] and r["swap_in_gb"] > 0):
+            problems.append(f"{mode}: nothing was swapped out and back in")
+        if mode == "recompute" and r["swap_preemptions"]:
+            problems.append(f"{mode}: {r['swap_preemptions']} preemptions swapped")
+    return problems
 
 
 def summarize(results: dict[str, Any]) -> None:
@@ -159,16 +228,22 @@ def summarize(results: dict[str, Any]) -> None:
             f"TPOT p50/p99 {r['tpot_ms']['p50']:.1f}/{r['tpot_ms']['p99']:.1f} ms "
             f"preempt {r['preemptions']} (swapped {r['swap_preemptions']})"
         )
-        if r["swap_gb_per_s"] and ceiling:
-            line += f" swap {r['swap_gb_per_s']:.1f} GB/s = {r['swap_gb_per_s'] / ceiling:.0%}"
+        for way in ("out", "in"):
+            rate = r[f"swap_{way}_gb_per_s"]
+            if rate and ceiling:
+                line += f" {way} {rate:.1f} GB/s = {rate / ceiling:.0%}"
         if base is not None and mode != "recompute":
             line += (
                 f" | vs recompute: p99 TTFT x{base['ttft_ms']['p99'] / r['ttft_ms']['p99']:.2f}"
                 f" lower, throughput x{r['total_tokens_per_s'] / base['total_tokens_per_s']:.2f}"
             )
         print(line)
-        if not r["preemptions"]:
-            print(f"  ({mode}: no preemption: not memory-bound at this rate; raise --rate)")
+        gpu = r["gpu_used_peak_gb"]
+        print(
+            f"  held: GPU peak {'n/a' if gpu is None else f'{gpu:.2f}'} GB, KV pool peak "
+            f"{r['kv_pool_peak_gb']:.2f} GB, host tier peak {r['host_tier_peak_gb']:.2f} GB, "
+            f"engine at the end {r['engine_held_end_gb']:.2f} GB"
+        )
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 memory on the side copy stream and back into fresh chunks at the same offsets, read
 by CUDA-graph decode and the Triton kernels under async scheduling. fp32: token-
 identical to the same engine recomputing and to a never-preempted one. With every
-copy delayed ~20 ms on the copy stream, the outputs stay identical: no step reads a
-chunk whose copy-in is in flight, and no chunk is unmapped before its copy-out.
+copy delayed ~20 ms on the copy stream, or every forward pass delayed ~20 ms on the
+compute stream, the outputs stay identical: no step reads a chunk whose copy-in is in
+flight, no copy-out reads KV a step in flight is still writing, and no chunk is
+unmapped before its copy-out.
 
 Skipped with a reason on machines without a GPU; run on the H100.
 """
@@ -86,17 +88,24 @@ def test_swap_is_token_identical_on_cuda(
         assert s.swap_out_bytes > 0 and s.swap_in_bytes == s.swap_out_bytes
 
 
-def test_slowed_copies_are_never_read_stale(
-    tmp_path: Path, make_llm: Any, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("slow", ["copies", "forward"])
+def test_slowed_copies_or_steps_are_never_read_stale(
+    slow: str, tmp_path: Path, make_llm: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every run of chunks lands ~20 ms after it is queued: a forward pass that did not
-    wait for its copy-in would read the fresh chunks' old contents (another request's
-    KV, or zeros), and an unmap before the copy-out would copy garbage."""
+    """``copies``: every run of chunks lands ~20 ms after it is queued on the copy
+    stream: a forward pass that did not wait for its copy-in would read the fresh
+    chunks' old contents (another request's KV, or zeros). ``forward``: every forward
+    pass starts ~20 ms late on the compute stream, so under async scheduling the step
+    that writes a victim's last KV is still running when its copy-out is queued: a
+    copy that did not wait for the compute stream would save stale KV (and an unmap
+    that did not wait for the copy would free chunks still being read)."""
     make_checkpoint(tmp_path, "llama", **OVER)
     prompts = random_prompts(8, 512, lo=200, hi=300)
     kw = dict(KW, enable_prefix_caching=False)
     want = greedy(make_llm(str(tmp_path), kv_cache_bytes=256 * CHUNK, **kw), prompts)
-    monkeypatch.setattr(swap_module, "copy_bytes", _slow_copy(_spin_cycles_for(0.02)))
+    cycles = _spin_cycles_for(0.02)
+    if slow == "copies":
+        monkeypatch.setattr(swap_module, "copy_bytes", _slow_copy(cycles))
     llm = make_llm(
         str(tmp_path),
         kv_cache_bytes=24 * CHUNK,
@@ -104,8 +113,18 @@ def test_slowed_copies_are_never_read_stale(
         preemption_mode="swap",
         **kw,
     )
+    if slow == "forward":
+        runner = llm.engine.runner
+        execute = runner.execute
+
+        def late_execute(spans: Any) -> Any:
+            torch.cuda._sleep(cycles)  # on the compute stream, before the step's kernels
+            return execute(spans)
+
+        monkeypatch.setattr(runner, "execute", late_execute)
     assert greedy(llm, prompts) == want
     s = llm.engine.stats()
+    assert s.swap_preemptions > 0
     assert s.swap_in_bytes > 0 and s.swap_in_bytes == s.swap_out_bytes
 
 
