@@ -98,16 +98,17 @@ class KVSwapper:
             done.record()
         torch.cuda.current_stream(self.device).wait_event(done)
         self._pending_in.append((start, done))
+        self._count_done_ins()  # bounded: the events of copies still in flight
 
     def stats(self) -> SwapStats:
-        still: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        for start, done in self._pending_in:
-            if done.query():
-                self._in_s += start.elapsed_time(done) / 1e3
-            else:
-                still.append((start, done))
-        self._pending_in = still
+        self._count_done_ins()
         return SwapStats(self._out_bytes, self._in_bytes, self._out_s, self._in_s)
+
+    def _count_done_ins(self) -> None:
+        """Add the time of the copy-ins that completed (in stream order: oldest first)."""
+        while self._pending_in and self._pending_in[0][1].query():
+            start, done = self._pending_in.pop(0)
+            self._in_s += start.elapsed_time(done) / 1e3
 
     def close(self) -> None:
         """Free the host buffer (after the caller synchronized: no copy in flight)."""

@@ -42,6 +42,7 @@ def swap_driver(
     device = arena.tensor.device
     if device.type == "cuda":
         copy_rate, flops = measure_copy_rate(device), measure_flops(device, dtype)
+        torch.cuda.empty_cache()  # the measurements' buffers: not the workspace's to keep
     else:
         copy_rate, flops = CPU_COPY_BYTES_PER_S, CPU_FLOPS_PER_S
     cost = ModelCost(cfg.num_params(), cfg.num_layers, cfg.q_size)
