@@ -276,11 +276,9 @@ class LLMEngine:
         table."""
         for req in out.preempted:
             req.preempt()
-        for req in out.unswapped:
-            req.unswap()
+        copy_in = None if self.swap is None else self._swap(out)  # swap off: nothing runs
         for a in out.admitted:
             a.req.admit(a.num_cached)
-        copy_in = None if self.swap is None else self._swap(out)  # swap off: nothing runs
         inputs = [SpanInput.of(sp, self.kv.slot_of(sp.req.rid)) for sp in out.spans]
         plan = StepPlan(out.kv_commands, out.ahead_commands, inputs)
         if self.workers is not None and (inputs or plan.kv_commands or plan.ahead_commands):
@@ -303,8 +301,11 @@ class LLMEngine:
 
     def _swap(self, out: SchedulerOutput) -> Callable[[], None] | None:
         """Swap-outs copy now, before the plan's unmaps reach the arena; swap-ins copy in
-        the returned hook, once the executor has mapped their chunks (``swap_driver``)."""
+        the returned hook, once the executor has mapped their chunks (``swap_driver``).
+        Unswapped requests wait again before admissions (one may be admitted at once)."""
         assert self.swap is not None
+        for req in out.unswapped:
+            req.unswap()
         for p in out.swapped_out:
             p.req.swap_out()
         self.swap.copy_out(out.swapped_out)
