@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .sampler import PendingSample
-from .scheduler import ScheduledSpan
+from .scheduler_output import ScheduledSpan
 
 
 @dataclass(frozen=True)

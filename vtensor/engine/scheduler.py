@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
-from vtensor.kvcache.manager import KVCacheManager, KVCommand
+from vtensor.kvcache.manager import KVCacheManager
 from vtensor.kvcache.prefix_cache import PrefixMatch
 
 from .request import Request, RequestStatus
+from .scheduler_output import Admission, ScheduledSpan, SchedulerOutput
 from .swap_plan import SwapPlan, SwapPlanner
 
 
@@ -60,55 +61,6 @@ class SchedulerConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         if self.lookahead_tokens < 0:
             raise ValueError("lookahead_tokens must be >= 0")
-
-
-@dataclass(frozen=True)
-class ScheduledSpan:
-    req: Request
-    start: int  # first token position computed this step
-    num_tokens: int
-    samples: bool  # the span reaches the end of the request, so a token is sampled
-
-    @classmethod
-    def next_of(cls, req: Request, start: int, num_tokens: int) -> ScheduledSpan:
-        """``num_tokens`` of ``req`` from ``start`` (fixed at scheduling time)."""
-        return cls(req, start, num_tokens, start + num_tokens == req.num_tokens)
-
-    @property
-    def end(self) -> int:
-        return self.start + self.num_tokens
-
-
-@dataclass(frozen=True)
-class Admission:
-    """A waiting request given a slot; its first ``num_cached`` tokens' KV came from the
-    prefix cache, so it computes from there."""
-
-    req: Request
-    num_cached: int
-
-
-@dataclass(frozen=True)
-class SchedulerOutput:
-    """One step's plan. The engine applies it: requests first (preempted, then
-    admitted, then each span's progress), then the KV commands, in this order."""
-
-    spans: list[ScheduledSpan]
-    preempted: list[Request] = field(default_factory=list)
-    admitted: list[Admission] = field(default_factory=list)
-    kv_commands: list[KVCommand] = field(default_factory=list)  # needed by this step
-    ahead_commands: list[KVCommand] = field(default_factory=list)  # for later steps
-    swapped_out: list[SwapPlan] = field(default_factory=list)  # copy before kv_commands
-    swapped_in: list[SwapPlan] = field(default_factory=list)  # copy before the forward
-    unswapped: list[Request] = field(default_factory=list)  # swapped, now to recompute
-
-    @property
-    def is_decode(self) -> bool:
-        return bool(self.spans) and all(sp.num_tokens == 1 for sp in self.spans)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(sp.num_tokens for sp in self.spans)
 
 
 class Scheduler:
