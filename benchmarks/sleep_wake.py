@@ -11,8 +11,10 @@ workload again, whose greedy tokens must equal the first cycle's (checked).
 
 The ceiling: a pinned buffer of --ceiling-gib copied device->host and host->device
 (best of 3; GB/s = 1e9 bytes/s). A level-1 sleep is bounded by pinning the host copy
-(``cudaHostRegister`` of the weights' size, measured apart as ``pin_s``) plus the
-device->host copy; a level-1 wake by the host->device copy. A level-2 wake here re-draws
+(``cudaHostRegister`` of the weights' size, measured apart as ``pin_s``, and without
+the parallel prefault as ``pin_without_prefault_s``) plus the device->host copy; with
+the kept host buffer (the default) only the first level-1 sleep pins; a level-1 wake
+by the host->device copy. A level-2 wake here re-draws
 the seed's random weights on the GPU (a --shape model has no checkpoint), so it
 measures that, not reading a checkpoint. Under 5 minutes on an H100 with the defaults.
 """
@@ -61,12 +63,14 @@ def main() -> None:
         weights = llm.engine.weights
         assert weights is not None
         pin_s = pin_cost(weights.region.nbytes)
+        pin_plain_s = pin_cost(weights.region.nbytes, prefault=False)
         rows = run_cycles(llm, args)
     finally:
         llm.close()
     payload = {
         "args": vars(args), "device": torch.cuda.get_device_name(), "build_s": build_s,
-        "ceiling": ceiling, "pin_s": pin_s, "rows": rows,
+        "ceiling": ceiling, "pin_s": pin_s,
+        "pin_without_prefault_s": pin_plain_s, "rows": rows,
     }  # fmt: skip
     report(payload)
     if args.out:
@@ -98,10 +102,10 @@ def copy_ceiling(nbytes: int) -> dict[str, float]:
     return rates
 
 
-def pin_cost(nbytes: int) -> float:
+def pin_cost(nbytes: int, prefault: bool = True) -> float:
     """Seconds to allocate and register (pin) a host buffer of the weights' size, the
     part of a level-1 sleep that is not the copy."""
-    host = PinnedHostMemory(pin=True)
+    host = PinnedHostMemory(pin=True, prefault=prefault)
     try:
         t = time.perf_counter()
         host.alloc(nbytes)
@@ -169,7 +173,8 @@ def report(payload: dict[str, Any]) -> None:
     print(
         f"\n{payload['device']}: pinned copy ceiling h2d {c['h2d_gbps']:.1f} GB/s, "
         f"d2h {c['d2h_gbps']:.1f} GB/s; pinning the weights' size takes "
-        f"{payload['pin_s']:.2f} s; engine built in {payload['build_s']:.1f} s"
+        f"{payload['pin_s']:.2f} s ({payload['pin_without_prefault_s']:.2f} s without "
+        f"prefaulting); engine built in {payload['build_s']:.1f} s"
     )
     head = (
         f"{'lvl':>3} {'held GB':>8} {'freed GB':>8} {'freed %':>7} {'sleep s':>7} "

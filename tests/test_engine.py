@@ -204,24 +204,3 @@ def test_cuda_device_gets_an_explicit_index(monkeypatch: pytest.MonkeyPatch) -> 
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
     assert resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)
     assert resolve_device("cpu") == torch.device("cpu")
-
-
-@pytest.mark.parametrize("caching", [False, True])
-def test_admit_after_premap_keeps_the_tokens(make_llm, tmp_path: Path, caching: bool) -> None:
-    """Requests arriving while others decode are admitted a step late with the flag on;
-    greedy tokens are the engine's without it (fp32, CPU)."""
-    make_checkpoint(tmp_path, "llama")
-    kw = dict(dtype="float32", max_num_seqs=4, enable_prefix_caching=caching)
-    prompts = [[random.randrange(2, 500) for _ in range(random.randint(5, 60))] for _ in range(6)]
-    params = SamplingParams(max_tokens=random.randint(8, 20), temperature=0, ignore_eos=True)
-    outs = []
-    for on in (False, True):
-        engine = make_llm(str(tmp_path), admit_after_premap=on, **kw).engine
-        rids = []
-        for p in prompts:  # one arrival per step: each finds the others running
-            rids += [g[0] for g in engine.add_requests([p], params)]
-            engine.step()
-        while engine.has_unfinished():
-            engine.step()
-        outs.append([engine.pop(r).output_ids for r in rids])
-    assert outs[0] == outs[1]

@@ -14,7 +14,7 @@ import sys
 from vtensor.engine.params import SamplingParams
 from vtensor.engine.request import Request, RequestStatus
 from vtensor.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from vtensor.kvcache.manager import KVCacheManager, KVGeometry, MapCommand
+from vtensor.kvcache.manager import KVCacheManager, KVGeometry
 
 TPC = 8  # tokens per chunk below
 
@@ -226,25 +226,3 @@ def test_premap_uses_only_free_chunks_beyond_the_headroom() -> None:
     s.kv.premap([3 * TPC, 3 * TPC], headroom_chunks=0)  # two slots of 3 chunks each
     assert s.kv.usage().committed_chunks == 6 and s.kv.usage().idle_chunks == 6
     s.kv.check()
-
-
-def test_admit_after_premap_maps_a_newcomer_ahead_while_others_run() -> None:
-    """With ``admit_after_premap`` a request arriving while another runs waits one step:
-    that step maps its chunks ahead, and the step that admits it maps nothing. With
-    nothing running it is admitted at once (no step to overlap with)."""
-    geo = KVGeometry(8, 256, 512, 4096, 64)
-    s = Scheduler(SchedulerConfig(8, 64, 0, admit_after_premap=True), KVCacheManager(geo))
-    rng = random.Random()
-    first = request(0, rng.randint(5, 30), 50)
-    s.add(first)
-    assert launch(s).admitted[0].req is first  # alone: at once
-    newcomer = request(1, rng.randint(2 * TPC, 5 * TPC), 5)
-    s.add(newcomer)
-    out = launch(s)
-    assert not out.admitted and newcomer.status is RequestStatus.WAITING
-    ahead = [c for c in out.ahead_commands if isinstance(c, MapCommand)]
-    assert ahead and sum(c.count for c in ahead) >= geo.chunks_for(newcomer.num_tokens)
-    out = launch(s)
-    assert [a.req for a in out.admitted] == [newcomer]
-    assert not [c for c in out.kv_commands if isinstance(c, MapCommand) and c.slot == ahead[0].slot]
-    assert s.kv.slot_of(newcomer.rid) == ahead[0].slot

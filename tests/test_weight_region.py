@@ -14,18 +14,20 @@ from vtensor.memory.host import HostBackend
 from vtensor.memory.weight_region import RegionState, WeightRegion
 
 
-def region_on(backend: PhysicalBackend, nbytes: int) -> WeightRegion:
-    return WeightRegion(backend, nbytes, PinnedHostMemory(pin=backend.device.type == "cuda"))
+def region_on(backend: PhysicalBackend, nbytes: int, keep: bool = True) -> WeightRegion:
+    host = PinnedHostMemory(pin=backend.device.type == "cuda")
+    return WeightRegion(backend, nbytes, host, keep_host_buffer=keep)
 
 
 def resident(backend: PhysicalBackend) -> int | None:
     return backend.resident_bytes() if isinstance(backend, HostBackend) else None
 
 
-def test_offload_restore_keeps_bytes_and_address(backend: PhysicalBackend) -> None:
+@pytest.mark.parametrize("keep", [True, False])
+def test_offload_restore_keeps_bytes_and_address(backend: PhysicalBackend, keep: bool) -> None:
     rng = random.Random()
     nbytes = rng.randint(1, 5) * backend.chunk_size - rng.randint(0, 999)
-    region = region_on(backend, nbytes)
+    region = region_on(backend, nbytes, keep)
     try:
         x = region.view(torch.float32, (nbytes // 4,), 0)
         x.copy_(torch.randn(nbytes // 4, device=backend.device))
@@ -41,7 +43,14 @@ def test_offload_restore_keeps_bytes_and_address(backend: PhysicalBackend) -> No
         region.restore()
         assert region.state is RegionState.RESIDENT and not region.problems()
         assert x.data_ptr() == ptr and torch.equal(x, want)
-        assert region.host.stats().live_bytes == 0  # the host copy was freed
+        # the host buffer is kept for the next offload, or freed
+        assert region.host.stats().live_bytes == (region.nbytes if keep else 0)
+        assert region.stats().host_bytes == region.host.stats().live_bytes
+        x.mul_(-1.0)
+        region.offload()  # a second round trip: the kept buffer is reused, not pinned again
+        region.restore()
+        assert torch.equal(x, -want) and not region.problems()
+        assert region.host.stats().allocated_bytes == region.nbytes * (1 if keep else 2)
         region.discard()
         assert region.stats().mapped_bytes == 0 and resident(backend) in (None, 0)
         region.restore()

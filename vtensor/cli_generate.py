@@ -41,12 +41,13 @@ def add_engine_args(p: argparse.ArgumentParser, several_models: bool = False) ->
                    action=argparse.BooleanOptionalAction,
                    help="launch each step before reading the last one's tokens "
                         "(default: on for CUDA, off on the CPU)")  # fmt: skip
-    p.add_argument("--admit-after-premap", action="store_true",
-                   help="while others run, admit a new request one step late, once its KV "
-                        "chunks were mapped ahead during that step (experimental)")  # fmt: skip
     p.add_argument("--enable-sleep-mode", action="store_true",
                    help="weights in a virtual range that LLM.sleep() / POST /sleep give back "
                         "to the driver and wake_up maps again at the same addresses")  # fmt: skip
+    p.add_argument("--sleep-keep-host-buffer", default=True,
+                   action=argparse.BooleanOptionalAction,
+                   help="keep level-1 sleep's pinned host buffer after wake_up, so only the "
+                        "first sleep pays for pinning (default: on)")  # fmt: skip
     p.add_argument("--swap-space", type=float, default=0.0, metavar="GIB",
                    help="GiB of pinned host memory that preempted requests' KV is swapped to "
                         "instead of recomputed (default 0: off; vLLM's default is 4)")  # fmt: skip
@@ -125,7 +126,7 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
         enable_sleep_mode=getattr(args, "enable_sleep_mode", False),
         swap_space_bytes=int(getattr(args, "swap_space", 0.0) * 2**30),
         preemption_mode=getattr(args, "preemption_mode", None),
-        admit_after_premap=getattr(args, "admit_after_premap", False),
+        sleep_keep_host_buffer=getattr(args, "sleep_keep_host_buffer", True),
         tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes,
         node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,
     )  # fmt: skip

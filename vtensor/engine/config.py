@@ -58,9 +58,6 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90
     chunk_size: int | None = None  # host backend only; CUDA uses the driver granularity
     lookahead_tokens: int = 4
-    # While other requests run, admit a new one a step late, once its chunks were mapped
-    # ahead during that step (off until measured: see SchedulerConfig.admit_after_premap).
-    admit_after_premap: bool = False
     # Bounded deferred reclamation (kvcache/idle_policy.py): idle slots keep at most
     # keep_idle_chunks mappings in all (None: the larger of 64 chunks and 5% of the KV
     # budget), each for at most kv_idle_timeout_s seconds (None: no time limit); past
@@ -95,6 +92,9 @@ class EngineConfig:
     # Sleep mode (vLLM's flag; engine/sleep.py): the weights live in a virtual range that
     # LLM.sleep() releases and wake_up() maps back at the same addresses.
     enable_sleep_mode: bool = False
+    # Level-1 sleep keeps its pinned host buffer after wake_up, so only the first sleep
+    # pays for pinning (seconds per 16 GB); off: the buffer is freed at every wake_up.
+    sleep_keep_host_buffer: bool = True
     # Host KV tier (engine/swap.py): bytes of pinned host memory that preempted requests'
     # KV is swapped to (vLLM's --swap-space, in bytes here). 0 (the default) turns
     # swapping off: every preemption recomputes. preemption_mode (vLLM's name) forces

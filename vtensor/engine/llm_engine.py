@@ -98,10 +98,7 @@ class LLMEngine:
         self.kv = parts.kv
         self.kv.set_prefix_cache(cache)  # nothing is mapped yet: no command to send
         sched = SchedulerConfig(
-            config.max_num_seqs,
-            config.max_num_batched_tokens,
-            config.lookahead_tokens,
-            config.admit_after_premap,
+            config.max_num_seqs, config.max_num_batched_tokens, config.lookahead_tokens
         )
         self.swap = swap_driver(config, self.model_config, self.arena, rt.dtype)  # None: off
         self.scheduler = Scheduler(sched, self.kv, self.swap.planner if self.swap else None)

@@ -51,10 +51,6 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     lookahead_tokens: int = 4  # decode steps mapped ahead (vAttention maps ~10 ahead)
-    # While others run, a new request waits one step for its chunks to be mapped ahead
-    # (``_premap_waiting``), so the mapping overlaps that step instead of stalling the
-    # next one. Off: admitted at once, its chunks mapped in the step that admits it.
-    admit_after_premap: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -78,7 +74,6 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_queries = 0  # tokens of admitted requests (vLLM's prefix-cache queries)
         self.prefix_hits = 0  # of which their KV came from the prefix cache
-        self._premapped: set[int] = set()  # waiting requests offered one premap already
 
     def add(self, req: Request) -> None:
         if req.status is not RequestStatus.WAITING:
@@ -131,7 +126,6 @@ class Scheduler:
             self.kv.release(req.rid)
         elif req.status is RequestStatus.WAITING:
             self.waiting.remove(req)
-            self._premapped.discard(req.rid)
         elif req.status is RequestStatus.SWAPPED:
             assert self.swap is not None
             self.swapped.remove(req)
@@ -220,8 +214,6 @@ class Scheduler:
         admitted: list[Admission] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            if self._defer(req, spans):
-                break  # FCFS: the ones behind it wait too (and are premapped with it)
             hit = self.kv.match(req.token_ids, req.num_tokens - 1)
             # Admit only if the whole prompt fits, keeping a chunk per running request
             # so decodes can grow without immediately preempting the newcomer.
@@ -231,7 +223,6 @@ class Scheduler:
             if self.kv.admit(req.rid, hit.tokens + n, hit) is None:
                 break
             self.waiting.popleft()
-            self._premapped.discard(req.rid)
             self.running.append(req)
             admitted.append(Admission(req, hit.tokens))
             self.prefix_queries += req.num_tokens
@@ -239,15 +230,6 @@ class Scheduler:
             spans.append(ScheduledSpan.next_of(req, hit.tokens, n))
             budget -= n
         return admitted
-
-    def _defer(self, req: Request, spans: list[ScheduledSpan]) -> bool:
-        """Whether ``req`` waits a step for its chunks to be premapped: only with
-        ``admit_after_premap``, only while this step runs others (else nothing overlaps
-        the mapping), and once (it is admitted next time, premapped or not)."""
-        if not self.config.admit_after_premap or not spans or req.rid in self._premapped:
-            return False
-        self._premapped.add(req.rid)
-        return True
 
     def _premap_waiting(self) -> None:
         """Map, during this step, the slots that the next step's admissions will take:

@@ -192,7 +192,9 @@ def load_model(
     if config.offloads:  # EngineConfig refuses offload with tensor parallelism
         built = build_offloaded(config, cfg, rt.device, rt.dtype, rt.max_model_len)
     elif config.enable_sleep_mode:  # and sleep mode with offload or tensor parallelism
-        model, weights = build_virtual(cfg, rt.device, rt.dtype, rt.max_model_len)
+        model, weights = build_virtual(
+            cfg, rt.device, rt.dtype, rt.max_model_len, config.sleep_keep_host_buffer
+        )
     if built is not None:
         model, offload = built
     elif weights is None:

@@ -61,7 +61,11 @@ class EngineBusyError(SleepModeError):
 
 
 def build_virtual(
-    cfg: ModelConfig, device: torch.device, dtype: torch.dtype, max_positions: int
+    cfg: ModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_positions: int,
+    keep_host_buffer: bool = True,
 ) -> tuple[LlamaForCausalLM, VirtualWeights]:
     """The model with its parameters in a weight region of their own (weights unset)."""
     if device.type == "cuda":
@@ -69,7 +73,7 @@ def build_virtual(
     else:
         backend = open_backend("host", chunk_size=CPU_WEIGHT_CHUNK)
     model = meta_model(cfg, dtype, max_positions)
-    return model, VirtualWeights.materialize(model, device, backend)
+    return model, VirtualWeights.materialize(model, device, backend, keep_host_buffer)
 
 
 def fill_weights(model: LlamaForCausalLM, config: EngineConfig) -> None:

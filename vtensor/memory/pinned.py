@@ -8,6 +8,12 @@ copies from it are DMA transfers that run asynchronously on a copy stream
 and can be captured in a CUDA graph. Without a GPU the same buffers are plain
 memory (the CPU tests run the same code minus the registration).
 
+Pinning is slow (8 s for 16 GB on the H100 box): ``cudaHostRegister`` faults in
+and locks every 4 KiB page on one thread. With ``prefault`` (the default) the
+buffer is first advised to use transparent huge pages and written by torch's
+intra-op threads, so the faults happen in parallel and in 2 MiB units before
+the driver locks the pages (``benchmarks/sleep_wake.py`` times both ways).
+
 Accounting invariant (checked after every engine test): ``live_bytes`` is the
 sum of the sizes of the buffers allocated and not yet freed, and every live
 buffer is in ``_live``; ``close`` frees whatever is left.
@@ -28,6 +34,8 @@ from .host import _libc, _mmap, _os_error
 _MAP_PRIVATE_ANON = mmap.MAP_PRIVATE | 0x20  # MAP_ANONYMOUS
 _PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
 _REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: usable from every context
+_MADV_HUGEPAGE = 14
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 @dataclass(frozen=True)
@@ -57,10 +65,11 @@ class HostMemoryStats:
 class PinnedHostMemory:
     """Allocates page-locked host buffers (``pin=True``, needs CUDA) or plain ones."""
 
-    def __init__(self, pin: bool) -> None:
+    def __init__(self, pin: bool, prefault: bool = True) -> None:
         if pin and not torch.cuda.is_available():
             raise VTensorMemoryError("pinned host memory needs a CUDA device")
         self.pin = pin
+        self.prefault = prefault
         self._lock = threading.Lock()
         self._live: dict[int, HostBuffer] = {}
         self._next = 0
@@ -76,15 +85,18 @@ class PinnedHostMemory:
             if self._closed:
                 raise ClosedError("host memory is closed")
             address = _mmap(0, nbytes, _PROT_RW, _MAP_PRIVATE_ANON, -1, 0)
+            view = (ctypes.c_char * nbytes).from_address(address)
+            tensor = torch.frombuffer(view, dtype=torch.uint8)
             try:
                 if self.pin:
+                    if self.prefault:
+                        _prefault(address, tensor)
                     _register(address, nbytes)
             except BaseException:
                 _libc.munmap(address, nbytes)
                 raise
             self._next += 1
-            view = (ctypes.c_char * nbytes).from_address(address)
-            buf = HostBuffer(self._next, address, nbytes, torch.frombuffer(view, dtype=torch.uint8))
+            buf = HostBuffer(self._next, address, nbytes, tensor)
             self._live[buf.bid] = buf
             self._allocated += nbytes
             return buf
@@ -124,6 +136,13 @@ class PinnedHostMemory:
                 raise VTensorMemoryError(f"cudaHostUnregister failed: cudaError {err}")
         if _libc.munmap(buf.address, buf.nbytes) != 0:
             raise _os_error("munmap")
+
+
+def _prefault(address: int, tensor: torch.Tensor) -> None:
+    """Fault the pages in before pinning: huge pages where the kernel allows them (a
+    refusal is harmless), written in parallel by torch's threads."""
+    _libc.madvise(address, tensor.numel(), _MADV_HUGEPAGE)
+    tensor.zero_()
 
 
 def _register(address: int, nbytes: int) -> None:

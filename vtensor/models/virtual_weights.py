@@ -62,14 +62,19 @@ class VirtualWeights:
 
     @classmethod
     def materialize(
-        cls, model: LlamaForCausalLM, device: torch.device, backend: PhysicalBackend
+        cls,
+        model: LlamaForCausalLM,
+        device: torch.device,
+        backend: PhysicalBackend,
+        keep_host_buffer: bool = True,
     ) -> VirtualWeights:
         """Give the meta ``model`` its memory: parameters in a new region on ``backend``
-        (which the region owns from here on), buffers on ``device``. Weights unset."""
+        (which the region owns from here on), buffers on ``device``. Weights unset.
+        ``keep_host_buffer``: see ``WeightRegion``."""
         slots, total = layout(model)
         host = PinnedHostMemory(pin=device.type == "cuda")
         try:
-            region = WeightRegion(backend, total, host)
+            region = WeightRegion(backend, total, host, keep_host_buffer)
         except BaseException:
             host.close()
             backend.close()
