@@ -29,6 +29,7 @@ def test_bench_offload_structure(checkpoint: Path, tmp_path: Path, capsys) -> No
     assert cli_main(args) == 0
     text = capsys.readouterr().out
     assert text.count("goal:") == 2 and "refused" in text
+    assert "prefill from an idle engine, a latency, not in the goal; worst" in text
     res = json.loads(out.read_text())
     bw = res["bandwidth"]
     assert bw["h2d_pinned_gbs"] > 0 and bw["h2d_pageable_gbs"] > 0
@@ -50,9 +51,31 @@ def test_bench_offload_structure(checkpoint: Path, tmp_path: Path, capsys) -> No
     p = half["prefill"]
     assert {"ours", "naive", "naive-pinned"} <= p.keys()
     assert p["compute_floor_ms"] == full["prefill"]["ours"]
+    s = half["prefill_stream"]  # back to back: its floor is the resident stream's
+    assert s["compute_floor_ms"] == full["prefill_stream"]["ours"] > 0
+    assert s["x_floor"] == pytest.approx(s["ours"] / max(s["compute_floor_ms"], copy))
+    assert half["prefill_traces"] == {"idle": {}, "stream": {}}  # copy timing: CUDA only
     g = res["goals"]
     assert isinstance(g["floor_met"], bool) and isinstance(g["naive_met"], bool)
     assert half["label"] in g["floor_worst"][1]
+    judged = [f"{half['label']}, decode b1", f"{half['label']}, decode b4",
+              f"{half['label']}, prefill stream"]  # fmt: skip
+    xs = {w: x for x, w in [(d["x_floor"], f"{half['label']}, decode b{d['batch']}")
+                            for d in half["decode"]] + [(s["x_floor"], judged[2])]}  # fmt: skip
+    assert g["floor_worst"] == [max(xs.values()), max(xs, key=lambda w: xs[w])]
+    assert g["idle_prefill_worst"] == [p["x_floor"], f"{half['label']}, prefill idle"]
+
+
+def test_prefill_stream_prefills_whole_prompts_a_step(checkpoint: Path, make_llm) -> None:
+    """The stream's steps each prefill whole prompts (budget 256: two of 128 a step);
+    a budget that would split a prompt is refused."""
+    llm = make_llm(str(checkpoint), max_num_batched_tokens=256)
+    engine = llm.engine
+    steps = engine.stats().steps
+    assert offload_measure.prefill_stream_ms(engine, 128, 5, warm=False) > 0
+    assert engine.stats().steps - steps == 3 and not engine.has_unfinished()
+    with pytest.raises(ValueError, match="would not prefill in one step"):
+        offload_measure.prefill_stream_ms(engine, 300, 2)
 
 
 @pytest.mark.parametrize("peer", ["naive", "naive-pinned"])
@@ -73,3 +96,22 @@ def test_the_naive_peers_compute_the_same_tokens(checkpoint: Path, make_llm, pee
     # The peer copied on its own while the prefetcher idled; it then primed the ring.
     assert off.stats().fills == fills + off.placement.ring_depth
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want  # re-primed
+
+
+def test_every_timed_prefill_computes_its_whole_prompt(checkpoint: Path, make_llm) -> None:
+    """The prefix cache keeps earlier prompts: a bench that repeated a prompt (as the
+    naive peers once repeated ours) would time a one-token prefill. Two rounds of each
+    measure hit the cache for nothing, on an engine whose prefix caching is on."""
+    llm = make_llm(str(checkpoint), max_model_len=512, max_num_batched_tokens=512)
+    engine = llm.engine
+    assert engine.prefix_caching_summary() and "off" not in engine.prefix_caching_summary()
+    for _ in range(2):
+        offload_measure.prefill_ms(engine, 300, 1)
+        offload_measure.prefill_stream_ms(engine, 300, 2)
+    assert engine.stats().prefix_cache_hits == 0
+    # The control: the same prompt twice does hit (so the counter can move).
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    prompt = offload_measure.fresh_prompt(engine.model_config.vocab_size, 300)
+    for _ in range(2):
+        llm.generate([prompt], params)
+    assert engine.stats().prefix_cache_hits > 0

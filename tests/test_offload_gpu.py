@@ -159,3 +159,39 @@ def test_a_probe_after_each_wait_sees_fresh_weights_and_stale_ones_without_it(
     pf.wait_enabled = True
     stale = {layer for layer, s in seen if int(s) != want[layer]}
     assert len(stale) >= 2, "without the wait, no layer read stale weights: the probe is blind"
+
+
+def test_an_eager_pass_leaves_refills_in_flight_and_settle_orders_them(
+    tmp_path: Path, make_llm, monkeypatch
+) -> None:
+    """Copies slowed by 50 ms each: right after an eager prefill, a checksum queued on
+    the compute stream still sees slot 0's previous occupant (the pass did not wait for
+    its refill: the negative control), while one queued after ``settle`` sees ``o_0``;
+    the decode graphs that follow settle before replaying, so greedy output still
+    equals the resident engine's."""
+    make_checkpoint(tmp_path, "llama", **SHAPE)
+    prompts = random_prompts(3, 512, lo=5, hi=60)
+    want, _ = run(make_llm(str(tmp_path), **KW), prompts, 6)
+    budget = smallest_budget(make_llm, tmp_path, **KW)
+    monkeypatch.setattr(streams, "default_copy", _slow_copy(_spin_cycles_for(0.05)))
+    llm = make_llm(str(tmp_path), gpu_memory_budget=budget, **KW)
+    off, engine = llm.engine.offload, llm.engine
+    pf = off.prefetcher
+    order, depth = off.placement.order, off.placement.ring_depth
+    assert len(order) > depth and engine.runner.graphs is not None
+    slot0 = off.ring.slot(0)[: off.buffers[order[0]].nbytes]
+    first = int(off.buffers[order[0]].tensor.sum(dtype=torch.int64))
+    engine.add_request(prompts[0], SamplingParams(max_tokens=1, ignore_eos=True))
+    torch.cuda.synchronize()
+    engine.step()  # the prefill (eager), its last copies queued behind 50 ms spins
+    assert 0 in pf.in_flight  # slot 0 has a second layer (m > depth): o_0 was refilled
+    early = slot0.sum(dtype=torch.int64)  # compute stream, no wait for the copy stream
+    pf.settle()
+    late = slot0.sum(dtype=torch.int64)
+    assert int(late) == first
+    assert int(early) != first, "the pass waited for its refills: nothing was in flight"
+    assert pf.in_flight == frozenset()
+    while engine.has_unfinished():
+        engine.step()
+    got, _ = run(llm, prompts, 6)  # eager prefills, then graph replays that settle first
+    assert got == want

@@ -109,7 +109,8 @@ def test_every_layer_reads_its_own_weights_under_random_copy_delays(
 
 def test_a_slow_copy_delays_compute_and_is_never_read_stale() -> None:
     """The copy of layer 5 takes 80 ms: layer 5's read waits for it, and every read in
-    every pass comes after the copy that filled its slot."""
+    every pass comes after the copy that filled its slot (layers 0 and 1: the refill
+    queued by the previous pass, which that pass left in flight)."""
     log: list[tuple[str, int]] = []
     lock = threading.Lock()
     sizes = [2 * CHUNK + 7 * i for i in range(8)]
@@ -126,21 +127,103 @@ def test_a_slow_copy_delays_compute_and_is_never_read_stale() -> None:
     layers = Layers(sizes, list(range(8)), 2, copy)
     try:
         layers.forward()  # the first pass after priming
-        for _ in range(2):
-            log.clear()
+        layers.pf.on_ready = lambda layer: log.append(("compute", layer))
+        for _ in range(3):
             t0 = time.perf_counter()
-            layers.pf.on_ready = lambda layer: log.append(("compute", layer))
             assert layers.forward() == []
             assert time.perf_counter() - t0 >= 0.08  # compute waited for the slow copy
-            computes = [i for i, (what, _) in enumerate(log) if what == "compute"]
-            for i in computes:
-                layer = log[i][1]
-                if layer >= 2:  # filled during this pass: its copy is logged before its read
-                    assert ("copied", layer) in log[:i], log
-            # Layers 0 and 1 of the next pass were filled after layers 6 and 7 ran, and
-            # before this pass ended.
-            assert ("copied", 0) in log[log.index(("compute", 6)) :]
-            assert ("copied", 1) in log[log.index(("compute", 7)) :]
+        layers.pf.settle()
+        with lock:
+            events = list(log)
+        computes = [i for i, (what, _) in enumerate(events) if what == "compute"]
+        assert len(computes) == 3 * 8
+        for n, i in enumerate(computes):
+            layer = events[i][1]
+            # Its fill: queued after the previous occupant of its slot was read.
+            prev = computes[n - 2] if n >= 2 else -1
+            assert ("copied", layer) in events[prev + 1 : i], (n, events)
+    finally:
+        layers.close()
+
+
+def test_a_pass_ends_with_the_next_pass_fills_in_flight() -> None:
+    """The pass does not wait for its last copies (they only prepare the next pass):
+    with layer 0's refill slowed to 150 ms, ``forward`` returns before it lands, the
+    next pass's read of layer 0 waits for it, and ``settle`` waits for it too."""
+    log: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    sizes = [3 * CHUNK] * 8
+    layers: Layers | None = None
+    slow = threading.Event()
+
+    def copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+        assert layers is not None
+        layer = next(i for i, b in layers.bufs.items() if b.tensor.data_ptr() == src.data_ptr())
+        if layer == 0 and slow.is_set():
+            time.sleep(0.15)
+        dst.copy_(src)
+        with lock:
+            log.append(("copied", layer))
+
+    layers = Layers(sizes, list(range(8)), 2, copy)
+    try:
+        assert layers.forward() == []
+        layers.pf.settle()
+        slow.set()
+        log.clear()
+        assert layers.forward() == []
+        with lock:
+            assert ("copied", 0) not in log  # the pass ended with layer 0's refill queued
+        assert layers.pf.in_flight == {0, 1}
+        layers.pf.on_ready = lambda layer: log.append(("compute", layer))
+        assert layers.forward() == []  # layer 0 read only after its refill landed
+        with lock:
+            assert log.index(("copied", 0)) < log.index(("compute", 0)), log
+        log.clear()
+        layers.pf.settle()
+        with lock:
+            assert ("copied", 0) in log and layers.pf.in_flight == frozenset()
+    finally:
+        layers.close()
+
+
+class CapturingQueue(ThreadCopyQueue):
+    """A CPU copy queue that claims to be inside a CUDA graph capture when told to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.capture = False
+        self.joins = 0
+
+    def capturing(self) -> bool:
+        return self.capture
+
+    def join(self) -> None:
+        self.joins += 1
+        super().join()
+
+
+def test_a_capture_needs_a_settled_ring_and_joins_at_its_end() -> None:
+    layers = Layers([CHUNK] * 6, list(range(6)), 2)
+    queue = CapturingQueue()
+    layers.copies.close()
+    layers.copies = queue
+    layers.pf.copies = queue
+    try:
+        assert layers.forward() == []  # primes, then leaves the refills in flight
+        assert layers.pf.in_flight == {0, 1}
+        queue.capture = True
+        with pytest.raises(RuntimeError, match="settle the offload ring"):
+            layers.forward()
+        with pytest.raises(RuntimeError, match="settle the offload ring"):
+            layers.pf.settle()
+        queue.capture = False
+        layers.forward()  # outside a capture the pass waits for the fills in flight
+        layers.pf.settle()
+        queue.capture = True
+        joins = queue.joins
+        assert layers.forward() == []  # a "captured" pass: it rejoins the copies at its end
+        assert queue.joins == joins + 1 and layers.pf.in_flight == frozenset()
     finally:
         layers.close()
 

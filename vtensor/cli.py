@@ -201,6 +201,8 @@ def _add_offload_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-steps", type=_positive, default=None, help="default 4")
     p.add_argument("--prefill-tokens", type=_positive, default=None, help="default 2048")
     p.add_argument("--reps", type=_positive, default=None, help="timed prefills (median; 2)")
+    p.add_argument("--prefill-stream", type=_positive, default=None,
+                   help="prompts prefilled back to back: the prefill throughput (6)")  # fmt: skip
     p.add_argument("--modes", type=_names(*OFFLOAD_MODES), default=None,
                    help="graphs,eager (the prefetcher), naive (accelerate's synchronous "
                         "copies from pageable memory), naive-pinned (default: all; with "

@@ -41,9 +41,9 @@ from .report import environment, write_json
 
 # The grid's defaults, and --quick's; an option given on the command line wins over both.
 FULL = dict(batches=[1, 16, 64], budgets=[100, 75, 50, 25], decode_steps=4, decode_ctx=128,
-            prefill_tokens=2048, reps=2)  # fmt: skip
+            prefill_tokens=2048, reps=2, prefill_stream=6)  # fmt: skip
 QUICK = dict(batches=[1, 4], budgets=[100, 50], decode_steps=3, decode_ctx=32,
-             prefill_tokens=128, reps=1)  # fmt: skip
+             prefill_tokens=128, reps=1, prefill_stream=3)  # fmt: skip
 
 
 def main(args: Any) -> int:
@@ -155,6 +155,7 @@ def run_budget(config: EngineConfig, label: str, args: Any) -> dict[str, Any]:
         peers: dict[str, LayerHooks] = {}  # built once per engine
         row["decode"] = [decode_modes(engine, b, modes, peers, args) for b in args.batches]
         row["prefill"] = prefill_modes(engine, modes, peers, args)
+        row["prefill_stream"], row["prefill_traces"] = prefill_stream(engine, args)
         row["stats"] = asdict(off.stats()) if off else None
     gc.collect()
     if torch.cuda.is_available():
@@ -192,3 +193,17 @@ def prefill_modes(
         with measure.mode(engine, "eager" if m == "ours" else m, peers):
             p[m] = measure.prefill_ms(engine, args.prefill_tokens, args.reps)
     return p
+
+
+def prefill_stream(engine: LLMEngine, args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The prefetcher's prefill back to back (``measure.prefill_stream_ms``), and the
+    weight copies of one idle prefill and of one stream, timed on the copy stream."""
+    n, tokens = args.prefill_stream, args.prefill_tokens
+    print(f"  prefill {tokens} tokens: ours, {n} back to back", flush=True)
+    with measure.mode(engine, "eager"):
+        ms = measure.prefill_stream_ms(engine, tokens, n)
+        with measure.copy_trace(engine) as idle:
+            measure.prefill_ms(engine, tokens, 0)
+        with measure.copy_trace(engine) as stream:
+            measure.prefill_stream_ms(engine, tokens, n, warm=False)
+    return {"ours": ms}, {"idle": idle, "stream": stream}

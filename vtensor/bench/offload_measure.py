@@ -10,11 +10,18 @@ Modes (each timed on the same engine, so the same placement and weights):
 * ``naive-pinned``: the same synchronous copies from the pinned buffers: what is left
   of the naive peer's cost once its memory is pinned (the overlap's share).
 
-Prefill is never graphed, so ``graphs`` and ``eager`` time the same prefill.
+Prefill is never graphed, so ``graphs`` and ``eager`` time the same prefill. It is
+timed two ways: ``prefill_ms``, one prompt from an idle engine (synchronized before and
+after: a latency, host preamble and tail included), and ``prefill_stream_ms``, prompts
+back to back, one full prefill a step, like the decode windows (a throughput: a step's
+host work overlaps the GPU's, and the weight copies the ring leaves in flight at the
+end of a step overlap the next one). ``copy_trace`` times each weight copy on the copy
+stream during either, to show where a step's time goes.
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Iterator
@@ -27,6 +34,7 @@ from vtensor.engine.llm_engine import LLMEngine
 from vtensor.engine.params import SamplingParams
 from vtensor.memory import PinnedHostMemory
 from vtensor.models.offload.hooks import LayerHooks
+from vtensor.models.offload.streams import CudaCopyQueue
 
 from .decode_table import decode_steps
 
@@ -109,9 +117,8 @@ def prefill_ms(engine: LLMEngine, tokens: int, reps: int) -> float:
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0)
     times = []
-    for r in range(reps + 1):
-        prompt = [(17 * r + 5 * j) % vocab for j in range(tokens)]
-        engine.add_request(prompt, params)
+    for _ in range(reps + 1):
+        engine.add_request(fresh_prompt(vocab, tokens), params)
         _sync(engine.runtime.device)
         t0 = time.perf_counter()
         finished = []
@@ -121,7 +128,89 @@ def prefill_ms(engine: LLMEngine, tokens: int, reps: int) -> float:
         times.append(time.perf_counter() - t0)
         for rid in finished:
             engine.pop(rid)
-    return statistics.median(times[1:]) * 1e3
+    return statistics.median(times[1:] or times) * 1e3  # reps 0: the one run
+
+
+def prefill_stream_ms(engine: LLMEngine, tokens: int, prompts: int, warm: bool = True) -> float:
+    """Time per prefill of ``prompts`` ``tokens``-token prompts queued at once, as many
+    whole prompts a step as ``max_num_batched_tokens`` holds (checked: no prompt is
+    split), after an untimed round of as many when ``warm`` (their KV slots mapped, so
+    the timed steps map nothing new)."""
+    per_step = engine.config.max_num_batched_tokens // tokens
+    if per_step < 1:
+        raise ValueError(f"max_num_batched_tokens {engine.config.max_num_batched_tokens} "
+                         f"< {tokens}: a prompt would not prefill in one step")  # fmt: skip
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0)
+    seconds = 0.0
+    for _ in range(2 if warm else 1):
+        batch = [fresh_prompt(vocab, tokens) for _ in range(prompts)]
+        rids = [r for group in engine.add_requests(batch, params) for r in group]
+        steps0 = engine.stats().steps
+        _sync(engine.runtime.device)
+        t0 = time.perf_counter()
+        while engine.has_unfinished():
+            engine.step()
+        _sync(engine.runtime.device)
+        seconds = time.perf_counter() - t0
+        for rid in rids:
+            engine.pop(rid)
+        launched = engine.stats().steps - steps0
+        if launched != -(-prompts // per_step):  # a split prompt or an extra step
+            raise RuntimeError(f"{prompts} prompts of {tokens} took {launched} steps")
+    return seconds / prompts * 1e3
+
+
+def fresh_prompt(vocab: int, tokens: int) -> list[int]:
+    """Random token ids. Every timed prefill needs its own: the engine's prefix cache
+    keeps earlier prompts' blocks, and a repeated prompt would prefill one token (the
+    naive peers' prefills once did, timed after ours on the same prompts)."""
+    rng = random.Random()
+    return [rng.randrange(vocab) for _ in range(tokens)]
+
+
+@contextmanager
+def copy_trace(engine: LLMEngine) -> Iterator[dict[str, Any]]:
+    """Time every weight copy queued inside the block on the copy stream (CUDA eager
+    fills; nothing elsewhere). On exit (after a synchronize) the dict holds, in ms from
+    the block's start on the GPU: ``first_copy_start_ms``, ``last_copy_end_ms``,
+    ``copy_busy_ms`` (sum of the copies), ``copy_gbs`` (their bytes over that) and
+    ``gpu_span_ms`` (the compute stream's span)."""
+    out: dict[str, Any] = {}
+    off = engine.offload
+    copies = off.copies if off is not None else None
+    if not isinstance(copies, CudaCopyQueue):
+        yield out
+        return
+    trace: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(engine.runtime.device)
+    copies.trace = trace
+    begin.record()
+    try:
+        yield out
+    finally:
+        end.record()
+        copies.trace = None
+        torch.cuda.synchronize(engine.runtime.device)
+    out.update(trace_summary(begin, end, trace))
+
+
+def trace_summary(
+    begin: torch.cuda.Event,
+    end: torch.cuda.Event,
+    trace: list[tuple[torch.cuda.Event, torch.cuda.Event, int]],
+) -> dict[str, Any]:
+    spans = [(begin.elapsed_time(s), begin.elapsed_time(e), n) for s, e, n in trace]
+    busy = sum(e - s for s, e, _ in spans)
+    return {
+        "fills": len(spans),
+        "gpu_span_ms": begin.elapsed_time(end),
+        "first_copy_start_ms": min((s for s, _, _ in spans), default=None),
+        "last_copy_end_ms": max((e for _, e, _ in spans), default=None),
+        "copy_busy_ms": busy,
+        "copy_gbs": sum(n for _, _, n in spans) / busy / 1e6 if busy > 0 else None,
+    }
 
 
 def weights_gpu_bytes(engine: LLMEngine) -> int:

@@ -11,6 +11,16 @@ The floor of a step is ``max(compute floor, copy floor)``:
   scores left out) at the measured dense-matmul rate.
 
 Our step is the faster of ``graphs`` and ``eager`` (the mode to keep).
+
+Prefill is timed twice (``offload_measure``): ``prefill``, one prompt from an idle
+engine, and ``prefill_stream``, prompts back to back. The goal is judged on the
+stream, as decode is judged on a window of consecutive steps: the copy floor says
+every offloaded byte crosses the bus once a step, and only in a stream of steps can
+the copies run during a step's host work. An idle engine's single prefill cannot:
+its ring is full when the step starts (nothing to copy until the first offloaded
+layer has run) and its host preamble comes before any of its kernels, so its time is
+at least preamble + compute up to that layer + copy floor, which ``max(compute,
+copy)`` leaves out. It is still reported (a latency, with its own ratio), not hidden.
 """
 
 from __future__ import annotations
@@ -34,11 +44,15 @@ def add_floors(rows: list[dict[str, Any]], bw: dict[str, Any], prefill_tokens: i
             est = _decode_estimate(d, bw)
             _ratios(d, ref if ref is not None else est, copy_ms, est)
             d["tokens_per_s"] = d["batch"] / d["ours_ms"] * 1e3
-        p = row["prefill"]
         est_p = _prefill_estimate(row, bw, prefill_tokens)
-        ref_p = resident["prefill"]["ours"] if resident else None
-        _ratios(p, ref_p if ref_p is not None else est_p, copy_ms, est_p)
-        p["tokens_per_s"] = prefill_tokens / p["ours_ms"] * 1e3
+        for key in ("prefill", "prefill_stream"):
+            p = row.get(key)
+            if p is None:
+                continue
+            ref = resident.get(key) if resident else None
+            ref_p = ref["ours"] if ref else None
+            _ratios(p, ref_p if ref_p is not None else est_p, copy_ms, est_p)
+            p["tokens_per_s"] = prefill_tokens / p["ours_ms"] * 1e3
 
 
 def _ratios(d: dict[str, Any], compute: float | None, copy_ms: float, est: float | None) -> None:
@@ -77,16 +91,21 @@ def _prefill_estimate(row: dict[str, Any], bw: dict[str, Any], tokens: int) -> f
 
 def goals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The verdicts over every budget below 100% (rows that offload something)."""
-    points = []
+    points, idle = [], []
     for row in (r for r in rows if not r.get("refused") and r["offloaded_bytes"]):
         where = f"{row['label']}"
         points += [(d, f"{where}, decode b{d['batch']}") for d in row["decode"]]
-        points.append((row["prefill"], f"{where}, prefill"))
+        stream = row.get("prefill_stream")
+        if stream is not None:  # the prefill throughput is judged (module docstring)
+            points.append((stream, f"{where}, prefill stream"))
+        idle.append((row["prefill"], f"{where}, prefill idle"))
     out: dict[str, Any] = {"goal_x_floor": GOAL_X_FLOOR, "goal_x_naive": GOAL_X_NAIVE}
     floors = [(d["x_floor"], w) for d, w in points if d.get("x_floor") is not None]
-    naive = [(d["x_naive"], w) for d, w in points if d.get("x_naive") is not None]
+    naive = [(d["x_naive"], w) for d, w in points + idle if d.get("x_naive") is not None]
+    idle_x = [(d["x_floor"], w) for d, w in idle if d.get("x_floor") is not None]
     out["floor_met"] = None if not floors else max(floors)[0] <= GOAL_X_FLOOR
     out["floor_worst"] = max(floors) if floors else None
+    out["idle_prefill_worst"] = max(idle_x) if idle_x else None  # reported, not judged
     out["naive_met"] = None if not naive else min(naive)[0] >= GOAL_X_NAIVE
     out["naive_least"] = min(naive) if naive else None
     return out
@@ -104,6 +123,12 @@ def goal_lines(g: dict[str, Any]) -> list[str]:
         f"goal: >= {g['goal_x_naive']}x faster than the naive peer (accelerate: synchronous "
         f"per-layer copies from pageable memory) at every budget below 100%: "
         + verdict(g["naive_met"], g["naive_least"], "least"),
+        "(prefill from an idle engine, a latency, not in the goal; "
+        + (
+            f"worst {g['idle_prefill_worst'][0]:.2f}x its floor, at {g['idle_prefill_worst'][1]})"
+            if g.get("idle_prefill_worst")
+            else "none)"
+        ),
     ]
 
 
@@ -122,22 +147,32 @@ def print_report(rows: list[dict[str, Any]], bw: dict[str, Any], g: dict[str, An
         print(f"  GPU bytes held by the weights (resident + ring): {held:.2f} GiB; "
               f"built in {row['build_s']:.1f} s")  # fmt: skip
         print(format_table(*_decode_table(row["decode"])))
-        print(format_table(*_decode_table([row["prefill"]], prefill=True)))
+        prefills = [("idle", row["prefill"])]
+        if row.get("prefill_stream") is not None:
+            prefills.append(("stream", row["prefill_stream"]))
+        print(format_table(*_decode_table(prefills, prefill=True)))
+        for name, t in (row.get("prefill_traces") or {}).items():
+            if t.get("fills"):
+                print(f"  copy stream, prefill {name}: {t['fills']} copies, first starts at "
+                      f"{t['first_copy_start_ms']:.1f} ms, last ends at "
+                      f"{t['last_copy_end_ms']:.1f} ms of a {t['gpu_span_ms']:.1f} ms GPU span; "
+                      f"busy {t['copy_busy_ms']:.1f} ms at {t['copy_gbs']:.1f} GB/s")  # fmt: skip
     for line in goal_lines(g):
         print(line)
 
 
-def _decode_table(rows: list[dict[str, Any]], prefill: bool = False) -> tuple[list[str], list]:
+def _decode_table(rows: list[Any], prefill: bool = False) -> tuple[list[str], list]:
+    """Decode rows, or (name, row) pairs of prefill rows."""
     head = ["prefill" if prefill else "batch", "graphs ms", "eager ms", "tok/s (kept)",
             "naive ms", "naive-pinned ms", "compute floor", "copy floor", "x floor",
             "x naive", "x naive-pinned", "graphs/eager"]  # fmt: skip
     table = [
-        ("ours" if prefill else d["batch"], _num(d.get("graphs")),
+        (name, _num(d.get("graphs")),
          _num(d.get("eager", d.get("ours"))), f"{d['tokens_per_s']:,.1f} ({d['kept']})",
          _num(d.get("naive")), _num(d.get("naive-pinned")), _num(d["compute_floor_ms"]),
          _num(d["copy_floor_ms"]), _num(d["x_floor"]), _num(d["x_naive"]),
          _num(d["x_naive-pinned"]), _num(d["x_graphs_over_eager"]))
-        for d in rows
+        for name, d in (rows if prefill else [(d["batch"], d) for d in rows])
     ]  # fmt: skip
     return head, table
 

@@ -79,6 +79,7 @@ class DecodeGraphs:
         mode = "thread_local" if self.model.group.size > 1 else "global"
         for bs in reversed(self.buckets):
             self._forward(bs)  # warm-up: compiles kernels outside the capture
+            self._settle_offload()  # the warm-up may leave weight copies in flight
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
@@ -126,8 +127,15 @@ class DecodeGraphs:
         self.store_rows[:bs].copy_(rows_d + pos_d)
         self.seq_lens[:bs].copy_(pos_d + 1)
         self._reset_padding(bs, bucket)
+        self._settle_offload()  # the graph reads the first ring slots without waiting
         self.graphs[bucket].replay()
         return self.logits[bucket][:bs]
+
+    def _settle_offload(self) -> None:
+        """An eager pass may leave the offload ring's next-pass copies in flight; the
+        graph's first offloaded layers do not wait for them, so the stream does."""
+        if self.model.offload is not None:
+            self.model.offload.settle()
 
     def _reset_padding(self, bs: int, bucket: int) -> None:
         if bucket > bs:

@@ -13,7 +13,9 @@ class LayerHooks(ABC):
     ``end_forward``. The hooks queue stream work only (no host sync on the GPU),
     so a forward pass with them can be captured in a CUDA graph; when a layer's
     kernels are queued after ``before_layer(i)``, every weight they read is in
-    place.
+    place. Copies may still be in flight after ``end_forward`` (for the next pass);
+    work that reads the weights without calling the hooks (a CUDA graph replay or
+    capture, other hooks) calls ``settle`` first.
     """
 
     @abstractmethod
@@ -27,3 +29,6 @@ class LayerHooks(ABC):
 
     @abstractmethod
     def end_forward(self) -> None: ...
+
+    def settle(self) -> None:  # noqa: B027 - optional hook, default no-op
+        """Queue a wait for every copy in flight ahead of the compute queued next."""

@@ -11,10 +11,21 @@ which CUDA graphs need). So a slot holds one of its layers at a time:
   pass (``o_s`` for slot ``s``), so the next forward starts with its first
   ``depth`` layers in place (a slot with only one layer keeps it and is never
   copied to);
-* ``o_k`` (``k >= depth``) waits for its own fill before its kernels are queued.
+* ``o_k`` waits for its own fill before its kernels are queued (``k < depth``: the
+  fill the previous pass queued for it, if that pass left it in flight).
 
-Invariant between forward passes (``end_forward`` joins the copy queue): slot
-``s`` holds ``o_s``. A pass that never ended (an exception) breaks it, and the
+Between passes the refills are left **in flight** (``end_forward`` does not join
+the copy queue) when the pass ran eagerly: the last ``depth`` copies of a pass only
+prepare the next one, so the step's tail (lm_head, the draw, the host reading the
+token) and the next step's host preamble run while they cross the bus, instead of
+the compute stream waiting for them at the end of every pass. Whatever runs on the
+ring without calling ``before_layer`` must first call :meth:`settle` (a CUDA graph
+replay or capture, another set of hooks): the compute queue then waits for every
+fill queued so far. A captured pass joins at its end (a capture must rejoin the
+copy stream), so after a graph replay nothing is in flight.
+
+Invariant between passes: slot ``s`` holds ``o_s`` once the fills in flight
+(``_carry``) are done. A pass that never ended (an exception) breaks it, and the
 next ``begin_forward`` primes the ring again (outside a graph capture only).
 With ``m <= depth`` every layer owns its slot and nothing is copied after the
 first pass.
@@ -51,6 +62,8 @@ class LayerPrefetcher(LayerHooks):
         self.wait_enabled = True  # tests turn it off to show a probe would catch staleness
         self._primed = False
         self._in_forward = False
+        # Ranks (< depth) whose fill for the next pass is queued and not yet waited for.
+        self._carry: set[int] = set()
 
     def _next(self, k: int) -> int | None:
         """The layer rank whose fill follows ``o_k``'s use of its slot (None: none)."""
@@ -70,23 +83,42 @@ class LayerPrefetcher(LayerHooks):
             self.copies.release(s)
             self._fill(s, s)
         self.copies.join()
+        self._carry.clear()
         self._primed = True
 
     def invalidate(self) -> None:
         """Something else wrote the slots: prime again at the next forward."""
         self._primed = False
 
+    def settle(self) -> None:
+        """Make compute wait for every fill queued so far (no host wait on the GPU):
+        before work that reads the ring without calling ``before_layer``."""
+        if self._carry and self.copies.capturing():
+            raise RuntimeError("settle the offload ring before a CUDA graph capture")
+        self.copies.join()
+        self._carry.clear()
+
+    @property
+    def in_flight(self) -> frozenset[int]:
+        """Ranks whose fill for the next pass may still be crossing the bus."""
+        return frozenset(self._carry)
+
     def begin_forward(self) -> None:
         if self._in_forward or not self._primed:
             self.prime()
+        elif self._carry and self.copies.capturing():
+            # A capture cannot wait on copies queued outside it: settle() first.
+            raise RuntimeError("settle the offload ring before a CUDA graph capture")
         self._in_forward = True
 
     def before_layer(self, layer: int) -> None:
         k = self.rank.get(layer)
         if k is None:
             return
-        if k >= self.depth and self.wait_enabled:
-            self.copies.acquire(k)
+        if k >= self.depth or k in self._carry:
+            self._carry.discard(k)
+            if self.wait_enabled:
+                self.copies.acquire(k)
         if self.on_ready is not None:
             self.on_ready(layer)
 
@@ -99,7 +131,11 @@ class LayerPrefetcher(LayerHooks):
         self._fill(slot, target)
 
     def end_forward(self) -> None:
-        self.copies.join()
+        if self.copies.capturing():
+            self.copies.join()  # a capture must rejoin the copy stream before it ends
+            self._carry.clear()
+        else:  # the next pass's fills cross the bus behind this step's tail
+            self._carry = {t for t in self.next_fill if t is not None and t < self.depth}
         self._in_forward = False
 
     def _fill(self, slot: int, target: int) -> None:

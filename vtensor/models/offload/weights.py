@@ -116,6 +116,7 @@ class OffloadedWeights:
         comes back after and primes the ring again at once (the peer rewrote its slots,
         and a CUDA graph replay, which calls no hook, may come next)."""
         assert self.prefetcher is not None, "bind() first"
+        self.prefetcher.settle()  # the peer writes the slots: after the fills in flight
         model.offload = hooks
         try:
             yield
