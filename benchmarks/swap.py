@@ -2,7 +2,8 @@
 in one process, on one engine (the preemption mode is switched between passes).
 
 Llama-3-8B shape (random bf16 weights), the KV pool capped at ``--kv-gib`` (8),
-prompts of 2k-8k tokens (``--input-len`` 5000 +-60%), 256 output tokens, Poisson
+prompts of ~1.9k-7.7k tokens (``--input-len`` 4800 +-60%), 256 +-60% output tokens
+(the longest request, 7680 + 409 tokens, fits the shape's 8192-token context), Poisson
 arrivals at ``--rate`` (near saturation for this pool). Per pass: throughput, TTFT and
 TPOT p50/p99, preemptions (swapped / recomputed), swap GB/s out and in against the
 pinned copy ceiling measured in the same run, and the memory held: GPU (the device's
@@ -34,6 +35,7 @@ from vtensor.engine.llm_engine import LLMEngine
 from vtensor.engine.params import SamplingParams
 from vtensor.engine.stats import EngineStats
 from vtensor.engine.swap_setup import measure_copy_rate
+from vtensor.models.config import shape_config
 
 GIB = 2**30
 
@@ -46,7 +48,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--swap-gib", type=float, default=16.0)
     ap.add_argument("--rate", type=float, default=2.0, help="requests/s (Poisson)")
     ap.add_argument("--num-prompts", type=int, default=48)
-    ap.add_argument("--input-len", type=int, default=5000)
+    ap.add_argument("--input-len", type=int, default=4800)
     ap.add_argument("--range-ratio", type=float, default=0.6)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -160,9 +162,26 @@ def pcts(xs: list[float]) -> dict[str, float]:
     }
 
 
+def model_len_for(args: argparse.Namespace) -> int:
+    """``max_model_len``: the longest request the dataset can draw (prompt and output
+    both up to ``(1 + range_ratio)`` times their mean, as ``random_dataset`` draws them),
+    checked against the shape's context limit before any engine is built."""
+    hi = 1 + args.range_ratio
+    need = max(1, int(args.input_len * hi)) + max(1, int(args.output_len * hi))
+    if args.shape:
+        limit = shape_config(args.shape).max_position_embeddings
+        if need > limit:
+            raise SystemExit(
+                f"the longest request ({need} tokens: --input-len {args.input_len} and "
+                f"--output-len {args.output_len}, +-{args.range_ratio:.0%}) exceeds the "
+                f"{args.shape} context of {limit} tokens: lower --input-len"
+            )
+    return need
+
+
 def main() -> None:
     args = parse()
-    max_len = int(args.input_len * (1 + args.range_ratio)) + args.output_len + 16
+    max_len = model_len_for(args)
     cfg = EngineConfig(
         shape=args.shape or None,
         device=args.device,
