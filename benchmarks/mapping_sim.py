@@ -23,6 +23,7 @@ import random
 from vtensor.engine.params import SamplingParams
 from vtensor.engine.request import Request
 from vtensor.engine.scheduler import Scheduler, SchedulerConfig
+from vtensor.kvcache.commands import KVCommand, MapCachedCommand
 from vtensor.kvcache.geometry import KVGeometry
 from vtensor.kvcache.manager import KVCacheManager, MapCommand, UnmapCommand
 from vtensor.kvcache.radix_cache import RadixPrefixCache
@@ -38,10 +39,15 @@ def replay(args: argparse.Namespace, cache_on: bool) -> dict[str, int]:
     s = Scheduler(SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, 4), kv)
     rng = random.Random(0)
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
-    total = args.input_len + args.output_len
+    rounds: dict[int, int] = {}  # rid -> its conversation's round
+
+    def ask(rid: int, history: list[int], round_: int) -> None:
+        ids = [*history, *(rng.randrange(1, 128_000) for _ in range(args.input_len))]
+        rounds[rid] = round_
+        s.add(Request.new(rid, ids, params, len(ids) + args.output_len, 0.0))
+
     for rid in range(args.num_prompts):
-        ids = [rng.randrange(1, 128_000) for _ in range(args.input_len)]
-        s.add(Request.new(rid, ids, params, total, 0.0))
+        ask(rid, [], 0)
     n = {"steps": 0, "critical": 0, "critical_steps": 0, "ahead": 0, "unmapped": 0}
     while s.waiting or s.running:
         out = s.schedule()
@@ -50,19 +56,30 @@ def replay(args: argparse.Namespace, cache_on: bool) -> dict[str, int]:
             a.req.admit(a.num_cached)
         for sp in out.spans:
             sp.req.advance(sp.end, sp.samples)
-        now = sum(c.count for c in out.kv_commands if isinstance(c, MapCommand))
+        now = _mapped(out.kv_commands)
         n["critical"] += now
         n["critical_steps"] += now > 0
-        n["ahead"] += sum(c.count for c in out.ahead_commands if isinstance(c, MapCommand))
+        n["ahead"] += _mapped(out.ahead_commands)
         every = out.kv_commands + out.ahead_commands
         n["unmapped"] += sum(c.count for c in every if isinstance(c, UnmapCommand))
         for sp in out.spans:
-            if sp.samples:
-                sp.req.append_output(sp.end, 5, None, 0.0)
-                if sp.req.num_output >= args.output_len:
-                    s.remove(sp.req)
-                    sp.req.finish("length")
+            if not sp.samples:
+                continue
+            req = sp.req
+            req.append_output(sp.end, rng.randrange(1, 128_000), None, 0.0)
+            if req.num_output >= args.output_len:
+                s.remove(req)
+                req.finish("length")
+                if rounds[req.rid] + 1 < args.rounds:  # the conversation goes on
+                    ask(req.rid + args.num_prompts, list(req.token_ids), rounds[req.rid] + 1)
     return n
+
+
+def _mapped(commands: list[KVCommand]) -> int:
+    """Chunks the commands map: fresh ones and cached ones (both cost a cuMemMap and a
+    cuMemSetAccess each)."""
+    fresh = sum(c.count for c in commands if isinstance(c, MapCommand))
+    return fresh + sum(len(c.chunks) for c in commands if isinstance(c, MapCachedCommand))
 
 
 def main() -> None:
@@ -70,6 +87,13 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=500)
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--output-len", type=int, default=128)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="turns per conversation: each "
+        "re-sends its history (the last prompt and answer) and asks anew",
+    )
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     args = p.parse_args()

@@ -38,15 +38,11 @@ class Served:
 
 
 @contextmanager
-def serve(server: dict[str, Any] | None = None, **engine: Any) -> Iterator[Served]:
-    """Start the embedded model (CPU, small context) behind a real uvicorn on port 0."""
-    engine.setdefault("device", "cpu")
-    engine.setdefault("max_model_len", 256)
-    llm_engine = LLMEngine(EngineConfig(**engine))
-    app = build_app(ServerConfig(port=0, **(server or {})), llm_engine)
+def uvicorn_thread(app: Any) -> Iterator[str]:
+    """Run ``app`` under a real uvicorn on a free loopback port, in a daemon thread;
+    yields its URL and stops it (graceful, 2 s) on exit."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
     uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -54,12 +50,23 @@ def serve(server: dict[str, Any] | None = None, **engine: Any) -> Iterator[Serve
     while not uv.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.02)
-    pool = llm_engine.pool
     try:
-        yield Served(f"http://127.0.0.1:{port}", llm_engine, app.state.engine)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         uv.should_exit = True
         thread.join(timeout=30)
         sock.close()
     assert not thread.is_alive(), "the server did not shut down"
+
+
+@contextmanager
+def serve(server: dict[str, Any] | None = None, **engine: Any) -> Iterator[Served]:
+    """Start the embedded model (CPU, small context) behind a real uvicorn on port 0."""
+    engine.setdefault("device", "cpu")
+    engine.setdefault("max_model_len", 256)
+    llm_engine = LLMEngine(EngineConfig(**engine))
+    app = build_app(ServerConfig(port=0, **(server or {})), llm_engine)
+    pool = llm_engine.pool
+    with uvicorn_thread(app) as url:
+        yield Served(url, llm_engine, app.state.engine)
     assert pool.closed, "shutdown did not close the engine's pool"

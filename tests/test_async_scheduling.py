@@ -173,8 +173,9 @@ def test_abort_with_a_token_in_flight_drops_it(make_llm) -> None:
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
 def test_released_chunks_are_unmapped_once_the_engine_is_idle(make_llm, overlap: bool) -> None:
-    """With no deferred reclamation a finished request's chunks are unmapped at once;
-    the last ones must be too, though no later step's schedule applies them."""
+    """With no deferred reclamation a finished request's uncached chunks are unmapped at
+    once; the last ones must be too, though no later step's schedule applies them. Its
+    cached blocks stay mapped in its slot: the cache holds them either way."""
     llm = make_llm(keep_idle_chunks=0, async_scheduling=overlap)
     prompts = random_prompts(random.randint(2, 5), 400, lo=10, hi=80)
     lengths = [random.randint(1, 20) for _ in prompts]
@@ -184,13 +185,14 @@ def test_released_chunks_are_unmapped_once_the_engine_is_idle(make_llm, overlap:
     scratch = engine.kv.geometry.chunks_for(1)
     usage = engine.kv.usage()  # only the prefix cache keeps chunks: its whole blocks
     assert usage.committed_chunks == usage.cached_chunks and usage.idle_chunks == 0
-    assert engine.arena.vt.mapped_chunks == scratch
+    books = engine.kv.books
+    assert engine.arena.vt.mapped_chunks == scratch + sum(books.cached_in)
     assert engine.pool.stats().in_use == scratch + usage.cached_chunks
     [rid] = engine.add_request(prompts[0], SamplingParams(max_tokens=50))
     engine.step()
     engine.abort(rid)  # the last request aborted: its chunks go back as well
     engine.arena.wait_all()
-    assert engine.arena.vt.mapped_chunks == scratch
+    assert engine.arena.vt.mapped_chunks == scratch + sum(books.cached_in)
     assert engine.pool.stats().in_use == scratch + engine.kv.usage().cached_chunks
     engine.pop(rid)
 

@@ -6,7 +6,8 @@ Engine comparisons walk each greedy sequence step by step. While both engines
 pick the same token, its log-probs must agree within ``TOL = 0.15`` nats, and
 within ``TOL_MEAN = 0.05`` on average over all such steps. Where the tokens differ,
 it must be a near-tie flipped by rounding (each token in the other's top 5 and
-within ``TOL`` of it in both); the contexts differ from there, so the walk stops.
+within ``TOL`` of it in both); the contexts differ from there, so the walk stops
+(``tests/greedy_walk.py``, shared with the fp32 comparisons).
 
 Why these bounds: the engines share every kernel but attention, whose output a
 bf16 kernel rounds once (2^-8 relative) after accumulating in its own order, so
@@ -32,6 +33,7 @@ import pytest
 import torch
 
 from tests.checkpoints import make_checkpoint, random_prompts
+from tests.greedy_walk import walk
 from tests.test_engine import spy_num_decode
 from vtensor import SamplingParams
 from vtensor.engine.warmup import warm_up
@@ -111,30 +113,14 @@ def bf16_checkpoint(tmp_path: Path) -> str:
     return str(tmp_path)
 
 
-def _walk(a: list[Any], b: list[Any], what: str) -> list[int]:
-    """Compare two engines' greedy outputs (module docstring); steps compared per sequence."""
-    compared, deltas = [], []
-    for i, (x, y) in enumerate(zip(a, b)):
-        ox, oy = x.outputs[0], y.outputs[0]
-        steps = 0
-        for tx, ty, lx, ly in zip(ox.token_ids, oy.token_ids, ox.logprobs, oy.logprobs):
-            where = f"{what}: sequence {i}, step {steps}"
-            if tx != ty:
-                assert tx in ly and ty in lx, f"{where}: {tx} vs {ty} is no near-tie"
-                assert abs(lx[tx] - lx[ty]) < TOL and abs(ly[tx] - ly[ty]) < TOL, where
-                break
-            deltas.append(abs(lx[tx] - ly[ty]))
-            assert deltas[-1] < TOL, f"{where}: log-prob {lx[tx]} vs {ly[ty]}"
-            steps += 1
-        compared.append(steps)
-    mean = sum(deltas) / max(1, len(deltas))
-    print(f"{what}: steps compared per sequence {compared}, mean |delta| {mean:.4f} nats")
-    assert mean < TOL_MEAN, f"{what}: mean log-prob difference {mean:.4f} nats"
-    assert max(compared) >= 8, f"{what}: every sequence diverged early, too little compared"
-    return compared
+def _walk(a: list[Any], b: list[Any], what: str) -> None:
+    """Compare two engines' greedy outputs with the module docstring's bf16 bounds."""
+    w = walk([o.outputs[0] for o in a], [o.outputs[0] for o in b], TOL, what)
+    assert w.mean_delta < TOL_MEAN, f"{what}: mean log-prob difference {w.mean_delta:.4f} nats"
+    assert max(w.steps) >= 8, f"{what}: every sequence diverged early, too little compared"
 
 
-def _count_replays(llm: Any) -> list[int]:
+def count_replays(llm: Any) -> list[int]:
     graphs = llm.engine.runner.graphs
     count = [0]
     if graphs is not None:
@@ -157,7 +143,7 @@ def test_fa2_engine_tracks_the_triton_engine(bf16_checkpoint: str, make_llm) -> 
     assert type(fa2.engine.runner.attn) is FlashAttention2
     assert fa2.engine.runtime.use_cuda_graphs == FlashAttention2.supports_cuda_graphs
     assert (fa2.engine.runner.graphs is not None) == FlashAttention2.supports_cuda_graphs
-    mixed, replays = spy_num_decode(fa2), _count_replays(fa2)
+    mixed, replays = spy_num_decode(fa2), count_replays(fa2)
     prompts = random_prompts(6, 512, lo=20, hi=150)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=5)
     _walk(fa2.generate(prompts, params), tri.generate(prompts, params), "fa2 vs triton")
@@ -177,7 +163,7 @@ def test_fa2_decode_graphs_equal_eager_fa2_as_the_arena_grows(
     eager = make_llm(bf16_checkpoint, enforce_eager=True, **kw)
     assert graphed.engine.arena.vt.mapped_chunks == 1 and graphed.engine.runner.graphs is not None
     assert eager.engine.runner.graphs is None
-    replays = _count_replays(graphed)
+    replays = count_replays(graphed)
     prompts = random_prompts(6, 512, lo=50, hi=400)
     params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True, logprobs=5)
     a, b = graphed.generate(prompts, params), eager.generate(prompts, params)

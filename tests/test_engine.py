@@ -133,9 +133,12 @@ def test_abort_returns_the_slot_and_chat_renders_the_template(make_llm) -> None:
     assert engine.requests[rid].finish_reason == "abort" and not engine.has_unfinished()
     assert engine.kv.usage().running_slots == 0
     engine.pop(rid)
-    out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=3))[0]
+    # ignore_eos: a random draw may be EOS. One full-suite run got 2 tokens here, not
+    # reproduced in 600 runs of this sequence; without EOS a lost token still fails.
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    out = llm.chat([{"role": "user", "content": "hi"}], params)[0]
     assert out.prompt.startswith("<|im_start|>user\nhi<|im_end|>")
-    assert len(out.outputs[0].token_ids) == 3
+    assert len(out.outputs[0].token_ids) == 3 and out.outputs[0].finish_reason == "length"
 
 
 def test_cli_generate_runs_the_embedded_default(capsys) -> None:

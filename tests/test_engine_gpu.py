@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.checkpoints import ARCHS, make_checkpoint, random_prompts
+from tests.greedy_walk import assert_greedy_close
 from tests.test_models_hf import check_against_hf
 from vtensor import SamplingParams
 
@@ -58,17 +59,14 @@ def test_cuda_graphs_stay_valid_as_the_arena_grows(tmp_path: Path, make_llm) -> 
     mapped_at_capture = graphed.engine.arena.vt.mapped_chunks
     assert mapped_at_capture == 1 and graphed.engine.runner.graphs is not None
     prompts = random_prompts(5, 512, lo=50, hi=200)
-    params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True, logprobs=0)
+    params = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True, logprobs=2)
     a = graphed.generate(prompts, params)
     assert graphed.engine.stats().steps > 300
     b = eager.generate(prompts, params)
     grown = graphed.engine.arena.vt.mapped_chunks
     assert grown >= 5 * 3, f"only {grown} chunks mapped: the test did not grow the arena"
-    for x, y in zip(a, b):
-        assert x.outputs[0].token_ids == y.outputs[0].token_ids
-        lx = torch.tensor([d[t] for d, t in zip(x.outputs[0].logprobs, x.outputs[0].token_ids)])
-        ly = torch.tensor([d[t] for d, t in zip(y.outputs[0].logprobs, y.outputs[0].token_ids)])
-        torch.testing.assert_close(lx, ly, atol=2e-3, rtol=1e-3)
+    # Graphs and eager launch other GEMM shapes (the padded batch): a near-tie may flip.
+    assert_greedy_close(a, b, "graphs vs eager")
 
 
 def test_bf16_engine_tracks_hf_bf16(tmp_path: Path, make_llm) -> None:

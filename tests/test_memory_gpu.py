@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.checkpoints import make_checkpoint, random_prompts
+from tests.greedy_walk import assert_greedy_close
 from vtensor import SamplingParams
 from vtensor.kvcache.idle_policy import ManualClock
 
@@ -86,13 +87,12 @@ def test_cuda_graphs_replay_over_chunks_released_and_created_again(
     graphed = make_llm(str(tmp_path), **kw)
     eager = make_llm(str(tmp_path), enforce_eager=True, **kw)
     assert graphed.engine.runner.graphs is not None
-    params = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=120, temperature=0, ignore_eos=True, logprobs=2)
     for _ in range(3):
         prompts = random_prompts(6, 512, lo=50, hi=300)
         released = graphed.memory_stats().kv_released_chunks  # (waits for the mapper)
         a = graphed.generate(prompts, params)
         assert graphed.memory_stats().kv_released_chunks > released  # chunks went back
         b = eager.generate(prompts, params)
-        for x, y in zip(a, b):
-            assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        assert_greedy_close(a, b, "graphs vs eager")  # other GEMM shapes: near-ties may flip
         assert graphed.memory_stats().kv_idle_bytes == 0

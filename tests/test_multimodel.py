@@ -40,15 +40,55 @@ def run_interleaved(engines: list[Any], prompts: list[list[list[int]]], max_toke
     return [[e.pop(g[0]).output_ids for g in groups] for e, groups in zip(engines, rids)]
 
 
+def each_alone(
+    make_llm: Callable[..., Any], paths: Any, prompts: list[Any], max_tokens: int, **kw: Any
+) -> list:
+    """The reference: each model's greedy tokens from an engine of its own (``kw``)."""
+    alone = []
+    for path, ps in zip(paths, prompts):
+        llm = make_llm(path, **kw)
+        alone.append([o.outputs[0].token_ids for o in llm.generate(ps, greedy(max_tokens))])
+    return alone
+
+
+def generate_on_threads(
+    llms: list[Any], prompts: list[Any], max_tokens: int, timeout: float
+) -> list:
+    """Each ``LLM`` generates its prompts greedily on a thread of its own, all at once,
+    as the server's engines step; the tokens per model (an error in a thread fails)."""
+    got: list[Any] = [None] * len(llms)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            outs = llms[i].generate(prompts[i], greedy(max_tokens))
+            got[i] = [o.outputs[0].token_ids for o in outs]
+        except BaseException as exc:  # reported below, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(llms))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not errors, errors
+    return got
+
+
+def assert_leases_hold(pool: SharedKVPool, llms: list[Any]) -> None:
+    """The shared budget's books balance and no engine's pool outgrew its lease."""
+    assert pool.budget is not None and pool.budget.violations() == []
+    for llm in llms:
+        lease = llm.engine.lease
+        assert llm.engine.pool.stats().created <= lease.fixed + lease.grant
+
+
 def test_interleaved_requests_match_each_model_alone(
     two_checkpoints: tuple[str, str], make_llm: Callable[..., Any]
 ) -> None:
     paths = list(two_checkpoints)
     prompts = [random_prompts(6, 512, 3, 60), random_prompts(6, 512, 3, 60)]
-    alone = []
-    for path, ps in zip(paths, prompts):
-        llm = make_llm(path, kv_cache_bytes=96 * CHUNK, **COMMON)
-        alone.append([o.outputs[0].token_ids for o in llm.generate(ps, greedy(20))])
+    alone = each_alone(make_llm, paths, prompts, 20, kv_cache_bytes=96 * CHUNK, **COMMON)
     pool = SharedKVPool(96 * CHUNK, device="cpu")
     shared = [make_llm(p, kv_pool=pool, **COMMON) for p in paths]
     got = run_interleaved([s.engine for s in shared], prompts, 20)
@@ -113,32 +153,11 @@ def test_two_engine_threads_on_one_pool_match_each_model_alone(
     steps, or through an ask it serves at its next step); the tokens stay each model's."""
     paths = list(two_checkpoints)
     prompts = [random_prompts(6, 512, 40, 56), random_prompts(6, 512, 40, 56)]
-    alone = []
-    for path, ps in zip(paths, prompts):
-        llm = make_llm(path, kv_cache_bytes=budget_chunks * CHUNK, **COMMON)
-        alone.append([o.outputs[0].token_ids for o in llm.generate(ps, greedy(16))])
+    alone = each_alone(make_llm, paths, prompts, 16, kv_cache_bytes=budget_chunks * CHUNK, **COMMON)
     pool = SharedKVPool(budget_chunks * CHUNK, device="cpu")
     shared = [make_llm(p, kv_pool=pool, **COMMON) for p in paths]
-    got: list[Any] = [None, None]
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            got[i] = [o.outputs[0].token_ids for o in shared[i].generate(prompts[i], greedy(16))]
-        except BaseException as exc:  # reported below, not lost in the thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not errors, errors
-    assert got == alone
-    assert pool.budget is not None and pool.budget.violations() == []
-    for llm in shared:  # each engine's pool never holds more than its lease
-        lease = llm.engine.lease
-        assert llm.engine.pool.stats().created <= lease.fixed + lease.grant
+    assert generate_on_threads(shared, prompts, 16, timeout=120) == alone
+    assert_leases_hold(pool, shared)
 
 
 def test_one_request_is_limited_to_the_budget_less_every_engines_scratch(

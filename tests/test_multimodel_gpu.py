@@ -7,7 +7,6 @@ Skipped with a reason on machines without a GPU; run on the H100.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +14,12 @@ import pytest
 import torch
 
 from tests.checkpoints import make_checkpoint, random_prompts
-from tests.test_multimodel import greedy, run_interleaved
+from tests.test_multimodel import (
+    assert_leases_hold,
+    each_alone,
+    generate_on_threads,
+    run_interleaved,
+)
 from vtensor import SharedKVPool
 
 pytestmark = [
@@ -46,10 +50,7 @@ def test_interleaved_bf16_graphs_match_each_model_alone(
     common = dict(device="cuda", dtype="bfloat16", max_num_seqs=8)
     budget = 64 * CHUNK  # ample: each model's schedule is the one it has alone
     prompts = [random_prompts(8, 512, 50, 400), random_prompts(8, 512, 50, 400)]
-    alone = []
-    for path, ps in zip(two_checkpoints, prompts):
-        llm = make_llm(path, kv_cache_bytes=budget, **common)
-        alone.append([o.outputs[0].token_ids for o in llm.generate(ps, greedy(64))])
+    alone = each_alone(make_llm, two_checkpoints, prompts, 64, kv_cache_bytes=budget, **common)
     pool = SharedKVPool(budget, device="cuda")
     shared = [make_llm(p, kv_pool=pool, **common) for p in two_checkpoints]
     for llm in shared:
@@ -70,30 +71,8 @@ def test_two_engine_threads_trade_chunks_on_a_tight_pool(
     common = dict(device="cuda", dtype="float32", max_num_seqs=8)
     budget = 40 * CHUNK
     prompts = [random_prompts(8, 512, 200, 380), random_prompts(8, 512, 200, 380)]
-    alone = []
-    for path, ps in zip(two_checkpoints, prompts):
-        llm = make_llm(path, kv_cache_bytes=budget, **common)
-        alone.append([o.outputs[0].token_ids for o in llm.generate(ps, greedy(100))])
+    alone = each_alone(make_llm, two_checkpoints, prompts, 100, kv_cache_bytes=budget, **common)
     pool = SharedKVPool(budget, device="cuda")
     shared = [make_llm(p, kv_pool=pool, **common) for p in two_checkpoints]
-    got: list[Any] = [None, None]
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            outs = shared[i].generate(prompts[i], greedy(100))
-            got[i] = [o.outputs[0].token_ids for o in outs]
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors, errors
-    assert got == alone
-    assert pool.budget is not None and pool.budget.violations() == []
-    for llm in shared:
-        lease = llm.engine.lease
-        assert llm.engine.pool.stats().created <= lease.fixed + lease.grant
+    assert generate_on_threads(shared, prompts, 100, timeout=300) == alone
+    assert_leases_hold(pool, shared)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +17,6 @@ from typing import Any
 
 import pytest
 import requests
-import uvicorn
 
 from tests.checkpoints import make_checkpoint, random_prompts
 from vtensor import SamplingParams
@@ -29,6 +27,7 @@ from vtensor.server.app import ServerConfig, build_app
 from vtensor.server.routing import label_metrics
 
 from .conftest import assert_engine_balanced
+from .server_harness import uvicorn_thread
 
 CHUNK = 4096
 NAMES = ("tiny-llama", "tiny-qwen")
@@ -53,22 +52,9 @@ def served(paths: list[Path]) -> Iterator[tuple[str, list[LLMEngine], list[Any]]
         for p, n in zip(paths, NAMES)
     ]
     app = build_app(ServerConfig(port=0, served_model_names=NAMES), engines)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", engines, app.state.engines
-    finally:
-        uv.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-    assert not thread.is_alive() and all(e.pool.closed for e in engines)
+    with uvicorn_thread(app) as url:
+        yield url, engines, app.state.engines
+    assert all(e.pool.closed for e in engines)
     assert pool.budget is not None and pool.budget.unallocated == pool.budget.total
 
 

@@ -1,7 +1,8 @@
 """Prefix caching on the GPU: 2 MiB VMM chunks shared between slots with
 ``cuMemMap``, read by CUDA-graph decode and the Triton/FA2 kernels, with async
-scheduling. fp32: token-identical to the engine without the cache (multi-turn
-chats, a shared system prompt under preemption, n > 1, an abort mid-stream). bf16: the
+scheduling. fp32: the engine without the cache's greedy tokens (multi-turn chats, a
+shared system prompt under preemption, n > 1, an abort mid-stream), compared by
+``tests/greedy_walk.py``: log-probs within 1e-3 nats, a flip only at a near-tie. bf16: the
 first generated token's log-probs within ``BF16_LOGPROB_BOUND`` of the uncached
 engine's. Each engine is integrity-checked as it steps; at teardown the cache is
 reset and every chunk must come back (``tests/conftest.py``).
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from tests.checkpoints import make_checkpoint
+from tests.greedy_walk import FP32_TOL, assert_greedy_close, walk
 from tests.test_prefix_engine import abort_third_at, check_chats_match, greedy, spy_admissions
 from vtensor import SamplingParams
 
@@ -55,7 +57,7 @@ def engines(make_llm: Any, ckpt: str, **kw: Any) -> tuple[Any, Any]:
 
 @pytest.fixture
 def ckpt(tmp_path: Path) -> str:
-    make_checkpoint(tmp_path, "llama", **OVER)  # std 0.15: clear greedy margins (fp32)
+    make_checkpoint(tmp_path, "llama", **OVER)  # width-scaled std: clear greedy margins (fp32)
     return str(tmp_path)
 
 
@@ -81,7 +83,7 @@ def test_fp32_multi_turn_is_token_identical(make_llm, ckpt: str) -> None:
     block = on.engine.kv.cache.block_tokens
     assert block == 64 and on.engine.kv.cache.block_chunks == 1
     questions = [[ids(random.randint(60, 200)) for _ in range(4)] for _ in range(4)]
-    check_chats_match(on, off, questions, 40, block)
+    check_chats_match(on, off, questions, 40, block, walk_tol=FP32_TOL)
     assert on.engine.stats().prefix_cache_hit_rate > 0.4
 
 
@@ -94,9 +96,9 @@ def test_fp32_shared_system_prompt_and_preemption(make_llm, ckpt: str) -> None:
     seen = spy_admissions(on)
     system = ids(150)
     prompts = [system + ids(random.randint(10, 60)) for _ in range(6)]
-    params = greedy(200)
+    params = greedy(200, logprobs=2)
     x, y = on.generate(prompts, params), off.generate(prompts, params)
-    assert [o.outputs[0].token_ids for o in x] == [o.outputs[0].token_ids for o in y]
+    assert_greedy_close(x, y, "prefix cache on vs off, with preemption")
     assert on.engine.stats().preemptions > 0
     assert any(cached >= 128 for _, cached in seen)  # the system prompt's 2 blocks, shared
     assert all(cached % 64 == 0 for _, cached in seen)
@@ -109,15 +111,16 @@ def test_fp32_n_samples_and_an_abort_mid_stream(make_llm, ckpt: str) -> None:
     on, off = engines(make_llm, ckpt, dtype="float32", max_num_seqs=4,
                       max_num_batched_tokens=128)  # fmt: skip
     prompt = ids(5 * 64 + 1)
-    x, y = on.generate([prompt], greedy(12, n=3))[0], off.generate([prompt], greedy(12, n=3))[0]
-    assert [c.token_ids for c in x.outputs] == [c.token_ids for c in y.outputs]
+    n3 = greedy(12, n=3, logprobs=2)
+    x, y = on.generate([prompt], n3)[0], off.generate([prompt], n3)[0]
+    assert sum(walk(x.outputs, y.outputs, FP32_TOL, "n=3").steps) >= 18
     assert on.engine.stats().prefix_cache_hits >= 4 * 64  # samples 2 and 3
-    prompts, params = [ids(300), ids(250), ids(400)], greedy(20)
+    prompts, params = [ids(300), ids(250), ids(400)], greedy(20, logprobs=2)
     at = random.randint(2 * 64, 410)
     assert abort_third_at(on, prompts, params, at) == abort_third_at(off, prompts, params, at)
     again = on.generate([prompts[2]], params)[0]
     assert again.num_cached_tokens >= 2 * 64  # the aborted request's computed blocks
-    assert again.outputs[0].token_ids == off.generate([prompts[2]], params)[0].outputs[0].token_ids
+    assert_greedy_close([again], off.generate([prompts[2]], params), "after the abort")
 
 
 @pytest.mark.parametrize("backend", ["triton", "fa2"])
@@ -157,4 +160,4 @@ def test_the_8b_geometry_multi_turn_is_token_identical(make_llm, tmp_path: Path)
     cache = on.engine.kv.cache
     assert (cache.block_tokens, cache.block_chunks) == (16, 1)
     questions = [[ids(random.randint(100, 300)) for _ in range(3)] for _ in range(4)]
-    check_chats_match(on, off, questions, 16, 16)
+    check_chats_match(on, off, questions, 16, 16, walk_tol=FP32_TOL)

@@ -217,3 +217,24 @@ def test_caching_is_off_with_a_reason_when_no_block_fits_a_slot() -> None:
     assert isinstance(ok, RadixPrefixCache) and none is None
     with pytest.raises(ValueError, match="blocks must be"):
         KVCacheManager(geo, prefix_cache=RadixPrefixCache(4, 1))
+
+
+def test_past_the_watermark_an_idle_slot_keeps_its_cached_blocks_mapped() -> None:
+    """Idle reclamation counts only what idle slots hold beyond the cache: a finished
+    request's slot loses its private tail to the watermark but keeps its cached blocks
+    mapped, so the next turn of its conversation finds its history there, unmapped
+    nothing and remapped nothing."""
+    kv = manager(capacity=32, slots=4, keep_idle=0)
+    blocks = random.randint(2, 5)
+    first = tokens(blocks * TPC + random.randint(1, TPC - 1))  # whole blocks + a private tail
+    run(kv, 0, first)
+    slot = kv.slot_of(0)
+    kv.take_commands()
+    kv.release(0)
+    unmapped = [c for c in kv.take_commands() if isinstance(c, UnmapCommand)]
+    assert [(c.slot, c.first, c.count) for c in unmapped] == [(slot, blocks, 1)]
+    assert len(kv.slot_table(slot)) == blocks and kv.usage().idle_chunks == 0
+    nxt = [*first, *tokens(TPC)]
+    assert run(kv, 1, nxt) == blocks * TPC and kv.slot_of(1) == slot
+    assert not [c for c in kv.take_commands() if isinstance(c, (UnmapCommand, MapCachedCommand))]
+    kv.check()

@@ -76,7 +76,7 @@ def test_tp2_cached_multi_turn_equals_tp1_uncached(make_llm, ckpt: str, overlap:
     questions = [[ids(random.randint(8, 30)) for _ in range(3)] for _ in range(3)]
     for q in questions:
         q[0] = system + q[0]
-    a, b = chat_rounds(tp, questions, 10), chat_rounds(ref, questions, 10)
+    a, b = chat_rounds(tp, questions, greedy(10)), chat_rounds(ref, questions, greedy(10))
     for r, (xs, ys) in enumerate(zip(a, b)):
         assert [x.outputs[0].token_ids for x in xs] == [y.outputs[0].token_ids for y in ys]
         for x, q in zip(xs, questions):

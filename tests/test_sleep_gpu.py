@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.checkpoints import make_checkpoint, random_prompts
-from tests.test_attention_backends_gpu import _walk
+from tests.test_attention_backends_gpu import _walk, count_replays
 from tests.test_memory_gpu import SHAPE, MiB, free_bytes  # the same small model
 from vtensor import SamplingParams
 
@@ -29,19 +29,6 @@ pytestmark = [
 # a 32000-token vocabulary, untied (2 x 32000 x 256 x 4 bytes = 62.5 MiB in fp32).
 BIG = dict(SHAPE, vocab_size=32000, tie_word_embeddings=False)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def count_replays(llm: Any) -> list[int]:
-    graphs = llm.engine.runner.graphs
-    count = [0]
-    run: Callable[..., Any] = graphs.run
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        count[0] += 1
-        return run(*args, **kwargs)
-
-    graphs.run = counted
-    return count
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -34,7 +34,8 @@ import torch
 
 from tests.checkpoints import make_checkpoint, random_prompts
 from tests.conftest import assert_engine_balanced
-from tests.test_attention_backends_gpu import OVER, _count_replays, _walk
+from tests.greedy_walk import assert_greedy_close
+from tests.test_attention_backends_gpu import OVER, _walk, count_replays
 from vtensor import SamplingParams
 from vtensor.distributed import WorkerDiedError
 from vtensor.engine.config import EngineConfig
@@ -58,16 +59,12 @@ def test_tp2_fp32_greedy_equals_tp1_on_two_gpus(
     rt = tp.engine.runtime
     assert rt.device == torch.device("cuda", 0) and rt.use_cuda_graphs and rt.async_scheduling
     assert tp.engine.runner.graphs is not None and tp.engine.model.shard.num_kv_heads == 1
-    replays = _count_replays(tp)
+    replays = count_replays(tp)
     prompts = random_prompts(8, 512, lo=3, hi=80)
-    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=0)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=2)
     want, got = ref.generate(prompts, params), tp.generate(prompts, params)
-    for i, (a, b) in enumerate(zip(want, got)):
-        x, y = a.outputs[0], b.outputs[0]
-        assert x.token_ids == y.token_ids, f"prompt {i}"
-        lx = torch.tensor([d[t] for d, t in zip(x.logprobs, x.token_ids)])
-        ly = torch.tensor([d[t] for d, t in zip(y.logprobs, y.token_ids)])
-        torch.testing.assert_close(ly, lx, atol=1e-3, rtol=1e-3)
+    # Two ranks' partial sums all-reduced round differently: a near-tie may flip.
+    assert_greedy_close(want, got, "tp=2 vs tp=1")
     assert replays[0] > 20, f"only {replays[0]} graph replays: decode did not run in graphs"
     _closes_in_time(tp)
 

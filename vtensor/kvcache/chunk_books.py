@@ -47,6 +47,9 @@ class ChunkBooks:
         # the other way: entries below first_cached, and from cached_end on, are private.
         self.first_cached = [0] * num_slots
         self.cached_end = [0] * num_slots
+        # Per slot, exactly: its entries that are cached. ``len(table) - cached_in`` is
+        # what the slot holds beyond the cache (what idle reclamation can give back).
+        self.cached_in = [0] * num_slots
         self._next_id = 0
 
     # ----------------------------------------------------------- queries
@@ -66,6 +69,10 @@ class ChunkBooks:
 
     def holders(self, cid: int) -> frozenset[int]:
         return frozenset(self._slots_of.get(cid, ()))
+
+    def uncached(self, slot: int) -> int:
+        """Entries of the slot that the cache does not hold (exact)."""
+        return len(self.tables[slot]) - self.cached_in[slot]
 
     def private_run(self, slot: int) -> int:
         """Leading entries of the slot known to be private (reusable in place)."""
@@ -114,6 +121,7 @@ class ChunkBooks:
             raise ValueError(f"slot {slot}: a hole at {len(table)} before {first}")
         old = table[first : first + len(ids)]
         if old:
+            self.cached_in[slot] -= sum(1 for c in old if c in self._cached)
             self._drop_mappings(slot, old)
             self.commands.append(UnmapCommand(slot, first, len(old)))
         for i, cid in enumerate(ids):
@@ -121,6 +129,7 @@ class ChunkBooks:
                 raise ValueError(f"chunk {cid} is not cached at index {first + i}")
             self._slots_of.setdefault(cid, set()).add(slot)
         table[first : first + len(ids)] = ids
+        self.cached_in[slot] += len(ids)
         self.first_cached[slot] = min(self.first_cached[slot], first)
         self.cached_end[slot] = max(self.cached_end[slot], first + len(ids))
         self.commands.append(MapCachedCommand(slot, first, tuple(ids)))
@@ -130,6 +139,7 @@ class ChunkBooks:
         table = self.tables[slot]
         if keep >= len(table):
             return 0
+        self.cached_in[slot] -= sum(1 for c in table[keep:] if c in self._cached)
         freed = self._drop_mappings(slot, table[keep:])
         self._emit_release(UnmapCommand(slot, keep, len(table) - keep))
         del table[keep:]
@@ -137,12 +147,25 @@ class ChunkBooks:
         self.cached_end[slot] = min(self.cached_end[slot], keep)
         return freed
 
+    def cut_uncached(self, slot: int, keep: int) -> int:
+        """Truncate the slot so that it keeps ``keep`` uncached entries: from the tail,
+        through a cached entry only where an uncached one lies before it; returns the
+        chunks freed. (An idle slot is cached blocks, then its private tail: only the
+        tail goes.)"""
+        table, need = self.tables[slot], self.uncached(slot) - keep
+        end = len(table)
+        while need > 0 and end > 0:
+            end -= 1
+            need -= table[end] not in self._cached
+        return self.truncate(slot, end)
+
     def hold(self, slot: int, first: int, ids: Sequence[int]) -> None:
         """The cache adopts the slot's private chunks at ``[first, first+len(ids))``."""
         for cid in ids:
             if not self.is_private(cid) or slot not in self._slots_of[cid]:
                 raise ValueError(f"the cache can adopt only a private chunk, not {cid}")
             self._cached.add(cid)
+        self.cached_in[slot] += len(ids)
         self.first_cached[slot] = min(self.first_cached[slot], first)
         self.cached_end[slot] = max(self.cached_end[slot], first + len(ids))
         self.commands.append(CacheHoldCommand(slot, first, tuple(ids)))
@@ -152,6 +175,8 @@ class ChunkBooks:
         freed = 0
         for cid in ids:
             self._cached.remove(cid)
+            for slot in self._slots_of.get(cid, ()):
+                self.cached_in[slot] -= 1
             if cid not in self._slots_of:
                 freed += self._forget(cid)
         if ids:
@@ -197,6 +222,8 @@ class ChunkBooks:
             (set(self._index) == live, "chunk indices out of step with live chunks"),
             (all(self._private_below(s) for s in range(num_slots)),
              "a slot's first_cached / cached_end bounds are wrong"),
+            (all(self.cached_in[s] == sum(c in self._cached for c in t)
+                 for s, t in enumerate(self.tables)), "a slot's cached_in count is wrong"),
         ]  # fmt: skip
         return [f"chunk books: {what}" for ok, what in checks if not ok]
 

@@ -17,6 +17,8 @@ The policy runs at every release (the watermark binds at once) and at every
 ``tick`` past the earliest deadline (the idle time binds within a tick). At the
 same points the prefix cache is brought back within its budget, if it has one
 (``cache_budget_chunks``): cached chunks are not idle, but they are held too.
+An idle slot's cached blocks are not counted as idle and stay mapped (cutting
+them would free nothing): only its uncached tail is cut (``cut_uncached``).
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ class IdleReclaimer:
                 break  # the rest is locked by running requests
             freed += got
         for slot, keep in self.policy.plan(self._slots(), now).items():
-            freed += books.truncate(slot, keep)
+            freed += books.cut_uncached(slot, keep)
         self.reclaimed_chunks += freed
         self._deadline = self.policy.deadline(self._slots())
         if self.off:
@@ -113,9 +115,9 @@ class IdleReclaimer:
         return freed
 
     def _slots(self) -> list[IdleSlot]:
-        tables = self.kv.books.tables
+        books = self.kv.books
         return [
-            IdleSlot(s, len(tables[s]), self._since.get(s, 0.0))
+            IdleSlot(s, books.uncached(s), self._since.get(s, 0.0))
             for s in self.kv.idle_slots()
-            if tables[s]
+            if books.uncached(s)
         ]

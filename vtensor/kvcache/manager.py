@@ -147,7 +147,11 @@ class KVCacheManager:
 
     @property
     def idle_chunks(self) -> int:
-        return sum(len(self.books.tables[s]) for s in self._idle)
+        """What idle slots map beyond the cache: the memory deferred reclamation keeps.
+        Cached chunks an idle slot maps are not counted (the cache holds them either
+        way; unmapping them from the slot would free nothing and make the next turn of
+        its conversation map them again)."""
+        return sum(self.books.uncached(s) for s in self._idle)
 
     @property
     def surplus_chunks(self) -> int:

@@ -64,8 +64,8 @@ class SlotPlacer:
                 self.kv.lease.top_up(short)  # unallocated chunks only: nothing reclaimed
             if need > self.kv.free_chunks - headroom_chunks:
                 return
-            if self.kv.idle_chunks + max(0, want - len(table)) > self.kv.keep_idle_chunks:
-                return
+            if self.kv.idle_chunks + need > self.kv.keep_idle_chunks:
+                return  # the fresh chunks would sit in an idle slot past the watermark
             self.fit_front(slot, hit.chunks)
             if need:
                 self.kv.books.map_fresh(slot, need)
@@ -91,11 +91,19 @@ class SlotPlacer:
         covering = [s for s in among if run(s) >= want]
         if covering:
             return min(covering, key=lambda s: (run(s), len(tables[s]), s))
-        if pressure:  # reuse the oldest content's slot in place
+        if pressure:  # reuse the least recently used content's slot in place
             aged = [s for s in among if books.cached_end[s]]
             if aged:
-                return min(aged, key=lambda s: (self.kv.released_at(s), s))
+                return min(aged, key=lambda s: (self._leaf_use(s), self.kv.released_at(s), s))
         return max(among, key=lambda s: (run(s), -len(tables[s]), -s))
+
+    def _leaf_use(self, slot: int) -> int:
+        """When the slot's deepest cached block was last used (the first that
+        ``convert_in_place`` would evict); -1 if unknown."""
+        books, cache = self.kv.books, self.kv.cache
+        first = books.cached_end[slot] - max(1, cache.block_chunks)
+        table = books.tables[slot]
+        return cache.last_use(table[first]) if 0 <= first < len(table) else -1
 
     def kept_end(self, slot: int, hit: tuple[int, ...]) -> int:
         """How far the slot's entries from ``len(hit)`` on may stay: while private."""

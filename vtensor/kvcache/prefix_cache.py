@@ -115,6 +115,11 @@ class PrefixCache(ABC):
     def evict_block(self, chunk: int) -> bool: ...
 
     @abstractmethod
+    def last_use(self, chunk: int) -> int:
+        """When the block starting with ``chunk`` was last matched or inserted, on the
+        cache's logical clock (LRU order); -1 if no cached block starts with it."""
+
+    @abstractmethod
     def reset(self) -> list[int]: ...
 
     @abstractmethod
@@ -162,6 +167,9 @@ class NoPrefixCache(PrefixCache):
 
     def evict_block(self, chunk: int) -> bool:
         return False
+
+    def last_use(self, chunk: int) -> int:
+        return -1
 
     def reset(self) -> list[int]:
         return []

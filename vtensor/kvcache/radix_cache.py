@@ -159,6 +159,10 @@ class RadixPrefixCache(PrefixCache):
         self._remove(node)  # its heap entry goes stale
         return True
 
+    def last_use(self, chunk: int) -> int:
+        node = self._by_chunk.get(chunk)
+        return -1 if node is None else node.tick
+
     def _remove(self, node: _Node) -> None:
         parent = node.parent
         assert parent is not None

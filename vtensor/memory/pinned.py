@@ -8,11 +8,12 @@ copies from it are DMA transfers that run asynchronously on a copy stream
 and can be captured in a CUDA graph. Without a GPU the same buffers are plain
 memory (the CPU tests run the same code minus the registration).
 
-Pinning is slow (8 s for 16 GB on the H100 box): ``cudaHostRegister`` faults in
-and locks every 4 KiB page on one thread. With ``prefault`` (the default) the
-buffer is first advised to use transparent huge pages and written by torch's
-intra-op threads, so the faults happen in parallel and in 2 MiB units before
-the driver locks the pages (``benchmarks/sleep_wake.py`` times both ways).
+Pinning is slow (5-8 s for 16 GB on the H100 box, measured twice):
+``cudaHostRegister`` faults in and locks every 4 KiB page on one thread. With
+``prefault`` (the default) the buffer is first advised to use transparent huge
+pages and written by torch's intra-op threads, so the faults happen in parallel
+and in 2 MiB units before the driver locks the pages (``benchmarks/sleep_wake.py``
+times both ways).
 
 Accounting invariant (checked after every engine test): ``live_bytes`` is the
 sum of the sizes of the buffers allocated and not yet freed, and every live

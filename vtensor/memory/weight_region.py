@@ -19,7 +19,7 @@ memfd's pages are punched out); a host copy holding the bytes exists exactly in
 it was.
 
 ``keep_host_buffer``: pinning the host buffer (``cudaHostRegister`` of the
-whole model) costs 20-40x the copy itself (8 s against 0.3 s for 16 GB on an
+whole model) costs 17-27x the copy itself (5-8 s against 0.3 s for 16 GB on an
 H100), so by default the buffer outlives the restore and the next offload
 reuses it: only the first sleep pays for pinning. The price is host memory of
 the weights' size, held from the first offload until ``close``.
