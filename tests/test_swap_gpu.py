@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.checkpoints import make_checkpoint, random_prompts
+from tests.greedy_walk import assert_greedy_close
 from vtensor import SamplingParams
 from vtensor.engine import swap as swap_module
 
@@ -38,9 +39,9 @@ KW = dict(device="cuda", dtype="float32", max_num_seqs=8, max_model_len=1024,
 NEW = 160  # prompts of 200-300 tokens grow by 2-3 chunks each: preemption is certain
 
 
-def greedy(llm: Any, prompts: list[list[int]]) -> list[list[int]]:
-    params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+def greedy(llm: Any, prompts: list[list[int]]) -> list[Any]:
+    params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, logprobs=2)
+    return llm.generate(prompts, params)
 
 
 def _slow_copy(cycles: int) -> Any:
@@ -71,7 +72,7 @@ def test_swap_is_token_identical_on_cuda(
     kw = dict(KW, enforce_eager=eager, enable_prefix_caching=prefix)
     want = greedy(make_llm(str(tmp_path), kv_cache_bytes=256 * CHUNK, **kw), prompts)
     recompute = make_llm(str(tmp_path), kv_cache_bytes=24 * CHUNK, **kw)
-    assert greedy(recompute, prompts) == want
+    assert_greedy_close(greedy(recompute, prompts), want, "recompute vs roomy")
     assert recompute.engine.stats().preemptions > 0
     llm = make_llm(
         str(tmp_path),
@@ -81,7 +82,7 @@ def test_swap_is_token_identical_on_cuda(
         **kw,
     )
     assert (llm.engine.runner.graphs is None) == eager
-    assert greedy(llm, prompts) == want
+    assert_greedy_close(greedy(llm, prompts), want, "swap vs roomy")
     s = llm.engine.stats()
     assert s.swap_preemptions > 0 and s.host_tier_used_chunks == 0
     if not prefix:
@@ -122,7 +123,7 @@ def test_slowed_copies_or_steps_are_never_read_stale(
             return execute(spans)
 
         monkeypatch.setattr(runner, "execute", late_execute)
-    assert greedy(llm, prompts) == want
+    assert_greedy_close(greedy(llm, prompts), want, "swap vs roomy")
     s = llm.engine.stats()
     assert s.swap_preemptions > 0
     assert s.swap_in_bytes > 0 and s.swap_in_bytes == s.swap_out_bytes
