@@ -67,7 +67,8 @@ def test_scheduler_imports_no_torch() -> None:
                   "kvcache.reclaim", "kvcache.manager_checks", "kvcache.commands",
                   "kvcache.geometry", "kvcache.idle_policy", "kvcache.idle_reclaim",
                   "kvcache.write_guard", "kvcache.usage", "intervals",
-                  "kvcache.shared_budget")
+                  "kvcache.shared_budget", "kvcache.host_tier", "kvcache.swap_policy",
+                  "kvcache.swap_chunks", "engine.swap_plan", "engine.scheduler_output")
     )  # fmt: skip
     code = f"import sys, {modules}; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -48,6 +48,12 @@ def add_engine_args(p: argparse.ArgumentParser, several_models: bool = False) ->
                    action=argparse.BooleanOptionalAction,
                    help="keep level-1 sleep's pinned host buffer after wake_up, so only the "
                         "first sleep pays for pinning (default: on)")  # fmt: skip
+    p.add_argument("--swap-space", type=float, default=0.0, metavar="GIB",
+                   help="GiB of pinned host memory that preempted requests' KV is swapped to "
+                        "instead of recomputed (default 0: off; vLLM's default is 4)")  # fmt: skip
+    p.add_argument("--preemption-mode", choices=("swap", "recompute"), default=None,
+                   help="force swap or recompute at preemption (default: a cost model "
+                        "chooses per request when --swap-space is set)")  # fmt: skip
     add_offload_args(p)
     add_parallel_args(p)
 
@@ -118,6 +124,8 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
         cpu_offload_gb=args.cpu_offload_gb, gpu_memory_budget=args.gpu_memory_budget,
         offload_ring_depth=args.offload_ring_depth,
         enable_sleep_mode=getattr(args, "enable_sleep_mode", False),
+        swap_space_bytes=int(getattr(args, "swap_space", 0.0) * 2**30),
+        preemption_mode=getattr(args, "preemption_mode", None),
         sleep_keep_host_buffer=getattr(args, "sleep_keep_host_buffer", True),
         tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes,
         node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,

@@ -95,6 +95,12 @@ class EngineConfig:
     # Level-1 sleep keeps its pinned host buffer after wake_up, so only the first sleep
     # pays for pinning (seconds per 16 GB); off: the buffer is freed at every wake_up.
     sleep_keep_host_buffer: bool = True
+    # Host KV tier (engine/swap.py): bytes of pinned host memory that preempted requests'
+    # KV is swapped to (vLLM's --swap-space, in bytes here). 0 (the default) turns
+    # swapping off: every preemption recomputes. preemption_mode (vLLM's name) forces
+    # "swap" or "recompute"; None lets the cost model (kvcache/swap_policy.py) choose.
+    swap_space_bytes: int = 0
+    preemption_mode: str | None = None
 
     def __post_init__(self) -> None:
         if self.model is not None and self.shape is not None:
@@ -132,11 +138,20 @@ class EngineConfig:
             raise ValueError("debug_check_every must be >= 0")
         self._check_parallel()
         self._check_offload()
+        self._check_swap()
         if self.enable_sleep_mode and (self.offloads or self.is_parallel):
             raise ValueError(
                 "enable_sleep_mode does not support weight offload (cpu_offload_gb / "
                 "gpu_memory_budget) or tensor_parallel_size > 1 yet"
             )
+
+    def _check_swap(self) -> None:
+        if self.swap_space_bytes < 0:
+            raise ValueError("swap_space_bytes must be >= 0 (0: no host KV tier)")
+        if self.preemption_mode not in (None, "swap", "recompute"):
+            raise ValueError("preemption_mode must be 'swap', 'recompute' or None")
+        if self.swap_space_bytes and self.tensor_parallel_size > 1:
+            raise ValueError("swap_space_bytes (the host KV tier) needs tensor_parallel_size 1")
 
     def _check_parallel(self) -> None:
         if self.tensor_parallel_size < 1:

@@ -65,9 +65,14 @@ class StepExecutor:
         if self.device.type == "cuda":
             self._new_event = torch.cuda.Event
 
-    def run(self, plan: StepPlan) -> ForwardOutput | None:
-        """Apply the plan's KV commands, then queue its forward pass (None: no spans)."""
+    def run(
+        self, plan: StepPlan, before_forward: Callable[[], None] | None = None
+    ) -> ForwardOutput | None:
+        """Apply the plan's KV commands, then queue its forward pass (None: no spans).
+        ``before_forward`` runs once the step's chunks are mapped (swap-ins copy then)."""
         self._apply_kv(plan)
+        if before_forward is not None:
+            before_forward()
         if not plan.inputs:
             return None
         self._running_slots = frozenset(sp.slot for sp in plan.inputs)

@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
+from vtensor.kvcache.host_tier import SwapState
 from vtensor.memory import PhysicalChunk
 
 from .request import Request, RequestStatus
@@ -38,7 +39,8 @@ from .request import Request, RequestStatus
 if TYPE_CHECKING:
     from vtensor.kvcache.arena import ChunkSignature
 
-    from .llm_engine import LaunchedStep, LLMEngine
+    from .launched import LaunchedStep
+    from .llm_engine import LLMEngine
     from .tp_worker import ArenaReport
 
 
@@ -163,8 +165,13 @@ def slot_problems(engine: LLMEngine) -> list[str]:
     kv, problems = engine.kv, engine.kv.violations()
     owners = kv.owners()
     running = {r.rid for r in engine.scheduler.running}
-    if set(owners) != running:
-        problems.append(f"slots owned by {sorted(owners)}, but running: {sorted(running)}")
+    swapped = {r.rid for r in engine.scheduler.swapped}  # they keep their slots
+    if set(owners) != running | swapped:
+        problems.append(
+            f"slots owned by {sorted(owners)}, but running: {sorted(running)}, "
+            f"swapped: {sorted(swapped)}"
+        )
+    problems += _swap_problems(engine)
     for req in engine.scheduler.running:
         if req.rid not in owners:
             continue
@@ -178,8 +185,30 @@ def slot_problems(engine: LLMEngine) -> list[str]:
     return problems
 
 
+def _swap_problems(engine: LLMEngine) -> list[str]:
+    """Each swapped request's private chunks are in the host tier (resident), none on
+    the GPU; the tier's books balance; no request outside the swapped queue is in it."""
+    if engine.swap is None:
+        return []
+    kv, tier = engine.kv, engine.swap.planner.tier
+    problems = tier.violations()
+    for req in engine.scheduler.swapped:
+        ext = tier.extent(req.rid)
+        if ext is None or ext.state is not SwapState.HOST:
+            problems.append(f"swapped request {req.rid} is not resident in the host tier")
+            continue
+        if kv.mapped_chunks(req.rid) != ext.first:
+            problems.append(f"swapped request {req.rid}: chunks from {ext.first} on still mapped")
+        if ext.first + ext.count != kv.geometry.chunks_for(req.num_computed):
+            problems.append(f"swapped request {req.rid}: the host tier holds the wrong chunks")
+    if tier.usage().requests != len(engine.scheduler.swapped):
+        problems.append("the host tier holds a request that is not swapped")
+    return problems
+
+
 def request_problems(engine: LLMEngine, inflight: LaunchedStep | None) -> list[str]:
-    queued = {id(r) for r in (*engine.scheduler.running, *engine.scheduler.waiting)}
+    sched = engine.scheduler
+    queued = {id(r) for r in (*sched.running, *sched.waiting, *sched.swapped)}
     unread: dict[int, list[int]] = {}  # id(request) -> where its tokens in flight go
     for sp in inflight.sampling if inflight is not None else ():
         unread.setdefault(id(sp.req), []).append(sp.end)
@@ -194,7 +223,7 @@ def request_problems(engine: LLMEngine, inflight: LaunchedStep | None) -> list[s
 
 def _queue_problems(engine: LLMEngine) -> Iterator[str]:
     sched = engine.scheduler
-    queued = [*sched.running, *sched.waiting]
+    queued = [*sched.running, *sched.waiting, *sched.swapped]
     if len({id(r) for r in queued}) != len(queued):
         yield "a request is queued twice (or both running and waiting)"
     if len(sched.running) > sched.config.max_num_seqs:
@@ -203,7 +232,8 @@ def _queue_problems(engine: LLMEngine) -> Iterator[str]:
         if engine.requests.get(req.rid) is not req:
             yield f"request {req.rid} is queued but not the engine's"
     for queue, status in ((sched.running, RequestStatus.RUNNING),
-                          (sched.waiting, RequestStatus.WAITING)):  # fmt: skip
+                          (sched.waiting, RequestStatus.WAITING),
+                          (sched.swapped, RequestStatus.SWAPPED)):  # fmt: skip
         for req in queue:
             if req.status is not status:
                 yield f"request {req.rid} is {req.status.value} in the {status.value} queue"

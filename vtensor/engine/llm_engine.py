@@ -4,8 +4,9 @@
 plan to the requests (this module alone calls a ``Request``'s transitions) and
 to the arena (``_apply_kv``, the one place KV commands reach it), then queues
 the forward pass and the draw, whose tokens go into the device token table;
-``_read`` waits for a launched step's tokens; ``_apply_outputs`` appends them,
-checks stops and makes the outputs.
+``read_tokens`` (``launched.py``) waits for a launched step's tokens;
+``_apply_outputs`` appends them, checks stops and makes the outputs. With a host
+KV tier, ``_swap`` moves swapped requests and runs their copies (``swap_driver.py``).
 
 With async scheduling (the default on CUDA) the step launched in one call is
 read in the next, so step N+1 is launched, its inputs gathered from the token
@@ -26,8 +27,9 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -40,18 +42,20 @@ from .executor import StepExecutor, StepPlan
 from .input_processor import InputProcessor, ProcessedPrompt, Prompt, RequestError
 from .integrity import check_integrity
 from .kv_setup import SCRATCH_SLOT, prefix_cache_for
+from .launched import LaunchedStep, ReadToken, read_tokens
 from .memory_stats import MemoryStats, collect_memory, module_bytes
 from .output_processor import OutputProcessor
 from .outputs import FinishReason, StepOutput
 from .params import SamplingParams
 from .request import Request
 from .runner import SpanInput
-from .sampler import PendingSample, Sampler, SamplerRow
-from .scheduler import ScheduledSpan, Scheduler, SchedulerConfig, SchedulerOutput
+from .sampler import Sampler, SamplerRow
+from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .setup import load_tokenizer, model_config
 from .shared_pool import shared_config
 from .sleep import SleepMode
 from .stats import EngineStats, StepCounters, collect_stats
+from .swap_setup import swap_driver
 from .tp_driver import start_rank_zero, talking_to
 
 if TYPE_CHECKING:
@@ -60,24 +64,6 @@ if TYPE_CHECKING:
     from .shared_pool import EngineMember, SharedKVPool
 
 log = logging.getLogger("vtensor.engine")
-
-
-@dataclass(frozen=True)
-class LaunchedStep:
-    """A step queued on the device whose sampled tokens the host has not read."""
-
-    sampling: list[ScheduledSpan]  # the spans that sample, in the draw's row order
-    draw: PendingSample | None
-    needs_host_tokens: bool  # a row has penalties: its next draw needs these tokens
-
-
-@dataclass(frozen=True)
-class ReadToken:
-    """One sampled token as the host reads it."""
-
-    span: ScheduledSpan
-    token: int
-    logprob: dict[int, float] | None
 
 
 class LLMEngine:
@@ -114,7 +100,8 @@ class LLMEngine:
         sched = SchedulerConfig(
             config.max_num_seqs, config.max_num_batched_tokens, config.lookahead_tokens
         )
-        self.scheduler = Scheduler(sched, self.kv)
+        self.swap = swap_driver(config, self.model_config, self.arena, rt.dtype)  # None: off
+        self.scheduler = Scheduler(sched, self.kv, self.swap.planner if self.swap else None)
         self.inputs = InputProcessor(
             self.tokenizer, self.model_config.vocab_size, rt.max_model_len, self.kv.geometry
         )
@@ -264,9 +251,9 @@ class LLMEngine:
             )
             previous, self._inflight = self._inflight, None if read_now else launched
         with talking_to(self.workers):
-            tokens = self._read(previous)  # waits while `launched` runs on the GPU
+            tokens = read_tokens(previous)  # waits while `launched` runs on the GPU
             if read_now:
-                tokens += self._read(launched)
+                tokens += read_tokens(launched)
         # (the guard's last check: no token read from a step a lost worker broke is kept)
         with self.books_lock:
             outputs = self._apply_outputs(tokens)
@@ -286,13 +273,14 @@ class LLMEngine:
         table."""
         for req in out.preempted:
             req.preempt()
+        copy_in = None if self.swap is None else self._swap(out)  # swap off: nothing runs
         for a in out.admitted:
             a.req.admit(a.num_cached)
         inputs = [SpanInput.of(sp, self.kv.slot_of(sp.req.rid)) for sp in out.spans]
         plan = StepPlan(out.kv_commands, out.ahead_commands, inputs)
         if self.workers is not None and (inputs or plan.kv_commands or plan.ahead_commands):
             self.workers.send(plan)
-        forward = self.executor.run(plan)
+        forward = self.executor.run(plan, copy_in)
         if forward is None:
             return None
         sampling = [sp for sp in out.spans if sp.samples]
@@ -307,6 +295,20 @@ class LLMEngine:
         self.executor.mark_launched()
         needs_host = any(sp.req.params.has_penalties for sp in sampling)
         return LaunchedStep(sampling, draw, needs_host)
+
+    def _swap(self, out: SchedulerOutput) -> Callable[[], None] | None:
+        """Swap-outs copy now, before the plan's unmaps reach the arena; swap-ins copy in
+        the returned hook, once the executor has mapped their chunks (``swap_driver``).
+        Unswapped requests wait again before admissions (one may be admitted at once)."""
+        assert self.swap is not None
+        for req in out.unswapped:
+            req.unswap()
+        for p in out.swapped_out:
+            p.req.swap_out()
+        self.swap.copy_out(out.swapped_out)
+        for p in out.swapped_in:
+            p.req.swap_in()
+        return self.swap.copy_in_hook(out.swapped_in)
 
     def _settle_if_idle(self) -> None:
         """Releases emit KV commands outside a step; while requests remain, the next
@@ -338,16 +340,6 @@ class LLMEngine:
     def set_clock(self, clock: Clock) -> None:
         """The clock that idle times are measured on (tests and benchmarks control it)."""
         self.kv.idle.set_clock(clock)
-
-    def _read(self, step: LaunchedStep | None) -> list[ReadToken]:
-        """Wait for a launched step's tokens (the GIL is released while waiting)."""
-        if step is None or step.draw is None:
-            return []
-        sampled = step.draw.result()
-        return [
-            ReadToken(sp, token, logprob)
-            for sp, token, logprob in zip(step.sampling, sampled.tokens, sampled.logprobs)
-        ]
 
     def _apply_outputs(self, tokens: list[ReadToken]) -> list[StepOutput]:
         """Append each token to its request, check stops, make the outputs. A request
@@ -397,7 +389,9 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         with self.books_lock:
-            return collect_stats(self.counters, self.scheduler, self.kv, self.arena, self.pool)
+            return collect_stats(
+                self.counters, self.scheduler, self.kv, self.arena, self.pool, self.swap
+            )
 
     def memory_stats(self) -> MemoryStats:
         """The bytes this engine (rank 0) holds, by class (``memory_stats.py``); waits for
@@ -437,6 +431,8 @@ class LLMEngine:
         backend = self.pool.backend
         self.pool.close()
         backend.close()
+        if self.swap is not None:  # after the synchronize: no copy is in flight
+            self.swap.close()
         if self.lease is not None:  # after the pool is closed: its chunks are gone
             self.lease.budget.leave(self.lease)
         if self.offload is not None:  # after the synchronize: no copy is in flight

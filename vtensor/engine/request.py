@@ -32,6 +32,7 @@ from .params import SamplingParams
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"  # preempted with its KV in the host tier; keeps its slot
     FINISHED = "finished"
 
 
@@ -106,6 +107,23 @@ class Request:
         self._expect(RequestStatus.RUNNING)
         self.status, self.num_computed = RequestStatus.WAITING, 0
         self.num_preemptions += 1
+
+    def swap_out(self) -> None:
+        """Preempted with its KV copied to the host tier: it keeps ``num_computed``."""
+        self._expect(RequestStatus.RUNNING)
+        self.status = RequestStatus.SWAPPED
+        self.num_preemptions += 1
+
+    def swap_in(self) -> None:
+        """Its KV is copied back into its slot: it computes on from ``num_computed``."""
+        self._expect(RequestStatus.SWAPPED)
+        self.status = RequestStatus.RUNNING
+
+    def unswap(self) -> None:
+        """Its host copy was dropped (the pool could not take it back): it waits to be
+        recomputed from token 0, like a request preempted by recompute."""
+        self._expect(RequestStatus.SWAPPED)
+        self.status, self.num_computed = RequestStatus.WAITING, 0
 
     def advance(self, end: int, sampled: bool) -> None:
         """A step computing up to token ``end`` was launched; it may sample one more."""

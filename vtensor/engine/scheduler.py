@@ -1,5 +1,5 @@
 """Continuous batching with chunked prefill (a prompt is prefilled in spans), FCFS,
-and preemption by recompute.
+and preemption by recompute or by swap to the host KV tier.
 
 Torch-free: it moves :class:`Request` objects between the waiting queue and
 the running list, and keeps :class:`KVCacheManager` in step with them. It
@@ -16,8 +16,13 @@ One step, under a token budget:
    decoding). If the KV cache cannot grow (after reclaiming idle chunks and
    unlocked cache blocks), the newest running request is preempted — its slot
    idles, its computed blocks stay cached, and it goes back to the front of the
-   queue to be recomputed — until the growth fits. Nothing is dropped.
-2. Waiting requests are admitted in arrival order while the budget, a free
+   queue to be recomputed — until the growth fits. Nothing is dropped. With a
+   host KV tier the victim may be *swapped* instead (``swap_plan.py``): its
+   private chunks are copied to host memory, it keeps its slot and progress, and
+   it waits in the ``swapped`` queue.
+2. Swapped requests resume first, oldest first, while their chunks fit (fresh
+   chunks at the same indices; the engine copies their KV back before the
+   forward pass). Then waiting requests are admitted in arrival order while the budget, a free
    slot and free chunks allow (strict FCFS: the queue head blocks the rest).
    A request's longest cached prefix (whole blocks, at most all but its last
    token) is shared into its slot; its first span starts after it.
@@ -31,12 +36,14 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
-from vtensor.kvcache.manager import KVCacheManager, KVCommand
+from vtensor.kvcache.manager import KVCacheManager
 from vtensor.kvcache.prefix_cache import PrefixMatch
 
 from .request import Request, RequestStatus
+from .scheduler_output import Admission, ScheduledSpan, SchedulerOutput
+from .swap_plan import SwapPlan, SwapPlanner
 
 
 @dataclass(frozen=True)
@@ -52,57 +59,17 @@ class SchedulerConfig:
             raise ValueError("lookahead_tokens must be >= 0")
 
 
-@dataclass(frozen=True)
-class ScheduledSpan:
-    req: Request
-    start: int  # first token position computed this step
-    num_tokens: int
-    samples: bool  # the span reaches the end of the request, so a token is sampled
-
-    @classmethod
-    def next_of(cls, req: Request, start: int, num_tokens: int) -> ScheduledSpan:
-        """``num_tokens`` of ``req`` from ``start`` (fixed at scheduling time)."""
-        return cls(req, start, num_tokens, start + num_tokens == req.num_tokens)
-
-    @property
-    def end(self) -> int:
-        return self.start + self.num_tokens
-
-
-@dataclass(frozen=True)
-class Admission:
-    """A waiting request given a slot; its first ``num_cached`` tokens' KV came from the
-    prefix cache, so it computes from there."""
-
-    req: Request
-    num_cached: int
-
-
-@dataclass(frozen=True)
-class SchedulerOutput:
-    """One step's plan. The engine applies it: requests first (preempted, then
-    admitted, then each span's progress), then the KV commands, in this order."""
-
-    spans: list[ScheduledSpan]
-    preempted: list[Request] = field(default_factory=list)
-    admitted: list[Admission] = field(default_factory=list)
-    kv_commands: list[KVCommand] = field(default_factory=list)  # needed by this step
-    ahead_commands: list[KVCommand] = field(default_factory=list)  # for later steps
-
-    @property
-    def is_decode(self) -> bool:
-        return bool(self.spans) and all(sp.num_tokens == 1 for sp in self.spans)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(sp.num_tokens for sp in self.spans)
-
-
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(
+        self, config: SchedulerConfig, kv: KVCacheManager, swap: SwapPlanner | None = None
+    ) -> None:
         self.config = config
         self.kv = kv
+        self.swap = swap  # None: every preemption recomputes
         self.waiting: deque[Request] = deque()
+        self.swapped: deque[Request] = deque()  # preempted to the host tier, resumed first
+        self._swap_outs: list[SwapPlan] = []
+        self._unswapped: list[Request] = []
         self.running: list[Request] = []  # admission order: oldest first
         self.num_preemptions = 0
         self.prefix_queries = 0  # tokens of admitted requests (vLLM's prefix-cache queries)
@@ -114,7 +81,7 @@ class Scheduler:
         self.waiting.append(req)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     def schedule(self) -> SchedulerOutput:
         """Plan the next step. With nothing to run the plan is empty, but it still
@@ -136,12 +103,19 @@ class Scheduler:
                 break  # req preempted itself: nothing newer is left running
             spans.append(ScheduledSpan.next_of(req, req.num_computed, n))
             budget -= n
-        admitted = [] if preempted else self._admit(spans, budget)
+        admitted: list[Admission] = []
+        swapped_in: list[SwapPlan] = []
+        if not preempted:
+            if self.swapped:  # only with a host tier
+                budget = self._resume(spans, budget, swapped_in)
+            if not self.swapped:  # FCFS: swapped requests are older than the queue
+                admitted = self._admit(spans, budget)
         self.kv.check_writes((sp.req.rid, sp.start, sp.end) for sp in spans)
         kv_commands = self.kv.take_commands()
         self._map_ahead(spans)
         self._premap_waiting()
-        return SchedulerOutput(spans, preempted, admitted, kv_commands, self.kv.take_commands())
+        out = SchedulerOutput(spans, preempted, admitted, kv_commands, self.kv.take_commands())
+        return out if self.swap is None else self._with_swaps(out, swapped_in)
 
     def remove(self, req: Request) -> None:
         """Take a finishing (or aborted) request out of the queues; its slot idles with
@@ -152,6 +126,11 @@ class Scheduler:
             self.kv.release(req.rid)
         elif req.status is RequestStatus.WAITING:
             self.waiting.remove(req)
+        elif req.status is RequestStatus.SWAPPED:
+            assert self.swap is not None
+            self.swapped.remove(req)
+            self.swap.drop(req)
+            self.kv.release(req.rid)
 
     # ---------------------------------------------------------------- private
     def _grow_or_preempt(self, req: Request, tokens: int, preempted: list[Request]) -> bool:
@@ -174,9 +153,60 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self._offer(req)  # its prefix stays cached: recomputing it is a hit
-        self.kv.release(req.rid)
         self.num_preemptions += 1
+        plan = self.swap.swap_out(self.kv, req) if self.swap is not None else None
+        if plan is not None:  # its private chunks go to the host tier; it keeps its slot
+            self._swap_outs.append(plan)
+            self.swapped.appendleft(req)
+            return
+        self.kv.release(req.rid)
         self.waiting.appendleft(req)
+
+    def _resume(self, spans: list[ScheduledSpan], budget: int, out: list[SwapPlan]) -> int:
+        """Swap requests back in, oldest first, while their chunks fit (keeping a chunk
+        per running request, as admission does); each computes on from where it was.
+        Returns the budget left."""
+        while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            assert self.swap is not None
+            req = self.swapped[0]
+            n = min(req.num_tokens - req.num_computed, budget)
+            plan = self.swap.swap_in(self.kv, req, req.num_computed + n, len(self.running))
+            if plan is None:
+                if self.running:
+                    break  # running requests will finish and free chunks
+                # Nothing runs, so nothing frees chunks: swapped requests' pinned cached
+                # fronts hold the pool. The newest gives its KV up and recomputes.
+                self._unswap(self.swapped[-1])
+                continue
+            self.swapped.popleft()
+            self.running.append(req)
+            out.append(plan)
+            spans.append(ScheduledSpan.next_of(req, req.num_computed, n))
+            budget -= n
+        return budget
+
+    def _with_swaps(self, out: SchedulerOutput, swapped_in: list[SwapPlan]) -> SchedulerOutput:
+        """The step's swap plans; ``preempted`` keeps only the recomputed victims."""
+        swapped_out, self._swap_outs = self._swap_outs, []
+        unswapped, self._unswapped = self._unswapped, []
+        swapped_ids = {id(p.req) for p in swapped_out}
+        return replace(
+            out,
+            preempted=[r for r in out.preempted if id(r) not in swapped_ids],
+            swapped_out=swapped_out,
+            swapped_in=swapped_in,
+            unswapped=unswapped,
+        )
+
+    def _unswap(self, req: Request) -> None:
+        """A swapped request drops its host copy and slot and waits to be recomputed."""
+        assert self.swap is not None
+        self.swapped.remove(req)
+        self.swap.drop(req)
+        self.swap.decisions.dropped += 1
+        self.kv.release(req.rid)
+        self.waiting.appendleft(req)
+        self._unswapped.append(req)
 
     def _admit(self, spans: list[ScheduledSpan], budget: int) -> list[Admission]:
         """Admit waiting requests FCFS within ``budget``; each computes from the end of

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from vtensor.kvcache.arena import KVArena
 from vtensor.kvcache.manager import KVCacheManager
 from vtensor.memory import ChunkPool
 
 from .scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from .swap_driver import SwapDriver
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,16 @@ class EngineStats:
     prefix_cache_chunks: int = 0  # chunks the prefix cache holds now
     prefix_cache_blocks: int = 0
     prefix_cache_evicted_chunks: int = 0  # freed by evicting cache blocks
+    swapped: int = 0  # requests whose KV is in the host tier
+    swap_out_bytes: int = 0
+    swap_in_bytes: int = 0
+    swap_out_s: float = 0.0
+    swap_in_s: float = 0.0
+    host_tier_used_chunks: int = 0
+    host_tier_capacity_chunks: int = 0  # 0: no host tier (swap_space_bytes 0)
+    swap_preemptions: int = 0  # preemptions that swapped (the rest recomputed)
+    swap_tier_full: int = 0  # swaps the cost model chose that a full host tier refused
+    swap_dropped: int = 0  # swapped requests recomputed after all (scheduler._resume)
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -70,11 +84,12 @@ def collect_stats(
     kv: KVCacheManager,
     arena: KVArena,
     pool: ChunkPool,
+    swap_driver: SwapDriver | None = None,
 ) -> EngineStats:
     geo, usage = kv.geometry, kv.usage()
     live = sum(s.num_computed for s in scheduler.running) * geo.bytes_per_token
     arena_stats, pool_stats = arena.stats(), pool.stats()
-    return EngineStats(
+    stats = EngineStats(
         running=len(scheduler.running),
         waiting=len(scheduler.waiting),
         preemptions=scheduler.num_preemptions,
@@ -98,4 +113,24 @@ def collect_stats(
         prefix_cache_chunks=usage.cached_chunks,
         prefix_cache_blocks=kv.cache.stats().blocks,
         prefix_cache_evicted_chunks=kv.evicted_chunks,
+    )
+    return stats if swap_driver is None else _with_swap(stats, swap_driver, scheduler)
+
+
+def _with_swap(stats: EngineStats, driver: SwapDriver, scheduler: Scheduler) -> EngineStats:
+    """The host KV tier's counters (``swap_space_bytes`` > 0)."""
+    swap, tier = driver.stats()
+    decisions = driver.planner.decisions
+    return replace(
+        stats,
+        swapped=len(scheduler.swapped),
+        swap_out_bytes=swap.out_bytes,
+        swap_in_bytes=swap.in_bytes,
+        swap_out_s=swap.out_s,
+        swap_in_s=swap.in_s,
+        host_tier_used_chunks=tier.used_slots,
+        host_tier_capacity_chunks=tier.capacity_slots,
+        swap_preemptions=decisions.swaps,
+        swap_tier_full=decisions.tier_full,
+        swap_dropped=decisions.dropped,
     )

@@ -273,7 +273,7 @@ class KVCacheManager:
             return True
         self._set_asked(slot, have)  # its own chunks are not surplus to reclaim
         need = want - have
-        if not self._make_room(need, steal):
+        if not self._reclaimer.make_room(need, steal):
             self._set_asked(slot, asked)
             return False
         self.books.map_fresh(slot, need)
@@ -320,6 +320,13 @@ class KVCacheManager:
         self._idle.add(slot)
         self._released[slot] = self._releases = self._releases + 1
         self.idle.on_idle(slot)  # the watermark binds at once: the oldest idle slots lose
+
+    def shrink(self, rid: int, chunks: int) -> None:
+        """Unmap ``rid``'s chunks from index ``chunks`` on; it keeps its slot (not idle)
+        and asks for ``chunks`` (a swap-out: ``swap_chunks.py``)."""
+        slot = self._owner[rid]
+        self._set_asked(slot, chunks)
+        self.books.truncate(slot, chunks)
 
     def reclaim_idle(self) -> int:
         """Bounded deferred reclamation (``idle_reclaim.py``): unmap what idle slots keep
@@ -402,25 +409,6 @@ class KVCacheManager:
         block = self.geometry.cache_block()
         if cache.enabled and block != (cache.block_tokens, cache.block_chunks):
             raise ValueError(f"the cache's blocks must be {block} (tokens, chunks)")
-
-    def _make_room(self, need: int, steal: bool) -> bool:
-        """Make ``need`` chunks free. Own free chunks; on a shared budget, then the
-        unallocated budget and the grant other engines do not use; then (``steal``)
-        reclaimable chunks: the other engines' first when ours do not cover the
-        shortfall, then ours. False if it falls short (chunks reclaimed so far stay
-        freed: they were reclaimable, nothing is lost)."""
-        lease = self.lease
-        if need > self.free_chunks and lease is not None:
-            lease.pull(need - self.free_chunks, reclaim=False)
-        short = need - self.free_chunks
-        if short <= 0:
-            return True
-        if not steal:
-            return False
-        if lease is not None and short > self.reclaimable_chunks:
-            lease.pull(short - self.reclaimable_chunks, reclaim=True)
-            short = need - self.free_chunks
-        return short <= 0 or self._reclaimer.reclaim(short)
 
     def _new_pins(self, tokens: int, hit: PrefixMatch) -> int:
         pinned = sum(1 for c in hit.chunks if self.books.is_pinned(c))

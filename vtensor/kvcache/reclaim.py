@@ -1,8 +1,9 @@
 """Reclaim: free chunks that nothing pins, cheapest loss first (torch-free).
 
-Part of the KV manager (it reads and changes the manager's books). Under
-pressure, chunks are freed in this order, all of it before the scheduler
-preempts a running request:
+Part of the KV manager (it reads and changes the manager's books). To make
+room (``make_room``) the manager takes its free chunks first, then, on a shared
+budget (``shared_budget.py``), what its lease can pull; then chunks are freed
+in this order, all of it before the scheduler preempts a running request:
 
 1. **private tails** of idle slots (largest first) and of running slots' surplus:
    chunks no one else holds and no cache block keeps, so nothing cached is lost;
@@ -30,6 +31,25 @@ class Reclaimer:
     def __init__(self, kv: KVCacheManager) -> None:
         self.kv = kv
         self.evicted_chunks = 0  # chunks of evicted cache blocks, over its life
+
+    def make_room(self, need: int, steal: bool) -> bool:
+        """Make ``need`` chunks free. Own free chunks; on a shared budget, then the
+        unallocated budget and the grant other engines do not use; then (``steal``)
+        reclaimable chunks: the other engines' first when ours do not cover the
+        shortfall, then ours. False if it falls short (chunks reclaimed so far stay
+        freed: they were reclaimable, nothing is lost)."""
+        kv, lease = self.kv, self.kv.lease
+        if need > kv.free_chunks and lease is not None:
+            lease.pull(need - kv.free_chunks, reclaim=False)
+        short = need - kv.free_chunks
+        if short <= 0:
+            return True
+        if not steal:
+            return False
+        if lease is not None and short > kv.reclaimable_chunks:
+            lease.pull(short - kv.reclaimable_chunks, reclaim=True)
+            short = need - kv.free_chunks
+        return short <= 0 or self.reclaim(short)
 
     def reclaim(self, need: int) -> bool:
         """Free ``need`` chunks; False (nothing done) if fewer are reclaimable."""

@@ -140,7 +140,9 @@ class ServerMetrics:
             ("prefix_cache_evicted_chunks_total", "KV chunks freed by evicting cached blocks",
              stats.prefix_cache_evicted_chunks),
         ]  # fmt: skip
-        gauges += _memory_gauges(memory) if memory is not None else []
+        swap_gauges, swap_counters = _swap_metrics(stats)
+        gauges += swap_gauges + (_memory_gauges(memory) if memory is not None else [])
+        counters += swap_counters
         lines: list[str] = []
         for name, help_text, value in gauges:
             lines += _scalar(f"vtensor_{name}", help_text, "gauge", value)
@@ -177,6 +179,30 @@ class ServerMetrics:
             )
             lines += self.e2e.render("vtensor_e2e_request_latency_seconds", "Request latency")
         return lines
+
+
+def _swap_metrics(
+    stats: EngineStats,
+) -> tuple[list[tuple[str, str, float]], list[tuple[str, str, float]]]:
+    """The host KV tier's gauges and counters (``--swap-space``; capacity 0 when off)."""
+    gauges: list[tuple[str, str, float]] = [
+        ("requests_swapped", "Requests whose KV is in the host tier", stats.swapped),
+        ("host_tier_chunks_in_use", "Host KV tier chunks holding swapped KV",
+         stats.host_tier_used_chunks),
+        ("host_tier_chunks_capacity", "Host KV tier chunks (--swap-space)",
+         stats.host_tier_capacity_chunks),
+    ]  # fmt: skip
+    counters: list[tuple[str, str, float]] = [
+        ("swap_out_bytes_total", "KV bytes copied to the host tier", stats.swap_out_bytes),
+        ("swap_in_bytes_total", "KV bytes copied back from the host tier", stats.swap_in_bytes),
+        ("swap_out_seconds_total", "Time copying KV to the host tier", stats.swap_out_s),
+        ("swap_in_seconds_total", "Time copying KV back from the host tier", stats.swap_in_s),
+        ("swap_preemptions_total", "Preemptions that swapped instead of recomputing",
+         stats.swap_preemptions),
+        ("swap_tier_full_total", "Swaps refused by a full host tier (recomputed)",
+         stats.swap_tier_full),
+    ]  # fmt: skip
+    return gauges, counters
 
 
 def _memory_gauges(m: MemoryStats) -> list[tuple[str, str, float]]:
