@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import random
 
-from vtensor.engine.params import SamplingParams
 from vtensor.engine.kv_setup import spare_slots
+from vtensor.engine.params import SamplingParams
 from vtensor.engine.request import Request
 from vtensor.engine.scheduler import Scheduler, SchedulerConfig
 from vtensor.kvcache.commands import KVCommand, MapCachedCommand

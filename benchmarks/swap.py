@@ -1,10 +1,12 @@
 """Issue 14's memory-bound workload: recompute-only against swap to the host KV tier,
 in one process, on one engine (the preemption mode is switched between passes).
 
-Llama-3-8B shape (random bf16 weights), the KV pool capped at ``--kv-gib`` (8),
-prompts of ~1.9k-7.7k tokens (``--input-len`` 4800 +-60%), 256 +-60% output tokens
-(the longest request, 7680 + 409 tokens, fits the shape's 8192-token context), Poisson
-arrivals at ``--rate`` (near saturation for this pool). Per pass: throughput, TTFT and
+Llama-3-8B shape (random bf16 weights), the KV pool capped at ``--kv-gib`` (4),
+64 prompts of ~1.8k-7.2k tokens (``--input-len`` 4500 +-60%), 512 +-60% output tokens
+(the longest request, 7200 + 819 tokens, fits the shape's 8192-token context), Poisson
+arrivals at ``--rate`` 6/s, past saturation for this pool: requests grow into each
+other and preempt. (The first defaults, 8 GiB, 48 prompts of 256 out at 2/s, never
+preempted on an H100: the comparison was void.) Per pass: throughput, TTFT and
 TPOT p50/p99, preemptions (swapped / recomputed), swap GB/s out and in against the
 pinned copy ceiling measured in the same run, and the memory held: GPU (the device's
 peak use by ``cudaMemGetInfo``, the KV pool's peak chunks, the engine's classes at the
@@ -14,7 +16,7 @@ every swapped chunk is then private (the copy moves the whole KV).
 The run fails (exit 1, after the results are written) unless every pass preempted and
 the swap pass really swapped out and back in: otherwise it compared nothing.
 
-python3 benchmarks/swap.py --out benchmarks/results/swap_h100.json   # ~3-4 min on an H100
+python3 benchmarks/swap.py --out benchmarks/results/swap_h100.json   # ~3 min on an H100
 """
 
 from __future__ import annotations
@@ -44,13 +46,13 @@ def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama3-8b", help="'' for the embedded tiny model")
     ap.add_argument("--device", default=None, help="cpu: a smoke run of this script")
-    ap.add_argument("--kv-gib", type=float, default=8.0)
+    ap.add_argument("--kv-gib", type=float, default=4.0)
     ap.add_argument("--swap-gib", type=float, default=16.0)
-    ap.add_argument("--rate", type=float, default=2.0, help="requests/s (Poisson)")
-    ap.add_argument("--num-prompts", type=int, default=48)
-    ap.add_argument("--input-len", type=int, default=4800)
+    ap.add_argument("--rate", type=float, default=6.0, help="requests/s (Poisson)")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=4500)
     ap.add_argument("--range-ratio", type=float, default=0.6)
-    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--output-len", type=int, default=512)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument(
         "--modes",
