@@ -1,5 +1,6 @@
 """Where a decode step spends its time (issue 11): torch.profiler over 20 engine steps of
-exactly ``batch`` requests at context 1024, CUDA-graph decode, async scheduling.
+exactly ``batch`` requests at context 1024, CUDA-graph decode, async scheduling. The
+shape is ``$SHAPE`` (llama3-8b), at tensor-parallel size ``$TP`` (1; rank 0 is profiled).
 
 Prints the step time (``decode_steps``, as ``bench offline`` times it), the GPU span and
 busy time per step, the gaps between kernels, and the kernels by total time; writes the
@@ -26,11 +27,13 @@ from vtensor.engine.config import EngineConfig
 from vtensor.engine.llm_engine import LLMEngine
 
 STEPS, CTX = 20, 1024
+SHAPE = os.environ.get("SHAPE", "llama3-8b")
+TP = int(os.environ.get("TP", "1"))  # under tensor parallelism: rank 0's kernels
 
 
 def trace(batch: int, path: str) -> None:
-    cfg = EngineConfig(shape="llama3-8b", device="cuda", max_num_seqs=max(8, batch),
-                       max_model_len=4096, enable_prefix_caching=False)  # fmt: skip
+    cfg = EngineConfig(shape=SHAPE, device="cuda", max_num_seqs=max(8, batch), max_model_len=4096,
+                       enable_prefix_caching=False, tensor_parallel_size=TP)  # fmt: skip
     with LLMEngine(cfg) as engine:
         r = decode_steps(engine, batch, CTX, 64)
         print(f"batch {batch}: step {r['step_ms']:.3f} ms; weights "
