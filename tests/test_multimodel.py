@@ -26,8 +26,10 @@ def two_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]
     return str(a), str(b)
 
 
-def greedy(max_tokens: int) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+def greedy(max_tokens: int, logprobs: int | None = None) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=logprobs
+    )
 
 
 def run_interleaved(engines: list[Any], prompts: list[list[list[int]]], max_tokens: int) -> list:
@@ -41,28 +43,32 @@ def run_interleaved(engines: list[Any], prompts: list[list[list[int]]], max_toke
 
 
 def each_alone(
-    make_llm: Callable[..., Any], paths: Any, prompts: list[Any], max_tokens: int, **kw: Any
-) -> list:
-    """The reference: each model's greedy tokens from an engine of its own (``kw``)."""
-    alone = []
-    for path, ps in zip(paths, prompts):
-        llm = make_llm(path, **kw)
-        alone.append([o.outputs[0].token_ids for o in llm.generate(ps, greedy(max_tokens))])
-    return alone
+    make_llm: Callable[..., Any],
+    paths: Any,
+    prompts: list[Any],
+    params: SamplingParams,
+    **kw: Any,
+) -> list[list[Any]]:
+    """The reference: each model's outputs from an engine of its own (``kw``)."""
+    return [make_llm(path, **kw).generate(ps, params) for path, ps in zip(paths, prompts)]
+
+
+def token_ids(outputs: list[list[Any]]) -> list[list[list[int]]]:
+    """Per model, each request's generated tokens."""
+    return [[o.outputs[0].token_ids for o in outs] for outs in outputs]
 
 
 def generate_on_threads(
-    llms: list[Any], prompts: list[Any], max_tokens: int, timeout: float
-) -> list:
-    """Each ``LLM`` generates its prompts greedily on a thread of its own, all at once,
-    as the server's engines step; the tokens per model (an error in a thread fails)."""
+    llms: list[Any], prompts: list[Any], params: SamplingParams, timeout: float
+) -> list[list[Any]]:
+    """Each ``LLM`` generates its prompts on a thread of its own, all at once, as the
+    server's engines step; the outputs per model (an error in a thread fails)."""
     got: list[Any] = [None] * len(llms)
     errors: list[BaseException] = []
 
     def run(i: int) -> None:
         try:
-            outs = llms[i].generate(prompts[i], greedy(max_tokens))
-            got[i] = [o.outputs[0].token_ids for o in outs]
+            got[i] = llms[i].generate(prompts[i], params)
         except BaseException as exc:  # reported below, not lost in the thread
             errors.append(exc)
 
@@ -88,7 +94,9 @@ def test_interleaved_requests_match_each_model_alone(
 ) -> None:
     paths = list(two_checkpoints)
     prompts = [random_prompts(6, 512, 3, 60), random_prompts(6, 512, 3, 60)]
-    alone = each_alone(make_llm, paths, prompts, 20, kv_cache_bytes=96 * CHUNK, **COMMON)
+    alone = token_ids(
+        each_alone(make_llm, paths, prompts, greedy(20), kv_cache_bytes=96 * CHUNK, **COMMON)
+    )
     pool = SharedKVPool(96 * CHUNK, device="cpu")
     shared = [make_llm(p, kv_pool=pool, **COMMON) for p in paths]
     got = run_interleaved([s.engine for s in shared], prompts, 20)
@@ -153,10 +161,13 @@ def test_two_engine_threads_on_one_pool_match_each_model_alone(
     steps, or through an ask it serves at its next step); the tokens stay each model's."""
     paths = list(two_checkpoints)
     prompts = [random_prompts(6, 512, 40, 56), random_prompts(6, 512, 40, 56)]
-    alone = each_alone(make_llm, paths, prompts, 16, kv_cache_bytes=budget_chunks * CHUNK, **COMMON)
+    budget = budget_chunks * CHUNK
+    alone = token_ids(
+        each_alone(make_llm, paths, prompts, greedy(16), kv_cache_bytes=budget, **COMMON)
+    )
     pool = SharedKVPool(budget_chunks * CHUNK, device="cpu")
     shared = [make_llm(p, kv_pool=pool, **COMMON) for p in paths]
-    assert generate_on_threads(shared, prompts, 16, timeout=120) == alone
+    assert token_ids(generate_on_threads(shared, prompts, greedy(16), timeout=120)) == alone
     assert_leases_hold(pool, shared)
 
 

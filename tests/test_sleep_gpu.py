@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.checkpoints import make_checkpoint, random_prompts
+from tests.greedy_walk import assert_greedy_close
 from tests.test_attention_backends_gpu import _walk, count_replays
 from tests.test_memory_gpu import SHAPE, MiB, free_bytes  # the same small model
 from vtensor import SamplingParams
@@ -68,9 +69,8 @@ def test_graphs_replay_after_wake_token_for_token(
     reference = eager.generate(prompts, params)
     for x, y in zip(before, after):
         assert x.outputs[0].token_ids == y.outputs[0].token_ids
-    if dtype == "float32":
-        for x, z in zip(after, reference):
-            assert x.outputs[0].token_ids == z.outputs[0].token_ids
+    if dtype == "float32":  # graphs and eager launch other GEMM shapes: a near-tie may flip
+        assert_greedy_close(after, reference, f"fp32 graphs after a level-{level} wake vs eager")
     else:
         _walk(after, reference, f"bf16 graphs after a level-{level} wake vs eager")
 
