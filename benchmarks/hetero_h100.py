@@ -49,7 +49,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--contexts", default="4096,16384,32768")
     ap.add_argument("--shares", default="0,0.1,0.25,0.5", help="host-located share; 0 first")
-    ap.add_argument("--budget-s", type=float, default=270.0, help="skip what starts later")
+    ap.add_argument("--budget-s", type=float, default=200.0, help="skip what starts later")
     ap.add_argument("--probe", action="store_true", help="(internal) the child's probe")
     return ap.parse_args()
 
@@ -108,6 +108,9 @@ def device_info() -> dict[str, Any]:
 
     from vtensor.memory.cuda_location import device_attribute, driver_version
 
+    torch.cuda.init()
+    if int(cu.cuInit(0)[0]) != 0:
+        raise RuntimeError("cuInit failed")
     dev = cu.cuDeviceGet(0)[1]
     attrs = (
         "CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID",
@@ -144,11 +147,17 @@ class Run:
         print(f"ERROR {where}: {type(exc).__name__}: {exc}", flush=True)
 
 
-def warm(pool: ChunkPool, n: int) -> dict[str, float]:
-    """Create ``n`` chunks now (timed), so the sweep's remaps pay no ``cuMemCreate``."""
+def warm(run: Run, pool: ChunkPool, n: int) -> dict[str, float]:
+    """Create ``n`` chunks now (timed), so the sweep's remaps pay no ``cuMemCreate``. A
+    failure (host memory short, say) is recorded; the remaps that need more then fail,
+    recorded too."""
     t = time.perf_counter()
-    made = pool.warm(n)
+    try:
+        pool.warm(n)
+    except Exception as exc:
+        run.error(f"creating {n} {pool.backend.location} chunks", exc)
     s = time.perf_counter() - t
+    made = pool.stats().created
     return {"chunks": made, "s": round(s, 3), "us_per_chunk": round(s / max(made, 1) * 1e6, 1)}
 
 
@@ -163,7 +172,12 @@ def sweep(run: Run, h: HeteroArena, ws: DecodeWorkspace, key: str, points: Any) 
                 run.res["skipped"].append(f"{key} ctx {ctx} share {share}: time budget")
                 continue
             t = time.perf_counter()
-            h.set_host_chunks(host)
+            try:
+                h.set_host_chunks(host)  # remaps, then asks the driver where each chunk lives
+            except Exception as exc:  # a failed remap or check ends this sweep, recorded
+                run.error(f"{key} remap ctx {ctx} share {share}", exc)
+                run.save()
+                return
             remap_s = time.perf_counter() - t
             for batch in batches:
                 try:
@@ -184,7 +198,10 @@ def main() -> int:
     if args.probe:
         return probe()
     run = Run(args)
-    run.res["device"] = device_info()
+    try:
+        run.res["device"] = device_info()
+    except Exception as exc:  # informational only
+        run.error("device_info", exc)
     run.res["probe"] = found = run_probe()
     print("probe:", json.dumps(found), flush=True)
     run.save()
@@ -205,8 +222,8 @@ def main() -> int:
         "host_location": asdict(host_b.chunk_location),
         "chunk_size": dev_b.chunk_size,
         "sweep_layout": {"layers": args.layers, "bytes_per_token": layout.bytes_per_token},
-        "device_create": warm(dev, layout.num_slots * per_slot),
-        "host_create": warm(host, host_need),
+        "device_create": warm(run, dev, layout.num_slots * per_slot),
+        "host_create": warm(run, host, host_need),
     }
     print("memory:", json.dumps(run.res["memory"]), flush=True)
     rates = copy_rates(host, torch.device("cuda", 0))
