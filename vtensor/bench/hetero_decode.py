@@ -18,6 +18,7 @@ a replay reads >= 256 MiB where the layers allow, so no call finds its K/V in L2
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -85,23 +86,27 @@ class HeteroArena:
         per_chunk = self.cs // self.layout.bytes_per_token  # whole tokens: slots are aligned
         t0, t1 = lo * per_chunk, min(hi * per_chunk, self.layout.max_tokens)
         self.arena.tensor[:, t0:t1].normal_()
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def verify(self) -> None:
-        """The driver agrees, chunk by chunk: ``[0, host_chunks)`` of each slot is
-        host-located, the rest device-located, and the device may access all of it."""
+        """Chunk by chunk, ``[0, host_chunks)`` of each slot is the host pool's and the
+        rest the device pool's; on CUDA the driver agrees (asked by address: host- or
+        device-located) and the device may read and write all of it."""
         backend = self.dev_pool.backend
-        assert isinstance(backend, CudaBackend)
+        cuda = backend if isinstance(backend, CudaBackend) else None
         for slot in range(self.layout.num_slots):
             for i in range(self.slot_chunks):
                 index = slot * self.slot_chunks + i
-                va = self.vt.va + index * self.cs
                 want = "host" if i < self.host_chunks else "device"
-                got = backend.location_at(va).kind
-                owner = self.vt.owner(index)
-                if got != want or (owner is self.host_pool) != (want == "host"):
-                    raise AssertionError(f"slot {slot} chunk {i}: driver says {got}, want {want}")
-                if not backend.device_can_access(va):
+                owner = "host" if self.vt.owner(index) is self.host_pool else "device"
+                va = self.vt.va + index * self.cs
+                got = cuda.location_at(va).kind if cuda else owner
+                if got != want or owner != want:
+                    raise AssertionError(
+                        f"slot {slot} chunk {i}: pool {owner}, driver {got}, want {want}"
+                    )
+                if cuda and not cuda.device_can_access(va):
                     raise AssertionError(f"slot {slot} chunk {i}: no device read/write access")
 
     def close(self) -> None:
@@ -109,10 +114,14 @@ class HeteroArena:
 
 
 def time_decode(
-    h: HeteroArena, batch: int, ctx: int, workspace: DecodeWorkspace, layers: int | None = None
+    h: HeteroArena,
+    batch: int,
+    ctx: int,
+    workspace: DecodeWorkspace,
+    timer: Callable[[Sequence[Callable[[], object]]], float] = graph_ms,
 ) -> DecodeTime:
     """ms per decode call over ``batch`` requests (slots ``0..batch-1``) of ``ctx``
-    tokens, one layer per call, CUDA-graph replayed (see the module doc)."""
+    tokens, one layer per call, CUDA-graph replayed (``timer``; see the module doc)."""
     lay = h.layout
     if batch > lay.num_slots or ctx > lay.max_tokens:
         raise ValueError(f"batch {batch} x ctx {ctx} does not fit {lay}")
@@ -122,14 +131,14 @@ def time_decode(
     lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
     out = torch.empty_like(q)
     call_bytes = batch * ctx * 2 * lay.num_kv_heads * lay.head_dim * lay.itemsize
-    rot = rotation(call_bytes, layers or lay.num_layers)
+    rot = rotation(call_bytes, lay.num_layers)
     views = h.arena.views[:rot]
 
     def call(k: torch.Tensor, v: torch.Tensor) -> object:
         return decode_attention(q, k, v, rows, lens, ctx, out=out, workspace=workspace)
 
     calls = [functools.partial(call, k, v) for k, v in views]
-    ms = graph_ms(calls)
+    ms = timer(calls)
     if not torch.isfinite(out.float()).all():
         raise AssertionError(f"decode output not finite at batch {batch}, ctx {ctx}")
     n_chunks = h.chunks_for(ctx)
