@@ -139,15 +139,23 @@ def test_probe_falls_back_to_plain_host_with_a_chunk_both_granularities_divide()
 
 
 def test_unsupported_host_location_is_a_clear_error_naming_what_was_tried() -> None:
-    told_no = ScriptedDriver({NUMA, HOST}, {NUMA_VMM: 0, HOST_VMM: 0})
-    with pytest.raises(HostLocationUnsupportedError, match=NUMA_VMM) as info:
-        host_placement(told_no, 0, 2 * MiB)
-    assert HOST_VMM in str(info.value) and "driver 13000" in str(info.value)
-    assert told_no.created == []  # the device said no: nothing created
-    refused = ScriptedDriver(set(), {})
-    with pytest.raises(HostLocationUnsupportedError, match="CUDA_ERROR_NOT_SUPPORTED"):
+    refused = ScriptedDriver(set(), {NUMA_VMM: 0, HOST_VMM: 0})
+    with pytest.raises(HostLocationUnsupportedError, match="CUDA_ERROR_NOT_SUPPORTED") as info:
         host_placement(refused, 0, 2 * MiB)
-    assert refused.created == [] and refused.released == []
+    msg = str(info.value)
+    assert f"{NUMA_VMM} = 0" in msg and f"{HOST_VMM} = 0" in msg and "driver 13000" in msg
+    assert NUMA in msg and HOST in msg
+    assert refused.created == [] and refused.released == []  # nothing was left behind
+    unknown = ScriptedDriver(set(), {})  # attributes this driver does not know: None
+    with pytest.raises(HostLocationUnsupportedError, match=f"{HOST_VMM} = None"):
+        host_placement(unknown, 0, 2 * MiB)
+
+
+def test_the_real_call_decides_not_the_support_attribute() -> None:
+    """A device reporting no support, whose driver still creates the chunk: used (the GPU
+    probe then checks the bytes); the attribute is only reported on failure."""
+    cu = ScriptedDriver({NUMA}, {NUMA_VMM: 0})
+    assert host_placement(cu, 0, 2 * MiB).location == ChunkLocation(NUMA, 0)
 
 
 def test_location_and_access_queries_read_the_driver() -> None:

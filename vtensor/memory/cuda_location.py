@@ -100,7 +100,9 @@ def host_placement(
     """The first host location this driver creates chunks in: the device's host NUMA
     node (``numa_id`` overrides it; 0 where the device reports none), else plain host
     memory. Each candidate is probed with a real ``cuMemCreate`` + ``cuMemRelease`` of
-    one chunk, so an unsupported combination fails here, clearly, not at a later map."""
+    one chunk, so an unsupported combination fails here, clearly, not at a later map.
+    The real call decides, not the device's support attribute, which the error reports
+    (an attribute a driver does not know reads None)."""
     if numa_id is None:
         numa_id = max(0, device_attribute(cu, dev, "CU_DEVICE_ATTRIBUTE_HOST_NUMA_ID") or 0)
     candidates = (
@@ -112,16 +114,14 @@ def host_placement(
         if not hasattr(cu.CUmemLocationType, type_name):
             tried.append(f"{type_name}: not in this cuda-bindings")
             continue
-        if device_attribute(cu, dev, support) == 0:  # None: the driver cannot say; probe
-            tried.append(f"{type_name}: the device reports {support} = 0")
-            continue
         prop = allocation_prop(cu, type_name, loc_id)
         try:
             size = math.lcm(granularity(cu, prop), device_granularity)
             handle = check("cuMemCreate", cu.cuMemCreate(size, prop, 0))
             check("cuMemRelease", cu.cuMemRelease(handle))
         except CudaDriverError as exc:
-            tried.append(f"{type_name}(id={loc_id}): {exc}")
+            said = device_attribute(cu, dev, support)
+            tried.append(f"{type_name}(id={loc_id}): {exc} [{support} = {said}]")
             continue
         return HostPlacement(prop, ChunkLocation(type_name, loc_id), size)
     raise HostLocationUnsupportedError("; ".join(tried) + f" (driver {driver_version(cu)})")
