@@ -226,7 +226,8 @@ def main() -> int:
         "host_create": warm(run, host, host_need),
     }
     print("memory:", json.dumps(run.res["memory"]), flush=True)
-    rates = copy_rates(host, torch.device("cuda", 0))
+    rates, copy_errors = copy_rates(host, torch.device("cuda", 0))
+    run.res["errors"] += [f"copy {e}" for e in copy_errors]
     run.res["copy"] = rates_table(rates)
     for r in run.res["copy"]:
         print(json.dumps(r), flush=True)

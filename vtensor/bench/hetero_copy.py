@@ -59,14 +59,17 @@ def _reps(nbytes: int) -> int:
     return max(10, min(100, (512 * MiB) // nbytes))  # ~0.5 GB per measurement, 10-100 copies
 
 
-def copy_rates(host_pool: ChunkPool, device: torch.device) -> list[CopyRate]:
-    """Every method, direction and size of :data:`SIZES` (see the module doc).
+def copy_rates(host_pool: ChunkPool, device: torch.device) -> tuple[list[CopyRate], list[str]]:
+    """Every method, direction and size of :data:`SIZES` (see the module doc), and the
+    errors of those that failed (each is tried on its own; a failure that leaves the
+    device unusable propagates from the synchronize after it).
     ``host_pool``: a pool of host-located CUDA chunks on ``device``."""
     top = max(SIZES)
     dev = torch.empty(top, dtype=torch.uint8, device=device)
     dev.random_(0, 256)
     pinned_mem = PinnedHostMemory(pin=True)
     out: list[CopyRate] = []
+    errors: list[str] = []
     with VirtualTensor(host_pool, top) as vt:
         vt.map(0, top)
         vmm = vt.view(torch.uint8, (top,))
@@ -78,13 +81,21 @@ def copy_rates(host_pool: ChunkPool, device: torch.device) -> list[CopyRate]:
                 reps = _reps(n)
                 calls = _calls(dev[:n], pinned[:n], vmm[:n])
                 for (method, direction), fn in calls.items():
-                    ms, gbs = time_copies(fn, n, reps)
+                    try:
+                        ms, gbs = time_copies(fn, n, reps)
+                    except Exception as exc:
+                        errors.append(f"{method} {direction} {n} B: {type(exc).__name__}: {exc}")
+                        torch.cuda.synchronize()
+                        continue
                     out.append(CopyRate(method, direction, n, reps, ms, gbs))
-            _check_round_trip(dev, vmm, pinned)
+            try:
+                _check_round_trip(dev, vmm, pinned)
+            except Exception as exc:
+                errors.append(f"round trip: {type(exc).__name__}: {exc}")
         finally:
             torch.cuda.synchronize()
             pinned_mem.close()
-    return out
+    return out, errors
 
 
 def _calls(d: torch.Tensor, p: torch.Tensor, h: torch.Tensor) -> dict[tuple[str, str], Call]:
