@@ -3,8 +3,8 @@
 A backend knows nothing about pools, tensors or models. It creates and
 releases fixed-size physical chunks, reserves virtual address ranges, and maps
 chunks into them. ``ChunkPool`` and ``VirtualTensor`` build everything else on
-these seven calls, so a new backend (say, CUDA host-located chunks) only has
-to implement this class.
+these seven calls, so a new backend only has to implement this class. (CUDA
+host-located chunks are the CUDA backend with ``location="host"``.)
 """
 
 from __future__ import annotations
@@ -47,6 +47,10 @@ class PhysicalBackend(ABC):
     """
 
     name: str = "abstract"
+    # Where the chunks physically live: "device" (the device's own memory; the host
+    # backend's chunks stand in for it) or "host" (host memory the device reads over
+    # the bus: CudaBackend(location="host")).
+    location: str = "device"
 
     @property
     @abstractmethod
@@ -93,6 +97,13 @@ class PhysicalBackend(ABC):
         The tensor does not keep the memory alive: it is valid only while the
         bytes it touches are mapped with access set.
         """
+
+    def can_map_chunks_of(self, other: PhysicalBackend) -> bool:
+        """Whether ``other``'s chunks may be mapped into this backend's reservations
+        (``other.map`` at an address this backend reserved, then this backend's
+        ``set_access``): a virtual tensor then holds chunks of two pools, say device-
+        and host-located ones. By default only a backend's own chunks."""
+        return other is self
 
     def bind_thread(self) -> None:  # noqa: B027 - optional hook, default no-op
         """Prepare the calling thread for backend calls (CUDA: set the context)."""

@@ -20,6 +20,18 @@ class NoCudaDriverError(VTensorMemoryError):
         super().__init__(f"{msg} ({detail})" if detail else msg)
 
 
+class HostLocationUnsupportedError(VTensorMemoryError):
+    """The driver/device cannot create host-located chunks (``CudaBackend(location="host")``)."""
+
+    def __init__(self, tried: str) -> None:
+        super().__init__(
+            "this CUDA driver/device cannot create host-located VMM chunks (cuMemCreate with "
+            f"a host location; needs a driver of CUDA 12.2 or later and a device that supports "
+            f"it); tried: {tried}"
+        )
+        self.tried = tried
+
+
 class CudaDriverError(VTensorMemoryError):
     """A CUDA driver call returned an error code."""
 

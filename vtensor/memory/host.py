@@ -110,6 +110,11 @@ class HostBackend(PhysicalBackend):
         with self._lock:
             self._free_offsets.append(offset)
 
+    def can_map_chunks_of(self, other: PhysicalBackend) -> bool:
+        # mmap is process-wide: another host backend's memfd ranges map over our
+        # reservations as well as its own (the CPU stand-in for two CUDA locations).
+        return isinstance(other, HostBackend) and other.chunk_size == self.chunk_size
+
     def resident_bytes(self) -> int:
         """Bytes of physical memory the chunks hold now, as the kernel counts them (the
         memfd's allocated blocks): pages touched and not yet punched out. Independent

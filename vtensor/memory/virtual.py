@@ -7,9 +7,15 @@ at several offsets of one, through :meth:`VirtualTensor.map_chunks`: each
 mapping holds one pool reference, and the chunk is recycled only when its
 last mapping goes.
 
+A range may also hold chunks of *another* pool whose backend can map into this
+one's reservations (``map``/``map_chunks`` with ``pool=``): host-located CUDA
+chunks in a device range, say (heterogeneous mapping). Each such chunk's
+reference is its own pool's, and goes back there.
+
 Invariant: ``self._table[i]`` is the chunk mapped at byte offset
 ``i * chunk_size``, or ``None``; every non-``None`` entry holds exactly one
-pool reference. Every public method keeps it, also when it raises.
+reference of its pool: ``self._owners[i]`` where ``i`` is there, else
+``self.pool``. Every public method keeps it, also when it raises.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 from vtensor.intervals import runs
 
 from .backend import PhysicalChunk
-from .errors import ClosedError, NotMappedError, OutOfRangeError, OverlapError
+from .errors import ClosedError, MappingError, NotMappedError, OutOfRangeError, OverlapError
 from .pool import ChunkPool
 
 
@@ -40,6 +46,7 @@ class VirtualTensor:
         self._backend = pool.backend
         self.va = self._backend.reserve(self.nbytes)
         self._table: list[PhysicalChunk | None] = [None] * self.num_chunks
+        self._owners: dict[int, ChunkPool] = {}  # chunk index -> its pool, if not self.pool
         self._mapped = 0
         self._lock = threading.RLock()
         self._closed = False
@@ -77,37 +84,55 @@ class VirtualTensor:
             return all(self._table[i] is not None for i in range(first, last))
 
     def chunks(self, offset: int, nbytes: int) -> list[PhysicalChunk]:
-        """The chunks mapped over ``[offset, offset+nbytes)`` (all must be mapped)."""
+        """The chunks mapped over ``[offset, offset+nbytes)`` (all must be mapped, and
+        all ``self.pool``'s: callers take references to them there)."""
         first, last = self._chunk_range(offset, nbytes, aligned=True)
         with self._lock:
             self._check_open()
             found = self._table[first:last]
             if any(c is None for c in found):
                 raise NotMappedError(f"[{offset}, {offset + nbytes}) is not fully mapped")
+            foreign = [i for i in range(first, last) if i in self._owners]
+            if foreign:
+                raise MappingError(f"chunk(s) {foreign[:8]} are another pool's, not this one's")
             return [c for c in found if c is not None]
 
+    def owner(self, index: int) -> ChunkPool:
+        """The pool whose chunk is mapped at chunk ``index``."""
+        with self._lock:
+            if not 0 <= index < self.num_chunks or self._table[index] is None:
+                raise NotMappedError(f"chunk {index} is not mapped")
+            return self._owners.get(index, self.pool)
+
     # ---------------------------------------------------------------- mapping
-    def map(self, offset: int, nbytes: int) -> int:
-        """Back ``[offset, offset+nbytes)`` (rounded up to chunks) with fresh chunks.
+    def map(self, offset: int, nbytes: int, pool: ChunkPool | None = None) -> int:
+        """Back ``[offset, offset+nbytes)`` (rounded up to chunks) with fresh chunks of
+        ``pool`` (default ``self.pool``; another pool's backend must be able to map into
+        this one's reservations: ``PhysicalBackend.can_map_chunks_of``).
 
         Returns the number of chunks mapped.
         """
         first, last = self._chunk_range(offset, nbytes, aligned=True)
+        source = self._source(pool)
         with self._lock:
             self._check_open()
             self._require_unmapped(first, last)
-            chunks = self.pool.acquire(last - first)
-            self._install(first, chunks)
+            chunks = source.acquire(last - first)
+            self._install(first, chunks, source)
             return last - first
 
-    def map_chunks(self, offset: int, chunks: Sequence[PhysicalChunk]) -> None:
-        """Map existing in-use ``chunks`` at ``offset``, sharing them (zero copy)."""
+    def map_chunks(
+        self, offset: int, chunks: Sequence[PhysicalChunk], pool: ChunkPool | None = None
+    ) -> None:
+        """Map existing in-use ``chunks`` (of ``pool``, default ``self.pool``) at
+        ``offset``, sharing them (zero copy)."""
         first, last = self._chunk_range(offset, len(chunks) * self.chunk_size, aligned=True)
+        source = self._source(pool)
         with self._lock:
             self._check_open()
             self._require_unmapped(first, last)
-            self.pool.retain(chunks)
-            self._install(first, list(chunks))
+            source.retain(chunks)
+            self._install(first, list(chunks), source)
 
     def ensure_mapped(self, offset: int, nbytes: int) -> int:
         """Map fresh chunks into every hole of the range; returns how many were mapped.
@@ -126,7 +151,7 @@ class VirtualTensor:
             try:
                 for start, length in runs(holes):
                     pos += length  # _install releases this run's chunks if it fails
-                    self._install(start, chunks[pos - length : pos])
+                    self._install(start, chunks[pos - length : pos], self.pool)
                     installed.append((start, length))
             except BaseException:
                 self.pool.release(chunks[pos:])
@@ -224,8 +249,21 @@ class VirtualTensor:
         if taken:
             raise OverlapError(f"chunk(s) {taken[:8]} of the range are already mapped")
 
-    def _install(self, first: int, chunks: list[PhysicalChunk]) -> None:
-        """Map ``chunks`` (whose references the caller holds) from chunk ``first`` on.
+    def _source(self, pool: ChunkPool | None) -> ChunkPool:
+        """The pool to take chunks from: ours, or another whose chunks map here."""
+        if pool is None or pool is self.pool:
+            return self.pool
+        if pool.chunk_size != self.chunk_size or not self._backend.can_map_chunks_of(pool.backend):
+            raise ValueError(
+                f"chunks of a {pool.backend.name} backend ({pool.backend.location}-located, "
+                f"{pool.chunk_size}-byte chunks) cannot be mapped into this "
+                f"{self._backend.name} reservation ({self.chunk_size}-byte chunks)"
+            )
+        return pool
+
+    def _install(self, first: int, chunks: list[PhysicalChunk], pool: ChunkPool) -> None:
+        """Map ``chunks`` (whose references of ``pool`` the caller holds) from chunk
+        ``first`` on.
 
         On failure the partial mappings are undone and the references dropped,
         so the caller sees no change.
@@ -233,24 +271,37 @@ class VirtualTensor:
         cs, done = self.chunk_size, 0
         try:
             for i, chunk in enumerate(chunks):
-                self._backend.map(self.va + (first + i) * cs, chunk)
+                # The chunk's own backend maps it (its handle); our backend grants access.
+                pool.backend.map(self.va + (first + i) * cs, chunk)
                 done += 1
             # One access call for the whole run: it is the dominant cost per call.
             self._backend.set_access(self.va + first * cs, len(chunks) * cs)
         except BaseException:
             if done:
                 self._backend.unmap(self.va + first * cs, done * cs)
-            self.pool.release(chunks)
+            pool.release(chunks)
             raise
         self._table[first : first + len(chunks)] = chunks
+        if pool is not self.pool:
+            self._owners.update(dict.fromkeys(range(first, first + len(chunks)), pool))
         self._mapped += len(chunks)
 
     def _uninstall(self, first: int, last: int) -> None:
-        chunks = [c for c in self._table[first:last] if c is not None]
+        found = self._table[first:last]
         self._backend.unmap(self.va + first * self.chunk_size, (last - first) * self.chunk_size)
         self._table[first:last] = [None] * (last - first)
+        chunks = [c for c in found if c is not None]
         self._mapped -= len(chunks)
-        self.pool.release(chunks)
+        if not self._owners:  # every chunk is ours: the one path before pools could mix
+            self.pool.release(chunks)
+            return
+        by_pool: dict[int, tuple[ChunkPool, list[PhysicalChunk]]] = {}
+        for i, chunk in enumerate(found, start=first):
+            if chunk is not None:
+                owner = self._owners.pop(i, self.pool)
+                by_pool.setdefault(id(owner), (owner, []))[1].append(chunk)
+        for owner, owned in by_pool.values():
+            owner.release(owned)
 
     def _check_open(self) -> None:
         if self._closed:
