@@ -125,7 +125,10 @@ class SLOAdmission:
 
     def _view(self, r: Request, kv: KVCacheManager) -> RunningView:
         frees = 0
-        if r.num_computed > 0 and r.num_tokens < r.max_len:  # what SwapPlanner.swap_out takes
+        # What SwapPlanner.swap_out takes; not a request swapped in this very step (its
+        # copy-in is planned: the tier holds it until the copy ends).
+        copying_in = self.swap is not None and self.swap.tier.extent(r.rid) is not None
+        if r.num_computed > 0 and r.num_tokens < r.max_len and not copying_in:
             first, _ = swap_chunks.private_tail(kv, r.rid, r.num_computed)
             frees = kv.asked(kv.slot_of(r.rid)) - first + 1  # + its headroom chunk
         return RunningView(
