@@ -91,13 +91,29 @@ def test_a_late_short_request_gets_room_by_slo_swap_out(
 
 
 def test_the_same_scenario_without_slos_never_swaps(make_llm: Any) -> None:
-    """The engine without the feature: the short request waits for memory instead."""
+    """The engine without the feature: the short request waits for memory instead. SLOs
+    switched on between runs (``set_slo``, as benchmarks/swap.py does) then swap."""
     longs, (short,) = random_prompts(2, 400, lo=10, hi=14), random_prompts(1, 400, lo=6, hi=9)
+    ref = reference(make_llm, longs, short)
     llm = make_llm(**TIGHT, swap_space_bytes=64 * CHUNK)
-    assert llm.engine.slo is None and llm.engine.scheduler.admission is None
-    assert late_short_request(llm, longs, short) == reference(make_llm, longs, short)
-    s = llm.engine.stats()
+    engine = llm.engine
+    assert engine.slo is None and engine.scheduler.admission is None
+    assert late_short_request(llm, longs, short) == ref
+    s = engine.stats()
     assert s.swap_preemptions == 0 and s.slo_swap_outs == 0 and s.slo_ttft_requests == 0
+    engine.set_slo(1000, 1000)
+    assert engine.scheduler.admission is engine.slo is not None
+    for r in list(engine.requests):
+        engine.pop(r)
+    assert late_short_request(llm, longs, short) == ref
+    assert engine.stats().slo_swap_outs >= 1
+    engine.add_request(short, params(SHORT_NEW))
+    with pytest.raises(RuntimeError, match="no request unfinished"):
+        engine.set_slo(None, None)
+    while engine.has_unfinished():
+        engine.step()
+    engine.set_slo(None, None)
+    assert engine.slo is None and engine.scheduler.admission is None
 
 
 def test_without_a_host_tier_slos_swap_nothing_and_say_so(

@@ -230,6 +230,16 @@ class LLMEngine:
             with talking_to(self.workers):
                 self._settle_if_idle()
 
+    def set_slo(self, ttft_slo_ms: float | None, tpot_slo_ms: float | None) -> None:
+        """Switch SLO-aware admission between runs (benchmarks compare it in one
+        process); None and None turn it off. Attainment counts start again."""
+        if self.has_unfinished():
+            raise RuntimeError("SLOs can only be switched with no request unfinished")
+        self.config = replace(self.config, ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms)
+        planner = self.swap.planner if self.swap else None
+        self.slo = slo_admission(self.config, planner, self.request_clock)
+        self.scheduler.admission = self.slo
+
     def set_async_scheduling(self, on: bool) -> None:
         """Switch between async and synchronous steps, between runs (benchmarks compare)."""
         if self.has_unfinished():
