@@ -72,9 +72,12 @@ def test_victims_are_the_requests_with_most_tpot_slack() -> None:
     head = WaitingView(99, now - 0.9, 10, False)  # slack ~0.1 s < 0.5 s: urgent
     shortfall = rng.randrange(1, 10)
     plan = pol.make_room(head, shortfall, runs, now, 1, 0.0)
-    by_slack = sorted(
-        runs, key=lambda r: tpot * r.num_generated - (now - r.first_token_time), reverse=True
-    )  # type: ignore[operator]
+
+    def slack(r: RunningView) -> float:
+        assert r.first_token_time is not None
+        return tpot * r.num_generated - (now - r.first_token_time)
+
+    by_slack = sorted(runs, key=slack, reverse=True)
     want, freed = [], 0
     for r in by_slack:
         if freed >= shortfall:
