@@ -14,6 +14,7 @@ import pytest
 
 from tests.checkpoints import random_prompts
 from vtensor import SamplingParams
+from vtensor.engine.request import Request
 from vtensor.kvcache.idle_policy import ManualClock
 
 CHUNK = 4096  # the embedded model in fp32: 1 KiB per token, 4 tokens per chunk
@@ -40,26 +41,38 @@ def reference(make_llm: Any, longs: list[list[int]], short: list[int]) -> list[l
     return [o.outputs[0].token_ids for o in outs]
 
 
-def late_short_request(llm: Any, longs: list[list[int]], short: list[int]) -> list[list[int]]:
+def late_short_request(
+    llm: Any,
+    longs: list[list[int]],
+    short: list[int],
+    long_params: SamplingParams = params(LONG_NEW),
+    short_params: SamplingParams = params(SHORT_NEW),
+) -> list[Request]:
     """Two long requests decode until a short prompt no longer fits; it arrives then, and
-    waits 0.6 s (of a 1 s TTFT SLO) before the next step. Returns the greedy outputs."""
+    waits 0.6 s (of a 1 s TTFT SLO) before the next step. Returns the finished requests."""
     engine = llm.engine
     clock = ManualClock(100.0)
     engine.set_request_clock(clock)
-    rids = [engine.add_request(p, params(LONG_NEW))[0] for p in longs]
-    for _ in range(LONG_NEW):
+    rids = [engine.add_request(p, long_params)[0] for p in longs]
+    for _ in range(long_params.max_tokens or 0):
         engine.step()
         clock.advance(STEP_S)
         if engine.kv.admit_shortfall(len(short) + 1, len(engine.scheduler.running)) > 0:
             break
+    else:
+        raise AssertionError("the long requests ended before filling the pool: no test")
     assert len(engine.scheduler.running) == 2 and not engine.scheduler.swapped
     assert engine.stats().preemptions == 0, "the long requests preempted each other: no test"
-    rids.append(engine.add_request(short, params(SHORT_NEW))[0])
+    rids.append(engine.add_request(short, short_params)[0])
     clock.advance(0.6)  # TTFT slack 0.4 s < half the SLO: urgent
     while engine.has_unfinished():
         engine.step()
         clock.advance(STEP_S)
-    return [engine.requests[r].output_ids for r in rids]
+    return [engine.pop(r) for r in rids]
+
+
+def outputs(reqs: list[Request]) -> list[list[int]]:
+    return [r.output_ids for r in reqs]
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
@@ -76,7 +89,7 @@ def test_a_late_short_request_gets_room_by_slo_swap_out(
         tpot_slo_ms=1000,
         debug_check_every=1,
     )
-    assert late_short_request(llm, longs, short) == ref
+    assert outputs(late_short_request(llm, longs, short)) == ref
     s = llm.engine.stats()
     assert s.slo_swap_outs >= 1 and s.swap_preemptions >= s.slo_swap_outs
     assert s.swap_in_bytes == s.swap_out_bytes > 0  # the victims came back, not recomputed
@@ -98,14 +111,12 @@ def test_the_same_scenario_without_slos_never_swaps(make_llm: Any) -> None:
     llm = make_llm(**TIGHT, swap_space_bytes=64 * CHUNK)
     engine = llm.engine
     assert engine.slo is None and engine.scheduler.admission is None
-    assert late_short_request(llm, longs, short) == ref
+    assert outputs(late_short_request(llm, longs, short)) == ref
     s = engine.stats()
     assert s.swap_preemptions == 0 and s.slo_swap_outs == 0 and s.slo_ttft_requests == 0
     engine.set_slo(1000, 1000)
     assert engine.scheduler.admission is engine.slo is not None
-    for r in list(engine.requests):
-        engine.pop(r)
-    assert late_short_request(llm, longs, short) == ref
+    assert outputs(late_short_request(llm, longs, short)) == ref
     assert engine.stats().slo_swap_outs >= 1
     engine.add_request(short, params(SHORT_NEW))
     with pytest.raises(RuntimeError, match="no request unfinished"):
@@ -123,7 +134,7 @@ def test_without_a_host_tier_slos_swap_nothing_and_say_so(
     with caplog.at_level(logging.WARNING, logger="vtensor.engine.slo"):
         llm = make_llm(**TIGHT, ttft_slo_ms=1000, tpot_slo_ms=1000)
     assert any("without a host KV tier" in r.message for r in caplog.records)
-    assert late_short_request(llm, longs, short) == reference(make_llm, longs, short)
+    assert outputs(late_short_request(llm, longs, short)) == reference(make_llm, longs, short)
     s = llm.engine.stats()
     assert s.slo_swap_outs == 0 and s.slo_swaps_refused > 0 and s.preemptions == 0
 
