@@ -45,11 +45,13 @@ def late_short_request(
     llm: Any,
     longs: list[list[int]],
     short: list[int],
-    long_params: SamplingParams = params(LONG_NEW),
-    short_params: SamplingParams = params(SHORT_NEW),
+    long_params: SamplingParams | None = None,
+    short_params: SamplingParams | None = None,
 ) -> list[Request]:
     """Two long requests decode until a short prompt no longer fits; it arrives then, and
     waits 0.6 s (of a 1 s TTFT SLO) before the next step. Returns the finished requests."""
+    long_params = long_params or params(LONG_NEW)
+    short_params = short_params or params(SHORT_NEW)
     engine = llm.engine
     clock = ManualClock(100.0)
     engine.set_request_clock(clock)

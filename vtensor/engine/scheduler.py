@@ -261,7 +261,8 @@ class Scheduler:
         plan = self.admission.plan_room(req, short, self.running, self.kv)
         if not plan.fits or not plan.victims:
             return False
-        victims = [r for r in self.running if r.rid in set(plan.victims)]
+        chosen = set(plan.victims)
+        victims = [r for r in self.running if r.rid in chosen]
         spans[:] = [sp for sp in spans if sp.req not in victims]
         for victim in victims:
             self._preempt(victim, force_swap=True)
