@@ -1,5 +1,6 @@
-"""Issue 14's memory-bound workload: recompute-only against swap to the host KV tier,
-in one process, on one engine (the preemption mode is switched between passes).
+"""Issue 14's memory-bound workload: recompute-only against swap to the host KV tier
+and swap + SLO-aware admission, in one process, on one engine (the preemption mode and
+the SLOs are switched between passes).
 
 Llama-3-8B shape (random bf16 weights), the KV pool capped at ``--kv-gib`` (4),
 64 prompts of ~1.8k-7.2k tokens (``--input-len`` 4500 +-60%), 512 +-60% output tokens
@@ -16,7 +17,12 @@ every swapped chunk is then private (the copy moves the whole KV).
 The run fails (exit 1, after the results are written) unless every pass preempted and
 the swap pass really swapped out and back in: otherwise it compared nothing.
 
-python3 benchmarks/swap.py --out benchmarks/results/swap_h100.json   # ~3 min on an H100
+SLO attainment (``--ttft-slo-ms``, ``--tpot-slo-ms``) is reported for every pass, by the
+same client-side measure; only the ``slo`` pass (forced swap, plus the engine's
+SLO-aware admission at those SLOs) acts on them. ``slo_swap_outs`` counts the running
+requests it swapped out to admit one about to miss its TTFT.
+
+python3 benchmarks/swap.py --out benchmarks/results/swap_h100.json   # ~4-5 min on an H100
 """
 
 from __future__ import annotations
@@ -56,9 +62,12 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument(
         "--modes",
-        default="recompute,swap",
-        help="passes, in order: recompute, swap (forced), auto (cost model)",
+        default="recompute,swap,slo",
+        help="passes, in order: recompute, swap (forced), auto (cost model), slo (forced "
+        "swap and SLO-aware admission)",
     )
+    ap.add_argument("--ttft-slo-ms", type=float, default=5000.0)
+    ap.add_argument("--tpot-slo-ms", type=float, default=100.0)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     return ap.parse_args()
 
@@ -94,8 +103,11 @@ class Peaks:
         }
 
 
-def run_pass(engine: LLMEngine, reqs: list[SyntheticRequest], rate: float) -> dict[str, Any]:
-    """Submit at Poisson arrival times, step until all finish; latencies per request."""
+def run_pass(
+    engine: LLMEngine, reqs: list[SyntheticRequest], rate: float, slo_ms: tuple[float, float]
+) -> dict[str, Any]:
+    """Submit at Poisson arrival times, step until all finish; latencies per request, and
+    the share of requests within each SLO (``slo_ms``: TTFT, TPOT)."""
     before, peaks = engine.stats(), Peaks(engine)
     starts = arrival_times(len(reqs), RunArgs(rate, 1.0, None, 0))
     sent: dict[int, float] = {}
@@ -128,6 +140,7 @@ def run_pass(engine: LLMEngine, reqs: list[SyntheticRequest], rate: float) -> di
         "total_tokens_per_s": sum(q.output_len + len(q.prompt_ids) for q in reqs) / dur,
         "ttft_ms": pcts(ttft),
         "tpot_ms": pcts(tpot),
+        "slo_attainment": attainment(ttft, tpot, slo_ms),
         **swap_counts(before, engine.stats()),
         **peaks.result(),
     }
@@ -144,6 +157,7 @@ def swap_counts(before: EngineStats, after: EngineStats) -> dict[str, Any]:
     out_s, in_s = after.swap_out_s - before.swap_out_s, after.swap_in_s - before.swap_in_s
     return {
         "preemptions": after.preemptions - before.preemptions,
+        "slo_swap_outs": after.slo_swap_outs - before.slo_swap_outs,
         "swap_preemptions": after.swap_preemptions - before.swap_preemptions,
         "swap_tier_full": after.swap_tier_full - before.swap_tier_full,
         "swap_dropped": after.swap_dropped - before.swap_dropped,
@@ -152,6 +166,20 @@ def swap_counts(before: EngineStats, after: EngineStats) -> dict[str, Any]:
         "swap_out_gb_per_s": gbps(out_b, out_s),
         "swap_in_gb_per_s": gbps(in_b, in_s),
         "swap_gb_per_s": gbps(out_b + in_b, out_s + in_s),
+    }
+
+
+def attainment(
+    ttft: list[float], tpot: list[float], slo_ms: tuple[float, float]
+) -> dict[str, float]:
+    """Shares of requests whose TTFT, TPOT, and both, met the SLOs (seconds vs ms)."""
+    t_ok = [t * 1e3 <= slo_ms[0] for t in ttft]
+    p_ok = [p * 1e3 <= slo_ms[1] for p in tpot]
+    n = max(1, len(t_ok))
+    return {
+        "ttft": sum(t_ok) / n,
+        "tpot": sum(p_ok) / n,
+        "both": sum(a and b for a, b in zip(t_ok, p_ok)) / n,
     }
 
 
@@ -209,10 +237,13 @@ def main() -> None:
         reqs = random_dataset(
             args.num_prompts, args.input_len, args.output_len, vocab, args.range_ratio
         )
-        run_pass(engine, reqs[:2], 100.0)  # warm-up: kernels, graphs
+        slo_ms = (args.ttft_slo_ms, args.tpot_slo_ms)
+        run_pass(engine, reqs[:2], 100.0, slo_ms)  # warm-up: kernels, graphs
         for mode in args.modes.split(","):
-            planner.cost = replace(planner.cost, mode=None if mode == "auto" else mode)
-            res = run_pass(engine, reqs, args.rate)
+            preemption = {"auto": None, "slo": "swap"}.get(mode, mode)
+            planner.cost = replace(planner.cost, mode=preemption)
+            engine.set_slo(*(slo_ms if mode == "slo" else (None, None)))
+            res = run_pass(engine, reqs, args.rate, slo_ms)
             results["passes"][mode] = res
             print(mode, json.dumps(res), flush=True)
         results["stats"] = asdict(engine.stats())
@@ -231,23 +262,29 @@ def check(passes: dict[str, dict[str, Any]]) -> list[str]:
     for mode, r in passes.items():
         if not r["preemptions"]:
             problems.append(f"{mode}: no preemption (not memory-bound: raise --rate)")
-        if mode == "swap" and not (r["swap_preemptions"] and r["swap_in_gb"] > 0):
+        if mode in ("swap", "slo") and not (r["swap_preemptions"] and r["swap_in_gb"] > 0):
             problems.append(f"{mode}: nothing was swapped out and back in")
         if mode == "recompute" and r["swap_preemptions"]:
             problems.append(f"{mode}: {r['swap_preemptions']} preemptions swapped")
+        if mode != "slo" and r["slo_swap_outs"]:
+            problems.append(f"{mode}: {r['slo_swap_outs']} SLO swap-outs without SLOs set")
     return problems
 
 
 def summarize(results: dict[str, Any]) -> None:
     ceiling = results["pinned_copy_ceiling_gb_per_s"]
     print(f"pinned copy ceiling {ceiling} GB/s; cost model {results['cost_model']}")
+    args = results["args"]
+    print(f"SLOs: TTFT {args['ttft_slo_ms']:.0f} ms, TPOT {args['tpot_slo_ms']:.0f} ms")
     base = results["passes"].get("recompute")
     for mode, r in results["passes"].items():
         line = (
             f"{mode:9s} {r['requests_per_s']:.2f} req/s {r['total_tokens_per_s']:.0f} tok/s "
             f"TTFT p50/p99 {r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p99']:.0f} ms "
             f"TPOT p50/p99 {r['tpot_ms']['p50']:.1f}/{r['tpot_ms']['p99']:.1f} ms "
-            f"preempt {r['preemptions']} (swapped {r['swap_preemptions']})"
+            f"preempt {r['preemptions']} (swapped {r['swap_preemptions']}, for SLOs "
+            f"{r['slo_swap_outs']}) SLO met: TTFT {r['slo_attainment']['ttft']:.0%} TPOT "
+            f"{r['slo_attainment']['tpot']:.0%} both {r['slo_attainment']['both']:.0%}"
         )
         for way in ("out", "in"):
             rate = r[f"swap_{way}_gb_per_s"]

@@ -54,6 +54,14 @@ def add_engine_args(p: argparse.ArgumentParser, several_models: bool = False) ->
     p.add_argument("--preemption-mode", choices=("swap", "recompute"), default=None,
                    help="force swap or recompute at preemption (default: a cost model "
                         "chooses per request when --swap-space is set)")  # fmt: skip
+    p.add_argument("--ttft-slo-ms", type=float, default=None, metavar="MS",
+                   help="time-to-first-token target: admit waiting requests by TTFT slack, and "
+                        "swap out requests ahead of --tpot-slo-ms to admit one about to miss "
+                        "it (needs --swap-space; default: off)")  # fmt: skip
+    p.add_argument("--tpot-slo-ms", type=float, default=None, metavar="MS",
+                   help="time-per-output-token target: only requests ahead of it are "
+                        "swapped out for --ttft-slo-ms (default: off: any decoding request "
+                        "may be)")  # fmt: skip
     add_offload_args(p)
     add_parallel_args(p)
 
@@ -126,6 +134,8 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
         enable_sleep_mode=getattr(args, "enable_sleep_mode", False),
         swap_space_bytes=int(getattr(args, "swap_space", 0.0) * 2**30),
         preemption_mode=getattr(args, "preemption_mode", None),
+        ttft_slo_ms=getattr(args, "ttft_slo_ms", None),
+        tpot_slo_ms=getattr(args, "tpot_slo_ms", None),
         sleep_keep_host_buffer=getattr(args, "sleep_keep_host_buffer", True),
         tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes,
         node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,

@@ -101,6 +101,12 @@ class EngineConfig:
     # "swap" or "recompute"; None lets the cost model (kvcache/swap_policy.py) choose.
     swap_space_bytes: int = 0
     preemption_mode: str | None = None
+    # SLO-aware admission (engine/slo_policy.py): time-to-first-token and time-per-output-
+    # token targets in milliseconds (None: off). Waiting requests are admitted in order of
+    # TTFT slack; one about to miss its TTFT for lack of KV memory has running requests
+    # with TPOT slack swapped out to the host tier (needs swap_space_bytes) to admit it.
+    ttft_slo_ms: float | None = None
+    tpot_slo_ms: float | None = None
 
     def __post_init__(self) -> None:
         if self.model is not None and self.shape is not None:
@@ -139,11 +145,24 @@ class EngineConfig:
         self._check_parallel()
         self._check_offload()
         self._check_swap()
+        self._check_slo()
         if self.enable_sleep_mode and (self.offloads or self.is_parallel):
             raise ValueError(
                 "enable_sleep_mode does not support weight offload (cpu_offload_gb / "
                 "gpu_memory_budget) or tensor_parallel_size > 1 yet"
             )
+
+    def _check_slo(self) -> None:
+        for name in ("ttft_slo_ms", "tpot_slo_ms"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and 0 < v < float("inf")):
+                raise ValueError(
+                    f"{name} must be a positive number of milliseconds (or None), got {v!r}"
+                )
+
+    @property
+    def slo_enabled(self) -> bool:
+        return self.ttft_slo_ms is not None or self.tpot_slo_ms is not None
 
     def _check_swap(self) -> None:
         if self.swap_space_bytes < 0:

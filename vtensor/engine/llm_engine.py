@@ -54,6 +54,7 @@ from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .setup import load_tokenizer, model_config
 from .shared_pool import shared_config
 from .sleep import SleepMode
+from .slo_setup import slo_admission
 from .stats import EngineStats, StepCounters, collect_stats
 from .swap_setup import swap_driver
 from .tp_driver import start_rank_zero, talking_to
@@ -101,7 +102,11 @@ class LLMEngine:
             config.max_num_seqs, config.max_num_batched_tokens, config.lookahead_tokens
         )
         self.swap = swap_driver(config, self.model_config, self.arena, rt.dtype)  # None: off
-        self.scheduler = Scheduler(sched, self.kv, self.swap.planner if self.swap else None)
+        # Arrival and token times, and SLO-aware admission's now (tests set a manual clock).
+        self.request_clock: Clock = time.perf_counter
+        planner = self.swap.planner if self.swap else None
+        self.slo = slo_admission(config, planner, self.request_clock)  # None: no SLO
+        self.scheduler = Scheduler(sched, self.kv, planner, self.slo)
         self.inputs = InputProcessor(
             self.tokenizer, self.model_config.vocab_size, rt.max_model_len, self.kv.geometry
         )
@@ -161,7 +166,7 @@ class LLMEngine:
 
     def _queue(self, pp: ProcessedPrompt, params: SamplingParams, stream_text: bool) -> int:
         rid = next(self._ids)
-        req = Request.new(rid, pp.prompt_ids, params, pp.max_len, time.perf_counter())
+        req = Request.new(rid, pp.prompt_ids, params, pp.max_len, self.request_clock())
         if params.seed is not None:
             gen = torch.Generator(device=self.runtime.device)
             self._generators[rid] = gen.manual_seed(params.seed)
@@ -225,6 +230,16 @@ class LLMEngine:
             with talking_to(self.workers):
                 self._settle_if_idle()
 
+    def set_slo(self, ttft_slo_ms: float | None, tpot_slo_ms: float | None) -> None:
+        """Switch SLO-aware admission between runs (benchmarks compare it in one
+        process); None and None turn it off. Attainment counts start again."""
+        if self.has_unfinished():
+            raise RuntimeError("SLOs can only be switched with no request unfinished")
+        self.config = replace(self.config, ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms)
+        planner = self.swap.planner if self.swap else None
+        self.slo = slo_admission(self.config, planner, self.request_clock)
+        self.scheduler.admission = self.slo
+
     def set_async_scheduling(self, on: bool) -> None:
         """Switch between async and synchronous steps, between runs (benchmarks compare)."""
         if self.has_unfinished():
@@ -245,7 +260,8 @@ class LLMEngine:
             if self._member is not None:
                 self._member.serve_asks()  # other engines' asks on a shared KV pool
             self.kv.reclaim_idle()  # its unmaps and release ride this step's plan
-            launched = self._launch(self.scheduler.schedule())
+            out = self.scheduler.schedule()
+            launched = self._launch(out)
             read_now = launched is not None and (
                 launched.needs_host_tokens or not self.runtime.async_scheduling
             )
@@ -260,8 +276,11 @@ class LLMEngine:
             with talking_to(self.workers):
                 self._settle_if_idle()
         if launched is not None:
+            elapsed = time.perf_counter() - t0
             self.counters.steps += 1
-            self.counters.step_s += time.perf_counter() - t0
+            self.counters.step_s += elapsed
+            if self.slo is not None and not out.is_decode:  # the prefill estimate's input
+                self.slo.meter.observe(elapsed, out.num_tokens)
             every = self.config.debug_check_every
             if every and self.counters.steps % every == 0:
                 self.check_integrity()
@@ -341,11 +360,20 @@ class LLMEngine:
         """The clock that idle times are measured on (tests and benchmarks control it)."""
         self.kv.idle.set_clock(clock)
 
+    def set_request_clock(self, clock: Clock) -> None:
+        """The clock of arrival and token times and of SLO-aware admission (tests control
+        it); only with no request unfinished, so that no request mixes two clocks."""
+        if self.has_unfinished():
+            raise RuntimeError("the request clock can only be set with no request unfinished")
+        self.request_clock = clock
+        if self.slo is not None:
+            self.slo.clock = clock
+
     def _apply_outputs(self, tokens: list[ReadToken]) -> list[StepOutput]:
         """Append each token to its request, check stops, make the outputs. A request
         that finished after its token was launched (stopped a step earlier, or was
         aborted) drops it: the extra token of async scheduling."""
-        now = time.perf_counter()
+        now = self.request_clock()
         outputs: list[StepOutput] = []
         for t in tokens:
             req = t.span.req
@@ -362,6 +390,8 @@ class LLMEngine:
         self, req: Request, reason: FinishReason, stop_reason: int | str | None = None
     ) -> None:
         self.scheduler.remove(req)  # before finish(): it looks up the request's queue
+        if self.slo is not None and reason != "abort":
+            self.slo.attainment.observe(req, self.slo.config)
         req.finish(reason, stop_reason)
         self._generators.pop(req.rid, None)
 
@@ -390,7 +420,7 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         with self.books_lock:
             return collect_stats(
-                self.counters, self.scheduler, self.kv, self.arena, self.pool, self.swap
+                self.counters, self.scheduler, self.kv, self.arena, self.pool, self.swap, self.slo
             )
 
     def memory_stats(self) -> MemoryStats:

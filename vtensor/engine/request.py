@@ -51,7 +51,8 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     logprobs: list[dict[int, float]] = field(default_factory=list)
-    first_token_time: float | None = None
+    first_token_time: float | None = None  # on the engine's request clock, like arrival
+    last_token_time: float | None = None
     num_cached_tokens: int | None = None  # served by the prefix cache at first admission
 
     def __post_init__(self) -> None:
@@ -146,6 +147,7 @@ class Request:
             self.logprobs.append(logprob)
         if self.first_token_time is None:
             self.first_token_time = now
+        self.last_token_time = now
 
     def finish(self, reason: FinishReason, stop_reason: int | str | None = None) -> None:
         """Stop, length or abort. Tokens still on the device are dropped: a request

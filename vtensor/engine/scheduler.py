@@ -26,6 +26,9 @@ One step, under a token budget:
    slot and free chunks allow (strict FCFS: the queue head blocks the rest).
    A request's longest cached prefix (whole blocks, at most all but its last
    token) is shared into its slot; its first span starts after it.
+   With SLOs (``slo_admission.py``) the queue is first put in the admission
+   policy's order (TTFT slack), and a head that lacks KV memory may have the
+   policy's victims swapped out for it (``_make_room``); the head still blocks.
 3. Every span's KV writes are checked to touch only chunks its request maps
    alone (``KVCacheManager.check_writes``): cached chunks are read-only.
 4. Chunks the *next* step will need are mapped ahead when free chunks allow,
@@ -43,6 +46,7 @@ from vtensor.kvcache.prefix_cache import PrefixMatch
 
 from .request import Request, RequestStatus
 from .scheduler_output import Admission, ScheduledSpan, SchedulerOutput
+from .slo_admission import SLOAdmission
 from .swap_plan import SwapPlan, SwapPlanner
 
 
@@ -61,11 +65,16 @@ class SchedulerConfig:
 
 class Scheduler:
     def __init__(
-        self, config: SchedulerConfig, kv: KVCacheManager, swap: SwapPlanner | None = None
+        self,
+        config: SchedulerConfig,
+        kv: KVCacheManager,
+        swap: SwapPlanner | None = None,
+        admission: SLOAdmission | None = None,
     ) -> None:
         self.config = config
         self.kv = kv
         self.swap = swap  # None: every preemption recomputes
+        self.admission = admission  # None: FCFS, and admission only waits for memory
         self.waiting: deque[Request] = deque()
         self.swapped: deque[Request] = deque()  # preempted to the host tier, resumed first
         self._swap_outs: list[SwapPlan] = []
@@ -89,6 +98,11 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         spans: list[ScheduledSpan] = []
         preempted: list[Request] = []
+        if self.admission is not None:
+            self.admission.begin_step()
+            order = self.admission.order(self.waiting)
+            self.waiting.clear()  # in place: the queue object is shared with readers
+            self.waiting.extend(order)
         for req in self.running:
             self._offer(req)
         for req in list(self.running):
@@ -120,6 +134,8 @@ class Scheduler:
     def remove(self, req: Request) -> None:
         """Take a finishing (or aborted) request out of the queues; its slot idles with
         its chunks. The unmaps that may cause go out with the next schedule."""
+        if self.admission is not None:
+            self.admission.forget(req.rid)
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
             self._offer(req)
@@ -150,11 +166,11 @@ class Scheduler:
         """Offer the prefix cache the request's computed blocks whose ids are read."""
         self.kv.cache_tokens(req.rid, req.token_ids, min(req.num_computed, len(req.token_ids)))
 
-    def _preempt(self, req: Request) -> None:
+    def _preempt(self, req: Request, force_swap: bool = False) -> None:
         self.running.remove(req)
         self._offer(req)  # its prefix stays cached: recomputing it is a hit
         self.num_preemptions += 1
-        plan = self.swap.swap_out(self.kv, req) if self.swap is not None else None
+        plan = self.swap.swap_out(self.kv, req, force_swap) if self.swap is not None else None
         if plan is not None:  # its private chunks go to the host tier; it keeps its slot
             self._swap_outs.append(plan)
             self.swapped.appendleft(req)
@@ -212,13 +228,18 @@ class Scheduler:
         """Admit waiting requests FCFS within ``budget``; each computes from the end of
         its cached prefix (token 0 without a hit)."""
         admitted: list[Admission] = []
+        made_room_for: Request | None = None
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             hit = self.kv.match(req.token_ids, req.num_tokens - 1)
             # Admit only if the whole prompt fits, keeping a chunk per running request
             # so decodes can grow without immediately preempting the newcomer.
             if not self.kv.can_admit(req.num_tokens + 1, len(self.running), hit):
-                break
+                if made_room_for is req or not self._make_room(req, hit, spans):
+                    break
+                made_room_for = req  # once: the plan's arithmetic is the books' own
+                budget = self.config.max_num_batched_tokens - sum(sp.num_tokens for sp in spans)
+                continue
             n = min(req.num_tokens - hit.tokens, budget)
             if self.kv.admit(req.rid, hit.tokens + n, hit) is None:
                 break
@@ -230,6 +251,23 @@ class Scheduler:
             spans.append(ScheduledSpan.next_of(req, hit.tokens, n))
             budget -= n
         return admitted
+
+    def _make_room(self, req: Request, hit: PrefixMatch, spans: list[ScheduledSpan]) -> bool:
+        """SLO-aware admission: swap out the admission policy's victims so that ``req``
+        fits (their spans leave this step). False: nothing changed."""
+        if self.admission is None or not self.kv.has_free_slot():
+            return False  # a swapped request keeps its slot: swapping frees none
+        short = self.kv.admit_shortfall(req.num_tokens + 1, len(self.running), hit)
+        plan = self.admission.plan_room(req, short, self.running, self.kv)
+        if not plan.fits or not plan.victims:
+            return False
+        chosen = set(plan.victims)
+        victims = [r for r in self.running if r.rid in chosen]
+        spans[:] = [sp for sp in spans if sp.req not in victims]
+        for victim in victims:
+            self._preempt(victim, force_swap=True)
+            self.admission.on_swapped_out(victim.rid)
+        return True
 
     def _premap_waiting(self) -> None:
         """Map, during this step, the slots that the next step's admissions will take:

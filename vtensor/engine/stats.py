@@ -12,6 +12,7 @@ from vtensor.memory import ChunkPool
 from .scheduler import Scheduler
 
 if TYPE_CHECKING:
+    from .slo_admission import SLOAdmission
     from .swap_driver import SwapDriver
 
 
@@ -50,6 +51,24 @@ class EngineStats:
     swap_preemptions: int = 0  # preemptions that swapped (the rest recomputed)
     swap_tier_full: int = 0  # swaps the cost model chose that a full host tier refused
     swap_dropped: int = 0  # swapped requests recomputed after all (scheduler._resume)
+    # SLO-aware admission (ttft_slo_ms / tpot_slo_ms; all 0 when off). Finished requests
+    # (stop or length) with a first token / with 2+ tokens, and of those the ones that met it.
+    slo_ttft_requests: int = 0
+    slo_ttft_met: int = 0
+    slo_tpot_requests: int = 0
+    slo_tpot_met: int = 0
+    slo_swap_outs: int = 0  # running requests swapped out to admit one about to miss its TTFT
+    slo_swaps_refused: int = 0  # such swap-outs a missing or full host tier refused
+
+    @property
+    def slo_ttft_attainment(self) -> float:
+        """TTFT met over finished requests with a TTFT SLO (0 before any)."""
+        return self.slo_ttft_met / self.slo_ttft_requests if self.slo_ttft_requests else 0.0
+
+    @property
+    def slo_tpot_attainment(self) -> float:
+        """TPOT met over finished requests with a TPOT SLO and 2+ tokens (0 before any)."""
+        return self.slo_tpot_met / self.slo_tpot_requests if self.slo_tpot_requests else 0.0
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -85,6 +104,7 @@ def collect_stats(
     arena: KVArena,
     pool: ChunkPool,
     swap_driver: SwapDriver | None = None,
+    slo: SLOAdmission | None = None,
 ) -> EngineStats:
     geo, usage = kv.geometry, kv.usage()
     live = sum(s.num_computed for s in scheduler.running) * geo.bytes_per_token
@@ -114,7 +134,23 @@ def collect_stats(
         prefix_cache_blocks=kv.cache.stats().blocks,
         prefix_cache_evicted_chunks=kv.evicted_chunks,
     )
+    if slo is not None:
+        stats = _with_slo(stats, slo)
     return stats if swap_driver is None else _with_swap(stats, swap_driver, scheduler)
+
+
+def _with_slo(stats: EngineStats, slo: SLOAdmission) -> EngineStats:
+    """SLO attainment and SLO swap-outs (``ttft_slo_ms`` / ``tpot_slo_ms`` set)."""
+    a = slo.attainment
+    return replace(
+        stats,
+        slo_ttft_requests=a.ttft_requests,
+        slo_ttft_met=a.ttft_met,
+        slo_tpot_requests=a.tpot_requests,
+        slo_tpot_met=a.tpot_met,
+        slo_swap_outs=slo.swap_outs,
+        slo_swaps_refused=slo.refused,
+    )
 
 
 def _with_swap(stats: EngineStats, driver: SwapDriver, scheduler: Scheduler) -> EngineStats:

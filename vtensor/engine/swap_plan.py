@@ -13,7 +13,7 @@ precede).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vtensor.kvcache import swap_chunks
 from vtensor.kvcache.host_tier import HostExtent, HostTier
@@ -50,14 +50,17 @@ class SwapPlanner:
         self.chunk_size = chunk_size
         self.decisions = SwapDecisions()
 
-    def swap_out(self, kv: KVCacheManager, req: Request) -> SwapPlan | None:
+    def swap_out(self, kv: KVCacheManager, req: Request, force: bool = False) -> SwapPlan | None:
         """Swap ``req`` (running, its blocks already offered to the cache) out: its
         private chunks leave the GPU once copied; None: recompute it instead (nothing
-        changed)."""
+        changed). ``force``: swap whatever the cost model says (an SLO swap-out, whose
+        victim must keep its progress; ``slo_admission.py`` checked the tier has room)."""
         if req.num_computed == 0 or req.num_tokens >= req.max_len:
             return None  # nothing computed, or only its last token is awaited
         first, end = swap_chunks.private_tail(kv, req.rid, req.num_computed)
         decision = self.cost.decide((end - first) * self.chunk_size, req.num_computed)
+        if force:
+            decision = replace(decision, swap=True, reason="SLO-aware admission")
         if not decision.swap:
             self.decisions.recomputes += 1
             log.info("request %d: recompute (%s)", req.rid, decision.reason)

@@ -209,6 +209,13 @@ class KVCacheManager:
             self.lease.pull(short, reclaim=True)
         return self._new_pins(tokens, hit) <= self.available_chunks - headroom_chunks
 
+    def admit_shortfall(
+        self, tokens: int, headroom_chunks: int = 0, hit: PrefixMatch = NO_MATCH
+    ) -> int:
+        """The chunks ``can_admit(tokens, headroom_chunks, hit)`` lacks now (<= 0: none;
+        a free slot is not counted: see ``has_free_slot``)."""
+        return self._new_pins(tokens, hit) + headroom_chunks - self.available_chunks
+
     def usage(self) -> KVUsage:
         return kv_usage(self)
 

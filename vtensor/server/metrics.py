@@ -141,8 +141,9 @@ class ServerMetrics:
              stats.prefix_cache_evicted_chunks),
         ]  # fmt: skip
         swap_gauges, swap_counters = _swap_metrics(stats)
-        gauges += swap_gauges + (_memory_gauges(memory) if memory is not None else [])
-        counters += swap_counters
+        slo_gauges, slo_counters = _slo_metrics(stats)
+        gauges += swap_gauges + slo_gauges + (_memory_gauges(memory) if memory is not None else [])
+        counters += swap_counters + slo_counters
         lines: list[str] = []
         for name, help_text, value in gauges:
             lines += _scalar(f"vtensor_{name}", help_text, "gauge", value)
@@ -201,6 +202,33 @@ def _swap_metrics(
          stats.swap_preemptions),
         ("swap_tier_full_total", "Swaps refused by a full host tier (recomputed)",
          stats.swap_tier_full),
+    ]  # fmt: skip
+    return gauges, counters
+
+
+def _slo_metrics(
+    stats: EngineStats,
+) -> tuple[list[tuple[str, str, float]], list[tuple[str, str, float]]]:
+    """SLO attainment and SLO swap-outs (``--ttft-slo-ms`` / ``--tpot-slo-ms``; 0 when off)."""
+    gauges: list[tuple[str, str, float]] = [
+        ("slo_ttft_attainment", "Finished requests that met the TTFT SLO, of those with one",
+         stats.slo_ttft_attainment),
+        ("slo_tpot_attainment", "Finished requests that met the TPOT SLO, of those with one "
+         "and 2+ tokens", stats.slo_tpot_attainment),
+    ]  # fmt: skip
+    counters: list[tuple[str, str, float]] = [
+        ("slo_ttft_requests_total", "Finished requests with a TTFT SLO and a first token",
+         stats.slo_ttft_requests),
+        ("slo_ttft_met_total", "Of those, the ones whose first token met the SLO",
+         stats.slo_ttft_met),
+        ("slo_tpot_requests_total", "Finished requests with a TPOT SLO and 2+ tokens",
+         stats.slo_tpot_requests),
+        ("slo_tpot_met_total", "Of those, the ones whose time per output token met the SLO",
+         stats.slo_tpot_met),
+        ("slo_swap_outs_total", "Running requests swapped out to admit one about to miss "
+         "its TTFT SLO", stats.slo_swap_outs),
+        ("slo_swaps_refused_total", "SLO swap-outs refused for lack of host tier room",
+         stats.slo_swaps_refused),
     ]  # fmt: skip
     return gauges, counters
 
