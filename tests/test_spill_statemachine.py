@@ -93,14 +93,14 @@ class SpillMachine(ManagerMachine):
         self._apply()
         assert not self.tier.violations()
         assert self.copier.stage.mapped_chunks == 0
-        spill_keys = [k for k in self.tier.keys() if k < 0]
+        spill_keys = [k for k in self.tier.held_keys() if k < 0]
         for k in spill_keys:
             ext = self.tier.extent(k)
             assert ext is not None and ext.state is SwapState.HOST, "a copy still in flight"
         s = self.cache.stats()
         assert len(spill_keys) == s.host_blocks
         assert self.tier.usage().spill_slots == s.host_blocks * self.cache.block_chunks
-        assert sorted(self.swap_keys) == sorted(k for k in self.tier.keys() if k >= 0)
+        assert sorted(self.swap_keys) == sorted(k for k in self.tier.held_keys() if k >= 0)
         if s.host_blocks:
             event("blocks on the host")
 

@@ -211,7 +211,7 @@ def _spill_problems(engine: LLMEngine) -> list[str]:
     and the tier's spill keys are exactly the cache's host blocks."""
     assert engine.swap is not None
     tier, cache = engine.swap.planner.tier, engine.kv.cache
-    spills = [k for k in tier.keys() if k < 0]  # noqa: SIM118 (a method, not a dict)
+    spills = [k for k in tier.held_keys() if k < 0]
     problems = []
     if any(e is None or e.state is not SwapState.HOST for e in map(tier.extent, spills)):
         problems.append("a spilled block's copy is still in flight between steps")

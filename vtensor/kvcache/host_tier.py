@@ -95,7 +95,7 @@ class HostTier(ABC):
     def usage(self) -> HostTierUsage: ...
 
     @abstractmethod
-    def keys(self) -> list[int]:
+    def held_keys(self) -> list[int]:
         """Every key in the tier (requests' ids and spill keys)."""
 
     @abstractmethod
@@ -151,7 +151,7 @@ class SlotHostTier(HostTier):
         spill_slots = sum(e.count for e in spills)
         return HostTierUsage(self.capacity_slots, used, requests, spill_slots, len(spills))
 
-    def keys(self) -> list[int]:
+    def held_keys(self) -> list[int]:
         return list(self._extents)
 
     def violations(self) -> list[str]:

@@ -110,6 +110,20 @@ class SpillRadixCache(RadixPrefixCache):
             return None
         heapq.heappop(self._heap)
         ids = node.chunks
+        self._spill_or_drop(node)
+        return ids
+
+    def evict_block(self, chunk: int) -> bool:
+        """As ``evict``, for the block starting with ``chunk`` (slot placement reuses its
+        chunks in place: the spill's copy runs before the drop, so before any write)."""
+        node = self._by_chunk.get(chunk)
+        if node is None or not self._gpu_leaf(node):
+            return False
+        self._spill_or_drop(node)  # its heap entry goes stale
+        return True
+
+    def _spill_or_drop(self, node: _Node) -> None:
+        ids = node.chunks
         key = -next(self._keys)
         ext = self.tier.begin_out(key, node.index, len(ids))
         if ext is None and self.free_host(len(ids)):
@@ -117,7 +131,7 @@ class SpillRadixCache(RadixPrefixCache):
         if ext is None:
             self._drop_subtree(node)
             self._remove(node)
-            return ids
+            return
         del self._by_chunk[ids[0]]
         node.chunks, node.host = (), key
         self._host[key] = node
@@ -128,7 +142,6 @@ class SpillRadixCache(RadixPrefixCache):
         self._push_host(node)
         assert node.parent is not None
         self._push_if_evictable(node.parent)
-        return ids
 
     def free_host(self, slots: int) -> int:
         """Drop least recently used host leaves until the tier has ``slots`` free; nothing
