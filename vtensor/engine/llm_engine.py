@@ -288,7 +288,7 @@ class LLMEngine:
         segments = None
         if self.spill is not None:
             segments = self.spill.plan(out.kv_commands, out.ahead_commands, out.spills)
-            copy_in = self._with_restores(copy_in, out)
+            copy_in = self.spill.with_restores(copy_in, out.restores)
         forward = self.executor.run(plan, copy_in, segments)
         if forward is None:
             return None
@@ -307,22 +307,6 @@ class LLMEngine:
 
     def _spill_tier(self) -> HostTier | None:
         return None if self.spill is None else self.spill.tier
-
-    def _with_restores(
-        self, copy_in: Callable[[], None] | None, out: SchedulerOutput
-    ) -> Callable[[], None] | None:
-        """The swap-ins' hook, then the restored prefix blocks' copy-ins (both once the
-        step's chunks are mapped, before its forward pass)."""
-        spill = self.spill
-        if not out.restores or spill is None:
-            return copy_in
-
-        def hook() -> None:
-            if copy_in is not None:
-                copy_in()
-            spill.copy_in(out.restores)
-
-        return hook
 
     def _swap(self, out: SchedulerOutput) -> Callable[[], None] | None:
         """Swap-outs copy now, before the plan's unmaps reach the arena; swap-ins copy in

@@ -26,6 +26,7 @@ run, on swap's copy stream and pinned buffer (``swap.py``):
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +115,21 @@ class SpillCopier:
             self.swapper.copy_in(slot, ext, spill=True)
             self.tier.end_in(ext.rid)
             self.counters.in_blocks += 1
+
+    def with_restores(
+        self, copy_in: Callable[[], None] | None, restores: list[tuple[int, HostExtent]]
+    ) -> Callable[[], None] | None:
+        """The executor's ``before_forward`` hook: swap-ins' (``copy_in``), then the
+        restored blocks' copy-ins (both once the step's chunks are mapped)."""
+        if not restores:
+            return copy_in
+
+        def hook() -> None:
+            if copy_in is not None:
+                copy_in()
+            self.copy_in(restores)
+
+        return hook
 
     def close(self) -> None:
         """Free the staging range (nothing is mapped there between copies)."""
