@@ -111,3 +111,34 @@ def test_insert_reinstates_a_host_block() -> None:
     cache.evict()
     cache.evict()
     assert settle(cache) and cache.reset() == [] and tier.usage().used_slots == 0
+
+
+def test_swap_out_takes_precedence_over_spilled_blocks() -> None:
+    """A swap-out short of host slots drops spilled prefixes for room (it does not fall
+    back to recompute while spilled blocks could make room)."""
+    from vtensor.engine.params import SamplingParams
+    from vtensor.engine.request import Request
+    from vtensor.engine.swap_plan import SwapPlanner
+    from vtensor.kvcache.manager import KVCacheManager, KVGeometry
+    from vtensor.kvcache.swap_policy import ModelCost, SwapCostModel
+
+    geo = KVGeometry(4, 256, 512, 4096, 64)  # 8 tokens per chunk and block
+    tier = SlotHostTier(4)
+    kv = KVCacheManager(geo, prefix_cache=SpillRadixCache(8, 1, tier))
+    old = tokens(32)
+    assert kv.admit(0, 32) is not None
+    kv.cache_tokens(0, old, 32)
+    kv.release(0)
+    assert kv.evict(4) == 4  # the conversation's 4 blocks spill: the tier is full
+    for s in kv.take_spills():
+        tier.end_out(s.key)
+    assert tier.usage().spill_slots == 4
+    req = Request.new(1, tokens(24), SamplingParams(max_tokens=8), 40, 0.0)
+    assert kv.admit(1, 24) is not None
+    req.num_computed = 24  # three private chunks, computed
+    cost = SwapCostModel(ModelCost(10**6, 2, 64), 1e9, 1e12, mode="swap")
+    plan = SwapPlanner(tier, cost, geo.chunk_size).swap_out(kv, req)
+    assert plan is not None and plan.extent.count == 3
+    usage = tier.usage()
+    assert (usage.requests, usage.spill_blocks) == (1, 1)  # three spilled blocks dropped
+    assert kv.cache.stats().host_dropped_blocks == 3 and not kv.violations()
