@@ -63,7 +63,8 @@ def test_scheduler_imports_no_torch() -> None:
         f"vtensor.{m}"
         for m in ("engine.scheduler", "engine.request", "engine.params", "engine.stop",
                   "engine.output_processor", "engine.input_processor", "kvcache.manager",
-                  "kvcache.prefix_cache", "kvcache.radix_cache", "kvcache.chunk_books",
+                  "kvcache.prefix_cache", "kvcache.radix_cache", "kvcache.radix_spill",
+                  "kvcache.chunk_books",
                   "kvcache.reclaim", "kvcache.manager_checks", "kvcache.commands",
                   "kvcache.geometry", "kvcache.idle_policy", "kvcache.idle_reclaim",
                   "kvcache.write_guard", "kvcache.usage", "intervals",

@@ -84,7 +84,8 @@ def test_swap_is_token_identical_on_cuda(
     assert (llm.engine.runner.graphs is None) == eager
     assert_greedy_close(greedy(llm, prompts), want, "swap vs roomy")
     s = llm.engine.stats()
-    assert s.swap_preemptions > 0 and s.host_tier_used_chunks == 0
+    assert s.swap_preemptions > 0
+    assert s.host_tier_used_chunks == s.host_tier_spilled_chunks  # only spilled prefixes
     if not prefix:
         assert s.swap_out_bytes > 0 and s.swap_in_bytes == s.swap_out_bytes
 

@@ -34,6 +34,9 @@ from vtensor.kvcache.manager import KVCommand, UnmapCommand
 from .runner import ForwardOutput, ModelRunner, SpanInput
 from .stats import StepCounters
 
+# Commands to apply, then a hook to run before the next ones (None: none).
+Segment = tuple[list[KVCommand], Callable[[], None] | None]
+
 
 @dataclass(frozen=True)
 class StepPlan:
@@ -66,11 +69,16 @@ class StepExecutor:
             self._new_event = torch.cuda.Event
 
     def run(
-        self, plan: StepPlan, before_forward: Callable[[], None] | None = None
+        self,
+        plan: StepPlan,
+        before_forward: Callable[[], None] | None = None,
+        segments: tuple[list[Segment], list[Segment]] | None = None,
     ) -> ForwardOutput | None:
         """Apply the plan's KV commands, then queue its forward pass (None: no spans).
-        ``before_forward`` runs once the step's chunks are mapped (swap-ins copy then)."""
-        self._apply_kv(plan)
+        ``before_forward`` runs once the step's chunks are mapped (swap-ins copy then).
+        ``segments``: the two command lists split where a hook must run between them
+        (a spilled block's copy-out before its drop: ``spill.py``)."""
+        self._apply_kv(plan, segments)
         if before_forward is not None:
             before_forward()
         if not plan.inputs:
@@ -92,7 +100,9 @@ class StepExecutor:
             done.record()
             self._in_flight.append(Launch(done, self._running_slots))
 
-    def _apply_kv(self, plan: StepPlan) -> None:
+    def _apply_kv(
+        self, plan: StepPlan, segments: tuple[list[Segment], list[Segment]] | None = None
+    ) -> None:
         """Queue the plan's commands on the mapper and wait for the chunks this step
         touches.
 
@@ -106,9 +116,13 @@ class StepExecutor:
         through the GIL).
         """
         t_kv = time.perf_counter()
-        for commands in (plan.kv_commands, plan.ahead_commands):
-            self._fence_unmaps(commands)
-            self.arena.apply(commands)
+        lists = segments or ([(plan.kv_commands, None)], [(plan.ahead_commands, None)])
+        for segs in lists:
+            for commands, hook in segs:
+                self._fence_unmaps(commands)
+                self.arena.apply(commands)
+                if hook is not None:
+                    hook()
         geometry = self.arena.geometry
         self.arena.wait_ready((sp.slot, geometry.chunks_for(sp.end)) for sp in plan.inputs)
         self.counters.kv_sync_s += time.perf_counter() - t_kv

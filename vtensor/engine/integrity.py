@@ -203,6 +203,23 @@ def _swap_problems(engine: LLMEngine) -> list[str]:
             problems.append(f"swapped request {req.rid}: the host tier holds the wrong chunks")
     if tier.usage().requests != len(engine.scheduler.swapped):
         problems.append("the host tier holds a request that is not swapped")
+    return problems + _spill_problems(engine)
+
+
+def _spill_problems(engine: LLMEngine) -> list[str]:
+    """Between steps every spilled block is resident (no copy in flight either way),
+    and the tier's spill keys are exactly the cache's host blocks."""
+    assert engine.swap is not None
+    tier, cache = engine.swap.planner.tier, engine.kv.cache
+    spills = [k for k in tier.held_keys() if k < 0]
+    problems = []
+    if any(e is None or e.state is not SwapState.HOST for e in map(tier.extent, spills)):
+        problems.append("a spilled block's copy is still in flight between steps")
+    if len(spills) != cache.stats().host_blocks:
+        problems.append(
+            f"the host tier holds {len(spills)} spilled blocks, the cache "
+            f"{cache.stats().host_blocks}"
+        )
     return problems
 
 

@@ -10,11 +10,13 @@ import torch
 
 from vtensor.distributed import TPGroup
 from vtensor.kvcache.arena import KVArena
+from vtensor.kvcache.host_tier import HostTier
 from vtensor.kvcache.idle_policy import default_watermark
 from vtensor.kvcache.layout import MAX_ROWS, KVLayout
 from vtensor.kvcache.manager import KVCacheManager, KVGeometry
 from vtensor.kvcache.prefix_cache import NoPrefixCache, PrefixCache
 from vtensor.kvcache.radix_cache import RadixPrefixCache
+from vtensor.kvcache.radix_spill import SpillRadixCache
 from vtensor.memory import ChunkPool, open_backend
 from vtensor.models.config import ModelConfig
 
@@ -103,8 +105,11 @@ def spare_slots(max_num_seqs: int, max_tokens: int, caching: bool) -> int:
     return max(0, min(SPARE_SLOTS, max_num_seqs, room))
 
 
-def prefix_cache_for(geo: KVGeometry, enabled: bool) -> tuple[PrefixCache, str | None]:
+def prefix_cache_for(
+    geo: KVGeometry, enabled: bool, host: HostTier | None = None
+) -> tuple[PrefixCache, str | None]:
     """The prefix cache for this arena, or the no-op one with the reason it is off.
+    With a ``host`` tier its evicted blocks spill there (``radix_spill.py``).
 
     Its unit is the smallest run of whole tokens filling whole chunks
     (``KVGeometry.cache_block``): sharing a chunk shares every token in it, so a
@@ -120,6 +125,8 @@ def prefix_cache_for(geo: KVGeometry, enabled: bool) -> tuple[PrefixCache, str |
             f"share whole tokens only every {tokens} tokens ({chunks} chunks), not less "
             f"than a slot of {geo.max_tokens} tokens"
         )
+    if host is not None:
+        return SpillRadixCache(tokens, chunks, host), None
     return RadixPrefixCache(tokens, chunks), None
 
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from vtensor.distributed import TPGroup, WorkerDiedError
+from vtensor.kvcache.host_tier import HostTier
 from vtensor.kvcache.idle_policy import Clock
 
 from .config import EngineConfig
@@ -55,6 +56,7 @@ from .setup import load_tokenizer, model_config
 from .shared_pool import shared_config
 from .sleep import SleepMode
 from .slo_setup import slo_admission
+from .spill import spill_copier
 from .stats import EngineStats, StepCounters, collect_stats
 from .swap_setup import swap_driver
 from .tp_driver import start_rank_zero, talking_to
@@ -90,9 +92,13 @@ class LLMEngine:
         self.weights = parts.weights  # sleep mode's weight range (or None)
         self.sleep_mode = SleepMode(self, self.weights)
         self.scratch_slot = SCRATCH_SLOT
+        self.swap = swap_driver(config, self.model_config, self.arena, rt.dtype)  # None: off
+        # Prefix-cache spill: on with the cache and a host tier (not on a shared KV pool,
+        # whose reclaims apply their drops outside a step).
+        self.spill = spill_copier(self.arena, self.swap, kv_pool is None)
         # Rank 0's books alone decide what is cached; the workers only apply its commands.
         cache, self.prefix_caching_note = prefix_cache_for(
-            self.arena.geometry, config.enable_prefix_caching
+            self.arena.geometry, config.enable_prefix_caching, self._spill_tier()
         )
         if self.prefix_caching_note and config.enable_prefix_caching:
             log.warning("prefix caching %s", self.prefix_caching_note)
@@ -101,7 +107,6 @@ class LLMEngine:
         sched = SchedulerConfig(
             config.max_num_seqs, config.max_num_batched_tokens, config.lookahead_tokens
         )
-        self.swap = swap_driver(config, self.model_config, self.arena, rt.dtype)  # None: off
         # Arrival and token times, and SLO-aware admission's now (tests set a manual clock).
         self.request_clock: Clock = time.perf_counter
         planner = self.swap.planner if self.swap else None
@@ -221,7 +226,7 @@ class LLMEngine:
         process); the cache starts empty either way."""
         if self.has_unfinished():
             raise RuntimeError("prefix caching can only be switched with no request unfinished")
-        cache, note = prefix_cache_for(self.arena.geometry, on)
+        cache, note = prefix_cache_for(self.arena.geometry, on, self._spill_tier())
         if on and note:
             raise ValueError(f"prefix caching is {note}")
         with self.books_lock:
@@ -299,7 +304,11 @@ class LLMEngine:
         plan = StepPlan(out.kv_commands, out.ahead_commands, inputs)
         if self.workers is not None and (inputs or plan.kv_commands or plan.ahead_commands):
             self.workers.send(plan)
-        forward = self.executor.run(plan, copy_in)
+        segments = None
+        if self.spill is not None:
+            segments = self.spill.plan(out.kv_commands, out.ahead_commands, out.spills)
+            copy_in = self.spill.with_restores(copy_in, out.restores)
+        forward = self.executor.run(plan, copy_in, segments)
         if forward is None:
             return None
         sampling = [sp for sp in out.spans if sp.samples]
@@ -314,6 +323,9 @@ class LLMEngine:
         self.executor.mark_launched()
         needs_host = any(sp.req.params.has_penalties for sp in sampling)
         return LaunchedStep(sampling, draw, needs_host)
+
+    def _spill_tier(self) -> HostTier | None:
+        return None if self.spill is None else self.spill.tier
 
     def _swap(self, out: SchedulerOutput) -> Callable[[], None] | None:
         """Swap-outs copy now, before the plan's unmaps reach the arena; swap-ins copy in
@@ -455,6 +467,8 @@ class LLMEngine:
         if self.runtime.device.type == "cuda":
             torch.cuda.synchronize(self.runtime.device)  # no kernel may touch chunks we unmap
         self.runner.release_graphs()  # first: NCCL's destroy waits on graphs holding its ops
+        if self.spill is not None:  # its staging range: nothing mapped between copies
+            self.spill.close()
         if self.workers is not None:
             self.workers.close()
         self.arena.close()

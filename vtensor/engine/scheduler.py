@@ -25,7 +25,11 @@ One step, under a token budget:
    forward pass). Then waiting requests are admitted in arrival order while the budget, a free
    slot and free chunks allow (strict FCFS: the queue head blocks the rest).
    A request's longest cached prefix (whole blocks, at most all but its last
-   token) is shared into its slot; its first span starts after it.
+   token) is shared into its slot; its first span starts after it. With a host
+   tier the prefix may end in spilled blocks: they get fresh chunks in the slot
+   and the engine copies them back in before the forward pass (``restores``);
+   blocks the cache spilled this step are copied out before their chunks are
+   dropped (``spills``; ``engine/spill.py``).
    With SLOs (``slo_admission.py``) the queue is first put in the admission
    policy's order (TTFT slack), and a head that lacks KV memory may have the
    policy's victims swapped out for it (``_make_room``); the head still blocks.
@@ -83,6 +87,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_queries = 0  # tokens of admitted requests (vLLM's prefix-cache queries)
         self.prefix_hits = 0  # of which their KV came from the prefix cache
+        self.prefix_host_hits = 0  # of those, restored from the host tier (spilled blocks)
 
     def add(self, req: Request) -> None:
         if req.status is not RequestStatus.WAITING:
@@ -129,7 +134,10 @@ class Scheduler:
         self._map_ahead(spans)
         self._premap_waiting()
         out = SchedulerOutput(spans, preempted, admitted, kv_commands, self.kv.take_commands())
-        return out if self.swap is None else self._with_swaps(out, swapped_in)
+        if self.swap is None:
+            return out
+        out = replace(out, spills=self.kv.take_spills(), restores=self.kv.take_restores())
+        return self._with_swaps(out, swapped_in)
 
     def remove(self, req: Request) -> None:
         """Take a finishing (or aborted) request out of the queues; its slot idles with
@@ -248,6 +256,7 @@ class Scheduler:
             admitted.append(Admission(req, hit.tokens))
             self.prefix_queries += req.num_tokens
             self.prefix_hits += hit.tokens
+            self.prefix_host_hits += hit.restore * self.kv.cache.block_tokens
             spans.append(ScheduledSpan.next_of(req, hit.tokens, n))
             budget -= n
         return admitted

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vtensor.kvcache.host_tier import HostExtent
 from vtensor.kvcache.manager import KVCommand
+from vtensor.kvcache.prefix_cache import SpillOut
 
 from .request import Request
 from .swap_plan import SwapPlan
@@ -53,6 +55,10 @@ class SchedulerOutput:
     swapped_out: list[SwapPlan] = field(default_factory=list)  # copy before kv_commands
     swapped_in: list[SwapPlan] = field(default_factory=list)  # copy before the forward
     unswapped: list[Request] = field(default_factory=list)  # swapped, now to recompute
+    # Prefix-cache spill (engine/spill.py): copy each block out before the command that
+    # drops its chunks; copy each restored block in before the forward pass.
+    spills: list[SpillOut] = field(default_factory=list)
+    restores: list[tuple[int, HostExtent]] = field(default_factory=list)  # (slot, extent)
 
     @property
     def is_decode(self) -> bool:

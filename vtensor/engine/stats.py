@@ -37,7 +37,8 @@ class EngineStats:
     pool_capacity_chunks: int
     prefix_caching: bool = False
     prefix_cache_queries: int = 0  # prompt tokens of admitted requests
-    prefix_cache_hits: int = 0  # of which the prefix cache served the KV
+    prefix_cache_hits: int = 0  # of which the prefix cache served the KV (GPU + host)
+    prefix_cache_host_hits: int = 0  # of those, restored from the host tier (spilled)
     prefix_cache_chunks: int = 0  # chunks the prefix cache holds now
     prefix_cache_blocks: int = 0
     prefix_cache_evicted_chunks: int = 0  # freed by evicting cache blocks
@@ -60,6 +61,16 @@ class EngineStats:
     slo_swap_outs: int = 0  # running requests swapped out to admit one about to miss its TTFT
     slo_swaps_refused: int = 0  # such swap-outs a missing or full host tier refused
 
+    # Prefix-cache spill (on with the cache and a host tier; its copies are not in swap_*).
+    spill_out_bytes: int = 0
+    spill_in_bytes: int = 0
+    spill_out_s: float = 0.0
+    spill_in_s: float = 0.0
+    host_tier_spilled_chunks: int = 0  # host tier chunks held by spilled cache blocks
+    prefix_cache_host_blocks: int = 0  # cache blocks on the host now
+    prefix_cache_spilled_blocks: int = 0  # evicted blocks spilled to the host, since start
+    prefix_cache_restored_blocks: int = 0  # host blocks copied back for a hit, since start
+
     @property
     def slo_ttft_attainment(self) -> float:
         """TTFT met over finished requests with a TTFT SLO (0 before any)."""
@@ -69,6 +80,11 @@ class EngineStats:
     def slo_tpot_attainment(self) -> float:
         """TPOT met over finished requests with a TPOT SLO and 2+ tokens (0 before any)."""
         return self.slo_tpot_met / self.slo_tpot_requests if self.slo_tpot_requests else 0.0
+
+    @property
+    def prefix_cache_gpu_hits(self) -> int:
+        """Hit tokens whose KV was on the GPU (shared, no copy)."""
+        return self.prefix_cache_hits - self.prefix_cache_host_hits
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -130,6 +146,7 @@ def collect_stats(
         prefix_caching=kv.cache.enabled,
         prefix_cache_queries=scheduler.prefix_queries,
         prefix_cache_hits=scheduler.prefix_hits,
+        prefix_cache_host_hits=scheduler.prefix_host_hits,
         prefix_cache_chunks=usage.cached_chunks,
         prefix_cache_blocks=kv.cache.stats().blocks,
         prefix_cache_evicted_chunks=kv.evicted_chunks,
@@ -157,6 +174,8 @@ def _with_swap(stats: EngineStats, driver: SwapDriver, scheduler: Scheduler) -> 
     """The host KV tier's counters (``swap_space_bytes`` > 0)."""
     swap, tier = driver.stats()
     decisions = driver.planner.decisions
+    cache = scheduler.kv.cache.stats()
+    spill = driver.swapper.stats(spill=True)
     return replace(
         stats,
         swapped=len(scheduler.swapped),
@@ -169,4 +188,12 @@ def _with_swap(stats: EngineStats, driver: SwapDriver, scheduler: Scheduler) -> 
         swap_preemptions=decisions.swaps,
         swap_tier_full=decisions.tier_full,
         swap_dropped=decisions.dropped,
+        spill_out_bytes=spill.out_bytes,
+        spill_in_bytes=spill.in_bytes,
+        spill_out_s=spill.out_s,
+        spill_in_s=spill.in_s,
+        host_tier_spilled_chunks=tier.spill_slots,
+        prefix_cache_host_blocks=cache.host_blocks,
+        prefix_cache_spilled_blocks=cache.spilled_blocks,
+        prefix_cache_restored_blocks=cache.restored_blocks,
     )

@@ -55,40 +55,54 @@ class KVSwapper:
         self._buf = self.host.alloc(slots * self.chunk) if slots else None
         self.arena_bytes = arena.vt.view(torch.uint8, (arena.vt.nbytes,))
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self._out_bytes = self._in_bytes = 0
-        self._out_s = self._in_s = 0.0
-        self._pending_in: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        # Counted apart: swap's copies (False) and prefix-cache spill's (True, spill.py).
+        self._acc = {False: _Tally(), True: _Tally()}
+        self._pending_in: list[tuple[torch.cuda.Event, torch.cuda.Event, _Tally]] = []
 
     def copy_out(self, slot: int, extent: HostExtent) -> None:
         """Copy the extent's chunks of arena ``slot`` to its host slots; returns once
         they are on the host (the caller then unmaps them)."""
-        if not extent.count:
+        base = slot * self.slot_bytes + extent.first * self.chunk
+        self.copy_out_from([(self.arena_bytes, base, extent.host_slots)])
+
+    def copy_out_from(
+        self, ranges: list[tuple[torch.Tensor, int, tuple[int, ...]]], spill: bool = False
+    ) -> None:
+        """Copy each ``(device bytes, byte offset, host slots)`` range (one chunk per
+        host slot, consecutive from the offset) to the host; returns once all are there.
+        The copies are ordered after every step queued so far (they may read its KV)."""
+        count = sum(len(h) for _, _, h in ranges)
+        if not count:
             return
-        self._out_bytes += extent.count * self.chunk
+        acc = self._acc[spill]
+        acc.out_bytes += count * self.chunk
         if self.stream is None:
             t0 = time.perf_counter()
-            self._copy(slot, extent, to_host=True)
-            self._out_s += time.perf_counter() - t0
+            for dev, base, slots in ranges:
+                self._copy_runs(dev, base, slots, to_host=True)
+            acc.out_s += time.perf_counter() - t0
             return
         start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             start.record()  # after the wait: the copy's own time, not the step's
-            self._copy(slot, extent, to_host=True)
+            for dev, base, slots in ranges:
+                self._copy_runs(dev, base, slots, to_host=True)
             done.record()
         done.synchronize()
-        self._out_s += start.elapsed_time(done) / 1e3
+        acc.out_s += start.elapsed_time(done) / 1e3
 
-    def copy_in(self, slot: int, extent: HostExtent) -> None:
+    def copy_in(self, slot: int, extent: HostExtent, spill: bool = False) -> None:
         """Queue the copy of the extent's host slots back into arena ``slot`` (mapped
         already); the compute stream waits for it before anything later reads them."""
         if not extent.count:
             return
-        self._in_bytes += extent.count * self.chunk
+        acc = self._acc[spill]
+        acc.in_bytes += extent.count * self.chunk
         if self.stream is None:
             t0 = time.perf_counter()
             self._copy(slot, extent, to_host=False)
-            self._in_s += time.perf_counter() - t0
+            acc.in_s += time.perf_counter() - t0
             return
         start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # maps are host-side
@@ -97,34 +111,49 @@ class KVSwapper:
             self._copy(slot, extent, to_host=False)
             done.record()
         torch.cuda.current_stream(self.device).wait_event(done)
-        self._pending_in.append((start, done))
+        self._pending_in.append((start, done, acc))
         self._count_done_ins()  # bounded: the events of copies still in flight
 
-    def stats(self) -> SwapStats:
+    def stats(self, spill: bool = False) -> SwapStats:
+        """Swap's copies, or (``spill``) prefix-cache spill's."""
         self._count_done_ins()
-        return SwapStats(self._out_bytes, self._in_bytes, self._out_s, self._in_s)
+        a = self._acc[spill]
+        return SwapStats(a.out_bytes, a.in_bytes, a.out_s, a.in_s)
 
     def _count_done_ins(self) -> None:
         """Add the time of the copy-ins that completed (in stream order: oldest first)."""
         while self._pending_in and self._pending_in[0][1].query():
-            start, done = self._pending_in.pop(0)
-            self._in_s += start.elapsed_time(done) / 1e3
+            start, done, acc = self._pending_in.pop(0)
+            acc.in_s += start.elapsed_time(done) / 1e3
 
     def close(self) -> None:
         """Free the host buffer (after the caller synchronized: no copy in flight)."""
         self.host.close()
 
     def _copy(self, slot: int, extent: HostExtent, to_host: bool) -> None:
+        base = slot * self.slot_bytes + extent.first * self.chunk
+        self._copy_runs(self.arena_bytes, base, extent.host_slots, to_host)
+
+    def _copy_runs(
+        self, dev_bytes: torch.Tensor, base: int, host_slots: tuple[int, ...], to_host: bool
+    ) -> None:
         assert self._buf is not None
         host, chunk = self._buf.tensor, self.chunk
-        base = slot * self.slot_bytes + extent.first * chunk
-        for i, h, n in _runs(extent.host_slots):
-            dev = self.arena_bytes[base + i * chunk : base + (i + n) * chunk]
+        for i, h, n in _runs(host_slots):
+            dev = dev_bytes[base + i * chunk : base + (i + n) * chunk]
             hst = host[h * chunk : (h + n) * chunk]
             if to_host:
                 copy_bytes(hst, dev)
             else:
                 copy_bytes(dev, hst)
+
+
+@dataclass
+class _Tally:
+    out_bytes: int = 0
+    in_bytes: int = 0
+    out_s: float = 0.0
+    in_s: float = 0.0
 
 
 def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:

@@ -65,6 +65,9 @@ class SwapPlanner:
             self.decisions.recomputes += 1
             log.info("request %d: recompute (%s)", req.rid, decision.reason)
             return None
+        usage = self.tier.usage()
+        if usage.capacity_slots - usage.used_slots < end - first:
+            kv.cache.free_host(end - first)  # a running request before spilled prefixes
         extent = self.tier.begin_out(req.rid, first, end - first)
         if extent is None:
             self.decisions.tier_full += 1

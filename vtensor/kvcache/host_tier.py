@@ -19,8 +19,12 @@ once, because the engine only drops a request after its copy has completed (a
 copy-out is finished before ``end_out``; a copy-in is ordered before any later
 copy that could reuse the slots: one in-order copy stream).
 
+The tier is shared with prefix-cache spill (``radix_spill.py``): a spilled cache
+block is an extent too, keyed by a **spill key**, a negative int (request ids are
+>= 0), with the same states (copying out, host, copying in).
+
 Invariants (``violations``): every host slot is free or held by exactly one
-request; ``used + free == capacity``.
+key; ``used + free == capacity``.
 """
 
 from __future__ import annotations
@@ -53,8 +57,10 @@ class HostExtent:
 @dataclass(frozen=True)
 class HostTierUsage:
     capacity_slots: int
-    used_slots: int
-    requests: int
+    used_slots: int  # by swapped requests and spilled cache blocks
+    requests: int  # swapped requests (keys >= 0)
+    spill_slots: int = 0  # held by spilled cache blocks (negative keys)
+    spill_blocks: int = 0
 
 
 class HostTier(ABC):
@@ -87,6 +93,10 @@ class HostTier(ABC):
 
     @abstractmethod
     def usage(self) -> HostTierUsage: ...
+
+    @abstractmethod
+    def held_keys(self) -> list[int]:
+        """Every key in the tier (requests' ids and spill keys)."""
 
     @abstractmethod
     def violations(self) -> list[str]: ...
@@ -136,7 +146,13 @@ class SlotHostTier(HostTier):
 
     def usage(self) -> HostTierUsage:
         used = self.capacity_slots - len(self._free)
-        return HostTierUsage(self.capacity_slots, used, len(self._extents))
+        spills = [e for k, e in self._extents.items() if k < 0]
+        requests = len(self._extents) - len(spills)
+        spill_slots = sum(e.count for e in spills)
+        return HostTierUsage(self.capacity_slots, used, requests, spill_slots, len(spills))
+
+    def held_keys(self) -> list[int]:
+        return list(self._extents)
 
     def violations(self) -> list[str]:
         held = [s for e in self._extents.values() for s in e.host_slots]

@@ -47,10 +47,11 @@ from .commands import (
     UnmapCommand,
 )
 from .geometry import KVGeometry
+from .host_tier import HostExtent
 from .idle_policy import Clock, IdleReclaimPolicy
 from .idle_reclaim import IdleReclaimer
 from .placement import SlotPlacer
-from .prefix_cache import NO_MATCH, CachePath, NoPrefixCache, PrefixCache, PrefixMatch
+from .prefix_cache import NO_MATCH, CachePath, NoPrefixCache, PrefixCache, PrefixMatch, SpillOut
 from .reclaim import Reclaimer
 from .shared_budget import KVLease
 from .usage import KVUsage, kv_usage
@@ -103,6 +104,7 @@ class KVCacheManager:
         self._owner: dict[int, int] = {}  # request id -> slot
         self._paths: dict[int, CachePath] = {}  # request id -> its locked cache prefix
         self._next_block_end: dict[int, int] = {}  # request id -> tokens filling its next block
+        self._restores: list[tuple[int, HostExtent]] = []  # (slot, extent): copy-ins to make
         self._idle: set[int] = set(range(reserved_slots, geometry.num_slots))
         self._applied_committed = 0  # committed as of the last take_commands
         self._released = [0] * geometry.num_slots  # when each slot last went idle
@@ -228,7 +230,7 @@ class KVCacheManager:
         if rid in self._owner:
             raise ValueError(f"request {rid} already holds slot {self._owner[rid]}")
         want = self.geometry.chunks_for(tokens)
-        if want <= len(hit.chunks):
+        if want <= len(hit.chunks) + hit.restore * self.cache.block_chunks:
             raise ValueError(
                 f"{tokens} tokens leave nothing to compute after a {hit.tokens}-token hit"
             )
@@ -246,6 +248,8 @@ class KVCacheManager:
         self._set_asked(slot, min(want, len(self.books.tables[slot])))
         if not self.grow(rid, tokens):
             raise RuntimeError("admission fit the books but could not grow: a bug")
+        if hit.restore:
+            self._restore(slot, hit)
         return slot
 
     def evict_to_free(self, chunks: int, keep: Sequence[PrefixMatch] = ()) -> int:
@@ -263,6 +267,26 @@ class KVCacheManager:
         finally:
             for hit in keep:
                 self.books.pin(self.cache.unlock(hit.path), -1)
+
+    def _restore(self, slot: int, hit: PrefixMatch) -> None:
+        """The hit's host blocks take the chunks just mapped at their indices (private,
+        fresh or kept by the slot); the engine copies them in (``take_restores``)."""
+        first = len(hit.chunks)
+        ids = self.books.tables[slot][first : first + hit.restore * self.cache.block_chunks]
+        self._restores.extend((slot, e) for e in self.cache.restore(hit.path, ids))
+        self.books.hold(slot, first, ids)
+        self.books.pin(ids, +1)  # their blocks are locked: the lock pinned none on the host
+
+    def take_restores(self) -> list[tuple[int, HostExtent]]:
+        """``(slot, extent)`` of each block restored since the last take: copy the
+        extent's host slots into the slot's chunks from ``extent.first`` before the
+        step's forward pass, then end the tier's copy-in."""
+        restores, self._restores = self._restores, []
+        return restores
+
+    def take_spills(self) -> list[SpillOut]:
+        """The spilled blocks' copies to make before their chunks are dropped."""
+        return self.cache.take_spills()
 
     def grow(self, rid: int, tokens: int, steal: bool = True) -> bool:
         """Ensure ``rid``'s slot maps its first ``tokens`` tokens.

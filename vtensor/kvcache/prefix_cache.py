@@ -33,6 +33,16 @@ Contract of a :class:`PrefixCache`:
   if it is an unlocked leaf (False, nothing done, otherwise).
 * ``reset()``: removes every block and returns their chunk ids; it refuses
   (``RuntimeError``) while any block is locked.
+
+With a host tier (``radix_spill.py``; off otherwise, and these do nothing) an
+evicted block may be *spilled* instead of dropped: ``evict`` still returns its
+chunk ids (they leave the GPU), but the block stays in the tree on the host and
+``take_spills`` names the copies to make before those chunks are dropped. A
+``match`` may then end with ``restore`` host blocks (counted in ``tokens``, not in
+``chunks``); ``restore(path, chunks)`` gives those blocks the fresh chunks the
+caller mapped at their indices and returns the host extents to copy back in.
+``free_host(slots)`` drops least recently used host blocks until the tier has
+``slots`` free (swap-out takes precedence over spilled prefixes).
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from .host_tier import HostExtent
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,7 @@ class PrefixMatch:
     path: CachePath
     tokens: int
     chunks: tuple[int, ...]
+    restore: int = 0  # host blocks at the end of the path (in ``tokens``, not ``chunks``)
 
 
 NO_MATCH = PrefixMatch(ROOT, 0, ())
@@ -77,10 +90,23 @@ class CacheInsert:
 
 @dataclass(frozen=True)
 class PrefixCacheStats:
-    blocks: int  # cached blocks (tree nodes)
+    blocks: int  # cached blocks (tree nodes, on the GPU or the host)
     cached_chunks: int  # chunks the cache holds a reference to
     evictable_chunks: int  # in unlocked blocks
-    evicted_blocks: int  # over the cache's life
+    evicted_blocks: int  # evicted from the GPU (spilled or dropped), over the cache's life
+    host_blocks: int = 0  # blocks on the host tier now (spilled, copies in flight included)
+    spilled_blocks: int = 0  # over the cache's life
+    restored_blocks: int = 0  # over the cache's life
+    host_dropped_blocks: int = 0  # host blocks dropped to make room, over the cache's life
+
+
+@dataclass(frozen=True)
+class SpillOut:
+    """A spilled block's copy to make: ``chunks`` (still held until the cache's drop
+    command for them is applied) to the host slots of tier key ``key``."""
+
+    key: int
+    chunks: tuple[int, ...]
 
 
 class PrefixCache(ABC):
@@ -136,6 +162,22 @@ class PrefixCache(ABC):
     @abstractmethod
     def violations(self) -> list[str]:
         """The cache's broken invariants, described; empty when consistent."""
+
+    # Spill to a host tier: a cache without one has no host block (these defaults).
+    def restore(self, path: CachePath, chunks: Sequence[int]) -> list[HostExtent]:
+        """Give the host blocks ending ``path`` the chunk ids ``chunks`` (in order);
+        returns their host extents (``host_tier.HostExtent``) to copy in."""
+        if chunks:
+            raise ValueError("this prefix cache holds no host block to restore")
+        return []
+
+    def free_host(self, slots: int) -> int:
+        """Drop host blocks until the host tier has ``slots`` free; returns slots freed."""
+        return 0
+
+    def take_spills(self) -> list[SpillOut]:
+        """The copies of blocks spilled since the last take, in eviction order."""
+        return []
 
 
 class NoPrefixCache(PrefixCache):

@@ -35,11 +35,15 @@ from .prefix_cache import (
 
 
 class _Node:
-    __slots__ = ("alive", "children", "chunks", "key", "lock", "parent", "tick")
+    __slots__ = ("alive", "children", "chunks", "host", "index", "key", "lock", "parent", "tick")
 
-    def __init__(self, key: tuple[int, ...], chunks: tuple[int, ...], parent: _Node | None):
+    def __init__(
+        self, key: tuple[int, ...], chunks: tuple[int, ...], parent: _Node | None, index: int = 0
+    ):
         self.key = key
-        self.chunks = chunks
+        self.chunks = chunks  # () while on the host (``radix_spill.py``)
+        self.host: int | None = None  # the host tier key while on the host
+        self.index = index  # its first chunk index (the same in every slot)
         self.parent = parent
         self.children: dict[tuple[int, ...], _Node] = {}
         self.lock = 0
@@ -96,13 +100,16 @@ class RadixPrefixCache(PrefixCache):
             key = tuple(tokens[j * t : (j + 1) * t])
             child = node.children.get(key)
             if child is None:
-                child = _Node(key, tuple(chunks[j * c : (j + 1) * c]), node)
+                child = _Node(key, tuple(chunks[j * c : (j + 1) * c]), node, j * c)
                 if len(child.key) != t or len(child.chunks) != c:
                     raise ValueError(f"block {j} is not whole: {len(key)} tokens")
                 node.children[key] = child
                 self._by_chunk[child.chunks[0]] = child
                 self._nodes += 1
                 self._evictable += c
+                adopted.append(j)
+            elif child.host is not None:  # spilled: the offered chunks hold the same KV
+                self._reinstate(child, tuple(chunks[j * c : (j + 1) * c]))
                 adopted.append(j)
             node = child
             node.tick = tick
@@ -167,12 +174,17 @@ class RadixPrefixCache(PrefixCache):
         parent = node.parent
         assert parent is not None
         del parent.children[node.key]
-        del self._by_chunk[node.chunks[0]]
+        if node.chunks:
+            del self._by_chunk[node.chunks[0]]
+            self._evictable -= len(node.chunks)
+            self._evicted += 1
         node.alive = False
         self._nodes -= 1
-        self._evictable -= len(node.chunks)
-        self._evicted += 1
         self._push_if_evictable(parent)
+
+    def _reinstate(self, node: _Node, chunks: tuple[int, ...]) -> None:
+        """A host-resident node takes GPU chunks again (only ``radix_spill.py`` has any)."""
+        raise AssertionError("a radix cache without a host tier has no host-resident node")
 
     def _lru_leaf(self) -> _Node | None:
         """The heap's top once stale entries (locked, extended, touched again or gone
@@ -180,7 +192,7 @@ class RadixPrefixCache(PrefixCache):
         heap = self._heap
         while heap:
             tick, _, node = heap[0]
-            if node.alive and node.lock == 0 and not node.children and node.tick == tick:
+            if node.alive and self._gpu_leaf(node) and node.tick == tick:
                 return node
             heapq.heappop(heap)
         return None
@@ -215,14 +227,16 @@ class RadixPrefixCache(PrefixCache):
         locked = sum(len(n.chunks) for n in nodes if n.lock)
         checks = [
             (len(nodes) == self._nodes, f"{len(nodes)} nodes, counted {self._nodes}"),
-            ({n.chunks[0]: n for n in nodes} == self._by_chunk, "the chunk index is stale"),
+            ({n.chunks[0]: n for n in nodes if n.chunks} == self._by_chunk,
+             "the chunk index is stale"),
             (len(ids) == len(set(ids)), "a chunk id is held by two blocks"),
             (locked == self._locked, f"{locked} locked chunks, counted {self._locked}"),
             (len(ids) == self._evictable + self._locked, "cached != evictable + locked"),
             (all(n.lock <= n.parent.lock for n in nodes if n.parent and n.parent.parent),
              "a node is locked more than its parent"),
             (all(n.alive and len(n.key) == self.block_tokens and
-                 len(n.chunks) == self.block_chunks for n in nodes), "a node is not whole"),
+                 len(n.chunks) == (0 if n.host is not None else self.block_chunks)
+                 for n in nodes), "a node is not whole"),
         ]  # fmt: skip
         return [f"prefix cache: {what}" for ok, what in checks if not ok]
 
@@ -233,17 +247,26 @@ class RadixPrefixCache(PrefixCache):
             raise ValueError("a cache path whose node was evicted (it was not locked)")
         return node
 
+    @staticmethod
+    def _gpu_leaf(node: _Node) -> bool:
+        """Evictable from the GPU: unlocked, GPU-resident, no GPU-resident child (a
+        spilled child is not an extension on the GPU: ``radix_spill.py``)."""
+        return (
+            node.parent is not None
+            and node.lock == 0
+            and bool(node.chunks)
+            and not any(ch.chunks for ch in node.children.values())
+        )
+
     def _push_if_evictable(self, node: _Node) -> None:
-        if node.parent is not None and node.lock == 0 and not node.children:
+        if self._gpu_leaf(node):
             heapq.heappush(self._heap, (node.tick, next(self._serial), node))
             if len(self._heap) > 4 * self._nodes + 64:
                 self._compact()
 
     def _compact(self) -> None:
         """Drop stale heap entries: one per evictable leaf remains."""
-        self._heap = [
-            (n.tick, next(self._serial), n) for n in self._walk() if n.lock == 0 and not n.children
-        ]
+        self._heap = [(n.tick, next(self._serial), n) for n in self._walk() if self._gpu_leaf(n)]
         heapq.heapify(self._heap)
 
     def _walk(self) -> Iterator[_Node]:

@@ -137,6 +137,10 @@ class ServerMetrics:
              "the prefix cache", stats.prefix_cache_queries),
             ("prefix_cache_hits_total", "Of those, tokens whose KV the prefix cache served",
              stats.prefix_cache_hits),
+            ("prefix_cache_gpu_hits_total", "Of the hits, tokens whose KV was on the GPU",
+             stats.prefix_cache_gpu_hits),
+            ("prefix_cache_host_hits_total", "Of the hits, tokens whose KV was restored from "
+             "the host tier (spilled blocks)", stats.prefix_cache_host_hits),
             ("prefix_cache_evicted_chunks_total", "KV chunks freed by evicting cached blocks",
              stats.prefix_cache_evicted_chunks),
         ]  # fmt: skip
@@ -188,10 +192,14 @@ def _swap_metrics(
     """The host KV tier's gauges and counters (``--swap-space``; capacity 0 when off)."""
     gauges: list[tuple[str, str, float]] = [
         ("requests_swapped", "Requests whose KV is in the host tier", stats.swapped),
-        ("host_tier_chunks_in_use", "Host KV tier chunks holding swapped KV",
+        ("host_tier_chunks_in_use", "Host KV tier chunks in use (swapped KV and spilled blocks)",
          stats.host_tier_used_chunks),
         ("host_tier_chunks_capacity", "Host KV tier chunks (--swap-space)",
          stats.host_tier_capacity_chunks),
+        ("host_tier_spilled_chunks", "Host KV tier chunks holding spilled prefix-cache "
+         "blocks", stats.host_tier_spilled_chunks),
+        ("prefix_cache_host_blocks", "Prefix-cache blocks on the host tier",
+         stats.prefix_cache_host_blocks),
     ]  # fmt: skip
     counters: list[tuple[str, str, float]] = [
         ("swap_out_bytes_total", "KV bytes copied to the host tier", stats.swap_out_bytes),
@@ -202,6 +210,14 @@ def _swap_metrics(
          stats.swap_preemptions),
         ("swap_tier_full_total", "Swaps refused by a full host tier (recomputed)",
          stats.swap_tier_full),
+        ("prefix_cache_spilled_blocks_total", "Evicted prefix-cache blocks spilled to the "
+         "host tier", stats.prefix_cache_spilled_blocks),
+        ("prefix_cache_restored_blocks_total", "Spilled prefix-cache blocks copied back "
+         "for a hit", stats.prefix_cache_restored_blocks),
+        ("spill_out_bytes_total", "KV bytes of spilled prefix-cache blocks copied to the "
+         "host tier", stats.spill_out_bytes),
+        ("spill_in_bytes_total", "KV bytes of spilled prefix-cache blocks copied back",
+         stats.spill_in_bytes),
     ]  # fmt: skip
     return gauges, counters
 

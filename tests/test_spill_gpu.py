@@ -1,0 +1,120 @@
+"""Prefix-cache spill on the GPU: a conversation's cached blocks, evicted by other
+traffic, are copied from VMM chunks (through the staging range) to pinned host memory
+on the copy stream, and restored into fresh chunks of a new request's slot, read by
+CUDA-graph decode and the Triton kernels under async scheduling. fp32, compared by
+the greedy walk (engines that batch differently may flip a near-tie) with the engine
+with the cache off and the engine with spill off. With every copy delayed ~20 ms on
+the copy stream, or every forward pass delayed ~20 ms on the compute stream, the
+outputs stay the same: no step reads a restored chunk before its copy-in lands, no
+copy-out reads a block a step in flight still writes, and no spilled chunk returns to
+the pool (or is written over in place) before its copy-out. An abort while a restore's
+copy is in flight leaks nothing and corrupts nothing.
+
+Skipped with a reason on machines without a GPU; run on the H100.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.checkpoints import make_checkpoint, random_prompts
+from tests.greedy_walk import assert_greedy_close
+from tests.test_swap_gpu import OVER, _slow_copy, _spin_cycles_for
+from vtensor import SamplingParams
+from vtensor.engine import swap as swap_module
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+# 32 KiB per token, 64 tokens per 2 MiB chunk (one chunk per cache block). A pool of
+# 24 chunks holds about two conversations of ~560 + 64 tokens: the others evict the
+# first one's blocks, which a 64-chunk host tier keeps.
+CHUNK = 2 << 20
+KW = dict(device="cuda", dtype="float32", max_num_seqs=2, max_model_len=1024,
+          async_scheduling=True, debug_check_every=1, chunk_size=CHUNK)  # fmt: skip
+NEW = 64
+
+
+def waves() -> list[list[int]]:
+    """The first conversation, four others one at a time, the first again, and a
+    follow-up of it."""
+    first, *others = random_prompts(5, 512, lo=520, hi=560)
+    return [first, *others, first, first + random_prompts(1, 512, lo=40, hi=60)[0]]
+
+
+def run(llm: Any, prompts: list[list[int]]) -> list[Any]:
+    params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, logprobs=2)
+    return [llm.generate([p], params)[0] for p in prompts]
+
+
+@pytest.mark.parametrize("slow", ["none", "copies", "forward"])
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
+def test_spilled_prefix_matches_cache_off_and_spill_off_on_cuda(
+    eager: bool, slow: str, tmp_path: Path, make_llm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_checkpoint(tmp_path, "llama", **OVER)
+    prompts = waves()
+    kw = dict(KW, enforce_eager=eager, kv_cache_bytes=24 * CHUNK)
+    want = run(make_llm(str(tmp_path), enable_prefix_caching=False, **kw), prompts)
+    no_spill = make_llm(str(tmp_path), **kw)
+    without = run(no_spill, prompts)
+    assert_greedy_close(without, want, "spill off vs cache off")
+    cycles = _spin_cycles_for(0.02)
+    if slow == "copies":
+        monkeypatch.setattr(swap_module, "copy_bytes", _slow_copy(cycles))
+    llm = make_llm(str(tmp_path), swap_space_bytes=64 * CHUNK, **kw)
+    assert (llm.engine.runner.graphs is None) == eager
+    if slow == "forward":
+        runner = llm.engine.runner
+        execute = runner.execute
+
+        def late_execute(spans: Any) -> Any:
+            torch.cuda._sleep(cycles)  # on the compute stream, before the step's kernels
+            return execute(spans)
+
+        monkeypatch.setattr(runner, "execute", late_execute)
+    got = run(llm, prompts)
+    assert_greedy_close(got, want, "spill vs cache off")
+    assert_greedy_close(got, without, "spill vs spill off")
+    s, n = llm.engine.stats(), no_spill.engine.stats()
+    assert s.prefix_cache_spilled_blocks > 0 and s.prefix_cache_restored_blocks > 0
+    assert s.prefix_cache_host_hits > 0 and s.prefix_cache_hits > n.prefix_cache_hits
+    assert s.spill_in_bytes == s.prefix_cache_restored_blocks * CHUNK
+    assert s.host_tier_used_chunks == s.host_tier_spilled_chunks > 0
+
+
+def test_abort_while_restore_copy_in_flight_on_cuda(
+    tmp_path: Path, make_llm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every copy lands ~50 ms late, so the aborted request's restore is still in
+    flight when it is aborted; the chunks it was copying into go back to the pool and
+    are reused by the next requests, whose outputs must still be right."""
+    make_checkpoint(tmp_path, "llama", **OVER)
+    prompts = waves()
+    kw = dict(KW, kv_cache_bytes=24 * CHUNK)
+    want = run(make_llm(str(tmp_path), enable_prefix_caching=False, **kw), prompts)
+    monkeypatch.setattr(swap_module, "copy_bytes", _slow_copy(_spin_cycles_for(0.05)))
+    llm = make_llm(str(tmp_path), swap_space_bytes=64 * CHUNK, **kw)
+    engine = llm.engine
+    assert_greedy_close(run(llm, prompts[:5]), want[:5], "before the abort")
+    params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, logprobs=2)
+    (rid,) = engine.add_request(prompts[5], params)
+    restored = engine.stats().prefix_cache_restored_blocks
+    engine.step()  # admits it: the copy-in is queued on the copy stream, ~50 ms per run
+    assert engine.stats().prefix_cache_restored_blocks > restored
+    engine.abort(rid)
+    engine.check_integrity()
+    while engine.has_unfinished():
+        engine.step()
+    engine.pop(rid)
+    # Other traffic reuses the freed chunks, then the conversation comes back.
+    assert_greedy_close(run(llm, prompts[1:3] + prompts[5:]), want[1:3] + want[5:], "after")
+    engine.check_integrity()
+    assert engine.reset_prefix_cache()
+    assert engine.swap.planner.tier.usage().used_slots == 0
