@@ -80,7 +80,9 @@ def test_table_queries_are_monotone(raw: list[tuple[int, int]]) -> None:
 
 def table(per_token: int = CHUNK, top: int = 64) -> WorkspaceTable:
     """A workspace of ``per_token`` bytes a token (one chunk by default)."""
-    return WorkspaceTable.monotone([(n, n * per_token) for n in doubling_points(top)], CHUNK, "estimated")
+    return WorkspaceTable.monotone(
+        [(n, n * per_token) for n in doubling_points(top)], CHUNK, "estimated"
+    )
 
 
 def test_static_planner_reserves_the_largest_step() -> None:
@@ -127,9 +129,13 @@ def test_preempts_most_slack_first_only_when_decodes_do_not_fit() -> None:
 
 def test_admits_the_queue_head_only_if_its_whole_prompt_fits() -> None:
     p = ElasticPlanner(table(), kv_bytes_per_token=CHUNK // 4)
-    run_only = p.plan(PoolState(100, 60, 0, 0), StepDemand(4, 4, 4, queued_tokens=64, queued_chunks=50))
+    run_only = p.plan(
+        PoolState(100, 60, 0, 0), StepDemand(4, 4, 4, queued_tokens=64, queued_chunks=50)
+    )
     assert run_only.token_budget == 4  # the head does not fit: the KV inflates for the decodes
-    admit = p.plan(PoolState(100, 20, 0, 0), StepDemand(4, 4, 4, queued_tokens=64, queued_chunks=20))
+    admit = p.plan(
+        PoolState(100, 20, 0, 0), StepDemand(4, 4, 4, queued_tokens=64, queued_chunks=20)
+    )
     assert admit.token_budget > 4
     assert admit.kv_capacity - 20 >= 20  # the head's prompt fits the KV's share
 
@@ -149,7 +155,9 @@ def test_plan_contract(data: st.DataObject) -> None:
     frees = [rng.randint(0, pinned) for _ in range(n)]
     cands = tuple(Candidate(i, f, rng.randint(0, 50), i) for i, f in enumerate(frees))
     run = rng.randint(n, n + 100)
-    demand = StepDemand(n, run, n + rng.randint(0, 3), cands, rng.randint(0, 50), rng.randint(0, 80))
+    demand = StepDemand(
+        n, run, n + rng.randint(0, 3), cands, rng.randint(0, 50), rng.randint(0, 80)
+    )
     plan = p.plan(PoolState(budget, committed, idle, cached), demand)
     assert plan.workspace + plan.kv_capacity == budget
     assert plan.workspace == p.table.chunks_for(plan.token_budget)

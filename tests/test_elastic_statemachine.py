@@ -37,7 +37,9 @@ class ElasticMachine(RuleBasedStateMachine):
         caching=st.booleans(),
         seed=st.integers(0, 2**32),
     )
-    def setup(self, budget: int, per_token: int, step_tokens: int, caching: bool, seed: int) -> None:
+    def setup(
+        self, budget: int, per_token: int, step_tokens: int, caching: bool, seed: int
+    ) -> None:
         points = [(n, n * per_token + 2 * CHUNK) for n in doubling_points(step_tokens)]
         tab = WorkspaceTable.monotone(points, CHUNK, "estimated")
         budget = max(budget, tab.chunks_for(step_tokens) + 8)  # the static split leaves KV

@@ -82,6 +82,20 @@ class ElasticMemory:
             kv.books.committed,
         )
 
+    def violations(self, kv: KVCacheManager, created: int | None = None) -> list[str]:
+        """The unified pool's broken invariants (``created``: the KV chunks the pool has
+        created, the scratch slot's excluded, once the mapper is idle)."""
+        committed = kv.books.committed
+        checks = [
+            (self.workspace + committed <= self.budget,
+             f"workspace {self.workspace} + KV {committed} chunks > budget {self.budget}"),
+            (kv.capacity_chunks == self.kv_capacity,
+             f"KV limit {kv.capacity_chunks} is not the KV's share {self.kv_capacity}"),
+            (created is None or created <= self.kv_capacity,
+             f"the pool holds {created} KV chunks beyond the KV's share {self.kv_capacity}"),
+        ]  # fmt: skip
+        return [what for ok, what in checks if not ok]
+
     def plan(
         self,
         kv: KVCacheManager,
@@ -91,11 +105,11 @@ class ElasticMemory:
         max_seqs: int,
     ) -> MemoryPlan:
         """The planner's split for the next step (changes nothing)."""
-        return self.planner.plan(pool_state(kv, self.budget), demand(kv, running, queued, step_tokens, max_seqs))
+        return self.planner.plan(
+            pool_state(kv, self.budget), demand(kv, running, queued, step_tokens, max_seqs)
+        )
 
-    def settle(
-        self, kv: KVCacheManager, plan: MemoryPlan, preempt_one: Callable[[], bool]
-    ) -> int:
+    def settle(self, kv: KVCacheManager, plan: MemoryPlan, preempt_one: Callable[[], bool]) -> int:
         """Carry out the plan once its victims are preempted: preempt more (most slack
         first, ``preempt_one``) while what stays pinned exceeds the KV's share (shared
         chunks free less than counted), reclaim idle then cached KV down to the share,

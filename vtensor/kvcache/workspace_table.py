@@ -14,6 +14,7 @@ the last point measured.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -37,13 +38,15 @@ class WorkspaceTable:
         if self.source not in ("measured", "estimated"):
             raise ValueError(f"source must be 'measured' or 'estimated', got {self.source!r}")
         tokens = [t for t, _ in self.points]
-        if tokens[0] < 1 or any(b <= a for a, b in zip(tokens, tokens[1:])):
+        if tokens[0] < 1 or any(b <= a for a, b in itertools.pairwise(tokens)):
             raise ValueError(f"token counts must increase strictly from >= 1, got {tokens}")
         if any(b < 0 for _, b in self.points):
             raise ValueError("workspace bytes must be >= 0")
 
     @classmethod
-    def monotone(cls, points: list[tuple[int, int]], chunk_size: int, source: str) -> WorkspaceTable:
+    def monotone(
+        cls, points: list[tuple[int, int]], chunk_size: int, source: str
+    ) -> WorkspaceTable:
         """The table of ``points`` (sorted by tokens), each byte count raised to the
         largest before it: noise never makes a bigger step cheaper."""
         out: list[tuple[int, int]] = []
