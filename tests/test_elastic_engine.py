@@ -131,3 +131,20 @@ def test_a_shared_kv_pool_is_refused() -> None:
         from vtensor import LLM
 
         LLM(kv_pool=pool, device="cpu", unified_memory_pool=True)
+
+
+@pytest.mark.parametrize("command", [["generate"], ["serve"]])
+def test_cli_flag(command: list[str]) -> None:
+    from vtensor.cli import build_parser
+    from vtensor.cli_generate import engine_kwargs
+
+    on = build_parser().parse_args([*command, "--unified-memory-pool"])
+    assert engine_kwargs(on)["unified_memory_pool"] is True
+    assert engine_kwargs(build_parser().parse_args(command))["unified_memory_pool"] is False
+
+
+def test_measuring_is_refused_on_the_cpu(make_llm: Any) -> None:
+    from vtensor.engine.workspace_measure import measure_workspace
+
+    with pytest.raises(RuntimeError, match="CUDA only"):
+        measure_workspace(make_llm(unified_memory_pool=True, **STEP).engine)

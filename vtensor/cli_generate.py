@@ -54,6 +54,11 @@ def add_engine_args(p: argparse.ArgumentParser, several_models: bool = False) ->
     p.add_argument("--preemption-mode", choices=("swap", "recompute"), default=None,
                    help="force swap or recompute at preemption (default: a cost model "
                         "chooses per request when --swap-space is set)")  # fmt: skip
+    p.add_argument("--unified-memory-pool", action="store_true",
+                   help="one budget for the KV cache and the forward's workspace: the KV "
+                        "borrows what the next step's activations do not need and gives it "
+                        "back before a step that does (eLLM's inflate/deflate; "
+                        "--kv-cache-gib is then that one budget)")  # fmt: skip
     add_offload_args(p)
     add_parallel_args(p)
 
@@ -126,6 +131,7 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
         enable_sleep_mode=getattr(args, "enable_sleep_mode", False),
         swap_space_bytes=int(getattr(args, "swap_space", 0.0) * 2**30),
         preemption_mode=getattr(args, "preemption_mode", None),
+        unified_memory_pool=getattr(args, "unified_memory_pool", False),
         sleep_keep_host_buffer=getattr(args, "sleep_keep_host_buffer", True),
         tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes,
         node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,

@@ -104,8 +104,9 @@ class LLMEngine:
         self.swap = swap_driver(config, self.model_config, self.arena, rt.dtype)  # None: off
         self.scheduler = Scheduler(sched, self.kv, self.swap.planner if self.swap else None)
         self.inputs = InputProcessor(
-            self.tokenizer, self.model_config.vocab_size, rt.max_model_len, self.kv.geometry
-        )
+            self.tokenizer, self.model_config.vocab_size, rt.max_model_len, self.kv.geometry,
+            warn=not config.unified_memory_pool,  # install's contract warns instead
+        )  # fmt: skip
         if config.unified_memory_pool:  # the estimate; warm-up measures it on a GPU
             itemsize, chunk = rt.dtype.itemsize, self.kv.geometry.chunk_size
             install(self, estimate_table(config, self.model_config, itemsize, chunk))
