@@ -96,8 +96,9 @@ def test_roomy_unified_pool_matches_and_keeps_its_books(make_llm: Any) -> None:
     m = llm.memory_stats()
     assert m.deflate_preemptions == 0  # room for everyone: nothing left the GPU
     text = ServerMetrics().render(llm.engine.stats(), 0.0, m)
-    for name in ("vtensor_memory_kv_borrowed_bytes", "vtensor_kv_inflates_total",
-                 "vtensor_kv_deflates_total", "vtensor_memory_workspace_reserve_bytes"):  # fmt: skip
+    names = ("vtensor_memory_kv_borrowed_bytes", "vtensor_kv_inflates_total",
+             "vtensor_kv_deflates_total", "vtensor_memory_workspace_reserve_bytes")  # fmt: skip
+    for name in names:
         assert name in text
     static = ServerMetrics().render(llm.engine.stats(), 0.0, make_llm(**STEP).memory_stats())
     assert "kv_inflates_total" not in static
