@@ -54,7 +54,7 @@ def test_the_table_is_measured_at_warm_up(tmp_path: Path, make_llm: Any) -> None
     assert table.source == "measured"
     assert [t for t, _ in table.points] == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
     needs = [b for _, b in table.points]
-    assert needs == sorted(needs) and needs[-1] > needs[0] > 0
+    assert needs == sorted(needs) and needs[-1] > needs[0] >= 0
     # A 2048-token step's MLP alone holds [2048, 4096] fp32 tensors (32 MiB each).
     assert table.bytes_for(2048) >= 2048 * 4096 * 4
     assert llm.engine.kv.capacity_chunks == memory.kv_capacity

@@ -103,8 +103,10 @@ class StepExecutor:
         workspace back to the driver (the KV's new chunks may need that memory; it
         synchronizes the device, once per inflation), then raise the pool's capacity,
         before any map. Returns the capacity to shrink to after the commands, or None."""
+        if chunks is None:
+            return None
         pool = self.arena.pool
-        if chunks is None or chunks == pool.stats().capacity_chunks:
+        if chunks == pool.stats().capacity_chunks:
             return None
         if chunks < pool.stats().capacity_chunks:
             return chunks

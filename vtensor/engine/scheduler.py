@@ -30,6 +30,10 @@ One step, under a token budget:
    alone (``KVCacheManager.check_writes``): cached chunks are read-only.
 4. Chunks the *next* step will need are mapped ahead when free chunks allow,
    so that the mapper works while the GPU computes.
+
+With the unified memory pool (``elastic.py``), step 1 is preceded by the step's
+share of the one budget: its token budget, and the KV's limit (deflation may
+reclaim idle and cached KV and preempt the request with the most slack first).
 """
 
 from __future__ import annotations
