@@ -28,8 +28,8 @@ python3 benchmarks/unified_pool.py --out benchmarks/results/unified_pool_h100.js
 from __future__ import annotations
 
 import argparse
-import gc
 import json
+import multiprocessing
 import random
 import sys
 import time
@@ -128,35 +128,48 @@ def run_pass(engine: LLMEngine, a: argparse.Namespace, name: str) -> dict[str, A
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = parse(argv)
-    unified = LLMEngine(base_config(a, unified_memory_pool=True, kv_cache_bytes=a.kv_cache_bytes))
-    print(f"unified warm-up (measures the workspace): {warm_up(unified):.1f}s", flush=True)
-    memory = unified.scheduler.memory
+def unified_pass(a: argparse.Namespace) -> dict[str, Any]:
+    """Pass 1, in its own process: the unified pool, and the static split it implies."""
+    engine = LLMEngine(base_config(a, unified_memory_pool=True, kv_cache_bytes=a.kv_cache_bytes))
+    print(f"unified warm-up (measures the workspace): {warm_up(engine):.1f}s", flush=True)
+    memory = engine.scheduler.memory
     assert memory is not None
-    table, chunk = memory.planner.table, unified.kv.geometry.chunk_size
+    table, chunk = memory.planner.table, engine.kv.geometry.chunk_size
     reserve = table.chunks_for(table.max_tokens)
-    static_bytes = (memory.budget - reserve + unified.scratch_chunks) * chunk
     info = dict(
         args=vars(a),
         table_source=table.source,
         table_mib={t: round(b / 2**20, 1) for t, b in table.points},
         unified_budget_gib=memory.budget * chunk / GIB,
-        static_kv_gib=static_bytes / GIB,
+        static_kv_bytes=(memory.budget - reserve + engine.scratch_chunks) * chunk,
     )
     print(json.dumps(info, indent=1), flush=True)
-    results = [run_pass(unified, a, "unified")]
-    print(json.dumps(results[-1]), flush=True)
-    unified.close()
-    del unified
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    static = LLMEngine(base_config(a, kv_cache_bytes=static_bytes))
-    print(f"static warm-up: {warm_up(static):.1f}s", flush=True)
-    results.append(run_pass(static, a, "static"))
-    print(json.dumps(results[-1]), flush=True)
-    static.close()
+    info["pass"] = run_pass(engine, a, "unified")
+    print(json.dumps(info["pass"]), flush=True)
+    engine.close()
+    return info
+
+
+def static_pass(a: argparse.Namespace, kv_bytes: int) -> dict[str, Any]:
+    """Pass 2, in its own process: the static split with the measured reserve."""
+    engine = LLMEngine(base_config(a, kv_cache_bytes=kv_bytes))
+    print(f"static warm-up: {warm_up(engine):.1f}s", flush=True)
+    result = run_pass(engine, a, "static")
+    print(json.dumps(result), flush=True)
+    engine.close()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Each pass runs in a fresh process (spawn): the second engine gets the whole
+    GPU, whatever the first left in torch's or the driver's hands."""
+    a = parse(argv)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1, maxtasksperchild=1) as pool:
+        info = pool.apply(unified_pass, (a,))
+    with ctx.Pool(1, maxtasksperchild=1) as pool:
+        static = pool.apply(static_pass, (a, info["static_kv_bytes"]))
+    results = [info.pop("pass"), static]
     u, st = results
     ratios = dict(
         batch=u["max_running"] / max(1, st["max_running"]),

@@ -3,31 +3,32 @@ the lead runs on the H100): both passes complete and its checks hold."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def load() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "unified_pool", ROOT / "benchmarks/unified_pool.py"
-    )
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def load(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The script as a module on sys.path: its passes run in spawned processes, which
+    import it by name (they inherit sys.path)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("unified_pool", None)
+    return importlib.import_module("unified_pool")
 
 
-def test_unified_pool_benchmark_smoke(tmp_path: Path) -> None:
+def test_unified_pool_benchmark_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "u.json"
     argv = ["--shape", "", "--device", "cpu", "--input-len", "70", "--output-len", "8",
             "--num-requests", "6", "--max-num-batched-tokens", "64", "--attention-backend",
             "torch", "--chunk-size", "4096", "--kv-cache-bytes", str(200 * 4096),
             "--out", str(out)]  # fmt: skip
-    assert load().main(argv) == 0
+    assert load(monkeypatch).main(argv) == 0
     report = json.loads(out.read_text())
     unified, static = report["passes"]
     assert unified["completed"] == static["completed"] == 6
