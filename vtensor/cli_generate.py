@@ -62,6 +62,11 @@ def add_engine_args(p: argparse.ArgumentParser, several_models: bool = False) ->
                    help="time-per-output-token target: only requests ahead of it are "
                         "swapped out for --ttft-slo-ms (default: off: any decoding request "
                         "may be)")  # fmt: skip
+    p.add_argument("--unified-memory-pool", action="store_true",
+                   help="one budget for the KV cache and the forward's workspace: the KV "
+                        "borrows what the next step's activations do not need and gives it "
+                        "back before a step that does (eLLM's inflate/deflate; "
+                        "--kv-cache-gib is then that one budget)")  # fmt: skip
     add_offload_args(p)
     add_parallel_args(p)
 
@@ -136,6 +141,7 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
         preemption_mode=getattr(args, "preemption_mode", None),
         ttft_slo_ms=getattr(args, "ttft_slo_ms", None),
         tpot_slo_ms=getattr(args, "tpot_slo_ms", None),
+        unified_memory_pool=getattr(args, "unified_memory_pool", False),
         sleep_keep_host_buffer=getattr(args, "sleep_keep_host_buffer", True),
         tensor_parallel_size=args.tensor_parallel_size, nnodes=args.nnodes,
         node_rank=args.node_rank, master_addr=args.master_addr, master_port=args.master_port,

@@ -107,6 +107,11 @@ class EngineConfig:
     # with TPOT slack swapped out to the host tier (needs swap_space_bytes) to admit it.
     ttft_slo_ms: float | None = None
     tpot_slo_ms: float | None = None
+    # One budget for the KV cache and the forward's workspace (engine/elastic.py): the KV
+    # may borrow what the next step's workspace does not need (inflate) and gives it back
+    # before a step that needs it (deflate). kv_cache_bytes (or what the GPU can spare,
+    # the workspace reserve not subtracted) is then the unified budget.
+    unified_memory_pool: bool = False
 
     def __post_init__(self) -> None:
         if self.model is not None and self.shape is not None:
@@ -146,6 +151,13 @@ class EngineConfig:
         self._check_offload()
         self._check_swap()
         self._check_slo()
+        if self.unified_memory_pool and (
+            self.is_parallel or self.offloads or self.enable_sleep_mode
+        ):
+            raise ValueError(
+                "unified_memory_pool does not support tensor_parallel_size > 1, weight "
+                "offload (cpu_offload_gb / gpu_memory_budget) or enable_sleep_mode yet"
+            )
         if self.enable_sleep_mode and (self.offloads or self.is_parallel):
             raise ValueError(
                 "enable_sleep_mode does not support weight offload (cpu_offload_gb / "

@@ -45,6 +45,9 @@ class StepPlan:
     kv_commands: list[KVCommand] = field(default_factory=list)  # needed by this step
     ahead_commands: list[KVCommand] = field(default_factory=list)  # for later steps
     inputs: list[SpanInput] = field(default_factory=list)  # none: only KV commands
+    # The unified pool (engine/elastic.py): the pool's capacity for this step, scratch
+    # included (None: unchanged).
+    pool_chunks: int | None = None
 
     @property
     def samples(self) -> int:
@@ -78,7 +81,10 @@ class StepExecutor:
         ``before_forward`` runs once the step's chunks are mapped (swap-ins copy then).
         ``segments``: the two command lists split where a hook must run between them
         (a spilled block's copy-out before its drop: ``spill.py``)."""
+        shrink = self._grow_pool(plan.pool_chunks)
         self._apply_kv(plan, segments)
+        if shrink is not None:
+            self._shrink_pool(shrink)
         if before_forward is not None:
             before_forward()
         if not plan.inputs:
@@ -99,6 +105,32 @@ class StepExecutor:
             done = self._new_event()
             done.record()
             self._in_flight.append(Launch(done, self._running_slots))
+
+    def _grow_pool(self, chunks: int | None) -> int | None:
+        """The unified pool's KV share grows (inflate): first give torch's cached
+        workspace back to the driver (the KV's new chunks may need that memory; it
+        synchronizes the device, once per inflation), then raise the pool's capacity,
+        before any map. Returns the capacity to shrink to after the commands, or None."""
+        if chunks is None:
+            return None
+        pool = self.arena.pool
+        if chunks == pool.stats().capacity_chunks:
+            return None
+        if chunks < pool.stats().capacity_chunks:
+            return chunks
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        pool.set_capacity(chunks * pool.chunk_size)
+        return None
+
+    def _shrink_pool(self, chunks: int) -> None:
+        """The KV's share shrinks (deflate): the plan's unmaps freed its chunks; once the
+        mapper has applied them, the pool releases what lies beyond the new capacity to
+        the driver, before the forward pass whose workspace needs the memory."""
+        t0 = time.perf_counter()
+        self.arena.wait_all()
+        self.arena.pool.set_capacity(chunks * self.arena.pool.chunk_size)
+        self.counters.kv_sync_s += time.perf_counter() - t0
 
     def _apply_kv(
         self, plan: StepPlan, segments: tuple[list[Segment], list[Segment]] | None = None

@@ -63,6 +63,7 @@ class InputProcessor:
         vocab_size: int,
         max_model_len: int,
         kv_geometry: KVGeometry,
+        warn: bool = True,
     ) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -72,7 +73,7 @@ class InputProcessor:
         pool_tokens = kv_geometry.capacity_chunks * kv_geometry.chunk_size
         pool_tokens //= kv_geometry.bytes_per_token
         self.max_request_len = min(max_model_len, pool_tokens)
-        if self.max_request_len < max_model_len:
+        if self.max_request_len < max_model_len and warn:
             log.warning(
                 "the KV pool holds %d tokens for one request, less than max_model_len=%d: "
                 "requests are limited to %d tokens (raise the KV budget for the full context)",

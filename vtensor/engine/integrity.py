@@ -12,6 +12,10 @@ Four sets, each a list of what is broken (empty when all hold):
   ``kvcache/manager_checks.py``), every running request owns a slot and no other
   request does, each running request's computed KV is mapped, and the chunks it
   will write (from ``num_computed`` on) are its own alone;
+* **unified pool** (``unified_memory_pool``) — the workspace's reserve plus the KV
+  committed is at most the one budget, the KV manager's limit is the KV's share,
+  and the pool has created no more chunks than that share (a shrink released the
+  rest to the driver);
 * **requests** — each request is in exactly the queue its status says (a
   finished one in none), a waiting one has computed nothing, ``num_computed <=
   tokens read <= max_len``, the prompt is a prefix of ``token_ids``, and a
@@ -86,6 +90,9 @@ def pool_problems(engine: LLMEngine) -> list[str]:
     problems = [what for ok, what in checks if not ok]
     if not kv.pending_commands():
         problems += _chunk_problems(engine)
+    memory = engine.scheduler.memory
+    if memory is not None:
+        problems += memory.violations(kv, s.created - kv.geometry.chunks_for(1))
     return problems
 
 

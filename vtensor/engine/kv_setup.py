@@ -42,8 +42,11 @@ def kv_budget(config: EngineConfig, rt: EngineRuntime, cfg: ModelConfig) -> int:
         return CPU_KV_BYTES
     free, total = torch.cuda.mem_get_info(rt.device)
     # Room for activations of the largest step and the logits of a full decode batch,
-    # plus CUDA graph pools.
-    workspace = step_workspace_bytes(config, cfg, rt.dtype.itemsize)
+    # plus CUDA graph pools. A unified pool takes the workspace's room too: its planner
+    # leaves each step's need of it to the workspace (engine/elastic.py).
+    workspace = 0
+    if not config.unified_memory_pool:
+        workspace = step_workspace_bytes(config, cfg, rt.dtype.itemsize)
     spare = free - (1 - config.gpu_memory_utilization) * total - workspace - (1 << 30)
     if spare <= 0:
         raise MemoryError(

@@ -39,12 +39,13 @@ from vtensor.kvcache.host_tier import HostTier
 from vtensor.kvcache.idle_policy import Clock
 
 from .config import EngineConfig
+from .elastic_setup import estimate_table, install
 from .executor import StepExecutor, StepPlan
 from .input_processor import InputProcessor, ProcessedPrompt, Prompt, RequestError
 from .integrity import check_integrity
 from .kv_setup import SCRATCH_SLOT, prefix_cache_for
 from .launched import LaunchedStep, ReadToken, read_tokens
-from .memory_stats import MemoryStats, collect_memory, module_bytes
+from .memory_stats import MemoryStats, collect_memory, module_bytes, with_unified
 from .output_processor import OutputProcessor
 from .outputs import FinishReason, StepOutput
 from .params import SamplingParams
@@ -113,8 +114,12 @@ class LLMEngine:
         self.slo = slo_admission(config, planner, self.request_clock)  # None: no SLO
         self.scheduler = Scheduler(sched, self.kv, planner, self.slo)
         self.inputs = InputProcessor(
-            self.tokenizer, self.model_config.vocab_size, rt.max_model_len, self.kv.geometry
-        )
+            self.tokenizer, self.model_config.vocab_size, rt.max_model_len, self.kv.geometry,
+            warn=not config.unified_memory_pool,  # install's contract warns instead
+        )  # fmt: skip
+        if config.unified_memory_pool:  # the estimate; warm-up measures it on a GPU
+            itemsize, chunk = rt.dtype.itemsize, self.kv.geometry.chunk_size
+            install(self, estimate_table(config, self.model_config, itemsize, chunk))
         self.runner = parts.runner
         self.counters = StepCounters()
         self.executor = StepExecutor(self.arena, self.runner, self.group, self.counters)
@@ -301,7 +306,7 @@ class LLMEngine:
         for a in out.admitted:
             a.req.admit(a.num_cached)
         inputs = [SpanInput.of(sp, self.kv.slot_of(sp.req.rid)) for sp in out.spans]
-        plan = StepPlan(out.kv_commands, out.ahead_commands, inputs)
+        plan = StepPlan(out.kv_commands, out.ahead_commands, inputs, self._pool_chunks())
         if self.workers is not None and (inputs or plan.kv_commands or plan.ahead_commands):
             self.workers.send(plan)
         segments = None
@@ -326,6 +331,16 @@ class LLMEngine:
 
     def _spill_tier(self) -> HostTier | None:
         return None if self.spill is None else self.spill.tier
+
+    def _pool_chunks(self) -> int | None:
+        """The unified pool: the pool's capacity for the step just planned (the KV's
+        share and the scratch slot); None without it."""
+        memory = self.scheduler.memory
+        return None if memory is None else self.scratch_chunks + memory.kv_capacity
+
+    @property
+    def scratch_chunks(self) -> int:
+        return self.kv.geometry.chunks_for(1)
 
     def _swap(self, out: SchedulerOutput) -> Callable[[], None] | None:
         """Swap-outs copy now, before the plan's unmaps reach the arena; swap-ins copy in
@@ -438,10 +453,14 @@ class LLMEngine:
     def memory_stats(self) -> MemoryStats:
         """The bytes this engine (rank 0) holds, by class (``memory_stats.py``); waits for
         the mapper thread, so the KV classes add up to the pool's chunks."""
-        scratch = self.kv.geometry.chunks_for(1)
+        scratch = self.scratch_chunks
         weights = self.weights_bytes if self.weights is None else self.weights.held_bytes()
         with self.books_lock:
-            return collect_memory(self.kv, self.arena, weights, scratch, self.weights is None)
+            m = collect_memory(self.kv, self.arena, weights, scratch, self.weights is None)
+            memory = self.scheduler.memory
+            return (
+                m if memory is None else with_unified(m, memory.snapshot(self.kv), memory.counters)
+            )
 
     @property
     def closed(self) -> bool:

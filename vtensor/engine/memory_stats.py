@@ -24,12 +24,16 @@ what that range has mapped (0 while asleep), workspace all of torch's reserve.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from vtensor.kvcache.arena import KVArena
 from vtensor.kvcache.manager import KVCacheManager
+
+if TYPE_CHECKING:
+    from .elastic import ElasticCounters, ElasticSnapshot
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,17 @@ class MemoryStats:
     kv_released_chunks: int  # given back to the driver over the engine's life
     weights_bytes: int
     workspace_bytes: int | None  # None: not measurable (CPU)
+    # The unified pool (``EngineConfig.unified_memory_pool``; None without it): the one
+    # budget of KV and workspace, the workspace's reserve for the step planned last, the
+    # KV chunks in use beyond the static split's share, and the planner's totals.
+    unified_budget_bytes: int | None = None
+    workspace_reserve_bytes: int | None = None
+    kv_borrowed_bytes: int | None = None
+    kv_inflates: int = 0
+    kv_deflates: int = 0
+    deflate_idle_bytes: int = 0  # idle KV reclaimed for the workspace, over the engine's life
+    deflate_cached_bytes: int = 0  # prefix-cached KV evicted for it
+    deflate_preemptions: int = 0  # requests that left the GPU for it
 
     @property
     def kv_held_bytes(self) -> int:
@@ -104,4 +119,20 @@ def collect_memory(
         kv_released_chunks=pool.released,
         weights_bytes=weights_bytes,
         workspace_bytes=workspace,
+    )
+
+
+def with_unified(m: MemoryStats, snap: ElasticSnapshot, counters: ElasticCounters) -> MemoryStats:
+    """``m`` with the unified pool's figures (``engine/elastic.py``)."""
+    chunk = m.chunk_size
+    return replace(
+        m,
+        unified_budget_bytes=snap.budget * chunk,
+        workspace_reserve_bytes=snap.workspace * chunk,
+        kv_borrowed_bytes=snap.borrowed * chunk,
+        kv_inflates=counters.inflates,
+        kv_deflates=counters.deflates,
+        deflate_idle_bytes=counters.deflate_idle_chunks * chunk,
+        deflate_cached_bytes=counters.deflate_cached_chunks * chunk,
+        deflate_preemptions=counters.deflate_preemptions,
     )

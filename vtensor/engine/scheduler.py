@@ -37,6 +37,10 @@ One step, under a token budget:
    alone (``KVCacheManager.check_writes``): cached chunks are read-only.
 4. Chunks the *next* step will need are mapped ahead when free chunks allow,
    so that the mapper works while the GPU computes.
+
+With the unified memory pool (``elastic.py``), step 1 is preceded by the step's
+share of the one budget: its token budget, and the KV's limit (deflation may
+reclaim idle and cached KV and preempt the request with the most slack first).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from dataclasses import dataclass, replace
 from vtensor.kvcache.manager import KVCacheManager
 from vtensor.kvcache.prefix_cache import PrefixMatch
 
+from .elastic import ElasticMemory, most_slack
 from .request import Request, RequestStatus
 from .scheduler_output import Admission, ScheduledSpan, SchedulerOutput
 from .slo_admission import SLOAdmission
@@ -74,11 +79,13 @@ class Scheduler:
         kv: KVCacheManager,
         swap: SwapPlanner | None = None,
         admission: SLOAdmission | None = None,
+        memory: ElasticMemory | None = None,
     ) -> None:
         self.config = config
         self.kv = kv
         self.swap = swap  # None: every preemption recomputes
         self.admission = admission  # None: FCFS, and admission only waits for memory
+        self.memory = memory  # None: the static split (no unified memory pool)
         self.waiting: deque[Request] = deque()
         self.swapped: deque[Request] = deque()  # preempted to the host tier, resumed first
         self._swap_outs: list[SwapPlan] = []
@@ -110,6 +117,8 @@ class Scheduler:
             self.waiting.extend(order)
         for req in self.running:
             self._offer(req)
+        if self.memory is not None:  # the unified pool: the step's share of the budget
+            budget = self._plan_memory(preempted)
         for req in list(self.running):
             if budget == 0:
                 break
@@ -169,6 +178,30 @@ class Scheduler:
             if victim is req:
                 return False
         return True
+
+    def _plan_memory(self, preempted: list[Request]) -> int:
+        """Split the unified budget for this step (``elastic.py``): preempt the planner's
+        victims (swap or recompute, as any preemption), reclaim, limit the KV; returns
+        the step's token budget. Admissions are skipped after a preemption, as always."""
+        assert self.memory is not None
+        queued = [*self.swapped, *self.waiting]
+        cfg = self.config
+        plan = self.memory.plan(
+            self.kv, self.running, queued, cfg.max_num_batched_tokens, cfg.max_num_seqs
+        )
+        by_rid = {r.rid: r for r in self.running}
+        for v in plan.victims:
+            self._preempt(by_rid[v.rid])
+            preempted.append(by_rid[v.rid])
+
+        def preempt_one() -> bool:
+            victim = most_slack(self.running)
+            if victim is not None:
+                self._preempt(victim)
+                preempted.append(victim)
+            return victim is not None
+
+        return self.memory.settle(self.kv, plan, preempt_one)
 
     def _offer(self, req: Request) -> None:
         """Offer the prefix cache the request's computed blocks whose ids are read."""

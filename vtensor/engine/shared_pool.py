@@ -165,6 +165,8 @@ def shared_config(config: EngineConfig, kv_pool: SharedKVPool) -> EngineConfig:
     can ever hold), its device the pool's. Refused where it cannot work."""
     if config.is_parallel:
         raise ValueError("a shared KV pool (kv_pool=) does not support tensor parallelism")
+    if config.unified_memory_pool:  # one engine's budget for its KV and workspace
+        raise ValueError("a shared KV pool (kv_pool=) does not support unified_memory_pool")
     if config.enable_sleep_mode:  # sleep drops the pool's chunks: not this engine's alone
         raise ValueError("a shared KV pool (kv_pool=) does not support enable_sleep_mode yet")
     if config.kv_cache_bytes is not None and config.kv_cache_bytes != kv_pool.budget_bytes:

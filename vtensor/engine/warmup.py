@@ -14,8 +14,14 @@ def warm_up(engine: LLMEngine) -> float:
     """Two short requests, the second joining while the first decodes, then the decode
     kernel's split variants: the first prefill, decode and mixed step compile the fused
     and Triton kernels (seconds on a GPU), which would otherwise land on the first
-    users' TTFT. Leaves no request behind; returns the seconds it took."""
+    users' TTFT. With the unified memory pool on a GPU it first measures the workspace
+    table (``workspace_measure.py``). Leaves no request behind; returns the seconds it
+    took."""
     t0 = time.perf_counter()
+    if engine.scheduler.memory is not None and engine.runtime.device.type == "cuda":
+        from .workspace_measure import measure_workspace
+
+        measure_workspace(engine)  # the unified pool's table, measured (the CPU estimates)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     rids = engine.add_request([t % vocab for t in range(1, 33)], params)

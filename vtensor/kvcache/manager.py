@@ -117,6 +117,7 @@ class KVCacheManager:
         policy = IdleReclaimPolicy(self.keep_idle_chunks, idle_timeout_s)
         self.idle = IdleReclaimer(self, policy, clock)
         self.lease: KVLease | None = None  # a shared budget's account (``set_lease``)
+        self.limit: int | None = None  # the unified pool's KV share (``set_limit``)
 
     def set_lease(self, lease: KVLease) -> None:
         """Draw on a shared budget (``shared_budget.py``) from now on: the manager may
@@ -126,13 +127,23 @@ class KVCacheManager:
             raise RuntimeError("a lease can only be set before any chunk is committed")
         self.lease = lease
 
+    def set_limit(self, chunks: int | None) -> None:
+        """Commit at most ``chunks`` from now on (None: the pool's capacity): the KV's
+        share of a unified pool (``elastic_planner.py``). Refused (ValueError) below
+        what is committed: the caller reclaims or preempts first."""
+        if chunks is not None and not self.books.committed <= chunks:
+            raise ValueError(f"limit {chunks} is below the {self.books.committed} committed")
+        self.limit = chunks
+
     # ------------------------------------------------------------------ query
     @property
     def capacity_chunks(self) -> int:
-        """The chunks the books may commit now: the pool's, or the lease's grant."""
-        if self.lease is None:
-            return self.geometry.capacity_chunks
-        return min(self.geometry.capacity_chunks, self.lease.grant)
+        """The chunks the books may commit now: the pool's, or the lease's grant, or
+        the unified pool's KV share (``limit``), whichever is least."""
+        cap = self.geometry.capacity_chunks
+        if self.lease is not None:
+            cap = min(cap, self.lease.grant)
+        return cap if self.limit is None else min(cap, self.limit)
 
     @property
     def free_chunks(self) -> int:

@@ -148,6 +148,10 @@ class ServerMetrics:
         slo_gauges, slo_counters = _slo_metrics(stats)
         gauges += swap_gauges + slo_gauges + (_memory_gauges(memory) if memory is not None else [])
         counters += swap_counters + slo_counters
+        if memory is not None and memory.unified_budget_bytes is not None:
+            unified_gauges, unified_counters = _unified_metrics(memory)
+            gauges += unified_gauges
+            counters += unified_counters
         lines: list[str] = []
         for name, help_text, value in gauges:
             lines += _scalar(f"vtensor_{name}", help_text, "gauge", value)
@@ -271,6 +275,29 @@ def _memory_gauges(m: MemoryStats) -> list[tuple[str, str, float]]:
         gauges.append(("memory_workspace_bytes", "Torch allocator reserve beyond the weights",
                        m.workspace_bytes))  # fmt: skip
     return gauges
+
+
+def _unified_metrics(m: MemoryStats) -> tuple[list[tuple[str, str, float]], ...]:
+    """The unified pool's gauges and counters (``--unified-memory-pool``)."""
+    gauges: list[tuple[str, str, float]] = [
+        ("memory_unified_budget_bytes", "One budget for KV and workspace",
+         m.unified_budget_bytes or 0),
+        ("memory_workspace_reserve_bytes", "Workspace reserved for the step planned last",
+         m.workspace_reserve_bytes or 0),
+        ("memory_kv_borrowed_bytes", "KV in use beyond the static split's share",
+         m.kv_borrowed_bytes or 0),
+    ]  # fmt: skip
+    counters: list[tuple[str, str, float]] = [
+        ("kv_inflates_total", "Steps whose KV share grew", m.kv_inflates),
+        ("kv_deflates_total", "Steps whose KV share shrank", m.kv_deflates),
+        ("deflate_idle_bytes_total", "Idle KV reclaimed for the workspace",
+         m.deflate_idle_bytes),
+        ("deflate_cached_bytes_total", "Prefix-cached KV evicted for the workspace",
+         m.deflate_cached_bytes),
+        ("deflate_preemptions_total", "Requests preempted for the workspace",
+         m.deflate_preemptions),
+    ]  # fmt: skip
+    return gauges, counters
 
 
 def _scalar(name: str, help_text: str, kind: str, value: float) -> list[str]:

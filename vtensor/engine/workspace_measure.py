@@ -1,0 +1,98 @@
+"""Measuring the workspace table on the device, once, at warm-up (the unified pool).
+
+For each step size ``t`` in 1, 2, 4, ... ``max_num_batched_tokens`` the engine runs
+one real eager prefill step of ``t`` tokens (fresh random prompts, as few requests as
+``max_model_len`` allows, one sampled token each) and reads torch's allocator: the
+peak bytes allocated and reserved beyond what was there before (after
+``empty_cache``), the larger of the two. The sampling rows such a step could have
+beyond those measured (``min(t, max_num_seqs)`` in all) are added from the logits'
+shape (``elastic_setup.logits_bytes``): a prefill cannot have them. KV chunks come from
+the VMM pool, not torch's allocator, so they are not counted.
+
+The planner is off while measuring (the KV may use the whole budget: nothing else
+runs); the measured table is then installed (``elastic_setup.install``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import torch
+
+from vtensor.kvcache.workspace_table import WorkspaceTable, doubling_points
+
+from .elastic_setup import install, logits_bytes
+from .llm_engine import LLMEngine
+from .params import SamplingParams
+
+log = logging.getLogger("vtensor.engine")
+
+
+def measure_workspace(engine: LLMEngine) -> WorkspaceTable:
+    """Measure the table on the engine's CUDA device and install it; returns it."""
+    if engine.runtime.device.type != "cuda":
+        raise RuntimeError("the workspace table is measured on CUDA only (the CPU estimates)")
+    if engine.scheduler.memory is None:
+        raise RuntimeError("the engine has no unified memory pool (unified_memory_pool=False)")
+    if engine.has_unfinished():
+        raise RuntimeError("measure the workspace before serving: requests are unfinished")
+    memory, kv = engine.scheduler.memory, engine.kv
+    engine.scheduler.memory = None
+    kv.set_limit(None)
+    scratch = engine.scratch_chunks  # the pool may hold the whole budget while measuring
+    engine.pool.set_capacity((scratch + kv.geometry.capacity_chunks) * kv.geometry.chunk_size)
+    points: list[tuple[int, int]] = []
+    try:
+        for t in doubling_points(engine.config.max_num_batched_tokens):
+            points.append((t, _measure_step(engine, t)))
+    finally:
+        engine.scheduler.memory = memory  # install replaces it; restored if measuring fails
+        engine.reset_prefix_cache()
+        kv.set_limit(min(memory.kv_capacity, kv.geometry.capacity_chunks))
+    table = WorkspaceTable.monotone(points, kv.geometry.chunk_size, "measured")
+    install(engine, table)
+    engine.reclaim_idle()  # an empty step: the pool's capacity follows the KV's share now
+    log.info("measured workspace table (tokens: MiB): %s", _describe(table))
+    return table
+
+
+def _measure_step(engine: LLMEngine, tokens: int) -> int:
+    """Bytes of torch's workspace for one prefill step of ``tokens`` tokens."""
+    cfg, rt = engine.config, engine.runtime
+    per = min(tokens, rt.max_model_len - 1)
+    sizes = [per] * (tokens // per) + ([tokens % per] if tokens % per else [])
+    if len(sizes) > cfg.max_num_seqs:
+        raise ValueError(
+            f"a {tokens}-token step needs {len(sizes)} requests of at most "
+            f"{rt.max_model_len - 1} tokens, more than max_num_seqs={cfg.max_num_seqs}"
+        )
+    vocab = engine.model_config.vocab_size
+    rng = random.Random()
+    prompts = [[rng.randrange(vocab) for _ in range(n)] for n in sizes]
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    device = rt.device
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+    rids = [r for ids in engine.add_requests(prompts, params) for r in ids]
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+    torch.cuda.synchronize(device)
+    for rid in rids:
+        engine.pop(rid)
+    if steps > 2:  # one prefill step (and one read with async scheduling)
+        log.warning("the %d-token measurement took %d steps, not one", tokens, steps)
+    peak = max(
+        torch.cuda.max_memory_allocated(device) - allocated,
+        torch.cuda.max_memory_reserved(device) - reserved,
+    )
+    rows = min(tokens, cfg.max_num_seqs)
+    return max(0, peak) + logits_bytes(engine.model_config, max(0, rows - len(sizes)))
+
+
+def _describe(table: WorkspaceTable) -> str:
+    return ", ".join(f"{t}: {b / 2**20:.0f}" for t, b in table.points)
