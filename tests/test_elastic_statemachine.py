@@ -14,10 +14,11 @@ from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from tests.test_scheduler import launch
 from vtensor.engine.elastic import ElasticMemory
 from vtensor.engine.params import SamplingParams
 from vtensor.engine.request import Request
-from vtensor.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from vtensor.engine.scheduler import Scheduler, SchedulerConfig
 from vtensor.kvcache.elastic_planner import ElasticPlanner
 from vtensor.kvcache.manager import KVCacheManager, KVGeometry
 from vtensor.kvcache.radix_cache import RadixPrefixCache
@@ -73,7 +74,7 @@ class ElasticMachine(RuleBasedStateMachine):
     @rule()
     def step(self) -> None:
         before = self.memory.counters.deflates
-        out = self._launch()
+        out = launch(self.sched)
         if self.memory.counters.deflates > before:
             event("deflated")
         c = self.memory.counters
@@ -99,16 +100,6 @@ class ElasticMachine(RuleBasedStateMachine):
         self.sched.remove(self.reqs[rid])
         self.reqs[rid].finish("abort")
         self.aborted.add(rid)
-
-    def _launch(self) -> SchedulerOutput:
-        out = self.sched.schedule()
-        for q in out.preempted:
-            q.preempt()
-        for a in out.admitted:
-            a.req.admit(a.num_cached)
-        for sp in out.spans:
-            sp.req.advance(sp.end, sp.samples)
-        return out
 
     @invariant()
     def one_budget(self) -> None:
