@@ -56,6 +56,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--attention-backend", default="fa2")
     ap.add_argument("--chunk-size", type=int, default=None, help="host backend only")
     ap.add_argument("--kv-cache-bytes", type=int, default=None, help="the unified budget")
+    ap.add_argument(
+        "--small-static-tokens", type=int, default=8192,
+        help="a third pass: the static split with this smaller step budget (0: none)",
+    )  # fmt: skip
     ap.add_argument("--out", default=None)
     return ap.parse_args(argv)
 
@@ -87,6 +91,8 @@ def run_pass(engine: LLMEngine, a: argparse.Namespace, name: str) -> dict[str, A
     cuda = engine.runtime.device.type == "cuda"
     floor = torch.cuda.memory_reserved() if cuda else 0  # weights, graphs, tables
     device_peak = 0  # torch's reserve beyond the floor + the KV pool's chunks
+    pool_peak = 0  # the pool's chunks: KV, and with the unified pool the workspace too
+    workspace = engine.runner.workspace
     t0 = time.perf_counter()
     while engine.has_unfinished():
         reqs = list(sched.running)
@@ -102,9 +108,11 @@ def run_pass(engine: LLMEngine, a: argparse.Namespace, name: str) -> dict[str, A
             decode_tokens += sum(r.num_output for r in engine.requests.values()) - outputs
         if cuda:
             kv_bytes = engine.pool.stats().created * engine.pool.chunk_size
+            pool_peak = max(pool_peak, kv_bytes)
             device_peak = max(device_peak, torch.cuda.memory_reserved() - floor + kv_bytes)
         if memory is not None:
-            violations += memory.violations(engine.kv)
+            ws = None if workspace is None else workspace.held_chunks
+            violations += memory.violations(engine.kv, held=ws)
             borrowed = max(borrowed, memory.snapshot(engine.kv).borrowed)
     total_s = time.perf_counter() - t0
     done = [engine.pop(r).num_output for r in rids]
@@ -124,6 +132,9 @@ def run_pass(engine: LLMEngine, a: argparse.Namespace, name: str) -> dict[str, A
         deflate_preemptions=m.deflate_preemptions,
         max_borrowed_gib=borrowed * chunk / GIB,
         device_peak_gib=device_peak / GIB,  # torch beyond its floor + KV chunks (CUDA)
+        pool_peak_gib=pool_peak / GIB,  # the chunk pool: KV (+ the workspace, unified)
+        workspace_retries=engine.runner.workspace_retries,
+        workspace_releases=0 if workspace is None else workspace.releases,
         budget_violations=violations[:5],
     )
 
@@ -143,6 +154,11 @@ def unified_pass(a: argparse.Namespace) -> dict[str, Any]:
         unified_budget_gib=memory.budget * chunk / GIB,
         static_kv_bytes=(memory.budget - reserve + engine.scratch_chunks) * chunk,
     )
+    if a.small_static_tokens:
+        if not 0 < a.small_static_tokens < a.max_num_batched_tokens:
+            raise ValueError("--small-static-tokens must be below --max-num-batched-tokens")
+        small = table.chunks_for(a.small_static_tokens)
+        info["small_static_kv_bytes"] = (memory.budget - small + engine.scratch_chunks) * chunk
     print(json.dumps(info, indent=1), flush=True)
     info["pass"] = run_pass(engine, a, "unified")
     print(json.dumps(info["pass"]), flush=True)
@@ -150,11 +166,14 @@ def unified_pass(a: argparse.Namespace) -> dict[str, Any]:
     return info
 
 
-def static_pass(a: argparse.Namespace, kv_bytes: int) -> dict[str, Any]:
-    """Pass 2, in its own process: the static split with the measured reserve."""
-    engine = LLMEngine(base_config(a, kv_cache_bytes=kv_bytes))
+def static_pass(a: argparse.Namespace, kv_bytes: int, tokens: int | None = None) -> dict[str, Any]:
+    """Passes 2 and 3, each in its own process: the static split with the measured
+    reserve of the largest step, at ``--max-num-batched-tokens`` or at ``tokens``."""
+    b = argparse.Namespace(**vars(a))
+    b.max_num_batched_tokens = tokens or a.max_num_batched_tokens
+    engine = LLMEngine(base_config(b, kv_cache_bytes=kv_bytes))
     print(f"static warm-up: {warm_up(engine):.1f}s", flush=True)
-    result = run_pass(engine, a, "static")
+    result = run_pass(engine, b, f"static-{b.max_num_batched_tokens}")
     print(json.dumps(result), flush=True)
     engine.close()
     return result
@@ -170,11 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     with ctx.Pool(1, maxtasksperchild=1) as pool:
         static = pool.apply(static_pass, (a, info["static_kv_bytes"]))
     results = [info.pop("pass"), static]
-    u, st = results
-    ratios = dict(
-        batch=u["max_running"] / max(1, st["max_running"]),
-        decode=u["decode_tok_s"] / st["decode_tok_s"] if st["decode_tok_s"] else None,
-    )
+    if a.small_static_tokens:  # the static split tuned the other way: small steps
+        args = (a, info["small_static_kv_bytes"], a.small_static_tokens)
+        with ctx.Pool(1, maxtasksperchild=1) as pool:
+            results.append(pool.apply(static_pass, args))
+    u, st = results[0], results[1]
+    ratios: dict[str, Any] = {}
+    for other in results[1:]:
+        ratios[other["name"]] = dict(
+            batch=u["max_running"] / max(1, other["max_running"]),
+            decode=u["decode_tok_s"] / other["decode_tok_s"] if other["decode_tok_s"] else None,
+            total_time=other["total_s"] / u["total_s"],
+        )
     checks = {
         "every request completed": u["completed"] == st["completed"] == a.num_requests,
         "workspace + KV <= budget at every step": not u["budget_violations"],

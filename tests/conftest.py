@@ -82,9 +82,13 @@ def assert_engine_balanced(engine: Any) -> None:
     usage = engine.kv.usage()
     assert s.balanced, f"pool accounting does not balance: {s}"
     scratch = engine.kv.geometry.chunks_for(1)
-    assert s.in_use == usage.committed_chunks + scratch, f"pool {s} vs manager {usage}"
-    assert s.references == engine.arena.vt.mapped_chunks + len(engine.arena.held)
+    workspace = engine.runner.workspace  # the unified pool's on CUDA: in the same pool
+    ws = 0 if workspace is None else workspace.held_chunks
+    assert s.in_use == usage.committed_chunks + scratch + ws, f"pool {s} vs manager {usage}"
+    assert s.references == engine.arena.vt.mapped_chunks + len(engine.arena.held) + ws
     if not engine.has_unfinished():
+        if workspace is not None:
+            workspace.release_cached()
         assert engine.reset_prefix_cache(), "the prefix cache refused a reset while idle"
         engine.arena.wait_all()
         s = engine.pool.stats()

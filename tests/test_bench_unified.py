@@ -27,11 +27,12 @@ def test_unified_pool_benchmark_smoke(tmp_path: Path, monkeypatch: pytest.Monkey
     argv = ["--shape", "", "--device", "cpu", "--input-len", "70", "--output-len", "8",
             "--num-requests", "6", "--max-num-batched-tokens", "64", "--attention-backend",
             "torch", "--chunk-size", "4096", "--kv-cache-bytes", str(200 * 4096),
-            "--out", str(out)]  # fmt: skip
+            "--small-static-tokens", "16", "--out", str(out)]  # fmt: skip
     assert load(monkeypatch).main(argv) == 0
     report = json.loads(out.read_text())
-    unified, static = report["passes"]
-    assert unified["completed"] == static["completed"] == 6
+    unified, static, small = report["passes"]
+    assert unified["completed"] == static["completed"] == small["completed"] == 6
+    assert small["name"] == "static-16" and set(report["ratios"]) == {"static-64", "static-16"}
     assert report["table_source"] == "estimated"
     assert unified["max_running"] > static["max_running"]  # this budget: 6 against 3
     assert unified["inflates"] > 0 and static["inflates"] == 0

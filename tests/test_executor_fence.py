@@ -43,7 +43,9 @@ def make_executor() -> tuple[StepExecutor, list[Any], list[StepEvent]]:
         wait_ready=lambda spans: list(spans),
         geometry=SimpleNamespace(chunks_for=lambda tokens: tokens // 16 + 1),
     )
-    runner = SimpleNamespace(device=torch.device("cpu"), execute=lambda inputs: "forward")
+    runner = SimpleNamespace(
+        device=torch.device("cpu"), execute=lambda inputs: "forward", workspace=None
+    )
     ex = StepExecutor(arena, runner, None, StepCounters())  # type: ignore[arg-type]
     events: list[StepEvent] = []
 

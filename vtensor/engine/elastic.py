@@ -13,6 +13,7 @@ the forward pass, so that the workspace can really use them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ from vtensor.kvcache.elastic_planner import (
 from vtensor.kvcache.manager import KVCacheManager
 
 from .request import Request
+
+log = logging.getLogger("vtensor.engine")
 
 
 @dataclass
@@ -56,16 +59,23 @@ class ElasticSnapshot:
 
 
 class ElasticMemory:
-    def __init__(self, planner: MemoryPlanner, budget: int) -> None:
-        """``budget``: the chunks KV and the workspace share (the scratch slot excluded)."""
+    def __init__(self, planner: MemoryPlanner, budget: int, provisional: bool = False) -> None:
+        """``budget``: the chunks KV and the workspace share (the scratch slot excluded).
+        ``provisional``: the table is a build-time estimate that warm-up replaces with a
+        measured one (CUDA): an estimate leaving the KV nothing is then a warning, and
+        the KV gets one chunk until the measurement, not an error."""
         self.planner = planner
         self.budget = budget
         self.static_kv_capacity = planner.static_kv_capacity(budget)
         if self.static_kv_capacity <= 0:
-            raise ValueError(
+            what = (
                 f"a unified budget of {budget} chunks leaves nothing for the KV beside the "
                 f"largest step's workspace ({budget - self.static_kv_capacity} chunks)"
             )
+            if not provisional:
+                raise ValueError(what)
+            log.warning("%s, by the shape-based estimate; warm-up measures it", what)
+            self.static_kv_capacity = 1
         self.kv_capacity = self.static_kv_capacity  # until the first step is planned
         self.counters = ElasticCounters()
 
@@ -82,17 +92,25 @@ class ElasticMemory:
             kv.books.committed,
         )
 
-    def violations(self, kv: KVCacheManager, created: int | None = None) -> list[str]:
-        """The unified pool's broken invariants (``created``: the KV chunks the pool has
-        created, the scratch slot's excluded, once the mapper is idle)."""
+    def violations(
+        self, kv: KVCacheManager, created: int | None = None, held: int | None = None
+    ) -> list[str]:
+        """The unified pool's broken invariants (``created``: the chunks the pool has
+        created, the scratch slot's excluded, once the mapper is idle; ``held``: the
+        chunks a pool-backed workspace holds in the same pool, None without one)."""
         committed = kv.books.committed
+        # Without a pool-backed workspace the pool holds only KV, within its share; with
+        # one, KV and workspace together within the budget.
+        room = self.kv_capacity if held is None else self.budget
         checks = [
             (self.workspace + committed <= self.budget,
              f"workspace {self.workspace} + KV {committed} chunks > budget {self.budget}"),
             (kv.capacity_chunks == self.kv_capacity,
              f"KV limit {kv.capacity_chunks} is not the KV's share {self.kv_capacity}"),
-            (created is None or created <= self.kv_capacity,
-             f"the pool holds {created} KV chunks beyond the KV's share {self.kv_capacity}"),
+            (created is None or created <= room,
+             f"the pool holds {created} chunks beyond {room} (the KV's share or budget)"),
+            (held is None or held + committed <= self.budget,
+             f"the workspace holds {held} + KV {committed} chunks > budget {self.budget}"),
         ]  # fmt: skip
         return [what for ok, what in checks if not ok]
 

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 from vtensor.kvcache.elastic_planner import ElasticPlanner
 from vtensor.kvcache.geometry import KVGeometry
 from vtensor.kvcache.workspace_table import WorkspaceTable, doubling_points
+from vtensor.memory.torch_workspace import TorchWorkspace
+from vtensor.memory.workspace_arena import WorkspaceArena
 from vtensor.models.config import ModelConfig
 
 from .config import EngineConfig
@@ -60,16 +62,17 @@ def request_geometry(geometry: KVGeometry, memory: ElasticMemory) -> KVGeometry:
     return replace(geometry, capacity_chunks=max(0, min(geometry.capacity_chunks, most)))
 
 
-def install(engine: LLMEngine, table: WorkspaceTable) -> ElasticMemory:
+def install(engine: LLMEngine, table: WorkspaceTable, provisional: bool = False) -> ElasticMemory:
     """Give ``engine``'s scheduler a unified pool planned with ``table`` (at build, and
     again at warm-up with the measured table): the KV manager's limit, the request
-    contract and the pool's capacity follow. Nothing may be running."""
+    contract and the pool's capacity follow. Nothing may be running. ``provisional``:
+    an estimate that warm-up will replace (``ElasticMemory``)."""
     if engine.has_unfinished():
         raise RuntimeError("the unified pool's table can only be set with no request unfinished")
     kv = engine.kv
     geometry = kv.geometry
     memory = ElasticMemory(
-        ElasticPlanner(table, geometry.bytes_per_token), geometry.capacity_chunks
+        ElasticPlanner(table, geometry.bytes_per_token), geometry.capacity_chunks, provisional
     )
     kv.reclaim_all()  # nothing runs: idle KV may sit above the new limit
     excess = kv.books.committed - memory.kv_capacity
@@ -83,3 +86,19 @@ def install(engine: LLMEngine, table: WorkspaceTable) -> ElasticMemory:
         request_geometry(geometry, memory),
     )  # fmt: skip
     return memory
+
+
+def attach_workspace(engine: LLMEngine) -> TorchWorkspace:
+    """On CUDA, make the forward pass's workspace draw on the KV's chunk pool: an arena
+    of the whole budget's address range, torch's eager-step allocations routed to it
+    (``ModelRunner.workspace``), and the pool's capacity fixed at the scratch slot plus
+    the budget, which KV and workspace share chunk by chunk from then on."""
+    memory = engine.scheduler.memory
+    if memory is None or engine.runtime.device.type != "cuda":
+        raise RuntimeError("the pool-backed workspace needs the unified pool on a CUDA device")
+    pool, chunk = engine.pool, engine.kv.geometry.chunk_size
+    arena = WorkspaceArena(pool, memory.budget * chunk)
+    pool.set_capacity((engine.scratch_chunks + memory.budget) * chunk)
+    workspace = TorchWorkspace(arena, engine.runtime.device)
+    engine.runner.workspace = workspace
+    return workspace

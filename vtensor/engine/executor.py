@@ -46,8 +46,10 @@ class StepPlan:
     ahead_commands: list[KVCommand] = field(default_factory=list)  # for later steps
     inputs: list[SpanInput] = field(default_factory=list)  # none: only KV commands
     # The unified pool (engine/elastic.py): the pool's capacity for this step, scratch
-    # included (None: unchanged).
+    # included (None: unchanged), and the most chunks the scratch slot and the KV hold
+    # while the step's commands apply (the pool-backed workspace needs the rest).
     pool_chunks: int | None = None
+    pool_need: int | None = None
 
     @property
     def samples(self) -> int:
@@ -68,6 +70,7 @@ class StepExecutor:
         # Launched steps not yet seen complete, oldest first: the unmap fences.
         self._in_flight: deque[Launch] = deque()
         self._new_event: Callable[[], DoneEvent] | None = None
+        self._kv_share: int | None = None  # the last step's (the unified pool's)
         if self.device.type == "cuda":
             self._new_event = torch.cuda.Event
 
@@ -81,10 +84,16 @@ class StepExecutor:
         ``before_forward`` runs once the step's chunks are mapped (swap-ins copy then).
         ``segments``: the two command lists split where a hook must run between them
         (a spilled block's copy-out before its drop: ``spill.py``)."""
-        shrink = self._grow_pool(plan.pool_chunks)
-        self._apply_kv(plan, segments)
-        if shrink is not None:
-            self._shrink_pool(shrink)
+        if self.runner.workspace is not None:
+            wait = self._make_room(plan.pool_chunks, plan.pool_need)
+            self._apply_kv(plan, segments)
+            if wait:
+                self._wait_unmaps()
+        else:
+            shrink = self._grow_pool(plan.pool_chunks)
+            self._apply_kv(plan, segments)
+            if shrink is not None:
+                self._shrink_pool(shrink)
         if before_forward is not None:
             before_forward()
         if not plan.inputs:
@@ -127,9 +136,44 @@ class StepExecutor:
         """The KV's share shrinks (deflate): the plan's unmaps freed its chunks; once the
         mapper has applied them, the pool releases what lies beyond the new capacity to
         the driver, before the forward pass whose workspace needs the memory."""
+        self._wait_unmaps()
+        self.arena.pool.set_capacity(chunks * self.arena.pool.chunk_size)
+
+    def _make_room(self, chunks: int | None, need: int | None) -> bool:
+        """The unified pool with the workspace in it (``ModelRunner.workspace``): the pool
+        holds the scratch slot, the KV and the workspace, within a fixed capacity.
+
+        Inflate: when the KV will need (``need``, scratch included) chunks that the
+        workspace's cache holds, or this step's workspace (its room: the capacity less
+        the KV's share ``chunks``) outgrows the cache and fresh segments might not fit
+        beside it, the cache goes back
+        before the step's maps (it synchronizes the device, and the chunks are unmapped
+        from the workspace's range: ~16 us each, ~30 us each to map again; so only when
+        needed, not whenever the KV's share grows). Deflate: the share shrank, and the
+        plan's unmaps free chunks the forward's workspace may take; returns True, and
+        the caller waits for the mapper after queueing the commands."""
+        if chunks is None or need is None:
+            return False
+        workspace, capacity = self.runner.workspace, self.arena.pool.stats().capacity_chunks
+        assert workspace is not None
+        room, left = capacity - chunks, capacity - need
+        held = workspace.held_chunks
+        # A step no larger than the cache reuses its segments (torch splits the larger
+        # ones); should sizes still not fit, the runner releases and retries the step.
+        if held > left or (held and room > held and held + room > left):
+            workspace.release_cached()
+            if workspace.held_chunks > left:  # a tensor outlived its step
+                raise RuntimeError(
+                    f"the workspace still holds {workspace.held_chunks} chunks after "
+                    f"releasing its cache; the KV leaves it {left}"
+                )
+        deflate = self._kv_share is not None and chunks < self._kv_share
+        self._kv_share = chunks
+        return deflate
+
+    def _wait_unmaps(self) -> None:
         t0 = time.perf_counter()
         self.arena.wait_all()
-        self.arena.pool.set_capacity(chunks * self.arena.pool.chunk_size)
         self.counters.kv_sync_s += time.perf_counter() - t0
 
     def _apply_kv(

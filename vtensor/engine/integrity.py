@@ -76,8 +76,10 @@ def pool_problems(engine: LLMEngine) -> list[str]:
     kv, arena = engine.kv, engine.arena
     # Commands emitted by the KV manager but not yet taken change `committed` ahead of
     # the pool: compare with its value when the arena last took commands.
-    books = kv.geometry.chunks_for(1) + kv.committed_applied
-    mappings, held = arena.vt.mapped_chunks, len(arena.held)
+    workspace = engine.runner.workspace  # the unified pool's, in the same pool
+    ws = 0 if workspace is None else workspace.held_chunks
+    books = kv.geometry.chunks_for(1) + kv.committed_applied + ws
+    mappings, held = arena.vt.mapped_chunks + ws, len(arena.held)
     checks = [
         (s.balanced, f"pool does not balance: created {s.created} != free {s.free} + in use "
                      f"{s.in_use}, or fewer references than chunks in use ({s.references})"),
@@ -85,14 +87,15 @@ def pool_problems(engine: LLMEngine) -> list[str]:
          f"{s.references} references to chunks, but {mappings} mappings + {held} cache holds"),
         (s.created <= s.capacity_chunks, f"{s.created} chunks created over capacity"),
         (s.in_use == books, f"pool has {s.in_use} chunks in use, the books say {books} "
-                            f"(scratch + committed when last applied)"),
+                            f"(scratch + committed when last applied + workspace {ws})"),
     ]  # fmt: skip
     problems = [what for ok, what in checks if not ok]
     if not kv.pending_commands():
         problems += _chunk_problems(engine)
     memory = engine.scheduler.memory
     if memory is not None:
-        problems += memory.violations(kv, s.created - kv.geometry.chunks_for(1))
+        created = s.created - kv.geometry.chunks_for(1)
+        problems += memory.violations(kv, created, None if workspace is None else ws)
     return problems
 
 

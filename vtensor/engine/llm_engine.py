@@ -35,11 +35,12 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from vtensor.distributed import TPGroup, WorkerDiedError
+from vtensor.kvcache.commands import MapCommand
 from vtensor.kvcache.host_tier import HostTier
 from vtensor.kvcache.idle_policy import Clock
 
 from .config import EngineConfig
-from .elastic_setup import estimate_table, install
+from .elastic_setup import attach_workspace, estimate_table, install
 from .executor import StepExecutor, StepPlan
 from .input_processor import InputProcessor, ProcessedPrompt, Prompt, RequestError
 from .integrity import check_integrity
@@ -119,8 +120,11 @@ class LLMEngine:
         )  # fmt: skip
         if config.unified_memory_pool:  # the estimate; warm-up measures it on a GPU
             itemsize, chunk = rt.dtype.itemsize, self.kv.geometry.chunk_size
-            install(self, estimate_table(config, self.model_config, itemsize, chunk))
+            estimate = estimate_table(config, self.model_config, itemsize, chunk)
+            install(self, estimate, provisional=rt.device.type == "cuda")
         self.runner = parts.runner
+        if config.unified_memory_pool and rt.device.type == "cuda":
+            attach_workspace(self)  # the forward's workspace draws on the KV's pool
         self.counters = StepCounters()
         self.executor = StepExecutor(self.arena, self.runner, self.group, self.counters)
         self.sampler = Sampler()
@@ -306,7 +310,9 @@ class LLMEngine:
         for a in out.admitted:
             a.req.admit(a.num_cached)
         inputs = [SpanInput.of(sp, self.kv.slot_of(sp.req.rid)) for sp in out.spans]
-        plan = StepPlan(out.kv_commands, out.ahead_commands, inputs, self._pool_chunks())
+        plan = StepPlan(
+            out.kv_commands, out.ahead_commands, inputs, self._pool_chunks(), self._pool_need(out)
+        )
         if self.workers is not None and (inputs or plan.kv_commands or plan.ahead_commands):
             self.workers.send(plan)
         segments = None
@@ -337,6 +343,18 @@ class LLMEngine:
         share and the scratch slot); None without it."""
         memory = self.scheduler.memory
         return None if memory is None else self.scratch_chunks + memory.kv_capacity
+
+    def _pool_need(self, out: SchedulerOutput) -> int | None:
+        """The unified pool: at most how many chunks the scratch slot and the KV hold
+        while the step's commands apply, in whatever order (its fresh maps counted before
+        any unmap, within the KV's share); None without it."""
+        memory = self.scheduler.memory
+        if memory is None:
+            return None
+        commands = [*out.kv_commands, *out.ahead_commands]
+        fresh = sum(c.count for c in commands if isinstance(c, MapCommand))
+        peak = min(memory.kv_capacity, self.kv.committed_applied + fresh)
+        return self.scratch_chunks + peak
 
     @property
     def scratch_chunks(self) -> int:
@@ -486,6 +504,7 @@ class LLMEngine:
         if self.runtime.device.type == "cuda":
             torch.cuda.synchronize(self.runtime.device)  # no kernel may touch chunks we unmap
         self.runner.release_graphs()  # first: NCCL's destroy waits on graphs holding its ops
+        self.runner.release_workspace()  # its chunks are the pool's
         if self.spill is not None:  # its staging range: nothing mapped between copies
             self.spill.close()
         if self.workers is not None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from vtensor.kvcache.layout import KVLayout
+from vtensor.memory.torch_workspace import TorchWorkspace
 from vtensor.models.attention import AttentionBackend, AttentionMetadata
 from vtensor.models.llama import LlamaForCausalLM
 
@@ -95,6 +96,11 @@ class ModelRunner:
         self.tokens = tokens
         self.device = tokens.tokens.device
         self.graphs = graphs
+        # The unified pool on CUDA (``elastic_setup.attach_workspace``): eager steps
+        # allocate from the KV's chunk pool. Graph replays allocate nothing there: the
+        # graphs keep their own fixed pool.
+        self.workspace: TorchWorkspace | None = None
+        self.workspace_retries = 0
 
     def release_graphs(self) -> None:
         """Destroy the decode graphs (before leaving a tensor-parallel group: see
@@ -103,12 +109,35 @@ class ModelRunner:
             self.graphs.release()
             self.graphs = None
 
+    def release_workspace(self) -> None:
+        """Close the pool-backed workspace (the engine closes): its chunks go back."""
+        if self.workspace is not None:
+            self.workspace.close()
+            self.workspace = None
+
     @torch.inference_mode()
     def execute(self, spans: Sequence[SpanInput]) -> ForwardOutput:
         """Run the batch; the logits of the spans that sample, in batch order."""
         is_decode = all(sp.num_tokens == 1 for sp in spans)
         if is_decode and self.graphs is not None and self.graphs.fits(len(spans)):
             return self._replay(spans)
+        if self.workspace is None:
+            return self._eager(spans)
+        try:
+            with self.workspace.use():
+                return self._eager(spans)
+        except torch.OutOfMemoryError:
+            pass  # retried below: out of the handler, whose traceback holds the attempt's tensors
+        # Segments cached for other step sizes can leave no run of the size this step
+        # asks for: give them back and run the step again (its KV writes are the same
+        # values, so the partial first attempt leaves nothing wrong).
+        self.workspace.release_cached()
+        self.workspace_retries += 1
+        with self.workspace.use():
+            return self._eager(spans)
+
+    def _eager(self, spans: Sequence[SpanInput]) -> ForwardOutput:
+        is_decode = all(sp.num_tokens == 1 for sp in spans)
         # Decode requests first (a stable sort), so attention can send them to the
         # decode kernel; the logits still come back in the batch's order.
         order = sorted(range(len(spans)), key=lambda i: spans[i].num_tokens != 1)

@@ -2,9 +2,12 @@
 
 For each step size ``t`` in 1, 2, 4, ... ``max_num_batched_tokens`` the engine runs
 one real eager prefill step of ``t`` tokens (fresh random prompts, as few requests as
-``max_model_len`` allows, one sampled token each) and reads torch's allocator: the
-peak bytes allocated and reserved beyond what was there before (after
-``empty_cache``), the larger of the two. The sampling rows such a step could have
+``max_model_len`` allows, one sampled token each). With the pool-backed workspace
+(``elastic_setup.attach_workspace``, every CUDA engine with the unified pool) it reads
+the arena's peak: exactly the chunks the step's segments took, whatever torch's
+default pool holds. Otherwise it reads torch's allocator: the peak bytes allocated
+and reserved beyond what was there before (after ``empty_cache``), the larger of the
+two. The sampling rows such a step could have
 beyond those measured (``min(t, max_num_seqs)`` in all) are added from the logits'
 shape (``elastic_setup.logits_bytes``): a prefill cannot have them. KV chunks come from
 the VMM pool, not torch's allocator, so they are not counted.
@@ -40,8 +43,11 @@ def measure_workspace(engine: LLMEngine) -> WorkspaceTable:
     memory, kv = engine.scheduler.memory, engine.kv
     engine.scheduler.memory = None
     kv.set_limit(None)
-    scratch = engine.scratch_chunks  # the pool may hold the whole budget while measuring
-    engine.pool.set_capacity((scratch + kv.geometry.capacity_chunks) * kv.geometry.chunk_size)
+    # While measuring the KV may hold the whole budget, and a pool-backed workspace as
+    # much again beside it (chunks are created on demand: only what a step needs).
+    scratch, budget = engine.scratch_chunks, kv.geometry.capacity_chunks
+    room = budget if engine.runner.workspace is None else 2 * budget
+    engine.pool.set_capacity((scratch + room) * kv.geometry.chunk_size)
     points: list[tuple[int, int]] = []
     try:
         for t in doubling_points(engine.config.max_num_batched_tokens):
@@ -52,6 +58,10 @@ def measure_workspace(engine: LLMEngine) -> WorkspaceTable:
         kv.set_limit(min(memory.kv_capacity, kv.geometry.capacity_chunks))
     table = WorkspaceTable.monotone(points, kv.geometry.chunk_size, "measured")
     install(engine, table)
+    if engine.runner.workspace is not None:
+        engine.runner.workspace.release_cached()
+        engine.pool.set_capacity((scratch + budget) * kv.geometry.chunk_size)
+        engine.pool.trim()  # what measuring created beyond the budget goes back
     engine.reclaim_idle()  # an empty step: the pool's capacity follows the KV's share now
     log.info("measured workspace table (tokens: MiB): %s", _describe(table))
     return table
@@ -72,6 +82,10 @@ def _measure_step(engine: LLMEngine, tokens: int) -> int:
     prompts = [[rng.randrange(vocab) for _ in range(n)] for n in sizes]
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     device = rt.device
+    workspace = engine.runner.workspace
+    if workspace is not None:
+        workspace.release_cached()
+        workspace.arena.reset_peak()
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
@@ -86,10 +100,13 @@ def _measure_step(engine: LLMEngine, tokens: int) -> int:
         engine.pop(rid)
     if steps > 2:  # one prefill step (and one read with async scheduling)
         log.warning("the %d-token measurement took %d steps, not one", tokens, steps)
-    peak = max(
-        torch.cuda.max_memory_allocated(device) - allocated,
-        torch.cuda.max_memory_reserved(device) - reserved,
-    )
+    if workspace is not None:  # the arena's own peak: exactly the chunks the step took
+        peak = workspace.arena.stats().peak_chunks * workspace.arena.chunk_size
+    else:
+        peak = max(
+            torch.cuda.max_memory_allocated(device) - allocated,
+            torch.cuda.max_memory_reserved(device) - reserved,
+        )
     rows = min(tokens, cfg.max_num_seqs)
     return max(0, peak) + logits_bytes(engine.model_config, max(0, rows - len(sizes)))
 
