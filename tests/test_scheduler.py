@@ -64,7 +64,7 @@ def test_scheduler_imports_no_torch() -> None:
         for m in ("engine.scheduler", "engine.request", "engine.params", "engine.stop",
                   "engine.output_processor", "engine.input_processor", "kvcache.manager",
                   "kvcache.prefix_cache", "kvcache.radix_cache", "kvcache.radix_spill",
-                  "kvcache.chunk_books",
+                  "kvcache.chunk_books", "kvcache.cache_links",
                   "kvcache.reclaim", "kvcache.manager_checks", "kvcache.commands",
                   "kvcache.geometry", "kvcache.idle_policy", "kvcache.idle_reclaim",
                   "kvcache.write_guard", "kvcache.usage", "intervals",
