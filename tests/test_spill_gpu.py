@@ -24,6 +24,7 @@ import torch
 from tests.checkpoints import make_checkpoint, random_prompts
 from tests.gpu_delays import CHUNK, OVER, slow_copy, slow_forward, spin_cycles_for
 from tests.greedy_walk import assert_greedy_close
+from tests.test_spill_engine import abort_while_restoring
 from vtensor import SamplingParams
 from vtensor.engine import swap as swap_module
 
@@ -96,15 +97,7 @@ def test_abort_while_restore_copy_in_flight_on_cuda(
     engine = llm.engine
     assert_greedy_close(run(llm, prompts[:5]), want[:5], "before the abort")
     params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, logprobs=2)
-    (rid,) = engine.add_request(prompts[5], params)
-    restored = engine.stats().prefix_cache_restored_blocks
-    engine.step()  # admits it: the copy-in is queued on the copy stream, ~50 ms per run
-    assert engine.stats().prefix_cache_restored_blocks > restored
-    engine.abort(rid)
-    engine.check_integrity()
-    while engine.has_unfinished():
-        engine.step()
-    engine.pop(rid)
+    abort_while_restoring(engine, prompts[5], params)  # its copy-in ~50 ms per run
     # Other traffic reuses the freed chunks, then the conversation comes back.
     assert_greedy_close(run(llm, prompts[1:3] + prompts[5:]), want[1:3] + want[5:], "after")
     engine.check_integrity()
