@@ -10,7 +10,8 @@ Each slot owns a fixed, chunk-aligned byte range of the arena, and its mapped
 chunks always form a prefix of that range (KV grows from token 0). A chunk is
 either private to one slot, or held by the prefix cache (and then mapped by any
 number of slots, all at the same index): a request that hits the cache maps the
-cached chunks at the front of its slot and computes only the rest.
+cached chunks at the front of its slot and computes only the rest
+(``cache_links.py``: each running request's locked prefix, its offers, its restores).
 
 Invariants (listed by ``violations``, asserted by ``check``):
 
