@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
 
+from vtensor.bench.arrivals import run_arrivals
 from vtensor.bench.datasets import random_dataset
-from vtensor.bench.serve import RunArgs, arrival_times
 from vtensor.engine.config import EngineConfig
 from vtensor.engine.llm_engine import LLMEngine
+from vtensor.engine.outputs import StepOutput
 from vtensor.engine.params import SamplingParams
 from vtensor.engine.scheduler import SchedulerOutput
 from vtensor.engine.warmup import warm_up
@@ -50,43 +52,14 @@ def main() -> None:
         engine.scheduler.schedule = logged  # type: ignore[method-assign]
         vocab = engine.model_config.vocab_size
         reqs = random_dataset(args.num_prompts, args.input_len, args.output_len, vocab)
-        starts = arrival_times(len(reqs), RunArgs(args.rate, 1.0, None, 0))
         [warm] = engine.add_request(reqs[0].prompt_ids[:32], SamplingParams(max_tokens=4))
         while engine.has_unfinished():
             engine.step()
         engine.pop(warm)
-        t0, nxt = time.perf_counter(), 0
-        sent: dict[int, float] = {}
-        first: dict[int, float] = {}
-        done: dict[int, float] = {}
-        mixed = pure = 0
-        mixed_s = pure_s = 0.0
-        while len(done) < len(reqs):
-            now = time.perf_counter() - t0
-            while nxt < len(reqs) and starts[nxt] <= now:
-                p = SamplingParams(max_tokens=reqs[nxt].output_len, ignore_eos=True, temperature=0)
-                [rid] = engine.add_request(reqs[nxt].prompt_ids, p)
-                sent[rid] = time.perf_counter()
-                nxt += 1
-            if not engine.has_unfinished():
-                time.sleep(0.001)
-                continue
-            decode_only = all(s.num_computed == s.num_tokens - 1 for s in engine.scheduler.running)
-            decode_only = decode_only and not engine.scheduler.waiting
-            ts = time.perf_counter()
-            outs = engine.step()
-            dt = time.perf_counter() - ts
-            if decode_only:
-                pure, pure_s = pure + 1, pure_s + dt
-            else:
-                mixed, mixed_s = mixed + 1, mixed_s + dt
-            for o in outs:
-                first.setdefault(o.rid, time.perf_counter())
-                if o.finished:
-                    done[o.rid] = time.perf_counter()
-                    engine.pop(o.rid)
-        dur = time.perf_counter() - t0
-    ttft = [1e3 * (first[r] - sent[r]) for r in sent]
+        times = StepTimes()
+        run = run_arrivals(engine, reqs, args.rate, lambda: times.step(engine))
+    dur, sent, first, done = run.duration_s, run.sent, run.first, run.done
+    ttft = [1e3 * t for t in run.ttft_s()]
     tpot = [1e3 * (done[r] - first[r]) / (args.output_len - 1) for r in sent]
     fm, md = statistics.fmean, statistics.median
     print(f"rate {args.rate} budget {args.max_num_batched_tokens}: {len(reqs) / dur:.2f} req/s "
@@ -96,8 +69,34 @@ def main() -> None:
     worst = sorted(range(len(ttft)), key=lambda i: -ttft[i])[:5]
     print("slowest TTFT (arrival index: ms): " + ", ".join(f"{i}: {ttft[i]:.0f}" for i in worst))
     print_slow_steps(plans)
-    print(f"steps: {pure} decode-only (graphs) at {1e3 * pure_s / max(pure, 1):.1f} ms, "
-          f"{mixed} with prefill at {1e3 * mixed_s / max(mixed, 1):.1f} ms")  # fmt: skip
+    print(times.summary())
+
+
+@dataclass
+class StepTimes:
+    """Steps timed by kind: decode-only (CUDA graphs) or with prefill tokens."""
+
+    pure: int = 0
+    pure_s: float = 0.0
+    mixed: int = 0
+    mixed_s: float = 0.0
+
+    def step(self, engine: LLMEngine) -> list[StepOutput]:
+        decode_only = all(s.num_computed == s.num_tokens - 1 for s in engine.scheduler.running)
+        decode_only = decode_only and not engine.scheduler.waiting
+        ts = time.perf_counter()
+        outs = engine.step()
+        dt = time.perf_counter() - ts
+        if decode_only:
+            self.pure, self.pure_s = self.pure + 1, self.pure_s + dt
+        else:
+            self.mixed, self.mixed_s = self.mixed + 1, self.mixed_s + dt
+        return outs
+
+    def summary(self) -> str:
+        pure, mixed = self.pure, self.mixed
+        return (f"steps: {pure} decode-only (graphs) at {1e3 * self.pure_s / max(pure, 1):.1f} ms, "
+                f"{mixed} with prefill at {1e3 * self.mixed_s / max(mixed, 1):.1f} ms")  # fmt: skip
 
 
 def p99(xs: list[float]) -> float:

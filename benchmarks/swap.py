@@ -30,17 +30,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 
+from vtensor.bench.arrivals import run_arrivals
 from vtensor.bench.datasets import SyntheticRequest, random_dataset
-from vtensor.bench.serve import RunArgs, arrival_times
 from vtensor.engine.config import EngineConfig
 from vtensor.engine.llm_engine import LLMEngine
-from vtensor.engine.params import SamplingParams
+from vtensor.engine.outputs import StepOutput
 from vtensor.engine.stats import EngineStats
 from vtensor.engine.swap_setup import measure_copy_rate
 from vtensor.models.config import shape_config
@@ -109,29 +108,15 @@ def run_pass(
     """Submit at Poisson arrival times, step until all finish; latencies per request, and
     the share of requests within each SLO (``slo_ms``: TTFT, TPOT)."""
     before, peaks = engine.stats(), Peaks(engine)
-    starts = arrival_times(len(reqs), RunArgs(rate, 1.0, None, 0))
-    sent: dict[int, float] = {}
-    first: dict[int, float] = {}
-    done: dict[int, float] = {}
-    t0, nxt = time.perf_counter(), 0
-    while len(done) < len(reqs):
-        now = time.perf_counter() - t0
-        while nxt < len(reqs) and starts[nxt] <= now:
-            p = SamplingParams(max_tokens=reqs[nxt].output_len, ignore_eos=True, temperature=0)
-            [rid] = engine.add_request(reqs[nxt].prompt_ids, p)
-            sent[rid] = time.perf_counter()
-            nxt += 1
-        if not engine.has_unfinished():
-            time.sleep(0.001)
-            continue
-        for o in engine.step():
-            first.setdefault(o.rid, time.perf_counter())
-            if o.finished:
-                done[o.rid] = time.perf_counter()
-                engine.pop(o.rid)
+
+    def step() -> list[StepOutput]:
+        outputs = engine.step()
         peaks.sample()
-    dur = time.perf_counter() - t0
-    ttft = [first[r] - sent[r] for r in sent]
+        return outputs
+
+    run = run_arrivals(engine, reqs, rate, step)
+    dur, sent, first, done = run.duration_s, run.sent, run.first, run.done
+    ttft = run.ttft_s()
     tpot = [(done[r] - first[r]) / max(1, q.output_len - 1) for r, q in zip(sent, reqs)]
     return {
         "duration_s": dur,

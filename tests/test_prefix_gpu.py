@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from tests.checkpoints import make_checkpoint
+from tests.gpu_delays import OVER
 from tests.greedy_walk import FP32_TOL, assert_greedy_close, walk
 from tests.test_prefix_engine import abort_third_at, check_chats_match, greedy, spy_admissions
 from vtensor import SamplingParams
@@ -29,10 +30,8 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-# 8 layers x 8 KV heads x 64 dims x K,V: 32 KiB per token in fp32 (64 tokens per 2 MiB
-# chunk, the cache's block), 16 KiB in bf16 (128-token blocks).
-OVER = dict(num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-            hidden_size=512, head_dim=64, max_position_embeddings=2048)  # fmt: skip
+# OVER: 32 KiB per token in fp32 (64 tokens per 2 MiB chunk, the cache's block),
+# 16 KiB in bf16 (128-token blocks).
 # The cached KV was computed in other steps (other batch shapes) than the uncached
 # engine's, so bf16 rounding differs. With the checkpoint's weights at std 0.02 (as
 # real models), the first token's log-probs moved by at most 0.008 between two

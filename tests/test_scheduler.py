@@ -30,7 +30,7 @@ def request(rid: int, prompt_len: int, max_tokens: int) -> Request:
 
 
 def launch(s: Scheduler) -> SchedulerOutput:
-    """Schedule and apply the plan to the requests, as ``LLMEngine._launch`` does."""
+    """Schedule and apply the plan to the requests, as ``StepLoop.launch`` does."""
     out = s.schedule()
     for q in out.preempted:
         q.preempt()
@@ -64,7 +64,7 @@ def test_scheduler_imports_no_torch() -> None:
         for m in ("engine.scheduler", "engine.request", "engine.params", "engine.stop",
                   "engine.output_processor", "engine.input_processor", "kvcache.manager",
                   "kvcache.prefix_cache", "kvcache.radix_cache", "kvcache.radix_spill",
-                  "kvcache.chunk_books",
+                  "kvcache.chunk_books", "kvcache.cache_links",
                   "kvcache.reclaim", "kvcache.manager_checks", "kvcache.commands",
                   "kvcache.geometry", "kvcache.idle_policy", "kvcache.idle_reclaim",
                   "kvcache.write_guard", "kvcache.usage", "intervals",
@@ -179,7 +179,7 @@ def test_async_workload_reads_tokens_a_step_late_and_returns_every_chunk() -> No
 
 
 def read_late(s: Scheduler, spans: list, stops: dict[int, int], rng: random.Random) -> None:
-    """Read a launched step's tokens, then stop or abort (LLMEngine._apply_outputs)."""
+    """Read a launched step's tokens, then stop or abort (StepLoop.apply_outputs)."""
     for sp in spans:
         q = sp.req
         if q.finished:

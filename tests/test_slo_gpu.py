@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.checkpoints import make_checkpoint, random_prompts
+from tests.gpu_delays import CHUNK, OVER
 from tests.greedy_walk import assert_greedy_close
 from tests.test_slo_engine import late_short_request
 from vtensor import SamplingParams
@@ -26,12 +27,9 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-# 8 layers x 8 KV heads x 64 dims x K,V x fp32: 32 KiB per token, 64 tokens per 2 MiB
-# chunk. Two long requests of 300-380 + 160 tokens end at 8-9 chunks each: a pool of 20
-# chunks holds both to the end, but not also a 100-token prompt (2 chunks + headroom).
-OVER = dict(num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-            hidden_size=512, head_dim=64, max_position_embeddings=2048)  # fmt: skip
-CHUNK = 2 << 20
+# OVER in fp32: 32 KiB per token, 64 tokens per 2 MiB chunk. Two long requests of
+# 300-380 + 160 tokens end at 8-9 chunks each: a pool of 20 chunks holds both to the
+# end, but not also a 100-token prompt (2 chunks + headroom).
 KW = dict(device="cuda", dtype="float32", max_num_seqs=8, max_model_len=1024,
           async_scheduling=True, enable_prefix_caching=False)  # fmt: skip
 LONG_NEW, SHORT_NEW = 160, 16

@@ -35,6 +35,21 @@ def traffic() -> list[list[list[int]]]:
     return [[first], *([p] for p in others), [first], [follow_up]]
 
 
+def abort_while_restoring(engine: Any, prompt: list[int], params: SamplingParams) -> None:
+    """Add ``prompt`` (a host hit), step once (it is admitted: its host blocks'
+    copy-in is queued, the step not read yet), abort it at once, and run the engine
+    dry; the books balance before and after."""
+    (rid,) = engine.add_request(prompt, params)
+    restored = engine.stats().prefix_cache_restored_blocks
+    engine.step()
+    assert engine.stats().prefix_cache_restored_blocks > restored
+    engine.abort(rid)
+    engine.check_integrity()
+    while engine.has_unfinished():
+        engine.step()
+    engine.pop(rid)
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_spilled_prefix_matches_cache_off_and_spill_off(
     make_llm: Any, async_scheduling: bool
@@ -80,15 +95,7 @@ def test_abort_while_restoring_leaks_nothing(make_llm: Any) -> None:
     conversations(llm, waves[:-2])
     assert engine.stats().prefix_cache_host_blocks > 0
     params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
-    (rid,) = engine.add_request(waves[-2][0], params)
-    restored = engine.stats().prefix_cache_restored_blocks
-    engine.step()  # admits it: its host blocks' copy-in is queued, the step not read yet
-    assert engine.stats().prefix_cache_restored_blocks > restored
-    engine.abort(rid)
-    engine.check_integrity()
-    while engine.has_unfinished():
-        engine.step()
-    engine.pop(rid)
+    abort_while_restoring(engine, waves[-2][0], params)
     tier = engine.swap.planner.tier.usage()
     assert tier.used_slots == tier.spill_slots == engine.stats().host_tier_spilled_chunks
     engine.check_integrity()

@@ -22,8 +22,9 @@ import pytest
 import torch
 
 from tests.checkpoints import make_checkpoint, random_prompts
+from tests.gpu_delays import CHUNK, OVER, slow_copy, slow_forward, spin_cycles_for
 from tests.greedy_walk import assert_greedy_close
-from tests.test_swap_gpu import OVER, _slow_copy, _spin_cycles_for
+from tests.test_spill_engine import abort_while_restoring
 from vtensor import SamplingParams
 from vtensor.engine import swap as swap_module
 
@@ -32,10 +33,9 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-# 32 KiB per token, 64 tokens per 2 MiB chunk (one chunk per cache block). A pool of
-# 24 chunks holds about two conversations of ~560 + 64 tokens: the others evict the
-# first one's blocks, which a 64-chunk host tier keeps.
-CHUNK = 2 << 20
+# OVER in fp32: 32 KiB per token, 64 tokens per 2 MiB chunk (one chunk per cache
+# block). A pool of 24 chunks holds about two conversations of ~560 + 64 tokens: the
+# others evict the first one's blocks, which a 64-chunk host tier keeps.
 KW = dict(device="cuda", dtype="float32", max_num_seqs=2, max_model_len=1024,
           async_scheduling=True, debug_check_every=1, chunk_size=CHUNK)  # fmt: skip
 NEW = 64
@@ -65,20 +65,13 @@ def test_spilled_prefix_matches_cache_off_and_spill_off_on_cuda(
     no_spill = make_llm(str(tmp_path), **kw)
     without = run(no_spill, prompts)
     assert_greedy_close(without, want, "spill off vs cache off")
-    cycles = _spin_cycles_for(0.02)
+    cycles = spin_cycles_for(0.02)
     if slow == "copies":
-        monkeypatch.setattr(swap_module, "copy_bytes", _slow_copy(cycles))
+        monkeypatch.setattr(swap_module, "copy_bytes", slow_copy(cycles))
     llm = make_llm(str(tmp_path), swap_space_bytes=64 * CHUNK, **kw)
     assert (llm.engine.runner.graphs is None) == eager
     if slow == "forward":
-        runner = llm.engine.runner
-        execute = runner.execute
-
-        def late_execute(spans: Any) -> Any:
-            torch.cuda._sleep(cycles)  # on the compute stream, before the step's kernels
-            return execute(spans)
-
-        monkeypatch.setattr(runner, "execute", late_execute)
+        slow_forward(llm.engine.runner, cycles, monkeypatch)
     got = run(llm, prompts)
     assert_greedy_close(got, want, "spill vs cache off")
     assert_greedy_close(got, without, "spill vs spill off")
@@ -99,20 +92,12 @@ def test_abort_while_restore_copy_in_flight_on_cuda(
     prompts = waves()
     kw = dict(KW, kv_cache_bytes=24 * CHUNK)
     want = run(make_llm(str(tmp_path), enable_prefix_caching=False, **kw), prompts)
-    monkeypatch.setattr(swap_module, "copy_bytes", _slow_copy(_spin_cycles_for(0.05)))
+    monkeypatch.setattr(swap_module, "copy_bytes", slow_copy(spin_cycles_for(0.05)))
     llm = make_llm(str(tmp_path), swap_space_bytes=64 * CHUNK, **kw)
     engine = llm.engine
     assert_greedy_close(run(llm, prompts[:5]), want[:5], "before the abort")
     params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, logprobs=2)
-    (rid,) = engine.add_request(prompts[5], params)
-    restored = engine.stats().prefix_cache_restored_blocks
-    engine.step()  # admits it: the copy-in is queued on the copy stream, ~50 ms per run
-    assert engine.stats().prefix_cache_restored_blocks > restored
-    engine.abort(rid)
-    engine.check_integrity()
-    while engine.has_unfinished():
-        engine.step()
-    engine.pop(rid)
+    abort_while_restoring(engine, prompts[5], params)  # its copy-in ~50 ms per run
     # Other traffic reuses the freed chunks, then the conversation comes back.
     assert_greedy_close(run(llm, prompts[1:3] + prompts[5:]), want[1:3] + want[5:], "after")
     engine.check_integrity()

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.checkpoints import make_checkpoint, random_prompts
+from tests.gpu_delays import CHUNK, OVER, slow_copy, slow_forward, spin_cycles_for
 from tests.greedy_walk import assert_greedy_close
 from vtensor import SamplingParams
 from vtensor.engine import swap as swap_module
@@ -28,12 +29,9 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-# 8 layers x 8 KV heads x 64 dims x K,V x fp32: 32 KiB per token, 64 tokens per 2 MiB
-# chunk. A pool of 24 chunks (1536 tokens) for 8 requests of up to ~460 tokens forces
-# preemption; roomy engines get 256 chunks.
-OVER = dict(num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-            hidden_size=512, head_dim=64, max_position_embeddings=2048)  # fmt: skip
-CHUNK = 2 << 20
+# OVER in fp32: 32 KiB per token, 64 tokens per 2 MiB chunk. A pool of 24 chunks (1536
+# tokens) for 8 requests of up to ~460 tokens forces preemption; roomy engines get 256
+# chunks.
 KW = dict(device="cuda", dtype="float32", max_num_seqs=8, max_model_len=1024,
           async_scheduling=True, debug_check_every=1)  # fmt: skip
 NEW = 160  # prompts of 200-300 tokens grow by 2-3 chunks each: preemption is certain
@@ -42,24 +40,6 @@ NEW = 160  # prompts of 200-300 tokens grow by 2-3 chunks each: preemption is ce
 def greedy(llm: Any, prompts: list[list[int]]) -> list[Any]:
     params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, logprobs=2)
     return llm.generate(prompts, params)
-
-
-def _slow_copy(cycles: int) -> Any:
-    def copy(dst: torch.Tensor, src: torch.Tensor) -> None:
-        torch.cuda._sleep(cycles)  # on the copy stream: the copy lands this much later
-        dst.copy_(src, non_blocking=True)
-
-    return copy
-
-
-def _spin_cycles_for(seconds: float) -> int:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    cycles = 10_000_000
-    start.record()
-    torch.cuda._sleep(cycles)
-    end.record()
-    end.synchronize()
-    return int(cycles * seconds / (start.elapsed_time(end) / 1e3))
 
 
 @pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
@@ -105,9 +85,9 @@ def test_slowed_copies_or_steps_are_never_read_stale(
     prompts = random_prompts(8, 512, lo=200, hi=300)
     kw = dict(KW, enable_prefix_caching=False)
     want = greedy(make_llm(str(tmp_path), kv_cache_bytes=256 * CHUNK, **kw), prompts)
-    cycles = _spin_cycles_for(0.02)
+    cycles = spin_cycles_for(0.02)
     if slow == "copies":
-        monkeypatch.setattr(swap_module, "copy_bytes", _slow_copy(cycles))
+        monkeypatch.setattr(swap_module, "copy_bytes", slow_copy(cycles))
     llm = make_llm(
         str(tmp_path),
         kv_cache_bytes=24 * CHUNK,
@@ -116,14 +96,7 @@ def test_slowed_copies_or_steps_are_never_read_stale(
         **kw,
     )
     if slow == "forward":
-        runner = llm.engine.runner
-        execute = runner.execute
-
-        def late_execute(spans: Any) -> Any:
-            torch.cuda._sleep(cycles)  # on the compute stream, before the step's kernels
-            return execute(spans)
-
-        monkeypatch.setattr(runner, "execute", late_execute)
+        slow_forward(llm.engine.runner, cycles, monkeypatch)
     assert_greedy_close(greedy(llm, prompts), want, "swap vs roomy")
     s = llm.engine.stats()
     assert s.swap_preemptions > 0

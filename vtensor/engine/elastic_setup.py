@@ -88,6 +88,18 @@ def install(engine: LLMEngine, table: WorkspaceTable, provisional: bool = False)
     return memory
 
 
+def build_unified(engine: LLMEngine) -> None:
+    """At build: the unified pool planned with the shape-based estimate (provisional on
+    CUDA, where warm-up measures the table), and on CUDA the pool-backed workspace."""
+    cuda = engine.runtime.device.type == "cuda"
+    geometry = engine.kv.geometry
+    itemsize = engine.runtime.dtype.itemsize
+    estimate = estimate_table(engine.config, engine.model_config, itemsize, geometry.chunk_size)
+    install(engine, estimate, provisional=cuda)
+    if cuda:
+        attach_workspace(engine)  # the forward's workspace draws on the KV's pool
+
+
 def attach_workspace(engine: LLMEngine) -> TorchWorkspace:
     """On CUDA, make the forward pass's workspace draw on the KV's chunk pool: an arena
     of the whole budget's address range, torch's eager-step allocations routed to it

@@ -1,6 +1,6 @@
 """A launched step: queued on the device, its sampled tokens not yet read by the host.
 
-``LLMEngine._launch`` returns one; with async scheduling the engine keeps it
+``StepLoop.launch`` returns one; with async scheduling the engine keeps it
 while it launches the next step and reads it (``read_tokens``) one call later,
 so the host's bookkeeping of step N overlaps the GPU's step N+1.
 """

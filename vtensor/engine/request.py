@@ -14,8 +14,8 @@ read yet. ``num_tokens`` includes them, so the scheduler plans the next step
 over them; the runner takes such a token from the device token table
 (``engine/token_table.py``) by the request's slot.
 
-Who writes a Request: only its methods below, and only ``LLMEngine`` calls
-them (``engine/llm_engine.py``). The scheduler plans over requests and the
+Who writes a Request: only its methods below, and only the engine's step loop
+calls them (``engine/step_loop.py``). The scheduler plans over requests and the
 output processor decides stops, but both only read them.
 """
 

@@ -1,6 +1,6 @@
 """What the scheduler plans for one step (torch-free): the spans to compute, and the
 requests and KV commands the engine applies before it runs them (``scheduler.py``
-builds it; ``LLMEngine._launch`` applies it)."""
+builds it; ``StepLoop.launch`` applies it)."""
 
 from __future__ import annotations
 

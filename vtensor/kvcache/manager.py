@@ -10,7 +10,8 @@ Each slot owns a fixed, chunk-aligned byte range of the arena, and its mapped
 chunks always form a prefix of that range (KV grows from token 0). A chunk is
 either private to one slot, or held by the prefix cache (and then mapped by any
 number of slots, all at the same index): a request that hits the cache maps the
-cached chunks at the front of its slot and computes only the rest.
+cached chunks at the front of its slot and computes only the rest
+(``cache_links.py``: each running request's locked prefix, its offers, its restores).
 
 Invariants (listed by ``violations``, asserted by ``check``):
 
@@ -34,8 +35,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Sequence
 
-from vtensor.intervals import runs
-
+from .cache_links import CacheLinks
 from .chunk_books import ChunkBooks
 from .commands import (
     CacheDropCommand,
@@ -51,7 +51,7 @@ from .host_tier import HostExtent
 from .idle_policy import Clock, IdleReclaimPolicy
 from .idle_reclaim import IdleReclaimer
 from .placement import SlotPlacer
-from .prefix_cache import NO_MATCH, CachePath, NoPrefixCache, PrefixCache, PrefixMatch, SpillOut
+from .prefix_cache import NO_MATCH, NoPrefixCache, PrefixCache, PrefixMatch, SpillOut
 from .reclaim import Reclaimer
 from .shared_budget import KVLease
 from .usage import KVUsage, kv_usage
@@ -102,9 +102,7 @@ class KVCacheManager:
         self.books = ChunkBooks(geometry.num_slots)
         self._asked = [0] * geometry.num_slots  # chunks the owner has asked for so far
         self._owner: dict[int, int] = {}  # request id -> slot
-        self._paths: dict[int, CachePath] = {}  # request id -> its locked cache prefix
-        self._next_block_end: dict[int, int] = {}  # request id -> tokens filling its next block
-        self._restores: list[tuple[int, HostExtent]] = []  # (slot, extent): copy-ins to make
+        self.links = CacheLinks(self)  # running requests' locked cache prefixes
         self._idle: set[int] = set(range(reserved_slots, geometry.num_slots))
         self._applied_committed = 0  # committed as of the last take_commands
         self._released = [0] * geometry.num_slots  # when each slot last went idle
@@ -251,16 +249,13 @@ class KVCacheManager:
         slot = self._placer.choose(want, hit.chunks, self._idle, pressure)
         self._idle.discard(slot)
         self._owner[rid] = slot
-        self._paths[rid] = hit.path
-        if self.cache.enabled:
-            self._next_block_end[rid] = (hit.path.blocks + 1) * self.cache.block_tokens
-        self.books.pin(self.cache.lock(hit.path), +1)  # before any reclaim can evict it
+        self.links.link(rid, hit)
         self._placer.fit_front(slot, hit.chunks, convert=pressure)
         self._set_asked(slot, min(want, len(self.books.tables[slot])))
         if not self.grow(rid, tokens):
             raise RuntimeError("admission fit the books but could not grow: a bug")
         if hit.restore:
-            self._restore(slot, hit)
+            self.links.restore(slot, hit)
         return slot
 
     def evict_to_free(self, chunks: int, keep: Sequence[PrefixMatch] = ()) -> int:
@@ -268,32 +263,13 @@ class KVCacheManager:
         until ``chunks`` are free or none is left; returns the chunks freed. The
         scheduler calls it for what the next step may take, so that a pool the cache
         has filled frees chunks while the GPU computes, not in the step that needs them."""
-        short = chunks - self.free_chunks
-        if short <= 0 or not self.cache.enabled:
-            return 0
-        for hit in keep:  # held for the call only: a lock pins, and pins block eviction
-            self.books.pin(self.cache.lock(hit.path), +1)
-        try:
-            return self._reclaimer.evict(short)
-        finally:
-            for hit in keep:
-                self.books.pin(self.cache.unlock(hit.path), -1)
-
-    def _restore(self, slot: int, hit: PrefixMatch) -> None:
-        """The hit's host blocks take the chunks just mapped at their indices (private,
-        fresh or kept by the slot); the engine copies them in (``take_restores``)."""
-        first = len(hit.chunks)
-        ids = self.books.tables[slot][first : first + hit.restore * self.cache.block_chunks]
-        self._restores.extend((slot, e) for e in self.cache.restore(hit.path, ids))
-        self.books.hold(slot, first, ids)
-        self.books.pin(ids, +1)  # their blocks are locked: the lock pinned none on the host
+        return self.links.evict_to_free(chunks, keep)
 
     def take_restores(self) -> list[tuple[int, HostExtent]]:
         """``(slot, extent)`` of each block restored since the last take: copy the
         extent's host slots into the slot's chunks from ``extent.first`` before the
         step's forward pass, then end the tier's copy-in."""
-        restores, self._restores = self._restores, []
-        return restores
+        return self.links.take_restores()
 
     def take_spills(self) -> list[SpillOut]:
         """The spilled blocks' copies to make before their chunks are dropped."""
@@ -336,29 +312,14 @@ class KVCacheManager:
         tokens whose KV is computed (or queued) and whose ids the host has read, never a
         placeholder. Blocks already offered are skipped; the request then locks the
         longer cached prefix."""
-        if num_tokens < self._next_block_end.get(rid, _NEVER):
-            return  # the fast path of every step: no new whole block
-        path = self._paths[rid]
-        blocks = num_tokens // self.cache.block_tokens
-        slot = self._owner[rid]
-        table = self.books.tables[slot]
-        if blocks * self.cache.block_chunks > self._asked[slot]:
-            raise ValueError(f"request {rid}: {num_tokens} tokens offered beyond its chunks")
-        done = self.cache.insert(path, token_ids, table, blocks)
-        c = self.cache.block_chunks
-        for j, n in runs(done.adopted):  # one command per run of adopted blocks
-            self.books.hold(slot, j * c, table[j * c : (j + n) * c])
-        self.books.pin(self.cache.lock(done.path, base=path), +1)
-        self._paths[rid] = done.path
-        self._next_block_end[rid] = (blocks + 1) * self.cache.block_tokens
+        self.links.offer(rid, token_ids, num_tokens)
 
     def release(self, rid: int) -> None:
         """The request is done (or preempted): its slot idles, keeping its chunks; its
         cache blocks are unlocked. Offer its last blocks first (``cache_tokens``)."""
         slot = self._owner.pop(rid)
-        self._next_block_end.pop(rid, None)
         self._set_asked(slot, 0)
-        self.books.pin(self.cache.unlock(self._paths.pop(rid)), -1)
+        self.links.unlink(rid)
         self._idle.add(slot)
         self._released[slot] = self._releases = self._releases + 1
         self.idle.on_idle(slot)  # the watermark binds at once: the oldest idle slots lose
@@ -464,6 +425,3 @@ class KVCacheManager:
         elif n < a:
             self.books.pin(table[n:a], -1)
         self._asked[slot] = n
-
-
-_NEVER = 1 << 62  # no request has this many tokens

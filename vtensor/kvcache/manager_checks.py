@@ -56,7 +56,7 @@ def _cache_problems(kv: KVCacheManager) -> list[str]:
         problems.append(f"the books hold {books.cached_count} cached chunks, the cache {len(held)}")
     if dict(pins) != books.pin_counts():
         problems.append("pins differ from what running requests and locked blocks hold")
-    if set(kv._paths) != set(owners):
+    if set(kv.links.paths) != set(owners):
         problems.append("a running request without a cache path, or a stale path")
     if not {c for c in hard if books.is_cached(c)} <= locked:
         problems.append("a running request maps a cached chunk whose block is not locked")

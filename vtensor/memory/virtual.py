@@ -31,6 +31,7 @@ from vtensor.intervals import runs
 from .backend import PhysicalChunk
 from .errors import ClosedError, MappingError, NotMappedError, OutOfRangeError, OverlapError
 from .pool import ChunkPool
+from .strided import strided_layout
 
 
 class VirtualTensor:
@@ -210,26 +211,14 @@ class VirtualTensor:
         cover unmapped chunks (map them before touching those bytes), and is
         valid until :meth:`close`.
         """
-        shape = tuple(int(s) for s in shape)
-        strides = tuple(int(s) for s in strides) if strides is not None else _contiguous(shape)
-        itemsize = dtype.itemsize
-        if len(strides) != len(shape) or any(s < 0 for s in (*shape, *strides)):
-            raise ValueError(f"bad shape {shape} / strides {strides}")
-        if offset < 0 or offset % itemsize:
-            raise OutOfRangeError(f"offset {offset} is not a multiple of {itemsize} bytes")
-        elems = 0 if 0 in shape else 1 + sum((n - 1) * s for n, s in zip(shape, strides))
-        if offset + elems * itemsize > self.nbytes:
-            raise OutOfRangeError(
-                f"view of {elems * itemsize} bytes at offset {offset} exceeds the "
-                f"{self.nbytes}-byte reservation"
-            )
+        layout = strided_layout(dtype.itemsize, shape, strides, offset, self.nbytes)
         with self._lock:
             self._check_open()
             typed = self._typed.get(dtype)
             if typed is None:
                 typed = self._backend.byte_view(self.va, self.nbytes).view(dtype)
                 self._typed[dtype] = typed
-        return typed.as_strided(shape, strides, offset // itemsize)
+        return typed.as_strided(layout.shape, layout.strides, layout.start)
 
     # ---------------------------------------------------------------- private
     def _chunk_range(self, offset: int, nbytes: int, aligned: bool) -> tuple[int, int]:
@@ -306,11 +295,3 @@ class VirtualTensor:
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError("virtual tensor is closed")
-
-
-def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, acc = [], 1
-    for n in reversed(shape):
-        strides.append(acc)
-        acc *= max(n, 1)
-    return tuple(reversed(strides))
