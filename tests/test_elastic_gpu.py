@@ -96,6 +96,7 @@ def test_tight_unified_pool_deflates_and_stays_within_budget(
     assert [r.num_output for r in got] == [NEW] * len(prompts)  # none lost, none cut
     m = engine.memory_stats()
     assert m.kv_deflates > 0 and m.kv_inflates > 0
+    assert m.workspace_pool_bytes is not None  # reported with the pool-backed workspace
     assert borrowed > 0  # the KV held more than the static split's share at some step
     assert over <= 0, f"KV + workspace exceeded the budget by {over} chunks"
     assert most_workspace > 0  # eager steps really allocated from the pool

@@ -310,9 +310,11 @@ class LLMEngine:
         with self.books_lock:
             m = collect_memory(self.kv, self.arena, weights, scratch, self.weights is None)
             memory = self.scheduler.memory
-            return (
-                m if memory is None else with_unified(m, memory.snapshot(self.kv), memory.counters)
-            )
+            if memory is None:
+                return m
+            ws = self.runner.workspace
+            held = None if ws is None else ws.held_chunks
+            return with_unified(m, memory.snapshot(self.kv), memory.counters, held)
 
     @property
     def closed(self) -> bool:

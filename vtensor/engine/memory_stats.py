@@ -46,7 +46,10 @@ class MemoryStats:
     kv_scratch_bytes: int
     kv_released_chunks: int  # given back to the driver over the engine's life
     weights_bytes: int
-    workspace_bytes: int | None  # None: not measurable (CPU)
+    # torch's reserve less the weights (None: not measurable, CPU); with the unified
+    # pool on CUDA it includes the pool-backed workspace's chunks (torch counts a
+    # MemPool's segments in its reserve), which the KV figures leave out.
+    workspace_bytes: int | None
     # The unified pool (``EngineConfig.unified_memory_pool``; None without it): the one
     # budget of KV and workspace, the workspace's reserve for the step planned last, the
     # KV chunks in use beyond the static split's share, and the planner's totals.
@@ -58,6 +61,7 @@ class MemoryStats:
     deflate_idle_bytes: int = 0  # idle KV reclaimed for the workspace, over the engine's life
     deflate_cached_bytes: int = 0  # prefix-cached KV evicted for it
     deflate_preemptions: int = 0  # requests that left the GPU for it
+    workspace_pool_bytes: int | None = None  # the pool-backed workspace's chunks (CUDA)
 
     @property
     def kv_held_bytes(self) -> int:
@@ -122,11 +126,18 @@ def collect_memory(
     )
 
 
-def with_unified(m: MemoryStats, snap: ElasticSnapshot, counters: ElasticCounters) -> MemoryStats:
-    """``m`` with the unified pool's figures (``engine/elastic.py``)."""
+def with_unified(
+    m: MemoryStats,
+    snap: ElasticSnapshot,
+    counters: ElasticCounters,
+    workspace_chunks: int | None = None,
+) -> MemoryStats:
+    """``m`` with the unified pool's figures (``engine/elastic.py``); ``workspace_chunks``:
+    what the pool-backed workspace holds (CUDA), None without one."""
     chunk = m.chunk_size
     return replace(
         m,
+        workspace_pool_bytes=None if workspace_chunks is None else workspace_chunks * chunk,
         unified_budget_bytes=snap.budget * chunk,
         workspace_reserve_bytes=snap.workspace * chunk,
         kv_borrowed_bytes=snap.borrowed * chunk,

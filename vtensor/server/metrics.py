@@ -286,6 +286,8 @@ def _unified_metrics(m: MemoryStats) -> tuple[list[tuple[str, str, float]], ...]
          m.workspace_reserve_bytes or 0),
         ("memory_kv_borrowed_bytes", "KV in use beyond the static split's share",
          m.kv_borrowed_bytes or 0),
+        ("memory_workspace_pool_bytes", "The pool-backed workspace's chunks (CUDA)",
+         m.workspace_pool_bytes or 0),
     ]  # fmt: skip
     counters: list[tuple[str, str, float]] = [
         ("kv_inflates_total", "Steps whose KV share grew", m.kv_inflates),
