@@ -135,7 +135,7 @@ class Scheduler:
         swapped_in: list[SwapPlan] = []
         if not preempted:
             if self.swapped:  # only with a host tier
-                budget = self._resume(spans, budget, swapped_in)
+                budget = self._resume(budget, swapped_in)
             if not self.swapped:  # FCFS: swapped requests are older than the queue
                 admitted = self._admit(spans, budget)
         self.kv.check_writes((sp.req.rid, sp.start, sp.end) for sp in spans)
@@ -219,10 +219,14 @@ class Scheduler:
         self.kv.release(req.rid)
         self.waiting.appendleft(req)
 
-    def _resume(self, spans: list[ScheduledSpan], budget: int, out: list[SwapPlan]) -> int:
+    def _resume(self, budget: int, out: list[SwapPlan]) -> int:
         """Swap requests back in, oldest first, while their chunks fit (keeping a chunk
-        per running request, as admission does); each computes on from where it was.
-        Returns the budget left."""
+        per running request, as admission does); each computes on from where it was,
+        from the **next** step: its chunks are mapped and its copy queued in this one,
+        which does not read them, so the copy overlaps this step's forward pass
+        (``swap_driver.py``). They take none of this step's token budget (the chunks for
+        their next tokens are mapped now, as the budget allows). Returns the budget
+        left: all of it."""
         while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
             assert self.swap is not None
             req = self.swapped[0]
@@ -238,8 +242,6 @@ class Scheduler:
             self.swapped.popleft()
             self.running.append(req)
             out.append(plan)
-            spans.append(ScheduledSpan.next_of(req, req.num_computed, n))
-            budget -= n
         return budget
 
     def _with_swaps(self, out: SchedulerOutput, swapped_in: list[SwapPlan]) -> SchedulerOutput:

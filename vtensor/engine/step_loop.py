@@ -116,6 +116,8 @@ class StepLoop:
             copy_in = e.spill.with_restores(copy_in, out.restores)
         forward = e.executor.run(plan, copy_in, segments)
         if forward is None:
+            if e.swap is not None:
+                e.swap.wait_deferred()
             return None
         sampling = [sp for sp in out.spans if sp.samples]
         draw = None
@@ -126,6 +128,8 @@ class StepLoop:
             e.executor.write_tokens(forward, draw.tokens)
         for sp in out.spans:
             sp.req.advance(sp.end, sp.samples)  # computed (and sampled) from here on
+        if e.swap is not None:  # swap-ins overlapped the forward; the launch event covers them
+            e.swap.wait_deferred()
         e.executor.mark_launched()
         needs_host = any(sp.req.params.has_penalties for sp in sampling)
         return LaunchedStep(sampling, draw, needs_host)

@@ -53,11 +53,13 @@ class KVSwapper:
         self.cuda = device.type == "cuda"
         self.host = PinnedHostMemory(pin=self.cuda)
         self._buf = self.host.alloc(slots * self.chunk) if slots else None
+        self.arena = arena
         self.arena_bytes = arena.vt.view(torch.uint8, (arena.vt.nbytes,))
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         # Counted apart: swap's copies (False) and prefix-cache spill's (True, spill.py).
         self._acc = {False: _Tally(), True: _Tally()}
         self._pending_in: list[tuple[torch.cuda.Event, torch.cuda.Event, _Tally]] = []
+        self._deferred: list[torch.cuda.Event] = []  # copy-ins the compute stream awaits later
 
     def copy_out(self, slot: int, extent: HostExtent) -> None:
         """Copy the extent's chunks of arena ``slot`` to its host slots; returns once
@@ -92,11 +94,18 @@ class KVSwapper:
         done.synchronize()
         acc.out_s += start.elapsed_time(done) / 1e3
 
-    def copy_in(self, slot: int, extent: HostExtent, spill: bool = False) -> None:
+    def copy_in(
+        self, slot: int, extent: HostExtent, spill: bool = False, defer: bool = False
+    ) -> None:
         """Queue the copy of the extent's host slots back into arena ``slot`` (mapped
-        already); the compute stream waits for it before anything later reads them."""
+        already). The compute stream waits for it before anything queued later, or, with
+        ``defer``, from :meth:`wait_deferred` on: work queued in between (a forward pass
+        that does not read the slot) overlaps the copy."""
         if not extent.count:
             return
+        # Its chunks' maps: the executor waited only for the step's spans' (a request
+        # swapped in has none in this step).
+        self.arena.wait_ready([(slot, extent.first + extent.count)])
         acc = self._acc[spill]
         acc.in_bytes += extent.count * self.chunk
         if self.stream is None:
@@ -110,9 +119,23 @@ class KVSwapper:
             start.record()
             self._copy(slot, extent, to_host=False)
             done.record()
-        torch.cuda.current_stream(self.device).wait_event(done)
+        if defer:
+            self._deferred.append(done)
+        else:
+            torch.cuda.current_stream(self.device).wait_event(done)
         self._pending_in.append((start, done, acc))
         self._count_done_ins()  # bounded: the events of copies still in flight
+
+    def wait_deferred(self) -> int:
+        """The compute stream waits for the deferred copy-ins (anything queued from now
+        on is ordered after them: the next step that reads their slots, and the step's
+        launch event, which the unmap fence waits on). Returns how many there were."""
+        waited, self._deferred = self._deferred, []
+        stream = torch.cuda.current_stream(self.device) if self.cuda else None
+        for done in waited:
+            assert stream is not None
+            stream.wait_event(done)
+        return len(waited)
 
     def stats(self, spill: bool = False) -> SwapStats:
         """Swap's copies, or (``spill``) prefix-cache spill's."""

@@ -11,8 +11,11 @@ requests (the engine alone calls a request's transitions):
   they are on the host (``KVSwapper.copy_out``), and then the tier marks them
   resident;
 * swap-ins in the executor's ``before_forward`` hook (``copy_in_hook``): after
-  it applied the step's maps and waited for them, before the forward pass reads
-  the chunks; the compute stream waits for the copy (``KVSwapper.copy_in``).
+  it applied the step's maps and waited for them. A request swapped in does not
+  compute in that step (``Scheduler._resume``), so the step's forward pass, queued
+  next, does not read the chunks, and the compute stream waits for the copy only
+  after it (``wait_deferred``, before the step's launch event): the copy overlaps
+  the forward pass, and the next step, the first to read the chunks, follows it.
 
 With ``swap_space_bytes`` 0 the engine holds no driver and none of this runs.
 """
@@ -45,12 +48,16 @@ class SwapDriver:
         return (lambda: self.copy_in(plans)) if plans else None
 
     def copy_in(self, plans: list[SwapPlan]) -> None:
-        """Queue the copy-ins into the freshly mapped chunks, ahead of the forward pass;
-        their host slots go back to the tier (reused only by a later copy on the same
-        in-order copy stream)."""
+        """Queue the copy-ins into the freshly mapped chunks, deferred (the compute
+        stream waits from ``wait_deferred`` on); their host slots go back to the tier
+        (reused only by a later copy on the same in-order copy stream)."""
         for p in plans:
-            self.swapper.copy_in(p.slot, p.extent)
+            self.swapper.copy_in(p.slot, p.extent, defer=True)
             self.planner.tier.end_in(p.req.rid)
+
+    def wait_deferred(self) -> int:
+        """After the step's forward pass is queued: later work waits for its copy-ins."""
+        return self.swapper.wait_deferred()
 
     def stats(self) -> tuple[SwapStats, HostTierUsage]:
         return self.swapper.stats(), self.planner.tier.usage()
