@@ -91,7 +91,10 @@ def _dot_tile_sum(
     return acc
 
 
-@triton.jit
+# M is not specialized on (Triton would compile M == 1 apart): every M of a block_m
+# bucket shares one variant, so the CUDA-graph warm-ups at batch 1, 2, 4 and 8 compile
+# all that an eager step of 1..8 rows needs (no compile mid-serving).
+@triton.jit(do_not_specialize=["M"])
 def _gemv_kernel(
     X, W, Out, M, N, K, stride_xm, stride_wn, stride_om, stride_os, k_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -122,7 +125,7 @@ def _gemv_kernel(
     tl.store(out, acc.to(Out.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total"])
 def _split_sum_kernel(Partial, Y, total, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
     """``Y.flat[i] = Σ_s Partial[s].flat[i]`` (fixed order: deterministic), cast to Y."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
