@@ -29,6 +29,7 @@ gives too few programs to fill the SMs (the ``dot`` mode's wide blocks on o_proj
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 MAX_M = 8  # rows of x the GEMV serves; larger batches are cuBLAS's (tensor-core GEMMs)
@@ -100,6 +101,7 @@ def choose_split(n_blocks: int, k: int, block_k: int, num_sms: int) -> int:
     return split
 
 
+@functools.cache  # asked on every call (host time); the answer is fixed and frozen
 def choose_config(m: int, n: int, k: int, num_sms: int) -> GemvConfig:
     """The table's configuration for ``x [m, k] @ W[n, k].T`` on ``num_sms`` SMs."""
     if not 1 <= m <= MAX_M:
