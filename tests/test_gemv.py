@@ -10,6 +10,14 @@ or masking error (a wrong row, a lost tail) is off by O(|ref|).
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,3 +152,34 @@ def test_linear_dispatch_on_cpu_is_f_linear() -> None:
     assert layer.state_dict().keys() == ref.state_dict().keys()
     ref.load_state_dict(layer.state_dict())
     assert torch.equal(layer(x), ref(x))
+
+
+H100_CASES = [(m, choose_config(m, 4096, 4096, 132)) for m in (1, 2, 8)] + [
+    (8, GemvConfig(2, 512, 2, "deferred", num_stages=3)),
+    (1, GemvConfig(8, 1024, 4, "deferred", num_stages=1)),
+    (4, GemvConfig(4, 256, 1, "step")),
+]
+
+
+def test_compiles_for_the_h100_without_spills() -> None:
+    """The compiled path, which the interpreter does not check: the table's configs
+    (and one of each other kind) compile for sm_90 without a GPU (``tests/gemv_sm90.py``,
+    in a process without ``TRITON_INTERPRET``) and keep their accumulators in registers
+    (at most a few words of stack: a spill would stall every step on the memory the
+    kernel exists to spare)."""
+    cases = [[m, dataclasses.asdict(cfg)] for m, cfg in H100_CASES]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.gemv_sm90", json.dumps(cases)],
+        capture_output=True, text=True, env=env, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    if run.returncode == 3:
+        pytest.skip(run.stdout.strip())
+    assert run.returncode == 0, run.stderr[-3000:]
+    for (m, cfg), usage in zip(H100_CASES, json.loads(run.stdout)):
+        regs, stack, local = (
+            int(re.search(rf"{key}:(\d+)", usage).group(1))  # type: ignore[union-attr]
+            for key in ("REG", "STACK", "LOCAL")
+        )
+        # A spilled accumulator shows as kilobytes of stack (a 1024-float tile: 4040 B).
+        assert regs <= 255 and stack <= 64 and local == 0, (m, cfg.label(), usage)

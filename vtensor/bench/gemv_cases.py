@@ -53,14 +53,16 @@ def model_shapes(set_name: str) -> list[GemvShape]:
 
 def sweep_grid(m: int, n: int, k: int, num_sms: int) -> list[GemvConfig]:
     """The configurations ``--sweep`` times for ``m`` rows: the table's choice first,
-    then broadcast tiles whose fp32 accumulator stays ≤ 128 registers a thread, one-warp
-    ``step`` tiles, and ``dot`` tiles; split-K by the table's rule, plus twice that."""
+    then broadcast tiles whose fp32 accumulator stays ≤ 128 registers a thread (loads
+    prefetched 2 steps ahead, or not at all), one-warp ``step`` tiles, and ``dot`` tiles;
+    split-K by the table's rule, plus twice that."""
     block_m = 1 << max(0, (m - 1).bit_length())
     grid = [choose_config(m, n, k, num_sms)]
     for warps in (2, 4):
         for block_n in (1, 2, 4, 8, 16):
             if 2 <= block_m * block_n <= 16:  # accumulator: block_m·block_n·8 floats
-                grid.append(GemvConfig(block_n, 256 * warps, warps, "deferred"))
+                for stages in (1, 3):  # 1: no prefetch (occupancy hides latency)
+                    grid.append(GemvConfig(block_n, 256 * warps, warps, "deferred", 1, stages))
     grid += [GemvConfig(4, 256, 1, "step"), GemvConfig(8, 512, 1, "step")]
     for block_n, block_k, stages in ((32, 128, 4), (64, 128, 4), (64, 256, 3), (128, 128, 3)):
         split = choose_split(-(-n // block_n), k, block_k, num_sms)

@@ -30,7 +30,7 @@ def _bcast_tile_sum(
     X, W, M, N, K, stride_xm, stride_wn, k_start, k_end,
     offs_m, offs_n, offs_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DEFERRED: tl.constexpr, EVEN: tl.constexpr,
+    DEFERRED: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """``[BLOCK_M, BLOCK_N]`` fp32 sums over ``[k_start, k_end)`` by broadcasting.
 
@@ -45,7 +45,7 @@ def _bcast_tile_sum(
         acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
         if EVEN:  # no tails in N or K: unmasked (fully vectorized) weight loads
             w = tl.load(w_ptrs + k0)
             x = tl.load(x_ptrs + k0, mask=m_ok, other=0.0)
@@ -68,7 +68,7 @@ def _dot_tile_sum(
     X, W, M, N, K, stride_xm, stride_wn, k_start, k_end,
     offs_m, offs_n, offs_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN: tl.constexpr, DOT_F32: tl.constexpr,
+    EVEN: tl.constexpr, DOT_F32: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """``[BLOCK_M (16), BLOCK_N]`` fp32 sums over ``[k_start, k_end)`` with ``tl.dot``
     (x's rows past M load as zeros)."""
@@ -77,7 +77,7 @@ def _dot_tile_sum(
     m_ok = offs_m[:, None] < M
     n_ok = offs_n[:, None] < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
         if EVEN:
             w = tl.load(w_ptrs + k0)
             x = tl.load(x_ptrs + k0, mask=m_ok, other=0.0)
@@ -98,7 +98,7 @@ def _dot_tile_sum(
 def _gemv_kernel(
     X, W, Out, M, N, K, stride_xm, stride_wn, stride_om, stride_os, k_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    MODE: tl.constexpr, EVEN: tl.constexpr, DOT_F32: tl.constexpr,
+    MODE: tl.constexpr, EVEN: tl.constexpr, DOT_F32: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Program ``(i, s)``: rows ``[i·BLOCK_N, (i+1)·BLOCK_N)`` of W over split ``s`` of K.
     ``Out`` is y (one split) or the fp32 partials ``[split, M, N]`` (row stride
@@ -113,12 +113,12 @@ def _gemv_kernel(
     if MODE == 2:
         acc = _dot_tile_sum(
             X, W, M, N, K, stride_xm, stride_wn, k_start, k_end, offs_m, offs_n, offs_k,
-            BLOCK_M, BLOCK_N, BLOCK_K, EVEN, DOT_F32,
+            BLOCK_M, BLOCK_N, BLOCK_K, EVEN, DOT_F32, STAGES,
         )  # fmt: skip
     else:
         acc = _bcast_tile_sum(
             X, W, M, N, K, stride_xm, stride_wn, k_start, k_end, offs_m, offs_n, offs_k,
-            BLOCK_M, BLOCK_N, BLOCK_K, MODE == 1, EVEN,
+            BLOCK_M, BLOCK_N, BLOCK_K, MODE == 1, EVEN, STAGES,
         )  # fmt: skip
     out = Out + split.to(tl.int64) * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -234,7 +234,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, cfg: GemvCon
     _gemv_kernel[grid](
         x, weight, out, m, n, k, x.stride(0), weight.stride(0), n, stride_os, k_per_split,
         BLOCK_M=cfg.block_m(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        MODE=_MODE_IDS[cfg.mode], EVEN=even, DOT_F32=dot_in_f32(),
+        MODE=_MODE_IDS[cfg.mode], EVEN=even, DOT_F32=dot_in_f32(), STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if cfg.split_k > 1:
