@@ -132,7 +132,7 @@ def _split_sum_kernel(Partial, Y, total, SPLIT: tl.constexpr, BLOCK: tl.constexp
     mask = offs < total
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for s in tl.static_range(SPLIT):
-        acc += tl.load(Partial + s * total + offs, mask=mask, other=0.0)
+        acc += tl.load(Partial + s * total.to(tl.int64) + offs, mask=mask, other=0.0)
     tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=mask)
 
 
