@@ -10,10 +10,10 @@
 set -uo pipefail
 day=$(date -u +%F)
 out=benchmarks/results/gemv_h100_$day
-timeout 200 python3 benchmarks/gemv_bench.py --sweep --budget-s "${SWEEP_S:-100}" \
+timeout 180 python3 benchmarks/gemv_bench.py --sweep --budget-s "${SWEEP_S:-90}" \
     --out "$out.json" "$@" | tee "$out.txt"
 bench=${PIPESTATUS[0]}
-timeout 120 python3 -m pytest -q tests/test_gemv_gpu.py tests/test_gemv.py 2>&1 | tee "${out}_pytest.txt"
+timeout 110 python3 -m pytest -q tests/test_gemv_gpu.py tests/test_gemv.py 2>&1 | tee "${out}_pytest.txt"
 tests=${PIPESTATUS[0]}
 echo "bench exit $bench, tests exit $tests"
 [ "$bench" -eq 0 ] && [ "$tests" -eq 0 ]
