@@ -66,3 +66,20 @@ def extend_ref(
             q[q0:q1], k_cache[r : r + p + n], v_cache[r : r + p + n], sm_scale, mask
         )
     return out
+
+
+def linear_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` in fp32 (the GEMV's reference)."""
+    return x.float() @ weight.float().T
+
+
+def linear_error_bound(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Elementwise bound on ``|y - linear_ref(x, W)|`` for a ``y`` summed in fp32 (any
+    order, any split) and rounded once to ``dtype``: the rounding, ``u·|ref|`` with
+    ``u`` the unit roundoff (2^-8 bf16, 2^-11 fp16, 2^-24 fp32), plus the worst case
+    of two fp32 sums of ``K`` products (ours and the reference's), ``2·K·2^-24·(|x|
+    @ |W|^T)``, with a factor 2 of slack on each."""
+    unit = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}[dtype]
+    ref = linear_ref(x, weight)
+    sums = x.float().abs() @ weight.float().abs().T
+    return 2 * unit * ref.abs() + 4 * x.shape[1] * 2.0**-24 * sums

@@ -21,6 +21,7 @@ from vtensor.distributed import TPGroup
 from .attention import AttentionBackend, AttentionMetadata
 from .config import ModelConfig
 from .fused import add_rms_norm, rms_norm, silu_mul
+from .linear import Linear
 from .offload.hooks import LayerHooks
 from .parallel import ModelShard, ParallelLMHead, RowParallelLinear, VocabParallelEmbedding
 from .rope import RopeAngles, RotaryEmbedding
@@ -52,7 +53,7 @@ class Attention(nn.Module):
             cfg.head_dim,
         )
         self.q_size, self.kv_size = shard.q_size, shard.kv_size
-        self.qkv_proj = nn.Linear(
+        self.qkv_proj = Linear(
             cfg.hidden_size, shard.q_size + 2 * shard.kv_size, bias=cfg.attention_bias
         )
         self.o_proj = RowParallelLinear(shard.q_size, cfg.hidden_size, group)
@@ -84,7 +85,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, shard: ModelShard, group: TPGroup) -> None:
         super().__init__()
         inter = shard.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=False)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * inter, bias=False)
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

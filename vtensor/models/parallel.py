@@ -26,6 +26,7 @@ from torch import nn
 from vtensor.distributed import TPGroup
 
 from .config import ModelConfig
+from .linear import Linear, linear
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class ModelShard:
         return max(0, min(self.vocab_rows, self.vocab_size - self.vocab_start))
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(Linear):
     """``x @ W.T`` with ``W``'s input columns split across ranks: each rank multiplies
     the columns it holds, one all-reduce sums the partial products. No bias (o and
     down have none in this family; a bias would be added once, after the sum)."""
@@ -133,7 +134,7 @@ class ParallelLMHead(nn.Module):
         self.vocab, self.group = shard.vocab_size, group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x, self.weight)
+        logits = linear(x, self.weight)
         if self.group.size == 1:
             return logits
         if x.shape[0] == 0:  # every rank has the same rows: all skip the gather

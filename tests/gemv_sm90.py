@@ -1,0 +1,64 @@
+"""Compile the GEMV kernel for the H100 (sm_90) without a GPU; print cuobjdump's
+resource line (registers, local memory) for each configuration, as JSON.
+
+``python -m tests.gemv_sm90 '[[m, {GemvConfig fields}], ...]'``, in a process without
+``TRITON_INTERPRET`` (the interpreter replaces the JIT functions the compiler needs).
+Exits 3 with a reason when this Triton has no NVIDIA backend tools.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from vtensor.kernels import gemv as gemv_mod
+from vtensor.kernels.gemv_config import GemvConfig
+
+TOOL = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def resource_usage(cfg: GemvConfig, m: int) -> str:
+    """Compiled with the engine's specialization at the 8B shapes: pointers 16-byte
+    aligned; N, K, the strides and the split length multiples of 16; M not specialized."""
+    kernel = gemv_mod._gemv_kernel
+    constexprs = dict(
+        BLOCK_M=cfg.block_m(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        MODE=gemv_mod._MODE_IDS[cfg.mode], EVEN=True, DOT_F32=False, STAGES=cfg.num_stages,
+    )  # fmt: skip
+    pointers = ("X", "W", "Out")
+    signature = {
+        a: "constexpr" if a in constexprs else "*bf16" if a in pointers else "i32"
+        for a in kernel.arg_names
+    }
+    aligned = [i for i, a in enumerate(kernel.arg_names) if a not in (*constexprs, "M")]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run(
+            [str(TOOL), "--dump-resource-usage", f.name], capture_output=True, text=True
+        ).stdout
+    return next(line.strip() for line in out.splitlines() if "REG:" in line)
+
+
+def main() -> int:
+    if not TOOL.exists():
+        print(f"this triton ({triton.__version__}) has no NVIDIA backend tools")
+        return 3
+    cases = json.loads(sys.argv[1])
+    print(json.dumps([resource_usage(GemvConfig(**cfg), m) for m, cfg in cases]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
