@@ -118,15 +118,11 @@ def test_torch_allocations_come_from_the_pool() -> None:
     # Small integers: the product is exact in fp32 (and under TF32), whatever the kernel.
     w = torch.randint(-4, 5, (1024, 1024), device="cuda").float()
     x = torch.randint(-4, 5, (3000, 1024), device="cuda").float()
-    reserved = torch.cuda.memory_reserved()
     with ws.use():
         y = x @ w  # 12 MB: a segment of the arena
         assert ws.arena.va <= y.data_ptr() < ws.arena.va + ws.arena.num_chunks * chunk
     assert torch.equal(y, (x.double() @ w.double()).float())
     assert pool.stats().in_use == ws.held_chunks > 0
-    # torch counts the pool's segments in its reserve (memory_stats relies on it: the
-    # workspace's chunks are counted there, not with the KV's).
-    assert torch.cuda.memory_reserved() - reserved == ws.held_chunks * chunk
     del y
     assert ws.release_cached() > 0 and ws.held_chunks == 0 == pool.stats().in_use
     with pytest.raises(torch.OutOfMemoryError), ws.use():

@@ -46,9 +46,11 @@ class MemoryStats:
     kv_scratch_bytes: int
     kv_released_chunks: int  # given back to the driver over the engine's life
     weights_bytes: int
-    # torch's reserve less the weights (None: not measurable, CPU); with the unified
-    # pool on CUDA it includes the pool-backed workspace's chunks (torch counts a
-    # MemPool's segments in its reserve), which the KV figures leave out.
+    # torch's reserve less the weights (None: not measurable, CPU). With the unified
+    # pool on CUDA, whether torch's reserve counts the pool-backed workspace's segments
+    # is not established (an H100 probe saw it grow by 48 MiB for a 12 MiB allocation
+    # in the pool): ``workspace_pool_bytes`` gives those chunks apart, and the KV
+    # figures leave them out.
     workspace_bytes: int | None
     # The unified pool (``EngineConfig.unified_memory_pool``; None without it): the one
     # budget of KV and workspace, the workspace's reserve for the step planned last, the
