@@ -99,7 +99,9 @@ def build(
     max_len = int(w.input_len * (1 + w.range_ratio)) + int(w.output_len * (1 + w.range_ratio))
     max_tokens = -(-max_len // 16) * 16
     capacity = int(w.kv_gib * GIB) // cost.chunk_size - 1  # the scratch slot's chunk
-    geo = KVGeometry(w.max_num_seqs + 1, max_tokens, cost.bytes_per_token, cost.chunk_size, capacity)
+    geo = KVGeometry(
+        w.max_num_seqs + 1, max_tokens, cost.bytes_per_token, cost.chunk_size, capacity
+    )
     kv = KVCacheManager(geo, keep_idle_chunks=default_watermark(capacity), reserved_slots=1)
     swap = None
     if mode != "recompute":

@@ -110,7 +110,10 @@ class SLOPolicy(AdmissionPolicy):
         return self.ttft_slack(head, now, prefill_s_per_token) < least
 
     def order_swapped(self, swapped: Sequence[RunningView], now: float) -> list[int]:
-        """Least TPOT slack first (stable: ties keep the queue's order)."""
+        """Least TPOT slack first (stable: ties keep the queue's order); the queue's
+        order without both SLOs (``waiting_first`` is then never true either)."""
+        if self.config.ttft_slo_s is None or self.config.tpot_slo_s is None:
+            return list(range(len(swapped)))
         decode_s = decode_step_s(swapped)
         return sorted(range(len(swapped)), key=lambda i: self.tpot_slack(swapped[i], now, decode_s))
 
@@ -171,8 +174,6 @@ def decode_step_s(views: Sequence[RunningView]) -> float:
     rates = [
         (r.last_token_time - r.first_token_time) / (r.num_generated - 1)
         for r in views
-        if r.first_token_time is not None
-        and r.last_token_time is not None
-        and r.num_generated >= 2
+        if r.first_token_time is not None and r.last_token_time is not None and r.num_generated >= 2
     ]
     return min(rates, default=0.0)
