@@ -32,7 +32,9 @@ One step, under a token budget:
    dropped (``spills``; ``engine/spill.py``).
    With SLOs (``slo_admission.py``) the queue is first put in the admission
    policy's order (TTFT slack), and a head that lacks KV memory may have the
-   policy's victims swapped out for it (``_make_room``); the head still blocks.
+   policy's victims swapped out for it (``_make_room``); the head still blocks. The
+   policy may also put the waiting head before swapped requests (earliest deadline
+   first: ``_resume_and_admit``).
 3. Every span's KV writes are checked to touch only chunks its request maps
    alone (``KVCacheManager.check_writes``): cached chunks are read-only.
 4. Chunks the *next* step will need are mapped ahead when free chunks allow,
