@@ -255,6 +255,16 @@ def test_policy_picks_only_running_and_never_admits_beyond_the_budget(
         assert r.first_token_time is not None and r.frees_chunks > 0
         assert tpot is None or final_slack(r, now, tpot, decode_step_s(runs)) >= 0
         assert r.last_slo_swap_step is None or step - r.last_slo_swap_step >= 32
+    order = pol.order_swapped(runs, now)
+    assert sorted(order) == list(range(len(runs)))  # a permutation
+    if runs:  # EDF: the head first iff its TTFT slack is below every swapped one's
+        first = pol.waiting_first(WaitingView(99, arrival, 100, False), runs, now, cost)
+        if tpot is None:
+            assert not first
+        else:
+            least = min(final_slack(r, now, tpot, decode_step_s(runs)) if r.first_token_time
+                        is not None else -math.inf for r in runs)  # fmt: skip
+            assert first == (arrival + ttft - now - cost * 100 < least)
 
 
 def test_prefill_meter_is_a_running_mean() -> None:
