@@ -17,6 +17,7 @@ import pytest
 
 from tests.checkpoints import random_prompts
 from tests.test_slo_engine import CHUNK, LONG_NEW, STEP_S, TIGHT, params
+from vtensor import SamplingParams
 from vtensor.engine.request import Request
 from vtensor.kvcache.idle_policy import ManualClock
 
@@ -32,14 +33,22 @@ def reference(make_llm: Any, longs: list[list[int]], shorts: list[list[int]]) ->
     return [o.outputs[0].token_ids for o in llm.generate([*longs, *shorts], ps)]
 
 
-def staggered_shorts(llm: Any, longs: list[list[int]], shorts: list[list[int]]) -> list[Request]:
+def staggered_shorts(
+    llm: Any,
+    longs: list[list[int]],
+    shorts: list[list[int]],
+    long_params: SamplingParams | None = None,
+    short_params: SamplingParams | None = None,
+) -> list[Request]:
     """The long requests decode until the first short prompt no longer fits; then each
     short one arrives, the clock jumps ``LATE_S``, and ``STEPS_APART`` steps run."""
+    long_params = long_params or params(LONG_NEW)
+    short_params = short_params or params(SHORT_NEW)
     engine = llm.engine
     clock = ManualClock(100.0)
     engine.set_request_clock(clock)
-    rids = [engine.add_request(p, params(LONG_NEW))[0] for p in longs]
-    for _ in range(LONG_NEW):
+    rids = [engine.add_request(p, long_params)[0] for p in longs]
+    for _ in range(long_params.max_tokens or 0):
         engine.step()
         clock.advance(STEP_S)
         if engine.kv.admit_shortfall(len(shorts[0]) + 1, len(engine.scheduler.running)) > 0:
@@ -48,7 +57,7 @@ def staggered_shorts(llm: Any, longs: list[list[int]], shorts: list[list[int]]) 
         raise AssertionError("the long requests ended before filling the pool: no test")
     assert engine.stats().preemptions == 0, "the long requests preempted each other: no test"
     for short in shorts:
-        rids.append(engine.add_request(short, params(SHORT_NEW))[0])
+        rids.append(engine.add_request(short, short_params)[0])
         clock.advance(LATE_S)
         for _ in range(STEPS_APART):
             engine.step()
