@@ -18,9 +18,12 @@ The run fails (exit 1, after the results are written) unless every pass preempte
 the swap pass really swapped out and back in: otherwise it compared nothing.
 
 SLO attainment (``--ttft-slo-ms``, ``--tpot-slo-ms``) is reported for every pass, by the
-same client-side measure; only the ``slo`` pass (forced swap, plus the engine's
-SLO-aware admission at those SLOs) acts on them. ``slo_swap_outs`` counts the running
-requests it swapped out to admit one about to miss its TTFT.
+same client-side measure, with why the TTFT misses missed (``vtensor/bench/slo_timeline``:
+each missed request's time before its first token split into queue wait, prefill and
+swapped out, by the scheduler's queues seen after every step); only the ``slo`` pass
+(forced swap, plus the engine's SLO-aware admission at those SLOs) acts on them.
+``slo_swap_outs`` counts the running requests it swapped out to admit one about to miss
+its TTFT.
 
 python3 benchmarks/swap.py --out benchmarks/results/swap_h100.json   # ~4-5 min on an H100
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -37,6 +41,7 @@ import torch
 
 from vtensor.bench.arrivals import run_arrivals
 from vtensor.bench.datasets import SyntheticRequest, random_dataset
+from vtensor.bench.slo_timeline import Timeline, misses
 from vtensor.engine.config import EngineConfig
 from vtensor.engine.llm_engine import LLMEngine
 from vtensor.engine.outputs import StepOutput
@@ -108,9 +113,23 @@ def run_pass(
     """Submit at Poisson arrival times, step until all finish; latencies per request, and
     the share of requests within each SLO (``slo_ms``: TTFT, TPOT)."""
     before, peaks = engine.stats(), Peaks(engine)
+    tl, sched = Timeline(), engine.scheduler
 
     def step() -> list[StepOutput]:
+        t_step = time.perf_counter()
+        for req in sched.waiting:  # arrived since the last step (perf_counter clock)
+            if req.rid not in tl.requests:
+                tl.arrive(req.rid, req.arrival)
         outputs = engine.step()
+        # The queues as this step's schedule left them (a few hundred ids: cheap).
+        tl.observe(
+            t_step, *([r.rid for r in q] for q in (sched.waiting, sched.running, sched.swapped))
+        )
+        now = time.perf_counter()
+        for o in outputs:
+            tl.first_token(o.rid, now)
+            if o.finished:
+                tl.finish(o.rid, now)
         peaks.sample()
         return outputs
 
@@ -126,6 +145,7 @@ def run_pass(
         "ttft_ms": pcts(ttft),
         "tpot_ms": pcts(tpot),
         "slo_attainment": attainment(ttft, tpot, slo_ms),
+        "ttft_misses": asdict(misses(tl, slo_ms[0] / 1e3)),
         **swap_counts(before, engine.stats()),
         **peaks.result(),
     }
@@ -281,6 +301,14 @@ def summarize(results: dict[str, Any]) -> None:
                 f" lower, throughput x{r['total_tokens_per_s'] / base['total_tokens_per_s']:.2f}"
             )
         print(line)
+        m = r["ttft_misses"]
+        causes = ", ".join(f"{k} {v}" for k, v in m["by_cause"].items())
+        means = " / ".join(f"{m['mean_s'][k] * 1e3:.0f}" for k in ("queue", "prefill", "swapped"))
+        print(
+            f"  why TTFT missed: {m['missed']}/{m['requests']} (largest part: {causes}); mean ms "
+            f"queue/prefill/swapped of the missed {means}; swap-outs after a first token "
+            f"{m['victim_swap_outs']} ({m['victim_swapped_s']:.1f} s in the host tier)"
+        )
         gpu = r["gpu_used_peak_gb"]
         print(
             f"  held: GPU peak {'n/a' if gpu is None else f'{gpu:.2f}'} GB, KV pool peak "

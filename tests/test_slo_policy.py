@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -19,7 +20,7 @@ from vtensor.engine.admission_policy import (
     RunningView,
     WaitingView,
 )
-from vtensor.engine.slo_policy import SLOConfig, SLOPolicy
+from vtensor.engine.slo_policy import SLOConfig, SLOPolicy, decode_step_s
 
 
 def waiting(rng: random.Random, n: int, now: float) -> list[WaitingView]:
@@ -60,32 +61,107 @@ def test_without_a_ttft_slo_the_order_is_arrival_order() -> None:
     assert FCFSPolicy().order(views, 50.0, 1e-4) == list(range(20))
 
 
-def test_victims_are_the_requests_with_most_tpot_slack() -> None:
+def final_slack(r: RunningView, now: float, tpot: float, decode_s: float) -> float:
+    """TPOT slack over the whole output, from the documented formula."""
+    assert r.first_token_time is not None
+    budget = tpot * (r.num_generated + r.remaining - 1)
+    return budget - (now - r.first_token_time) - decode_s * r.remaining
+
+
+def test_victims_are_the_eligible_requests_with_most_tokens_to_go() -> None:
+    """The longest to run first: its memory would come back last (the old choice, most
+    slack, took requests about to finish, whose memory was coming back anyway)."""
     rng = random.Random()
     now, tpot = 100.0, 0.05
     pol = SLOPolicy(SLOConfig(ttft_slo_s=1.0, tpot_slo_s=tpot))
     runs = []
     for rid in range(12):
-        gen = rng.randrange(1, 200)
-        first = now - rng.uniform(0, tpot * gen * 0.9)  # all ahead of their budget
-        runs.append(running_view(rid, first, gen, rng.randrange(1, 6), last=now - 0.01))
+        gen, rem = rng.randrange(2, 200), rng.randrange(0, 600)
+        first = now - rng.uniform(0, tpot * (gen + rem) * 1.2)  # some behind their budget
+        runs.append(
+            replace(running_view(rid, first, gen, rng.randrange(1, 6), now - 0.01), remaining=rem)
+        )
     head = WaitingView(99, now - 0.9, 10, False)  # slack ~0.1 s < 0.5 s: urgent
     shortfall = rng.randrange(1, 10)
     plan = pol.make_room(head, shortfall, runs, now, 1, 0.0)
-
-    def slack(r: RunningView) -> float:
-        assert r.first_token_time is not None
-        return tpot * r.num_generated - (now - r.first_token_time)
-
-    by_slack = sorted(runs, key=slack, reverse=True)
+    assert runs[0].first_token_time is not None
+    d = min((now - 0.01 - r.first_token_time) / (r.num_generated - 1) for r in runs)  # type: ignore[operator]
+    eligible = [r for r in runs if final_slack(r, now, tpot, d) >= 0]
+    ranked = sorted(eligible, key=lambda r: (-r.remaining, -r.rid))
     want, freed = [], 0
-    for r in by_slack:
+    for r in ranked:
         if freed >= shortfall:
             break
         want.append(r.rid)
         freed += r.frees_chunks
     assert plan.fits == (freed >= shortfall)
     assert list(plan.victims) == (want if plan.fits else [])
+
+
+def test_tpot_slack_counts_the_whole_outputs_budget_and_the_tokens_to_go() -> None:
+    rng = random.Random()
+    now, tpot, d = rng.uniform(50, 100), rng.uniform(0.01, 0.1), rng.uniform(0.001, 0.01)
+    pol = SLOPolicy(SLOConfig(ttft_slo_s=1.0, tpot_slo_s=tpot))
+    r = replace(running_view(1, now - 3.0, 40, 4, now - 0.01), remaining=200)
+    assert pol.tpot_slack(r, now, d) == pytest.approx(tpot * 239 - 3.0 - d * 200)
+    # Just started, on pace: the old on-pace slack was ~0, the whole output's is large.
+    fresh = replace(running_view(2, now - 0.02, 2, 4, now - 0.01), remaining=500)
+    assert pol.tpot_slack(fresh, now, d) == pytest.approx(tpot * 501 - 0.02 - d * 500)
+    assert pol.tpot_slack(running_view(3, None, 0, 4), now) == -math.inf
+    assert SLOPolicy(SLOConfig(ttft_slo_s=1.0)).tpot_slack(r, now) == math.inf
+
+
+def test_decode_step_is_the_least_mean_token_interval() -> None:
+    views = [
+        running_view(1, 10.0, 11, 1, last=11.0),  # 0.1 s a token
+        running_view(2, 10.0, 101, 1, last=12.0),  # 0.02 s a token
+        running_view(3, 10.0, 1, 1, last=10.0),  # one token: no interval
+        running_view(4, None, 0, 1),
+    ]
+    assert decode_step_s(views) == pytest.approx(0.02)
+    assert decode_step_s(views[2:]) == 0.0
+
+
+def test_the_waiting_head_goes_before_swapped_requests_while_they_have_more_slack() -> None:
+    """Earliest deadline first across the queues: swapped victims (TTFT met) wait while
+    the head's TTFT slack is the smaller; once one's TPOT slack is smaller, it goes first."""
+    rng = random.Random()
+    now, ttft, tpot = 100.0, 3.0, 0.06
+    pol = SLOPolicy(SLOConfig(ttft_slo_s=ttft, tpot_slo_s=tpot))
+    gen, rem = rng.randrange(10, 100), rng.randrange(100, 400)
+    first = now - rng.uniform(1, 10)
+    swapped = [replace(running_view(1, first, gen, 0, first + 0.01 * (gen - 1)), remaining=rem)]
+    head_arrival = now - rng.uniform(0, 4)
+    head = WaitingView(7, head_arrival, 1000, False)
+    cost = rng.uniform(0, 1e-4)
+    head_slack = head_arrival + ttft - now - cost * 1000
+    their = final_slack(swapped[0], now, tpot, 0.01)
+    assert pol.waiting_first(head, swapped, now, cost) == (head_slack < their)
+    later = now + max(their, 0.0) + 1.0  # theirs ran out; a head arriving then has 3 s
+    assert not pol.waiting_first(replace(head, arrival=later), swapped, later, cost)
+    assert not pol.waiting_first(replace(head, started=True), swapped, now, cost)
+    for one in (SLOConfig(ttft_slo_s=ttft), SLOConfig(tpot_slo_s=tpot)):
+        assert not SLOPolicy(one).waiting_first(head, swapped, now, cost)  # FCFS: theirs
+    assert not FCFSPolicy().waiting_first(head, swapped, now, cost)
+
+
+def test_swapped_requests_come_back_least_tpot_slack_first() -> None:
+    rng = random.Random()
+    now, tpot = 100.0, 0.05
+    views = [
+        replace(
+            running_view(i, now - rng.uniform(0, 20), rng.randrange(2, 300), 0, now - 1),
+            remaining=rng.randrange(0, 300),
+        )
+        for i in range(10)
+    ]
+    pol = SLOPolicy(SLOConfig(ttft_slo_s=1.0, tpot_slo_s=tpot))
+    d = decode_step_s(views)
+    order = pol.order_swapped(views, now)
+    slacks = [final_slack(views[i], now, tpot, d) for i in order]
+    assert sorted(order) == list(range(10)) and slacks == sorted(slacks)
+    assert SLOPolicy(SLOConfig(ttft_slo_s=1.0)).order_swapped(views, now) == list(range(10))
+    assert FCFSPolicy().order_swapped(views, now) == list(range(10))
 
 
 def test_no_victim_with_negative_tpot_slack_even_if_that_leaves_the_head_waiting() -> None:
@@ -141,6 +217,7 @@ view_st = st.builds(
     last_token_time=st.one_of(st.none(), st.floats(0, 100)),
     frees_chunks=st.integers(0, 20),
     last_slo_swap_step=st.one_of(st.none(), st.integers(0, 50)),
+    remaining=st.integers(0, 500),
 )
 
 
@@ -176,8 +253,18 @@ def test_policy_picks_only_running_and_never_admits_beyond_the_budget(
     for v in plan.victims:
         r = by_id[v]
         assert r.first_token_time is not None and r.frees_chunks > 0
-        assert tpot is None or tpot * r.num_generated - (now - r.first_token_time) >= 0
+        assert tpot is None or final_slack(r, now, tpot, decode_step_s(runs)) >= 0
         assert r.last_slo_swap_step is None or step - r.last_slo_swap_step >= 32
+    order = pol.order_swapped(runs, now)
+    assert sorted(order) == list(range(len(runs)))  # a permutation
+    if runs:  # EDF: the head first iff its TTFT slack is below every swapped one's
+        first = pol.waiting_first(WaitingView(99, arrival, 100, False), runs, now, cost)
+        if tpot is None:
+            assert not first
+        else:
+            least = min(final_slack(r, now, tpot, decode_step_s(runs)) if r.first_token_time
+                        is not None else -math.inf for r in runs)  # fmt: skip
+            assert first == (arrival + ttft - now - cost * 100 < least)
 
 
 def test_prefill_meter_is_a_running_mean() -> None:

@@ -8,6 +8,9 @@ input explicit (no clock is read here: ``now`` is passed in):
   first request in this order that does not fit stops the rest.
 * ``make_room``: the head of that order does not fit the KV memory; which running
   requests should be swapped out (to the host tier) so that it does?
+* ``waiting_first``: with requests in the host tier (swapped out), is the waiting head
+  admitted before they are swapped back in (its TTFT is more at stake than their TPOT)?
+  and ``order_swapped``: in which order they come back.
 
 :class:`FCFSPolicy` is the behaviour without SLOs (arrival order, never make room);
 with no SLO set the engine builds no policy at all, so the scheduler runs exactly its
@@ -44,6 +47,7 @@ class RunningView:
     # admission keeps per running request (0: it cannot be swapped out)
     frees_chunks: int
     last_slo_swap_step: int | None  # the step it was last swapped out for an SLO
+    remaining: int = 0  # tokens it may still generate (max_tokens left; it may stop sooner)
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,21 @@ class AdmissionPolicy(ABC):
     def order(
         self, waiting: Sequence[WaitingView], now: float, prefill_s_per_token: float
     ) -> list[int]: ...
+
+    def waiting_first(
+        self,
+        head: WaitingView,
+        swapped: Sequence[RunningView],
+        now: float,
+        prefill_s_per_token: float,
+    ) -> bool:
+        """Admit ``head`` before swapping ``swapped`` (not empty) back in? Default: no,
+        swapped requests are older than the queue (the scheduler's FCFS rule)."""
+        return False
+
+    def order_swapped(self, swapped: Sequence[RunningView], now: float) -> list[int]:
+        """The order swapped requests come back in (a permutation); default: as queued."""
+        return list(range(len(swapped)))
 
     @abstractmethod
     def make_room(

@@ -32,7 +32,9 @@ One step, under a token budget:
    dropped (``spills``; ``engine/spill.py``).
    With SLOs (``slo_admission.py``) the queue is first put in the admission
    policy's order (TTFT slack), and a head that lacks KV memory may have the
-   policy's victims swapped out for it (``_make_room``); the head still blocks.
+   policy's victims swapped out for it (``_make_room``); the head still blocks. The
+   policy may also put the waiting head before swapped requests (earliest deadline
+   first: ``_resume_and_admit``).
 3. Every span's KV writes are checked to touch only chunks its request maps
    alone (``KVCacheManager.check_writes``): cached chunks are read-only.
 4. Chunks the *next* step will need are mapped ahead when free chunks allow,
@@ -134,10 +136,7 @@ class Scheduler:
         admitted: list[Admission] = []
         swapped_in: list[SwapPlan] = []
         if not preempted:
-            if self.swapped:  # only with a host tier
-                budget = self._resume(budget, swapped_in)
-            if not self.swapped:  # FCFS: swapped requests are older than the queue
-                admitted = self._admit(spans, budget)
+            admitted = self._resume_and_admit(spans, budget, swapped_in)
         self.kv.check_writes((sp.req.rid, sp.start, sp.end) for sp in spans)
         kv_commands = self.kv.take_commands()
         self._map_ahead(spans)
@@ -218,6 +217,29 @@ class Scheduler:
             return
         self.kv.release(req.rid)
         self.waiting.appendleft(req)
+
+    def _resume_and_admit(
+        self, spans: list[ScheduledSpan], budget: int, swapped_in: list[SwapPlan]
+    ) -> list[Admission]:
+        """Swapped requests come back first, oldest first, then waiting ones are admitted
+        (FCFS: swapped requests are older than the queue). With SLOs the admission
+        policy may put the waiting head first (its TTFT is more at stake than their
+        TPOT: ``AdmissionPolicy.waiting_first``): then swapped requests come back,
+        most urgent first, only once the queue is empty (the head still blocks)."""
+        adm = self.admission
+        if adm is not None and self.swapped:
+            self.swapped = deque(adm.order_swapped(self.swapped))
+            if adm.waiting_first(self.waiting, self.swapped):
+                admitted = self._admit(spans, budget)
+                if not self.waiting and not self._swap_outs:  # none copying out now
+                    left = self.config.max_num_batched_tokens - sum(sp.num_tokens for sp in spans)
+                    self._resume(left, swapped_in)
+                return admitted
+        if self.swapped:  # only with a host tier
+            budget = self._resume(budget, swapped_in)
+        if not self.swapped:  # FCFS: swapped requests are older than the queue
+            return self._admit(spans, budget)
+        return []
 
     def _resume(self, budget: int, out: list[SwapPlan]) -> int:
         """Swap requests back in, oldest first, while their chunks fit (keeping a chunk

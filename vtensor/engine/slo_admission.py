@@ -76,6 +76,21 @@ class SLOAdmission:
         ]
         return [waiting[i] for i in self.policy.order(views, self.now, self.meter.s_per_token)]
 
+    def waiting_first(self, waiting: Sequence[Request], swapped: Sequence[Request]) -> bool:
+        """Admit the waiting head before swapping ``swapped`` back in (the policy's call)?"""
+        if not waiting or not swapped:
+            return bool(waiting)
+        head = waiting[0]
+        view = WaitingView(
+            head.rid, head.arrival, head.num_tokens, head.first_token_time is not None
+        )
+        runs = [self._view(r, None) for r in swapped]
+        return self.policy.waiting_first(view, runs, self.now, self.meter.s_per_token)
+
+    def order_swapped(self, swapped: Sequence[Request]) -> list[Request]:
+        views = [self._view(r, None) for r in swapped]
+        return [swapped[i] for i in self.policy.order_swapped(views, self.now)]
+
     def plan_room(
         self, head: Request, shortfall: int, running: Sequence[Request], kv: KVCacheManager
     ) -> RoomPlan:
@@ -123,12 +138,13 @@ class SLOAdmission:
             return f"host KV tier full ({free} of {host_chunks} chunks free)"
         return ""
 
-    def _view(self, r: Request, kv: KVCacheManager) -> RunningView:
+    def _view(self, r: Request, kv: KVCacheManager | None) -> RunningView:
+        """``kv`` None: a swapped request (it frees nothing)."""
         frees = 0
         # What SwapPlanner.swap_out takes; not a request swapped in this very step (its
         # copy-in is planned: the tier holds it until the copy ends).
         copying_in = self.swap is not None and self.swap.tier.extent(r.rid) is not None
-        if r.num_computed > 0 and r.num_tokens < r.max_len and not copying_in:
+        if kv is not None and r.num_computed > 0 and r.num_tokens < r.max_len and not copying_in:
             first, _ = swap_chunks.private_tail(kv, r.rid, r.num_computed)
             frees = kv.asked(kv.slot_of(r.rid)) - first + 1  # + its headroom chunk
         return RunningView(
@@ -138,6 +154,7 @@ class SLOAdmission:
             r.last_token_time,
             frees,
             self._swapped_at.get(r.rid),
+            r.max_len - r.num_tokens,
         )
 
 

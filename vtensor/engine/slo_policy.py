@@ -65,14 +65,17 @@ class SLOPolicy(AdmissionPolicy):
             return math.inf
         return w.arrival + ttft - now - prefill_s_per_token * w.tokens
 
-    def tpot_slack(self, r: RunningView, now: float) -> float:
-        """Seconds ahead of its TPOT budget; -inf while it has no first token."""
+    def tpot_slack(self, r: RunningView, now: float, decode_s: float = 0.0) -> float:
+        """Seconds it may still sit out and meet its TPOT SLO over its whole output: the
+        budget ``tpot x (tokens after the first)`` less the time since its first token
+        and its remaining tokens at ``decode_s`` each; -inf while it has no first token."""
         if r.first_token_time is None:
             return -math.inf
         tpot = self.config.tpot_slo_s
         if tpot is None:
             return math.inf
-        return tpot * r.num_generated - (now - r.first_token_time)
+        after_first = r.num_generated + r.remaining - 1
+        return tpot * after_first - (now - r.first_token_time) - decode_s * r.remaining
 
     def order(
         self, waiting: Sequence[WaitingView], now: float, prefill_s_per_token: float
@@ -90,6 +93,30 @@ class SLOPolicy(AdmissionPolicy):
             ),
         )
 
+    def waiting_first(
+        self,
+        head: WaitingView,
+        swapped: Sequence[RunningView],
+        now: float,
+        prefill_s_per_token: float,
+    ) -> bool:
+        """Earliest deadline first across the two queues: the head goes first while every
+        swapped request has more TPOT slack than the head has TTFT slack. Without both
+        SLOs, swapped requests come back first (FCFS: they are older)."""
+        if self.config.ttft_slo_s is None or self.config.tpot_slo_s is None or head.started:
+            return False
+        decode_s = decode_step_s(swapped)
+        least = min(self.tpot_slack(r, now, decode_s) for r in swapped)
+        return self.ttft_slack(head, now, prefill_s_per_token) < least
+
+    def order_swapped(self, swapped: Sequence[RunningView], now: float) -> list[int]:
+        """Least TPOT slack first (stable: ties keep the queue's order); the queue's
+        order without both SLOs (``waiting_first`` is then never true either)."""
+        if self.config.ttft_slo_s is None or self.config.tpot_slo_s is None:
+            return list(range(len(swapped)))
+        decode_s = decode_step_s(swapped)
+        return sorted(range(len(swapped)), key=lambda i: self.tpot_slack(swapped[i], now, decode_s))
+
     def make_room(
         self,
         head: WaitingView,
@@ -105,13 +132,14 @@ class SLOPolicy(AdmissionPolicy):
         slack = self.ttft_slack(head, now, prefill_s_per_token)
         if slack >= self.config.urgency * ttft:
             return RoomPlan((), False, f"TTFT slack {slack * 1e3:.0f} ms: not urgent")
+        decode_s = decode_step_s(running)
         ranked = sorted(
             (
-                (self.tpot_slack(r, now), i, r)
+                (r.remaining, i, r)
                 for i, r in enumerate(running)
-                if self._eligible(r, now, step)
+                if self._eligible(r, now, step, decode_s)
             ),
-            key=lambda t: (-t[0], -t[1]),  # most slack first; ties: the newest
+            key=lambda t: (-t[0], -t[1]),  # the longest to run first; ties: the newest
         )
         victims: list[int] = []
         freed = 0
@@ -126,7 +154,7 @@ class SLOPolicy(AdmissionPolicy):
         why = f"swap out {len(victims)} request(s) for {shortfall} chunk(s)"
         return RoomPlan(tuple(victims), True, f"TTFT slack {slack * 1e3:.0f} ms: {why}")
 
-    def _eligible(self, r: RunningView, now: float, step: int) -> bool:
+    def _eligible(self, r: RunningView, now: float, step: int, decode_s: float) -> bool:
         if r.frees_chunks <= 0 or r.first_token_time is None:
             return False
         if (
@@ -137,4 +165,15 @@ class SLOPolicy(AdmissionPolicy):
         tpot = self.config.tpot_slo_s
         if tpot is not None and r.last_token_time is not None and now - r.last_token_time > tpot:
             return False  # stalled already: swapping it again stalls it twice
-        return self.tpot_slack(r, now) >= 0
+        return self.tpot_slack(r, now, decode_s) >= 0
+
+
+def decode_step_s(views: Sequence[RunningView]) -> float:
+    """The decode step time the requests show: the least mean time between tokens of any
+    of them with two or more (the one stalled least); 0 with none (no estimate)."""
+    rates = [
+        (r.last_token_time - r.first_token_time) / (r.num_generated - 1)
+        for r in views
+        if r.first_token_time is not None and r.last_token_time is not None and r.num_generated >= 2
+    ]
+    return min(rates, default=0.0)
