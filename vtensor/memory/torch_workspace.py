@@ -13,6 +13,14 @@ Why callbacks and not a compiled allocator: nothing to build, and a segment
 allocation (a few per grown step, tens of microseconds of mapping each) dwarfs the
 callback's cost.
 
+Threads: torch calls ``alloc``/``free`` under its allocator's lock, and the callbacks
+then take the GIL. A thread holding the GIL while it waits on that lock (a torch CUDA
+allocation or memory statistic from another thread) could deadlock with one inside a
+callback. The engine keeps it from happening: its thread alone allocates on the device
+while the pool is on (``memory_stats`` runs on it too; the mapper thread calls the
+driver, not torch), and the unified pool excludes tensor parallelism and weight
+offload, whose threads would.
+
 CUDA only; on the CPU torch has no pluggable allocator, and the policy that decides
 how large the workspace may be is torch-free and tested there.
 """
