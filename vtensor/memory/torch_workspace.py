@@ -18,8 +18,8 @@ then take the GIL. A thread holding the GIL while it waits on that lock (a torch
 allocation or memory statistic from another thread) could deadlock with one inside a
 callback. The engine keeps it from happening: its thread alone allocates on the device
 while the pool is on (``memory_stats`` runs on it too; the mapper thread calls the
-driver, not torch), and the unified pool excludes tensor parallelism and weight
-offload, whose threads would.
+driver, not torch), and the unified pool excludes tensor parallelism, weight
+offload and a shared KV pool (several engines' threads), whose threads would.
 
 CUDA only; on the CPU torch has no pluggable allocator, and the policy that decides
 how large the workspace may be is torch-free and tested there.
