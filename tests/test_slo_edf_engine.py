@@ -16,10 +16,9 @@ from typing import Any
 import pytest
 
 from tests.checkpoints import random_prompts
-from tests.test_slo_engine import CHUNK, LONG_NEW, STEP_S, TIGHT, params
+from tests.test_slo_engine import CHUNK, LONG_NEW, STEP_S, TIGHT, fill_with_longs, params
 from vtensor import SamplingParams
 from vtensor.engine.request import Request
-from vtensor.kvcache.idle_policy import ManualClock
 
 TTFT_SLO_MS = 1000
 LATE_S = 0.8  # each short request waits this long before the next step: urgent (< 0.5 s left)
@@ -42,20 +41,10 @@ def staggered_shorts(
 ) -> list[Request]:
     """The long requests decode until the first short prompt no longer fits; then each
     short one arrives, the clock jumps ``LATE_S``, and ``STEPS_APART`` steps run."""
-    long_params = long_params or params(LONG_NEW)
     short_params = short_params or params(SHORT_NEW)
     engine = llm.engine
-    clock = ManualClock(100.0)
-    engine.set_request_clock(clock)
-    rids = [engine.add_request(p, long_params)[0] for p in longs]
-    for _ in range(long_params.max_tokens or 0):
-        engine.step()
-        clock.advance(STEP_S)
-        if engine.kv.admit_shortfall(len(shorts[0]) + 1, len(engine.scheduler.running)) > 0:
-            break
-    else:
-        raise AssertionError("the long requests ended before filling the pool: no test")
-    assert engine.stats().preemptions == 0, "the long requests preempted each other: no test"
+    long_params = long_params or params(LONG_NEW)
+    clock, rids = fill_with_longs(engine, longs, len(shorts[0]), long_params)
     for short in shorts:
         rids.append(engine.add_request(short, short_params)[0])
         clock.advance(LATE_S)

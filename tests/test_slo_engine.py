@@ -41,6 +41,25 @@ def reference(make_llm: Any, longs: list[list[int]], short: list[int]) -> list[l
     return [o.outputs[0].token_ids for o in outs]
 
 
+def fill_with_longs(
+    engine: Any, longs: list[list[int]], short_len: int, long_params: SamplingParams
+) -> tuple[ManualClock, list[int]]:
+    """A manual request clock; the long requests decode until a prompt of ``short_len``
+    tokens no longer fits, none preempted. Returns the clock and the long ones' ids."""
+    clock = ManualClock(100.0)
+    engine.set_request_clock(clock)
+    rids = [engine.add_request(p, long_params)[0] for p in longs]
+    for _ in range(long_params.max_tokens or 0):
+        engine.step()
+        clock.advance(STEP_S)
+        if engine.kv.admit_shortfall(short_len + 1, len(engine.scheduler.running)) > 0:
+            break
+    else:
+        raise AssertionError("the long requests ended before filling the pool: no test")
+    assert engine.stats().preemptions == 0, "the long requests preempted each other: no test"
+    return clock, rids
+
+
 def late_short_request(
     llm: Any,
     longs: list[list[int]],
@@ -50,21 +69,10 @@ def late_short_request(
 ) -> list[Request]:
     """Two long requests decode until a short prompt no longer fits; it arrives then, and
     waits 0.6 s (of a 1 s TTFT SLO) before the next step. Returns the finished requests."""
-    long_params = long_params or params(LONG_NEW)
     short_params = short_params or params(SHORT_NEW)
     engine = llm.engine
-    clock = ManualClock(100.0)
-    engine.set_request_clock(clock)
-    rids = [engine.add_request(p, long_params)[0] for p in longs]
-    for _ in range(long_params.max_tokens or 0):
-        engine.step()
-        clock.advance(STEP_S)
-        if engine.kv.admit_shortfall(len(short) + 1, len(engine.scheduler.running)) > 0:
-            break
-    else:
-        raise AssertionError("the long requests ended before filling the pool: no test")
+    clock, rids = fill_with_longs(engine, longs, len(short), long_params or params(LONG_NEW))
     assert len(engine.scheduler.running) == 2 and not engine.scheduler.swapped
-    assert engine.stats().preemptions == 0, "the long requests preempted each other: no test"
     rids.append(engine.add_request(short, short_params)[0])
     clock.advance(0.6)  # TTFT slack 0.4 s < half the SLO: urgent
     while engine.has_unfinished():
