@@ -19,6 +19,7 @@ chunk boundary, recorded in ``_live`` by its address; the runs are disjoint, and
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .errors import MappingError, PoolExhaustedError
@@ -119,18 +120,17 @@ class WorkspaceArena:
 
     def _first_fit(self, n: int) -> int | None:
         """The first chunk index of a free run of ``n`` chunks, if any (lock held)."""
+        return next((start for start, length in self._gaps() if length >= n), None)
+
+    def _largest_run(self) -> int:
+        return max(length for _, length in self._gaps())
+
+    def _gaps(self) -> Iterator[tuple[int, int]]:
+        """``(first chunk, length)`` of each free run, in address order, the one after
+        the last allocation included (possibly empty) (lock held)."""
         start = 0
         for address in sorted(self._live):
             first = (address - self.va) // self.chunk_size
-            if first - start >= n:
-                return start
+            yield start, first - start
             start = first + self._live[address]
-        return start if self.num_chunks - start >= n else None
-
-    def _largest_run(self) -> int:
-        start, best = 0, 0
-        for address in sorted(self._live):
-            first = (address - self.va) // self.chunk_size
-            best = max(best, first - start)
-            start = first + self._live[address]
-        return max(best, self.num_chunks - start)
+        yield start, self.num_chunks - start
