@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from vtensor.kernels import DecodeWorkspace, decode_attention
-from vtensor.kernels.decode import DecodeConfig, choose_num_splits
+from vtensor.kernels.decode import DecodeConfig, choose_num_splits, default_config
 from vtensor.kernels.reference import decode_ref
 from vtensor.kernels.splitk import MAX_WAVES
 
@@ -105,3 +105,37 @@ def test_config_is_checked() -> None:
     with pytest.raises(ValueError, match="min_split"):
         DecodeConfig(min_split=0)
     assert DecodeConfig().name == "n64-w4-s3-m64"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_split_writes_the_output_directly(dtype: torch.dtype) -> None:
+    """With one split the kernel stores the final output itself (no merge): into a view
+    of a larger buffer (the mixed step's decode rows) without touching the rows around
+    it, and without writing the split-K scratch."""
+    lengths = [random.randint(1, 96) for _ in range(3)] + [96]
+    batch = len(lengths)
+    case = make_case(batch, 96, 8, 2, 32, dtype, DEVICE)
+    q = torch.randn(batch, 8, 32, device=DEVICE).to(dtype)
+    big = torch.full((batch + 2, 8, 32), float("nan"), dtype=dtype, device=DEVICE)
+    ws = DecodeWorkspace.for_batch(batch, 8, 32, DEVICE)
+    ws.mid_o.fill_(float("nan"))
+    cfg = DecodeConfig(block_n=16, min_split=16)
+    out, ref = _run(
+        case, q, ints(lengths, DEVICE), 96, num_splits=1, config=cfg, out=big[1:-1], workspace=ws
+    )
+    assert out.data_ptr() == big[1].data_ptr()
+    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else TOLERANCE[dtype])
+    assert torch.isnan(big[0]).all() and torch.isnan(big[-1]).all()
+    assert torch.isnan(ws.mid_o).all()  # no scratch: the one split's result is final
+
+
+def test_default_config_at_both_pipeline_depths() -> None:
+    """The wrapper's own launch choice (two stages from 32 request × KV-head pairs, three
+    below; one split, so no merge, from SMs pairs on) is right on both sides of it."""
+    for batch in (3, 17):  # 6 and 34 pairs of 2 KV heads
+        lengths = [random.randint(1, 200) for _ in range(batch)]
+        case = make_case(batch, 200, 4, 2, 32, torch.bfloat16, DEVICE)
+        q = torch.randn(batch, 4, 32, device=DEVICE).to(torch.bfloat16)
+        assert default_config(32, batch, 2).num_stages == (3 if batch * 2 < 32 else 2)
+        out, ref = _run(case, q, ints(lengths, DEVICE), 256)
+        assert rel_err(out, ref) < TOLERANCE[torch.bfloat16]

@@ -4,7 +4,9 @@ Stage 1 splits each request's context into ``num_splits`` ranges; a program
 handles one (request, KV head, split) and *all* query heads of that KV group,
 so each K/V row is read from HBM once (GQA/MQA). It writes a partial output
 and a log-sum-exp per query head (``splitk.py``'s format). Stage 2 merges the
-splits.
+splits. With one split (large batches: enough programs without splitting) stage 1
+writes the final output itself and no merge runs: at batch 256 on the H100 the merge
+cost 27 us a layer, 0.9 ms of a 22 ms step.
 
 The grid's split count (a host int, baked into a CUDA graph) comes from batch
 × KV heads × ``max_len`` so that the GPU has enough programs at batch 1 with
@@ -42,7 +44,15 @@ from .common import (
     use_triton,
 )
 from .reference import decode_ref
-from .splitk import MAX_WAVES, DecodeWorkspace, merge_splits, num_sms, scratch, split_range
+from .splitk import (
+    WAVES,
+    DecodeWorkspace,
+    check_workspace,
+    merge_splits,
+    num_sms,
+    scratch,
+    split_range,
+)
 
 
 @triton.jit(do_not_specialize_on_alignment=INDEX_POINTERS)
@@ -74,7 +84,10 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     DOT_F32: tl.constexpr,
     PRECISION: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
+    # DIRECT (one split): ``MidO`` is the output itself (its strides, split stride 0) and
+    # the normalised result is final: no log-sum-exp, no merge launch.
     # 64-bit offsets: cache rows (row0 + position) times the row stride pass 2^31
     # elements on long contexts; b is widened so every per-request offset is too.
     b = tl.program_id(0).to(tl.int64)
@@ -123,10 +136,11 @@ def _decode_split_kernel(
     lse = m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))
     tl.store(
         MidO + b * stride_mb + heads[:, None] * stride_mh + s * stride_ms + offs_d[None, :],
-        out,
+        out.to(MidO.dtype.element_ty),
         mask=gmask[:, None],
     )
-    tl.store(MidLse + b * stride_lb + heads * stride_lh + s, lse, mask=gmask)
+    if not DIRECT:
+        tl.store(MidLse + b * stride_lb + heads * stride_lh + s, lse, mask=gmask)
 
 
 @dataclass(frozen=True)
@@ -151,6 +165,19 @@ class DecodeConfig:
         return f"n{self.block_n}-w{self.num_warps}-s{self.num_stages}-m{self.min_split}"
 
 
+# (request, KV head) pairs from which two pipeline stages beat three: on the H100 (graph
+# replay, Llama-3-8B decode, kernels_decode_waves_h100_2026-11-22.txt) 2 stages were
+# 1-6% faster at batch 4-64 and 1-3% slower at batch 1, where each program streams a
+# long run of its request alone and deeper prefetch pays.
+DEEP_PIPELINE_BELOW_PAIRS = 32
+
+
+def default_config(dim: int, batch: int, kv_heads: int) -> DecodeConfig:
+    """The launch parameters ``decode_attention`` uses when the caller gives none."""
+    stages = 3 if batch * kv_heads < DEEP_PIPELINE_BELOW_PAIRS else 2
+    return DecodeConfig(block_n=64 if dim <= 128 else 32, num_stages=stages)
+
+
 def choose_num_splits(
     batch: int,
     kv_heads: int,
@@ -158,10 +185,10 @@ def choose_num_splits(
     num_sms: int,
     min_tokens_per_split: int = 256,
     max_splits: int = 64,
-    waves: int = MAX_WAVES,
+    waves: int = WAVES,
 ) -> int:
-    """Splits per request: enough programs for ~``waves`` waves, each split ≥
-    ``min_tokens``. (More than ``MAX_WAVES`` needs a workspace sized for them:
+    """Splits per request: enough programs for ~``waves`` waves (``WAVES``), each split
+    ≥ ``min_tokens``. (More than ``MAX_WAVES`` needs a workspace sized for them:
     ``DecodeWorkspace.for_batch`` covers ``MAX_WAVES``; the kernel bench sweeps it.)"""
     want = math.ceil(waves * num_sms / max(1, batch * kv_heads))
     by_len = max(1, math.ceil(max_len / min_tokens_per_split))
@@ -199,12 +226,19 @@ def decode_attention(
     if not use_triton(q, k_cache, impl=impl):
         ref = decode_ref(q, k_cache, v_cache, row_starts, lengths, sm_scale)
         return check_out(out, q).copy_(ref)
-    cfg = config or DecodeConfig(block_n=64 if dim <= 128 else 32)
+    cfg = config or default_config(dim, batch, kv_heads)
     if num_splits is None:
         num_splits = choose_num_splits(batch, kv_heads, max_len, num_sms(q.device))
     # No split can hold fewer than min_split tokens, so more than this many never run.
     num_splits = max(1, min(num_splits, triton.cdiv(max_len, cfg.min_split)))
-    mid_o, mid_lse = scratch(workspace, batch, q_heads, num_splits, dim, q.device)
+    out = check_out(out, q)
+    direct = num_splits == 1  # one split's normalised output is final: no merge
+    if direct:
+        if workspace is not None:
+            check_workspace(workspace, q_heads, dim, q.device)
+        mid_o, mid_lse = out.unsqueeze(2), out  # mid_lse: unused (never stored)
+    else:
+        mid_o, mid_lse = scratch(workspace, batch, q_heads, num_splits, dim, q.device)
     group = q_heads // kv_heads
     _decode_split_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, row_starts, lengths, mid_o, mid_lse,
@@ -214,11 +248,11 @@ def decode_attention(
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         cfg.min_split,
         G=group, BLOCK_G=max(16, next_pow2(group)), D=dim, BLOCK_N=cfg.block_n,
-        DOT_F32=dot_in_f32(), PRECISION=dot_precision(q.dtype),
+        DOT_F32=dot_in_f32(), PRECISION=dot_precision(q.dtype), DIRECT=direct,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    out = check_out(out, q)
-    merge_splits(mid_o, mid_lse, out, lengths, cfg.min_split, cfg.block_n)
+    if not direct:
+        merge_splits(mid_o, mid_lse, out, lengths, cfg.min_split, cfg.block_n)
     return out
 
 

@@ -26,8 +26,14 @@ import triton.language as tl
 
 from .common import INDEX_POINTERS
 
-# Waves of programs that ``decode.choose_num_splits`` aims at; sizes the workspace:
-# batch × splits ≤ max_batch + MAX_WAVES × SMs for every split count it picks.
+# Waves of programs that ``decode.choose_num_splits`` aims at by default. On the H100
+# (graph replay, Llama-3-8B decode, benchmarks/results/kernels_decode_waves_h100_2026-11-22.txt)
+# 1 wave was faster than the former 4 at batch 1-64 and contexts 1k-32k (geomean 1.03x):
+# fewer splits mean less merge work, and from batch × KV heads ≥ SMs one split and no
+# merge at all.
+WAVES = 1
+# The most waves any caller may aim at; sizes the workspace: batch × splits ≤
+# max_batch + MAX_WAVES × SMs for every split count ``choose_num_splits`` picks.
 MAX_WAVES = 4
 
 
@@ -181,6 +187,18 @@ class DecodeWorkspace:
         return hit
 
 
+def check_workspace(
+    workspace: DecodeWorkspace, q_heads: int, dim: int, device: torch.device
+) -> None:
+    """A workspace made for another model or device is the caller's bug: refused even by a
+    call that needs no scratch (one split), so the mistake shows on the first call."""
+    if (workspace.q_heads, workspace.head_dim, workspace.device) != (q_heads, dim, device):
+        raise ValueError(
+            f"workspace is for {workspace.q_heads} heads × {workspace.head_dim} on "
+            f"{workspace.device}, the call is {q_heads} × {dim} on {device}"
+        )
+
+
 def scratch(
     workspace: DecodeWorkspace | None,
     batch: int,
@@ -195,11 +213,7 @@ def scratch(
     the caller meant the graph to use it, and a silently different buffer would hide a
     workspace sized too small."""
     if workspace is not None:
-        if (workspace.q_heads, workspace.head_dim, workspace.device) != (q_heads, dim, device):
-            raise ValueError(
-                f"workspace is for {workspace.q_heads} heads × {workspace.head_dim} on "
-                f"{workspace.device}, the call is {q_heads} × {dim} on {device}"
-            )
+        check_workspace(workspace, q_heads, dim, device)
         if workspace.fits(batch, splits):
             return workspace.views(batch, splits)
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
