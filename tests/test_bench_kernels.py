@@ -124,12 +124,12 @@ def test_decode_candidates_parse_and_the_grid_is_small() -> None:
     assert {c.waves for c in grid} == {1, 2, 4, 8} and MAX_GRID_WAVES == 8
     for c in grid:  # names round-trip; every config is valid
         assert parse_candidate(c.name) == c
-    named = parse_candidates("n32-w8-s4-m256+waves4, n64-w4-s3-m64")
-    assert [c.name for c in named] == [DEFAULT.name, "n32-w8-s4-m256+waves4"]
-    assert named[1].config == DecodeConfig(32, 8, 4, 256) and named[1].waves == 4
+    named = parse_candidates("n32-w8-s4-m256+waves2, n64-w4-s3-m64")
+    assert [c.name for c in named] == [DEFAULT.name, "n32-w8-s4-m256+waves2"]
+    assert named[1].config == DecodeConfig(32, 8, 4, 256) and named[1].waves == 2
     # The waves change the split count as choose_num_splits's target.
-    assert named[1].num_splits(1, 32, 32768, 132) == 17 == -(-4 * 132 // 32)
-    assert DEFAULT.num_splits(1, 32, 32768, 132) == 5 == -(-1 * 132 // 32)
+    assert named[1].num_splits(1, 32, 32768, 132) == 9 == -(-2 * 132 // 32)
+    assert DEFAULT.num_splits(1, 32, 32768, 132) == 17 == -(-4 * 132 // 32)
     for bad in ("n64-w4", "n48-w4-s3-m64", "n64-w4-s3-m64+waves0", "all,n64"):
         with pytest.raises(ValueError):
             parse_candidates(bad)

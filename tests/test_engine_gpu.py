@@ -124,7 +124,7 @@ def _compiled_variants() -> dict[str, set[str]]:
     in Triton 3.x), which spell out the specialization."""
     mod = {n: importlib.import_module(f"vtensor.kernels.{n}") for n in KERNEL_MODULES}
     kernels = [mod["decode"]._decode_split_kernel, mod["extend"]._extend_kernel,
-               mod["splitk"]._merge_kernel, mod["store_kv"]._store_kv_kernel,
+               mod["store_kv"]._store_kv_kernel,
                mod["gemv"]._gemv_kernel, mod["gemv"]._split_sum_kernel]  # fmt: skip
     return {
         k.fn.__name__: {str(key) for c in k.device_caches.values() for key in c[0]} for k in kernels

@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 import torch
 
+import vtensor.kernels.decode as decode_module
 from vtensor.kernels import DecodeWorkspace, decode_attention
 from vtensor.kernels.decode import DecodeConfig, choose_num_splits, default_config
 from vtensor.kernels.reference import decode_ref
-from vtensor.kernels.splitk import MAX_WAVES
+from vtensor.kernels.splitk import BALANCE_WAVES, MAX_WAVES, NO_BALANCE, num_sms, used_splits
 
 from .kernel_cases import TOLERANCE, Case, ints, make_case, rel_err
 
@@ -42,9 +43,38 @@ def test_short_requests_under_a_long_bound(min_split: int, splits: int) -> None:
     lengths = [1, 15, 16, 17, random.randint(18, 128), 128]
     case = make_case(len(lengths), 128, 8, 2, 32, torch.float32, DEVICE)
     q = torch.randn(len(lengths), 8, 32, device=DEVICE)
-    cfg = DecodeConfig(block_n=16, min_split=min_split)
+    cfg = DecodeConfig(block_n=16, min_split=min_split, balance=False)
     out, ref = _run(case, q, ints(lengths, DEVICE), 1 << 20, num_splits=splits, config=cfg)
     assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("balance", [True, False])
+def test_a_long_request_among_short_ones(balance: bool) -> None:
+    """The device balance gives short requests one split (written directly) and the
+    long one several (partials, merged by the last split), in one launch; the same
+    answer with the balance off (every request split by num_splits alone)."""
+    lengths = [random.randint(1, 24) for _ in range(5)] + [random.randint(300, 400)]
+    random.shuffle(lengths)
+    case = make_case(len(lengths), 400, 8, 2, 32, torch.float32, DEVICE)
+    q = torch.randn(len(lengths), 8, 32, device=DEVICE)
+    cfg = DecodeConfig(block_n=16, min_split=16, balance=balance)
+    ws = DecodeWorkspace(8, 32, len(lengths) * 8, DEVICE)  # room for 8 splits each
+    balance_programs = BALANCE_WAVES * num_sms(torch.device(DEVICE)) if balance else NO_BALANCE
+    used = [
+        used_splits(n, sum(lengths), 8, 16, balance_programs, 2, 16) for n in lengths
+    ]  # the host mirror of the kernel's split rule
+    assert max(used) > 1 and (min(used) == 1 or not balance)
+    for _ in "ab":  # twice: the tickets went back to 0 after the first call
+        ws.mid_lse.fill_(float("nan"))
+        out, ref = _run(
+            case, q, ints(lengths, DEVICE), 1 << 20, num_splits=8, config=cfg, workspace=ws
+        )
+        assert rel_err(out, ref) < 1e-5
+        assert not ws.tickets.any()
+        lse = ws.views(len(lengths), 8).mid_lse
+        for b, u in enumerate(used):  # partials exactly where the mirror says splits run
+            written = ~torch.isnan(lse[b, 0])
+            assert written.tolist() == ([True] * u + [False] * (8 - u) if u > 1 else [False] * 8)
 
 
 def test_bf16_with_the_default_config() -> None:
@@ -73,15 +103,18 @@ def test_workspace_is_reused_and_matches_fresh_scratch() -> None:
     ptrs = (ws.mid_o.data_ptr(), ws.mid_lse.data_ptr())
     ws.mid_o.fill_(float("nan"))  # stale scratch must never leak into an output
     ws.mid_lse.fill_(float("nan"))
-    cfg = DecodeConfig(block_n=16, min_split=16)
+    cfg = DecodeConfig(block_n=16, min_split=16, balance=False)  # 64 and 33 tokens split
     fresh, _ = _run(case, q, lens, 64, num_splits=3, config=cfg)
     outs = [_run(case, q, lens, 64, num_splits=3, config=cfg, workspace=ws)[0] for _ in "ab"]
     assert torch.equal(outs[0], fresh) and torch.equal(outs[1], fresh)
-    mid_o, mid_lse = ws.views(3, 3)  # what the calls used: the buffers' start
-    assert (mid_o.data_ptr(), mid_lse.data_ptr()) == ptrs
+    views = ws.views(3, 3)  # what the calls used: the buffers' start
+    assert (views.mid_o.data_ptr(), views.mid_lse.data_ptr()) == ptrs
     assert (ws.mid_o.data_ptr(), ws.mid_lse.data_ptr()) == ptrs
-    assert not torch.isnan(mid_lse[:, :, 0]).any()  # split 0 was written through the views
-    assert ws.views(3, 3)[0] is mid_o  # views are cached, not rebuilt per call
+    # Split 0 of the split requests was written through the views (the 5-token one is
+    # one split, written straight to the output).
+    assert not torch.isnan(views.mid_lse[1:, :, 0]).any()
+    assert ws.views(3, 3) is views  # views are cached, not rebuilt per call
+    assert not ws.tickets.any()  # every merge put its ticket counter back
 
 
 def test_workspace_too_small_or_mismatched() -> None:
@@ -129,13 +162,15 @@ def test_one_split_writes_the_output_directly(dtype: torch.dtype) -> None:
     assert torch.isnan(ws.mid_o).all()  # no scratch: the one split's result is final
 
 
-def test_default_config_at_both_pipeline_depths() -> None:
-    """The wrapper's own launch choice (two stages from 32 request × KV-head pairs, three
-    below; one split, so no merge, from SMs pairs on) is right on both sides of it."""
-    for batch in (3, 17):  # 6 and 34 pairs of 2 KV heads
-        lengths = [random.randint(1, 200) for _ in range(batch)]
-        case = make_case(batch, 200, 4, 2, 32, torch.bfloat16, DEVICE)
+def test_default_config_at_both_pipeline_depths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wrapper's own launch choice (two stages from DEEP_PIPELINE_BELOW_PAIRS request
+    × KV-head pairs, three below) is right on both sides of it (the bound lowered to 16
+    here: the interpreter runs a program at a time)."""
+    monkeypatch.setattr(decode_module, "DEEP_PIPELINE_BELOW_PAIRS", 16)
+    for batch in (3, 9):  # 6 and 18 pairs of 2 KV heads
+        lengths = [random.randint(1, 40) for _ in range(batch)]
+        case = make_case(batch, 40, 4, 2, 32, torch.bfloat16, DEVICE)
         q = torch.randn(batch, 4, 32, device=DEVICE).to(torch.bfloat16)
-        assert default_config(32, batch, 2).num_stages == (3 if batch * 2 < 32 else 2)
-        out, ref = _run(case, q, ints(lengths, DEVICE), 256)
+        assert default_config(32, batch, 2).num_stages == (3 if batch * 2 < 16 else 2)
+        out, ref = _run(case, q, ints(lengths, DEVICE), 64)
         assert rel_err(out, ref) < TOLERANCE[torch.bfloat16]

@@ -18,13 +18,13 @@ import re
 from dataclasses import dataclass, field
 
 from vtensor.kernels.decode import DecodeConfig, choose_num_splits
-from vtensor.kernels.splitk import WAVES
+from vtensor.kernels.splitk import MAX_WAVES
 
 
 @dataclass(frozen=True)
 class DecodeCandidate:
     config: DecodeConfig = field(default_factory=DecodeConfig)
-    waves: int = WAVES  # choose_num_splits's target; WAVES is the engine's
+    waves: int = MAX_WAVES  # choose_num_splits's target; MAX_WAVES is the engine's
 
     def __post_init__(self) -> None:
         if self.waves < 1:
@@ -32,7 +32,7 @@ class DecodeCandidate:
 
     @property
     def name(self) -> str:
-        suffix = "" if self.waves == WAVES else f"+waves{self.waves}"
+        suffix = "" if self.waves == MAX_WAVES else f"+waves{self.waves}"
         return self.config.name + suffix
 
     def num_splits(self, batch: int, kv_heads: int, max_len: int, num_sms: int) -> int:
@@ -55,8 +55,8 @@ GRID: tuple[DecodeCandidate, ...] = (
     DecodeCandidate(_c(min_split=128)),  # short requests on fewer, fuller splits
     DecodeCandidate(_c(min_split=256)),
     DecodeCandidate(_c(block_n=32, stages=4, min_split=128)),
-    DecodeCandidate(waves=2),  # more splits: fuller GPU at small batch, more merge work
-    DecodeCandidate(waves=4),  # the default until 2026-11-22
+    DecodeCandidate(waves=1),  # a smaller grid: fewer splits for a long request
+    DecodeCandidate(waves=2),
     DecodeCandidate(waves=8),  # more splits: fuller GPU at small batch, more merge
 )
 MAX_GRID_WAVES = max(c.waves for c in GRID)
@@ -75,7 +75,7 @@ def parse_candidate(name: str) -> DecodeCandidate:
         )
     block_n, warps, stages, min_split, waves = match.groups()
     config = DecodeConfig(int(block_n), int(warps), int(stages), int(min_split))
-    return DecodeCandidate(config, int(waves) if waves else WAVES)
+    return DecodeCandidate(config, int(waves) if waves else MAX_WAVES)
 
 
 def parse_candidates(spec: str) -> list[DecodeCandidate]:

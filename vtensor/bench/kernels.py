@@ -42,7 +42,7 @@ from vtensor.kernels import (
 )
 from vtensor.kernels.decode import DecodeConfig
 from vtensor.kernels.reference import decode_ref
-from vtensor.kernels.splitk import MAX_WAVES, num_sms
+from vtensor.kernels.splitk import BALANCE_WAVES, MAX_WAVES, num_sms, used_splits
 
 from .baselines import load_sglang
 from .ceilings import copy_bandwidth, read_bandwidth
@@ -128,7 +128,13 @@ def _time_ours(
 
     time_peer(res, "vtensor", ours(), ref)
     auto = DecodeCandidate().num_splits(batch, cfg.kv_heads, p.max_len, sms)
-    res["vtensor_splits"] = _used_splits(auto, p.max_len, DecodeConfig())
+    res["vtensor_grid_splits"] = _used_splits(auto, p.max_len, DecodeConfig())
+    # What each (equal-length) request uses after the device balance: SGLang gets it.
+    ctx = int(lens[0])  # every request has the point's context
+    res["vtensor_splits"] = used_splits(
+        ctx, batch * ctx, res["vtensor_grid_splits"], DecodeConfig().min_split,
+        BALANCE_WAVES * sms, cfg.kv_heads, DecodeConfig().block_n,
+    )  # fmt: skip
     for cand in cands:
         splits = cand.num_splits(batch, cfg.kv_heads, p.max_len, sms)
         one: dict[str, Any] = {"splits": _used_splits(splits, p.max_len, cand.config)}

@@ -100,6 +100,7 @@ def main(args: Any) -> int:
     cfg = engine_config(args)
     print(f"vtensor bench offline: {cfg.model or cfg.shape or 'embedded tiny model'}", flush=True)
     result, model_cfg, rt = run_engine(cfg, args)
+    gc.unfreeze()  # run_engine froze the heap: the closed engine's cycles must be collectable
     gc.collect()  # the engine is closed: free its weights and graphs for the HF peer
     if rt.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -124,6 +125,11 @@ def run_engine(cfg: EngineConfig, args: Any) -> tuple[dict[str, Any], ModelConfi
             f"kv pool={engine.pool.capacity_bytes / 2**30:.1f} GiB (per GPU)",
             flush=True,
         )
+        # As `vtensor serve` does after warm-up: start-up's heap out of the collector's
+        # sight. A full collection mid-window measured 0.32 s on the H100 host, +10 ms on a
+        # 32-step mean (a batch-256 decode step read 30.5 ms instead of 20.6 once).
+        gc.collect()
+        gc.freeze()
         result: dict[str, Any] = {"config": {k: str(v) for k, v in asdict(cfg).items()}}
         result["attention_backend"] = rt.attention_backend  # resolved (the config may say None)
         result["throughput"] = run_throughputs(engine, args)

@@ -1,20 +1,19 @@
-"""Decode attention: one query token per request, split-K (flash-decoding).
+"""Decode attention: one query token per request, split-K (flash-decoding), one kernel.
 
-Stage 1 splits each request's context into ``num_splits`` ranges; a program
-handles one (request, KV head, split) and *all* query heads of that KV group,
-so each K/V row is read from HBM once (GQA/MQA). It writes a partial output
-and a log-sum-exp per query head (``splitk.py``'s format). Stage 2 merges the
-splits. With one split (large batches: enough programs without splitting) stage 1
-writes the final output itself and no merge runs: at batch 256 on the H100 the merge
-cost 27 us a layer, 0.9 ms of a 22 ms step.
+A program handles one (request, KV head, split) and *all* query heads of that KV
+group, so each K/V row is read from HBM once (GQA/MQA). A request that uses one split
+is written straight to the output; otherwise each split writes a partial output and a
+log-sum-exp (``splitk.py``'s format) and the last split to finish merges them. There
+is no second kernel: a separate merge cost 3.3 us a layer at batch 16 and 27 us at
+batch 256 on the H100 (0.1 and 0.9 ms of a decode step), plus its launch gap.
 
-The grid's split count (a host int, baked into a CUDA graph) comes from batch
-× KV heads × ``max_len`` so that the GPU has enough programs at batch 1 with
-long contexts and does not over-split at large batches
-(``choose_num_splits``). Each request then divides its *own* length among
-those splits on the device (``splitk.split_range``): a decode graph captured
-with ``max_len = max_model_len`` spreads a 2k-token request over every split
-rather than leaving it to the first one.
+The grid's split count (a host int, baked into a CUDA graph) comes from batch × KV
+heads × ``max_len`` (``choose_num_splits``): the most splits any request may use.
+How many a request does use is decided on the device (``splitk.split_range``), from
+its own length and the batch's total: a decode graph captured with ``max_len =
+max_model_len`` spreads a 2k-token request over many splits at batch 1, gives each
+of 16 equal 1k-token requests one split (no partials, no merge), and still splits a
+long request among short ones.
 
 A whole-row variant (one program reading every KV head of a block of tokens,
 for small ``batch × kv_heads``) was built and measured on the H100 under CUDA
@@ -45,67 +44,28 @@ from .common import (
 )
 from .reference import decode_ref
 from .splitk import (
-    WAVES,
+    BALANCE_WAVES,
+    MAX_WAVES,
+    NO_BALANCE,
     DecodeWorkspace,
+    batch_tokens,
     check_workspace,
-    merge_splits,
+    merge_group,
     num_sms,
     scratch,
     split_range,
 )
 
 
-@triton.jit(do_not_specialize_on_alignment=INDEX_POINTERS)
-def _decode_split_kernel(
-    Q,
-    K,
-    V,
-    RowStart,
-    Lens,
-    MidO,
-    MidLse,
-    qk_scale,
-    num_splits,
-    stride_qb,
-    stride_qh,
-    stride_kr,
-    stride_kh,
-    stride_vr,
-    stride_vh,
-    stride_mb,
-    stride_mh,
-    stride_ms,
-    stride_lb,
-    stride_lh,
-    min_split,
-    G: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
-    DIRECT: tl.constexpr,
-):
-    # DIRECT (one split): ``MidO`` is the output itself (its strides, split stride 0) and
-    # the normalised result is final: no log-sum-exp, no merge launch.
-    # 64-bit offsets: cache rows (row0 + position) times the row stride pass 2^31
-    # elements on long contexts; b is widened so every per-request offset is too.
-    b = tl.program_id(0).to(tl.int64)
-    kvh = tl.program_id(1)
-    s = tl.program_id(2)
-    start, end, used = split_range(tl.load(Lens + b), s, num_splits, min_split, BLOCK_N)
-    row0 = tl.load(RowStart + b).to(tl.int64)
-    offs_g = tl.arange(0, BLOCK_G)
+@triton.jit
+def _attend_split(
+    q, K, V, kvh, row0, start, end, qk_scale, stride_kr, stride_kh, stride_vr, stride_vh,
+    BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Online softmax of the group's queries over rows ``row0 + [start, end)``: the
+    unnormalised ``acc [BLOCK_G, D]``, the sums ``l`` and the base-2 maxima ``m``."""
     offs_d = tl.arange(0, D)
-    heads = kvh * G + offs_g
-    gmask = offs_g < G
-    q = tl.load(
-        Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=gmask[:, None],
-        other=0.0,
-    )
-    if DOT_F32:
-        q = q.to(tl.float32)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D], tl.float32)
@@ -114,7 +74,7 @@ def _decode_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < end
-        rows = row0 + offs_n
+        rows = row0 + offs_n  # int64: row × stride passes 2^31 elements on long contexts
         k = tl.load(k_base + rows[:, None] * stride_kr, mask=nmask[:, None], other=0.0)
         if DOT_F32:  # interpreter only: its bf16 dot is wrong (see common.dot_in_f32)
             k = k.to(tl.float32)
@@ -129,18 +89,69 @@ def _decode_split_kernel(
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    # Splits past the request's end (s ≥ used) ran no iteration and are never merged: no
-    # store. (A bound, not `gmask & (s < used)`: the interpreter's tensor & scalar is int.)
-    gmask = offs_g < tl.where(s < used, G, 0)
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    lse = m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))
-    tl.store(
-        MidO + b * stride_mb + heads[:, None] * stride_mh + s * stride_ms + offs_d[None, :],
-        out.to(MidO.dtype.element_ty),
-        mask=gmask[:, None],
+    return acc, l_i, m_i
+
+
+@triton.jit(
+    do_not_specialize=["batch", "balance_programs"],
+    do_not_specialize_on_alignment=INDEX_POINTERS,
+)
+def _decode_split_kernel(
+    Q, K, V, RowStart, Lens, Out, MidO, MidLse, Tickets,
+    qk_scale, num_splits, batch, balance_programs, min_split,
+    stride_qb, stride_qh, stride_kr, stride_kh, stride_vr, stride_vh, stride_ob, stride_oh,
+    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    """Program ``(b, kvh, s)``: split ``s`` of request ``b`` for KV head ``kvh``'s query
+    group. ``SPLIT`` (``num_splits > 1``) compiles the partials, the ticket and the merge
+    (``splitk.py``); without it every request is one split, written straight to Out."""
+    # b is widened so every per-request offset is 64-bit (batch × heads × D can pass 2^31).
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    s = tl.program_id(2)
+    length = tl.load(Lens + b)
+    total = batch_tokens(Lens, batch, 128) if SPLIT else length.to(tl.int64)
+    kv_heads = tl.num_programs(1)
+    start, end, used = split_range(
+        length, total, s, num_splits, min_split, balance_programs, kv_heads, BLOCK_N
     )
-    if not DIRECT:
-        tl.store(MidLse + b * stride_lb + heads * stride_lh + s, lse, mask=gmask)
+    if s < used:  # splits past the request's end have nothing to do
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, D)
+        heads = kvh * G + offs_g
+        gmask = offs_g < G
+        q = tl.load(
+            Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=gmask[:, None],
+            other=0.0,
+        )
+        if DOT_F32:
+            q = q.to(tl.float32)
+        row0 = tl.load(RowStart + b).to(tl.int64)
+        acc, l_i, m_i = _attend_split(
+            q, K, V, kvh, row0, start, end, qk_scale,
+            stride_kr, stride_kh, stride_vr, stride_vh, BLOCK_G, D, BLOCK_N, DOT_F32, PRECISION,
+        )  # fmt: skip
+        out = acc / l_i[:, None]  # l_i > 0: a used split holds ≥ 1 token
+        out_ptrs = Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        if used == 1:
+            tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=gmask[:, None])
+        elif SPLIT:
+            mid = MidO + b * stride_mb + heads[:, None] * stride_mh + s * stride_ms
+            tl.store(mid + offs_d[None, :], out, mask=gmask[:, None])
+            lse = m_i + tl.log2(l_i)
+            tl.store(MidLse + b * stride_lb + heads * stride_lh + s, lse, mask=gmask)
+            tl.debug_barrier()  # every thread's partial stored before the ticket
+            ticket_ptr = Tickets + b * kv_heads + kvh
+            if tl.atomic_add(ticket_ptr, 1) == used - 1:  # acq_rel: the last one merges
+                merged = merge_group(
+                    MidO, MidLse, b, heads, gmask, used,
+                    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, BLOCK_G, D,
+                )  # fmt: skip
+                tl.store(out_ptrs, merged.to(Out.dtype.element_ty), mask=gmask[:, None])
+                tl.store(ticket_ptr, 0)  # for the next call (or graph replay)
 
 
 @dataclass(frozen=True)
@@ -153,6 +164,9 @@ class DecodeConfig:
     # Fewest tokens a request puts in one split (rounded up to block_n): a short request
     # uses fewer splits rather than many nearly empty ones.
     min_split: int = 64
+    # Spread the batch's tokens over about BALANCE_WAVES × SMs programs (splitk.py); off,
+    # each request splits by num_splits and min_split alone (tests that force splits).
+    balance: bool = True
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -162,14 +176,16 @@ class DecodeConfig:
 
     @property
     def name(self) -> str:
-        return f"n{self.block_n}-w{self.num_warps}-s{self.num_stages}-m{self.min_split}"
+        base = f"n{self.block_n}-w{self.num_warps}-s{self.num_stages}-m{self.min_split}"
+        return base if self.balance else base + "-unbalanced"
 
 
-# (request, KV head) pairs from which two pipeline stages beat three: on the H100 (graph
-# replay, Llama-3-8B decode, kernels_decode_waves_h100_2026-11-22.txt) 2 stages were
-# 1-6% faster at batch 4-64 and 1-3% slower at batch 1, where each program streams a
-# long run of its request alone and deeper prefetch pays.
-DEEP_PIPELINE_BELOW_PAIRS = 32
+# (request, KV head) pairs from which two pipeline stages beat three. On the H100 (graph
+# replay, Llama-3-8B decode, context 1024, one split a request:
+# benchmarks/results/kernels_decode_stages_h100_2026-11-22.txt) three stages read at
+# 2.43 vs 1.94 TB/s at 128 pairs and 2.71 vs 2.64 at 256; two at 2.87 vs 2.75 at 512
+# and 2.98 vs 2.96 at 2048: with fewer programs each must keep more loads in flight.
+DEEP_PIPELINE_BELOW_PAIRS = 512
 
 
 def default_config(dim: int, batch: int, kv_heads: int) -> DecodeConfig:
@@ -185,10 +201,12 @@ def choose_num_splits(
     num_sms: int,
     min_tokens_per_split: int = 256,
     max_splits: int = 64,
-    waves: int = WAVES,
+    waves: int = MAX_WAVES,
 ) -> int:
-    """Splits per request: enough programs for ~``waves`` waves (``WAVES``), each split
-    ≥ ``min_tokens``. (More than ``MAX_WAVES`` needs a workspace sized for them:
+    """The grid's splits per request, the most any request may use (the device balance
+    in ``splitk.split_range`` decides how many it does): enough programs for ~``waves``
+    waves at batch × KV heads, each split ≥ ``min_tokens`` of ``max_len``. (More than
+    ``MAX_WAVES`` needs a workspace sized for them:
     ``DecodeWorkspace.for_batch`` covers ``MAX_WAVES``; the kernel bench sweeps it.)"""
     want = math.ceil(waves * num_sms / max(1, batch * kv_heads))
     by_len = max(1, math.ceil(max_len / min_tokens_per_split))
@@ -232,27 +250,26 @@ def decode_attention(
     # No split can hold fewer than min_split tokens, so more than this many never run.
     num_splits = max(1, min(num_splits, triton.cdiv(max_len, cfg.min_split)))
     out = check_out(out, q)
-    direct = num_splits == 1  # one split's normalised output is final: no merge
-    if direct:
+    split = num_splits > 1
+    if split:
+        buf = scratch(workspace, batch, q_heads, num_splits, dim, q.device)
+        mid_o, mid_lse, tickets = buf.mid_o, buf.mid_lse, buf.tickets
+    else:  # one split: the kernel writes out itself and touches no scratch
         if workspace is not None:
             check_workspace(workspace, q_heads, dim, q.device)
-        mid_o, mid_lse = out.unsqueeze(2), out  # mid_lse: unused (never stored)
-    else:
-        mid_o, mid_lse = scratch(workspace, batch, q_heads, num_splits, dim, q.device)
-    group = q_heads // kv_heads
+        mid_o, mid_lse, tickets = out.unsqueeze(2), out, lengths  # placeholders, unused
+    balance = BALANCE_WAVES * num_sms(q.device) if cfg.balance else NO_BALANCE
     _decode_split_kernel[(batch, kv_heads, num_splits)](
-        q, k_cache, v_cache, row_starts, lengths, mid_o, mid_lse,
-        sm_scale * LOG2E, num_splits,
+        q, k_cache, v_cache, row_starts, lengths, out, mid_o, mid_lse, tickets,
+        sm_scale * LOG2E, num_splits, batch, balance, cfg.min_split,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
+        out.stride(0), out.stride(1),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        cfg.min_split,
-        G=group, BLOCK_G=max(16, next_pow2(group)), D=dim, BLOCK_N=cfg.block_n,
-        DOT_F32=dot_in_f32(), PRECISION=dot_precision(q.dtype), DIRECT=direct,
+        G=q_heads // kv_heads, BLOCK_G=max(16, next_pow2(q_heads // kv_heads)), D=dim,
+        BLOCK_N=cfg.block_n, DOT_F32=dot_in_f32(), PRECISION=dot_precision(q.dtype), SPLIT=split,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    if not direct:
-        merge_splits(mid_o, mid_lse, out, lengths, cfg.min_split, cfg.block_n)
     return out
 
 

@@ -1,128 +1,111 @@
 """Split-K plumbing of decode attention: the split rule, the merge, the scratch.
 
-The stage-1 kernel (``decode.py``) writes, for request ``b``, query head ``h``
-and split ``s``, a partial output ``mid_o[b, h, s, :]`` normalised by its own
-softmax sum, and that sum's base-2 log-sum-exp ``mid_lse[b, h, s]``, in fp32.
-``merge_splits`` combines them.
+A program of the decode kernel (``decode.py``) owns one split ``s`` of request ``b``'s
+context for one KV head. A request that uses one split is written straight to the
+output. Otherwise each program writes a partial output ``mid_o[b, h, s, :]`` normalised
+by its own softmax sum, and that sum's base-2 log-sum-exp ``mid_lse[b, h, s]``, in
+fp32; the **last program to finish** for ``(b, KV head)`` merges them
+(:func:`merge_group`): no second kernel.
 
-**Splits are per request, on the device.** The grid has ``num_splits`` splits
-(a host int, fixed by the caller, baked into a CUDA graph), but each request
-divides its *own* length among them (:func:`split_range`): a CUDA graph
-captured with ``max_len = max_model_len`` still spreads a short request over
-every split instead of leaving it all to the first.
+**Splits are per request, on the device.** The grid has ``num_splits`` splits (a host
+int, fixed by the caller, baked into a CUDA graph): the most any request may use. Each
+request divides its *own* length among them (:func:`split_range`), with a split at
+least ``min_split`` tokens and at least the batch's tokens spread over
+``balance_programs`` programs. So a CUDA graph captured with ``max_len =
+max_model_len`` spreads a short request over several splits at batch 1, and a batch
+of equal requests that fills the GPU uses one split each (no partials, no merge),
+while a long request among short ones still splits.
 
-**Scratch is reused** through a :class:`DecodeWorkspace`: one fp32 buffer sized
-for the largest batch, so serving allocates nothing per call and a captured
-graph keeps reading and writing the same addresses on every replay.
+**The merge's ticket.** Each used split takes a ticket (an atomic add on a per-(request,
+KV head) counter) after storing its partial; the one that draws ``used - 1`` is last,
+reads every partial (past L1: another SM wrote them) and resets the counter to 0 for
+the next call. The atomic is acquire-release at GPU scope and follows a block-wide
+barrier, so the partials of every thread of every earlier program are visible to it.
+
+**Scratch is reused** through a :class:`DecodeWorkspace`: one fp32 buffer sized for the
+largest batch, and the zeroed tickets, so serving allocates nothing per call and a
+captured graph keeps reading and writing the same addresses on every replay.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import INDEX_POINTERS
-
-# Waves of programs that ``decode.choose_num_splits`` aims at by default. On the H100
-# (graph replay, Llama-3-8B decode, benchmarks/results/kernels_decode_waves_h100_2026-11-22.txt)
-# 1 wave was faster than the former 4 at batch 1-64 and contexts 1k-32k (geomean 1.03x):
-# fewer splits mean less merge work, and from batch × KV heads ≥ SMs one split and no
-# merge at all.
-WAVES = 1
-# The most waves any caller may aim at; sizes the workspace: batch × splits ≤
-# max_batch + MAX_WAVES × SMs for every split count ``choose_num_splits`` picks.
+# Waves of programs that ``decode.choose_num_splits`` aims the grid at: the most splits a
+# request may use. Sizes the workspace: batch × splits ≤ max_batch + MAX_WAVES × SMs.
 MAX_WAVES = 4
+# Waves of *used* programs the device balance aims at (``split_range``): the batch's
+# tokens over BALANCE_WAVES × SMs programs. On the H100 (graph replay, Llama-3-8B,
+# context 1024) one split each at batch 16 read at 2.48 TB/s against 2.14 for two or
+# three splits and a merge (benchmarks/results/kernels_decode_waves_h100_2026-11-22.txt).
+BALANCE_WAVES = 1
+NO_BALANCE = 1 << 30  # balance_programs that makes the balance term 1 token (off)
 
 
 @triton.jit
-def split_range(length, s, num_splits, min_split, align):
+def batch_tokens(Lens, batch, BLOCK_B: tl.constexpr):
+    """Σ ``Lens[0:batch]`` in int64 (a few hundred int32s, L2-resident)."""
+    acc = tl.zeros([BLOCK_B], tl.int64)
+    for i in range(0, batch, BLOCK_B):
+        offs = i + tl.arange(0, BLOCK_B)
+        acc += tl.load(Lens + offs, mask=offs < batch, other=0).to(tl.int64)
+    return tl.sum(acc, 0)
+
+
+@triton.jit
+def split_range(length, total, s, num_splits, min_split, balance_programs, kv_heads, align):
     """Tokens ``[start, end)`` of split ``s`` of a ``length``-token request, and how many
-    splits it uses. A split holds at least ``min_split`` tokens, rounded up to ``align``
-    (the stage-1 block), so only the last used split has a partial block; ``used ≤
-    num_splits`` and every split below ``used`` is non-empty (the merge relies on it)."""
-    per = tl.maximum(tl.cdiv(length, num_splits), min_split)
-    chunk = tl.cdiv(per, align) * align
+    splits it uses. A split holds at least ``min_split`` tokens and at least ``total ·
+    kv_heads / balance_programs`` (the batch's ``total`` tokens over that many programs),
+    rounded up to ``align`` (the block), so only the last used split has a partial
+    block; ``used ≤ num_splits`` and every split below ``used`` is non-empty (the merge
+    relies on it)."""
+    per = tl.maximum(tl.cdiv(length, num_splits), min_split).to(tl.int64)
+    per = tl.maximum(per, tl.cdiv(total * kv_heads, balance_programs))
+    chunk = (tl.cdiv(per, align) * align).to(tl.int32)
     start = s * chunk
     return start, tl.minimum(start + chunk, length), tl.cdiv(length, chunk)
 
 
-@triton.jit(do_not_specialize_on_alignment=INDEX_POINTERS)
-def _merge_kernel(
-    MidO,
-    MidLse,
-    Out,
-    Lens,
-    num_splits,
-    min_split,
-    align,
-    stride_mb,
-    stride_mh,
-    stride_ms,
-    stride_lb,
-    stride_lh,
-    stride_ob,
-    stride_oh,
-    D: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    b = tl.program_id(0).to(tl.int64)  # batch × Hq × splits × D can pass 2^31 elements
-    h = tl.program_id(1)
-    _, _, used = split_range(tl.load(Lens + b), 0, num_splits, min_split, align)
+def used_splits(
+    length: int, total: int, num_splits: int, min_split: int, balance_programs: int,
+    kv_heads: int, align: int,
+) -> int:  # fmt: skip
+    """:func:`split_range`'s ``used`` on the host (reports, and tests against the kernel)."""
+    per = max(-(-length // num_splits), min_split, -(-total * kv_heads // balance_programs))
+    chunk = -(-per // align) * align
+    return -(-length // chunk)
+
+
+@triton.jit
+def merge_group(
+    MidO, MidLse, b, heads, gmask, used, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+    BLOCK_G: tl.constexpr, D: tl.constexpr,
+):  # fmt: skip
+    """``[BLOCK_G, D]``: the softmax-weighted sum of splits ``0..used-1``' partials of the
+    group's query heads. Loads bypass L1 (``.cg``): other SMs wrote the partials, and
+    this SM may hold stale lines of them from an earlier call."""
     offs_d = tl.arange(0, D)
-    mid_o = MidO + b * stride_mb + h * stride_mh + offs_d[None, :]
-    mid_lse = MidLse + b * stride_lb + h * stride_lh
-    # Online merge over blocks of splits (a request may use hundreds): running max m,
-    # weight sum l and weighted sum acc, rescaled as the max grows.
-    m = tl.full([1], float("-inf"), tl.float32)
-    l_sum = tl.zeros([1], tl.float32)
-    acc = tl.zeros([D], tl.float32)
-    for s0 in range(0, used, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        smask = offs_s < used
-        lse = tl.load(mid_lse + offs_s, mask=smask, other=float("-inf"))
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        alpha = tl.exp2(m - m_new)  # 0 on the first block (m = -inf; split 0 is never empty)
+    o_ptrs = MidO + b * stride_mb + heads[:, None] * stride_mh + offs_d[None, :]
+    lse_ptrs = MidLse + b * stride_lb + heads * stride_lh
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    for t in range(0, used):
+        lse = tl.load(lse_ptrs + t, mask=gmask, other=0.0, cache_modifier=".cg")
+        o = tl.load(o_ptrs + t * stride_ms, mask=gmask[:, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, lse)
+        alpha = tl.exp2(m - m_new)  # 0 at t = 0 (m = -inf; split 0 is never empty)
         w = tl.exp2(lse - m_new)
-        o = tl.load(mid_o + offs_s[:, None] * stride_ms, mask=smask[:, None], other=0.0)
-        acc = acc * alpha + tl.sum(o * w[:, None], 0)
-        l_sum = l_sum * alpha + tl.sum(w, 0)
+        acc = acc * alpha[:, None] + o * w[:, None]
+        l_sum = l_sum * alpha + w
         m = m_new
-    out = acc / l_sum
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty))
-
-
-def merge_splits(
-    mid_o: torch.Tensor,
-    mid_lse: torch.Tensor,
-    out: torch.Tensor,
-    lengths: torch.Tensor,
-    min_split: int,
-    align: int,
-) -> None:
-    """``out[b, h] = Σ_s softmax-weighted mid_o[b, h, s]`` over the splits request ``b``
-    used (the same :func:`split_range` rule as stage 1, with its ``min_split``/``align``)."""
-    batch, q_heads, num_splits, dim = mid_o.shape
-    _merge_kernel[(batch, q_heads)](
-        mid_o,
-        mid_lse,
-        out,
-        lengths,
-        num_splits,
-        min_split,
-        align,
-        mid_o.stride(0),
-        mid_o.stride(1),
-        mid_o.stride(2),
-        mid_lse.stride(0),
-        mid_lse.stride(1),
-        out.stride(0),
-        out.stride(1),
-        D=dim,
-        BLOCK_S=32 if dim <= 128 else 16,  # [BLOCK_S, D] fp32 per step: ≤ 32 registers/thread
-    )
+    return acc / l_sum[:, None]
 
 
 @functools.cache  # queried on every decode call; the answer never changes
@@ -132,8 +115,20 @@ def num_sms(device: torch.device) -> int:
     return 4  # the interpreter: a few splits, to exercise the merge
 
 
+@dataclass(frozen=True)
+class SplitScratch:
+    """One call's split-K buffers: partials ``mid_o [B, Hq, splits, D]`` and
+    ``mid_lse [B, Hq, splits]`` (fp32), and the merge's ``tickets`` (int32, ≥ B × Hkv,
+    all 0 between calls)."""
+
+    mid_o: torch.Tensor
+    mid_lse: torch.Tensor
+    tickets: torch.Tensor
+
+
 class DecodeWorkspace:
-    """Split-K scratch (``mid_o``, ``mid_lse``) reused by every decode call on one device.
+    """Split-K scratch (``mid_o``, ``mid_lse``, ``tickets``) reused by every decode call on
+    one device.
 
     Sized for ``capacity`` (request, split) pairs of ``q_heads × head_dim``:
     :meth:`for_batch` covers every split count ``choose_num_splits`` picks for batches up
@@ -151,8 +146,11 @@ class DecodeWorkspace:
         f32 = torch.float32
         self.mid_o = torch.empty(capacity * q_heads * head_dim, dtype=f32, device=device)
         self.mid_lse = torch.empty(capacity * q_heads, dtype=f32, device=device)
+        # One ticket counter per (request, KV head): capacity ≥ batch and Hq ≥ Hkv. Zero
+        # here; each call's last program of a (request, KV head) puts its counter back to 0.
+        self.tickets = torch.zeros(capacity * q_heads, dtype=torch.int32, device=device)
         self.device = self.mid_o.device  # "cuda" resolved to "cuda:N", as tensors report it
-        self._views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._views: dict[tuple[int, int], SplitScratch] = {}
 
     @classmethod
     def for_batch(
@@ -167,9 +165,9 @@ class DecodeWorkspace:
     def fits(self, batch: int, splits: int) -> bool:
         return batch * splits <= self.capacity
 
-    def views(self, batch: int, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mid_o [batch, Hq, splits, D], mid_lse [batch, Hq, splits])`` over the
-        buffers' start; ``batch × splits`` must fit (:meth:`fits`)."""
+    def views(self, batch: int, splits: int) -> SplitScratch:
+        """``mid_o [batch, Hq, splits, D]``, ``mid_lse [batch, Hq, splits]`` over the
+        buffers' start, and the tickets; ``batch × splits`` must fit (:meth:`fits`)."""
         key = (batch, splits)
         hit = self._views.get(key)
         if hit is None:
@@ -179,9 +177,10 @@ class DecodeWorkspace:
                     f"not {batch} × {splits}"
                 )
             n, hq, d = batch * splits, self.q_heads, self.head_dim
-            hit = (
+            hit = SplitScratch(
                 self.mid_o[: n * hq * d].view(batch, hq, splits, d),
                 self.mid_lse[: n * hq].view(batch, hq, splits),
+                self.tickets,
             )
             self._views[key] = hit  # the views cost CPU time on every call otherwise
         return hit
@@ -206,7 +205,7 @@ def scratch(
     splits: int,
     dim: int,
     device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> SplitScratch:
     """The split-K buffers of one call: the workspace's when it fits, else fresh ones.
 
     A fresh allocation under CUDA graph capture is an error when a workspace was given:
@@ -221,6 +220,8 @@ def scratch(
                 f"decode workspace holds {workspace.capacity} (request, split) pairs, "
                 f"this call needs {batch} × {splits}: size it with DecodeWorkspace.for_batch"
             )
-    mid_o = torch.empty((batch, q_heads, splits, dim), dtype=torch.float32, device=device)
-    mid_lse = torch.empty((batch, q_heads, splits), dtype=torch.float32, device=device)
-    return mid_o, mid_lse
+    return SplitScratch(
+        torch.empty((batch, q_heads, splits, dim), dtype=torch.float32, device=device),
+        torch.empty((batch, q_heads, splits), dtype=torch.float32, device=device),
+        torch.zeros(batch * q_heads, dtype=torch.int32, device=device),
+    )
