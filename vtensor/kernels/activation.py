@@ -9,11 +9,17 @@ and of up in 16-byte vectors (``BLOCK = 1024`` elements over 4 warps: 8 a
 thread). ``BLOCK`` does not depend on ``T``, so every ``T`` runs one compiled
 variant (no compile mid-serving when a new batch size arrives).
 
-**Numerics** (what ``torch.compile`` computes for ``F.silu(gate) * up``, whose
-inductor decomposition is ``x / (1 + exp(-x))``): both halves upcast to fp32,
-``g / (1 + exp(-g)) * u`` in fp32, one rounding to the output dtype. Eager torch
-rounds ``silu(gate)`` to bf16 before the multiply (two roundings); it stays the
-CPU path (``models/fused.py``), which the HF-exactness tests check.
+**Numerics**: what ``torch.compile`` (torch 2.13's inductor, default settings)
+computes for ``F.silu(gate) * up``, operation for operation: both halves upcast to
+fp32, ``g / (exp(-g) + 1) * u`` in fp32 (inductor's decomposition of SiLU; its
+``exp`` is libdevice's, not the fast ``ex2.approx``; its ``/`` is Triton's, which
+the GPU computes as ``div.full.f32``, within 2 ulp), and one rounding to the output
+dtype (to nearest). So outputs agree with the compiled kernel's (the GPU test checks
+it) and lie within one unit of the exact value. For ``gate < -88.7`` fp32's
+``exp(-gate)`` overflows and the result is a signed zero where the exact value is a
+tiny normal number (inductor's too). Eager torch rounds ``silu(gate)`` to bf16 before
+the multiply (two roundings); it stays the CPU path (``models/fused.py``), which the
+HF-exactness tests check.
 
 **Graph-safe**: no host sync, no scratch; the output is allocated (from a
 graph's pool under capture) or passed in as ``out``.
@@ -24,8 +30,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-from .common import use_triton
+from .common import interpreted, use_triton
 from .reference import silu_mul_ref
 
 SILU_MUL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -34,10 +41,13 @@ BLOCK, NUM_WARPS = 1024, 4
 
 @triton.jit
 def _silu_mul_kernel(
-    X, Out, inter, stride_x, stride_o, BLOCK: tl.constexpr, EVEN: tl.constexpr
+    X, Out, inter, stride_x, stride_o,
+    BLOCK: tl.constexpr, EVEN: tl.constexpr, LIBDEVICE: tl.constexpr,
 ):  # fmt: skip
     """Row ``program_id(0)`` (64-bit: ``T·2I`` may pass 2^31), columns block
-    ``program_id(1)``; up starts ``inter`` elements after gate in the row."""
+    ``program_id(1)``; up starts ``inter`` elements after gate in the row.
+    ``LIBDEVICE``: False only in the interpreter, which has no libdevice (its
+    ``tl.exp`` is numpy's, also accurate)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     gate_ptr = X + row * stride_x + cols
@@ -48,7 +58,10 @@ def _silu_mul_kernel(
         ok = cols < inter
         g = tl.load(gate_ptr, mask=ok, other=0.0).to(tl.float32)
         u = tl.load(gate_ptr + inter, mask=ok, other=0.0).to(tl.float32)
-    y = g / (1.0 + tl.exp(-g)) * u  # inductor's silu, then the product: fp32, one rounding
+    # inductor's code for F.silu(gate) * up, op for op (its exp is libdevice's, its `/`
+    # Triton's): fp32 throughout, one rounding at the store.
+    e = libdevice.exp(-g) if LIBDEVICE else tl.exp(-g)
+    y = g / (e + 1.0) * u
     out_ptr = Out + row * stride_o + cols
     if EVEN:
         tl.store(out_ptr, y.to(Out.dtype.element_ty))
@@ -95,6 +108,6 @@ def silu_mul(
     grid = (t, triton.cdiv(inter, BLOCK))
     _silu_mul_kernel[grid](
         gate_up, out, inter, gate_up.stride(0), out.stride(0),
-        BLOCK=BLOCK, EVEN=inter % BLOCK == 0, num_warps=NUM_WARPS,
+        BLOCK=BLOCK, EVEN=inter % BLOCK == 0, LIBDEVICE=not interpreted(), num_warps=NUM_WARPS,
     )  # fmt: skip
     return out
