@@ -130,6 +130,7 @@ def _num_sms(device: torch.device) -> int:
     return 4  # the interpreter: small grids, so tests reach several splits
 
 
+@functools.cache  # asked on every call (host time); the answer is fixed
 def choose_splits(batch: int, vocab: int, num_sms: int, cfg: ArgmaxConfig) -> tuple[int, int]:
     """``(splits, blocks_per_split)`` of a row: about ``programs_per_sm · SMs`` programs
     over the batch, at least one block a split, at most ``MAX_SPLITS``; no split empty."""
