@@ -83,3 +83,10 @@ def linear_error_bound(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype
     ref = linear_ref(x, weight)
     sums = x.float().abs() @ weight.float().abs().T
     return 2 * unit * ref.abs() + 4 * x.shape[1] * 2.0**-24 * sums
+
+
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` in fp32 for ``gate_up [..., 2I]`` (gate first): SiLU·mul's
+    reference, before its one rounding to the output dtype."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
