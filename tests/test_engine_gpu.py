@@ -115,7 +115,7 @@ def test_async_steps_equal_sync_steps_while_slots_are_reclaimed(tmp_path: Path, 
 
 
 # By module path: the package re-exports functions named like some of its modules.
-KERNEL_MODULES = ("decode", "extend", "splitk", "store_kv", "gemv", "activation", "argmax")
+KERNEL_MODULES = ("decode", "extend", "store_kv", "gemv", "activation", "argmax")
 
 
 def _compiled_variants() -> dict[str, set[str]]:
