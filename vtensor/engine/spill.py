@@ -10,10 +10,11 @@ run, on swap's copy stream and pinned buffer (``swap.py``):
   mapper, in order with the step's commands). The step's commands are applied
   in segments: everything before the cache-drop command of a spilled chunk
   (which also holds its adoption, if it came this very step), then the copy,
-  then the rest. The copy waits for every step queued so far (one of them may
-  still write its KV) and the host waits for it; only then is the staging range
-  unmapped and the drop applied, so the chunk goes back to the pool after the
-  copy, as swap-out's do. A spilled block whose key left the tier before its
+  then the rest. The copy waits on the GPU only for the steps in flight that may
+  still write its blocks (``spill_writers.py``: none, for a block cached before
+  the steps in flight) and the host waits for the copy; only then is the staging
+  range unmapped and the drop applied, so the chunk goes back to the pool after
+  the copy, as swap-out's do. A spilled block whose key left the tier before its
   copy (dropped for room, reset, or offered again by a request) is not copied.
 * **Copy-in.** A restored block's fresh chunks are mapped by the step's own
   commands (at its indices in the new request's slot); the copy is queued in
@@ -39,6 +40,7 @@ from vtensor.kvcache.prefix_cache import SpillOut
 from vtensor.memory import Unmap, VirtualTensor
 
 from .executor import Segment
+from .spill_writers import BlockWriters
 from .swap import KVSwapper
 from .swap_driver import SwapDriver
 
@@ -60,6 +62,7 @@ class SpillCopier:
         self.stage = VirtualTensor(arena.pool, stage_chunks * self.chunk)
         self.stage_bytes = self.stage.view(torch.uint8, (self.stage.nbytes,))
         self.counters = SpillCounters()
+        self.writers = BlockWriters(torch.cuda.Event if swapper.cuda else None)
 
     def segments(
         self, commands: list[KVCommand], spills: list[SpillOut], placed: set[int]
@@ -84,7 +87,11 @@ class SpillCopier:
     def plan(
         self, kv_commands: list[KVCommand], ahead_commands: list[KVCommand], spills: list[SpillOut]
     ) -> tuple[list[Segment], list[Segment]] | None:
-        """The step's two command lists in segments (``segments``); None: no spill."""
+        """The step's two command lists in segments (``segments``); None: no spill.
+        Called for every step, before its commands are applied (they may hold chunks
+        that a later step spills: ``BlockWriters``)."""
+        self.writers.observe(kv_commands)
+        self.writers.observe(ahead_commands)
         if not spills:
             return None
         placed: set[int] = set()
@@ -131,6 +138,10 @@ class SpillCopier:
 
         return hook
 
+    def mark_launched(self) -> None:
+        """The step's work is queued (forward pass or none): see ``BlockWriters``."""
+        self.writers.mark_launched()
+
     def close(self) -> None:
         """Free the staging range (nothing is mapped there between copies)."""
         self.stage.close()
@@ -148,7 +159,8 @@ class SpillCopier:
             at += len(s.chunks)
         self.arena.mapper.submit(ops).wait()  # after the commands before: holds included
         try:
-            self.swapper.copy_out_from(ranges, spill=True)
+            after = self.writers.after(c for s in batch for c in s.chunks)
+            self.swapper.copy_out_from(ranges, spill=True, after=after)
         finally:
             self.arena.mapper.submit([Unmap(self.stage, 0, at * chunk)]).wait()
         for s in batch:

@@ -118,6 +118,8 @@ class StepLoop:
         if forward is None:
             if e.swap is not None:
                 e.swap.wait_deferred()
+            if e.spill is not None:
+                e.spill.mark_launched()
             return None
         sampling = [sp for sp in out.spans if sp.samples]
         draw = None
@@ -131,6 +133,8 @@ class StepLoop:
         if e.swap is not None:  # swap-ins overlapped the forward; the launch event covers them
             e.swap.wait_deferred()
         e.executor.mark_launched()
+        if e.spill is not None:  # after the step's work: its holds' KV is final then
+            e.spill.mark_launched()
         needs_host = any(sp.req.params.has_penalties for sp in sampling)
         return LaunchedStep(sampling, draw, needs_host)
 

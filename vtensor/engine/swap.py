@@ -14,7 +14,10 @@ copy). All copies run on one side *copy stream* (CUDA), in order:
   may still be written by a step in flight), then the host waits for the copy
   to finish before the step's unmaps are queued on the mapper. So the chunks go
   back to the pool only once copied. (The host wait does not overlap the copy
-  with compute: a first slice; see docs/architecture.md.)
+  with compute: a first slice; see docs/architecture.md.) A spill's copy-out
+  waits on the GPU only for the steps that may still write its blocks (``after``:
+  the events ``spill.py`` recorded after the steps that made them cached blocks),
+  so the host waits for the copy alone, not for the steps queued before it.
 * copy-in: the fresh chunks' maps are applied and waited for first (the
   executor's ``wait_ready``), the copy is queued, and the compute stream waits
   for it (a stream wait, no host block) before the forward pass. A host slot
@@ -27,6 +30,7 @@ when they return, so the same ordering holds trivially.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,11 +72,16 @@ class KVSwapper:
         self.copy_out_from([(self.arena_bytes, base, extent.host_slots)])
 
     def copy_out_from(
-        self, ranges: list[tuple[torch.Tensor, int, tuple[int, ...]]], spill: bool = False
+        self,
+        ranges: list[tuple[torch.Tensor, int, tuple[int, ...]]],
+        spill: bool = False,
+        after: Sequence[torch.cuda.Event] | None = None,
     ) -> None:
         """Copy each ``(device bytes, byte offset, host slots)`` range (one chunk per
         host slot, consecutive from the offset) to the host; returns once all are there.
-        The copies are ordered after every step queued so far (they may read its KV)."""
+        The copies are ordered after every step queued so far (they may read its KV),
+        or, given ``after``, only after those events (the caller knows which steps may
+        still write what it copies: ``spill.py``; an empty list: none)."""
         count = sum(len(h) for _, _, h in ranges)
         if not count:
             return
@@ -85,7 +94,11 @@ class KVSwapper:
             acc.out_s += time.perf_counter() - t0
             return
         start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        if after is None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        else:
+            for event in after:
+                self.stream.wait_event(event)
         with torch.cuda.stream(self.stream):
             start.record()  # after the wait: the copy's own time, not the step's
             for dev, base, slots in ranges:
