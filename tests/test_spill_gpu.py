@@ -123,14 +123,14 @@ def test_concurrent_spills_wait_for_their_writers_on_cuda(
     llm = make_llm(str(tmp_path), swap_space_bytes=64 * CHUNK, **kw)
     slow_forward(llm.engine.runner, spin_cycles_for(0.02), monkeypatch)
     swapper = llm.engine.spill.swapper
-    original, waits = swapper.copy_out_from, {"everything": 0, "marks": 0, "nothing": 0}
+    original, waits = swapper.copy_out_queued, {"everything": 0, "marks": 0, "nothing": 0}
 
-    def spy(ranges: Any, spill: bool = False, after: Any = None) -> None:
+    def spy(ranges: Any, spill: bool = False, after: Any = None) -> Any:
         if spill:
             waits["everything" if after is None else "marks" if after else "nothing"] += 1
-        original(ranges, spill=spill, after=after)
+        return original(ranges, spill=spill, after=after)
 
-    monkeypatch.setattr(swapper, "copy_out_from", spy)
+    monkeypatch.setattr(swapper, "copy_out_queued", spy)
     got = llm.generate(prompts, params)
     print("spill copy-outs by their wait:", waits)
     assert_greedy_close(got, want, "spill (concurrent, slow forward) vs cache off")

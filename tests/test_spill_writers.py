@@ -96,7 +96,8 @@ class Reference:
         self.checked = self.waited = 0
         self.copier = copier
         copier.writers.new_event = lambda: FakeEvent(self.clock, self.clock[0], lag)
-        plan, copy_batch, copy_from = copier.plan, copier._copy_batch, copier.swapper.copy_out_from
+        plan, copy_batch = copier.plan, copier._copy_batch
+        copy_from = copier.swapper.copy_out_queued
         batch_chunks: list[int] = []
 
         def spy_plan(kv: list[Any], ahead: list[Any], spills: list[Any]) -> Any:
@@ -110,12 +111,12 @@ class Reference:
             batch_chunks[:] = [c for s in batch for c in s.chunks]
             copy_batch(batch)
 
-        def spy_copy(ranges: Any, spill: bool = False, after: Any = None) -> None:
+        def spy_copy(ranges: Any, spill: bool = False, after: Any = None) -> Any:
             if spill:
                 self.check(batch_chunks, after)
-            copy_from(ranges, spill=spill, after=after)
+            return copy_from(ranges, spill=spill, after=after)
 
-        copier.plan, copier._copy_batch, copier.swapper.copy_out_from = (
+        copier.plan, copier._copy_batch, copier.swapper.copy_out_queued = (
             spy_plan,
             spy_batch,
             spy_copy,
