@@ -61,10 +61,13 @@ class SpillCounters:
 
 class SpillCopier:
     def __init__(
-        self, arena: KVArena, swapper: KVSwapper, tier: HostTier, stage_chunks: int = 64
+        self, arena: KVArena, swapper: KVSwapper, tier: HostTier, stage_chunks: int = 1024
     ) -> None:
         self.arena, self.swapper, self.tier = arena, swapper, tier
         self.chunk = arena.geometry.chunk_size
+        # The staging ring: address space only (2 GiB of 2 MiB chunks by default), so a
+        # step's spills rarely wrap onto a range whose copy may still be in flight (the
+        # map there would then wait for that copy on the mapper, and the host with it).
         self.stage_chunks = stage_chunks
         self.stage = VirtualTensor(arena.pool, stage_chunks * self.chunk)
         self.stage_bytes = self.stage.view(torch.uint8, (self.stage.nbytes,))
