@@ -8,7 +8,10 @@ Llama-3-8B shape (random bf16 weights), the KV pool capped at ``--kv-gib`` (4),
 arrivals at ``--rate`` 6/s, past saturation for this pool: requests grow into each
 other and preempt. (The first defaults, 8 GiB, 48 prompts of 256 out at 2/s, never
 preempted on an H100: the comparison was void.) Per pass: throughput, TTFT and
-TPOT p50/p99, preemptions (swapped / recomputed), swap GB/s out and in against the
+TPOT p50/p99, preemptions (swapped / recomputed), the prompt tokens prefilled again
+after a preemption by recompute, their share of all prefilled tokens and the
+throughput ceiling of swap over recompute they allow (``vtensor/bench/recompute_waste``:
+GPU time taken as proportional to tokens), swap GB/s out and in against the
 pinned copy ceiling measured in the same run, and the memory held: GPU (the device's
 peak use by ``cudaMemGetInfo``, the KV pool's peak chunks, the engine's classes at the
 end) and the host tier's peak. Prefix caching off: random prompts share nothing, and
@@ -41,6 +44,7 @@ import torch
 
 from vtensor.bench.arrivals import run_arrivals
 from vtensor.bench.datasets import SyntheticRequest, random_dataset
+from vtensor.bench.recompute_waste import RecomputeWaste
 from vtensor.bench.slo_timeline import Timeline, misses
 from vtensor.engine.config import EngineConfig
 from vtensor.engine.llm_engine import LLMEngine
@@ -160,7 +164,13 @@ def swap_counts(before: EngineStats, after: EngineStats) -> dict[str, Any]:
     out_b = after.swap_out_bytes - before.swap_out_bytes
     in_b = after.swap_in_bytes - before.swap_in_bytes
     out_s, in_s = after.swap_out_s - before.swap_out_s, after.swap_in_s - before.swap_in_s
+    waste = RecomputeWaste(
+        after.recomputed_prompt_tokens - before.recomputed_prompt_tokens,
+        after.prefill_tokens - before.prefill_tokens,
+        after.computed_tokens - before.computed_tokens,
+    )
     return {
+        **waste.as_dict(),
         "preemptions": after.preemptions - before.preemptions,
         "slo_swap_outs": after.slo_swap_outs - before.slo_swap_outs,
         "swap_preemptions": after.swap_preemptions - before.swap_preemptions,
@@ -299,8 +309,12 @@ def summarize(results: dict[str, Any]) -> None:
             line += (
                 f" | vs recompute: p99 TTFT x{base['ttft_ms']['p99'] / r['ttft_ms']['p99']:.2f}"
                 f" lower, throughput x{r['total_tokens_per_s'] / base['total_tokens_per_s']:.2f}"
+                f" (recompute's waste allows at most x{base['swap_throughput_ceiling']:.3f})"
             )
         print(line)
+        waste = RecomputeWaste(r["recomputed_prompt_tokens"], r["prefill_tokens"],
+                               r["computed_tokens"])  # fmt: skip
+        print("  " + waste.line())
         m = r["ttft_misses"]
         causes = ", ".join(f"{k} {v}" for k, v in m["by_cause"].items())
         means = " / ".join(f"{m['mean_s'][k] * 1e3:.0f}" for k in ("queue", "prefill", "swapped"))

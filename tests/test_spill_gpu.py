@@ -103,3 +103,37 @@ def test_abort_while_restore_copy_in_flight_on_cuda(
     engine.check_integrity()
     assert engine.reset_prefix_cache()
     assert engine.swap.planner.tier.usage().used_slots == 0
+
+
+def test_concurrent_spills_wait_for_their_writers_on_cuda(
+    tmp_path: Path, make_llm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All requests at once, two running, every forward pass ~20 ms late on the compute
+    stream: a block cached by a step still on the GPU may be evicted (spilled) by the
+    next admissions, and each spill copy-out waits on the GPU only for the marks of
+    its blocks' writers (``spill_writers.py``), the host for the copy alone. The
+    outputs match the engine's with the cache off: no copy-out read KV a step still
+    wrote. The spy counts the copies by what they waited for (printed)."""
+    make_checkpoint(tmp_path, "llama", **OVER)
+    first = waves()[:5]
+    prompts = first + [p + random_prompts(1, 512, lo=8, hi=16)[0] for p in first]
+    kw = dict(KW, kv_cache_bytes=24 * CHUNK)
+    params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, logprobs=2)
+    want = make_llm(str(tmp_path), enable_prefix_caching=False, **kw).generate(prompts, params)
+    llm = make_llm(str(tmp_path), swap_space_bytes=64 * CHUNK, **kw)
+    slow_forward(llm.engine.runner, spin_cycles_for(0.02), monkeypatch)
+    swapper = llm.engine.spill.swapper
+    original, waits = swapper.copy_out_queued, {"everything": 0, "marks": 0, "nothing": 0}
+
+    def spy(ranges: Any, spill: bool = False, after: Any = None) -> Any:
+        if spill:
+            waits["everything" if after is None else "marks" if after else "nothing"] += 1
+        return original(ranges, spill=spill, after=after)
+
+    monkeypatch.setattr(swapper, "copy_out_queued", spy)
+    got = llm.generate(prompts, params)
+    print("spill copy-outs by their wait:", waits)
+    assert_greedy_close(got, want, "spill (concurrent, slow forward) vs cache off")
+    s = llm.engine.stats()
+    assert s.prefix_cache_spilled_blocks > 0 and s.prefix_cache_restored_blocks > 0
+    assert sum(waits.values()) > 0

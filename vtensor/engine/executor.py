@@ -87,7 +87,9 @@ class StepExecutor:
         if self.runner.workspace is not None:
             wait = self._make_room(plan.pool_chunks, plan.pool_need)
             self._apply_kv(plan, segments)
-            if wait:
+            # Spilled chunks go back to the pool only once their copy-out completed, on
+            # the mapper (spill.py); the forward's workspace may need them at once.
+            if wait or segments is not None:
                 self._wait_unmaps()
         else:
             shrink = self._grow_pool(plan.pool_chunks)

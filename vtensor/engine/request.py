@@ -50,6 +50,9 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    # Tokens whose KV was computed before the request was last preempted by recompute
+    # (or its swap dropped): computing any of them again is recomputation.
+    num_recompute_until: int = 0
     logprobs: list[dict[int, float]] = field(default_factory=list)
     first_token_time: float | None = None  # on the engine's request clock, like arrival
     last_token_time: float | None = None
@@ -106,6 +109,7 @@ class Request:
         """The scheduler took the slot back: the KV is recomputed from token 0 later.
         A token still on the device stays counted; it is read like any other."""
         self._expect(RequestStatus.RUNNING)
+        self.num_recompute_until = max(self.num_recompute_until, self.num_computed)
         self.status, self.num_computed = RequestStatus.WAITING, 0
         self.num_preemptions += 1
 
@@ -124,6 +128,7 @@ class Request:
         """Its host copy was dropped (the pool could not take it back): it waits to be
         recomputed from token 0, like a request preempted by recompute."""
         self._expect(RequestStatus.SWAPPED)
+        self.num_recompute_until = max(self.num_recompute_until, self.num_computed)
         self.status, self.num_computed = RequestStatus.WAITING, 0
 
     def advance(self, end: int, sampled: bool) -> None:

@@ -71,6 +71,16 @@ class EngineStats:
     prefix_cache_spilled_blocks: int = 0  # evicted blocks spilled to the host, since start
     prefix_cache_restored_blocks: int = 0  # host blocks copied back for a hit, since start
 
+    # Tokens computed, since start: every span's (computed_tokens); of those, prefill
+    # spans' (prefill_tokens: prompts, their chunks and the re-prefills after a
+    # preemption by recompute, prefix-cache hits excluded; the rest are decode tokens);
+    # of those, tokens whose KV had been computed before a preemption by recompute (or
+    # a swap dropped) and was computed again (recomputed_prompt_tokens: the waste a
+    # swap avoids; the re-prefill covers the tokens generated before, too).
+    computed_tokens: int = 0
+    prefill_tokens: int = 0
+    recomputed_prompt_tokens: int = 0
+
     @property
     def slo_ttft_attainment(self) -> float:
         """TTFT met over finished requests with a TTFT SLO (0 before any)."""
@@ -111,6 +121,9 @@ class StepCounters:
     step_s: float = 0.0
     kv_sync_s: float = 0.0
     unmap_fences: int = 0
+    computed_tokens: int = 0  # tokens of every span launched (prefill and decode)
+    prefill_tokens: int = 0  # of those, in prefill spans (see EngineStats.prefill_tokens)
+    recomputed_prompt_tokens: int = 0  # of those, computed again after a recompute
 
 
 def collect_stats(
@@ -135,6 +148,9 @@ def collect_stats(
         mapper_waits=arena_stats.waits,
         kv_sync_s=counters.kv_sync_s,
         unmap_fences=counters.unmap_fences,
+        computed_tokens=counters.computed_tokens,
+        prefill_tokens=counters.prefill_tokens,
+        recomputed_prompt_tokens=counters.recomputed_prompt_tokens,
         live_kv_bytes=live,
         mapped_kv_bytes=usage.running_mapped_chunks * geo.chunk_size,
         idle_kv_bytes=usage.idle_chunks * geo.chunk_size,

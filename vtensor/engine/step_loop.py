@@ -118,6 +118,8 @@ class StepLoop:
         if forward is None:
             if e.swap is not None:
                 e.swap.wait_deferred()
+            if e.spill is not None:
+                e.spill.mark_launched()
             return None
         sampling = [sp for sp in out.spans if sp.samples]
         draw = None
@@ -126,13 +128,29 @@ class StepLoop:
             rows = [SamplerRow.of(sp.req, self.generators.get(sp.req.rid)) for sp in sampling]
             draw = e.sampler.draw(forward.logits, rows)
             e.executor.write_tokens(forward, draw.tokens)
+        self._count_tokens(out)
         for sp in out.spans:
             sp.req.advance(sp.end, sp.samples)  # computed (and sampled) from here on
         if e.swap is not None:  # swap-ins overlapped the forward; the launch event covers them
             e.swap.wait_deferred()
         e.executor.mark_launched()
+        if e.spill is not None:  # after the step's work: its holds' KV is final then
+            e.spill.mark_launched()
         needs_host = any(sp.req.params.has_penalties for sp in sampling)
         return LaunchedStep(sampling, draw, needs_host)
+
+    def _count_tokens(self, out: SchedulerOutput) -> None:
+        """The launched spans' tokens: all, prefill's, and recomputed ones (tokens below
+        ``num_recompute_until``: their KV was computed before a preemption by recompute).
+        A decode span is one token past the prompt and past anything recomputed."""
+        c = self.engine.counters
+        for sp in out.spans:
+            req = sp.req
+            redo = max(0, min(sp.end, req.num_recompute_until) - sp.start)
+            c.computed_tokens += sp.num_tokens
+            c.recomputed_prompt_tokens += redo
+            if redo or sp.num_tokens > 1 or sp.start < req.num_prompt:
+                c.prefill_tokens += sp.num_tokens
 
     def _pool_chunks(self) -> int | None:
         """The unified pool: the pool's capacity for the step just planned (the KV's

@@ -14,7 +14,10 @@ copy). All copies run on one side *copy stream* (CUDA), in order:
   may still be written by a step in flight), then the host waits for the copy
   to finish before the step's unmaps are queued on the mapper. So the chunks go
   back to the pool only once copied. (The host wait does not overlap the copy
-  with compute: a first slice; see docs/architecture.md.)
+  with compute: a first slice; see docs/architecture.md.) A spill's copy-out
+  waits on the GPU only for the steps that may still write its blocks (``after``:
+  the events ``spill.py`` recorded after the steps that made them cached blocks),
+  so the host waits for the copy alone, not for the steps queued before it.
 * copy-in: the fresh chunks' maps are applied and waited for first (the
   executor's ``wait_ready``), the copy is queued, and the compute stream waits
   for it (a stream wait, no host block) before the forward pass. A host slot
@@ -27,6 +30,7 @@ when they return, so the same ordering holds trivially.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +62,8 @@ class KVSwapper:
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         # Counted apart: swap's copies (False) and prefix-cache spill's (True, spill.py).
         self._acc = {False: _Tally(), True: _Tally()}
-        self._pending_in: list[tuple[torch.cuda.Event, torch.cuda.Event, _Tally]] = []
+        # Copies not seen complete yet, in stream order: (start, done, tally, out?).
+        self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event, _Tally, bool]] = []
         self._deferred: list[torch.cuda.Event] = []  # copy-ins the compute stream awaits later
 
     def copy_out(self, slot: int, extent: HostExtent) -> None:
@@ -68,14 +73,35 @@ class KVSwapper:
         self.copy_out_from([(self.arena_bytes, base, extent.host_slots)])
 
     def copy_out_from(
-        self, ranges: list[tuple[torch.Tensor, int, tuple[int, ...]]], spill: bool = False
+        self,
+        ranges: list[tuple[torch.Tensor, int, tuple[int, ...]]],
+        spill: bool = False,
+        after: Sequence[torch.cuda.Event] | None = None,
     ) -> None:
         """Copy each ``(device bytes, byte offset, host slots)`` range (one chunk per
         host slot, consecutive from the offset) to the host; returns once all are there.
-        The copies are ordered after every step queued so far (they may read its KV)."""
+        The copies are ordered after every step queued so far (they may read its KV),
+        or, given ``after``, only after those events (the caller knows which steps may
+        still write what it copies: ``spill.py``; an empty list: none)."""
+        done = self.copy_out_queued(ranges, spill, after)
+        if done is not None:
+            done.synchronize()
+            self._count_done()
+
+    def copy_out_queued(
+        self,
+        ranges: list[tuple[torch.Tensor, int, tuple[int, ...]]],
+        spill: bool = False,
+        after: Sequence[torch.cuda.Event] | None = None,
+    ) -> torch.cuda.Event | None:
+        """``copy_out_from`` without the host wait: returns the copies' completion event
+        (None: nothing to wait for; without CUDA they are done on return). The compute
+        stream waits for it: anything queued from now on (a step writing over a copied
+        chunk in place) runs after the copies. The source ranges must stay mapped, and
+        the chunks unused by anything else, until the event completes."""
         count = sum(len(h) for _, _, h in ranges)
         if not count:
-            return
+            return None
         acc = self._acc[spill]
         acc.out_bytes += count * self.chunk
         if self.stream is None:
@@ -83,16 +109,22 @@ class KVSwapper:
             for dev, base, slots in ranges:
                 self._copy_runs(dev, base, slots, to_host=True)
             acc.out_s += time.perf_counter() - t0
-            return
+            return None
         start, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        compute = torch.cuda.current_stream(self.device)
+        if after is None:
+            self.stream.wait_stream(compute)
+        else:
+            for event in after:
+                self.stream.wait_event(event)
         with torch.cuda.stream(self.stream):
             start.record()  # after the wait: the copy's own time, not the step's
             for dev, base, slots in ranges:
                 self._copy_runs(dev, base, slots, to_host=True)
             done.record()
-        done.synchronize()
-        acc.out_s += start.elapsed_time(done) / 1e3
+        compute.wait_event(done)
+        self._pending.append((start, done, acc, True))
+        return done
 
     def copy_in(
         self, slot: int, extent: HostExtent, spill: bool = False, defer: bool = False
@@ -123,8 +155,8 @@ class KVSwapper:
             self._deferred.append(done)
         else:
             torch.cuda.current_stream(self.device).wait_event(done)
-        self._pending_in.append((start, done, acc))
-        self._count_done_ins()  # bounded: the events of copies still in flight
+        self._pending.append((start, done, acc, False))
+        self._count_done()  # bounded: the events of copies still in flight
 
     def wait_deferred(self) -> int:
         """The compute stream waits for the deferred copy-ins (anything queued from now
@@ -139,15 +171,18 @@ class KVSwapper:
 
     def stats(self, spill: bool = False) -> SwapStats:
         """Swap's copies, or (``spill``) prefix-cache spill's."""
-        self._count_done_ins()
+        self._count_done()
         a = self._acc[spill]
         return SwapStats(a.out_bytes, a.in_bytes, a.out_s, a.in_s)
 
-    def _count_done_ins(self) -> None:
-        """Add the time of the copy-ins that completed (in stream order: oldest first)."""
-        while self._pending_in and self._pending_in[0][1].query():
-            start, done, acc = self._pending_in.pop(0)
-            acc.in_s += start.elapsed_time(done) / 1e3
+    def _count_done(self) -> None:
+        """Add the time of the copies that completed (in stream order: oldest first)."""
+        while self._pending and self._pending[0][1].query():
+            start, done, acc, out = self._pending.pop(0)
+            if out:
+                acc.out_s += start.elapsed_time(done) / 1e3
+            else:
+                acc.in_s += start.elapsed_time(done) / 1e3
 
     def close(self) -> None:
         """Free the host buffer (after the caller synchronized: no copy in flight)."""

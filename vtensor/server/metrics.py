@@ -143,6 +143,14 @@ class ServerMetrics:
              "the host tier (spilled blocks)", stats.prefix_cache_host_hits),
             ("prefix_cache_evicted_chunks_total", "KV chunks freed by evicting cached blocks",
              stats.prefix_cache_evicted_chunks),
+            ("computed_tokens_total", "Tokens computed by the steps (prefill and decode)",
+             stats.computed_tokens),
+            ("prefill_tokens_total", "Of those, tokens computed by prefill spans (cache hits "
+             "excluded; re-prefills after a preemption by recompute included)",
+             stats.prefill_tokens),
+            ("recomputed_prompt_tokens_total", "Of those, tokens computed again after a "
+             "preemption by recompute (their KV had been computed before)",
+             stats.recomputed_prompt_tokens),
         ]  # fmt: skip
         swap_gauges, swap_counters = _swap_metrics(stats)
         slo_gauges, slo_counters = _slo_metrics(stats)
