@@ -94,7 +94,9 @@ def _attend_split(
 
 @triton.jit(
     do_not_specialize=["batch", "balance_programs"],
-    do_not_specialize_on_alignment=INDEX_POINTERS,
+    # Tickets too: with one split the wrapper passes the lengths (a slice of the step's
+    # packed metadata, at any 4-byte offset) as its unused placeholder.
+    do_not_specialize_on_alignment=[*INDEX_POINTERS, "Tickets"],
 )
 def _decode_split_kernel(
     Q, K, V, RowStart, Lens, Out, MidO, MidLse, Tickets,
