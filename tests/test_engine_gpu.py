@@ -115,7 +115,7 @@ def test_async_steps_equal_sync_steps_while_slots_are_reclaimed(tmp_path: Path, 
 
 
 # By module path: the package re-exports functions named like some of its modules.
-KERNEL_MODULES = ("decode", "extend", "splitk", "store_kv", "gemv")
+KERNEL_MODULES = ("decode", "extend", "splitk", "store_kv", "gemv", "rope_store")
 
 
 def _compiled_variants() -> dict[str, set[str]]:
@@ -125,7 +125,8 @@ def _compiled_variants() -> dict[str, set[str]]:
     mod = {n: importlib.import_module(f"vtensor.kernels.{n}") for n in KERNEL_MODULES}
     kernels = [mod["decode"]._decode_split_kernel, mod["extend"]._extend_kernel,
                mod["splitk"]._merge_kernel, mod["store_kv"]._store_kv_kernel,
-               mod["gemv"]._gemv_kernel, mod["gemv"]._split_sum_kernel]  # fmt: skip
+               mod["gemv"]._gemv_kernel, mod["gemv"]._split_sum_kernel,
+               mod["rope_store"]._rope_store_kernel]  # fmt: skip
     return {
         k.fn.__name__: {str(key) for c in k.device_caches.values() for key in c[0]} for k in kernels
     }
