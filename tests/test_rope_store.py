@@ -176,3 +176,22 @@ def test_bad_inputs_are_rejected_before_any_write(impl: str) -> None:
     with pytest.raises(ValueError, match="impl must be"):
         rope_store_kv(**_bad(step), impl="cuda")
     assert torch.equal(step.arena, step.before)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+def test_captured_in_a_cuda_graph_and_replayed_on_new_inputs() -> None:
+    """Graph-safe: captured once (allocating only q, in the graph's pool), replayed with
+    fresh qkv, angles and rows copied into the captured inputs, as decode steps do."""
+    step = Step(16, 32, 8, 128, torch.bfloat16)  # Llama-3-8B's heads
+    fresh = Step(16, 32, 8, 128, torch.bfloat16)
+    step.run()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        q = step.run()
+    step.arena.copy_(step.before)  # capture launched nothing: the arena is as it was
+    for name in ("qkv", "cos", "sin", "rows"):
+        getattr(step, name).copy_(getattr(fresh, name))
+    graph.replay()
+    torch.cuda.synchronize()
+    step.check(q, ulps=1.01)

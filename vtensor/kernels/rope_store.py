@@ -78,7 +78,7 @@ def _rope_store_kernel(
     kc = KCache + row * stride_kcr + (h - HQ)[:, None] * stride_kch + d[None, :]
     tl.store(kc, y1.to(KCache.dtype.element_ty), mask=is_k)
     tl.store(kc + HALF, y2.to(KCache.dtype.element_ty), mask=is_k)
-    is_v = live & ~rotate
+    is_v = live & (h >= HQ + HKV)[:, None]
     vc = VCache + row * stride_vcr + (h - HQ - HKV)[:, None] * stride_vch + d[None, :]
     tl.store(vc, y1.to(VCache.dtype.element_ty), mask=is_v)
     tl.store(vc + HALF, y2.to(VCache.dtype.element_ty), mask=is_v)
