@@ -66,22 +66,24 @@ def _rope_store_kernel(
     rotate = (h < HQ + HKV)[:, None]  # v heads pass through unrotated
     y1 = tl.where(rotate, f1 * c - f2 * s, f1)
     y2 = tl.where(rotate, f2 * c + f1 * s, f2)
-    y1 = y1.to(QKV.dtype.element_ty)  # the one rounding, as the compiled rotate does
-    y2 = y2.to(QKV.dtype.element_ty)
-
+    y1, y2 = y1.to(QKV.dtype.element_ty), y2.to(QKV.dtype.element_ty)  # the one rounding
     is_q = (h < HQ)[:, None]
     o = Out + t * stride_ot + h[:, None] * stride_oh + d[None, :]
-    tl.store(o, y1, mask=is_q)
-    tl.store(o + HALF, y2, mask=is_q)
+    _store_halves(o, y1, y2, is_q, HALF)
     row = tl.load(Rows + t).to(tl.int64)
     is_k = (h >= HQ)[:, None] & rotate
     kc = KCache + row * stride_kcr + (h - HQ)[:, None] * stride_kch + d[None, :]
-    tl.store(kc, y1.to(KCache.dtype.element_ty), mask=is_k)
-    tl.store(kc + HALF, y2.to(KCache.dtype.element_ty), mask=is_k)
+    _store_halves(kc, y1, y2, is_k, HALF)
     is_v = live & (h >= HQ + HKV)[:, None]
     vc = VCache + row * stride_vcr + (h - HQ - HKV)[:, None] * stride_vch + d[None, :]
-    tl.store(vc, y1.to(VCache.dtype.element_ty), mask=is_v)
-    tl.store(vc + HALF, y2.to(VCache.dtype.element_ty), mask=is_v)
+    _store_halves(vc, y1, y2, is_v, HALF)
+
+
+@triton.jit
+def _store_halves(ptr, y1, y2, mask, HALF: tl.constexpr):
+    """A head's two halves (the rotate_half pairs) at ``ptr`` and ``ptr + HALF``."""
+    tl.store(ptr, y1.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr + HALF, y2.to(ptr.dtype.element_ty), mask=mask)
 
 
 def rope_store_kv(
