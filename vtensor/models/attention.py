@@ -58,7 +58,7 @@ class AttentionBackend(ABC):
     all-decode batch to ``decode``, a batch without one-token requests to
     ``extend``, and a mixed batch's leading ``num_decode`` rows to ``decode`` and
     the rest to ``extend``. Both read K/V from the cache, after the store.
-    A subclass implements those two on the strided layer views ``kv_views[layer]``
+    A subclass implements ``decode`` and ``extend`` on the strided layer views ``kv_views[layer]``
     (``[rows, kv_heads, head_dim]``, row ``row_starts[b] + i`` is token ``i`` of
     request ``b``).
 

@@ -7,8 +7,8 @@
 | ``torch`` | :class:`TorchAttention` | the fp32 torch reference | no (host syncs) |
 
 Every backend stores K/V with our ``store_kv`` or ``rope_store_kv`` (Triton, or
-their references for ``torch``). The default (``None`` or ``"auto"``) is ``triton`` on CUDA and
-``torch`` on the CPU.
+their references for ``torch``). The default (``None`` or ``"auto"``) is
+``triton`` on CUDA and ``torch`` on the CPU.
 """
 
 from __future__ import annotations
