@@ -197,3 +197,29 @@ def test_captured_in_a_cuda_graph_and_replayed_on_new_inputs() -> None:
     graph.replay()
     torch.cuda.synchronize()
     step.check(q, ulps=1.01)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (the compiled rotate)")
+@pytest.mark.parametrize("hq,hkv", [(32, 8), (8, 8)])
+def test_matches_the_compiled_rotate_and_store_kv(hq: int, hkv: int) -> None:
+    """The path it replaces (``fused.rotate`` compiled by inductor on the strided qkv
+    view, then ``store_kv``) gives q and k within one rounding of the same fp32 values
+    each: the two differ by at most 2u of the terms' size; v is the same bits."""
+    from vtensor.kernels import store_kv
+    from vtensor.models.fused import rotate
+
+    step = Step(random.randint(1, 40), hq, hkv, 128, torch.bfloat16)
+    q = step.run()
+    new_k, new_v = step.k[step.rows.long()].clone(), step.v[step.rows.long()].clone()
+    split = (hq + hkv) * step.dim
+    qk = rotate(step.qkv[:, :split].unflatten(-1, (hq + hkv, step.dim)), step.cos, step.sin)
+    v = step.qkv[:, split:].unflatten(-1, (hkv, step.dim))
+    store_kv(step.k, step.v, qk[:, hq:], v, step.rows)
+    x = step.qkv.float().unflatten(-1, (-1, step.dim))[:, : hq + hkv]
+    c, s = step.cos.bfloat16().float(), step.sin.bfloat16().float()
+    half = step.dim // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    size = torch.cat((x1 * c, x2 * c), -1).abs() + torch.cat((x2 * s, x1 * s), -1).abs()
+    _within(q, qk[:, :hq].float(), size[:, :hq], 2.02)
+    _within(new_k, step.k[step.rows.long()].float(), size[:, hq:], 2.02)
+    assert torch.equal(new_v, step.v[step.rows.long()])
