@@ -104,14 +104,14 @@ def test_triton_and_torch_backends_give_the_same_engine_output(make_llm) -> None
     ref, tri = make_llm(attention_backend="torch", **kw), make_llm(attention_backend="triton", **kw)
     assert type(tri.engine.runner.attn) is TritonAttention
     seen: list[int] = []
-    forward = tri.engine.runner.attn.forward
+    attend = tri.engine.runner.attn.attend  # the model's path (rope_store, then attend)
 
-    def spy(layer, q, k, v, meta):  # type: ignore[no-untyped-def]
+    def spy(layer, q, meta):  # type: ignore[no-untyped-def]
         if layer == 0 and not meta.is_decode:
             seen.append(meta.num_decode)
-        return forward(layer, q, k, v, meta)
+        return attend(layer, q, meta)
 
-    tri.engine.runner.attn.forward = spy
+    tri.engine.runner.attn.attend = spy
     vocab = ref.engine.model_config.vocab_size
     prompts = [[random.randrange(4, vocab) for _ in range(n)] for n in (5, 23, 37)]
     params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logprobs=0)

@@ -164,16 +164,17 @@ def test_cli_bench_offline_writes_json(tmp_path: Path) -> None:
 
 def spy_num_decode(llm: Any) -> list[int]:
     """``num_decode`` of each eager non-decode step, recorded from now on (graph replays
-    do not call Python). ``del llm.engine.runner.attn.forward`` removes the spy."""
+    do not call Python). ``del llm.engine.runner.attn.attend`` removes the spy. Every
+    model path (``forward``, or ``rope_store`` then ``attend``) attends through it."""
     seen: list[int] = []
-    forward = llm.engine.runner.attn.forward
+    attend = llm.engine.runner.attn.attend
 
-    def spy(layer, q, k, v, meta):  # type: ignore[no-untyped-def]
+    def spy(layer, q, meta):  # type: ignore[no-untyped-def]
         if layer == 0 and not meta.is_decode:
             seen.append(meta.num_decode)
-        return forward(layer, q, k, v, meta)
+        return attend(layer, q, meta)
 
-    llm.engine.runner.attn.forward = spy
+    llm.engine.runner.attn.attend = spy
     return seen
 
 
@@ -189,7 +190,7 @@ def test_mixed_steps_send_decodes_to_the_decode_kernel(make_llm) -> None:
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     together = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert any(n > 0 for n in seen), f"no mixed step was split: {seen}"
-    del llm.engine.runner.attn.forward  # the spy shadows the method on the instance
+    del llm.engine.runner.attn.attend  # the spy shadows the method on the instance
     alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
     assert together == alone
 

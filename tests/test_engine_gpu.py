@@ -115,7 +115,7 @@ def test_async_steps_equal_sync_steps_while_slots_are_reclaimed(tmp_path: Path, 
 
 
 # By module path: the package re-exports functions named like some of its modules.
-KERNEL_MODULES = ("decode", "extend", "store_kv", "gemv", "activation", "argmax")
+KERNEL_MODULES = ("decode", "extend", "store_kv", "gemv", "activation", "argmax", "rope_store")
 
 
 def _compiled_variants() -> dict[str, set[str]]:
@@ -127,7 +127,8 @@ def _compiled_variants() -> dict[str, set[str]]:
                mod["store_kv"]._store_kv_kernel,
                mod["gemv"]._gemv_kernel, mod["gemv"]._split_sum_kernel,
                mod["activation"]._silu_mul_kernel, mod["argmax"]._argmax_split_kernel,
-               mod["argmax"]._argmax_merge_kernel]  # fmt: skip
+               mod["argmax"]._argmax_merge_kernel,
+               mod["rope_store"]._rope_store_kernel]  # fmt: skip
     return {
         k.fn.__name__: {str(key) for c in k.device_caches.values() for key in c[0]} for k in kernels
     }

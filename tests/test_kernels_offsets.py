@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from vtensor.kernels import decode_attention, extend_attention, store_kv
-from vtensor.kernels.reference import decode_ref, extend_ref
+from vtensor.kernels import decode_attention, extend_attention, rope_store_kv, store_kv
+from vtensor.kernels.reference import decode_ref, extend_ref, rope_ref
 from vtensor.kvcache import KVLayout
 from vtensor.memory import ChunkPool, NoCudaDriverError, PhysicalBackend, VirtualTensor
 from vtensor.memory import open_backend as open_memory_backend
@@ -139,6 +139,27 @@ def test_store_kv_past_2_31(make_sparse: Callable[..., SparseArena]) -> None:
     assert torch.equal(arena.k[rows], k) and torch.equal(arena.v[rows], v)
 
 
+@pytest.mark.parametrize("q_heads", [2, 8])
+def test_rope_store_past_2_31(make_sparse: Callable[..., SparseArena], q_heads: int) -> None:
+    """Rotated k and plain v land at rows past 2^31 and 2^32 elements, and nowhere else."""
+    arena = _sparse(make_sparse)
+    lay = arena.layout
+    rows = [lay.row_start(0) + p for p in (0, 31, 32, 63)] + [lay.row_start(1) + 63]
+    hkv, dim = lay.num_kv_heads, lay.head_dim
+    qkv = torch.randn(len(rows), (q_heads + 2 * hkv) * dim, device=DEVICE).to(DTYPE)
+    angle = torch.rand(len(rows), 1, dim // 2, device=DEVICE) * 100
+    cos, sin = angle.cos(), angle.sin()
+    other = [lay.row_start(0) + p for p in (1, 33, 62)] + [lay.row_start(1) + 62]
+    untouched = arena.k[other].clone(), arena.v[other].clone()
+    q = rope_store_kv(qkv, cos, sin, arena.k, arena.v, ints(rows, DEVICE), q_heads)
+    x = qkv.unflatten(-1, (-1, dim))
+    rotated = rope_ref(x[:, : q_heads + hkv], cos, sin)
+    assert rel_err(q, rotated[:, :q_heads]) < TOL
+    assert rel_err(arena.k[rows], rotated[:, q_heads:]) < TOL
+    assert torch.equal(arena.v[rows], x[:, q_heads + hkv :])
+    assert torch.equal(arena.k[other], untouched[0]) and torch.equal(arena.v[other], untouched[1])
+
+
 @pytest.mark.parametrize("q_heads", [2, 8])  # MHA and GQA 4
 def test_decode_past_2_31(make_sparse: Callable[..., SparseArena], q_heads: int) -> None:
     arena = _sparse(make_sparse)
@@ -180,7 +201,8 @@ def test_real_shapes_past_2_31(
     make_sparse: Callable[..., SparseArena], layers: int, q_heads: int, kv_heads: int, prefix: int
 ) -> None:
     """The issue's failing cases, one request per slot 1 with its whole context mapped:
-    extend (new tokens behind a long prefix), decode and FA2 against fp32 references."""
+    rope_store_kv writes the new tokens' K/V past 2^31 elements, then extend (new tokens
+    behind a long prefix), decode and FA2 against fp32 references."""
     from vtensor.kernels import fa2_decode, fa2_extend
 
     new, dim = 200, 128
@@ -195,7 +217,7 @@ def test_real_shapes_past_2_31(
     assert (total - 1) * lay.token_stride > INT32_LIMIT
 
     starts, scale = ints([start], "cuda"), dim**-0.5
-    q = torch.randn(new, q_heads, dim, device="cuda", dtype=torch.bfloat16)
+    q = _rope_store_new_tokens(arena, q_heads, start + prefix, new)
     args = (q, arena.k, arena.v, ints([0, new], "cuda"), starts, ints([prefix], "cuda"))
     ref = extend_ref(*args, scale)
     assert rel_err(extend_attention(*args, new), ref) < TOLERANCE[torch.bfloat16]
@@ -205,3 +227,20 @@ def test_real_shapes_past_2_31(
     ref_d = decode_ref(qd, arena.k, arena.v, starts, lens, scale)
     assert rel_err(decode_attention(qd, arena.k, arena.v, starts, lens, total), ref_d) < 1e-2
     assert rel_err(fa2_decode(qd, arena.k, arena.v, starts, lens, total), ref_d) < 1e-2
+
+
+def _rope_store_new_tokens(arena: SparseArena, q_heads: int, row: int, new: int) -> torch.Tensor:
+    """Rotate and store ``new`` random tokens' K/V at rows ``row + [0, new)``; check them
+    against ``rope_ref``; return their rotated q."""
+    hkv, dim = arena.layout.num_kv_heads, arena.layout.head_dim
+    qkv = torch.randn(new, (q_heads + 2 * hkv) * dim, device="cuda", dtype=torch.bfloat16)
+    angle = torch.rand(new, 1, dim // 2, device="cuda") * 1000
+    cos, sin = angle.cos(), angle.sin()
+    rows = torch.arange(row, row + new, device="cuda", dtype=torch.int32)
+    q = rope_store_kv(qkv, cos, sin, arena.k, arena.v, rows, q_heads)
+    x = qkv.unflatten(-1, (-1, dim))
+    rotated = rope_ref(x[:, : q_heads + hkv], cos, sin)
+    assert rel_err(q, rotated[:, :q_heads]) < TOLERANCE[torch.bfloat16]
+    assert rel_err(arena.k[row : row + new], rotated[:, q_heads:]) < TOLERANCE[torch.bfloat16]
+    assert torch.equal(arena.v[row : row + new], x[:, q_heads + hkv :])
+    return q

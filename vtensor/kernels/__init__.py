@@ -8,6 +8,7 @@ used by the tests and as the CPU fallback.
 from .decode import choose_num_splits, decode_attention
 from .extend import extend_attention
 from .fa2 import fa2_decode, fa2_extend
+from .rope_store import rope_store_kv
 from .splitk import DecodeWorkspace
 from .store_kv import store_kv
 
@@ -18,5 +19,6 @@ __all__ = [
     "extend_attention",
     "fa2_decode",
     "fa2_extend",
+    "rope_store_kv",
     "store_kv",
 ]

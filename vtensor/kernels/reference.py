@@ -16,6 +16,35 @@ def store_kv_ref(
     v_cache[rows.long()] = v.to(v_cache.dtype)
 
 
+def rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's ``x * cos + rotate_half(x) * sin`` over ``x [T, heads, D]``, cos/sin ``[T, 1,
+    D/2]`` cast to ``x``'s dtype first: ``models.fused.rotate``'s math, op for op (not
+    fp32: the CPU model path must stay bitwise what it was)."""
+    cos, sin = torch.cat((cos, cos), -1).to(x.dtype), torch.cat((sin, sin), -1).to(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def rope_store_kv_ref(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    rows: torch.Tensor,
+    q_heads: int,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """``rope_store_kv`` as ``rope_ref`` over q and k heads, then ``store_kv_ref``."""
+    kv_heads, dim = k_cache.shape[1], k_cache.shape[2]
+    split = (q_heads + kv_heads) * dim
+    qk = rope_ref(qkv[:, :split].unflatten(-1, (q_heads + kv_heads, dim)), cos, sin)
+    v = qkv[:, split:].unflatten(-1, (kv_heads, dim))
+    store_kv_ref(k_cache, v_cache, qk[:, q_heads:], v, rows)
+    return out.copy_(qk[:, :q_heads])
+
+
 def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None
 ) -> torch.Tensor:

@@ -16,7 +16,9 @@ from typing import ClassVar
 
 import torch
 
-from vtensor.kernels import store_kv
+from vtensor.kernels import rope_store_kv, store_kv
+
+from .rope import RopeAngles
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,15 @@ class AttentionBackend(ABC):
     """Contract: ``forward`` stores this step's k/v for ``layer`` into the cache rows
     ``meta.store_rows`` and returns causal attention of ``q`` over each request's
     ``seq_lens[b]`` cached tokens, shaped like ``q`` (``[T, Hq, D]``).
+    ``rope_store`` then ``attend`` do the same from the unrotated ``qkv``, the
+    rotation fused into the store (the model's path when it has no q/k norm).
 
-    ``forward`` is shared: it stores K/V with our ``store_kv`` kernel (``store_impl``
-    picks Triton or its torch reference) and sends an all-decode batch to
-    ``decode``, a batch without one-token requests to ``extend``, and a mixed
-    batch's leading ``num_decode`` rows to ``decode`` and the rest to ``extend``.
-    A subclass implements those two on the strided layer views ``kv_views[layer]``
+    These are shared: the store is our ``store_kv`` or ``rope_store_kv`` kernel
+    (``store_impl`` picks Triton or its torch reference); ``attend`` sends an
+    all-decode batch to ``decode``, a batch without one-token requests to
+    ``extend``, and a mixed batch's leading ``num_decode`` rows to ``decode`` and
+    the rest to ``extend``. Both read K/V from the cache, after the store.
+    A subclass implements ``decode`` and ``extend`` on the strided layer views ``kv_views[layer]``
     (``[rows, kv_heads, head_dim]``, row ``row_starts[b] + i`` is token ``i`` of
     request ``b``).
 
@@ -97,8 +102,32 @@ class AttentionBackend(ABC):
         v: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        """Store ``k``/``v`` (already rotated) at ``meta.store_rows``, then :meth:`attend`."""
         k_cache, v_cache = self.kv_views[layer]
         store_kv(k_cache, v_cache, k, v, meta.store_rows, impl=self.store_impl)
+        return self.attend(layer, q, meta)
+
+    def rope_store(
+        self,
+        layer: int,
+        qkv: torch.Tensor,
+        rope: RopeAngles,
+        q_heads: int,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Rotate ``qkv``'s q and k heads, store k and v at ``meta.store_rows``, and return
+        q ``[T, q_heads, D]``: one kernel (``rope_store_kv``) where ``forward`` needs the
+        rotation done first. Follow with :meth:`attend`."""
+        k_cache, v_cache = self.kv_views[layer]
+        return rope_store_kv(
+            qkv, rope.cos, rope.sin, k_cache, v_cache, meta.store_rows, q_heads,
+            impl=self.store_impl,
+        )  # fmt: skip
+
+    def attend(self, layer: int, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention of ``q`` over ``layer``'s cache, whose rows already hold this step's
+        K/V (stored by ``forward`` or ``rope_store``)."""
+        k_cache, v_cache = self.kv_views[layer]
         if meta.is_decode:
             return self.decode(q, k_cache, v_cache, meta.row_starts, meta.seq_lens, meta.max_len)
         nd = meta.num_decode

@@ -6,9 +6,9 @@
 | ``fa2`` | :class:`FlashAttention2` | torch's unmodified FlashAttention-2 varlen | yes |
 | ``torch`` | :class:`TorchAttention` | the fp32 torch reference | no (host syncs) |
 
-Every backend stores K/V with our ``store_kv`` (Triton, or its reference for
-``torch``). The default (``None`` or ``"auto"``) is ``triton`` on CUDA and
-``torch`` on the CPU.
+Every backend stores K/V with our ``store_kv`` or ``rope_store_kv`` (Triton, or
+their references for ``torch``). The default (``None`` or ``"auto"``) is
+``triton`` on CUDA and ``torch`` on the CPU.
 """
 
 from __future__ import annotations

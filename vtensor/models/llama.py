@@ -68,16 +68,17 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        split = self.q_size + self.kv_size
-        v = qkv[:, split:].unflatten(-1, (hkv, d))  # strided views: the kernels take strides
-        if self.q_norm is not None and self.k_norm is not None:
+        if self.q_norm is None or self.k_norm is None:
+            # Rotary fused into the K/V store: one kernel per layer reads qkv once.
+            q = attn.rope_store(self.layer, qkv, rope, self.num_heads, meta)
+            o = attn.attend(self.layer, q, meta)
+        else:  # Qwen3: q/k norms come between the projection and the rotation
+            hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+            split = self.q_size + self.kv_size
+            v = qkv[:, split:].unflatten(-1, (hkv, d))  # strided views: the kernels take strides
             q = rope.apply(self.q_norm(qkv[:, : self.q_size].unflatten(-1, (hq, d))))
             k = rope.apply(self.k_norm(qkv[:, self.q_size : split].unflatten(-1, (hkv, d))))
-        else:  # q and k heads rotated together: one kernel per layer, not two
-            qk = rope.apply(qkv[:, :split].unflatten(-1, (hq + hkv, d)))
-            q, k = qk[:, :hq], qk[:, hq:]
-        o = attn.forward(self.layer, q, k, v, meta)
+            o = attn.forward(self.layer, q, k, v, meta)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
