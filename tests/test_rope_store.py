@@ -112,8 +112,10 @@ def test_reference_path_matches_fp32_rope(hq: int, hkv: int, dim: int) -> None:
     step = Step(random.randint(1, 40), hq, hkv, dim, torch.bfloat16)
     step.check(step.run(impl="torch"), ulps=3.01)
     split = (hq + hkv) * dim
-    x = step.qkv[:, :split].unflatten(-1, (hq + hkv, dim))
-    assert torch.equal(rope_ref(x, step.cos, step.sin), rotate(x, step.cos, step.sin))
+    # On the CPU (where the model runs ``rotate`` eagerly; CUDA compiles it: one rounding).
+    x = step.qkv[:, :split].unflatten(-1, (hq + hkv, dim)).cpu()
+    cos, sin = step.cos.cpu(), step.sin.cpu()
+    assert torch.equal(rope_ref(x, cos, sin), rotate(x, cos, sin))
 
 
 def test_out_buffer_strided_qkv_and_int64_rows() -> None:
@@ -154,7 +156,7 @@ def _bad(step: Step, **change: Any) -> dict[str, Any]:
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_bad_inputs_are_rejected_before_any_write(impl: str) -> None:
     step = Step(5, 4, 2, 64, torch.bfloat16)
-    n = 5
+    n, dev = 5, step.qkv.device
     cases: list[tuple[dict[str, Any], type[Exception], str]] = [
         (dict(q_heads=3), ValueError, "multiple of kv_heads"),
         (dict(qkv=step.qkv[:, :-64]), ValueError, r"qkv must be \[T, 512\]"),
@@ -167,9 +169,13 @@ def test_bad_inputs_are_rejected_before_any_write(impl: str) -> None:
         (dict(rows=step.rows[:4]), ValueError, "rows must be 1-D of length 5"),
         (dict(rows=step.rows.float()), TypeError, "rows must be int32 or int64"),
         (dict(v_cache=step.v[:, :1]), ValueError, "K/V caches must both be"),
-        (dict(out=torch.empty(n, 4, 32, dtype=torch.bfloat16)), ValueError, "out must be"),
-        (dict(out=torch.empty(n, 4, 64)), ValueError, "out must be"),
-        (dict(out=torch.empty(n, 64, 4).bfloat16().transpose(1, 2)), ValueError, "unit last"),
+        (dict(out=torch.empty(n, 4, 32, device=dev).bfloat16()), ValueError, "out must be"),
+        (dict(out=torch.empty(n, 4, 64, device=dev)), ValueError, "out must be"),
+        (
+            dict(out=torch.empty(n, 64, 4, device=dev).bfloat16().transpose(1, 2)),
+            ValueError,
+            "unit last",
+        ),
     ]
     for change, exc, match in cases:
         with pytest.raises(exc, match=match):
