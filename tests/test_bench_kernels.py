@@ -29,7 +29,7 @@ from vtensor.bench.kernel_timing import rel_err, replays_per_sample, rotation, w
 from vtensor.cli import build_parser
 from vtensor.cli import main as cli_main
 from vtensor.kernels import decode_attention
-from vtensor.kernels.decode import DecodeConfig
+from vtensor.kernels.decode_config import DecodeConfig
 from vtensor.kernels.reference import decode_ref
 
 TINY = HeadConfig("tiny (4/2)", q_heads=4, kv_heads=2, head_dim=16, layers=2)

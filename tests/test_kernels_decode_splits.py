@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import torch
 
-import vtensor.kernels.decode as decode_module
+import vtensor.kernels.decode_config as decode_config_module
 from vtensor.kernels import DecodeWorkspace, decode_attention
-from vtensor.kernels.decode import DecodeConfig, choose_num_splits, default_config
+from vtensor.kernels.decode_config import DecodeConfig, choose_num_splits, default_config
 from vtensor.kernels.reference import decode_ref
 from vtensor.kernels.splitk import BALANCE_WAVES, MAX_WAVES, NO_BALANCE, num_sms, used_splits
 
@@ -166,7 +166,7 @@ def test_default_config_at_both_pipeline_depths(monkeypatch: pytest.MonkeyPatch)
     """The wrapper's own launch choice (two stages from DEEP_PIPELINE_BELOW_PAIRS request
     × KV-head pairs, three below) is right on both sides of it (the bound lowered to 16
     here: the interpreter runs a program at a time)."""
-    monkeypatch.setattr(decode_module, "DEEP_PIPELINE_BELOW_PAIRS", 16)
+    monkeypatch.setattr(decode_config_module, "DEEP_PIPELINE_BELOW_PAIRS", 16)
     for batch in (3, 9):  # 6 and 18 pairs of 2 KV heads
         lengths = [random.randint(1, 40) for _ in range(batch)]
         case = make_case(batch, 40, 4, 2, 32, torch.bfloat16, DEVICE)

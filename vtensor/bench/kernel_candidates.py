@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from vtensor.kernels.decode import DecodeConfig, choose_num_splits
+from vtensor.kernels.decode_config import DecodeConfig, choose_num_splits
 from vtensor.kernels.splitk import MAX_WAVES
 
 

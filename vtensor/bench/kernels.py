@@ -40,7 +40,7 @@ from vtensor.kernels import (
     fa2_decode,
     fa2_extend,
 )
-from vtensor.kernels.decode import DecodeConfig
+from vtensor.kernels.decode_config import DecodeConfig
 from vtensor.kernels.reference import decode_ref
 from vtensor.kernels.splitk import BALANCE_WAVES, MAX_WAVES, num_sms, used_splits
 

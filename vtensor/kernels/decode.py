@@ -24,9 +24,6 @@ so it was not kept.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -42,16 +39,16 @@ from .common import (
     resolve_scale,
     use_triton,
 )
+from .decode_config import DecodeConfig, choose_num_splits, default_config
 from .reference import decode_ref
 from .splitk import (
     BALANCE_WAVES,
-    MAX_WAVES,
     NO_BALANCE,
     DecodeWorkspace,
     batch_tokens,
     check_workspace,
-    merge_group,
     num_sms,
+    publish_split,
     scratch,
     split_range,
 )
@@ -141,78 +138,11 @@ def _decode_split_kernel(
         if used == 1:
             tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=gmask[:, None])
         elif SPLIT:
-            mid = MidO + b * stride_mb + heads[:, None] * stride_mh + s * stride_ms
-            tl.store(mid + offs_d[None, :], out, mask=gmask[:, None])
-            lse = m_i + tl.log2(l_i)
-            tl.store(MidLse + b * stride_lb + heads * stride_lh + s, lse, mask=gmask)
-            tl.debug_barrier()  # every thread's partial stored before the ticket
-            ticket_ptr = Tickets + b * kv_heads + kvh
-            if tl.atomic_add(ticket_ptr, 1) == used - 1:  # acq_rel: the last one merges
-                merged = merge_group(
-                    MidO, MidLse, b, heads, gmask, used,
-                    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, BLOCK_G, D,
-                )  # fmt: skip
-                tl.store(out_ptrs, merged.to(Out.dtype.element_ty), mask=gmask[:, None])
-                tl.store(ticket_ptr, 0)  # for the next call (or graph replay)
-
-
-@dataclass(frozen=True)
-class DecodeConfig:
-    """Launch parameters of the split kernel (defaults tuned on the H100)."""
-
-    block_n: int = 64
-    num_warps: int = 4
-    num_stages: int = 3
-    # Fewest tokens a request puts in one split (rounded up to block_n): a short request
-    # uses fewer splits rather than many nearly empty ones.
-    min_split: int = 64
-    # Spread the batch's tokens over about BALANCE_WAVES × SMs programs (splitk.py); off,
-    # each request splits by num_splits and min_split alone (tests that force splits).
-    balance: bool = True
-
-    def __post_init__(self) -> None:
-        if self.block_n < 16 or self.block_n & (self.block_n - 1):
-            raise ValueError(f"block_n must be a power of two >= 16, got {self.block_n}")
-        if self.num_warps < 1 or self.num_stages < 1 or self.min_split < 1:
-            raise ValueError(f"num_warps, num_stages and min_split must be >= 1: {self}")
-
-    @property
-    def name(self) -> str:
-        base = f"n{self.block_n}-w{self.num_warps}-s{self.num_stages}-m{self.min_split}"
-        return base if self.balance else base + "-unbalanced"
-
-
-# (request, KV head) pairs from which two pipeline stages beat three. On the H100 (graph
-# replay, Llama-3-8B decode, context 1024, one split a request:
-# benchmarks/results/kernels_decode_stages_h100_2026-11-22.txt) three stages read at
-# 2.43 vs 1.94 TB/s at 128 pairs and 2.71 vs 2.64 at 256; two at 2.87 vs 2.75 at 512
-# and 2.98 vs 2.96 at 2048: with fewer programs each must keep more loads in flight.
-DEEP_PIPELINE_BELOW_PAIRS = 512
-
-
-def default_config(dim: int, batch: int, kv_heads: int) -> DecodeConfig:
-    """The launch parameters ``decode_attention`` uses when the caller gives none."""
-    stages = 3 if batch * kv_heads < DEEP_PIPELINE_BELOW_PAIRS else 2
-    return DecodeConfig(block_n=64 if dim <= 128 else 32, num_stages=stages)
-
-
-def choose_num_splits(
-    batch: int,
-    kv_heads: int,
-    max_len: int,
-    num_sms: int,
-    min_tokens_per_split: int = 256,
-    max_splits: int = 64,
-    waves: int = MAX_WAVES,
-) -> int:
-    """The grid's splits per request, the most any request may use (the device balance
-    in ``splitk.split_range`` decides how many it does): enough programs for ~``waves``
-    waves at batch × KV heads, each split ≥ ``min_tokens`` of ``max_len``. (More than
-    ``MAX_WAVES`` needs a workspace sized for them:
-    ``DecodeWorkspace.for_batch`` covers ``MAX_WAVES``; the kernel bench sweeps it.)"""
-    want = math.ceil(waves * num_sms / max(1, batch * kv_heads))
-    by_len = max(1, math.ceil(max_len / min_tokens_per_split))
-    return max(1, min(want, by_len, max_splits))
+            publish_split(
+                out, m_i + tl.log2(l_i), out_ptrs, MidO, MidLse, Tickets + b * kv_heads + kvh,
+                b, s, heads, gmask, used, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh,
+                BLOCK_G, D,
+            )  # fmt: skip
 
 
 def decode_attention(
@@ -239,7 +169,7 @@ def decode_attention(
     reuses the same buffers); without it the scratch is allocated per call.
     """
     kv_heads, dim = check_decode_args(q, k_cache, v_cache, row_starts, lengths)
-    batch, q_heads = q.shape[:2]
+    batch = q.shape[0]
     if max_len < 1:
         raise ValueError(f"max_len must be ≥ 1, got {max_len}")
     sm_scale = resolve_scale(sm_scale, dim)
@@ -252,6 +182,24 @@ def decode_attention(
     # No split can hold fewer than min_split tokens, so more than this many never run.
     num_splits = max(1, min(num_splits, triton.cdiv(max_len, cfg.min_split)))
     out = check_out(out, q)
+    _launch(q, k_cache, v_cache, row_starts, lengths, out, sm_scale, num_splits, cfg, workspace)
+    return out
+
+
+def _launch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    row_starts: torch.Tensor,
+    lengths: torch.Tensor,
+    out: torch.Tensor,
+    sm_scale: float,
+    num_splits: int,
+    cfg: DecodeConfig,
+    workspace: DecodeWorkspace | None,
+) -> None:
+    """The split kernel over grid ``(B, Hkv, num_splits)``: scratch only with splits."""
+    (batch, q_heads, dim), kv_heads = q.shape, k_cache.shape[1]
     split = num_splits > 1
     if split:
         buf = scratch(workspace, batch, q_heads, num_splits, dim, q.device)
@@ -272,7 +220,6 @@ def decode_attention(
         BLOCK_N=cfg.block_n, DOT_F32=dot_in_f32(), PRECISION=dot_precision(q.dtype), SPLIT=split,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    return out
 
 
 # Split counts whose kernel variants differ: Triton specializes integer arguments (the

@@ -108,6 +108,28 @@ def merge_group(
     return acc / l_sum[:, None]
 
 
+@triton.jit
+def publish_split(
+    out, lse, out_ptrs, MidO, MidLse, ticket_ptr, b, s, heads, gmask, used,
+    stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, BLOCK_G: tl.constexpr, D: tl.constexpr,
+):  # fmt: skip
+    """Split ``s`` of a request that uses ``used > 1``: store its partial ``out`` and
+    ``lse``, take a ticket; the last one merges every partial into ``out_ptrs`` and puts
+    the counter back to 0 for the next call (or graph replay)."""
+    offs_d = tl.arange(0, D)
+    mid = MidO + b * stride_mb + heads[:, None] * stride_mh + s * stride_ms
+    tl.store(mid + offs_d[None, :], out, mask=gmask[:, None])
+    tl.store(MidLse + b * stride_lb + heads * stride_lh + s, lse, mask=gmask)
+    tl.debug_barrier()  # every thread's partial stored before the ticket
+    if tl.atomic_add(ticket_ptr, 1) == used - 1:  # acq_rel: the last one merges
+        merged = merge_group(
+            MidO, MidLse, b, heads, gmask, used,
+            stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, BLOCK_G, D,
+        )  # fmt: skip
+        tl.store(out_ptrs, merged.to(out_ptrs.dtype.element_ty), mask=gmask[:, None])
+        tl.store(ticket_ptr, 0)
+
+
 @functools.cache  # queried on every decode call; the answer never changes
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
