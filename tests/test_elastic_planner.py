@@ -167,3 +167,49 @@ def test_plan_contract(data: st.DataObject) -> None:
     assert len({v.rid for v in plan.victims}) == len(plan.victims)
     if not plan.victims:
         assert committed - plan.reclaim_idle - plan.reclaim_cached <= plan.kv_capacity
+
+
+def test_lookahead_keeps_the_next_steps_growth_free() -> None:
+    """A step that could fill the budget leaves the next 64 tokens of its 2 rows free
+    (16 chunks each), so that the next decode steps need no release of the workspace
+    cache; when even the least step does not fit so, the plan is the one without it."""
+    p0 = ElasticPlanner(table(), kv_bytes_per_token=CHUNK // 4)
+    p1 = ElasticPlanner(table(), kv_bytes_per_token=CHUNK // 4, lookahead_tokens=64)
+    assert p1.lookahead(6400, 2) == 32 and p1.lookahead(640, 2) == 10  # capped at 1/64
+    demand = StepDemand(2, 64, 2)
+    # W(t) + ceil(t/4) + 2 <= 60 free: 46 tokens; 32 chunks held back: 20.
+    assert p0.plan(PoolState(6400, 6340, 0, 0), demand).token_budget == 46
+    plan = p1.plan(PoolState(6400, 6340, 0, 0), demand)
+    assert plan.token_budget == 20
+    assert plan.workspace + p1.growth(20, 2) + 6340 + 32 <= 6400
+    tight = PoolState(6400, 6390, 0, 0)  # 10 free: the least step fits, not beside 32
+    assert p1.plan(tight, demand) == p0.plan(tight, demand)
+    with pytest.raises(ValueError):
+        ElasticPlanner(table(), kv_bytes_per_token=CHUNK, lookahead_tokens=-1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_lookahead_never_preempts_or_refuses_an_admission(data: st.DataObject) -> None:
+    rng = random.Random(data.draw(st.integers(0, 2**32)))
+    tab, bpt = table(CHUNK, rng.choice([8, 64])), rng.choice([CHUNK // 16, CHUNK])
+    p0 = ElasticPlanner(tab, bpt)
+    p1 = ElasticPlanner(tab, bpt, lookahead_tokens=rng.choice([16, 256, 4096]))
+    budget = rng.randint(1, 2000)
+    committed = rng.randint(0, budget)
+    idle = rng.randint(0, committed)
+    cached = rng.randint(0, committed - idle)
+    n = rng.randint(0, 6)
+    pinned = committed - idle - cached
+    cands = tuple(Candidate(i, rng.randint(0, pinned), rng.randint(0, 50), i) for i in range(n))
+    run = rng.randint(n, n + 100)
+    queued = rng.choice([0, rng.randint(1, 60)])
+    demand = StepDemand(n, run, n, cands, queued and rng.randint(1, 64), queued)
+    state = PoolState(budget, committed, idle, cached)
+    a, b = p0.plan(state, demand), p1.plan(state, demand)
+    assert b.victims == a.victims
+    assert b.token_budget <= a.token_budget
+    admitted_a = queued > 0 and not a.victims and a.token_budget > min(run, tab.max_tokens)
+    admitted_b = queued > 0 and not b.victims and b.token_budget > min(run, tab.max_tokens)
+    assert admitted_a == admitted_b
+    assert b.workspace + b.kv_capacity == budget
