@@ -62,12 +62,6 @@ def request_geometry(geometry: KVGeometry, memory: ElasticMemory) -> KVGeometry:
     return replace(geometry, capacity_chunks=max(0, min(geometry.capacity_chunks, most)))
 
 
-# Decode growth (tokens a running request) a step's plan keeps free beside its workspace
-# (ElasticPlanner.lookahead): 256 tokens, an answer's length, so that a workspace
-# cache grown by a long prefill goes back about once a request, not every 16 tokens.
-LOOKAHEAD_TOKENS = 256
-
-
 def install(engine: LLMEngine, table: WorkspaceTable, provisional: bool = False) -> ElasticMemory:
     """Give ``engine``'s scheduler a unified pool planned with ``table`` (at build, and
     again at warm-up with the measured table): the KV manager's limit, the request
@@ -77,8 +71,9 @@ def install(engine: LLMEngine, table: WorkspaceTable, provisional: bool = False)
         raise RuntimeError("the unified pool's table can only be set with no request unfinished")
     kv = engine.kv
     geometry = kv.geometry
-    planner = ElasticPlanner(table, geometry.bytes_per_token, LOOKAHEAD_TOKENS)
-    memory = ElasticMemory(planner, geometry.capacity_chunks, provisional)
+    memory = ElasticMemory(
+        ElasticPlanner(table, geometry.bytes_per_token), geometry.capacity_chunks, provisional
+    )
     kv.reclaim_all()  # nothing runs: idle KV may sit above the new limit
     excess = kv.books.committed - memory.kv_capacity
     if excess > 0:

@@ -140,29 +140,13 @@ class ElasticPlanner(MemoryPlanner):
     only when even one token per running request does not fit.
 
     ``kv_bytes_per_token``: one token's KV (every layer), to reserve the KV a step's
-    tokens write: ``ceil(t * bytes / chunk) + rows`` chunks (each row may start one).
+    tokens write: ``ceil(t * bytes / chunk) + rows`` chunks (each row may start one)."""
 
-    ``lookahead_tokens``: the decode growth of the *next* steps to keep free beside a
-    step's workspace, per row (capped at 1/64 of the budget), when that still leaves
-    the step its least tokens: the workspace's cache goes back to the pool all at once
-    (torch's pool cannot shrink in part), so a plan that fills the budget makes the
-    next step's new KV chunks cost a release of the whole cache and a remap of it at the
-    next large step (on the H100, 24 such cycles of ~5,000 chunks cost ~5 s of a 64k
-    prefill workload's decode). Never a reason to preempt or to refuse an admission."""
-
-    def __init__(
-        self, table: WorkspaceTable, kv_bytes_per_token: int, lookahead_tokens: int = 0
-    ) -> None:
-        if kv_bytes_per_token <= 0 or lookahead_tokens < 0:
-            raise ValueError("kv_bytes_per_token must be positive, lookahead_tokens >= 0")
+    def __init__(self, table: WorkspaceTable, kv_bytes_per_token: int) -> None:
+        if kv_bytes_per_token <= 0:
+            raise ValueError("kv_bytes_per_token must be positive")
         self.table = table
         self.kv_bytes_per_token = kv_bytes_per_token
-        self.lookahead_tokens = lookahead_tokens
-
-    def lookahead(self, budget: int, rows: int) -> int:
-        """Chunks held back for ``rows`` requests' next ``lookahead_tokens`` each."""
-        per_row = -(-self.lookahead_tokens * self.kv_bytes_per_token // self.table.chunk_size)
-        return min(rows * per_row, budget // 64)
 
     def growth(self, tokens: int, rows: int) -> int:
         """KV chunks a step of ``tokens`` tokens over ``rows`` requests may newly map."""
@@ -183,9 +167,9 @@ class ElasticPlanner(MemoryPlanner):
         if demand.queued_chunks and not victims:  # room to admit the queue's head?
             hi = min(run + demand.queued_tokens, top)
             with_head = pinned + demand.queued_chunks
-            tokens = self._most_with_lookahead(state.budget, with_head, run + 1, hi, rows + 1, True)
+            tokens = self._most_tokens(state.budget, with_head, run + 1, hi, rows + 1, strict=True)
         if tokens < 0:  # no admission: the running requests alone
-            tokens = self._most_with_lookahead(state.budget, pinned, t_min, run, rows, False)
+            tokens = self._most_tokens(state.budget, pinned, t_min, run, rows)
         workspace = self.table.chunks_for(tokens)
         capacity = state.budget - workspace
         # The victims' chunks become reclaimable (idle, or unmapped by a swap-out).
@@ -194,18 +178,6 @@ class ElasticPlanner(MemoryPlanner):
         from_idle = min(excess, idle)
         from_cached = min(excess - from_idle, state.cached)
         return MemoryPlan(tokens, workspace, capacity, from_idle, from_cached, tuple(victims))
-
-    def _most_with_lookahead(
-        self, budget: int, pinned: int, lo: int, hi: int, rows: int, strict: bool
-    ) -> int:
-        """:meth:`_most_tokens` with the lookahead held back, where ``lo`` still fits so;
-        else without it (the lookahead never costs a request its admission or progress)."""
-        held_back = self.lookahead(budget, rows)
-        if held_back:
-            tokens = self._most_tokens(budget - held_back, pinned, lo, hi, rows, strict=True)
-            if tokens >= 0:
-                return tokens
-        return self._most_tokens(budget, pinned, lo, hi, rows, strict)
 
     def _fits(self, budget: int, pinned: int, tokens: int, rows: int) -> bool:
         need = self.table.chunks_for(tokens) + self.growth(tokens, rows)
