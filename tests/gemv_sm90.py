@@ -9,19 +9,14 @@ Exits 3 with a reason when this Triton has no NVIDIA backend tools.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from vtensor.kernels import gemv as gemv_mod
 from vtensor.kernels.gemv_config import GemvConfig
 
-TOOL = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+from .sm90_compile import TOOL, compile_sm90
 
 
 def resource_usage(cfg: GemvConfig, m: int) -> str:
@@ -32,23 +27,8 @@ def resource_usage(cfg: GemvConfig, m: int) -> str:
         BLOCK_M=cfg.block_m(m), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         MODE=gemv_mod._MODE_IDS[cfg.mode], EVEN=True, DOT_F32=False, STAGES=cfg.num_stages,
     )  # fmt: skip
-    pointers = ("X", "W", "Out")
-    signature = {
-        a: "constexpr" if a in constexprs else "*bf16" if a in pointers else "i32"
-        for a in kernel.arg_names
-    }
-    aligned = [i for i, a in enumerate(kernel.arg_names) if a not in (*constexprs, "M")]
-    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        out = subprocess.run(
-            [str(TOOL), "--dump-resource-usage", f.name], capture_output=True, text=True
-        ).stdout
-    return next(line.strip() for line in out.splitlines() if "REG:" in line)
+    pointers = dict.fromkeys(("X", "W", "Out"), "*bf16")
+    return str(compile_sm90(kernel, constexprs, pointers, cfg.num_warps)["usage"])
 
 
 def main() -> int:

@@ -10,48 +10,14 @@ shapes give 16-divisible sizes and strides and 16-byte aligned pointers.
 from __future__ import annotations
 
 import json
-import re
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from vtensor.kernels import activation, argmax
 
-TOOL = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-
-
-def compile_sm90(
-    kernel: Any, constexprs: dict[str, Any], pointers: dict[str, str], num_warps: int
-) -> dict[str, Any]:
-    """Every pointer and every int but the ones not specialized on marked 16-divisible."""
-    loose = set(getattr(kernel, "do_not_specialize", ()))
-    sig = {a: "constexpr" if a in constexprs else pointers.get(a, "i32") for a in kernel.arg_names}
-    aligned = [i for i, a in enumerate(kernel.arg_names) if a not in constexprs and a not in loose]
-    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
-    stages = constexprs.get("STAGES", 1)
-    options = {"num_warps": num_warps, "num_stages": stages}
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-    ptx = compiled.asm["ptx"]
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        out = subprocess.run(
-            [str(TOOL), "--dump-resource-usage", f.name], capture_output=True, text=True
-        ).stdout
-    return {
-        "kernel": kernel.fn.__name__,
-        "constexprs": constexprs,
-        "loads": sorted(set(re.findall(r"ld\.global[\w.]*", ptx))),
-        "stores": sorted(set(re.findall(r"st\.global[\w.]*", ptx))),
-        "usage": next(line.strip() for line in out.splitlines() if "REG:" in line),
-    }
+from .sm90_compile import TOOL, compile_sm90
 
 
 def cases() -> list[dict[str, Any]]:
