@@ -134,6 +134,10 @@ def run_pass(engine: LLMEngine, a: argparse.Namespace, name: str) -> dict[str, A
         device_peak_gib=device_peak / GIB,  # torch beyond its floor + KV chunks (CUDA)
         pool_peak_gib=pool_peak / GIB,  # the chunk pool: KV (+ the workspace, unified)
         workspace_retries=engine.runner.workspace_retries,
+        # Why the cache went back before a step, and the host time it took (the executor's).
+        releases_for_kv=engine.counters.workspace_releases_for_kv,
+        releases_for_step=engine.counters.workspace_releases_for_step,
+        release_s=engine.counters.workspace_release_s,
         workspace_releases=0 if workspace is None else workspace.releases,
         budget_violations=violations[:5],
     )

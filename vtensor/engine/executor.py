@@ -162,8 +162,15 @@ class StepExecutor:
         held = workspace.held_chunks
         # A step no larger than the cache reuses its segments (torch splits the larger
         # ones); should sizes still not fit, the runner releases and retries the step.
-        if held > left or (held and room > held and held + room > left):
+        for_kv = held > left
+        if for_kv or (held and room > held and held + room > left):
+            t0 = time.perf_counter()
             workspace.release_cached()
+            self.counters.workspace_release_s += time.perf_counter() - t0
+            if for_kv:
+                self.counters.workspace_releases_for_kv += 1
+            else:
+                self.counters.workspace_releases_for_step += 1
             if workspace.held_chunks > left:  # a tensor outlived its step
                 raise RuntimeError(
                     f"the workspace still holds {workspace.held_chunks} chunks after "

@@ -124,6 +124,12 @@ class StepCounters:
     computed_tokens: int = 0  # tokens of every span launched (prefill and decode)
     prefill_tokens: int = 0  # of those, in prefill spans (see EngineStats.prefill_tokens)
     recomputed_prompt_tokens: int = 0  # of those, computed again after a recompute
+    # The unified pool's workspace cache released before a step (StepExecutor._make_room),
+    # by why: the KV needs chunks the cache holds, or the step may outgrow the cache
+    # beside the KV; and the host time those releases took (a device sync and the unmaps).
+    workspace_releases_for_kv: int = 0
+    workspace_releases_for_step: int = 0
+    workspace_release_s: float = 0.0
 
 
 def collect_stats(
