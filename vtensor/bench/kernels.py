@@ -128,7 +128,7 @@ def _time_ours(
 
     time_peer(res, "vtensor", ours(), ref)
     auto = DecodeCandidate().num_splits(batch, cfg.kv_heads, p.max_len, sms)
-    res["vtensor_grid_splits"] = _used_splits(auto, p.max_len, DecodeConfig())
+    res["vtensor_grid_splits"] = _grid_splits(auto, p.max_len, DecodeConfig())
     # What each (equal-length) request uses after the device balance: SGLang gets it.
     ctx = int(lens[0])  # every request has the point's context
     res["vtensor_splits"] = used_splits(
@@ -137,14 +137,14 @@ def _time_ours(
     )  # fmt: skip
     for cand in cands:
         splits = cand.num_splits(batch, cfg.kv_heads, p.max_len, sms)
-        one: dict[str, Any] = {"splits": _used_splits(splits, p.max_len, cand.config)}
+        one: dict[str, Any] = {"splits": _grid_splits(splits, p.max_len, cand.config)}
         time_peer(one, "c", ours(config=cand.config, num_splits=splits), ref, eager=False)
         res.setdefault("candidates", {})[cand.name] = {
             k.removeprefix("c_"): v for k, v in one.items()
         }
 
 
-def _used_splits(splits: int, max_len: int, config: DecodeConfig) -> int:
+def _grid_splits(splits: int, max_len: int, config: DecodeConfig) -> int:
     """The grid's split count as decode_attention clamps it."""
     return max(1, min(splits, triton.cdiv(max_len, config.min_split)))
 
