@@ -31,8 +31,10 @@ import argparse
 import json
 import multiprocessing
 import random
+import statistics
 import sys
 import time
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -93,11 +95,18 @@ def run_pass(engine: LLMEngine, a: argparse.Namespace, name: str) -> dict[str, A
     device_peak = 0  # torch's reserve beyond the floor + the KV pool's chunks
     pool_peak = 0  # the pool's chunks: KV, and with the unified pool the workspace too
     workspace = engine.runner.workspace
+    # Decode-only steps by batch (step seconds), and the host time the workspace's
+    # releases and the waits for the mapper took in them: a slower decode is told
+    # apart as per-step cost (every step) or as a few stalls.
+    by_batch: dict[int, list[float]] = defaultdict(list)
+    release_s = sync_s = 0.0
+    c = engine.counters
     t0 = time.perf_counter()
     while engine.has_unfinished():
         reqs = list(sched.running)
         computed = sum(r.num_computed for r in engine.requests.values())
         outputs = sum(r.num_output for r in engine.requests.values())
+        held = (c.workspace_release_s, c.kv_sync_s)
         ts = time.perf_counter()
         engine.step()
         dt = time.perf_counter() - ts
@@ -106,6 +115,9 @@ def run_pass(engine: LLMEngine, a: argparse.Namespace, name: str) -> dict[str, A
         if sum(r.num_computed for r in engine.requests.values()) - computed <= len(reqs):
             decode_s += dt
             decode_tokens += sum(r.num_output for r in engine.requests.values()) - outputs
+            by_batch[len(reqs)].append(dt)
+            release_s += c.workspace_release_s - held[0]
+            sync_s += c.kv_sync_s - held[1]
         if cuda:
             kv_bytes = engine.pool.stats().created * engine.pool.chunk_size
             pool_peak = max(pool_peak, kv_bytes)
@@ -123,6 +135,12 @@ def run_pass(engine: LLMEngine, a: argparse.Namespace, name: str) -> dict[str, A
         completed=sum(1 for n in done if n == a.output_len),
         max_running=max_running,
         decode_tok_s=decode_tokens / decode_s if decode_s else 0.0,
+        decode_step_ms={
+            b: dict(steps=len(ts), p50=1e3 * statistics.median(ts), max=1e3 * max(ts))
+            for b, ts in sorted(by_batch.items())
+        },
+        decode_release_s=release_s,
+        decode_kv_sync_s=sync_s,
         total_s=total_s,
         steps=steps,
         preemptions=s.preemptions,

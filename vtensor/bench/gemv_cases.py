@@ -58,17 +58,30 @@ def sweep_grid(m: int, n: int, k: int, num_sms: int) -> list[GemvConfig]:
     split-K by the table's rule, plus twice that."""
     block_m = 1 << max(0, (m - 1).bit_length())
     grid = [choose_config(m, n, k, num_sms)]
+    if m > 8:  # a broadcast tile of > 8 rows spills its registers: dot tiles only
+        return _dot_grid(grid, n, k, num_sms, wide=True)
     for warps in (2, 4):
         for block_n in (1, 2, 4, 8, 16):
             if 2 <= block_m * block_n <= 16:  # accumulator: block_m·block_n·8 floats
                 for stages in (1, 3):  # 1: no prefetch (occupancy hides latency)
                     grid.append(GemvConfig(block_n, 256 * warps, warps, "deferred", 1, stages))
     grid += [GemvConfig(4, 256, 1, "step"), GemvConfig(8, 512, 1, "step")]
-    for block_n, block_k, stages in ((32, 128, 4), (64, 128, 4), (64, 256, 3), (128, 128, 3)):
+    return _dot_grid(grid, n, k, num_sms)
+
+
+def _dot_grid(
+    grid: list[GemvConfig], n: int, k: int, num_sms: int, wide: bool = False
+) -> list[GemvConfig]:
+    """``grid`` and the ``dot`` tiles: split-K by the table's rule and twice it; with
+    ``wide`` (M > 8, where only dot tiles serve) also 8 warps and deeper pipelines."""
+    shapes = [(32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 3, 4), (128, 128, 3, 4)]
+    if wide:
+        shapes += [(64, 128, 6, 4), (128, 128, 4, 8), (128, 256, 3, 8), (256, 128, 3, 8)]
+    for block_n, block_k, stages, warps in shapes:
         split = choose_split(-(-n // block_n), k, block_k, num_sms)
         for s in sorted({split, 2 * split}):
             if k >= s * block_k:
-                grid.append(GemvConfig(block_n, block_k, 4, "dot", s, stages))
+                grid.append(GemvConfig(block_n, block_k, warps, "dot", s, stages))
     return list(dict.fromkeys(grid))  # duplicates dropped, order kept
 
 

@@ -1,4 +1,4 @@
-"""Small-batch GEMV: ``y[M, N] = x[M, K] @ W[N, K]^T`` for ``M ≤ 8``, bandwidth-bound.
+"""Small-batch GEMV: ``y[M, N] = x[M, K] @ W[N, K]^T`` for ``M ≤ 16``, bandwidth-bound.
 
 A decode step at small batch reads every weight once and does ~M multiply-adds a
 weight element: it runs at the speed W streams from HBM. Each program owns
@@ -149,7 +149,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 def check_gemv_args(x: torch.Tensor, weight: torch.Tensor) -> None:
-    """``x [M, K]`` (unit stride in K), ``W [N, K]`` contiguous, ``1 ≤ M ≤ 8``, one
+    """``x [M, K]`` (unit stride in K), ``W [N, K]`` contiguous, ``1 ≤ M ≤ 16``, one
     dtype (bf16/fp16), one device; a clear error otherwise."""
     if x.dim() != 2 or weight.dim() != 2:
         raise ValueError(
@@ -184,7 +184,7 @@ def should_use_gemv(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> bool:
     """Whether :func:`gemv` serves ``F.linear(x, weight, bias)``: CUDA tensors on one
-    device, ``x [1..8, K]`` with unit K stride, a contiguous ``W [N, K]``, one bf16/fp16
+    device, ``x [1..16, K]`` with unit K stride, a contiguous ``W [N, K]``, one bf16/fp16
     dtype, no bias, and at most ``DISPATCH_MAX_M`` rows: where it measured faster than
     cuBLAS. (On the CPU, the interpreter would be slower than torch.)"""
     return (
@@ -205,7 +205,7 @@ def should_use_gemv(
 def gemv(
     x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None, check: bool = True
 ) -> torch.Tensor:
-    """``x @ weight.T`` (``F.linear`` without bias) for ``x [M ≤ 8, K]``, in x's dtype.
+    """``x @ weight.T`` (``F.linear`` without bias) for ``x [M ≤ 16, K]``, in x's dtype.
 
     ``config`` overrides the table's choice (:func:`gemv_config.choose_config`);
     ``check=False`` skips the argument checks for a caller that ran

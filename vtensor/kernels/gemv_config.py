@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-MAX_M = 8  # rows of x the GEMV serves; larger batches are cuBLAS's (tensor-core GEMMs)
+MAX_M = 16  # rows of x the GEMV serves (one 16-row dot tile); larger batches are cuBLAS's
 MODES = ("deferred", "step", "dot")
 DOT_M = 16  # the M a "dot" tile is padded to
 
@@ -88,7 +88,7 @@ _TABLE: tuple[tuple[int, str, int, int, int], ...] = (
     # (max M, mode, block_n, num_warps, num_stages)
     (1, "deferred", 2, 4, 1),
     (2, "deferred", 4, 4, 3),
-    (8, "dot", 64, 4, 4),
+    (16, "dot", 64, 4, 4),
 )
 DISPATCH_MAX_M = 2  # the linear layers' GEMV serves up to this many rows (measured)
 
