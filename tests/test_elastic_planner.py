@@ -51,6 +51,20 @@ def test_table_interpolates_rounds_up_and_refuses_outside() -> None:
             t.bytes_for(bad)
 
 
+def test_table_slack_is_added_to_every_step_but_an_empty_one() -> None:
+    points = [(1, 1000), (4, 4000), (8, 20000)]
+    plain = WorkspaceTable.monotone(points, CHUNK, "measured")
+    slack = random.randrange(1, 20)
+    t = WorkspaceTable.monotone(points, CHUNK, "measured", slack)
+    assert t.chunks_for(0) == 0
+    for n in range(1, 9):
+        assert t.bytes_for(n) == plain.bytes_for(n)
+        assert t.chunks_for(n) == plain.chunks_for(n) + slack
+    assert t.max_tokens_within(slack) == 0  # the slack alone leaves no room for a token
+    with pytest.raises(ValueError, match="slack"):
+        WorkspaceTable(tuple(points), CHUNK, "measured", -1)
+
+
 def test_table_is_made_monotone_and_validated() -> None:
     t = WorkspaceTable.monotone([(4, 500), (1, 900), (2, 100)], CHUNK, "measured")
     assert t.points == ((1, 900), (2, 900), (4, 900))
@@ -63,10 +77,13 @@ def test_table_is_made_monotone_and_validated() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 5000), st.integers(0, 10**7)), min_size=1, max_size=12))
-def test_table_queries_are_monotone(raw: list[tuple[int, int]]) -> None:
+@given(
+    st.lists(st.tuples(st.integers(1, 5000), st.integers(0, 10**7)), min_size=1, max_size=12),
+    st.integers(0, 8),
+)
+def test_table_queries_are_monotone(raw: list[tuple[int, int]], slack: int) -> None:
     points = sorted(dict(raw).items())
-    t = WorkspaceTable.monotone(points, CHUNK, "estimated")
+    t = WorkspaceTable.monotone(points, CHUNK, "estimated", slack)
     prev = 0
     for n in range(0, t.max_tokens + 1, max(1, t.max_tokens // 200)):
         b = t.bytes_for(n)

@@ -101,7 +101,36 @@ class StepExecutor:
         if not plan.inputs:
             return None
         self._running_slots = frozenset(sp.slot for sp in plan.inputs)
-        return self.runner.execute(plan.inputs)
+        if self.runner.workspace is None:
+            return self.runner.execute(plan.inputs)
+        try:
+            return self.runner.execute(plan.inputs)
+        except torch.OutOfMemoryError as exc:
+            raise RuntimeError(self._describe_room(plan)) from exc
+
+    def _describe_room(self, plan: StepPlan) -> str:
+        """Why the unified pool's workspace ran out: the plan's numbers and the pool's,
+        before and after the mapper's pending commands."""
+        workspace = self.runner.workspace
+        assert workspace is not None
+        tokens = sum(sp.num_tokens for sp in plan.inputs)
+
+        def state() -> str:
+            p, a = self.arena.pool.stats(), workspace.arena.stats()
+            return (
+                f"pool capacity {p.capacity_chunks} created {p.created} free {p.free} "
+                f"in use {p.in_use}; workspace holds {a.held_chunks} (peak {a.peak_chunks}, "
+                f"{a.allocations} runs, {a.refused} refused); KV maps "
+                f"{self.arena.stats().mapped_bytes // self.arena.pool.chunk_size}"
+            )
+
+        before = state()
+        self._wait_unmaps()
+        return (
+            f"the unified pool's workspace ran out in a step of {tokens} tokens over "
+            f"{len(plan.inputs)} spans (plan: pool {plan.pool_chunks} chunks, KV and "
+            f"scratch need {plan.pool_need}). Then: {before}. After the mapper: {state()}"
+        )
 
     def write_tokens(self, forward: ForwardOutput, tokens: torch.Tensor | None) -> None:
         """The step's sampled tokens into this rank's token table: rank 0 passes its

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 
 import torch
 
@@ -49,26 +50,41 @@ def measure_workspace(engine: LLMEngine) -> WorkspaceTable:
     room = budget if engine.runner.workspace is None else 2 * budget
     engine.pool.set_capacity((scratch + room) * kv.geometry.chunk_size)
     points: list[tuple[int, int]] = []
+    segments = 0
     try:
         for t in doubling_points(engine.config.max_num_batched_tokens):
-            points.append((t, _measure_step(engine, t)))
+            step = _measure_step(engine, t)
+            points.append((t, step.nbytes))
+            segments = max(segments, step.segments)
     finally:
         engine.scheduler.memory = memory  # install replaces it; restored if measuring fails
         engine.reset_prefix_cache()
         kv.set_limit(min(memory.kv_capacity, kv.geometry.capacity_chunks))
-    table = WorkspaceTable.monotone(points, kv.geometry.chunk_size, "measured")
+    table = WorkspaceTable.monotone(points, kv.geometry.chunk_size, "measured", segments)
     install(engine, table)
     if engine.runner.workspace is not None:
         engine.runner.workspace.release_cached()
         engine.pool.set_capacity((scratch + budget) * kv.geometry.chunk_size)
         engine.pool.trim()  # what measuring created beyond the budget goes back
     engine.reclaim_idle()  # an empty step: the pool's capacity follows the KV's share now
-    log.info("measured workspace table (tokens: MiB): %s", _describe(table))
+    log.info(
+        "measured workspace table (tokens: MiB): %s; slack %d chunks a step",
+        _describe(table), table.slack_chunks,
+    )  # fmt: skip
     return table
 
 
-def _measure_step(engine: LLMEngine, tokens: int) -> int:
-    """Bytes of torch's workspace for one prefill step of ``tokens`` tokens."""
+@dataclass(frozen=True)
+class StepWorkspace:
+    """One measured step: its workspace bytes, and the whole-chunk segments the
+    pool-backed workspace took for them (0 with torch's own allocator)."""
+
+    nbytes: int
+    segments: int
+
+
+def _measure_step(engine: LLMEngine, tokens: int) -> StepWorkspace:
+    """Torch's workspace for one prefill step of ``tokens`` tokens."""
     cfg, rt = engine.config, engine.runtime
     per = min(tokens, rt.max_model_len - 1)
     sizes = [per] * (tokens // per) + ([tokens % per] if tokens % per else [])
@@ -100,15 +116,19 @@ def _measure_step(engine: LLMEngine, tokens: int) -> int:
         engine.pop(rid)
     if steps > 2:  # one prefill step (and one read with async scheduling)
         log.warning("the %d-token measurement took %d steps, not one", tokens, steps)
+    segments = 0
     if workspace is not None:  # the arena's own peak: exactly the chunks the step took
-        peak = workspace.arena.stats().peak_chunks * workspace.arena.chunk_size
+        arena = workspace.arena.stats()
+        peak = arena.peak_chunks * workspace.arena.chunk_size
+        segments = arena.allocations  # torch keeps the step's segments cached
     else:
         peak = max(
             torch.cuda.max_memory_allocated(device) - allocated,
             torch.cuda.max_memory_reserved(device) - reserved,
         )
     rows = min(tokens, cfg.max_num_seqs)
-    return max(0, peak) + logits_bytes(engine.model_config, max(0, rows - len(sizes)))
+    extra = logits_bytes(engine.model_config, max(0, rows - len(sizes)))
+    return StepWorkspace(max(0, peak) + extra, segments)
 
 
 def _describe(table: WorkspaceTable) -> str:
