@@ -70,7 +70,8 @@ def test_scheduler_imports_no_torch() -> None:
                   "kvcache.write_guard", "kvcache.usage", "intervals",
                   "kvcache.shared_budget", "kvcache.host_tier", "kvcache.swap_policy",
                   "kvcache.swap_chunks", "engine.swap_plan", "engine.scheduler_output",
-                  "engine.admission_policy", "engine.slo_policy", "engine.slo_admission")
+                  "engine.admission_policy", "engine.slo_policy", "engine.slo_admission",
+                  "engine.swapped_queue", "engine.map_ahead", "engine.scheduler_config")
     )  # fmt: skip
     code = f"import sys, {modules}; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
