@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 from .cache_links import CacheLinks
+from .capacity import KVCapacity
 from .chunk_books import ChunkBooks
 from .commands import (
     CacheDropCommand,
@@ -54,6 +55,7 @@ from .placement import SlotPlacer
 from .prefix_cache import NO_MATCH, NoPrefixCache, PrefixCache, PrefixMatch, SpillOut
 from .reclaim import Reclaimer
 from .shared_budget import KVLease
+from .slot_owners import SlotOwners
 from .usage import KVUsage, kv_usage
 from .write_guard import SharedChunkWriteError, check_writes
 
@@ -100,13 +102,10 @@ class KVCacheManager:
         self.cache: PrefixCache = prefix_cache or NoPrefixCache()
         self._check_blocks(self.cache)
         self.books = ChunkBooks(geometry.num_slots)
-        self._asked = [0] * geometry.num_slots  # chunks the owner has asked for so far
-        self._owner: dict[int, int] = {}  # request id -> slot
+        self.slots = SlotOwners(self.books, geometry.num_slots, reserved_slots)
+        self.capacity = KVCapacity(self.books, geometry.capacity_chunks)
         self.links = CacheLinks(self)  # running requests' locked cache prefixes
-        self._idle: set[int] = set(range(reserved_slots, geometry.num_slots))
         self._applied_committed = 0  # committed as of the last take_commands
-        self._released = [0] * geometry.num_slots  # when each slot last went idle
-        self._releases = 0
         self._reclaimer = Reclaimer(self)
         self._placer = SlotPlacer(self)
         if cache_budget_chunks is not None and cache_budget_chunks < 0:
@@ -114,59 +113,50 @@ class KVCacheManager:
         self.cache_budget_chunks = cache_budget_chunks
         policy = IdleReclaimPolicy(self.keep_idle_chunks, idle_timeout_s)
         self.idle = IdleReclaimer(self, policy, clock)
-        self.lease: KVLease | None = None  # a shared budget's account (``set_lease``)
-        self.limit: int | None = None  # the unified pool's KV share (``set_limit``)
 
     def set_lease(self, lease: KVLease) -> None:
-        """Draw on a shared budget (``shared_budget.py``) from now on: the manager may
-        commit only its lease's grant, topped up before it maps. Nothing may be
-        committed yet."""
-        if self.books.committed:
-            raise RuntimeError("a lease can only be set before any chunk is committed")
-        self.lease = lease
+        """See ``KVCapacity.set_lease``: commit only a shared budget's grant."""
+        self.capacity.set_lease(lease)
 
     def set_limit(self, chunks: int | None) -> None:
-        """Commit at most ``chunks`` from now on (None: the pool's capacity): the KV's
-        share of a unified pool (``elastic_planner.py``). Refused (ValueError) below
-        what is committed: the caller reclaims or preempts first."""
-        if chunks is not None and not self.books.committed <= chunks:
-            raise ValueError(f"limit {chunks} is below the {self.books.committed} committed")
-        self.limit = chunks
+        """See ``KVCapacity.set_limit``: the KV's share of a unified pool."""
+        self.capacity.set_limit(chunks)
 
     # ------------------------------------------------------------------ query
     @property
+    def lease(self) -> KVLease | None:
+        return self.capacity.lease
+
+    @property
+    def limit(self) -> int | None:
+        return self.capacity.limit
+
+    @property
     def capacity_chunks(self) -> int:
-        """The chunks the books may commit now: the pool's, or the lease's grant, or
-        the unified pool's KV share (``limit``), whichever is least."""
-        cap = self.geometry.capacity_chunks
-        if self.lease is not None:
-            cap = min(cap, self.lease.grant)
-        return cap if self.limit is None else min(cap, self.limit)
+        """See ``KVCapacity.chunks``."""
+        return self.capacity.chunks
 
     @property
     def free_chunks(self) -> int:
-        return self.capacity_chunks - self.books.committed
+        return self.capacity.free
 
     @property
     def available_chunks(self) -> int:
         """Chunks the pool can still give: free, or reclaimable (not pinned)."""
-        return self.capacity_chunks - self.books.pinned
+        return self.capacity.available
 
     @property
     def reclaimable_chunks(self) -> int:
-        return self.books.committed - self.books.pinned
+        return self.capacity.reclaimable
 
     @property
     def idle_chunks(self) -> int:
-        """What idle slots map beyond the cache: the memory deferred reclamation keeps.
-        Cached chunks an idle slot maps are not counted (the cache holds them either
-        way; unmapping them from the slot would free nothing and make the next turn of
-        its conversation map them again)."""
-        return sum(self.books.uncached(s) for s in self._idle)
+        """See ``SlotOwners.idle_chunks``."""
+        return self.slots.idle_chunks
 
     @property
     def surplus_chunks(self) -> int:
-        return sum(len(self.books.tables[s]) - self._asked[s] for s in self._owner.values())
+        return self.slots.surplus_chunks
 
     @property
     def evicted_chunks(self) -> int:
@@ -179,29 +169,29 @@ class KVCacheManager:
         return self._applied_committed
 
     def slot_of(self, rid: int) -> int:
-        return self._owner[rid]
+        return self.slots.slot_of(rid)
 
     def mapped_chunks(self, rid: int) -> int:
-        return len(self.books.tables[self._owner[rid]])
+        return len(self.books.tables[self.slots.slot_of(rid)])
 
     def slot_table(self, slot: int) -> tuple[int, ...]:
         return tuple(self.books.tables[slot])
 
     def asked(self, slot: int) -> int:
-        return self._asked[slot]
+        return self.slots.asked(slot)
 
     def released_at(self, slot: int) -> int:
-        """A logical time: when the slot last went idle (0: never)."""
-        return self._released[slot]
+        """See ``SlotOwners.released_at``."""
+        return self.slots.released_at(slot)
 
     def idle_slots(self) -> frozenset[int]:
-        return frozenset(self._idle)
+        return self.slots.idle_slots()
 
     def has_running(self) -> bool:
-        return bool(self._owner)
+        return self.slots.has_running()
 
     def has_free_slot(self) -> bool:
-        return bool(self._idle)
+        return self.slots.has_free_slot()
 
     def match(self, token_ids: Sequence[int], max_tokens: int) -> PrefixMatch:
         """The longest cached prefix of ``token_ids``, at most ``max_tokens`` tokens (a
@@ -213,19 +203,16 @@ class KVCacheManager:
         """Whether a new request of ``tokens`` (its first ``hit.tokens`` cached) fits now,
         leaving ``headroom_chunks`` to spare. Cached chunks that someone already pins
         cost nothing more."""
-        if not self._idle:
+        if not self.slots.has_free_slot():
             return False
-        short = self._new_pins(tokens, hit) + headroom_chunks - self.available_chunks
-        if short > 0 and self.lease is not None:  # a shared budget: others may give some
-            self.lease.pull(short, reclaim=True)
-        return self._new_pins(tokens, hit) <= self.available_chunks - headroom_chunks
+        return self.capacity.fits(self.geometry.chunks_for(tokens), headroom_chunks, hit)
 
     def admit_shortfall(
         self, tokens: int, headroom_chunks: int = 0, hit: PrefixMatch = NO_MATCH
     ) -> int:
         """The chunks ``can_admit(tokens, headroom_chunks, hit)`` lacks now (<= 0: none;
         a free slot is not counted: see ``has_free_slot``)."""
-        return self._new_pins(tokens, hit) + headroom_chunks - self.available_chunks
+        return self.capacity.shortfall(self.geometry.chunks_for(tokens), headroom_chunks, hit)
 
     def usage(self) -> KVUsage:
         return kv_usage(self)
@@ -236,8 +223,8 @@ class KVCacheManager:
         them shared from the cache; None (and nothing changed) if it does not fit.
         The slot is the idle one that already maps most of the hit (slot affinity),
         else the best fit."""
-        if rid in self._owner:
-            raise ValueError(f"request {rid} already holds slot {self._owner[rid]}")
+        if self.slots.owns(rid):
+            raise ValueError(f"request {rid} already holds slot {self.slots.slot_of(rid)}")
         want = self.geometry.chunks_for(tokens)
         if want <= len(hit.chunks) + hit.restore * self.cache.block_chunks:
             raise ValueError(
@@ -246,12 +233,11 @@ class KVCacheManager:
         if not self.can_admit(tokens, 0, hit):
             return None
         pressure = want - len(hit.chunks) > self.free_chunks
-        slot = self._placer.choose(want, hit.chunks, self._idle, pressure)
-        self._idle.discard(slot)
-        self._owner[rid] = slot
+        slot = self._placer.choose(want, hit.chunks, self.slots.idle_slots(), pressure)
+        self.slots.take(rid, slot)
         self.links.link(rid, hit)
         self._placer.fit_front(slot, hit.chunks, convert=pressure)
-        self._set_asked(slot, min(want, len(self.books.tables[slot])))
+        self.slots.set_asked(slot, min(want, len(self.books.tables[slot])))
         if not self.grow(rid, tokens):
             raise RuntimeError("admission fit the books but could not grow: a bug")
         if hit.restore:
@@ -282,20 +268,21 @@ class KVCacheManager:
         chunks, then unlocked cache blocks. On False nothing changed: the caller
         preempts someone and retries.
         """
-        slot = self._owner[rid]
+        slots = self.slots
+        slot = slots.slot_of(rid)
         want = self.geometry.chunks_for(tokens)
-        have, asked = len(self.books.tables[slot]), self._asked[slot]
+        have, asked = len(self.books.tables[slot]), slots.asked(slot)
         if want <= have:
             if want > asked:
-                self._set_asked(slot, want)
+                slots.set_asked(slot, want)
             return True
-        self._set_asked(slot, have)  # its own chunks are not surplus to reclaim
+        slots.set_asked(slot, have)  # its own chunks are not surplus to reclaim
         need = want - have
         if not self._reclaimer.make_room(need, steal):
-            self._set_asked(slot, asked)
+            slots.set_asked(slot, asked)
             return False
         self.books.map_fresh(slot, need)
-        self._set_asked(slot, want)
+        slots.set_asked(slot, want)
         return True
 
     def premap(
@@ -317,18 +304,15 @@ class KVCacheManager:
     def release(self, rid: int) -> None:
         """The request is done (or preempted): its slot idles, keeping its chunks; its
         cache blocks are unlocked. Offer its last blocks first (``cache_tokens``)."""
-        slot = self._owner.pop(rid)
-        self._set_asked(slot, 0)
+        slot = self.slots.release(rid)
         self.links.unlink(rid)
-        self._idle.add(slot)
-        self._released[slot] = self._releases = self._releases + 1
         self.idle.on_idle(slot)  # the watermark binds at once: the oldest idle slots lose
 
     def shrink(self, rid: int, chunks: int) -> None:
         """Unmap ``rid``'s chunks from index ``chunks`` on; it keeps its slot (not idle)
         and asks for ``chunks`` (a swap-out: ``swap_chunks.py``)."""
-        slot = self._owner[rid]
-        self._set_asked(slot, chunks)
+        slot = self.slots.slot_of(rid)
+        self.slots.set_asked(slot, chunks)
         self.books.truncate(slot, chunks)
 
     def reclaim_idle(self) -> int:
@@ -348,7 +332,7 @@ class KVCacheManager:
     def reclaim_all(self) -> None:
         """Unmap every idle slot's chunks (shutdown, or a caller that needs the pool).
         Cached chunks stay in the cache."""
-        for slot in self._idle:
+        for slot in self.slots.idle_slots():
             self.books.truncate(slot, 0)
 
     def evict(self, chunks: int) -> int:
@@ -363,7 +347,7 @@ class KVCacheManager:
     def reset_prefix_cache(self) -> bool:
         """Drop every cached block and every idle slot's mappings, so that all chunks go
         back to the pool. Refused (False, nothing changed) while requests run."""
-        if self._owner:
+        if self.slots.has_running():
             return False
         self.reclaim_all()
         self.books.drop(self.cache.reset())
@@ -380,7 +364,7 @@ class KVCacheManager:
     def check_writes(self, writes: Iterable[tuple[int, int, int]]) -> None:
         """Raise :class:`SharedChunkWriteError` unless each ``(rid, start, end)`` (a
         step's span) writes only chunks its request's slot maps alone (``write_guard``)."""
-        check_writes(self.books, self._owner, self.geometry, writes)
+        check_writes(self.books, self.slots.owners(), self.geometry, writes)
 
     def take_commands(self) -> list[KVCommand]:
         """Take the commands emitted since the last take, in the order they must run."""
@@ -394,7 +378,7 @@ class KVCacheManager:
 
     def owners(self) -> dict[int, int]:
         """Request id -> slot, for every slot in use (a copy)."""
-        return dict(self._owner)
+        return self.slots.owners()
 
     def violations(self) -> list[str]:
         """The broken invariants, described; empty when the books are consistent."""
@@ -412,16 +396,3 @@ class KVCacheManager:
         block = self.geometry.cache_block()
         if cache.enabled and block != (cache.block_tokens, cache.block_chunks):
             raise ValueError(f"the cache's blocks must be {block} (tokens, chunks)")
-
-    def _new_pins(self, tokens: int, hit: PrefixMatch) -> int:
-        pinned = sum(1 for c in hit.chunks if self.books.is_pinned(c))
-        return self.geometry.chunks_for(tokens) - pinned
-
-    def _set_asked(self, slot: int, n: int) -> None:
-        """Move the owner's asked mark (``<= len(table)``), pinning what it covers."""
-        a, table = self._asked[slot], self.books.tables[slot]
-        if n > a:
-            self.books.pin(table[a:n], +1)
-        elif n < a:
-            self.books.pin(table[n:a], -1)
-        self._asked[slot] = n
