@@ -4,14 +4,17 @@ Torch-free on purpose: it decides, in plain integers, which chunks to map, share
 or unmap, and emits them as commands (``kvcache/commands.py``); ``KVArena``
 carries them out on the virtual tensor through the asynchronous mapper. The
 scheduler asks it whether a request fits and tells it when requests grow,
-compute whole blocks, or finish.
+compute whole blocks, or finish. It is a facade over the parts it owns: the books
+(``chunk_books.py``), the slots' owners and asked marks (``slot_owners.py``), the
+cap on what it may commit (``capacity.py``), the running requests' cache links
+(``cache_links.py``: each one's locked prefix, its offers, its restores), slot
+placement (``placement.py``), reclaim (``reclaim.py``, ``idle_reclaim.py``).
 
 Each slot owns a fixed, chunk-aligned byte range of the arena, and its mapped
 chunks always form a prefix of that range (KV grows from token 0). A chunk is
 either private to one slot, or held by the prefix cache (and then mapped by any
 number of slots, all at the same index): a request that hits the cache maps the
-cached chunks at the front of its slot and computes only the rest
-(``cache_links.py``: each running request's locked prefix, its offers, its restores).
+cached chunks at the front of its slot and computes only the rest.
 
 Invariants (listed by ``violations``, asserted by ``check``):
 
@@ -122,42 +125,43 @@ class KVCacheManager:
         """See ``KVCapacity.set_limit``: the KV's share of a unified pool."""
         self.capacity.set_limit(chunks)
 
-    # ------------------------------------------------------------------ query
-    @property
-    def lease(self) -> KVLease | None:
-        return self.capacity.lease
-
-    @property
-    def limit(self) -> int | None:
-        return self.capacity.limit
-
+    # ------------------------------------------------- query (``KVCapacity``)
     @property
     def capacity_chunks(self) -> int:
-        """See ``KVCapacity.chunks``."""
+        """The chunks the books may commit now (``KVCapacity.chunks``)."""
         return self.capacity.chunks
 
     @property
     def free_chunks(self) -> int:
         return self.capacity.free
 
-    @property
-    def available_chunks(self) -> int:
-        """Chunks the pool can still give: free, or reclaimable (not pinned)."""
-        return self.capacity.available
-
-    @property
-    def reclaimable_chunks(self) -> int:
-        return self.capacity.reclaimable
-
+    # ------------------------------------------------ query (``SlotOwners``)
     @property
     def idle_chunks(self) -> int:
-        """See ``SlotOwners.idle_chunks``."""
+        """What idle slots map beyond the cache (``SlotOwners.idle_chunks``)."""
         return self.slots.idle_chunks
 
     @property
     def surplus_chunks(self) -> int:
         return self.slots.surplus_chunks
 
+    def slot_of(self, rid: int) -> int:
+        return self.slots.slot_of(rid)
+
+    def asked(self, slot: int) -> int:
+        return self.slots.asked(slot)
+
+    def idle_slots(self) -> frozenset[int]:
+        return self.slots.idle_slots()
+
+    def has_free_slot(self) -> bool:
+        return self.slots.has_free_slot()
+
+    def owners(self) -> dict[int, int]:
+        """Request id -> slot, for every slot in use (a copy)."""
+        return self.slots.owners()
+
+    # ------------------------------------------------------------------ query
     @property
     def evicted_chunks(self) -> int:
         """Chunks freed by evicting cache blocks, over the manager's life."""
@@ -168,30 +172,14 @@ class KVCacheManager:
         """Chunks in use once the commands taken so far are applied (integrity checks)."""
         return self._applied_committed
 
-    def slot_of(self, rid: int) -> int:
-        return self.slots.slot_of(rid)
-
     def mapped_chunks(self, rid: int) -> int:
         return len(self.books.tables[self.slots.slot_of(rid)])
 
     def slot_table(self, slot: int) -> tuple[int, ...]:
         return tuple(self.books.tables[slot])
 
-    def asked(self, slot: int) -> int:
-        return self.slots.asked(slot)
-
-    def released_at(self, slot: int) -> int:
-        """See ``SlotOwners.released_at``."""
-        return self.slots.released_at(slot)
-
-    def idle_slots(self) -> frozenset[int]:
-        return self.slots.idle_slots()
-
-    def has_running(self) -> bool:
-        return self.slots.has_running()
-
-    def has_free_slot(self) -> bool:
-        return self.slots.has_free_slot()
+    def usage(self) -> KVUsage:
+        return kv_usage(self)
 
     def match(self, token_ids: Sequence[int], max_tokens: int) -> PrefixMatch:
         """The longest cached prefix of ``token_ids``, at most ``max_tokens`` tokens (a
@@ -213,9 +201,6 @@ class KVCacheManager:
         """The chunks ``can_admit(tokens, headroom_chunks, hit)`` lacks now (<= 0: none;
         a free slot is not counted: see ``has_free_slot``)."""
         return self.capacity.shortfall(self.geometry.chunks_for(tokens), headroom_chunks, hit)
-
-    def usage(self) -> KVUsage:
-        return kv_usage(self)
 
     # ---------------------------------------------------------------- updates
     def admit(self, rid: int, tokens: int, hit: PrefixMatch = NO_MATCH) -> int | None:
@@ -268,22 +253,8 @@ class KVCacheManager:
         chunks, then unlocked cache blocks. On False nothing changed: the caller
         preempts someone and retries.
         """
-        slots = self.slots
-        slot = slots.slot_of(rid)
         want = self.geometry.chunks_for(tokens)
-        have, asked = len(self.books.tables[slot]), slots.asked(slot)
-        if want <= have:
-            if want > asked:
-                slots.set_asked(slot, want)
-            return True
-        slots.set_asked(slot, have)  # its own chunks are not surplus to reclaim
-        need = want - have
-        if not self._reclaimer.make_room(need, steal):
-            slots.set_asked(slot, asked)
-            return False
-        self.books.map_fresh(slot, need)
-        slots.set_asked(slot, want)
-        return True
+        return self.slots.ask(self.slots.slot_of(rid), want, self._reclaimer.make_room, steal)
 
     def premap(
         self,
@@ -324,7 +295,7 @@ class KVCacheManager:
     def reclaim(self, chunks: int) -> int:
         """Free up to ``chunks`` reclaimable chunks (``Reclaimer`` order); returns how
         many. A shared budget's member does this for another engine (``give_back``)."""
-        n = min(chunks, self.reclaimable_chunks)
+        n = min(chunks, self.capacity.reclaimable)
         if n > 0 and not self._reclaimer.reclaim(n):
             raise RuntimeError("reclaim fell short of the reclaimable chunks: a bug")
         return max(0, n)
@@ -375,10 +346,6 @@ class KVCacheManager:
     def pending_commands(self) -> tuple[KVCommand, ...]:
         """The commands emitted but not taken yet (read-only: integrity checks)."""
         return tuple(self.books.commands)
-
-    def owners(self) -> dict[int, int]:
-        """Request id -> slot, for every slot in use (a copy)."""
-        return self.slots.owners()
 
     def violations(self) -> list[str]:
         """The broken invariants, described; empty when the books are consistent."""

@@ -60,8 +60,8 @@ class SlotPlacer:
                 fitted = len(table)
                 need = max(0, want - fitted)
             short = need + headroom_chunks - self.kv.free_chunks
-            if short > 0 and self.kv.lease is not None:
-                self.kv.lease.top_up(short)  # unallocated chunks only: nothing reclaimed
+            if short > 0 and self.kv.capacity.lease is not None:
+                self.kv.capacity.lease.top_up(short)  # unallocated chunks only: nothing reclaimed
             if need > self.kv.free_chunks - headroom_chunks:
                 return
             if self.kv.idle_chunks + need > self.kv.keep_idle_chunks:
@@ -94,7 +94,7 @@ class SlotPlacer:
         if pressure:  # reuse the least recently used content's slot in place
             aged = [s for s in among if books.cached_end[s]]
             if aged:
-                return min(aged, key=lambda s: (self._leaf_use(s), self.kv.released_at(s), s))
+                return min(aged, key=lambda s: (self._leaf_use(s), self.kv.slots.released_at(s), s))
         return max(among, key=lambda s: (run(s), -len(tables[s]), -s))
 
     def _leaf_use(self, slot: int) -> int:

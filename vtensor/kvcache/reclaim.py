@@ -15,7 +15,7 @@ in this order, all of it before the scheduler preempts a running request:
    keeps (another slot, a locked block): they are cut back entirely.
 
 What the phases can free is exactly ``committed - pinned``, the manager's
-``reclaimable_chunks``: a reclaim that the manager checked against it never
+``KVCapacity.reclaimable``: a reclaim that the manager checked against it never
 falls short (it raises, a bug, if it does).
 """
 
@@ -38,7 +38,7 @@ class Reclaimer:
         reclaimable chunks: the other engines' first when ours do not cover the
         shortfall, then ours. False if it falls short (chunks reclaimed so far stay
         freed: they were reclaimable, nothing is lost)."""
-        kv, lease = self.kv, self.kv.lease
+        kv, lease = self.kv, self.kv.capacity.lease
         if need > kv.free_chunks and lease is not None:
             lease.pull(need - kv.free_chunks, reclaim=False)
         short = need - kv.free_chunks
@@ -46,14 +46,14 @@ class Reclaimer:
             return True
         if not steal:
             return False
-        if lease is not None and short > kv.reclaimable_chunks:
-            lease.pull(short - kv.reclaimable_chunks, reclaim=True)
+        if lease is not None and short > kv.capacity.reclaimable:
+            lease.pull(short - kv.capacity.reclaimable, reclaim=True)
             short = need - kv.free_chunks
         return short <= 0 or self.reclaim(short)
 
     def reclaim(self, need: int) -> bool:
         """Free ``need`` chunks; False (nothing done) if fewer are reclaimable."""
-        if need > self.kv.reclaimable_chunks:
+        if need > self.kv.capacity.reclaimable:
             return False
         freed = self._cut_tails(need, private_only=True)
         if freed < need:

@@ -14,6 +14,8 @@ slots; an idle slot's mark is 0; an owner's mark is at most what its slot maps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .chunk_books import ChunkBooks
 
 
@@ -96,3 +98,23 @@ class SlotOwners:
         elif n < a:
             self.books.pin(table[n:a], -1)
         self._asked[slot] = n
+
+    def ask(
+        self, slot: int, want: int, make_room: Callable[[int, bool], bool], steal: bool
+    ) -> bool:
+        """The owner of ``slot`` asks for its first ``want`` chunks; those it lacks are
+        mapped fresh once ``make_room(need, steal)`` has freed them. On False nothing
+        changed: ``make_room`` could not (its own chunks are never its victims)."""
+        have, asked = len(self.books.tables[slot]), self._asked[slot]
+        if want <= have:
+            if want > asked:
+                self.set_asked(slot, want)
+            return True
+        self.set_asked(slot, have)  # its own chunks are not surplus to reclaim
+        need = want - have
+        if not make_room(need, steal):
+            self.set_asked(slot, asked)
+            return False
+        self.books.map_fresh(slot, need)
+        self.set_asked(slot, want)
+        return True

@@ -42,9 +42,10 @@ def swap_in(kv: KVCacheManager, rid: int, tokens: int, headroom_chunks: int = 0)
     indices it had, if that leaves ``headroom_chunks`` available (as admission does;
     on a shared budget the lease may pull first). False: nothing changed."""
     need = kv.geometry.chunks_for(tokens) - kv.mapped_chunks(rid)
-    short = need + headroom_chunks - kv.available_chunks
-    if short > 0 and kv.lease is not None:  # a shared budget: others may give some
-        kv.lease.pull(short, reclaim=True)
-    if need > kv.available_chunks - headroom_chunks:
+    cap = kv.capacity
+    short = need + headroom_chunks - cap.available
+    if short > 0 and cap.lease is not None:  # a shared budget: others may give some
+        cap.lease.pull(short, reclaim=True)
+    if need > cap.available - headroom_chunks:
         return False
     return kv.grow(rid, tokens)
