@@ -42,7 +42,7 @@ def test_check_integrity_names_each_broken_invariant(make_llm) -> None:
     running = engine.scheduler.running
     a, b = running[0], running[1]
     kv, pool = engine.kv, engine.pool
-    shared_slot = {**kv.owners(), b.rid: kv.slot_of(a.rid)}
+    shared_slot = {**kv.slots.owners(), b.rid: kv.slots.slot_of(a.rid)}
     other_prompt = [a.token_ids[0] ^ 1, *a.token_ids[1:]]
 
     def extra_reference() -> Callable[[], None]:

@@ -55,7 +55,7 @@ def premap_waiting(
     a chunk each of headroom, as admission does."""
     # Every idle slot, not only the free seats: with every seat taken, the spare
     # slots (``engine/kv_setup.spare_slots``) are mapped ahead for those next in line.
-    seats = max(max_num_seqs - num_running, len(kv.idle_slots()))
+    seats = max(max_num_seqs - num_running, len(kv.slots.idle_slots()))
     heads = list(itertools.islice(waiting, max(0, seats)))
     wanted, hits = _next_admissions(kv, heads, token_budget)
     if not wanted:

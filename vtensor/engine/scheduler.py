@@ -272,7 +272,7 @@ class Scheduler:
     def _make_room(self, req: Request, hit: PrefixMatch, spans: list[ScheduledSpan]) -> bool:
         """SLO-aware admission: swap out the admission policy's victims so that ``req``
         fits (their spans leave this step). False: nothing changed."""
-        if self.admission is None or not self.kv.has_free_slot():
+        if self.admission is None or not self.kv.slots.has_free_slot():
             return False  # a swapped request keeps its slot: swapping frees none
         short = self.kv.admit_shortfall(req.num_tokens + 1, len(self.running), hit)
         plan = self.admission.plan_room(req, short, self.running, self.kv)

@@ -4,11 +4,11 @@ Torch-free on purpose: it decides, in plain integers, which chunks to map, share
 or unmap, and emits them as commands (``kvcache/commands.py``); ``KVArena``
 carries them out on the virtual tensor through the asynchronous mapper. The
 scheduler asks it whether a request fits and tells it when requests grow,
-compute whole blocks, or finish. It is a facade over the parts it owns: the books
-(``chunk_books.py``), the slots' owners and asked marks (``slot_owners.py``), the
-cap on what it may commit (``capacity.py``), the running requests' cache links
-(``cache_links.py``: each one's locked prefix, its offers, its restores), slot
-placement (``placement.py``), reclaim (``reclaim.py``, ``idle_reclaim.py``).
+compute whole blocks, or finish. It owns its parts and delegates to them: the
+books (``chunk_books.py``), the slots' owners (``slot_owners.py``), the cap on
+what it commits (``capacity.py``), the running requests' cache links
+(``cache_links.py``), slot placement (``placement.py``) and reclaim
+(``reclaim.py``, ``idle_reclaim.py``).
 
 Each slot owns a fixed, chunk-aligned byte range of the arena, and its mapped
 chunks always form a prefix of that range (KV grows from token 0). A chunk is
@@ -23,14 +23,11 @@ Invariants (listed by ``violations``, asserted by ``check``):
 * **a step writes only private chunks** (``check_writes`` raises
   :class:`SharedChunkWriteError` otherwise): cached chunks are read-only;
 * a slot is either owned by exactly one request or idle; an idle slot may keep
-  chunks mapped (deferred reclamation), at most ``keep_idle_chunks`` in all (the
-  watermark), and for at most ``idle_timeout_s`` (``idle_reclaim.py``: bounded
-  deferred reclamation, checked at each ``reclaim_idle``);
+  chunks mapped (deferred reclamation), bounded by ``keep_idle_chunks`` (the
+  watermark) and ``idle_timeout_s`` (``idle_reclaim.py``);
 * a running request's chunks up to what it has asked for, and the chunks of
-  every cache block it has locked (its hit and the blocks it inserted, with their
-  ancestors), are *pinned*; everything else in use is reclaimable: idle slots'
-  and surplus chunks, and unlocked cache blocks (evicted least recently used
-  first, leaves first), all before the scheduler preempts anyone.
+  every cache block it has locked, are *pinned*; everything else in use is
+  reclaimable (``reclaim.py``), all before the scheduler preempts anyone.
 """
 
 from __future__ import annotations
@@ -55,9 +52,8 @@ from .host_tier import HostExtent
 from .idle_policy import Clock, IdleReclaimPolicy
 from .idle_reclaim import IdleReclaimer
 from .placement import SlotPlacer
-from .prefix_cache import NO_MATCH, NoPrefixCache, PrefixCache, PrefixMatch, SpillOut
+from .prefix_cache import NO_MATCH, NoPrefixCache, PrefixCache, PrefixMatch, SpillOut, check_blocks
 from .reclaim import Reclaimer
-from .shared_budget import KVLease
 from .slot_owners import SlotOwners
 from .usage import KVUsage, kv_usage
 from .write_guard import SharedChunkWriteError, check_writes
@@ -103,7 +99,7 @@ class KVCacheManager:
             geometry.capacity_chunks if keep_idle_chunks is None else keep_idle_chunks
         )
         self.cache: PrefixCache = prefix_cache or NoPrefixCache()
-        self._check_blocks(self.cache)
+        check_blocks(self.cache, geometry.cache_block())
         self.books = ChunkBooks(geometry.num_slots)
         self.slots = SlotOwners(self.books, geometry.num_slots, reserved_slots)
         self.capacity = KVCapacity(self.books, geometry.capacity_chunks)
@@ -117,15 +113,7 @@ class KVCacheManager:
         policy = IdleReclaimPolicy(self.keep_idle_chunks, idle_timeout_s)
         self.idle = IdleReclaimer(self, policy, clock)
 
-    def set_lease(self, lease: KVLease) -> None:
-        """See ``KVCapacity.set_lease``: commit only a shared budget's grant."""
-        self.capacity.set_lease(lease)
-
-    def set_limit(self, chunks: int | None) -> None:
-        """See ``KVCapacity.set_limit``: the KV's share of a unified pool."""
-        self.capacity.set_limit(chunks)
-
-    # ------------------------------------------------- query (``KVCapacity``)
+    # ------------------------------------------------------------------ query
     @property
     def capacity_chunks(self) -> int:
         """The chunks the books may commit now (``KVCapacity.chunks``)."""
@@ -135,33 +123,6 @@ class KVCacheManager:
     def free_chunks(self) -> int:
         return self.capacity.free
 
-    # ------------------------------------------------ query (``SlotOwners``)
-    @property
-    def idle_chunks(self) -> int:
-        """What idle slots map beyond the cache (``SlotOwners.idle_chunks``)."""
-        return self.slots.idle_chunks
-
-    @property
-    def surplus_chunks(self) -> int:
-        return self.slots.surplus_chunks
-
-    def slot_of(self, rid: int) -> int:
-        return self.slots.slot_of(rid)
-
-    def asked(self, slot: int) -> int:
-        return self.slots.asked(slot)
-
-    def idle_slots(self) -> frozenset[int]:
-        return self.slots.idle_slots()
-
-    def has_free_slot(self) -> bool:
-        return self.slots.has_free_slot()
-
-    def owners(self) -> dict[int, int]:
-        """Request id -> slot, for every slot in use (a copy)."""
-        return self.slots.owners()
-
-    # ------------------------------------------------------------------ query
     @property
     def evicted_chunks(self) -> int:
         """Chunks freed by evicting cache blocks, over the manager's life."""
@@ -189,8 +150,7 @@ class KVCacheManager:
 
     def can_admit(self, tokens: int, headroom_chunks: int = 0, hit: PrefixMatch = NO_MATCH) -> bool:
         """Whether a new request of ``tokens`` (its first ``hit.tokens`` cached) fits now,
-        leaving ``headroom_chunks`` to spare. Cached chunks that someone already pins
-        cost nothing more."""
+        leaving ``headroom_chunks`` to spare (``KVCapacity.fits``)."""
         if not self.slots.has_free_slot():
             return False
         return self.capacity.fits(self.geometry.chunks_for(tokens), headroom_chunks, hit)
@@ -199,7 +159,7 @@ class KVCacheManager:
         self, tokens: int, headroom_chunks: int = 0, hit: PrefixMatch = NO_MATCH
     ) -> int:
         """The chunks ``can_admit(tokens, headroom_chunks, hit)`` lacks now (<= 0: none;
-        a free slot is not counted: see ``has_free_slot``)."""
+        a free slot is not counted: see ``SlotOwners.has_free_slot``)."""
         return self.capacity.shortfall(self.geometry.chunks_for(tokens), headroom_chunks, hit)
 
     # ---------------------------------------------------------------- updates
@@ -217,12 +177,7 @@ class KVCacheManager:
             )
         if not self.can_admit(tokens, 0, hit):
             return None
-        pressure = want - len(hit.chunks) > self.free_chunks
-        slot = self._placer.choose(want, hit.chunks, self.slots.idle_slots(), pressure)
-        self.slots.take(rid, slot)
-        self.links.link(rid, hit)
-        self._placer.fit_front(slot, hit.chunks, convert=pressure)
-        self.slots.set_asked(slot, min(want, len(self.books.tables[slot])))
+        slot = self._placer.place(rid, want, hit)
         if not self.grow(rid, tokens):
             raise RuntimeError("admission fit the books but could not grow: a bug")
         if hit.restore:
@@ -230,16 +185,11 @@ class KVCacheManager:
         return slot
 
     def evict_to_free(self, chunks: int, keep: Sequence[PrefixMatch] = ()) -> int:
-        """Evict least recently used (unlocked) cache blocks, never those of ``keep``,
-        until ``chunks`` are free or none is left; returns the chunks freed. The
-        scheduler calls it for what the next step may take, so that a pool the cache
-        has filled frees chunks while the GPU computes, not in the step that needs them."""
+        """Evict unlocked cache blocks until ``chunks`` are free (``CacheLinks``)."""
         return self.links.evict_to_free(chunks, keep)
 
     def take_restores(self) -> list[tuple[int, HostExtent]]:
-        """``(slot, extent)`` of each block restored since the last take: copy the
-        extent's host slots into the slot's chunks from ``extent.first`` before the
-        step's forward pass, then end the tier's copy-in."""
+        """The host blocks' copy-ins to make before the step (``CacheLinks``)."""
         return self.links.take_restores()
 
     def take_spills(self) -> list[SpillOut]:
@@ -247,12 +197,9 @@ class KVCacheManager:
         return self.cache.take_spills()
 
     def grow(self, rid: int, tokens: int, steal: bool = True) -> bool:
-        """Ensure ``rid``'s slot maps its first ``tokens`` tokens.
-
-        Takes free chunks, then (if ``steal``) reclaims: idle slots' and surplus
-        chunks, then unlocked cache blocks. On False nothing changed: the caller
-        preempts someone and retries.
-        """
+        """Ensure ``rid``'s slot maps its first ``tokens`` tokens: free chunks first, then
+        (if ``steal``) reclaimed ones (``Reclaimer.make_room``). On False nothing changed:
+        the caller preempts someone and retries."""
         want = self.geometry.chunks_for(tokens)
         return self.slots.ask(self.slots.slot_of(rid), want, self._reclaimer.make_room, steal)
 
@@ -266,10 +213,7 @@ class KVCacheManager:
         self._placer.premap(token_counts, headroom_chunks, hits)
 
     def cache_tokens(self, rid: int, token_ids: Sequence[int], num_tokens: int) -> None:
-        """Offer the cache the whole blocks of ``rid``'s first ``num_tokens`` tokens:
-        tokens whose KV is computed (or queued) and whose ids the host has read, never a
-        placeholder. Blocks already offered are skipped; the request then locks the
-        longer cached prefix."""
+        """Offer the cache ``rid``'s computed whole blocks (``CacheLinks.offer``)."""
         self.links.offer(rid, token_ids, num_tokens)
 
     def release(self, rid: int) -> None:
@@ -287,18 +231,13 @@ class KVCacheManager:
         self.books.truncate(slot, chunks)
 
     def reclaim_idle(self) -> int:
-        """Bounded deferred reclamation (``idle_reclaim.py``): unmap what idle slots keep
-        past the watermark or their idle time, then have the pool release its free
-        chunks to the driver. Cheap unless a deadline passed. Returns chunks freed."""
+        """Bounded deferred reclamation (``IdleReclaimer.tick``); returns chunks freed."""
         return self.idle.tick()
 
     def reclaim(self, chunks: int) -> int:
         """Free up to ``chunks`` reclaimable chunks (``Reclaimer`` order); returns how
         many. A shared budget's member does this for another engine (``give_back``)."""
-        n = min(chunks, self.capacity.reclaimable)
-        if n > 0 and not self._reclaimer.reclaim(n):
-            raise RuntimeError("reclaim fell short of the reclaimable chunks: a bug")
-        return max(0, n)
+        return self._reclaimer.reclaim_up_to(chunks)
 
     def reclaim_all(self) -> None:
         """Unmap every idle slot's chunks (shutdown, or a caller that needs the pool).
@@ -329,13 +268,13 @@ class KVCacheManager:
         is reset first, so every chunk it held goes back."""
         if not self.reset_prefix_cache():
             raise RuntimeError("the prefix cache can only be replaced while no request runs")
-        self._check_blocks(cache)
+        check_blocks(cache, self.geometry.cache_block())
         self.cache = cache
 
     def check_writes(self, writes: Iterable[tuple[int, int, int]]) -> None:
         """Raise :class:`SharedChunkWriteError` unless each ``(rid, start, end)`` (a
         step's span) writes only chunks its request's slot maps alone (``write_guard``)."""
-        check_writes(self.books, self.slots.owners(), self.geometry, writes)
+        check_writes(self.books, self.slots.owner_map(), self.geometry, writes)
 
     def take_commands(self) -> list[KVCommand]:
         """Take the commands emitted since the last take, in the order they must run."""
@@ -357,9 +296,3 @@ class KVCacheManager:
         problems = self.violations()
         if problems:
             raise AssertionError("; ".join(problems))
-
-    # ---------------------------------------------------------------- private
-    def _check_blocks(self, cache: PrefixCache) -> None:
-        block = self.geometry.cache_block()
-        if cache.enabled and block != (cache.block_tokens, cache.block_chunks):
-            raise ValueError(f"the cache's blocks must be {block} (tokens, chunks)")

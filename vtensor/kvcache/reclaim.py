@@ -51,6 +51,13 @@ class Reclaimer:
             short = need - kv.free_chunks
         return short <= 0 or self.reclaim(short)
 
+    def reclaim_up_to(self, chunks: int) -> int:
+        """Free up to ``chunks`` reclaimable chunks; returns how many."""
+        n = min(chunks, self.kv.capacity.reclaimable)
+        if n > 0 and not self.reclaim(n):
+            raise RuntimeError("reclaim fell short of the reclaimable chunks: a bug")
+        return max(0, n)
+
     def reclaim(self, need: int) -> bool:
         """Free ``need`` chunks; False (nothing done) if fewer are reclaimable."""
         if need > self.kv.capacity.reclaimable:
@@ -68,7 +75,7 @@ class Reclaimer:
         """Evict least recently used cache blocks until ``chunks`` are freed (or none is
         left to evict); returns the chunks freed."""
         kv, books = self.kv, self.kv.books
-        idle = kv.idle_slots()
+        idle = kv.slots.idle_slots()
         freed = 0
         while freed < chunks:
             ids = kv.cache.evict()
@@ -117,11 +124,15 @@ class Reclaimer:
         holder keeps (the cut would lose a mapping and free nothing)."""
         kv, books = self.kv, self.kv.books
         tables, is_private = books.tables, books.is_private
-        idle = [s for s in kv.idle_slots() if tables[s]]
+        idle = [s for s in kv.slots.idle_slots() if tables[s]]
         if private_only:  # only slots whose last chunk is private have anything to give
             idle = [s for s in idle if is_private(tables[s][-1])]
         idle.sort(key=lambda s: -len(tables[s]))
-        surplus = [(s, kv.asked(s)) for s in kv.owners().values() if len(tables[s]) > kv.asked(s)]
+        surplus = [
+            (s, kv.slots.asked(s))
+            for s in kv.slots.owners().values()
+            if len(tables[s]) > kv.slots.asked(s)
+        ]
         freed = 0
         for slot, floor in [*((s, 0) for s in idle), *surplus]:
             if freed >= need:

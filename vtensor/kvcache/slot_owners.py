@@ -14,7 +14,8 @@ slots; an idle slot's mark is 0; an owner's mark is at most what its slot maps.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 
 from .chunk_books import ChunkBooks
 
@@ -42,9 +43,9 @@ class SlotOwners:
         """Request id -> slot, for every slot in use (a copy)."""
         return dict(self._owner)
 
-    def owned(self) -> list[int]:
-        """The slots in use."""
-        return list(self._owner.values())
+    def owner_map(self) -> Mapping[int, int]:
+        """Request id -> slot, live and read-only (the step path: no copy)."""
+        return MappingProxyType(self._owner)
 
     def idle_slots(self) -> frozenset[int]:
         return frozenset(self._idle)

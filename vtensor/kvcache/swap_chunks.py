@@ -23,7 +23,7 @@ def private_tail(kv: KVCacheManager, rid: int, tokens: int) -> tuple[int, int]:
     """``(first, end)``: chunks ``[first, end)`` of ``rid``'s first ``tokens`` tokens
     are its private tail, the ones a swap must copy; ``[0, first)`` end with a shared
     (cached) chunk, which needs no copy."""
-    table, end = kv.slot_table(kv.slot_of(rid)), kv.geometry.chunks_for(tokens)
+    table, end = kv.slot_table(kv.slots.slot_of(rid)), kv.geometry.chunks_for(tokens)
     first = end
     while first > 0 and kv.books.is_private(table[first - 1]):
         first -= 1
