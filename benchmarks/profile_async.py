@@ -52,7 +52,7 @@ def replay_ms(engine: LLMEngine, steps: int) -> float:
     graphs = engine.runner.graphs
     assert graphs is not None
     running = engine.scheduler.running
-    slots = [engine.kv.slot_of(r.rid) for r in running]
+    slots = [engine.kv.slots.slot_of(r.rid) for r in running]
     rows = [engine.arena.layout.row_start(s) for s in slots]
     pos = [r.num_computed - 1 for r in running]  # rewrites each request's last KV row
     ids = [0] * len(running)

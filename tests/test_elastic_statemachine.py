@@ -49,7 +49,7 @@ class ElasticMachine(RuleBasedStateMachine):
         kv = KVCacheManager(geo, prefix_cache=cache, keep_idle_chunks=budget)
         planner = ElasticPlanner(tab, BPT)
         self.memory = ElasticMemory(planner, budget)
-        kv.set_limit(self.memory.kv_capacity)
+        kv.capacity.set_limit(self.memory.kv_capacity)
         self.sched = Scheduler(SchedulerConfig(SEQS, step_tokens, 2), kv, memory=self.memory)
         # The longest request the pool can ever run: its KV beside one token's workspace.
         room = budget - tab.chunks_for(1) - planner.growth(1, 1) - 1

@@ -65,7 +65,7 @@ def test_idle_time_unmaps_and_releases_to_the_driver(
         assert kv.admit(rid, n) is not None
     sync(arena, kv)
     for rid in range(3):
-        arena.views[0][0][kv.slot_of(rid) * arena.layout.max_tokens].fill_(1.0)  # touch pages
+        arena.views[0][0][kv.slots.slot_of(rid) * arena.layout.max_tokens].fill_(1.0)  # touch pages
     mapped = sum(kv.mapped_chunks(r) for r in range(3))
     for rid in range(3):
         clock.advance(0.5)
@@ -103,13 +103,13 @@ def test_watermark_binds_at_release_and_keeps_the_newest(
     for rid in range(4):
         kv.admit(rid, 4 * tpc)  # 4 chunks each
     sync(arena, kv)
-    slots = [kv.slot_of(rid) for rid in range(4)]
+    slots = [kv.slots.slot_of(rid) for rid in range(4)]
     for rid in range(4):
         clock.advance(1.0)
         kv.release(rid)
         assert kv.usage().idle_chunks <= 5
     # The last slot released keeps all 4, the one before it 1; older ones nothing.
-    kept = sorted(len(kv.slot_table(s)) for s in kv.idle_slots())
+    kept = sorted(len(kv.slot_table(s)) for s in kv.slots.idle_slots())
     assert kept == [0, 0, 0, 0, 1, 4]
     assert [len(kv.slot_table(s)) for s in slots] == [0, 0, 1, 4]
     sync(arena, kv)
@@ -136,7 +136,7 @@ def test_random_operations_stay_bounded_and_return_to_the_floor(
     live: dict[int, list[int]] = {}
     for step in range(250):
         op = rng.random()
-        if op < 0.3 and kv.has_free_slot():
+        if op < 0.3 and kv.slots.has_free_slot():
             ids = [rng.randrange(vocab) for _ in range(rng.randint(2, 6 * tpc))]
             hit = kv.match(ids, len(ids) - 1)
             if kv.admit(step, len(ids), hit) is not None:
@@ -157,7 +157,7 @@ def test_random_operations_stay_bounded_and_return_to_the_floor(
         else:
             clock.advance(rng.choice([0.1, 0.3, 1.0, 2.5]))
             kv.reclaim_idle()
-            for slot in kv.idle_slots():
+            for slot in kv.slots.idle_slots():
                 since = kv.idle._since.get(slot, 0.0)
                 assert not kv.books.uncached(slot) or clock() - since < timeout
         assert kv.usage().idle_chunks <= watermark

@@ -42,7 +42,7 @@ def test_check_integrity_names_each_broken_invariant(make_llm) -> None:
     running = engine.scheduler.running
     a, b = running[0], running[1]
     kv, pool = engine.kv, engine.pool
-    shared_slot = {**kv._owner, b.rid: kv.slot_of(a.rid)}
+    shared_slot = {**kv.slots.owners(), b.rid: kv.slots.slot_of(a.rid)}
     other_prompt = [a.token_ids[0] ^ 1, *a.token_ids[1:]]
 
     def extra_reference() -> Callable[[], None]:
@@ -56,7 +56,7 @@ def test_check_integrity_names_each_broken_invariant(make_llm) -> None:
     corruptions = {
         "computed": lambda: _set(a, "num_computed", len(a.token_ids) + 1),
         "unread tokens": lambda: _set(a, "num_output_placeholders", 2),
-        "owned by two requests": lambda: _set(kv, "_owner", shared_slot),
+        "owned by two requests": lambda: _set(kv.slots, "_owner", shared_slot),
         "in the running queue": lambda: _set(b, "status", type(b.status).WAITING),
         "in no queue": lambda: _set(engine.scheduler, "running", [a]),
         "do not start with the prompt": lambda: _set(a, "token_ids", other_prompt),

@@ -40,9 +40,9 @@ def test_aligned_max_tokens_makes_whole_chunks() -> None:
 def test_admit_grow_release_emit_ordered_commands() -> None:
     kv = KVCacheManager(geometry())
     assert kv.admit(7, 10) is not None  # 10 tokens -> 2 chunks
-    assert kv.take_commands() == [MapCommand(kv.slot_of(7), 0, 2)]
+    assert kv.take_commands() == [MapCommand(kv.slots.slot_of(7), 0, 2)]
     assert kv.grow(7, 16) and kv.take_commands() == []  # still 2 chunks
-    assert kv.grow(7, 17) and kv.take_commands() == [MapCommand(kv.slot_of(7), 2, 1)]
+    assert kv.grow(7, 17) and kv.take_commands() == [MapCommand(kv.slots.slot_of(7), 2, 1)]
     assert kv.mapped_chunks(7) == 3 and kv.free_chunks == 13
     kv.release(7)
     # Deferred reclamation keeps them.
@@ -54,12 +54,12 @@ def test_best_fit_reuses_an_idle_slot_without_mapping() -> None:
     kv = KVCacheManager(geometry())
     for rid, tokens in ((0, 40), (1, 8), (2, 20)):
         kv.admit(rid, tokens)
-    slots = {rid: kv.slot_of(rid) for rid in range(3)}
+    slots = {rid: kv.slots.slot_of(rid) for rid in range(3)}
     for rid in range(3):
         kv.release(rid)
     kv.take_commands()
     kv.admit(9, 17)  # 3 chunks: the 20-token slot (3 chunks) fits best
-    assert kv.slot_of(9) == slots[2] and kv.take_commands() == []
+    assert kv.slots.slot_of(9) == slots[2] and kv.take_commands() == []
     kv.check()
 
 
@@ -73,7 +73,10 @@ def test_growth_steals_idle_chunks_unmapping_before_mapping() -> None:
     # and holds 7 chunks of surplus...
     assert kv.take_commands() == [] and kv.usage().surplus_chunks == 7
     assert kv.admit(2, 8) is not None  # ...which the next one takes: unmap first, then map
-    unmap_then_map = [UnmapCommand(kv.slot_of(1), 7, 1), MapCommand(kv.slot_of(2), 0, 1)]
+    unmap_then_map = [
+        UnmapCommand(kv.slots.slot_of(1), 7, 1),
+        MapCommand(kv.slots.slot_of(2), 0, 1),
+    ]
     assert kv.take_commands() == unmap_then_map
     assert kv.usage().surplus_chunks == 6
     kv.check()
@@ -113,7 +116,7 @@ def test_random_operations_keep_invariants_and_real_pool_in_step(make_pool) -> N
     live: dict[int, int] = {}
     for step in range(300):
         op = rng.random()
-        if op < 0.3 and kv.has_free_slot():
+        if op < 0.3 and kv.slots.has_free_slot():
             tokens = rng.randint(1, layout.max_tokens)
             if kv.admit(step, tokens) is not None:
                 live[step] = tokens

@@ -47,10 +47,12 @@ def test_a_hit_shares_the_cached_chunks_at_the_front_of_another_slot() -> None:
     a = tokens(5 * TPC)
     assert run(kv, 0, a) == 0
     adopted = [c for c in kv.take_commands() if isinstance(c, CacheHoldCommand)]
-    assert adopted == [CacheHoldCommand(kv.slot_of(0), 0, kv.slot_table(kv.slot_of(0))[:5])]
+    assert adopted == [
+        CacheHoldCommand(kv.slots.slot_of(0), 0, kv.slot_table(kv.slots.slot_of(0))[:5])
+    ]
     b = [*a[: 3 * TPC + 2], *tokens(10)]  # shares 3 whole blocks (and 2 tokens more)
     assert run(kv, 1, b) == 3 * TPC
-    slot_a, slot_b = kv.slot_of(0), kv.slot_of(1)
+    slot_a, slot_b = kv.slots.slot_of(0), kv.slots.slot_of(1)
     shared = kv.slot_table(slot_a)[:3]
     assert kv.slot_table(slot_b)[:3] == shared
     commands = kv.take_commands()
@@ -82,12 +84,12 @@ def test_the_idle_slot_of_an_earlier_turn_is_reused_without_remapping() -> None:
     kv.grow(0, len(turn1) + 9)  # the answer
     turn1 += tokens(9)
     kv.cache_tokens(0, turn1, len(turn1) - 1)  # the last token was sampled, not computed
-    slot = kv.slot_of(0)
+    slot = kv.slots.slot_of(0)
     kv.release(0)
     kv.take_commands()
     turn2 = [*turn1, *tokens(6)]
     assert run(kv, 1, turn2) == 4 * TPC
-    assert kv.slot_of(1) == slot
+    assert kv.slots.slot_of(1) == slot
     assert not any(isinstance(c, MapCachedCommand | UnmapCommand) for c in kv.take_commands())
 
 
@@ -141,11 +143,11 @@ def test_evicting_a_chunk_an_idle_slot_maps_cuts_that_slot() -> None:
     kv = manager(capacity=6, slots=3)
     a = tokens(4 * TPC)
     run(kv, 0, [*a, 5])
-    slot = kv.slot_of(0)
+    slot = kv.slots.slot_of(0)
     kv.release(0)  # the idle slot keeps all 5 chunks: 4 cached, 1 private
     b = tokens(TPC)
     run(kv, 1, b)  # the free chunk: no pressure, an empty idle slot
-    assert kv.slot_of(1) != slot and kv.free_chunks == 0
+    assert kv.slots.slot_of(1) != slot and kv.free_chunks == 0
     assert kv.grow(1, 3 * TPC)  # the idle slot's private tail, then one block (LRU leaf)
     assert len(kv.slot_table(slot)) == 3  # cut before the evicted block (the last one)
     assert kv.match(a, len(a)).tokens == 3 * TPC and kv.evicted_chunks == 1
@@ -160,12 +162,12 @@ def test_under_pressure_a_new_request_reuses_the_oldest_idle_slots_chunks_in_pla
     old, new = tokens(4 * TPC), tokens(4 * TPC)
     for rid, ids in enumerate((old, new)):
         run(kv, rid, ids)
-    slot = kv.slot_of(0)
+    slot = kv.slots.slot_of(0)
     kv.release(0)
     kv.release(1)  # all 8 chunks cached and kept by the two idle slots
     kv.take_commands()
     run(kv, 2, tokens(3 * TPC + 2))
-    assert kv.slot_of(2) == slot
+    assert kv.slots.slot_of(2) == slot
     commands = kv.take_commands()
     assert not any(isinstance(c, MapCommand | UnmapCommand | MapCachedCommand) for c in commands)
     assert kv.match(old, len(old)).tokens == 0  # the older content went
@@ -200,7 +202,7 @@ def test_blocks_span_several_chunks_when_a_chunk_splits_a_token() -> None:
     hit = kv.match(b, len(b) - 1)
     assert hit.tokens == 16 and len(hit.chunks) == 6  # two whole blocks
     kv.admit(1, len(b), hit)
-    assert kv.slot_table(kv.slot_of(1))[:6] == kv.slot_table(kv.slot_of(0))[:6]
+    assert kv.slot_table(kv.slots.slot_of(1))[:6] == kv.slot_table(kv.slots.slot_of(0))[:6]
     kv.check_writes([(1, 16, 17)])  # token 16 starts chunk 6 exactly: its own
     with pytest.raises(SharedChunkWriteError):
         kv.check_writes([(1, 15, 16)])
@@ -228,13 +230,13 @@ def test_past_the_watermark_an_idle_slot_keeps_its_cached_blocks_mapped() -> Non
     blocks = random.randint(2, 5)
     first = tokens(blocks * TPC + random.randint(1, TPC - 1))  # whole blocks + a private tail
     run(kv, 0, first)
-    slot = kv.slot_of(0)
+    slot = kv.slots.slot_of(0)
     kv.take_commands()
     kv.release(0)
     unmapped = [c for c in kv.take_commands() if isinstance(c, UnmapCommand)]
     assert [(c.slot, c.first, c.count) for c in unmapped] == [(slot, blocks, 1)]
     assert len(kv.slot_table(slot)) == blocks and kv.usage().idle_chunks == 0
     nxt = [*first, *tokens(TPC)]
-    assert run(kv, 1, nxt) == blocks * TPC and kv.slot_of(1) == slot
+    assert run(kv, 1, nxt) == blocks * TPC and kv.slots.slot_of(1) == slot
     assert not [c for c in kv.take_commands() if isinstance(c, (UnmapCommand, MapCachedCommand))]
     kv.check()

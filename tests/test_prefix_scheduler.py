@@ -113,8 +113,8 @@ def test_with_every_seat_taken_the_next_request_is_mapped_ahead_into_a_spare_slo
         ahead = [c for c in out.ahead_commands if isinstance(c, MapCommand)]
         if ahead and premapped is None and len(s.running) == 2:
             premapped = ahead[-1].slot
-            assert premapped not in {kv.slot_of(r.rid) for r in s.running}
-    assert premapped is not None and kv.slot_of(nxt.rid) == premapped
+            assert premapped not in {kv.slots.slot_of(r.rid) for r in s.running}
+    assert premapped is not None and kv.slots.slot_of(nxt.rid) == premapped
     assert not [c for c in out.kv_commands if isinstance(c, MapCommand)]  # nothing to wait for
     while s.has_unfinished():
         run_step(s, rng)

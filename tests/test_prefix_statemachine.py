@@ -68,13 +68,13 @@ class ManagerMachine(RuleBasedStateMachine):
         """Write the stamps of positions [start, end), as a forward step would."""
         self.kv.check_writes([(rid, start, end)])
         self._apply()
-        req, slot = self.reqs[rid], self.kv.slot_of(rid)
+        req, slot = self.reqs[rid], self.kv.slots.slot_of(rid)
         for p in range(start, end):
             self.arena.tensor[slot, p, 0, 0, 0, 0] = stamp(req["tokens"][: p + 1])
         req["computed"] = end
 
     def _check_stamps(self, rid: int, end: int) -> None:
-        req, slot = self.reqs[rid], self.kv.slot_of(rid)
+        req, slot = self.reqs[rid], self.kv.slots.slot_of(rid)
         got = self.arena.tensor[slot, :end, 0, 0, 0, 0].tolist()
         assert got == [stamp(req["tokens"][: p + 1]) for p in range(end)], "wrong shared KV"
 

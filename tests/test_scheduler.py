@@ -70,7 +70,9 @@ def test_scheduler_imports_no_torch() -> None:
                   "kvcache.write_guard", "kvcache.usage", "intervals",
                   "kvcache.shared_budget", "kvcache.host_tier", "kvcache.swap_policy",
                   "kvcache.swap_chunks", "engine.swap_plan", "engine.scheduler_output",
-                  "engine.admission_policy", "engine.slo_policy", "engine.slo_admission")
+                  "engine.admission_policy", "engine.slo_policy", "engine.slo_admission",
+                  "engine.swapped_queue", "engine.map_ahead", "engine.scheduler_config",
+                  "kvcache.slot_owners", "kvcache.capacity")
     )  # fmt: skip
     code = f"import sys, {modules}; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -215,7 +217,7 @@ def test_next_admissions_are_mapped_a_step_early() -> None:
             sp.req.append_output(sp.end, rng.randrange(100), None, 0.0)
     out2 = s.schedule()
     assert [sp.req.rid for sp in out2.spans] == [0, 1]
-    slot = s.kv.slot_of(1)
+    slot = s.kv.slots.slot_of(1)
     assert not [c for c in out2.kv_commands if isinstance(c, MapCommand) and c.slot == slot]
     assert s.kv.mapped_chunks(1) >= -(-out2.spans[1].end // TPC)
     s.kv.check()

@@ -48,7 +48,7 @@ def member(
     geo = KVGeometry(slots, 64, 512, CHUNK, budget.total - fixed)  # 8 tokens per chunk
     sim = SimMember(KVCacheManager(geo, keep_idle_chunks=keep_idle))
     sim.lease = budget.join(name, fixed, sim, CHUNK)
-    sim.kv.set_lease(sim.lease)
+    sim.kv.capacity.set_lease(sim.lease)
     return sim
 
 
@@ -95,7 +95,7 @@ def test_busy_member_takes_the_idle_members_chunks_before_preempting() -> None:
         assert b.kv.admit(rid, 30) is not None
     for rid in range(3):
         b.kv.release(rid)
-    assert b.kv.idle_chunks == 12 and budget.unallocated == 3
+    assert b.kv.slots.idle_chunks == 12 and budget.unallocated == 3
     for rid in range(3):  # a's burst needs b's idle chunks
         assert a.kv.admit(rid, 30) is not None, rid
     assert a.kv.books.committed == 12 and b.kv.books.committed <= 3
@@ -140,7 +140,7 @@ def test_the_idle_members_prefix_cache_blocks_go_least_recently_used_first() -> 
     geo = KVGeometry(6, 64, 512, CHUNK, budget.total - 1)
     b = SimMember(KVCacheManager(geo, prefix_cache=RadixPrefixCache(*geo.cache_block())))
     b.lease = budget.join("b", 1, b, CHUNK)
-    b.kv.set_lease(b.lease)
+    b.kv.capacity.set_lease(b.lease)
     old, new = list(range(2, 26)), list(range(100, 124))  # 3 blocks each
     for rid, ids in ((0, old), (1, new)):
         assert b.kv.admit(rid, 25) is not None

@@ -66,7 +66,7 @@ class SwapMachine(ManagerMachine):
         if rid is None:
             return
         ext = self._ext(rid)
-        self.swapper.copy_out(self.kv.slot_of(rid), ext)  # before the unmap is applied
+        self.swapper.copy_out(self.kv.slots.slot_of(rid), ext)  # before the unmap is applied
         self.tier.end_out(rid)
         swap_out(self.kv, rid, ext.first)
         self._apply()
@@ -89,7 +89,7 @@ class SwapMachine(ManagerMachine):
         rid = self._pick(data, SwapState.COPYING_IN)
         if rid is None:
             return
-        self.swapper.copy_in(self.kv.slot_of(rid), self._ext(rid))
+        self.swapper.copy_in(self.kv.slots.slot_of(rid), self._ext(rid))
         self.tier.end_in(rid)
         self.reqs[rid] = self.swapping.pop(rid)
         self._check_stamps(rid, self.reqs[rid]["computed"])  # the same KV as before

@@ -148,7 +148,7 @@ class ElasticMemory:
             evicted = cached - kv.books.cached_count
             self.counters.deflate_cached_chunks += evicted
             self.counters.deflate_idle_chunks += excess - evicted
-        kv.set_limit(capacity)
+        kv.capacity.set_limit(capacity)
         if capacity > self.kv_capacity:
             self.counters.inflates += 1
         elif capacity < self.kv_capacity:
@@ -160,7 +160,7 @@ class ElasticMemory:
 def pool_state(kv: KVCacheManager, budget: int) -> PoolState:
     books = kv.books
     reclaimable = books.committed - books.pinned
-    idle = min(reclaimable, kv.idle_chunks + kv.surplus_chunks)
+    idle = min(reclaimable, kv.slots.idle_chunks + kv.slots.surplus_chunks)
     return PoolState(budget, books.committed, idle, reclaimable - idle)
 
 
@@ -189,7 +189,7 @@ def demand(
 
 
 def candidate(kv: KVCacheManager, req: Request, order: int) -> Candidate:
-    table = kv.slot_table(kv.slot_of(req.rid))
+    table = kv.slot_table(kv.slots.slot_of(req.rid))
     frees = sum(1 for c in table if kv.books.is_private(c) and kv.books.is_pinned(c))
     return Candidate(req.rid, frees, req.max_len - req.num_tokens, order)
 

@@ -78,7 +78,7 @@ def install(engine: LLMEngine, table: WorkspaceTable, provisional: bool = False)
     excess = kv.books.committed - memory.kv_capacity
     if excess > 0:
         kv.evict(excess)
-    kv.set_limit(memory.kv_capacity)
+    kv.capacity.set_limit(memory.kv_capacity)
     engine.scheduler.memory = memory
     model = engine.model_config
     engine.inputs = InputProcessor(

@@ -173,7 +173,7 @@ def _signature_problems(rank: int, theirs: ChunkSignature, ours: ChunkSignature)
 
 def slot_problems(engine: LLMEngine) -> list[str]:
     kv, problems = engine.kv, engine.kv.violations()
-    owners = kv.owners()
+    owners = kv.slots.owners()
     running = {r.rid for r in engine.scheduler.running}
     swapped = {r.rid for r in engine.scheduler.swapped}  # they keep their slots
     if set(owners) != running | swapped:

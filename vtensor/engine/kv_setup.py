@@ -100,7 +100,7 @@ def spare_slots(max_num_seqs: int, max_tokens: int, caching: bool) -> int:
     A finished request's slot keeps mapping its cached blocks. With every seat taken,
     a new request would take such a slot, unmap the blocks and map fresh chunks in the
     step that admits it, on the critical path (``benchmarks/mapping_sim.py``); a spare
-    slot is mapped ahead instead (``Scheduler._premap_waiting``) while the GPU computes.
+    slot is mapped ahead instead (``map_ahead.premap_waiting``) while the GPU computes.
     Fewer where the cache rows (int32: ``MAX_ROWS``) would not hold them."""
     if not caching:
         return 0

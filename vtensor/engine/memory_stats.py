@@ -109,7 +109,7 @@ def collect_memory(
     its reserve); sleep mode's weights are not (their own virtual range)."""
     arena.wait_all()
     chunk = kv.geometry.chunk_size
-    live, idle = kv.books.count_uncached(kv.owners().values())
+    live, idle = kv.books.count_uncached(kv.slots.owners().values())
     pool = arena.pool.stats()
     device = arena.tensor.device
     workspace = None

@@ -47,31 +47,20 @@ reclaim idle and cached KV and preempt the request with the most slack first).
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from vtensor.kvcache.manager import KVCacheManager
 from vtensor.kvcache.prefix_cache import PrefixMatch
 
 from .elastic import ElasticMemory, most_slack
+from .map_ahead import map_ahead, premap_waiting
 from .request import Request, RequestStatus
+from .scheduler_config import SchedulerConfig
 from .scheduler_output import Admission, ScheduledSpan, SchedulerOutput
 from .slo_admission import SLOAdmission
 from .swap_plan import SwapPlan, SwapPlanner
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    lookahead_tokens: int = 4  # decode steps mapped ahead (vAttention maps ~10 ahead)
-
-    def __post_init__(self) -> None:
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
-        if self.lookahead_tokens < 0:
-            raise ValueError("lookahead_tokens must be >= 0")
+from .swapped_queue import SwappedQueue
 
 
 class Scheduler:
@@ -85,18 +74,25 @@ class Scheduler:
     ) -> None:
         self.config = config
         self.kv = kv
-        self.swap = swap  # None: every preemption recomputes
+        self.swap_queue = SwappedQueue(swap)  # its planner None: every preemption recomputes
         self.admission = admission  # None: FCFS, and admission only waits for memory
         self.memory = memory  # None: the static split (no unified memory pool)
         self.waiting: deque[Request] = deque()
-        self.swapped: deque[Request] = deque()  # preempted to the host tier, resumed first
-        self._swap_outs: list[SwapPlan] = []
-        self._unswapped: list[Request] = []
         self.running: list[Request] = []  # admission order: oldest first
         self.num_preemptions = 0
         self.prefix_queries = 0  # tokens of admitted requests (vLLM's prefix-cache queries)
         self.prefix_hits = 0  # of which their KV came from the prefix cache
         self.prefix_host_hits = 0  # of those, restored from the host tier (spilled blocks)
+
+    @property
+    def swap(self) -> SwapPlanner | None:
+        """The host tier's swap planner (None: every preemption recomputes)."""
+        return self.swap_queue.planner
+
+    @property
+    def swapped(self) -> deque[Request]:
+        """Requests preempted to the host tier, resumed first (``SwappedQueue``)."""
+        return self.swap_queue.queue
 
     def add(self, req: Request) -> None:
         if req.status is not RequestStatus.WAITING:
@@ -139,13 +135,16 @@ class Scheduler:
             admitted = self._resume_and_admit(spans, budget, swapped_in)
         self.kv.check_writes((sp.req.rid, sp.start, sp.end) for sp in spans)
         kv_commands = self.kv.take_commands()
-        self._map_ahead(spans)
-        self._premap_waiting()
+        map_ahead(self.kv, spans, self.config.lookahead_tokens)
+        cfg, num_running = self.config, len(self.running)
+        premap_waiting(
+            self.kv, self.waiting, num_running, cfg.max_num_seqs, cfg.max_num_batched_tokens
+        )
         out = SchedulerOutput(spans, preempted, admitted, kv_commands, self.kv.take_commands())
         if self.swap is None:
             return out
         out = replace(out, spills=self.kv.take_spills(), restores=self.kv.take_restores())
-        return self._with_swaps(out, swapped_in)
+        return self.swap_queue.with_swaps(out, swapped_in)
 
     def remove(self, req: Request) -> None:
         """Take a finishing (or aborted) request out of the queues; its slot idles with
@@ -159,10 +158,7 @@ class Scheduler:
         elif req.status is RequestStatus.WAITING:
             self.waiting.remove(req)
         elif req.status is RequestStatus.SWAPPED:
-            assert self.swap is not None
-            self.swapped.remove(req)
-            self.swap.drop(req)
-            self.kv.release(req.rid)
+            self.swap_queue.drop(self.kv, req)
 
     # ---------------------------------------------------------------- private
     def _grow_or_preempt(self, req: Request, tokens: int, preempted: list[Request]) -> bool:
@@ -210,11 +206,8 @@ class Scheduler:
         self.running.remove(req)
         self._offer(req)  # its prefix stays cached: recomputing it is a hit
         self.num_preemptions += 1
-        plan = self.swap.swap_out(self.kv, req, force_swap) if self.swap is not None else None
-        if plan is not None:  # its private chunks go to the host tier; it keeps its slot
-            self._swap_outs.append(plan)
-            self.swapped.appendleft(req)
-            return
+        if self.swap_queue.swap_out(self.kv, req, force_swap):
+            return  # its private chunks go to the host tier; it keeps its slot
         self.kv.release(req.rid)
         self.waiting.appendleft(req)
 
@@ -228,10 +221,10 @@ class Scheduler:
         most urgent first, only once the queue is empty (the head still blocks)."""
         adm = self.admission
         if adm is not None and self.swapped:
-            self.swapped = deque(adm.order_swapped(self.swapped))
+            self.swap_queue.reorder(adm.order_swapped(self.swapped))
             if adm.waiting_first(self.waiting, self.swapped):
                 admitted = self._admit(spans, budget)
-                if not self.waiting and not self._swap_outs:  # none copying out now
+                if not self.waiting and not self.swap_queue.swapping_out:  # none copying out
                     left = self.config.max_num_batched_tokens - sum(sp.num_tokens for sp in spans)
                     self._resume(left, swapped_in)
                 return admitted
@@ -242,52 +235,10 @@ class Scheduler:
         return []
 
     def _resume(self, budget: int, out: list[SwapPlan]) -> int:
-        """Swap requests back in, oldest first, while their chunks fit (keeping a chunk
-        per running request, as admission does); each computes on from where it was,
-        from the **next** step: its chunks are mapped and its copy queued in this one,
-        which does not read them, so the copy overlaps this step's forward pass
-        (``swap_driver.py``). They take none of this step's token budget (the chunks for
-        their next tokens are mapped now, as the budget allows). Returns the budget
-        left: all of it."""
-        while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            assert self.swap is not None
-            req = self.swapped[0]
-            n = min(req.num_tokens - req.num_computed, budget)
-            plan = self.swap.swap_in(self.kv, req, req.num_computed + n, len(self.running))
-            if plan is None:
-                if self.running:
-                    break  # running requests will finish and free chunks
-                # Nothing runs, so nothing frees chunks: swapped requests' pinned cached
-                # fronts hold the pool. The newest gives its KV up and recomputes.
-                self._unswap(self.swapped[-1])
-                continue
-            self.swapped.popleft()
-            self.running.append(req)
-            out.append(plan)
-        return budget
-
-    def _with_swaps(self, out: SchedulerOutput, swapped_in: list[SwapPlan]) -> SchedulerOutput:
-        """The step's swap plans; ``preempted`` keeps only the recomputed victims."""
-        swapped_out, self._swap_outs = self._swap_outs, []
-        unswapped, self._unswapped = self._unswapped, []
-        swapped_ids = {id(p.req) for p in swapped_out}
-        return replace(
-            out,
-            preempted=[r for r in out.preempted if id(r) not in swapped_ids],
-            swapped_out=swapped_out,
-            swapped_in=swapped_in,
-            unswapped=unswapped,
-        )
-
-    def _unswap(self, req: Request) -> None:
-        """A swapped request drops its host copy and slot and waits to be recomputed."""
-        assert self.swap is not None
-        self.swapped.remove(req)
-        self.swap.drop(req)
-        self.swap.decisions.dropped += 1
-        self.kv.release(req.rid)
-        self.waiting.appendleft(req)
-        self._unswapped.append(req)
+        """``SwappedQueue.resume`` on the running list (a swapped request that gives its
+        KV up goes to the front of the waiting queue)."""
+        q, cfg = self.swap_queue, self.config
+        return q.resume(self.kv, budget, self.running, cfg.max_num_seqs, self.waiting, out)
 
     def _admit(self, spans: list[ScheduledSpan], budget: int) -> list[Admission]:
         """Admit waiting requests FCFS within ``budget``; each computes from the end of
@@ -321,7 +272,7 @@ class Scheduler:
     def _make_room(self, req: Request, hit: PrefixMatch, spans: list[ScheduledSpan]) -> bool:
         """SLO-aware admission: swap out the admission policy's victims so that ``req``
         fits (their spans leave this step). False: nothing changed."""
-        if self.admission is None or not self.kv.has_free_slot():
+        if self.admission is None or not self.kv.slots.has_free_slot():
             return False  # a swapped request keeps its slot: swapping frees none
         short = self.kv.admit_shortfall(req.num_tokens + 1, len(self.running), hit)
         plan = self.admission.plan_room(req, short, self.running, self.kv)
@@ -334,51 +285,3 @@ class Scheduler:
             self._preempt(victim, force_swap=True)
             self.admission.on_swapped_out(victim.rid)
         return True
-
-    def _premap_waiting(self) -> None:
-        """Map, during this step, the slots that the next step's admissions will take:
-        a prompt's chunks are otherwise mapped in the very step that needs them."""
-        # Every idle slot, not only the free seats: with every seat taken, the spare
-        # slots (``engine/kv_setup.spare_slots``) are mapped ahead for those next in line.
-        seats = max(self.config.max_num_seqs - len(self.running), len(self.kv.idle_slots()))
-        heads = list(itertools.islice(self.waiting, max(0, seats)))
-        wanted, hits = self._next_admissions(heads)
-        if not wanted:
-            return
-        geo = self.kv.geometry
-        fresh = sum(max(0, geo.chunks_for(t) - len(h.chunks)) for t, h in zip(wanted, hits))
-        self.kv.evict_to_free(len(self.running) + fresh, keep=hits)
-        self.kv.premap(wanted, headroom_chunks=len(self.running), hits=hits)
-
-    def _next_admissions(self, heads: list[Request]) -> tuple[list[int], list[PrefixMatch]]:
-        """The tokens each of ``heads`` would map if admitted next step (within one
-        step's token budget), and its cache hit now."""
-        budget = self.config.max_num_batched_tokens
-        wanted: list[int] = []
-        hits: list[PrefixMatch] = []
-        for req in heads:
-            if budget <= 0:
-                break
-            hit = self.kv.match(req.token_ids, req.num_tokens - 1)
-            n = min(req.num_tokens - hit.tokens, budget)  # computed from the end of the hit
-            wanted.append(hit.tokens + n)
-            hits.append(hit)
-            budget -= n
-        return wanted, hits
-
-    def _map_ahead(self, spans: list[ScheduledSpan]) -> None:
-        """Map what the next steps will write (never preempts). A pool the cache has
-        filled gives those chunks by eviction: done now, while the GPU computes, so the
-        step that writes them does not evict and remap (the same blocks would go then:
-        least recently used first)."""
-        ahead = self.config.lookahead_tokens
-        geo = self.kv.geometry
-        targets = []
-        for sp in spans:
-            remaining = sp.req.num_tokens - sp.end
-            target = sp.end + (min(remaining, sp.num_tokens) if remaining else ahead)
-            targets.append((sp.req.rid, min(target, sp.req.max_len)))
-        need = sum(max(0, geo.chunks_for(t) - self.kv.mapped_chunks(r)) for r, t in targets)
-        self.kv.evict_to_free(need)
-        for rid, target in targets:
-            self.kv.grow(rid, target, steal=False)

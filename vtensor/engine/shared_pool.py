@@ -87,7 +87,7 @@ class SharedKVPool:
         member = EngineMember(engine)
         lease = budget.join(name, engine.kv.geometry.chunks_for(1), member, chunk)
         member.lease = lease
-        engine.kv.set_lease(lease)
+        engine.kv.capacity.set_lease(lease)
         pool = engine.pool
 
         def resize(held: int) -> None:

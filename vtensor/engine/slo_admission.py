@@ -146,7 +146,7 @@ class SLOAdmission:
         copying_in = self.swap is not None and self.swap.tier.extent(r.rid) is not None
         if kv is not None and r.num_computed > 0 and r.num_tokens < r.max_len and not copying_in:
             first, _ = swap_chunks.private_tail(kv, r.rid, r.num_computed)
-            frees = kv.asked(kv.slot_of(r.rid)) - first + 1  # + its headroom chunk
+            frees = kv.slots.asked(kv.slots.slot_of(r.rid)) - first + 1  # + its headroom chunk
         return RunningView(
             r.rid,
             r.first_token_time,

@@ -51,7 +51,7 @@ class EngineStats:
     host_tier_capacity_chunks: int = 0  # 0: no host tier (swap_space_bytes 0)
     swap_preemptions: int = 0  # preemptions that swapped (the rest recomputed)
     swap_tier_full: int = 0  # swaps the cost model chose that a full host tier refused
-    swap_dropped: int = 0  # swapped requests recomputed after all (scheduler._resume)
+    swap_dropped: int = 0  # swapped requests recomputed after all (SwappedQueue.resume)
     # SLO-aware admission (ttft_slo_ms / tpot_slo_ms; all 0 when off). Finished requests
     # (stop or length) with a first token / with 2+ tokens, and of those the ones that met it.
     slo_ttft_requests: int = 0

@@ -104,7 +104,7 @@ class StepLoop:
         copy_in = None if e.swap is None else self._swap(out)  # swap off: nothing runs
         for a in out.admitted:
             a.req.admit(a.num_cached)
-        inputs = [SpanInput.of(sp, e.kv.slot_of(sp.req.rid)) for sp in out.spans]
+        inputs = [SpanInput.of(sp, e.kv.slots.slot_of(sp.req.rid)) for sp in out.spans]
         plan = StepPlan(
             out.kv_commands, out.ahead_commands, inputs, self._pool_chunks(), self._pool_need(out)
         )

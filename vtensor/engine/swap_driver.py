@@ -12,7 +12,7 @@ requests (the engine alone calls a request's transitions):
   resident;
 * swap-ins in the executor's ``before_forward`` hook (``copy_in_hook``): after
   it applied the step's maps and waited for them. A request swapped in does not
-  compute in that step (``Scheduler._resume``), so the step's forward pass, queued
+  compute in that step (``SwappedQueue.resume``), so the step's forward pass, queued
   next, does not read the chunks, and the compute stream waits for the copy only
   after it (``wait_deferred``, before the step's launch event): the copy overlaps
   the forward pass, and the next step, the first to read the chunks, follows it.

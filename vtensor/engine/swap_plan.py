@@ -80,7 +80,7 @@ class SwapPlanner:
             return None
         self.decisions.swaps += 1
         log.info("request %d: swap out %d chunk(s) (%s)", req.rid, end - first, decision.reason)
-        slot = kv.slot_of(req.rid)
+        slot = kv.slots.slot_of(req.rid)
         swap_chunks.swap_out(kv, req.rid, first)
         return SwapPlan(req, slot, extent)
 
@@ -90,7 +90,7 @@ class SwapPlanner:
         """Map fresh chunks for swapped ``req`` up to ``tokens``; None: no room yet."""
         if not swap_chunks.swap_in(kv, req.rid, tokens, headroom):
             return None
-        return SwapPlan(req, kv.slot_of(req.rid), self.tier.begin_in(req.rid))
+        return SwapPlan(req, kv.slots.slot_of(req.rid), self.tier.begin_in(req.rid))
 
     def drop(self, req: Request) -> None:
         """An aborted swapped request: its host slots come back (no copy is in flight:

@@ -43,7 +43,7 @@ def measure_workspace(engine: LLMEngine) -> WorkspaceTable:
         raise RuntimeError("measure the workspace before serving: requests are unfinished")
     memory, kv = engine.scheduler.memory, engine.kv
     engine.scheduler.memory = None
-    kv.set_limit(None)
+    kv.capacity.set_limit(None)
     # While measuring the KV may hold the whole budget, and a pool-backed workspace as
     # much again beside it (chunks are created on demand: only what a step needs).
     scratch, budget = engine.scratch_chunks, kv.geometry.capacity_chunks
@@ -59,7 +59,7 @@ def measure_workspace(engine: LLMEngine) -> WorkspaceTable:
     finally:
         engine.scheduler.memory = memory  # install replaces it; restored if measuring fails
         engine.reset_prefix_cache()
-        kv.set_limit(min(memory.kv_capacity, kv.geometry.capacity_chunks))
+        kv.capacity.set_limit(min(memory.kv_capacity, kv.geometry.capacity_chunks))
     table = WorkspaceTable.monotone(points, kv.geometry.chunk_size, "measured", segments)
     install(engine, table)
     if engine.runner.workspace is not None:

@@ -59,19 +59,25 @@ class CacheLinks:
         books.pin(ids, +1)  # their blocks are locked: the lock pinned none on the host
 
     def take_restores(self) -> list[tuple[int, HostExtent]]:
+        """``(slot, extent)`` of each block restored since the last take: copy the
+        extent's host slots into the slot's chunks from ``extent.first`` before the
+        step's forward pass, then end the tier's copy-in."""
         restores, self._restores = self._restores, []
         return restores
 
     def offer(self, rid: int, token_ids: Sequence[int], num_tokens: int) -> None:
-        """See ``KVCacheManager.cache_tokens``."""
+        """Offer the cache the whole blocks of ``rid``'s first ``num_tokens`` tokens:
+        tokens whose KV is computed (or queued) and whose ids the host has read, never a
+        placeholder. Blocks already offered are skipped; the request then locks the
+        longer cached prefix."""
         if num_tokens < self._next_block_end.get(rid, _NEVER):
             return  # the fast path of every step: no new whole block
         kv, cache, books = self.kv, self.kv.cache, self.kv.books
         path = self.paths[rid]
         blocks = num_tokens // cache.block_tokens
-        slot = kv.slot_of(rid)
+        slot = kv.slots.slot_of(rid)
         table = books.tables[slot]
-        if blocks * cache.block_chunks > kv.asked(slot):
+        if blocks * cache.block_chunks > kv.slots.asked(slot):
             raise ValueError(f"request {rid}: {num_tokens} tokens offered beyond its chunks")
         done = cache.insert(path, token_ids, table, blocks)
         c = cache.block_chunks
@@ -82,7 +88,10 @@ class CacheLinks:
         self._next_block_end[rid] = (blocks + 1) * cache.block_tokens
 
     def evict_to_free(self, chunks: int, keep: Sequence[PrefixMatch]) -> int:
-        """See ``KVCacheManager.evict_to_free``."""
+        """Evict least recently used (unlocked) cache blocks, never those of ``keep``,
+        until ``chunks`` are free or none is left; returns the chunks freed. The
+        scheduler calls it for what the next step may take, so that a pool the cache
+        has filled frees chunks while the GPU computes, not in the step that needs them."""
         kv, cache = self.kv, self.kv.cache
         short = chunks - kv.free_chunks
         if short <= 0 or not cache.enabled:

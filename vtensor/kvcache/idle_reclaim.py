@@ -47,7 +47,7 @@ class IdleReclaimer:
         """Use ``clock`` from now on; every idle slot counts as idle from now."""
         self.clock = clock
         now = clock()
-        self._since = {s: now for s in self.kv.idle_slots()}
+        self._since = {s: now for s in self.kv.slots.idle_slots()}
         self._deadline = self.policy.deadline(self._slots())
 
     def on_idle(self, slot: int) -> None:
@@ -69,7 +69,9 @@ class IdleReclaimer:
         freed since the pool last released and no request runs; returns the chunks freed."""
         now = self.clock()
         due = self._deadline is not None and now >= self._deadline
-        if not due and (self.kv.has_running() or self.kv.books.freed_total == self._freed_seen):
+        if not due and (
+            self.kv.slots.has_running() or self.kv.books.freed_total == self._freed_seen
+        ):
             return 0  # the fast path of every step
         return self.apply(now)
 
@@ -105,8 +107,8 @@ class IdleReclaimer:
             self._freed_seen = books.freed_total  # nothing to release: keep the fast path
             return freed
         keep_free = 0
-        if self.kv.has_running():
-            keep_free = max(0, self.policy.watermark_chunks - self.kv.idle_chunks)
+        if self.kv.slots.has_running():
+            keep_free = max(0, self.policy.watermark_chunks - self.kv.slots.idle_chunks)
         # Release if chunks were freed since, or if the last release kept more free than
         # now allowed (the load ended: what it kept for the burst goes too).
         if books.freed_total != self._freed_seen or keep_free < self._kept_free:
@@ -118,6 +120,6 @@ class IdleReclaimer:
         books = self.kv.books
         return [
             IdleSlot(s, books.uncached(s), self._since.get(s, 0.0))
-            for s in self.kv.idle_slots()
+            for s in self.kv.slots.idle_slots()
             if books.uncached(s)
         ]

@@ -4,14 +4,17 @@ Torch-free on purpose: it decides, in plain integers, which chunks to map, share
 or unmap, and emits them as commands (``kvcache/commands.py``); ``KVArena``
 carries them out on the virtual tensor through the asynchronous mapper. The
 scheduler asks it whether a request fits and tells it when requests grow,
-compute whole blocks, or finish.
+compute whole blocks, or finish. It owns its parts and delegates to them: the
+books (``chunk_books.py``), the slots' owners (``slot_owners.py``), the cap on
+what it commits (``capacity.py``), the running requests' cache links
+(``cache_links.py``), slot placement (``placement.py``) and reclaim
+(``reclaim.py``, ``idle_reclaim.py``).
 
 Each slot owns a fixed, chunk-aligned byte range of the arena, and its mapped
 chunks always form a prefix of that range (KV grows from token 0). A chunk is
 either private to one slot, or held by the prefix cache (and then mapped by any
 number of slots, all at the same index): a request that hits the cache maps the
-cached chunks at the front of its slot and computes only the rest
-(``cache_links.py``: each running request's locked prefix, its offers, its restores).
+cached chunks at the front of its slot and computes only the rest.
 
 Invariants (listed by ``violations``, asserted by ``check``):
 
@@ -20,14 +23,11 @@ Invariants (listed by ``violations``, asserted by ``check``):
 * **a step writes only private chunks** (``check_writes`` raises
   :class:`SharedChunkWriteError` otherwise): cached chunks are read-only;
 * a slot is either owned by exactly one request or idle; an idle slot may keep
-  chunks mapped (deferred reclamation), at most ``keep_idle_chunks`` in all (the
-  watermark), and for at most ``idle_timeout_s`` (``idle_reclaim.py``: bounded
-  deferred reclamation, checked at each ``reclaim_idle``);
+  chunks mapped (deferred reclamation), bounded by ``keep_idle_chunks`` (the
+  watermark) and ``idle_timeout_s`` (``idle_reclaim.py``);
 * a running request's chunks up to what it has asked for, and the chunks of
-  every cache block it has locked (its hit and the blocks it inserted, with their
-  ancestors), are *pinned*; everything else in use is reclaimable: idle slots'
-  and surplus chunks, and unlocked cache blocks (evicted least recently used
-  first, leaves first), all before the scheduler preempts anyone.
+  every cache block it has locked, are *pinned*; everything else in use is
+  reclaimable (``reclaim.py``), all before the scheduler preempts anyone.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 from .cache_links import CacheLinks
+from .capacity import KVCapacity
 from .chunk_books import ChunkBooks
 from .commands import (
     CacheDropCommand,
@@ -51,9 +52,9 @@ from .host_tier import HostExtent
 from .idle_policy import Clock, IdleReclaimPolicy
 from .idle_reclaim import IdleReclaimer
 from .placement import SlotPlacer
-from .prefix_cache import NO_MATCH, NoPrefixCache, PrefixCache, PrefixMatch, SpillOut
+from .prefix_cache import NO_MATCH, NoPrefixCache, PrefixCache, PrefixMatch, SpillOut, check_blocks
 from .reclaim import Reclaimer
-from .shared_budget import KVLease
+from .slot_owners import SlotOwners
 from .usage import KVUsage, kv_usage
 from .write_guard import SharedChunkWriteError, check_writes
 
@@ -98,15 +99,12 @@ class KVCacheManager:
             geometry.capacity_chunks if keep_idle_chunks is None else keep_idle_chunks
         )
         self.cache: PrefixCache = prefix_cache or NoPrefixCache()
-        self._check_blocks(self.cache)
+        check_blocks(self.cache, geometry.cache_block())
         self.books = ChunkBooks(geometry.num_slots)
-        self._asked = [0] * geometry.num_slots  # chunks the owner has asked for so far
-        self._owner: dict[int, int] = {}  # request id -> slot
+        self.slots = SlotOwners(self.books, geometry.num_slots, reserved_slots)
+        self.capacity = KVCapacity(self.books, geometry.capacity_chunks)
         self.links = CacheLinks(self)  # running requests' locked cache prefixes
-        self._idle: set[int] = set(range(reserved_slots, geometry.num_slots))
         self._applied_committed = 0  # committed as of the last take_commands
-        self._released = [0] * geometry.num_slots  # when each slot last went idle
-        self._releases = 0
         self._reclaimer = Reclaimer(self)
         self._placer = SlotPlacer(self)
         if cache_budget_chunks is not None and cache_budget_chunks < 0:
@@ -114,59 +112,16 @@ class KVCacheManager:
         self.cache_budget_chunks = cache_budget_chunks
         policy = IdleReclaimPolicy(self.keep_idle_chunks, idle_timeout_s)
         self.idle = IdleReclaimer(self, policy, clock)
-        self.lease: KVLease | None = None  # a shared budget's account (``set_lease``)
-        self.limit: int | None = None  # the unified pool's KV share (``set_limit``)
-
-    def set_lease(self, lease: KVLease) -> None:
-        """Draw on a shared budget (``shared_budget.py``) from now on: the manager may
-        commit only its lease's grant, topped up before it maps. Nothing may be
-        committed yet."""
-        if self.books.committed:
-            raise RuntimeError("a lease can only be set before any chunk is committed")
-        self.lease = lease
-
-    def set_limit(self, chunks: int | None) -> None:
-        """Commit at most ``chunks`` from now on (None: the pool's capacity): the KV's
-        share of a unified pool (``elastic_planner.py``). Refused (ValueError) below
-        what is committed: the caller reclaims or preempts first."""
-        if chunks is not None and not self.books.committed <= chunks:
-            raise ValueError(f"limit {chunks} is below the {self.books.committed} committed")
-        self.limit = chunks
 
     # ------------------------------------------------------------------ query
     @property
     def capacity_chunks(self) -> int:
-        """The chunks the books may commit now: the pool's, or the lease's grant, or
-        the unified pool's KV share (``limit``), whichever is least."""
-        cap = self.geometry.capacity_chunks
-        if self.lease is not None:
-            cap = min(cap, self.lease.grant)
-        return cap if self.limit is None else min(cap, self.limit)
+        """The chunks the books may commit now (``KVCapacity.chunks``)."""
+        return self.capacity.chunks
 
     @property
     def free_chunks(self) -> int:
-        return self.capacity_chunks - self.books.committed
-
-    @property
-    def available_chunks(self) -> int:
-        """Chunks the pool can still give: free, or reclaimable (not pinned)."""
-        return self.capacity_chunks - self.books.pinned
-
-    @property
-    def reclaimable_chunks(self) -> int:
-        return self.books.committed - self.books.pinned
-
-    @property
-    def idle_chunks(self) -> int:
-        """What idle slots map beyond the cache: the memory deferred reclamation keeps.
-        Cached chunks an idle slot maps are not counted (the cache holds them either
-        way; unmapping them from the slot would free nothing and make the next turn of
-        its conversation map them again)."""
-        return sum(self.books.uncached(s) for s in self._idle)
-
-    @property
-    def surplus_chunks(self) -> int:
-        return sum(len(self.books.tables[s]) - self._asked[s] for s in self._owner.values())
+        return self.capacity.free
 
     @property
     def evicted_chunks(self) -> int:
@@ -178,30 +133,14 @@ class KVCacheManager:
         """Chunks in use once the commands taken so far are applied (integrity checks)."""
         return self._applied_committed
 
-    def slot_of(self, rid: int) -> int:
-        return self._owner[rid]
-
     def mapped_chunks(self, rid: int) -> int:
-        return len(self.books.tables[self._owner[rid]])
+        return len(self.books.tables[self.slots.slot_of(rid)])
 
     def slot_table(self, slot: int) -> tuple[int, ...]:
         return tuple(self.books.tables[slot])
 
-    def asked(self, slot: int) -> int:
-        return self._asked[slot]
-
-    def released_at(self, slot: int) -> int:
-        """A logical time: when the slot last went idle (0: never)."""
-        return self._released[slot]
-
-    def idle_slots(self) -> frozenset[int]:
-        return frozenset(self._idle)
-
-    def has_running(self) -> bool:
-        return bool(self._owner)
-
-    def has_free_slot(self) -> bool:
-        return bool(self._idle)
+    def usage(self) -> KVUsage:
+        return kv_usage(self)
 
     def match(self, token_ids: Sequence[int], max_tokens: int) -> PrefixMatch:
         """The longest cached prefix of ``token_ids``, at most ``max_tokens`` tokens (a
@@ -211,24 +150,17 @@ class KVCacheManager:
 
     def can_admit(self, tokens: int, headroom_chunks: int = 0, hit: PrefixMatch = NO_MATCH) -> bool:
         """Whether a new request of ``tokens`` (its first ``hit.tokens`` cached) fits now,
-        leaving ``headroom_chunks`` to spare. Cached chunks that someone already pins
-        cost nothing more."""
-        if not self._idle:
+        leaving ``headroom_chunks`` to spare (``KVCapacity.fits``)."""
+        if not self.slots.has_free_slot():
             return False
-        short = self._new_pins(tokens, hit) + headroom_chunks - self.available_chunks
-        if short > 0 and self.lease is not None:  # a shared budget: others may give some
-            self.lease.pull(short, reclaim=True)
-        return self._new_pins(tokens, hit) <= self.available_chunks - headroom_chunks
+        return self.capacity.fits(self.geometry.chunks_for(tokens), headroom_chunks, hit)
 
     def admit_shortfall(
         self, tokens: int, headroom_chunks: int = 0, hit: PrefixMatch = NO_MATCH
     ) -> int:
         """The chunks ``can_admit(tokens, headroom_chunks, hit)`` lacks now (<= 0: none;
-        a free slot is not counted: see ``has_free_slot``)."""
-        return self._new_pins(tokens, hit) + headroom_chunks - self.available_chunks
-
-    def usage(self) -> KVUsage:
-        return kv_usage(self)
+        a free slot is not counted: see ``SlotOwners.has_free_slot``)."""
+        return self.capacity.shortfall(self.geometry.chunks_for(tokens), headroom_chunks, hit)
 
     # ---------------------------------------------------------------- updates
     def admit(self, rid: int, tokens: int, hit: PrefixMatch = NO_MATCH) -> int | None:
@@ -236,8 +168,8 @@ class KVCacheManager:
         them shared from the cache; None (and nothing changed) if it does not fit.
         The slot is the idle one that already maps most of the hit (slot affinity),
         else the best fit."""
-        if rid in self._owner:
-            raise ValueError(f"request {rid} already holds slot {self._owner[rid]}")
+        if self.slots.owns(rid):
+            raise ValueError(f"request {rid} already holds slot {self.slots.slot_of(rid)}")
         want = self.geometry.chunks_for(tokens)
         if want <= len(hit.chunks) + hit.restore * self.cache.block_chunks:
             raise ValueError(
@@ -245,13 +177,7 @@ class KVCacheManager:
             )
         if not self.can_admit(tokens, 0, hit):
             return None
-        pressure = want - len(hit.chunks) > self.free_chunks
-        slot = self._placer.choose(want, hit.chunks, self._idle, pressure)
-        self._idle.discard(slot)
-        self._owner[rid] = slot
-        self.links.link(rid, hit)
-        self._placer.fit_front(slot, hit.chunks, convert=pressure)
-        self._set_asked(slot, min(want, len(self.books.tables[slot])))
+        slot = self._placer.place(rid, want, hit)
         if not self.grow(rid, tokens):
             raise RuntimeError("admission fit the books but could not grow: a bug")
         if hit.restore:
@@ -259,16 +185,11 @@ class KVCacheManager:
         return slot
 
     def evict_to_free(self, chunks: int, keep: Sequence[PrefixMatch] = ()) -> int:
-        """Evict least recently used (unlocked) cache blocks, never those of ``keep``,
-        until ``chunks`` are free or none is left; returns the chunks freed. The
-        scheduler calls it for what the next step may take, so that a pool the cache
-        has filled frees chunks while the GPU computes, not in the step that needs them."""
+        """Evict unlocked cache blocks until ``chunks`` are free (``CacheLinks``)."""
         return self.links.evict_to_free(chunks, keep)
 
     def take_restores(self) -> list[tuple[int, HostExtent]]:
-        """``(slot, extent)`` of each block restored since the last take: copy the
-        extent's host slots into the slot's chunks from ``extent.first`` before the
-        step's forward pass, then end the tier's copy-in."""
+        """The host blocks' copy-ins to make before the step (``CacheLinks``)."""
         return self.links.take_restores()
 
     def take_spills(self) -> list[SpillOut]:
@@ -276,27 +197,11 @@ class KVCacheManager:
         return self.cache.take_spills()
 
     def grow(self, rid: int, tokens: int, steal: bool = True) -> bool:
-        """Ensure ``rid``'s slot maps its first ``tokens`` tokens.
-
-        Takes free chunks, then (if ``steal``) reclaims: idle slots' and surplus
-        chunks, then unlocked cache blocks. On False nothing changed: the caller
-        preempts someone and retries.
-        """
-        slot = self._owner[rid]
+        """Ensure ``rid``'s slot maps its first ``tokens`` tokens: free chunks first, then
+        (if ``steal``) reclaimed ones (``Reclaimer.make_room``). On False nothing changed:
+        the caller preempts someone and retries."""
         want = self.geometry.chunks_for(tokens)
-        have, asked = len(self.books.tables[slot]), self._asked[slot]
-        if want <= have:
-            if want > asked:
-                self._set_asked(slot, want)
-            return True
-        self._set_asked(slot, have)  # its own chunks are not surplus to reclaim
-        need = want - have
-        if not self._reclaimer.make_room(need, steal):
-            self._set_asked(slot, asked)
-            return False
-        self.books.map_fresh(slot, need)
-        self._set_asked(slot, want)
-        return True
+        return self.slots.ask(self.slots.slot_of(rid), want, self._reclaimer.make_room, steal)
 
     def premap(
         self,
@@ -308,47 +213,36 @@ class KVCacheManager:
         self._placer.premap(token_counts, headroom_chunks, hits)
 
     def cache_tokens(self, rid: int, token_ids: Sequence[int], num_tokens: int) -> None:
-        """Offer the cache the whole blocks of ``rid``'s first ``num_tokens`` tokens:
-        tokens whose KV is computed (or queued) and whose ids the host has read, never a
-        placeholder. Blocks already offered are skipped; the request then locks the
-        longer cached prefix."""
+        """Offer the cache ``rid``'s computed whole blocks (``CacheLinks.offer``)."""
         self.links.offer(rid, token_ids, num_tokens)
 
     def release(self, rid: int) -> None:
         """The request is done (or preempted): its slot idles, keeping its chunks; its
         cache blocks are unlocked. Offer its last blocks first (``cache_tokens``)."""
-        slot = self._owner.pop(rid)
-        self._set_asked(slot, 0)
+        slot = self.slots.release(rid)
         self.links.unlink(rid)
-        self._idle.add(slot)
-        self._released[slot] = self._releases = self._releases + 1
         self.idle.on_idle(slot)  # the watermark binds at once: the oldest idle slots lose
 
     def shrink(self, rid: int, chunks: int) -> None:
         """Unmap ``rid``'s chunks from index ``chunks`` on; it keeps its slot (not idle)
         and asks for ``chunks`` (a swap-out: ``swap_chunks.py``)."""
-        slot = self._owner[rid]
-        self._set_asked(slot, chunks)
+        slot = self.slots.slot_of(rid)
+        self.slots.set_asked(slot, chunks)
         self.books.truncate(slot, chunks)
 
     def reclaim_idle(self) -> int:
-        """Bounded deferred reclamation (``idle_reclaim.py``): unmap what idle slots keep
-        past the watermark or their idle time, then have the pool release its free
-        chunks to the driver. Cheap unless a deadline passed. Returns chunks freed."""
+        """Bounded deferred reclamation (``IdleReclaimer.tick``); returns chunks freed."""
         return self.idle.tick()
 
     def reclaim(self, chunks: int) -> int:
         """Free up to ``chunks`` reclaimable chunks (``Reclaimer`` order); returns how
         many. A shared budget's member does this for another engine (``give_back``)."""
-        n = min(chunks, self.reclaimable_chunks)
-        if n > 0 and not self._reclaimer.reclaim(n):
-            raise RuntimeError("reclaim fell short of the reclaimable chunks: a bug")
-        return max(0, n)
+        return self._reclaimer.reclaim_up_to(chunks)
 
     def reclaim_all(self) -> None:
         """Unmap every idle slot's chunks (shutdown, or a caller that needs the pool).
         Cached chunks stay in the cache."""
-        for slot in self._idle:
+        for slot in self.slots.idle_slots():
             self.books.truncate(slot, 0)
 
     def evict(self, chunks: int) -> int:
@@ -363,7 +257,7 @@ class KVCacheManager:
     def reset_prefix_cache(self) -> bool:
         """Drop every cached block and every idle slot's mappings, so that all chunks go
         back to the pool. Refused (False, nothing changed) while requests run."""
-        if self._owner:
+        if self.slots.has_running():
             return False
         self.reclaim_all()
         self.books.drop(self.cache.reset())
@@ -374,13 +268,13 @@ class KVCacheManager:
         is reset first, so every chunk it held goes back."""
         if not self.reset_prefix_cache():
             raise RuntimeError("the prefix cache can only be replaced while no request runs")
-        self._check_blocks(cache)
+        check_blocks(cache, self.geometry.cache_block())
         self.cache = cache
 
     def check_writes(self, writes: Iterable[tuple[int, int, int]]) -> None:
         """Raise :class:`SharedChunkWriteError` unless each ``(rid, start, end)`` (a
         step's span) writes only chunks its request's slot maps alone (``write_guard``)."""
-        check_writes(self.books, self._owner, self.geometry, writes)
+        check_writes(self.books, self.slots.owner_map(), self.geometry, writes)
 
     def take_commands(self) -> list[KVCommand]:
         """Take the commands emitted since the last take, in the order they must run."""
@@ -392,10 +286,6 @@ class KVCacheManager:
         """The commands emitted but not taken yet (read-only: integrity checks)."""
         return tuple(self.books.commands)
 
-    def owners(self) -> dict[int, int]:
-        """Request id -> slot, for every slot in use (a copy)."""
-        return dict(self._owner)
-
     def violations(self) -> list[str]:
         """The broken invariants, described; empty when the books are consistent."""
         from .manager_checks import manager_violations
@@ -406,22 +296,3 @@ class KVCacheManager:
         problems = self.violations()
         if problems:
             raise AssertionError("; ".join(problems))
-
-    # ---------------------------------------------------------------- private
-    def _check_blocks(self, cache: PrefixCache) -> None:
-        block = self.geometry.cache_block()
-        if cache.enabled and block != (cache.block_tokens, cache.block_chunks):
-            raise ValueError(f"the cache's blocks must be {block} (tokens, chunks)")
-
-    def _new_pins(self, tokens: int, hit: PrefixMatch) -> int:
-        pinned = sum(1 for c in hit.chunks if self.books.is_pinned(c))
-        return self.geometry.chunks_for(tokens) - pinned
-
-    def _set_asked(self, slot: int, n: int) -> None:
-        """Move the owner's asked mark (``<= len(table)``), pinning what it covers."""
-        a, table = self._asked[slot], self.books.tables[slot]
-        if n > a:
-            self.books.pin(table[a:n], +1)
-        elif n < a:
-            self.books.pin(table[n:a], -1)
-        self._asked[slot] = n

@@ -15,8 +15,8 @@ if TYPE_CHECKING:
 
 def manager_violations(kv: KVCacheManager) -> list[str]:
     geo, books = kv.geometry, kv.books
-    owned = list(kv.owners().values())
-    idle = kv.idle_slots()
+    owned = list(kv.slots.owners().values())
+    idle = kv.slots.idle_slots()
     tables = books.tables
     checks = [
         (books.committed <= kv.capacity_chunks, "committed > capacity (or lease grant)"),
@@ -29,8 +29,8 @@ def manager_violations(kv: KVCacheManager) -> list[str]:
         (all(len(t) <= geo.chunks_per_slot for t in tables),
          "a slot maps more than its chunks"),
         (all(not tables[s] for s in range(kv.reserved_slots)), "a reserved slot has chunks"),
-        (all(kv.asked(s) == 0 for s in idle), "an idle slot has asked chunks"),
-        (all(kv.asked(s) <= len(tables[s]) for s in owned), "asked > mapped"),
+        (all(kv.slots.asked(s) == 0 for s in idle), "an idle slot has asked chunks"),
+        (all(kv.slots.asked(s) <= len(tables[s]) for s in owned), "asked > mapped"),
     ]  # fmt: skip
     problems = [f"KV manager: {what}" for ok, what in checks if not ok]
     problems += books.violations(geo.num_slots)
@@ -41,14 +41,14 @@ def manager_violations(kv: KVCacheManager) -> list[str]:
 def _cache_problems(kv: KVCacheManager) -> list[str]:
     """The cache and the books agree, and pins are what the owners and locks say."""
     books, cache = kv.books, kv.cache
-    owners = kv.owners()
+    owners = kv.slots.owners()
     cached = {c for t in books.tables for c in t if books.is_cached(c)}
     held = cache.chunk_ids()
     locked = cache.locked_chunk_ids()
     pins: Counter[int] = Counter(locked)
     hard: set[int] = set()
     for slot in owners.values():
-        ids = books.tables[slot][: kv.asked(slot)]
+        ids = books.tables[slot][: kv.slots.asked(slot)]
         pins.update(ids)
         hard.update(ids)
     problems = []
@@ -60,7 +60,7 @@ def _cache_problems(kv: KVCacheManager) -> list[str]:
         problems.append("a running request without a cache path, or a stale path")
     if not {c for c in hard if books.is_cached(c)} <= locked:
         problems.append("a running request maps a cached chunk whose block is not locked")
-    surplus = {c for s in owners.values() for c in books.tables[s][kv.asked(s) :]}
+    surplus = {c for s in owners.values() for c in books.tables[s][kv.slots.asked(s) :]}
     if any(not books.is_private(c) for c in surplus):
         problems.append("a running slot's surplus holds a shared or cached chunk")
     return [f"KV manager: {p}" for p in problems]

@@ -29,6 +29,19 @@ class SlotPlacer:
     def __init__(self, kv: KVCacheManager) -> None:
         self.kv = kv
 
+    def place(self, rid: int, want: int, hit: PrefixMatch) -> int:
+        """Admit request ``rid`` (``want`` chunks, ``hit`` cached) into the idle slot
+        ``choose`` picks: it takes the slot and locks its hit, the front is fitted, and
+        it asks for what the slot then maps (up to ``want``). Returns the slot."""
+        kv = self.kv
+        pressure = want - len(hit.chunks) > kv.capacity.free
+        slot = self.choose(want, hit.chunks, kv.slots.idle_slots(), pressure)
+        kv.slots.take(rid, slot)
+        kv.links.link(rid, hit)  # locked before anything below may evict (convert, reclaim)
+        self.fit_front(slot, hit.chunks, convert=pressure)
+        kv.slots.set_asked(slot, min(want, len(kv.books.tables[slot])))
+        return slot
+
     def premap(
         self,
         token_counts: Sequence[int],
@@ -42,7 +55,7 @@ class SlotPlacer:
         (leaving ``headroom_chunks`` free, nothing reclaimed), within
         ``keep_idle_chunks``. The slots stay idle: all of it stays reclaimable."""
         taken: set[int] = set()
-        idle = self.kv.idle_slots()
+        idle = self.kv.slots.idle_slots()
         for i, tokens in enumerate(token_counts):
             hit = hits[i] if hits is not None else NO_MATCH
             candidates = idle - taken
@@ -60,11 +73,11 @@ class SlotPlacer:
                 fitted = len(table)
                 need = max(0, want - fitted)
             short = need + headroom_chunks - self.kv.free_chunks
-            if short > 0 and self.kv.lease is not None:
-                self.kv.lease.top_up(short)  # unallocated chunks only: nothing reclaimed
+            if short > 0 and self.kv.capacity.lease is not None:
+                self.kv.capacity.lease.top_up(short)  # unallocated chunks only: nothing reclaimed
             if need > self.kv.free_chunks - headroom_chunks:
                 return
-            if self.kv.idle_chunks + need > self.kv.keep_idle_chunks:
+            if self.kv.slots.idle_chunks + need > self.kv.keep_idle_chunks:
                 return  # the fresh chunks would sit in an idle slot past the watermark
             self.fit_front(slot, hit.chunks)
             if need:
@@ -94,7 +107,7 @@ class SlotPlacer:
         if pressure:  # reuse the least recently used content's slot in place
             aged = [s for s in among if books.cached_end[s]]
             if aged:
-                return min(aged, key=lambda s: (self._leaf_use(s), self.kv.released_at(s), s))
+                return min(aged, key=lambda s: (self._leaf_use(s), self.kv.slots.released_at(s), s))
         return max(among, key=lambda s: (run(s), -len(tables[s]), -s))
 
     def _leaf_use(self, slot: int) -> int:

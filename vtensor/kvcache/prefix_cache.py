@@ -180,6 +180,13 @@ class PrefixCache(ABC):
         return []
 
 
+def check_blocks(cache: PrefixCache, block: tuple[int, int]) -> None:
+    """Raise ValueError unless an enabled ``cache``'s blocks are ``block``: the
+    geometry's ``(tokens, chunks)`` (``KVGeometry.cache_block``)."""
+    if cache.enabled and block != (cache.block_tokens, cache.block_chunks):
+        raise ValueError(f"the cache's blocks must be {block} (tokens, chunks)")
+
+
 class NoPrefixCache(PrefixCache):
     """The "off" setting: nothing is ever cached or matched."""
 

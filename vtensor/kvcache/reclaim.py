@@ -15,7 +15,7 @@ in this order, all of it before the scheduler preempts a running request:
    keeps (another slot, a locked block): they are cut back entirely.
 
 What the phases can free is exactly ``committed - pinned``, the manager's
-``reclaimable_chunks``: a reclaim that the manager checked against it never
+``KVCapacity.reclaimable``: a reclaim that the manager checked against it never
 falls short (it raises, a bug, if it does).
 """
 
@@ -38,7 +38,7 @@ class Reclaimer:
         reclaimable chunks: the other engines' first when ours do not cover the
         shortfall, then ours. False if it falls short (chunks reclaimed so far stay
         freed: they were reclaimable, nothing is lost)."""
-        kv, lease = self.kv, self.kv.lease
+        kv, lease = self.kv, self.kv.capacity.lease
         if need > kv.free_chunks and lease is not None:
             lease.pull(need - kv.free_chunks, reclaim=False)
         short = need - kv.free_chunks
@@ -46,14 +46,21 @@ class Reclaimer:
             return True
         if not steal:
             return False
-        if lease is not None and short > kv.reclaimable_chunks:
-            lease.pull(short - kv.reclaimable_chunks, reclaim=True)
+        if lease is not None and short > kv.capacity.reclaimable:
+            lease.pull(short - kv.capacity.reclaimable, reclaim=True)
             short = need - kv.free_chunks
         return short <= 0 or self.reclaim(short)
 
+    def reclaim_up_to(self, chunks: int) -> int:
+        """Free up to ``chunks`` reclaimable chunks; returns how many."""
+        n = min(chunks, self.kv.capacity.reclaimable)
+        if n > 0 and not self.reclaim(n):
+            raise RuntimeError("reclaim fell short of the reclaimable chunks: a bug")
+        return max(0, n)
+
     def reclaim(self, need: int) -> bool:
         """Free ``need`` chunks; False (nothing done) if fewer are reclaimable."""
-        if need > self.kv.reclaimable_chunks:
+        if need > self.kv.capacity.reclaimable:
             return False
         freed = self._cut_tails(need, private_only=True)
         if freed < need:
@@ -68,7 +75,7 @@ class Reclaimer:
         """Evict least recently used cache blocks until ``chunks`` are freed (or none is
         left to evict); returns the chunks freed."""
         kv, books = self.kv, self.kv.books
-        idle = kv.idle_slots()
+        idle = kv.slots.idle_slots()
         freed = 0
         while freed < chunks:
             ids = kv.cache.evict()
@@ -117,11 +124,15 @@ class Reclaimer:
         holder keeps (the cut would lose a mapping and free nothing)."""
         kv, books = self.kv, self.kv.books
         tables, is_private = books.tables, books.is_private
-        idle = [s for s in kv.idle_slots() if tables[s]]
+        idle = [s for s in kv.slots.idle_slots() if tables[s]]
         if private_only:  # only slots whose last chunk is private have anything to give
             idle = [s for s in idle if is_private(tables[s][-1])]
         idle.sort(key=lambda s: -len(tables[s]))
-        surplus = [(s, kv.asked(s)) for s in kv.owners().values() if len(tables[s]) > kv.asked(s)]
+        surplus = [
+            (s, kv.slots.asked(s))
+            for s in kv.slots.owners().values()
+            if len(tables[s]) > kv.slots.asked(s)
+        ]
         freed = 0
         for slot, floor in [*((s, 0) for s in idle), *surplus]:
             if freed >= need:

@@ -23,7 +23,7 @@ def private_tail(kv: KVCacheManager, rid: int, tokens: int) -> tuple[int, int]:
     """``(first, end)``: chunks ``[first, end)`` of ``rid``'s first ``tokens`` tokens
     are its private tail, the ones a swap must copy; ``[0, first)`` end with a shared
     (cached) chunk, which needs no copy."""
-    table, end = kv.slot_table(kv.slot_of(rid)), kv.geometry.chunks_for(tokens)
+    table, end = kv.slot_table(kv.slots.slot_of(rid)), kv.geometry.chunks_for(tokens)
     first = end
     while first > 0 and kv.books.is_private(table[first - 1]):
         first -= 1
@@ -42,9 +42,10 @@ def swap_in(kv: KVCacheManager, rid: int, tokens: int, headroom_chunks: int = 0)
     indices it had, if that leaves ``headroom_chunks`` available (as admission does;
     on a shared budget the lease may pull first). False: nothing changed."""
     need = kv.geometry.chunks_for(tokens) - kv.mapped_chunks(rid)
-    short = need + headroom_chunks - kv.available_chunks
-    if short > 0 and kv.lease is not None:  # a shared budget: others may give some
-        kv.lease.pull(short, reclaim=True)
-    if need > kv.available_chunks - headroom_chunks:
+    cap = kv.capacity
+    short = need + headroom_chunks - cap.available
+    if short > 0 and cap.lease is not None:  # a shared budget: others may give some
+        cap.lease.pull(short, reclaim=True)
+    if need > cap.available - headroom_chunks:
         return False
     return kv.grow(rid, tokens)

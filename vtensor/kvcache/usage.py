@@ -24,13 +24,13 @@ class KVUsage:
 
 def kv_usage(kv: KVCacheManager) -> KVUsage:
     tables = kv.books.tables
-    owned = kv.owners().values()
+    owned = kv.slots.owners().values()
     return KVUsage(
         running_slots=len(owned),
-        idle_slots_with_chunks=sum(1 for s in kv.idle_slots() if tables[s]),
+        idle_slots_with_chunks=sum(1 for s in kv.slots.idle_slots() if tables[s]),
         committed_chunks=kv.books.committed,
-        idle_chunks=kv.idle_chunks,
-        surplus_chunks=kv.surplus_chunks,
+        idle_chunks=kv.slots.idle_chunks,
+        surplus_chunks=kv.slots.surplus_chunks,
         capacity_chunks=kv.capacity_chunks,
         cached_chunks=kv.books.cached_count,
         pinned_chunks=kv.books.pinned,
