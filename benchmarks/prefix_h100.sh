@@ -24,7 +24,7 @@
 # clients come back round-robin, each after every other one: least-recently-used
 # eviction's worst case. The per-round table's "cached %" shows where it bites.
 set -euo pipefail
-usage="usage: prefix_h100.sh serve|spill|offline OUT_DIR [TAG]"
+usage="usage: prefix_h100.sh serve|spill|spill-only|offline OUT_DIR [TAG]"
 part=${1:?$usage}
 out=${2:?$usage}
 tag=${3:-h100_$(date -u +%Y-%m-%d)}
@@ -84,6 +84,9 @@ spill)
         --json "$out/multiturn_spill_compare_$tag.json" | tee "$out/multiturn_spill_compare_$tag.txt"
     grep -E "^vtensor_prefix_cache_(gpu|host)_hits_total|^vtensor_prefix_cache_spilled" \
         "$out"/metrics_after_*spill_"$tag".txt || true
+    ;;
+spill-only)  # the spill server alone (a diagnostic run: its /metrics and round table)
+    serve_one spill --swap-space "${SPILL_GIB:-48}" | tee "$out/multiturn_spillonly_$tag.txt"
     ;;
 offline)
     {

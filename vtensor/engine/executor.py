@@ -236,7 +236,9 @@ class StepExecutor:
                 self._fence_unmaps(commands)
                 self.arena.apply(commands)
                 if hook is not None:
+                    t_hook = time.perf_counter()
                     hook()
+                    self.counters.kv_hook_s += time.perf_counter() - t_hook
         geometry = self.arena.geometry
         self.arena.wait_ready((sp.slot, geometry.chunks_for(sp.end)) for sp in plan.inputs)
         self.counters.kv_sync_s += time.perf_counter() - t_kv
@@ -252,7 +254,9 @@ class StepExecutor:
         for i in range(len(self._in_flight) - 1, -1, -1):
             if self._in_flight[i].slots & unmapped:
                 self.counters.unmap_fences += 1
+                t0 = time.perf_counter()
                 self._in_flight[i].done.synchronize()
+                self.counters.kv_fence_s += time.perf_counter() - t0
                 for _ in range(i + 1):
                     self._in_flight.popleft()
                 return

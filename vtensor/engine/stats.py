@@ -27,6 +27,11 @@ class EngineStats:
     mapper_waits: int  # steps that blocked at all
     kv_sync_s: float  # queue-to-ready time of each step's mapping (upper bound on its cost)
     unmap_fences: int  # steps that let the GPU finish the previous step before unmapping
+    # Parts of kv_sync_s: the unmap fences' waits for the GPU, and the hooks between a
+    # step's command segments (a prefix spill's copy-out: staging maps and the copy's
+    # queueing). The rest is queueing commands and waiting for the step's maps.
+    kv_fence_s: float
+    kv_hook_s: float
     live_kv_bytes: int  # KV of running requests' computed tokens (shared ones per request)
     mapped_kv_bytes: int  # chunks mapped to running slots (a shared chunk once per slot)
     idle_kv_bytes: int  # chunks kept by idle slots (deferred reclamation)
@@ -121,6 +126,8 @@ class StepCounters:
     step_s: float = 0.0
     kv_sync_s: float = 0.0
     unmap_fences: int = 0
+    kv_fence_s: float = 0.0  # of kv_sync_s: fences waiting for steps on the GPU
+    kv_hook_s: float = 0.0  # of kv_sync_s: hooks between command segments (spill copies)
     computed_tokens: int = 0  # tokens of every span launched (prefill and decode)
     prefill_tokens: int = 0  # of those, in prefill spans (see EngineStats.prefill_tokens)
     recomputed_prompt_tokens: int = 0  # of those, computed again after a recompute
@@ -154,6 +161,8 @@ def collect_stats(
         mapper_waits=arena_stats.waits,
         kv_sync_s=counters.kv_sync_s,
         unmap_fences=counters.unmap_fences,
+        kv_fence_s=counters.kv_fence_s,
+        kv_hook_s=counters.kv_hook_s,
         computed_tokens=counters.computed_tokens,
         prefill_tokens=counters.prefill_tokens,
         recomputed_prompt_tokens=counters.recomputed_prompt_tokens,

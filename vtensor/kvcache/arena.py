@@ -171,9 +171,12 @@ class KVArena:
         self._wait_s += time.perf_counter() - t0
 
     def wait_all(self) -> None:
-        """Wait for every submitted command (shutdown, tests)."""
+        """Wait for every submitted command (shutdown, tests), and for the mapper's
+        parked deferred ops submitted before them (a spill's staging unmaps: their
+        chunks are back in the pool on return)."""
         while self._inflight:
             self._inflight.popleft()[0].wait()
+        self.mapper.wait_parked()
 
     def stats(self) -> ArenaStats:
         m = self.mapper.stats()

@@ -32,6 +32,7 @@ from .errors import (
 )
 from .mapper import (
     AsyncMapper,
+    DeferredOp,
     EnsureMapped,
     Map,
     MapperOp,
@@ -86,6 +87,7 @@ __all__ = [
     "ChunkPool",
     "ClosedError",
     "CudaDriverError",
+    "DeferredOp",
     "EnsureMapped",
     "HostBuffer",
     "HostLocationUnsupportedError",

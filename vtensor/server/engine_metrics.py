@@ -65,6 +65,12 @@ def _core_counters(stats: EngineStats) -> list[Row]:
         ("engine_steps_total", "Engine steps run", stats.steps),
         ("mapper_wait_seconds_total", "Time steps blocked on KV mapping", stats.mapper_wait_s),
         ("kv_sync_seconds_total", "Queue-to-ready time of KV mapping", stats.kv_sync_s),
+        ("kv_fence_seconds_total", "Of the KV sync time, waits for steps still on the GPU "
+         "before unmapping slots they touch", stats.kv_fence_s),
+        ("unmap_fences_total", "Steps whose unmaps waited for a step on the GPU",
+         stats.unmap_fences),
+        ("kv_hook_seconds_total", "Of the KV sync time, hooks between command segments "
+         "(prefix spill copy-outs)", stats.kv_hook_s),
         ("prefix_cache_queries_total", "Prompt tokens of admitted requests, looked up in "
          "the prefix cache", stats.prefix_cache_queries),
         ("prefix_cache_hits_total", "Of those, tokens whose KV the prefix cache served",
