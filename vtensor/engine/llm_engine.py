@@ -298,9 +298,12 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         with self.books_lock:
-            return collect_stats(
+            stats = collect_stats(
                 self.counters, self.scheduler, self.kv, self.arena, self.pool, self.swap, self.slo
             )
+        if self.spill is None:
+            return stats
+        return replace(stats, spill_stage_wait_s=self.spill.counters.stage_wait_s)
 
     def memory_stats(self) -> MemoryStats:
         """The bytes this engine (rank 0) holds, by class (``memory_stats.py``); waits for

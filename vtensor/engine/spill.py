@@ -36,6 +36,7 @@ run, on swap's copy stream and pinned buffer (``swap.py``):
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,7 @@ class SpillCounters:
     out_blocks: int = 0  # blocks copied to the host
     in_blocks: int = 0  # blocks copied back in
     skipped: int = 0  # spilled blocks whose key left the tier before their copy
+    stage_wait_s: float = 0.0  # host time waiting for the staging maps (the mapper's queue)
 
 
 class SpillCopier:
@@ -188,7 +190,9 @@ class SpillCopier:
             ops.append(MapHeld(self.stage, at * chunk, s.chunks, self.arena.held))
             ranges.append((self.stage_bytes, at * chunk, ext.host_slots))
             at += len(s.chunks)
+        t0 = time.perf_counter()
         self.arena.mapper.submit(ops).wait()  # after the commands before: holds included
+        self.counters.stage_wait_s += time.perf_counter() - t0
         done = None
         try:
             after = self.writers.after(c for s in batch for c in s.chunks)

@@ -32,6 +32,7 @@ class EngineStats:
     # queueing). The rest is queueing commands and waiting for the step's maps.
     kv_fence_s: float
     kv_hook_s: float
+    mapper_busy_s: float  # time the mapper thread spent applying ops
     live_kv_bytes: int  # KV of running requests' computed tokens (shared ones per request)
     mapped_kv_bytes: int  # chunks mapped to running slots (a shared chunk once per slot)
     idle_kv_bytes: int  # chunks kept by idle slots (deferred reclamation)
@@ -71,6 +72,7 @@ class EngineStats:
     spill_in_bytes: int = 0
     spill_out_s: float = 0.0
     spill_in_s: float = 0.0
+    spill_stage_wait_s: float = 0.0  # host time waiting for the staging maps of copy-outs
     host_tier_spilled_chunks: int = 0  # host tier chunks held by spilled cache blocks
     prefix_cache_host_blocks: int = 0  # cache blocks on the host now
     prefix_cache_spilled_blocks: int = 0  # evicted blocks spilled to the host, since start
@@ -162,6 +164,7 @@ def collect_stats(
         kv_sync_s=counters.kv_sync_s,
         unmap_fences=counters.unmap_fences,
         kv_fence_s=counters.kv_fence_s,
+        mapper_busy_s=arena_stats.mapper_busy_s,
         kv_hook_s=counters.kv_hook_s,
         computed_tokens=counters.computed_tokens,
         prefill_tokens=counters.prefill_tokens,

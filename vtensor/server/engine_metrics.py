@@ -71,6 +71,8 @@ def _core_counters(stats: EngineStats) -> list[Row]:
          stats.unmap_fences),
         ("kv_hook_seconds_total", "Of the KV sync time, hooks between command segments "
          "(prefix spill copy-outs)", stats.kv_hook_s),
+        ("mapper_busy_seconds_total", "Time the mapper thread spent applying map and "
+         "unmap ops", stats.mapper_busy_s),
         ("prefix_cache_queries_total", "Prompt tokens of admitted requests, looked up in "
          "the prefix cache", stats.prefix_cache_queries),
         ("prefix_cache_hits_total", "Of those, tokens whose KV the prefix cache served",
@@ -123,6 +125,8 @@ def _swap_metrics(
          "for a hit", stats.prefix_cache_restored_blocks),
         ("spill_out_bytes_total", "KV bytes of spilled prefix-cache blocks copied to the "
          "host tier", stats.spill_out_bytes),
+        ("spill_stage_wait_seconds_total", "Of the hook time, waits for the mapper to map "
+         "spilled blocks where their copy reads them", stats.spill_stage_wait_s),
         ("spill_in_bytes_total", "KV bytes of spilled prefix-cache blocks copied back",
          stats.spill_in_bytes),
     ]  # fmt: skip
