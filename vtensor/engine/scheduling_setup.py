@@ -45,9 +45,11 @@ def spill_reserve(config: EngineConfig, geometry: KVGeometry) -> int:
     """The free chunks a spilling prefix cache keeps beyond a step's needs: one step's
     worth (its most tokens' KV, and a chunk a row for rows starting one), so that a
     step maps chunks whose copies out finished during the step before
-    (``CacheLinks.evict_to_free``). ``VTENSOR_SPILL_RESERVE=0`` turns it off (A/B)."""
-    if os.environ.get("VTENSOR_SPILL_RESERVE", "1") == "0":
-        return 0
+    (``CacheLinks.evict_to_free``). ``VTENSOR_SPILL_RESERVE``: chunks instead (A/B
+    runs; 0: off)."""
+    override = os.environ.get("VTENSOR_SPILL_RESERVE")
+    if override is not None:
+        return max(0, int(override))
     tokens = config.max_num_batched_tokens * geometry.bytes_per_token
     return -(-tokens // geometry.chunk_size) + config.max_num_seqs
 

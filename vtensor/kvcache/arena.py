@@ -54,6 +54,7 @@ class ArenaStats:
     wait_s: float  # total time blocked
     mapper_busy_s: float
     chunks_mapped: int  # over the arena's life (mapper ops)
+    mapper_pool_wait_s: float = 0.0  # of mapper_busy_s: waits for parked ops (pool short)
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,9 @@ class KVArena:
 
     def stats(self) -> ArenaStats:
         m = self.mapper.stats()
-        return ArenaStats(self.vt.mapped_bytes, self._waits, self._wait_s, m.busy_s, m.chunks)
+        return ArenaStats(
+            self.vt.mapped_bytes, self._waits, self._wait_s, m.busy_s, m.chunks, m.pool_wait_s
+        )
 
     def close(self) -> None:
         """Finish pending commands, unmap everything, drop the cache's references and

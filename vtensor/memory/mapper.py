@@ -97,6 +97,10 @@ class MapperStats:
     busy_s: float  # time the worker spent doing ops
     wait_s: float  # time callers spent blocked in MapTicket.wait
     pending: int
+    # Ops that found the pool exhausted and waited for a parked op (its event), and the
+    # time those waits took (part of busy_s).
+    pool_waits: int = 0
+    pool_wait_s: float = 0.0
 
 
 _STOP = object()
@@ -113,6 +117,7 @@ class AsyncMapper:
         self._closed = False
         self._batches = self._ops = self._chunks = 0
         self._busy_s = self._wait_s = 0.0
+        self._pool_waits, self._pool_wait_s = 0, 0.0
         self._pending = 0
         # Parked deferred ops, oldest first (worker thread only; the lock guards the
         # snapshot that wait_parked takes).
@@ -145,8 +150,9 @@ class AsyncMapper:
     def stats(self) -> MapperStats:
         with self._lock:
             return MapperStats(
-                self._batches, self._ops, self._chunks, self._busy_s, self._wait_s, self._pending
-            )
+                self._batches, self._ops, self._chunks, self._busy_s, self._wait_s,
+                self._pending, self._pool_waits, self._pool_wait_s,
+            )  # fmt: skip
 
     def close(self) -> None:
         """Finish every submitted batch, then stop and join the worker."""
@@ -232,7 +238,11 @@ class AsyncMapper:
                     raise
                 oldest = self._parked[0]
                 assert isinstance(oldest.ops[0], DeferredOp)
+                t0 = time.perf_counter()
                 oldest.ops[0].wait_ready()
+                with self._lock:
+                    self._pool_waits += 1
+                    self._pool_wait_s += time.perf_counter() - t0
                 with self._lock:
                     self._parked.popleft()
                 self._execute(oldest, None)
