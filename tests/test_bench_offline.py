@@ -107,7 +107,7 @@ def test_goal_verdict_covers_every_batch() -> None:
 def _stats(**kw: int) -> EngineStats:
     base = dict(running=2, waiting=0, preemptions=0, steps=1, step_s=1.0, mapper_wait_s=0.0,
                 mapper_waits=0, kv_sync_s=0.0, unmap_fences=0, kv_fence_s=0.0, kv_hook_s=0.0,
-                mapper_busy_s=0.0, mapper_pool_wait_s=0.0,
+                mapper_busy_s=0.0,
                 live_kv_bytes=300,
                 mapped_kv_bytes=5 * 100, idle_kv_bytes=3 * 100, surplus_kv_bytes=100,
                 chunk_size=100, pool_in_use_chunks=9, pool_free_chunks=4,

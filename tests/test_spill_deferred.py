@@ -1,61 +1,43 @@
 """Spill's copy-out without a host wait (``engine/spill.py``: ``UnmapAfterCopy``), on
-the CPU engine with a stand-in copy event that completes late: ``LATE_S`` after the
-host (the step's thread) returned from queueing the copy. Until it completes each
-spilled chunk stays out of the pool (the staging range's mapping holds a reference);
-the mapper parks the staging unmap meanwhile (later batches go on) and polls the
-event, or waits for it when a map finds the pool exhausted; the outputs stay those of
-the engine with the cache off and the books balance (the fixture's checks), the
-staging range empty after each step's commands."""
+the CPU engine with a stand-in copy event that completes late: the host (the step's
+thread) returns from queueing the copy before it completes (which takes ``LATE_S``
+from the moment the mapper waits for it: far longer than queueing); the mapper thread waits for it;
+until it completes, each spilled chunk stays out of the pool (the staging range's
+mapping holds a reference); the outputs stay those of the engine with the cache off
+and the books balance (the fixture's checks), the staging range empty after each
+step's commands."""
 
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
 
 from tests.test_spill_engine import CHUNK, POOL, conversations, traffic
 
-LATE_S = 0.05  # the stand-in copy completes this long after the host went on
+LATE_S = 0.05  # the stand-in copy completes this long after the mapper starts waiting
 
 
 class LateEvent:
-    """A copy's completion event (queried and waited for on the mapper thread): it
-    checks, each time it is asked, that the spilled chunks are still out of the pool,
-    and completes ``LATE_S`` after ``mark_returned``."""
+    """A copy's completion event: ``synchronize`` (on the mapper thread) checks that
+    the spilled chunks are still out of the pool, waits ``LATE_S``, checks again."""
 
     def __init__(self, copier: Any, spans: list[tuple[int, int]], seen: dict[str, Any]) -> None:
         self.pool, self.stage, self.spans, self.seen = copier.arena.pool, copier.stage, spans, seen
         self.chunks = self.mapped()
         self.returned = threading.Event()  # the host returned from queueing the copy
-        self.returned_at = 0.0
         self.complete = False
 
-    def mark_returned(self) -> None:
-        if not self.returned.is_set():
-            self.returned_at = time.monotonic()
-            self.returned.set()
-
     def query(self) -> bool:
-        self.seen["threads"].add(threading.current_thread().name)
-        if not self.complete:
-            self.check()
-            if self.returned.is_set() and time.monotonic() >= self.returned_at + LATE_S:
-                self.finish()
         return self.complete
 
     def synchronize(self) -> None:
         self.seen["threads"].add(threading.current_thread().name)
-        if not self.complete:
-            self.check()
-            assert self.returned.wait(5), "the host never returned from queueing the copy"
-            time.sleep(max(0.0, self.returned_at + LATE_S - time.monotonic()))
-            self.finish()
-
-    def finish(self) -> None:
         self.check()
+        threading.Event().wait(LATE_S)
         self.seen["host_went_on"] += self.returned.is_set()
+        self.check()
         self.complete = True
 
     def mapped(self) -> list[Any]:
@@ -94,7 +76,7 @@ def test_copy_out_completes_late_and_its_chunks_return_after(
     def copy_batch_then_mark(batch: Any) -> None:
         copy_batch(batch)
         for e in events:  # the copy is queued and the host goes on
-            e.mark_returned()
+            e.returned.set()
 
     copier._copy_batch = copy_batch_then_mark
     assert conversations(llm, waves) == want

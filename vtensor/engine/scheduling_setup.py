@@ -6,10 +6,8 @@ two of them between runs)."""
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
-from vtensor.kvcache.geometry import KVGeometry
 from vtensor.kvcache.host_tier import HostTier
 from vtensor.kvcache.idle_policy import Clock
 from vtensor.models.config import ModelConfig
@@ -41,19 +39,6 @@ def spill_tier(spill: SpillCopier | None) -> HostTier | None:
     return None if spill is None else spill.tier
 
 
-def spill_reserve(config: EngineConfig, geometry: KVGeometry) -> int:
-    """The free chunks a spilling prefix cache keeps beyond a step's needs: one step's
-    worth (its most tokens' KV, and a chunk a row for rows starting one), so that a
-    step maps chunks whose copies out finished during the step before
-    (``CacheLinks.evict_to_free``). ``VTENSOR_SPILL_RESERVE``: chunks instead (A/B
-    runs; 0: off)."""
-    override = os.environ.get("VTENSOR_SPILL_RESERVE")
-    if override is not None:
-        return max(0, int(override))
-    tokens = config.max_num_batched_tokens * geometry.bytes_per_token
-    return -(-tokens // geometry.chunk_size) + config.max_num_seqs
-
-
 def build_scheduling(
     config: EngineConfig, cfg: ModelConfig, parts: RankParts, clock: Clock, shared_kv: bool
 ) -> Scheduling:
@@ -71,7 +56,6 @@ def build_scheduling(
     if note and config.enable_prefix_caching:
         log.warning("prefix caching %s", note)
     parts.kv.set_prefix_cache(cache)
-    parts.kv.links.spill_reserve = spill_reserve(config, parts.arena.geometry)
     sched = SchedulerConfig(
         config.max_num_seqs, config.max_num_batched_tokens, config.lookahead_tokens
     )

@@ -14,17 +14,14 @@ run, on swap's copy stream and pinned buffer (``swap.py``):
   waits on the GPU only for the steps in flight that may still write its blocks
   (``spill_writers.py``: none, for a block cached before the steps in flight); the
   compute stream waits for the copy (a step may write over a chunk reused in
-  place). **Neither the host nor the mapper's later work waits for the copy**: the
-  staging range's unmap is queued on the mapper behind it (``UnmapAfterCopy``, a
-  ``DeferredOp``: parked until the copy's event completes, while later batches run;
-  before, every map and every later staging map waited behind it, and the host
-  with them: 15 of 18 s of the spill server's KV sync time on the H100). The
-  staging mappings hold the chunks' pool references, so a spilled chunk goes back
-  to the pool only then, once copied, whatever the order of the drop; a map that
-  needs it (the pool exhausted) makes the mapper wait for the parked unmap, and the
-  host waits only where a step needs that map (``wait_ready``). A spilled block
-  whose key left the tier before its copy (dropped for room, reset, or offered
-  again by a request) is not copied.
+  place). **The host does not wait for the copy**: the staging range's unmap is
+  queued on the mapper behind it (``UnmapAfterCopy``: the mapper thread waits for
+  the copy's event). The staging mappings hold the chunks' pool references, so a
+  spilled chunk goes back to the pool only then, once copied, whatever the order
+  of the drop; a map that needs it waits on the mapper, and the host only where a
+  step needs that map (``wait_ready``). A spilled block whose key left the tier
+  before its copy (dropped for room, reset, or offered again by a request) is not
+  copied.
 * **Copy-in.** A restored block's fresh chunks are mapped by the step's own
   commands (at its indices in the new request's slot); the copy is queued in
   the executor's ``before_forward`` hook, once they are mapped, and the compute
@@ -48,7 +45,7 @@ from vtensor.kvcache.arena_ops import MapHeld
 from vtensor.kvcache.commands import CacheDropCommand, KVCommand
 from vtensor.kvcache.host_tier import HostExtent, HostTier, SwapState
 from vtensor.kvcache.prefix_cache import SpillOut
-from vtensor.memory import DeferredOp, MapTicket, VirtualTensor
+from vtensor.memory import MapperOp, MapTicket, VirtualTensor
 
 from .executor import Segment
 from .spill_writers import BlockWriters
@@ -79,9 +76,7 @@ class SpillCopier:
         self.counters = SpillCounters()
         self.writers = BlockWriters(torch.cuda.Event if swapper.cuda else None)
         self._cursor = 0  # the staging ring's next free chunk
-        # Staging unmaps queued, maybe not done (parked on the mapper until their copy
-        # completes): (ticket, first chunk, chunks) of the ring.
-        self._unmaps: list[tuple[MapTicket, int, int]] = []
+        self._unmaps: list[MapTicket] = []  # staging unmaps queued, maybe not done
 
     def segments(
         self, commands: list[KVCommand], spills: list[SpillOut], placed: set[int]
@@ -166,7 +161,7 @@ class SpillCopier:
     def close(self) -> None:
         """Free the staging range, once its unmaps are done (after the device was
         synchronized: no copy in flight)."""
-        for ticket, _, _ in self._unmaps:
+        for ticket in self._unmaps:
             ticket.wait()
         self._unmaps.clear()
         self.stage.close()
@@ -182,7 +177,6 @@ class SpillCopier:
             self._cursor = 0
         first, chunk, ops, ranges = self._cursor, self.chunk, [], []
         self._cursor += n
-        self._wait_unmapped(first, n)
         at = first
         for s in batch:
             ext = self.tier.extent(s.key)
@@ -199,51 +193,34 @@ class SpillCopier:
             done = self.swapper.copy_out_queued(ranges, spill=True, after=after)
         finally:
             unmap = UnmapAfterCopy(done, self.stage, first * chunk, n * chunk)
-            self._unmaps.append((self.arena.mapper.submit([unmap]), first, n))
+            self._unmaps.append(self.arena.mapper.submit([unmap]))
         for s in batch:  # its host slots' next users copy on the same in-order stream
             self.tier.end_out(s.key)
             self.counters.out_blocks += 1
 
     def _reap(self) -> None:
         """Forget the staging unmaps done (re-raising a mapper error, if any)."""
-        done = [u for u in self._unmaps if u[0].done()]
-        self._unmaps = [u for u in self._unmaps if not u[0].done()]
-        for ticket, _, _ in done:
-            ticket.wait()
-
-    def _wait_unmapped(self, first: int, n: int) -> None:
-        """Wait until the ring's chunks ``[first, first + n)`` are unmapped: an earlier
-        batch's unmap there may be parked on the mapper behind its copy (the ring
-        wrapped onto a range still being read: rare with a ring of 2 GiB)."""
-        for ticket, start, count in self._unmaps:
-            if start < first + n and first < start + count:
-                ticket.wait()
+        while self._unmaps and self._unmaps[0].done():
+            self._unmaps.pop(0).wait()
 
     def _pending(self, s: SpillOut) -> bool:
         ext = self.tier.extent(s.key)
         return ext is not None and ext.state is SwapState.COPYING_OUT
 
 
-class UnmapAfterCopy(DeferredOp):
-    """Unmap a staging range once the copy reading it completed (the copy's event;
-    None: done already). The host does not wait, and neither do the mapper's later
-    batches: the op is parked until the event completes (``DeferredOp``). The range's
+class UnmapAfterCopy(MapperOp):
+    """Unmap a staging range once the copy reading it completed: the mapper thread
+    waits for the copy's event (None: done already), the host does not. The range's
     mappings hold the spilled chunks' pool references, so the chunks go back to the
-    pool here, once copied; a later map that finds the pool exhausted makes the
-    mapper wait for this op first (the chunks it needs may be these)."""
+    pool here, once copied, and the mapper's ops queued behind (a map that needs
+    them) run after it."""
 
     def __init__(self, done: Any, stage: VirtualTensor, offset: int, nbytes: int) -> None:
         self.done, self.stage, self.offset, self.nbytes = done, stage, offset, nbytes
 
-    def ready(self) -> bool:
-        return self.done is None or bool(self.done.query())
-
-    def wait_ready(self) -> None:
+    def apply(self) -> int:
         if self.done is not None:
             self.done.synchronize()
-
-    def apply(self) -> int:
-        self.wait_ready()  # at once when ready (the mapper parks it until then)
         return self.stage.unmap(self.offset, self.nbytes)
 
     def __repr__(self) -> str:

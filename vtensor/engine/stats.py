@@ -33,7 +33,6 @@ class EngineStats:
     kv_fence_s: float
     kv_hook_s: float
     mapper_busy_s: float  # time the mapper thread spent applying ops
-    mapper_pool_wait_s: float  # of which waiting for parked ops (a spill's copy) for chunks
     live_kv_bytes: int  # KV of running requests' computed tokens (shared ones per request)
     mapped_kv_bytes: int  # chunks mapped to running slots (a shared chunk once per slot)
     idle_kv_bytes: int  # chunks kept by idle slots (deferred reclamation)
@@ -166,7 +165,6 @@ def collect_stats(
         unmap_fences=counters.unmap_fences,
         kv_fence_s=counters.kv_fence_s,
         mapper_busy_s=arena_stats.mapper_busy_s,
-        mapper_pool_wait_s=arena_stats.mapper_pool_wait_s,
         kv_hook_s=counters.kv_hook_s,
         computed_tokens=counters.computed_tokens,
         prefill_tokens=counters.prefill_tokens,

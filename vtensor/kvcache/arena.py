@@ -54,7 +54,6 @@ class ArenaStats:
     wait_s: float  # total time blocked
     mapper_busy_s: float
     chunks_mapped: int  # over the arena's life (mapper ops)
-    mapper_pool_wait_s: float = 0.0  # of mapper_busy_s: waits for parked ops (pool short)
 
 
 @dataclass(frozen=True)
@@ -172,18 +171,13 @@ class KVArena:
         self._wait_s += time.perf_counter() - t0
 
     def wait_all(self) -> None:
-        """Wait for every submitted command (shutdown, tests), and for the mapper's
-        parked deferred ops submitted before them (a spill's staging unmaps: their
-        chunks are back in the pool on return)."""
+        """Wait for every submitted command (shutdown, tests)."""
         while self._inflight:
             self._inflight.popleft()[0].wait()
-        self.mapper.wait_parked()
 
     def stats(self) -> ArenaStats:
         m = self.mapper.stats()
-        return ArenaStats(
-            self.vt.mapped_bytes, self._waits, self._wait_s, m.busy_s, m.chunks, m.pool_wait_s
-        )
+        return ArenaStats(self.vt.mapped_bytes, self._waits, self._wait_s, m.busy_s, m.chunks)
 
     def close(self) -> None:
         """Finish pending commands, unmap everything, drop the cache's references and

@@ -34,8 +34,6 @@ class CacheLinks:
         self.paths: dict[int, CachePath] = {}  # request id -> its locked cache prefix
         self._next_block_end: dict[int, int] = {}  # request id -> tokens filling its next block
         self._restores: list[tuple[int, HostExtent]] = []  # (slot, extent): copy-ins to make
-        # Free chunks kept beyond a step's needs when the cache spills (``spill_reserve``).
-        self.spill_reserve = 0
 
     def link(self, rid: int, hit: PrefixMatch) -> None:
         """Request ``rid`` (being admitted) locks its hit, before any reclaim can evict it."""
@@ -93,16 +91,9 @@ class CacheLinks:
         """Evict least recently used (unlocked) cache blocks, never those of ``keep``,
         until ``chunks`` are free or none is left; returns the chunks freed. The
         scheduler calls it for what the next step may take, so that a pool the cache
-        has filled frees chunks while the GPU computes, not in the step that needs them.
-
-        A spilling cache (``PrefixCache.spills``) frees ``spill_reserve`` more: its
-        evicted chunks reach the pool only once their copy to the host is done, so the
-        chunks a step maps must come from evictions a step earlier, whose copies ran
-        while the GPU computed. Without the reserve every map waited for the copy-out
-        of the blocks evicted for it (the pool stays full when the cache fills it)."""
+        has filled frees chunks while the GPU computes, not in the step that needs them."""
         kv, cache = self.kv, self.kv.cache
-        reserve = self.spill_reserve if cache.spills else 0
-        short = chunks + reserve - kv.free_chunks
+        short = chunks - kv.free_chunks
         if short <= 0 or not cache.enabled:
             return 0
         for hit in keep:  # held for the call only: a lock pins, and pins block eviction

@@ -114,9 +114,6 @@ class PrefixCache(ABC):
 
     block_tokens: int
     block_chunks: int
-    # Whether an evicted block's chunks stay taken until a copy to the host finishes
-    # (``radix_spill.py``): they are not free at once, as the books count them.
-    spills: bool = False
 
     @property
     @abstractmethod

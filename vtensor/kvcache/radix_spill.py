@@ -44,8 +44,6 @@ from .radix_cache import RadixPrefixCache, _Node
 
 
 class SpillRadixCache(RadixPrefixCache):
-    spills = True
-
     def __init__(self, block_tokens: int, block_chunks: int, tier: HostTier) -> None:
         super().__init__(block_tokens, block_chunks)
         self.tier = tier

@@ -32,7 +32,6 @@ from .errors import (
 )
 from .mapper import (
     AsyncMapper,
-    DeferredOp,
     EnsureMapped,
     Map,
     MapperOp,
@@ -87,7 +86,6 @@ __all__ = [
     "ChunkPool",
     "ClosedError",
     "CudaDriverError",
-    "DeferredOp",
     "EnsureMapped",
     "HostBuffer",
     "HostLocationUnsupportedError",

@@ -14,50 +14,98 @@ Contract:
   ticket re-raises the error, wrapped with the failing op's index, in ``wait``.
 * ``close`` finishes every batch already submitted, then joins the thread: no
   thread is left behind and, once the caller closes its tensors, no chunk.
-* The one exception to FIFO: a :class:`DeferredOp` alone in its batch that is not
-  ``ready`` (an unmap waiting for a copy on the GPU to finish reading the range) is
-  *parked*: later batches run before it, so one copy does not hold up every map
-  behind it. A parked op runs once ready (polled every ``POLL_S``), or at once,
-  waiting for it, when a later op finds the pool exhausted (its chunks may be the
-  ones needed: the op is then retried), and before ``close`` returns. Its ticket is
-  done only then; :meth:`AsyncMapper.wait_parked` waits for every parked op.
 """
 
 from __future__ import annotations
 
-import collections
 import queue
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .backend import PhysicalBackend
-from .errors import ClosedError, MapperError, PoolExhaustedError
-from .mapper_ops import (
-    DeferredOp,
-    EnsureMapped,
-    Map,
-    MapperOp,
-    MapShared,
-    Trim,
-    Unmap,
-    Warm,
-)
+from .backend import PhysicalBackend, PhysicalChunk
+from .errors import ClosedError, MapperError
+from .pool import ChunkPool
+from .virtual import VirtualTensor
 
-__all__ = [
-    "AsyncMapper",
-    "DeferredOp",
-    "EnsureMapped",
-    "Map",
-    "MapShared",
-    "MapTicket",
-    "MapperOp",
-    "MapperStats",
-    "Trim",
-    "Unmap",
-    "Warm",
-]
+
+class MapperOp(ABC):
+    """One unit of background work. ``apply`` runs on the mapper thread."""
+
+    @abstractmethod
+    def apply(self) -> int:
+        """Do the work; return the number of chunks it touched (for stats)."""
+
+
+@dataclass(frozen=True)
+class EnsureMapped(MapperOp):
+    """Map fresh chunks into the holes of a range (growth; idempotent)."""
+
+    vt: VirtualTensor
+    offset: int
+    nbytes: int
+
+    def apply(self) -> int:
+        return self.vt.ensure_mapped(self.offset, self.nbytes)
+
+
+@dataclass(frozen=True)
+class Map(MapperOp):
+    """Map fresh chunks over a range that must be entirely unmapped."""
+
+    vt: VirtualTensor
+    offset: int
+    nbytes: int
+
+    def apply(self) -> int:
+        return self.vt.map(self.offset, self.nbytes)
+
+
+@dataclass(frozen=True)
+class MapShared(MapperOp):
+    """Map chunks that are already in use elsewhere (prefix sharing)."""
+
+    vt: VirtualTensor
+    offset: int
+    chunks: tuple[PhysicalChunk, ...]
+
+    def apply(self) -> int:
+        self.vt.map_chunks(self.offset, self.chunks)
+        return len(self.chunks)
+
+
+@dataclass(frozen=True)
+class Unmap(MapperOp):
+    vt: VirtualTensor
+    offset: int
+    nbytes: int
+
+    def apply(self) -> int:
+        return self.vt.unmap(self.offset, self.nbytes)
+
+
+@dataclass(frozen=True)
+class Warm(MapperOp):
+    """Create chunks ahead of need until ``n_free`` are free."""
+
+    pool: ChunkPool
+    n_free: int
+
+    def apply(self) -> int:
+        return self.pool.warm(self.n_free)
+
+
+@dataclass(frozen=True)
+class Trim(MapperOp):
+    """Release free chunks to the driver, keeping ``keep_free``."""
+
+    pool: ChunkPool
+    keep_free: int = 0
+
+    def apply(self) -> int:
+        return self.pool.trim(self.keep_free)
 
 
 class MapTicket:
@@ -97,14 +145,9 @@ class MapperStats:
     busy_s: float  # time the worker spent doing ops
     wait_s: float  # time callers spent blocked in MapTicket.wait
     pending: int
-    # Ops that found the pool exhausted and waited for a parked op (its event), and the
-    # time those waits took (part of busy_s).
-    pool_waits: int = 0
-    pool_wait_s: float = 0.0
 
 
 _STOP = object()
-POLL_S = 0.0005  # how often the worker checks parked ops while it has any
 
 
 class AsyncMapper:
@@ -117,11 +160,7 @@ class AsyncMapper:
         self._closed = False
         self._batches = self._ops = self._chunks = 0
         self._busy_s = self._wait_s = 0.0
-        self._pool_waits, self._pool_wait_s = 0, 0.0
         self._pending = 0
-        # Parked deferred ops, oldest first (worker thread only; the lock guards the
-        # snapshot that wait_parked takes).
-        self._parked: collections.deque[MapTicket] = collections.deque()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -139,20 +178,11 @@ class AsyncMapper:
         """Submit and wait: the synchronous path, still on the mapper thread."""
         self.submit(ops).wait()
 
-    def wait_parked(self) -> None:
-        """Wait for every op parked so far (after the batches the caller waited for:
-        an op submitted before them is parked or done by then)."""
-        with self._lock:
-            parked = list(self._parked)
-        for ticket in parked:
-            ticket.wait()
-
     def stats(self) -> MapperStats:
         with self._lock:
             return MapperStats(
-                self._batches, self._ops, self._chunks, self._busy_s, self._wait_s,
-                self._pending, self._pool_waits, self._pool_wait_s,
-            )  # fmt: skip
+                self._batches, self._ops, self._chunks, self._busy_s, self._wait_s, self._pending
+            )
 
     def close(self) -> None:
         """Finish every submitted batch, then stop and join the worker."""
@@ -185,67 +215,9 @@ class AsyncMapper:
             self._backend.bind_thread()
         except BaseException as exc:  # reported to every ticket below
             bind_error = exc
-        while True:
-            try:
-                item = self._queue.get(timeout=POLL_S if self._parked else None)
-            except queue.Empty:
-                self._run_parked(block=False)
-                continue
-            if item is _STOP:
-                break
+        while (item := self._queue.get()) is not _STOP:
             assert isinstance(item, MapTicket)
-            self._run_parked(block=False)
-            if bind_error is None and self._park(item):
-                continue
             self._execute(item, bind_error)
-        self._run_parked(block=True)
-
-    def _park(self, ticket: MapTicket) -> bool:
-        """Park ``ticket`` if it is one deferred op that is not ready yet."""
-        ops = ticket.ops
-        if len(ops) == 1 and isinstance(ops[0], DeferredOp) and not ops[0].ready():
-            with self._lock:
-                self._parked.append(ticket)
-            return True
-        return False
-
-    def _run_parked(self, block: bool) -> bool:
-        """Run the parked ops that are ready, oldest first (``block``: all of them,
-        waiting for each). Returns whether any ran."""
-        ran = False
-        for ticket in list(self._parked):
-            op = ticket.ops[0]
-            assert isinstance(op, DeferredOp)
-            if block:
-                op.wait_ready()
-            elif not op.ready():
-                continue
-            with self._lock:
-                self._parked.remove(ticket)
-            self._execute(ticket, None)
-            ran = True
-        return ran
-
-    def _apply(self, op: MapperOp) -> int:
-        """Apply ``op``; if the pool is exhausted while ops are parked, run the oldest
-        (waiting for it: its chunks may be the ones needed) and try again. Pool-taking
-        ops are atomic (``VirtualTensor``), so a failed attempt changed nothing."""
-        while True:
-            try:
-                return op.apply()
-            except PoolExhaustedError:
-                if not self._parked:
-                    raise
-                oldest = self._parked[0]
-                assert isinstance(oldest.ops[0], DeferredOp)
-                t0 = time.perf_counter()
-                oldest.ops[0].wait_ready()
-                with self._lock:
-                    self._pool_waits += 1
-                    self._pool_wait_s += time.perf_counter() - t0
-                with self._lock:
-                    self._parked.popleft()
-                self._execute(oldest, None)
 
     def _execute(self, ticket: MapTicket, bind_error: BaseException | None) -> None:
         t0 = time.perf_counter()
@@ -256,7 +228,7 @@ class AsyncMapper:
         else:
             for i, op in enumerate(ticket.ops):
                 try:
-                    chunks += self._apply(op)
+                    chunks += op.apply()
                     done += 1
                 except Exception as exc:
                     error = exc

@@ -73,8 +73,6 @@ def _core_counters(stats: EngineStats) -> list[Row]:
          "(prefix spill copy-outs)", stats.kv_hook_s),
         ("mapper_busy_seconds_total", "Time the mapper thread spent applying map and "
          "unmap ops", stats.mapper_busy_s),
-        ("mapper_pool_wait_seconds_total", "Of the mapper's busy time, waits for a spilled "
-         "block's copy-out to free the chunks a map needs", stats.mapper_pool_wait_s),
         ("prefix_cache_queries_total", "Prompt tokens of admitted requests, looked up in "
          "the prefix cache", stats.prefix_cache_queries),
         ("prefix_cache_hits_total", "Of those, tokens whose KV the prefix cache served",
