@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -175,7 +176,10 @@ def test_plan_contract(data: st.DataObject) -> None:
     demand = StepDemand(
         n, run, n + rng.randint(0, 3), cands, rng.randint(0, 50), rng.randint(0, 80)
     )
-    plan = p.plan(PoolState(budget, committed, idle, cached), demand)
+    state = PoolState(budget, committed, idle, cached)
+    plan = p.plan(state, demand)
+    if not p.may_preempt(state, demand):  # the candidates cannot matter: same plan without
+        assert not plan.victims and p.plan(state, replace(demand, candidates=())) == plan
     assert plan.workspace + plan.kv_capacity == budget
     assert plan.workspace == p.table.chunks_for(plan.token_budget)
     freed = min(pinned, sum(v.frees for v in plan.victims))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vtensor.kvcache.elastic_planner import (
     Candidate,
@@ -122,10 +122,17 @@ class ElasticMemory:
         step_tokens: int,
         max_seqs: int,
     ) -> MemoryPlan:
-        """The planner's split for the next step (changes nothing)."""
-        return self.planner.plan(
-            pool_state(kv, self.budget), demand(kv, running, queued, step_tokens, max_seqs)
-        )
+        """The planner's split for the next step (changes nothing). The preemption
+        candidates are listed only when the planner may take victims: their counts scan
+        each running request's chunk table: at a 130k-token context, 8k chunks a request,
+        every step."""
+        state = pool_state(kv, self.budget)
+        need = demand(kv, running, queued, step_tokens, max_seqs)
+        if self.planner.may_preempt(state, need):
+            need = replace(
+                need, candidates=tuple(candidate(kv, r, i) for i, r in enumerate(running))
+            )
+        return self.planner.plan(state, need)
 
     def settle(self, kv: KVCacheManager, plan: MemoryPlan, preempt_one: Callable[[], bool]) -> int:
         """Carry out the plan once its victims are preempted: preempt more (most slack
@@ -173,7 +180,8 @@ def demand(
 ) -> StepDemand:
     """The next step's demand: the running requests' spans (one token each at least;
     a request whose last token is awaited computes nothing), the queued requests'
-    (``queued``: swapped, then waiting) and the KV the first of them needs."""
+    (``queued``: swapped, then waiting) and the KV the first of them needs. No
+    preemption candidates: ``ElasticMemory.plan`` adds them when they may matter."""
     live = [r for r in running if r.num_tokens < r.max_len]
     run = min(step_tokens, sum(r.num_tokens - r.num_computed for r in live))
     queued_tokens = min(step_tokens, sum(r.num_tokens - r.num_computed for r in queued))
@@ -182,7 +190,6 @@ def demand(
         min_tokens=min(len(live), run),
         run_tokens=run,
         rows=min(max_seqs, len(running) + len(queued)),
-        candidates=tuple(candidate(kv, r, i) for i, r in enumerate(running)),
         queued_tokens=queued_tokens,
         queued_chunks=head,
     )

@@ -115,6 +115,12 @@ class MemoryPlanner(ABC):
     @abstractmethod
     def plan(self, state: PoolState, demand: StepDemand) -> MemoryPlan: ...
 
+    def may_preempt(self, state: PoolState, demand: StepDemand) -> bool:
+        """Whether ``plan`` could name victims, so that the caller must list the
+        ``demand.candidates`` (a scan of every running request's chunks: worth skipping
+        when it cannot matter). The static split never preempts."""
+        return False
+
     def static_kv_capacity(self, budget: int) -> int:
         """The KV's share under the static split: the largest step's workspace reserved."""
         return budget - self.table.chunks_for(self.table.max_tokens)
@@ -178,6 +184,10 @@ class ElasticPlanner(MemoryPlanner):
         from_idle = min(excess, idle)
         from_cached = min(excess - from_idle, state.cached)
         return MemoryPlan(tokens, workspace, capacity, from_idle, from_cached, tuple(victims))
+
+    def may_preempt(self, state: PoolState, demand: StepDemand) -> bool:
+        """Victims are taken only while one token per running request does not fit."""
+        return not self._fits(state.budget, state.pinned, demand.min_tokens, demand.rows)
 
     def _fits(self, budget: int, pinned: int, tokens: int, rows: int) -> bool:
         need = self.table.chunks_for(tokens) + self.growth(tokens, rows)
