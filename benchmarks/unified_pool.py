@@ -192,7 +192,7 @@ def unified_pass(a: argparse.Namespace) -> dict[str, Any]:
         args=vars(a),
         table_source=table.source,
         table_mib={t: round(b / 2**20, 1) for t, b in table.points},
-        table_slack_chunks=table.slack_chunks,
+        table_margin_chunks=table.margin_chunks,
         unified_budget_gib=memory.budget * chunk / GIB,
         static_kv_bytes=(memory.budget - reserve + engine.scratch_chunks) * chunk,
     )

@@ -52,17 +52,17 @@ def test_table_interpolates_rounds_up_and_refuses_outside() -> None:
             t.bytes_for(bad)
 
 
-def test_table_slack_is_added_to_every_step_but_an_empty_one() -> None:
+def test_table_margin_is_added_to_every_step_but_an_empty_one() -> None:
     points = [(1, 1000), (4, 4000), (8, 20000)]
     plain = WorkspaceTable.monotone(points, CHUNK, "measured")
-    slack = random.randrange(1, 20)
-    t = WorkspaceTable.monotone(points, CHUNK, "measured", slack)
+    margin = random.randrange(1, 20)
+    t = WorkspaceTable.monotone(points, CHUNK, "measured", margin)
     assert t.chunks_for(0) == 0
     for n in range(1, 9):
         assert t.bytes_for(n) == plain.bytes_for(n)
-        assert t.chunks_for(n) == plain.chunks_for(n) + slack
-    assert t.max_tokens_within(slack) == 0  # the slack alone leaves no room for a token
-    with pytest.raises(ValueError, match="slack"):
+        assert t.chunks_for(n) == plain.chunks_for(n) + margin
+    assert t.max_tokens_within(margin) == 0  # the margin alone leaves no room for a token
+    with pytest.raises(ValueError, match="margin"):
         WorkspaceTable(tuple(points), CHUNK, "measured", -1)
 
 
@@ -82,9 +82,9 @@ def test_table_is_made_monotone_and_validated() -> None:
     st.lists(st.tuples(st.integers(1, 5000), st.integers(0, 10**7)), min_size=1, max_size=12),
     st.integers(0, 8),
 )
-def test_table_queries_are_monotone(raw: list[tuple[int, int]], slack: int) -> None:
+def test_table_queries_are_monotone(raw: list[tuple[int, int]], margin: int) -> None:
     points = sorted(dict(raw).items())
-    t = WorkspaceTable.monotone(points, CHUNK, "estimated", slack)
+    t = WorkspaceTable.monotone(points, CHUNK, "estimated", margin)
     prev = 0
     for n in range(0, t.max_tokens + 1, max(1, t.max_tokens // 200)):
         b = t.bytes_for(n)

@@ -68,8 +68,8 @@ def measure_workspace(engine: LLMEngine) -> WorkspaceTable:
         engine.pool.trim()  # what measuring created beyond the budget goes back
     engine.reclaim_idle()  # an empty step: the pool's capacity follows the KV's share now
     log.info(
-        "measured workspace table (tokens: MiB): %s; slack %d chunks a step",
-        _describe(table), table.slack_chunks,
+        "measured workspace table (tokens: MiB): %s; margin %d chunks a step",
+        _describe(table), table.margin_chunks,
     )  # fmt: skip
     return table
 

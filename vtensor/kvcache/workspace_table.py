@@ -7,7 +7,7 @@ the rows such a step can have: one key (tokens) is enough for the planner.
 
 Between measured points the need is interpolated linearly and rounded *up* to whole
 chunks; the stored bytes are made monotone (a running maximum) so that a larger step
-never needs less than a smaller one because of measurement noise. ``slack_chunks``
+never needs less than a smaller one because of measurement noise. ``margin_chunks``
 is added to every step's chunks: the workspace's allocator takes whole-chunk
 *segments*, and at a token count between two measured points each segment may round
 up where the measured ones did not (up to one chunk a segment, which linear
@@ -36,7 +36,7 @@ class WorkspaceTable:
     source: str
     # Chunks added to every step's need: the most segments a measured step held (each
     # may round up by one chunk between the measured points; see the module docstring).
-    slack_chunks: int = 0
+    margin_chunks: int = 0
 
     def __post_init__(self) -> None:
         if not self.points:
@@ -50,12 +50,12 @@ class WorkspaceTable:
             raise ValueError(f"token counts must increase strictly from >= 1, got {tokens}")
         if any(b < 0 for _, b in self.points):
             raise ValueError("workspace bytes must be >= 0")
-        if self.slack_chunks < 0:
-            raise ValueError(f"slack_chunks must be >= 0, got {self.slack_chunks}")
+        if self.margin_chunks < 0:
+            raise ValueError(f"margin_chunks must be >= 0, got {self.margin_chunks}")
 
     @classmethod
     def monotone(
-        cls, points: list[tuple[int, int]], chunk_size: int, source: str, slack_chunks: int = 0
+        cls, points: list[tuple[int, int]], chunk_size: int, source: str, margin_chunks: int = 0
     ) -> WorkspaceTable:
         """The table of ``points`` (sorted by tokens), each byte count raised to the
         largest before it: noise never makes a bigger step cheaper."""
@@ -64,7 +64,7 @@ class WorkspaceTable:
         for t, b in sorted(points):
             top = max(top, b)
             out.append((t, top))
-        return cls(tuple(out), chunk_size, source, slack_chunks)
+        return cls(tuple(out), chunk_size, source, margin_chunks)
 
     @property
     def max_tokens(self) -> int:
@@ -87,10 +87,10 @@ class WorkspaceTable:
         raise AssertionError("unreachable: tokens <= max_tokens")
 
     def chunks_for(self, tokens: int) -> int:
-        """``bytes_for`` in whole chunks, rounded up, plus the slack (0 for no tokens)."""
+        """``bytes_for`` in whole chunks, rounded up, plus the margin (0 for no tokens)."""
         if tokens == 0:
             return 0
-        return -(-self.bytes_for(tokens) // self.chunk_size) + self.slack_chunks
+        return -(-self.bytes_for(tokens) // self.chunk_size) + self.margin_chunks
 
     def max_tokens_within(self, chunks: int) -> int:
         """The most tokens a step may have for its workspace to fit ``chunks`` (0 if
