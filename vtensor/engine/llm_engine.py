@@ -3,7 +3,7 @@
 The engine is the request-facing side: it builds rank 0's parts (the scheduling
 side in ``scheduling_setup.py``), queues requests, aborts and hands them back,
 switches features between runs (``switches.py``), reclaims idle KV between steps,
-reports stats (``reports.py``), and tears everything down in order. Each ``step()``
+reports stats (``queries.py``), and tears everything down in order. Each ``step()``
 is run by its :class:`StepLoop` (``step_loop.py``): schedule, launch, read, apply,
 with async scheduling's step in flight between calls.
 
@@ -37,7 +37,7 @@ from .memory_stats import MemoryStats, module_bytes
 from .output_processor import OutputProcessor
 from .outputs import StepOutput
 from .params import SamplingParams
-from .reports import engine_integrity, engine_memory_stats, engine_stats
+from .queries import engine_integrity, engine_memory_stats, engine_stats
 from .request import Request
 from .sampler import Sampler
 from .scheduling_setup import build_scheduling

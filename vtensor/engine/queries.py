@@ -1,4 +1,4 @@
-"""LLMEngine's reports on itself: its stats, its memory by class, its integrity.
+"""LLMEngine's queries on itself: its stats, its memory by class, its integrity.
 
 Plain functions over the engine; ``LLMEngine.stats``, ``memory_stats`` and
 ``check_integrity`` call them. Each takes the engine's books lock, so that what it
