@@ -229,5 +229,6 @@ def test_a_model_too_shallow_for_a_ring_must_fit_whole() -> None:
 
 
 def test_the_policy_imports_no_torch() -> None:
-    code = "import sys, vtensor.models.offload.policy; assert 'torch' not in sys.modules"
+    modules = "vtensor.models.offload.policy, vtensor.models.offload.placement"
+    code = f"import sys, {modules}; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -2,10 +2,10 @@
 
 The engine is the request-facing side: it builds rank 0's parts (the scheduling
 side in ``scheduling_setup.py``), queues requests, aborts and hands them back,
-switches features between runs, reclaims idle KV between steps, reports stats, and
-tears everything down in order. Each ``step()`` is run by its :class:`StepLoop`
-(``step_loop.py``): schedule, launch, read, apply, with async scheduling's step in
-flight between calls.
+switches features between runs (``switches.py``), reclaims idle KV between steps,
+reports stats (``queries.py``), and tears everything down in order. Each ``step()``
+is run by its :class:`StepLoop` (``step_loop.py``): schedule, launch, read, apply,
+with async scheduling's step in flight between calls.
 
 Under tensor parallelism this process is rank 0: the one scheduler, sampler and
 server. Each step's plan (a :class:`StepPlan`: KV commands and the runner's
@@ -20,7 +20,6 @@ import itertools
 import threading
 import time
 from collections.abc import Sequence as Seq
-from dataclasses import replace
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -28,24 +27,24 @@ import torch
 from vtensor.distributed import TPGroup, WorkerDiedError
 from vtensor.kvcache.idle_policy import Clock
 
+from . import switches
 from .config import EngineConfig
 from .elastic_setup import build_unified
 from .executor import StepExecutor
 from .input_processor import InputProcessor, ProcessedPrompt, Prompt, RequestError
-from .integrity import check_integrity
-from .kv_setup import SCRATCH_SLOT, prefix_cache_for
-from .memory_stats import MemoryStats, collect_memory, module_bytes, with_unified
+from .kv_setup import SCRATCH_SLOT
+from .memory_stats import MemoryStats, module_bytes
 from .output_processor import OutputProcessor
 from .outputs import StepOutput
 from .params import SamplingParams
+from .queries import engine_integrity, engine_memory_stats, engine_stats
 from .request import Request
 from .sampler import Sampler
-from .scheduling_setup import build_scheduling, spill_tier
+from .scheduling_setup import build_scheduling
 from .setup import load_tokenizer, model_config
 from .shared_pool import shared_config
 from .sleep import SleepMode
-from .slo_setup import slo_admission
-from .stats import EngineStats, StepCounters, collect_stats
+from .stats import EngineStats, StepCounters
 from .step_loop import StepLoop
 from .teardown import release_parts
 from .tp_driver import start_rank_zero, talking_to
@@ -182,54 +181,30 @@ class LLMEngine:
         self.outputs.forget(rid)
         return req
 
+    # --------------------------------------------------------------- switches
     def prefix_caching_summary(self) -> str:
         """One line for logs: on with its block size, or why it is off."""
-        cache = self.kv.cache
-        if not cache.enabled:
-            return self.prefix_caching_note or "off"
-        return f"on ({cache.block_tokens}-token blocks of {cache.block_chunks} chunk(s))"
+        return switches.prefix_caching_summary(self)
 
     def reset_prefix_cache(self) -> bool:
         """Drop every cached prefix and idle slot mapping: all KV chunks go back to the
         pool once the unmaps are applied (at once, since nothing runs). Refused (False,
         nothing changed) while requests are running or waiting."""
-        with self.books_lock:
-            if self.has_unfinished() or not self.kv.reset_prefix_cache():
-                return False
-            with talking_to(self.workers):  # every rank drops the same references
-                self.loop.settle_if_idle()
-        return True
+        return switches.reset_prefix_cache(self)
 
     def set_prefix_caching(self, on: bool) -> None:
         """Switch prefix caching between runs (benchmarks compare on and off in one
         process); the cache starts empty either way."""
-        if self.has_unfinished():
-            raise RuntimeError("prefix caching can only be switched with no request unfinished")
-        cache, note = prefix_cache_for(self.arena.geometry, on, spill_tier(self.spill))
-        if on and note:
-            raise ValueError(f"prefix caching is {note}")
-        with self.books_lock:
-            self.kv.set_prefix_cache(cache)
-            self.prefix_caching_note = note
-            with talking_to(self.workers):
-                self.loop.settle_if_idle()
+        switches.set_prefix_caching(self, on)
 
     def set_slo(self, ttft_slo_ms: float | None, tpot_slo_ms: float | None) -> None:
         """Switch SLO-aware admission between runs (benchmarks compare it in one
         process); None and None turn it off. Attainment counts start again."""
-        if self.has_unfinished():
-            raise RuntimeError("SLOs can only be switched with no request unfinished")
-        self.config = replace(self.config, ttft_slo_ms=ttft_slo_ms, tpot_slo_ms=tpot_slo_ms)
-        planner = self.swap.planner if self.swap else None
-        self.slo = slo_admission(self.config, planner, self.request_clock)
-        self.scheduler.admission = self.slo
+        switches.set_slo(self, ttft_slo_ms, tpot_slo_ms)
 
     def set_async_scheduling(self, on: bool) -> None:
         """Switch between async and synchronous steps, between runs (benchmarks compare)."""
-        if self.has_unfinished():
-            raise RuntimeError("async scheduling can only be switched with no request unfinished")
-        self.loop.inflight = None  # only finished requests' tokens, dropped unread
-        self.runtime = replace(self.runtime, async_scheduling=on)
+        switches.set_async_scheduling(self, on)
 
     # ------------------------------------------------------------------- step
     def step(self) -> list[StepOutput]:
@@ -268,11 +243,7 @@ class LLMEngine:
     def set_request_clock(self, clock: Clock) -> None:
         """The clock of arrival and token times and of SLO-aware admission (tests control
         it); only with no request unfinished, so that no request mixes two clocks."""
-        if self.has_unfinished():
-            raise RuntimeError("the request clock can only be set with no request unfinished")
-        self.request_clock = clock
-        if self.slo is not None:
-            self.slo.clock = clock
+        switches.set_request_clock(self, clock)
 
     # ------------------------------------------------------------------ sleep
     def sleep(self, level: int = 1) -> None:
@@ -291,33 +262,15 @@ class LLMEngine:
         """Check the pool, slot and request invariants (``engine/integrity.py``), and that
         every worker's arena maps what rank 0's does; raise ``IntegrityError`` naming
         every one broken. Waits for the mapper thread (every rank's)."""
-        with self.books_lock:
-            with talking_to(self.workers):
-                reports = self.workers.reports(self.parts) if self.workers is not None else []
-            check_integrity(self, self.loop.inflight, reports)
+        engine_integrity(self)
 
     def stats(self) -> EngineStats:
-        with self.books_lock:
-            stats = collect_stats(
-                self.counters, self.scheduler, self.kv, self.arena, self.pool, self.swap, self.slo
-            )
-        if self.spill is None:
-            return stats
-        return replace(stats, spill_stage_wait_s=self.spill.counters.stage_wait_s)
+        return engine_stats(self)
 
     def memory_stats(self) -> MemoryStats:
         """The bytes this engine (rank 0) holds, by class (``memory_stats.py``); waits for
         the mapper thread, so the KV classes add up to the pool's chunks."""
-        scratch = self.scratch_chunks
-        weights = self.weights_bytes if self.weights is None else self.weights.held_bytes()
-        with self.books_lock:
-            m = collect_memory(self.kv, self.arena, weights, scratch, self.weights is None)
-            memory = self.scheduler.memory
-            if memory is None:
-                return m
-            ws = self.runner.workspace
-            held = None if ws is None else ws.held_chunks
-            return with_unified(m, memory.snapshot(self.kv), memory.counters, held)
+        return engine_memory_stats(self)
 
     @property
     def closed(self) -> bool:

@@ -4,7 +4,8 @@ The HTTP side lives on an asyncio loop; the engine is synchronous and owns the
 GPU. One thread runs the engine: between steps it takes new submissions,
 aborts and calls from a thread-safe inbox; after each step it hands every
 request's outputs to that request's ``asyncio.Queue`` in one
-``call_soon_threadsafe`` (one wake-up of the loop per step, not per token).
+``call_soon_threadsafe`` (one wake-up of the loop per step, not per token; the
+open requests' books are its :class:`Tracks`, ``tracks.py``).
 
 Invariants:
 - only the engine thread touches the ``LLMEngine`` (CUDA state, scheduler);
@@ -30,7 +31,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from vtensor.engine.llm_engine import LLMEngine
-from vtensor.engine.outputs import StepOutput
 from vtensor.engine.params import SamplingParams
 
 from .drain import Drain
@@ -41,11 +41,9 @@ from .submission import (
     OpenSubmissions,
     QueueFullError,
     Submission,
-    Track,
-    dispatch,
-    put_all,
     settle,
 )
+from .tracks import Tracks
 
 log = logging.getLogger("vtensor.server")
 IDLE_POLL_S = 0.5  # an idle engine thread wakes this often (sooner for an idle deadline)
@@ -64,7 +62,7 @@ class AsyncEngine:
         self._inbox: collections.deque[Callable[[], None]] = collections.deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._tracks: dict[int, Track] = {}
+        self._tracks = Tracks(engine, metrics, self._loop_call)  # engine thread only
         self._pending = 0  # submissions in the inbox, not yet added to the engine
         self._waiting = 0  # the scheduler's waiting queue, published after each step
         self._error: BaseException | None = None
@@ -153,9 +151,7 @@ class AsyncEngine:
         def add() -> Submission:
             groups = self.engine.add_requests(prompts, params, stream_text=True)  # all or none
             rids = [rid for group in groups for rid in group]
-            for i, rid in enumerate(rids):
-                self._tracks[rid] = Track(queue, i, now)
-            self.metrics.observe_submitted(len(rids))
+            self._tracks.add(rids, queue, now)
             return Submission(rids, queue)
 
         self._pending += count
@@ -172,7 +168,7 @@ class AsyncEngine:
 
         def drop() -> None:
             for rid in rids:
-                self._abort_now(rid)
+                self._tracks.abort_now(rid)
 
         self._post(drop)
 
@@ -225,7 +221,7 @@ class AsyncEngine:
                 self._run_inbox()
                 self._abort_if_drained()
                 if self.engine.has_unfinished():
-                    self._deliver(self.engine.step())
+                    self._tracks.deliver(self.engine.step())
                     self._waiting = len(self.engine.scheduler.waiting)
                 else:
                     self._waiting = 0
@@ -244,62 +240,17 @@ class AsyncEngine:
             return
         if self._tracks:
             log.info("the drain deadline passed: aborting %d request(s)", len(self._tracks))
-        self._abort_all()
+        self._tracks.abort_all(self._error)
 
     def _run_inbox(self) -> None:
         while self._inbox:
             self._inbox.popleft()()
 
-    def _deliver(self, outs: list[StepOutput]) -> None:
-        now = time.perf_counter()
-        batches: dict[asyncio.Queue[Item | BaseException], list[Item]] = {}
-        for out in outs:
-            track = self._tracks.get(out.rid)
-            if track is None:  # aborted by its client during this step
-                continue
-            if track.first is None:
-                track.first = now
-                self.metrics.observe_first_token(now - track.arrival)
-            track.tokens += len(out.new_token_ids)
-            batches.setdefault(track.queue, []).append(Item(track.index, out))
-            if out.finished:
-                self._finish(out.rid, track, now, out.finish_reason or "abort")
-        self.metrics.add_tokens(sum(len(o.new_token_ids) for o in outs), now)
-        if batches:  # one wake-up of the event loop per step, however many requests
-            self._loop_call(dispatch, list(batches.items()))
-
-    def _finish(self, rid: int, track: Track, now: float, reason: str) -> None:
-        req = self.engine.pop(rid)
-        del self._tracks[rid]
-        self.metrics.observe_finished(
-            reason, now - track.arrival, track.first, now, track.tokens, req.num_prompt
-        )
-
-    def _abort_now(self, rid: int) -> None:
-        self._tracks.pop(rid, None)
-        if rid in self.engine.requests:
-            self.engine.abort(rid)
-            self.engine.pop(rid)
-            self.metrics.observe_aborted()
-
     def _shutdown(self) -> None:
         """Runs on the engine thread: end every open request, then release the engine."""
         self._run_inbox_safely()
-        self._abort_all()
+        self._tracks.abort_all(self._error)
         self.engine.close()
-
-    def _abort_all(self) -> None:
-        """End every open request: an ``abort`` item (or the step's error) for each."""
-        error = self._error
-        for rid, track in list(self._tracks.items()):
-            if error is not None:
-                # The step's exception is in the log; clients get no internals.
-                dead = EngineDeadError("the engine stopped after an internal error")
-                self._loop_call(put_all, track.queue, [dead])
-            else:
-                out = StepOutput(rid, [], "", True, "abort")
-                self._loop_call(put_all, track.queue, [Item(track.index, out)])
-            self._abort_now(rid)
 
     def _run_inbox_safely(self) -> None:
         # Calls posted after the loop ended still resolve (their futures must not hang).

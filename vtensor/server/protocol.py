@@ -4,18 +4,78 @@ Every request model forbids unknown fields: a parameter we do not implement
 is rejected with a 400 naming it, never silently ignored. Value constraints
 (ranges, non-empty lists) live here, so a bad value is a 422 before the
 engine ever sees it. Every string a request carries is ``Text``: a lone
-surrogate is a 400 (``text_checks``).
+surrogate is a 400 (``text_checks``). The response models are in
+``response_models.py``, re-exported here.
 """
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .response_models import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionResponse,
+    DetokenizeResponse,
+    ErrorInfo,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    TokenizeResponse,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
 from .text_checks import NonEmptyText, Text
+
+# The response models live in ``response_models.py``; they stay importable from here.
+__all__ = [
+    "MAX_N",
+    "MAX_STOP",
+    "ChatChoice",
+    "ChatCompletionChunk",
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "ChatDelta",
+    "ChatLogprobs",
+    "ChatMessage",
+    "ChatResponseMessage",
+    "ChatStreamChoice",
+    "CompletionChoice",
+    "CompletionChunk",
+    "CompletionLogprobs",
+    "CompletionRequest",
+    "CompletionResponse",
+    "DetokenizeRequest",
+    "DetokenizeResponse",
+    "ErrorInfo",
+    "ErrorResponse",
+    "ModelCard",
+    "ModelList",
+    "PromptInput",
+    "PromptTokensDetails",
+    "SamplingFields",
+    "StreamOptions",
+    "TextPart",
+    "TokenLogprob",
+    "TokenizeRequest",
+    "TokenizeResponse",
+    "TopLogprob",
+    "Usage",
+    "new_id",
+]
 
 MAX_N = 16  # choices per request; more is almost certainly a mistake
 MAX_STOP = 16  # stop strings per request
@@ -24,10 +84,6 @@ MAX_STOP = 16  # stop strings per request
 class _Request(BaseModel):
     # Strict: JSON false is not token id 0, and "3" is not max_tokens 3.
     model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class _Response(BaseModel):
-    """Responses write unset optional fields as null (as vLLM does), so the schema is exact."""
 
 
 class StreamOptions(_Request):
@@ -169,149 +225,6 @@ class TokenizeRequest(_Request):
 class DetokenizeRequest(_Request):
     model: Text | None = None
     tokens: list[int]
-
-
-# ------------------------------------------------------------------ responses
-class PromptTokensDetails(_Response):
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-
-
-class Usage(_Response):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails | None = None
-
-
-class CompletionLogprobs(_Response):
-    tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
-    text_offset: list[int] = Field(default_factory=list)
-
-
-class CompletionChoice(_Response):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
-    stop_reason: int | str | None = None
-    token_ids: list[int] | None = None
-    prompt_token_ids: list[int] | None = None
-
-
-class CompletionResponse(_Response):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
-class CompletionChunk(_Response):
-    """One event of a ``/v1/completions`` stream: OpenAI streams the response's shape."""
-
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-
-
-class TopLogprob(_Response):
-    token: str
-    logprob: float
-    bytes: list[int]
-
-
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
-
-
-class ChatLogprobs(_Response):
-    content: list[TokenLogprob]
-
-
-class ChatResponseMessage(_Response):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(_Response):
-    index: int
-    message: ChatResponseMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
-    stop_reason: int | str | None = None
-    token_ids: list[int] | None = None
-
-
-class ChatCompletionResponse(_Response):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    prompt_token_ids: list[int] | None = None
-
-
-class ChatDelta(_Response):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    token_ids: list[int] | None = None
-
-
-class ChatStreamChoice(_Response):
-    index: int
-    delta: ChatDelta
-    logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
-
-
-class ChatCompletionChunk(_Response):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatStreamChoice]
-    usage: Usage | None = None
-
-
-class ModelCard(_Response):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "vtensor"
-    max_model_len: int
-
-
-class ModelList(_Response):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class TokenizeResponse(_Response):
-    count: int
-    max_model_len: int
-    tokens: list[int]
-
-
-class DetokenizeResponse(_Response):
-    prompt: str
-
-
-class ErrorInfo(_Response):
-    message: str
-    type: str
-    param: str | None = None
-    code: int
-
-
-class ErrorResponse(_Response):
-    error: ErrorInfo
 
 
 def new_id(prefix: str) -> str:
