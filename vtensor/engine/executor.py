@@ -154,9 +154,10 @@ class StepExecutor:
         if chunks is None:
             return None
         pool = self.arena.pool
-        if chunks == pool.stats().capacity_chunks:
+        capacity = pool.capacity_bytes // pool.chunk_size  # not stats(): it sums every chunk
+        if chunks == capacity:
             return None
-        if chunks < pool.stats().capacity_chunks:
+        if chunks < capacity:
             return chunks
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -185,7 +186,8 @@ class StepExecutor:
         the caller waits for the mapper after queueing the commands."""
         if chunks is None or need is None:
             return False
-        workspace, capacity = self.runner.workspace, self.arena.pool.stats().capacity_chunks
+        pool = self.arena.pool  # its capacity, not stats(): that sums every chunk, each step
+        workspace, capacity = self.runner.workspace, pool.capacity_bytes // pool.chunk_size
         assert workspace is not None
         room, left = capacity - chunks, capacity - need
         held = workspace.held_chunks
