@@ -32,7 +32,7 @@ def _reasons(c: StepCounters) -> tuple[int, int]:
 
 def _executor(capacity: int, held: int) -> tuple[StepExecutor, FakeWorkspace, StepCounters]:
     workspace = FakeWorkspace(held)
-    pool = SimpleNamespace(capacity_bytes=capacity * 4096, chunk_size=4096)
+    pool = SimpleNamespace(capacity_chunks=capacity)
     runner = SimpleNamespace(device=torch.device("cpu"), workspace=workspace)
     counters = StepCounters()
     executor = StepExecutor(SimpleNamespace(pool=pool), runner, None, counters)  # type: ignore[arg-type]

@@ -29,7 +29,7 @@ def test_workspace_oom_names_the_plan_and_the_pool() -> None:
     mapped, waits = r.randint(0, created - held), []
     pool = SimpleNamespace(
         chunk_size=2 << 20,
-        capacity_bytes=capacity * (2 << 20),
+        capacity_chunks=capacity,
         stats=lambda: PoolStats(2 << 20, capacity, created, 0, created, created, 0),
     )
     arena = SimpleNamespace(

@@ -56,10 +56,10 @@ def sweep_grid(m: int, n: int, k: int, num_sms: int) -> list[GemvConfig]:
     then broadcast tiles whose fp32 accumulator stays ≤ 128 registers a thread (loads
     prefetched 2 steps ahead, or not at all), one-warp ``step`` tiles, and ``dot`` tiles;
     split-K by the table's rule, plus twice that."""
-    block_m = 1 << max(0, (m - 1).bit_length())
     grid = [choose_config(m, n, k, num_sms)]
     if m > 8:  # a broadcast tile of > 8 rows spills its registers: dot tiles only
         return _dot_grid(grid, n, k, num_sms, wide=True)
+    block_m = 1 << max(0, (m - 1).bit_length())
     for warps in (2, 4):
         for block_n in (1, 2, 4, 8, 16):
             if 2 <= block_m * block_n <= 16:  # accumulator: block_m·block_n·8 floats

@@ -118,7 +118,7 @@ class VmmArena:
         chunk = self.pool.chunk_size
         scratch, per_request = lay.chunks_for_tokens(1, chunk), lay.chunks_for_tokens(tokens, chunk)
         need = scratch + batch * per_request
-        if need > self.pool.stats().capacity_chunks:
+        if need > self.pool.capacity_chunks:
             yield None
             return
         arena = KVArena(lay, self.pool, self.device)

@@ -154,10 +154,9 @@ class StepExecutor:
         if chunks is None:
             return None
         pool = self.arena.pool
-        capacity = pool.capacity_bytes // pool.chunk_size  # not stats(): it sums every chunk
-        if chunks == capacity:
+        if chunks == pool.capacity_chunks:
             return None
-        if chunks < capacity:
+        if chunks < pool.capacity_chunks:
             return chunks
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -186,8 +185,7 @@ class StepExecutor:
         the caller waits for the mapper after queueing the commands."""
         if chunks is None or need is None:
             return False
-        pool = self.arena.pool  # its capacity, not stats(): that sums every chunk, each step
-        workspace, capacity = self.runner.workspace, pool.capacity_bytes // pool.chunk_size
+        workspace, capacity = self.runner.workspace, self.arena.pool.capacity_chunks
         assert workspace is not None
         room, left = capacity - chunks, capacity - need
         held = workspace.held_chunks

@@ -83,7 +83,7 @@ class KVArena:
             max_tokens=layout.max_tokens,
             bytes_per_token=layout.bytes_per_token,
             chunk_size=chunk,
-            capacity_chunks=pool.stats().capacity_chunks,
+            capacity_chunks=pool.capacity_chunks,
         )
         self.vt = VirtualTensor(pool, layout.total_bytes)
         self.mapper = AsyncMapper(pool.backend)

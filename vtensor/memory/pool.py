@@ -70,6 +70,11 @@ class ChunkPool:
     def capacity_bytes(self) -> int:
         return self._capacity * self.chunk_size
 
+    @property
+    def capacity_chunks(self) -> int:
+        """The capacity in chunks (cheap: ``stats()`` also sums every chunk's references)."""
+        return self._capacity
+
     def set_capacity(self, capacity_bytes: int) -> int:
         """Grow or shrink the capacity; a shrink releases free chunks to the driver.
 
