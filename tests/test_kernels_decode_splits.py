@@ -15,6 +15,7 @@ import torch
 
 import vtensor.kernels.decode_config as decode_config_module
 from vtensor.kernels import DecodeWorkspace, decode_attention
+from vtensor.kernels.decode import MAX_GRID_BATCH
 from vtensor.kernels.decode_config import DecodeConfig, choose_num_splits, default_config
 from vtensor.kernels.reference import decode_ref
 from vtensor.kernels.splitk import BALANCE_WAVES, MAX_WAVES, NO_BALANCE, num_sms, used_splits
@@ -138,6 +139,16 @@ def test_config_is_checked() -> None:
     with pytest.raises(ValueError, match="min_split"):
         DecodeConfig(min_split=0)
     assert DecodeConfig().name == "n64-w4-s3-m64"
+
+
+def test_a_batch_over_the_grid_limit_is_refused() -> None:
+    """The batch is the grid's y dimension (KV heads vary fastest), which CUDA bounds."""
+    batch = MAX_GRID_BATCH + 1
+    kv = torch.randn(4, 1, 16, device=DEVICE)
+    q = torch.randn(batch, 1, 16, device=DEVICE)
+    rows = torch.zeros(batch, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="over 65535"):
+        decode_attention(q, kv, kv, rows, rows + 1, 4, impl="triton")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

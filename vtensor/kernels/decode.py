@@ -103,16 +103,16 @@ def _decode_split_kernel(
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_F32: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
-    """Program ``(b, kvh, s)``: split ``s`` of request ``b`` for KV head ``kvh``'s query
+    """Program ``(kvh, b, s)``: split ``s`` of request ``b`` for KV head ``kvh``'s query
     group. ``SPLIT`` (``num_splits > 1``) compiles the partials, the ticket and the merge
     (``splitk.py``); without it every request is one split, written straight to Out."""
     # b is widened so every per-request offset is 64-bit (batch × heads × D can pass 2^31).
-    b = tl.program_id(0).to(tl.int64)
-    kvh = tl.program_id(1)
+    kvh = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
     s = tl.program_id(2)
+    kv_heads = tl.num_programs(0)
     length = tl.load(Lens + b)
     total = batch_tokens(Lens, batch, 128) if SPLIT else length.to(tl.int64)
-    kv_heads = tl.num_programs(1)
     start, end, used = split_range(
         length, total, s, num_splits, min_split, balance_programs, kv_heads, BLOCK_N
     )
@@ -172,6 +172,8 @@ def decode_attention(
     batch = q.shape[0]
     if max_len < 1:
         raise ValueError(f"max_len must be ≥ 1, got {max_len}")
+    if batch > MAX_GRID_BATCH:
+        raise ValueError(f"decode batch {batch} is over {MAX_GRID_BATCH}: the grid's y limit")
     sm_scale = resolve_scale(sm_scale, dim)
     if not use_triton(q, k_cache, impl=impl):
         ref = decode_ref(q, k_cache, v_cache, row_starts, lengths, sm_scale)
@@ -198,7 +200,7 @@ def _launch(
     cfg: DecodeConfig,
     workspace: DecodeWorkspace | None,
 ) -> None:
-    """The split kernel over grid ``(B, Hkv, num_splits)``: scratch only with splits."""
+    """The split kernel over grid ``(Hkv, B, num_splits)``: scratch only with splits."""
     (batch, q_heads, dim), kv_heads = q.shape, k_cache.shape[1]
     split = num_splits > 1
     if split:
@@ -209,7 +211,11 @@ def _launch(
             check_workspace(workspace, q_heads, dim, q.device)
         mid_o, mid_lse, tickets = out.unsqueeze(2), out, lengths  # placeholders, unused
     balance = BALANCE_WAVES * num_sms(q.device) if cfg.balance else NO_BALANCE
-    _decode_split_kernel[(batch, kv_heads, num_splits)](
+    # KV heads vary fastest, so one request's per-head programs start together and read
+    # the same token rows (one 2 KiB row for Llama-3-8B) at about the same time: on the
+    # H100, batch 256 at context 1024 read at 2.99 against 2.58 TB/s with batch fastest,
+    # the same elsewhere (benchmarks/results/decode_grid_order_h100_2026-11-22.txt).
+    _decode_split_kernel[(kv_heads, batch, num_splits)](
         q, k_cache, v_cache, row_starts, lengths, out, mid_o, mid_lse, tickets,
         sm_scale * LOG2E, num_splits, batch, balance, cfg.min_split,
         q.stride(0), q.stride(1),
@@ -220,6 +226,10 @@ def _launch(
         BLOCK_N=cfg.block_n, DOT_F32=dot_in_f32(), PRECISION=dot_precision(q.dtype), SPLIT=split,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
+
+
+# The batch is the grid's y dimension, which CUDA bounds at 65,535.
+MAX_GRID_BATCH = 65_535
 
 
 # Split counts whose kernel variants differ: Triton specializes integer arguments (the

@@ -37,11 +37,13 @@ class DecodeConfig:
 
 
 # (request, KV head) pairs from which two pipeline stages beat three. On the H100 (graph
-# replay, Llama-3-8B decode, context 1024, one split a request:
-# benchmarks/results/kernels_decode_stages_h100_2026-11-22.txt) three stages read at
-# 2.43 vs 1.94 TB/s at 128 pairs and 2.71 vs 2.64 at 256; two at 2.87 vs 2.75 at 512
-# and 2.98 vs 2.96 at 2048: with fewer programs each must keep more loads in flight.
-DEEP_PIPELINE_BELOW_PAIRS = 512
+# replay, context 1024, one split a request, KV heads fastest in the grid:
+# benchmarks/results/decode_grid_order_h100_2026-11-22.txt) three stages read at 2.26
+# vs 1.82 TB/s at 128 pairs (Llama-3-8B, batch 16) and 1.77 vs 1.55 at 64 (Llama-3-70B
+# at TP=2, batch 16); two at 2.61 vs 2.47 at 256 (Llama-3-8B, batch 32) and 2.42 vs
+# 2.30 at 256 (70B TP=2, batch 64), and the same from 512. With fewer programs each
+# must keep more loads in flight. (Before the grid order, 512: kernels_decode_stages_*.)
+DEEP_PIPELINE_BELOW_PAIRS = 256
 
 
 def default_config(dim: int, batch: int, kv_heads: int) -> DecodeConfig:
